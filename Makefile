@@ -1,0 +1,30 @@
+# The two commands of the README: `make test` and `make demo`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO ?= demo-output
+JSRT ?= ../shared/data/jsrt
+PYTEST_ARGS ?=
+
+.PHONY: test demo paper venv clean
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Reinstall only when the packaging metadata changes; the install is editable, so code edits need none.
+$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,plots]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/resmtnet demo --out $(DEMO)
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache

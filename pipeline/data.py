@@ -1,0 +1,476 @@
+"""The data layer: one `load_dataset(path)` for the Kaggle JSRT layout, the original JSRT distribution
+and a generic manifest CSV, returning one normalised table (a row per image).
+
+Columns of the table (a label that does not exist for an image is missing, never 0):
+
+==============  ==============================================================================
+id              image id (file name without extension, e.g. JPCLN001)
+image           absolute path of the image file
+width, height   stored image size in pixels
+grid_w, grid_h  the coordinate grid that x and y refer to (2048 for JSRT, whatever the stored size)
+subtlety        1 (extremely subtle) .. 5 (obvious), float with NaN for no nodule
+state           malignant / benign / non-nodule
+presence        1 nodule, 0 none (float; NaN when unknown)
+lobe            RUL RML RLL LUL LLL, or L / R when only the lung is named (configs/labels.yaml)
+diagnosis       diagnosis group (configs/labels.yaml)
+x, y            nodule centre in pixels of the grid
+size_mm         nodule diameter in mm
+age, sex        patient age in years, male / female
+position_text   the free text behind `lobe`
+diagnosis_text  the free text behind `diagnosis`
+==============  ==============================================================================
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+from .images import is_raw, probe_image
+from .labels import LabelMaps, load_label_maps, normalise_text
+
+logger = logging.getLogger(__name__)
+
+JSRT_GRID = 2048
+KAGGLE_METADATA = "jsrt_metadata.csv"
+KAGGLE_COLUMNS = ("study_id", "subtlety", "size", "age", "sex", "x", "y", "state", "position", "diagnosis")
+MANIFEST_NAME = "manifest.csv"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img")
+
+COLUMNS = ("id", "image", "width", "height", "grid_w", "grid_h", "subtlety", "state", "presence", "lobe",
+           "diagnosis", "x", "y", "size_mm", "age", "sex", "position_text", "diagnosis_text")
+NUMERIC_COLUMNS = ("width", "height", "grid_w", "grid_h", "subtlety", "presence", "x", "y", "size_mm", "age")
+TEXT_COLUMNS = ("state", "lobe", "diagnosis", "sex", "position_text", "diagnosis_text")
+#: Columns describing where an image lives rather than what it shows.
+FILE_COLUMNS = ("id", "image", "width", "height")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a table came from: the layout, its data folder and metadata file."""
+
+    layout: str  # kaggle | jsrt | manifest
+    root: Path
+    metadata: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# small parsers shared by the layouts
+
+
+def _where(meta: Path, row: Optional[int] = None) -> str:
+    return f"{meta}" if row is None else f"{meta}: row {row}"
+
+
+def _number(value: object, field: str, where: str, integer: bool = False) -> float:
+    """Parse a numeric field; empty, '?' and 'nan' are missing (NaN), anything else must be a number."""
+    if value is None:
+        return math.nan
+    text = str(value).strip()
+    if text.lower() in ("", "?", "nan", "na", "n/a", "none", "null"):
+        return math.nan
+    try:
+        number = float(text)
+    except ValueError:
+        raise DataError(f"{where}: {field} '{text}' is not a number; fix the value or leave it empty") from None
+    if not math.isfinite(number):
+        raise DataError(f"{where}: {field} '{text}' is not a finite number")
+    if integer and number != int(number):
+        raise DataError(f"{where}: {field} '{text}' must be a whole number")
+    return number
+
+
+_ID_EXTENSION = re.compile(r"\.(png|jpe?g|tiff?|bmp|img)$", re.IGNORECASE)
+
+
+def clean_id(raw: str, where: str) -> str:
+    """An image id without its extension; ids that could name another folder are refused."""
+    ident = _ID_EXTENSION.sub("", str(raw).strip())
+    if not ident:
+        raise DataError(f"{where}: empty image id")
+    if "/" in ident or "\\" in ident or ident in (".", "..") or "\x00" in ident:
+        raise DataError(f"{where}: image id '{raw}' contains a path separator; ids must be plain file names")
+    return ident
+
+
+def _inside(root: Path, path: Path, where: str) -> Path:
+    """Resolve `path` (following symlinks) and refuse it unless it stays inside `root`."""
+    resolved = path.resolve()
+    root_resolved = root.resolve()
+    if resolved != root_resolved and root_resolved not in resolved.parents:
+        raise DataError(f"{where}: image path '{path}' leads outside the data folder {root} "
+                        "(a '../' path or a symlink); copy the image into the folder instead")
+    return resolved
+
+
+def _index_images(folder: Path, recursive: bool = False) -> Dict[str, Path]:
+    """Map lower-cased file stem -> path for the image files in a folder (case-insensitive lookup)."""
+    found: Dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    for path in entries:
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            found.setdefault(path.stem.lower(), path)
+    return found
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"{path}: not a text file")  # pragma: no cover - latin-1 decodes anything
+
+
+def _sniff_delimiter(first_line: str, expected_fields: int) -> str:
+    """The delimiter of a CSV from its first line: ',' unless ';', tab or '|' splits it as expected."""
+    for delim in (",", ";", "\t", "|"):
+        if first_line.count(delim) >= expected_fields - 1:
+            return delim
+    return ","
+
+
+def _read_csv_rows(path: Path, expected_fields: int) -> List[List[str]]:
+    text = _read_text(path)
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: the metadata file is empty")
+    first = next(line for line in lines if line.strip())
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(first, expected_fields))
+    return [row for row in reader if any(cell.strip() for cell in row)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the record every layout produces
+
+
+def _record(ident: str, image: Path, labels: LabelMaps, where: str, *, grid: Optional[Tuple[float, float]],
+            subtlety=None, state=None, presence=None, lobe=None, position=None, diagnosis=None,
+            x=None, y=None, size=None, age=None, sex=None) -> dict:
+    state_cls = labels.map("state", state, where)
+    pres = _number(presence, "presence", where)
+    if state_cls is not None and math.isnan(pres):
+        pres = 0.0 if state_cls == "non-nodule" else 1.0
+    if not math.isnan(pres) and pres not in (0.0, 1.0):
+        raise DataError(f"{where}: presence '{presence}' must be 0 or 1")
+    lobe_cls = _class_or_map(labels, "lobe", lobe, where) if lobe not in (None, "") else \
+        labels.map("lobe", position, where)
+    rec = {
+        "id": ident,
+        "image": str(image),
+        "subtlety": _number(subtlety, "subtlety", where, integer=True),
+        "state": state_cls,
+        "presence": pres,
+        "lobe": lobe_cls,
+        "diagnosis": _class_or_map(labels, "diagnosis", diagnosis, where),
+        "x": _number(x, "x", where),
+        "y": _number(y, "y", where),
+        "size_mm": _number(size, "size", where),
+        "age": _number(age, "age", where),
+        "sex": labels.map("sex", sex, where),
+        "position_text": _text(position),
+        "diagnosis_text": _text(diagnosis),
+        "grid_w": grid[0] if grid else math.nan,
+        "grid_h": grid[1] if grid else math.nan,
+    }
+    _check_ranges(rec, where)
+    return rec
+
+
+def _text(value: object) -> Optional[str]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = re.sub(r"\s+", " ", str(value).strip())
+    return text or None
+
+
+def _class_or_map(labels: LabelMaps, field: str, value: object, where: str) -> Optional[str]:
+    """Accept a class name as it is (a manifest may hold 'RUL'), else map a free-text spelling."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    by_lower = {c.lower(): c for c in labels.classes[field]}
+    key = normalise_text(value)
+    if key in by_lower:
+        return by_lower[key]
+    return labels.map(field, value, where)
+
+
+def _check_ranges(rec: dict, where: str) -> None:
+    s = rec["subtlety"]
+    if not math.isnan(s) and not 1 <= s <= 5:
+        raise DataError(f"{where}: subtlety {s:g} is outside 1-5")
+    size = rec["size_mm"]
+    if not math.isnan(size) and size <= 0:
+        raise DataError(f"{where}: size {size:g} mm must be positive")
+    age = rec["age"]
+    if not math.isnan(age) and not 0 <= age <= 130:
+        raise DataError(f"{where}: age {age:g} is outside 0-130")
+    for axis, grid in (("x", "grid_w"), ("y", "grid_h")):
+        value, limit = rec[axis], rec[grid]
+        if math.isnan(value):
+            continue
+        if value < 0 or (not math.isnan(limit) and value >= limit):
+            raise DataError(f"{where}: {axis} {value:g} is outside the {limit:g}-pixel coordinate grid")
+
+
+def _finish(records: List[dict], source: Source, check_images: bool) -> pd.DataFrame:
+    if not records:
+        raise DataError(f"{source.metadata}: no images listed; nothing to load")
+    seen: Dict[str, int] = {}
+    for i, rec in enumerate(records):
+        if rec["id"] in seen:
+            raise DataError(f"{source.metadata}: duplicate image id '{rec['id']}' (entries "
+                            f"{seen[rec['id']] + 1} and {i + 1}); ids must be unique")
+        seen[rec["id"]] = i
+    for rec in records:
+        if check_images:
+            rec["width"], rec["height"] = probe_image(rec["image"])
+        else:
+            rec["width"], rec["height"] = math.nan, math.nan
+        if math.isnan(rec["grid_w"]):  # no separate coordinate grid: coordinates are in image pixels
+            rec["grid_w"], rec["grid_h"] = rec["width"], rec["height"]
+            _check_ranges(rec, f"{source.metadata}: image {rec['id']}")
+    table = pd.DataFrame.from_records(records)
+    extra = [c for c in table.columns if c not in COLUMNS]
+    table = table[list(COLUMNS) + extra]
+    for col in NUMERIC_COLUMNS:
+        table[col] = table[col].astype("float64")
+    for col in TEXT_COLUMNS:
+        table[col] = table[col].astype("object").where(table[col].notna(), None)
+    table.attrs.update(layout=source.layout, root=str(source.root), metadata=str(source.metadata))
+    logger.info("loaded %d images (%s layout) from %s", len(table), source.layout, source.root)
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# layout 1: Kaggle JSRT (jsrt_metadata.csv + images/ or images/images/)
+
+
+def _kaggle_image_dir(root: Path) -> Path:
+    for candidate in (root / "images" / "images", root / "images"):
+        if candidate.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
+            return candidate
+    raise DataError(f"{root}: no images found in images/ or images/images/; unpack the Kaggle archive there")
+
+
+def _load_kaggle(root: Path, meta: Path, labels: LabelMaps, check_images: bool) -> pd.DataFrame:
+    rows = _read_csv_rows(meta, len(KAGGLE_COLUMNS))
+    first = [c.strip().lower() for c in rows[0]]
+    if first and first[0] == "study_id":
+        header, body, offset = first, rows[1:], 2
+        missing = [c for c in KAGGLE_COLUMNS if c not in header]
+        if missing:
+            raise DataError(f"{meta}: missing column(s) {', '.join(missing)}; expected {','.join(KAGGLE_COLUMNS)}")
+        extra = [c for c in header if c not in KAGGLE_COLUMNS]
+        if extra:
+            logger.warning("%s: ignoring extra column(s) %s", meta, ", ".join(extra))
+    else:
+        header, body, offset = list(KAGGLE_COLUMNS), rows, 1
+    image_dir = _kaggle_image_dir(root)
+    images = _index_images(image_dir)
+    records = []
+    for i, row in enumerate(body):
+        where = _where(meta, i + offset)
+        if len(row) != len(header):
+            raise DataError(f"{where}: has {len(row)} fields, expected {len(header)} ({','.join(header)})")
+        fields = {name: cell for name, cell in zip(header, row)}
+        ident = clean_id(fields["study_id"], where)
+        path = images.get(ident.lower())
+        if path is None:
+            raise DataError(f"{where}: image '{ident}' not found in {image_dir}")
+        path = _inside(root, path, where)
+        records.append(_record(
+            ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID), subtlety=fields["subtlety"],
+            state=fields["state"], position=fields["position"], diagnosis=fields["diagnosis"],
+            x=fields["x"], y=fields["y"], size=fields["size"], age=fields["age"], sex=fields["sex"]))
+    return _finish(records, Source("kaggle", root, meta), check_images)
+
+
+# --------------------------------------------------------------------------------------------------
+# layout 2: the original JSRT distribution (*.IMG + CLNDAT_EN.txt / CNNDAT_EN.TXT)
+
+_RECORD_START = re.compile(r"(JPC[LN]N\d{3}(?:\.IMG)?)", re.IGNORECASE)
+_NODULE_FIELDS = re.compile(r"^\s*(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*(.*)$", re.DOTALL)
+_POSITION = re.compile(r"^\s*((?:[lr]\s*\.\s*(?:upper|middle|lower)\s+lobe(?:\s*\([^)]*\))?)|left lung|right lung)",
+                       re.IGNORECASE)
+
+
+def _split_records(text: str) -> Iterable[Tuple[str, str]]:
+    """Split a JSRT clinical list into (file name, rest) records, even where line breaks are missing."""
+    parts = _RECORD_START.split(text)
+    for i in range(1, len(parts), 2):
+        yield parts[i], parts[i + 1]
+
+
+def _find_case_insensitive(root: Path, name: str) -> Optional[Path]:
+    for path in root.iterdir():
+        if path.name.lower() == name.lower() and path.is_file():
+            return path
+    return None
+
+
+def _load_jsrt(root: Path, labels: LabelMaps, check_images: bool) -> pd.DataFrame:
+    nodule_list = _find_case_insensitive(root, "CLNDAT_EN.txt")
+    normal_list = _find_case_insensitive(root, "CNNDAT_EN.TXT")
+    images = {stem: path for stem, path in _index_images(root, recursive=True).items() if is_raw(path)}
+    records = []
+    for meta in (nodule_list, normal_list):
+        if meta is None:
+            continue
+        for n, (name, rest) in enumerate(_split_records(_read_text(meta))):
+            ident = clean_id(name, _where(meta))
+            where = f"{meta}: record {n + 1} ({ident})"
+            path = images.get(ident.lower())
+            if path is None:
+                raise DataError(f"{where}: image {ident}.IMG not found under {root}")
+            path = _inside(root, path, where)
+            rest = rest.strip()
+            if meta is nodule_list:
+                match = _NODULE_FIELDS.match(rest)
+                if not match:
+                    raise DataError(f"{where}: expected subtlety, size, age, sex, x, y, state, position and "
+                                    f"diagnosis, got '{rest[:80]}'")
+                subtlety, size, age, sex, x, y, state, tail = match.groups()
+                position, diagnosis = _split_position(tail, where)
+                records.append(_record(ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID),
+                                       subtlety=subtlety, state=state, position=position, diagnosis=diagnosis,
+                                       x=x, y=y, size=size, age=age, sex=sex))
+            else:
+                tokens = rest.split()
+                if len(tokens) < 3:
+                    raise DataError(f"{where}: expected age, sex and 'non-nodule', got '{rest[:80]}'")
+                records.append(_record(ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID),
+                                       age=tokens[0], sex=tokens[1], state=tokens[2]))
+    source = Source("jsrt", root, nodule_list or normal_list)
+    return _finish(records, source, check_images)
+
+
+def _split_position(tail: str, where: str) -> Tuple[str, str]:
+    """Split 'l.upper lobe(S1+2)<ws>lung cancer(adenocarcinoma)' into position and diagnosis."""
+    if "\t" in tail.strip():
+        cells = [c.strip() for c in tail.split("\t") if c.strip()]
+        return cells[0], " ".join(cells[1:])
+    match = _POSITION.match(tail)
+    if not match:
+        raise DataError(f"{where}: cannot find the nodule position at the start of '{tail.strip()[:60]}'")
+    return match.group(1), tail[match.end():].strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# layout 3: a generic manifest (an `image` column plus any label columns)
+
+_MANIFEST_ALIASES = {"size": "size_mm", "path": "image", "file": "image", "study_id": "id"}
+
+
+def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool) -> pd.DataFrame:
+    root = meta.parent
+    rows = _read_csv_rows(meta, 2)
+    header = [_MANIFEST_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in rows[0]]
+    if "image" not in header:
+        raise DataError(f"{meta}: a manifest needs an 'image' column (image paths relative to {root})")
+    if len(set(header)) != len(header):
+        raise DataError(f"{meta}: duplicate column names in the header {rows[0]}")
+    known = {"id", "image", "subtlety", "state", "presence", "lobe", "position", "diagnosis", "x", "y",
+             "size_mm", "age", "sex", "grid_w", "grid_h"}
+    extra = [c for c in header if c not in known]
+    records = []
+    for i, row in enumerate(rows[1:]):
+        where = _where(meta, i + 2)
+        if len(row) != len(header):
+            raise DataError(f"{where}: has {len(row)} fields, expected {len(header)} ({','.join(header)})")
+        fields = dict(zip(header, (cell.strip() for cell in row)))
+        rel = fields["image"]
+        if not rel:
+            raise DataError(f"{where}: empty image path")
+        path = _inside(root, root / rel, where)
+        if not path.is_file():
+            raise DataError(f"{where}: image '{rel}' not found (paths are relative to {root})")
+        ident = clean_id(fields.get("id") or Path(rel).stem, where)
+        grid = None
+        if fields.get("grid_w") or fields.get("grid_h"):
+            grid = (_number(fields.get("grid_w"), "grid_w", where), _number(fields.get("grid_h"), "grid_h", where))
+        rec = _record(ident, path, labels, where, grid=grid, subtlety=fields.get("subtlety"),
+                      state=fields.get("state"), presence=fields.get("presence"), lobe=fields.get("lobe"),
+                      position=fields.get("position"), diagnosis=fields.get("diagnosis"), x=fields.get("x"),
+                      y=fields.get("y"), size=fields.get("size_mm"), age=fields.get("age"), sex=fields.get("sex"))
+        for col in extra:
+            rec[col] = _extra_value(fields[col])
+        records.append(rec)
+    return _finish(records, Source("manifest", root, meta), check_images)
+
+
+def _extra_value(text: str) -> Union[float, str, None]:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+
+
+def detect_layout(path: Union[str, os.PathLike]) -> Source:
+    """Recognise the layout of a data path (a folder, or a manifest CSV file)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data path does not exist")
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"{path}: expected a data folder or a manifest .csv")
+        if path.name.lower() == KAGGLE_METADATA:
+            return Source("kaggle", path.parent, path)
+        return Source("manifest", path.parent, path)
+    kaggle = _find_case_insensitive(path, KAGGLE_METADATA)
+    if kaggle is not None:
+        return Source("kaggle", path, kaggle)
+    manifest = _find_case_insensitive(path, MANIFEST_NAME)
+    if manifest is not None:
+        return Source("manifest", path, manifest)
+    jsrt = _find_case_insensitive(path, "CLNDAT_EN.txt") or _find_case_insensitive(path, "CNNDAT_EN.TXT")
+    if jsrt is not None:
+        return Source("jsrt", path, jsrt)
+    if not any(path.iterdir()):
+        raise DataError(f"{path}: the data folder is empty")
+    raise DataError(f"{path}: no {KAGGLE_METADATA} (Kaggle JSRT), CLNDAT_EN.txt/CNNDAT_EN.TXT (original JSRT) "
+                    f"or {MANIFEST_NAME} (generic manifest) found; see README 'Data'")
+
+
+def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, None] = None,
+                 check_images: bool = True) -> pd.DataFrame:
+    """Load a data set into the normalised table described in this module's docstring.
+
+    `labels` is a LabelMaps or the path of a labels YAML (default configs/labels.yaml).
+    With `check_images`, every image header is read (size, readability) before anything else runs.
+    """
+    maps = labels if isinstance(labels, LabelMaps) else load_label_maps(labels)
+    source = detect_layout(path)
+    if source.layout == "kaggle":
+        return _load_kaggle(source.root, source.metadata, maps, check_images)
+    if source.layout == "jsrt":
+        return _load_jsrt(source.root, maps, check_images)
+    return _load_manifest(source.metadata, maps, check_images)
+
+
+def normalised_xy(table: pd.DataFrame) -> np.ndarray:
+    """Nodule centres as fractions of their coordinate grid, shape (n, 2), NaN where absent."""
+    return np.stack([table["x"] / table["grid_w"], table["y"] / table["grid_h"]], axis=1).astype(np.float64)

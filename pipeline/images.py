@@ -1,0 +1,136 @@
+"""Reading radiographs: PNG/JPEG/TIFF of any bit depth and JSRT's raw 12-bit .IMG, as float32 in [0, 1]."""
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+
+#: Larger images are refused before decoding (a 20000 x 20000 image would need 1.6 GB as float32).
+MAX_PIXELS = 64_000_000
+
+RAW_SUFFIXES = (".img",)
+RAW_BITS = 12
+
+INTERPOLATIONS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+}
+
+
+def is_raw(path: os.PathLike) -> bool:
+    return str(path).lower().endswith(RAW_SUFFIXES)
+
+
+def _raw_side(n_bytes: int, name: str) -> int:
+    side = math.isqrt(n_bytes // 2)
+    if n_bytes == 0 or side * side * 2 != n_bytes:
+        raise DataError(f"{name}: a raw JSRT .IMG must hold a square of 16-bit pixels "
+                        f"(2048 x 2048 = 8388608 bytes), but it has {n_bytes} bytes")
+    return side
+
+
+def _open_header(source) -> Image.Image:
+    """Open lazily (header only) with PIL's own pixel limit off: _check_pixels applies ours before decoding."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def probe_image(path: os.PathLike) -> Tuple[int, int]:
+    """(width, height) from the header alone; a missing, empty or non-image file is a DataError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    if size == 0:
+        raise DataError(f"{path}: the image file is empty (0 bytes); replace or remove it")
+    if is_raw(path):
+        side = _raw_side(size, str(path))
+        return side, side
+    try:
+        with _open_header(path) as img:
+            width, height = img.size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc}); replace or remove it") from None
+    _check_pixels(width, height, path)
+    return width, height
+
+
+def _check_pixels(width: int, height: int, name: os.PathLike) -> None:
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{name}: image is {width} x {height} pixels, above the limit of "
+                        f"{MAX_PIXELS // 1_000_000} megapixels; downscale it first")
+
+
+def decode_raw(data: bytes, name: str) -> np.ndarray:
+    """JSRT .IMG: headerless big-endian 16-bit words holding 12-bit values.
+
+    JSRT's raw values grow with film density (dark on a display), so they are inverted to match the
+    PNG copies, where bone is bright: intensity = 1 - v / 4095.
+    """
+    side = _raw_side(len(data), name)
+    values = np.frombuffer(data, dtype=">u2").reshape(side, side) & ((1 << RAW_BITS) - 1)
+    return 1.0 - values.astype(np.float32) / float((1 << RAW_BITS) - 1)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode image bytes to a 2-D float32 array in [0, 1] (grey; colour and alpha are dropped)."""
+    if not data:
+        raise DataError(f"{name}: the image file is empty (0 bytes); replace or remove it")
+    if is_raw(name):
+        return decode_raw(data, name)
+    try:
+        img = _open_header(io.BytesIO(data))
+        _check_pixels(img.width, img.height, name)
+        img.load()
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DataError(f"{name}: cannot decode image ({exc}); replace or remove it") from None
+    mode = img.mode
+    if mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+    elif mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        scale = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
+        arr = np.clip(arr, 0, None).astype(np.float32) / scale
+    elif mode == "F":
+        arr = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+    else:
+        if mode != "L":
+            img = img.convert("L")
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_image(path: os.PathLike) -> np.ndarray:
+    """Read and decode one image file (see decode_image)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    return decode_image(data, str(path))
+
+
+def resize(image: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize a [0, 1] float image to size x size with PIL's antialiased filters (as torchvision's Resize)."""
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation '{interpolation}'; use one of {', '.join(INTERPOLATIONS)}")
+    if image.shape == (size, size):
+        return image
+    out = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize((size, size), INTERPOLATIONS[interpolation])
+    return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,132 @@
+"""Synthetic JSRT-format data: chest-like radiographs with round nodules of known size, contrast and position.
+
+The images are crude (two lung fields, a mediastinum, rib-like bands, noise) but the labels are exact, so
+tests and the demo can check that every stage recovers what was drawn. Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .data import JSRT_GRID, KAGGLE_COLUMNS, KAGGLE_METADATA
+from .fsutil import atomic_output
+
+logger = logging.getLogger(__name__)
+
+#: JSRT films are 2048 pixels of 0.175 mm.
+FIELD_MM = JSRT_GRID * 0.175
+#: Peak nodule contrast for subtlety 1 (extremely subtle) .. 5 (obvious).
+CONTRAST = {1: 0.03, 2: 0.06, 3: 0.10, 4: 0.15, 5: 0.22}
+#: Lung fields in image coordinates (fractions): centre x, centre y, half-width, half-height.
+LUNGS = {"R": (0.30, 0.46, 0.15, 0.30), "L": (0.70, 0.46, 0.14, 0.29)}  # patient's right is image left
+DIAGNOSES = {
+    "malignant": ["lung cancer", "lung cancer(adenocarcinoma)", "metastasis of colon cancer",
+                  "lung cancer(squamous cell carcinoma)"],
+    "benign": ["tuberculoma", "granuloma", "hamartoma", "inflammatory mass", "pulmonary tuberculosis"],
+}
+
+
+@dataclass(frozen=True)
+class Nodule:
+    x: float  # centre, fraction of the image width
+    y: float
+    size_mm: float
+    subtlety: int
+    state: str
+    position: str
+    diagnosis: str
+
+
+def _position_text(side: str, y_frac: float, rng: np.random.Generator) -> str:
+    """JSRT-style position text for a point of the lung field (y_frac: 0 top .. 1 bottom)."""
+    if rng.random() < 0.06:
+        return "right lung" if side == "R" else "left lung"
+    prefix = "r." if side == "R" else "l."
+    if side == "R":
+        lobe = "upper" if y_frac < 0.40 else ("middle" if y_frac < 0.62 else "lower")
+    else:
+        lobe = "upper" if y_frac < 0.55 else "lower"
+    segment = {"upper": "(S1)" if side == "R" else "(S1+2)", "middle": "(S4)", "lower": "(S6)"}[lobe]
+    return f"{prefix}{lobe} lobe{segment if rng.random() < 0.5 else ''}"
+
+
+def draw_nodule_params(rng: np.random.Generator) -> Nodule:
+    side = "R" if rng.random() < 0.55 else "L"
+    cx, cy, hw, hh = LUNGS[side]
+    # Uniform in the ellipse, kept away from its rim so the nodule lies inside the lung.
+    radius, angle = 0.75 * np.sqrt(rng.random()), rng.random() * 2 * np.pi
+    x, y = cx + hw * radius * np.cos(angle), cy + hh * radius * np.sin(angle)
+    state = "malignant" if rng.random() < 0.65 else "benign"
+    size = float(np.clip(rng.normal(20 if state == "malignant" else 13, 6), 5, 45).round())
+    subtlety = int(rng.integers(1, 6))
+    y_frac = (y - (cy - hh)) / (2 * hh)
+    return Nodule(x, y, size, subtlety, state, _position_text(side, y_frac, rng),
+                  str(rng.choice(DIAGNOSES[state])))
+
+
+def render(size: int, rng: np.random.Generator, nodule: Nodule | None) -> np.ndarray:
+    """A chest-like radiograph (float32 in [0, 1], bone bright) with an optional nodule."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    body = 1 / (1 + np.exp(-(1 - ((xx - 0.5) / 0.47) ** 2 - ((yy - 0.56) / 0.62) ** 2) * 12))
+    image = 0.08 + 0.62 * body
+    lungs = np.zeros_like(image)
+    for cx, cy, hw, hh in LUNGS.values():
+        jx, jy = rng.normal(0, 0.01, size=2)
+        inside = 1 - ((xx - cx - jx) / hw) ** 2 - ((yy - cy - jy) / hh) ** 2
+        lungs = np.maximum(lungs, 1 / (1 + np.exp(-inside * 10)))
+    image -= 0.32 * lungs
+    phase = rng.random() * 2 * np.pi
+    ribs = np.clip(np.sin(2 * np.pi * (yy * 9 + 1.8 * (xx - 0.5) ** 2) + phase), 0, None) ** 2
+    image += 0.09 * ribs * lungs
+    image += 0.18 * np.exp(-((xx - 0.5) / 0.07) ** 2) * body  # mediastinum and spine
+    if nodule is not None:
+        radius = nodule.size_mm / (FIELD_MM / size) / 2
+        dist = np.hypot(xx * size - nodule.x * size, yy * size - nodule.y * size)
+        image += CONTRAST[nodule.subtlety] * np.sqrt(np.clip(1 - (dist / max(radius, 0.5)) ** 2, 0, None))
+    image += rng.normal(0, 0.015, size=image.shape).astype(np.float32)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def make_synthetic(out: Path, n_images: int = 60, image_size: int = 256, seed: int = 0,
+                   nodule_fraction: float = 0.62) -> Path:
+    """Write `n_images` radiographs to out/images/ and a Kaggle-layout out/jsrt_metadata.csv; return `out`.
+
+    Nodule images are named JPCLN###, the others JPCNN###, as in JSRT; x and y are in the 2048 grid
+    whatever `image_size` is, and the metadata has a header row and CRLF line ends, as Kaggle's copy.
+    """
+    if n_images < 1:
+        raise ValueError("n_images must be at least 1")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_nodule = int(round(n_images * nodule_fraction))
+    rows: List[Tuple] = []
+    for i in range(n_images):
+        has_nodule = i < n_nodule
+        ident = f"JPCLN{i + 1:03d}" if has_nodule else f"JPCNN{i - n_nodule + 1:03d}"
+        nodule = draw_nodule_params(rng) if has_nodule else None
+        pixels = render(image_size, rng, nodule)
+        with atomic_output(out / "images" / f"{ident}.png", durable=False) as tmp:
+            Image.fromarray((pixels * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        age = int(rng.integers(20, 86))
+        sex = "Male" if rng.random() < 0.5 else "Female"
+        if nodule is None:
+            rows.append((f"{ident}.png", "", "", age, sex, "", "", "non-nodule", "", ""))
+        else:
+            x = int(round(nodule.x * JSRT_GRID))
+            y = int(round(nodule.y * JSRT_GRID))
+            rows.append((f"{ident}.png", nodule.subtlety, int(nodule.size_mm), age, sex, x, y, nodule.state,
+                         nodule.position, nodule.diagnosis))
+    with atomic_output(out / KAGGLE_METADATA, durable=False) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\r\n")
+            writer.writerow(KAGGLE_COLUMNS)
+            writer.writerows(rows)
+    logger.info("wrote %d synthetic radiographs (%d with a nodule) to %s", n_images, n_nodule, out)
+    return out

@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic data sets made on the fly (no test needs ../shared)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.synthetic import make_synthetic
+
+SHARED_JSRT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsrt"
+
+# Keep torch on few threads: the suite runs on 2 cores and spawns DataLoader workers.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def synthetic_master(tmp_path_factory) -> Path:
+    """24 synthetic radiographs of 64 px (15 with a nodule); copy before modifying."""
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "jsrt", n_images=24, image_size=64, seed=3)
+
+
+@pytest.fixture()
+def synthetic_dir(synthetic_master, tmp_path) -> Path:
+    """A private, modifiable copy of the synthetic data set."""
+    dest = tmp_path / "jsrt"
+    shutil.copytree(synthetic_master, dest)
+    return dest

@@ -1,0 +1,74 @@
+"""Configs: defaults, YAML, overrides, and no silent typos."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import dump_config, load_config, parse_set_options, set_dotted
+from pipeline.errors import ConfigError
+from pipeline.labels import load_label_maps
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extract:\n  batch_size: 8\n  backbones: [resnet18]\n")
+    cfg = load_config(str(path), {"extract.image_size": 128})
+    assert cfg.extract.batch_size == 8 and cfg.extract.backbones == ["resnet18"] and cfg.extract.image_size == 128
+    assert cfg.extract.weights == "imagenet"  # untouched default
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extract:\n  batch_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'batch_sise' \(did you mean 'batch_size'\?\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="has no 'imagesize'"):
+        load_config(None, {"extract.imagesize": 3})
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="extract.batch_size must be an integer"):
+        load_config(None, {"extract.batch_size": "big"})
+
+
+def test_set_options_parse_yaml_values():
+    assert parse_set_options(["a.b=3", "a.c=[x, y]", "a.d=true"]) == {"a.b": 3, "a.c": ["x", "y"], "a.d": True}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_set_options(["nonsense"])
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(None, {"extract.batch_size": 4})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_mapping_fields_are_replaced_not_merged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extract:\n  fused: {}\n")
+    assert load_config(str(path)).extract.fused == {}
+    cfg = load_config(None)
+    set_dotted(cfg, "extract.fused.mine", ["a", "b"])
+    assert cfg.extract.fused["mine"] == ["a", "b"]
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extract:\n  batch_size: [1\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(path))
+
+
+def test_label_maps_refuse_a_spelling_in_two_classes(tmp_path):
+    path = tmp_path / "labels.yaml"
+    path.write_text("state: {a: [x], b: [x]}\nlobe: {RUL: [r]}\ndiagnosis: {g: [d]}\nsex: {male: [m]}\n")
+    with pytest.raises(ConfigError, match="listed under both 'a' and 'b'"):
+        load_label_maps(str(path))
+
+
+def test_shipped_label_maps_cover_the_classes():
+    maps = load_label_maps()
+    assert maps.classes["lobe"] == ("RUL", "RML", "RLL", "LUL", "LLL", "L", "R")
+    assert maps.classes["state"] == ("malignant", "benign", "non-nodule")
+    assert maps.map("diagnosis", "  Lung   Cancer(Adenocarcinoma) ", "t") == "lung_cancer"
+    assert len(maps.spellings["diagnosis"]) == 31  # 32 spellings, two differ only by case
