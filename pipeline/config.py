@@ -74,7 +74,8 @@ class SpatialConfig:
 @dataclass
 class ExtractConfig:
     backbones: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])
-    weights: str = "imagenet"  # imagenet | none | a local weights file
+    weights: str = "imagenet"  # imagenet | none | a local weights file (for every backbone)
+    weights_for: Dict[str, str] = field(default_factory=dict)  # per backbone name, overrides `weights`
     image_size: int = 224
     interpolation: str = "bilinear"
     normalize: str = "auto"  # auto: the backbone's own mean/std; imagenet: always ImageNet's

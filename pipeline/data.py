@@ -252,7 +252,8 @@ def _finish(records: List[dict], source: Source, check_images: bool) -> pd.DataF
     for col in NUMERIC_COLUMNS:
         table[col] = table[col].astype("float64")
     for col in TEXT_COLUMNS:
-        table[col] = table[col].astype("object").where(table[col].notna(), None)
+        table[col] = pd.Series([v if isinstance(v, str) else None for v in table[col]], dtype=object,
+                               index=table.index)
     table.attrs.update(layout=source.layout, root=str(source.root), metadata=str(source.metadata))
     logger.info("loaded %d images (%s layout) from %s", len(table), source.layout, source.root)
     return table

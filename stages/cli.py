@@ -6,11 +6,12 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import click
 
 from pipeline import __version__
+from pipeline.config import load_config, parse_set_options
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,98 @@ def inspect_data_cmd(data: Path, labels: Optional[Path]) -> None:
                                           for k, v in counts.items()))
 
 
+def _overrides(pairs: Sequence[Tuple[str, Any]], sets: Sequence[str]) -> Dict[str, Any]:
+    out = {k: v for k, v in pairs if v is not None and v != ()}
+    out.update(parse_set_options(sets))
+    return out
+
+
+def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]]:
+    """--weights X applies to every backbone; --weights NAME=X to one."""
+    default, per = None, {}
+    for value in values:
+        name, eq, rest = value.partition("=")
+        if eq and name and not Path(value).exists():
+            per[name] = rest
+        else:
+            default = value
+    return default, per
+
+
+@click.group("extract-features", cls=SafeGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(path_type=Path), help="Data folder (Kaggle/JSRT layout) or manifest CSV.")
+@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write.")
+@click.option("--backbone", "backbones", multiple=True,
+              help="Backbone name or spec (repeat for several); default: the config's (paper: densenet161, "
+                   "efficientnet-b7).")
+@click.option("--weights", multiple=True, help="imagenet (default), none, or a local .safetensors/.pth file; "
+                                               "NAME=FILE for one backbone.")
+@click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
+@click.option("--image-size", type=int, default=None, help="Resize to this square size (default 224).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--num-workers", type=int, default=None, help="Decoding workers (default: one per spare core).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="CUDA autocast dtype.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--rebuild", is_flag=True, help="Ignore an existing cache and its progress; recompute.")
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the cache instead of failing.")
+@click.option("--shard-index", type=int, default=None, help="This worker's shard (default: torchrun/SLURM env).")
+@click.option("--num-shards", type=int, default=None)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@logging_options
+@click.pass_context
+def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Optional[Path],
+                         backbones: Tuple[str, ...], weights: Tuple[str, ...], config_path: str,
+                         image_size: Optional[int], batch_size: Optional[int], num_workers: Optional[int],
+                         device: Optional[str], amp: Optional[str], sets: Tuple[str, ...], rebuild: bool,
+                         skip_bad: bool, shard_index: Optional[int], num_shards: Optional[int],
+                         no_progress: bool) -> None:
+    """Stage one: run frozen backbones over every image once, into an HDF5 feature cache.
+
+    Rerunning is safe: finished work is kept, a killed run resumes, a changed input is refused.
+    `extract-features merge` joins the shard files of a distributed run.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or cache is None:
+        raise click.UsageError("--data and --cache are required")
+    from stages.extract import extract_features, shard_from_env
+
+    default_weights, per_backbone = _split_weights(weights)
+    pairs = [("extract.backbones", list(backbones) or None), ("extract.weights", default_weights),
+             ("extract.image_size", image_size), ("extract.batch_size", batch_size),
+             ("extract.num_workers", num_workers), ("extract.device", device), ("extract.amp", amp)]
+    pairs += [(f"extract.weights_for.{name}", value) for name, value in per_backbone.items()]
+    cfg = load_config(config_path, _overrides(pairs, sets))
+    if (shard_index is None) != (num_shards is None):
+        raise click.UsageError("--shard-index and --num-shards go together")
+    shard = (shard_index, num_shards) if num_shards is not None else shard_from_env()
+    summary = extract_features(data, cache, cfg, rebuild=rebuild, skip_bad=skip_bad, shard=shard,
+                               progress=not no_progress)
+    if summary.computed:
+        click.echo(f"{summary.cache}: computed {', '.join(summary.computed)} for {summary.n_computed_images} "
+                   f"images in {summary.seconds:.1f} s ({summary.images_per_s:.1f} img/s)"
+                   + (f"; {summary.n_bad} unreadable" if summary.n_bad else ""))
+    else:
+        click.echo(f"{summary.cache}: up to date ({', '.join(summary.up_to_date)})")
+
+
+@extract_features_cmd.command("merge")
+@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The merged cache to write; its shards are found next to it unless given.")
+@click.argument("shards", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def merge_cmd(cache: Path, shards: Tuple[Path, ...]) -> None:
+    """Join shard files (NAME.shard-I-of-N.h5) into one cache equal to a single-process run."""
+    from cache.merge import find_shards, merge_shards
+
+    out = merge_shards(list(shards) or find_shards(cache), cache)
+    click.echo(f"merged {len(shards) or 'all'} shards into {out}")
+
+
+main.add_command(extract_features_cmd)
+
+
 @main.command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @logging_options
@@ -121,3 +214,6 @@ def demo_cmd(out: Path) -> None:
     click.echo("demo finished; results:")
     for name, path in results.items():
         click.echo(f"  {name:<10} {path}")
+
+
+extract_features_main = extract_features_cmd

@@ -1,0 +1,122 @@
+"""Stage-one throughput: the whole extract-features pipeline against a pure forward pass (the upper bound).
+
+Both run in this one process, interleaved, at the same batch size and torch threads; the pipeline decodes
+the real PNG files, resizes, hashes and writes the cache, the bound only runs the backbones on tensors
+made in advance. Reported: medians over --repeats and their ratio.
+
+    python benchmarks/extract.py --data ../shared/data/jsrt --weights none            # the paper's pair
+    python benchmarks/extract.py --data ../shared/data/jsrt --memory                   # peak RSS, 200 vs 2000
+
+--memory makes synthetic data sets of 200 and 2000 images and measures the peak resident memory of a
+fresh extract-features process on each (main process and its decoding workers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import load_dataset  # noqa: E402
+from pipeline.extraction import Extractor, load_backbones, pick_device  # noqa: E402
+from stages.extract import extract_features, weights_by_name  # noqa: E402
+
+
+def forward_bound(cfg, n_images: int) -> float:
+    """Seconds for the backbones alone on pre-made, pre-normalised tensors (no I/O, no decode)."""
+    e = cfg.extract
+    backbones = load_backbones(e.backbones, weights_by_name(cfg, e.backbones), e.image_size, e.interpolation,
+                               e.normalize, e.seed)
+    extractor = Extractor(backbones, pick_device(e.device), e.amp, e.channels_last)
+    batches = [torch.rand(min(e.batch_size, n_images - s), 1, e.image_size, e.image_size)
+               for s in range(0, n_images, e.batch_size)]
+    started = time.perf_counter()
+    for batch in batches:
+        for spec in backbones:
+            extractor.run(spec, batch)
+    return time.perf_counter() - started
+
+
+def throughput(args) -> dict:
+    overrides = {"extract.weights": args.weights, "extract.batch_size": args.batch_size}
+    if args.backbone:
+        overrides["extract.backbones"] = args.backbone
+    if args.num_workers is not None:
+        overrides["extract.num_workers"] = args.num_workers
+    cfg = load_config("paper", overrides)
+    n = len(load_dataset(args.data))
+    loop, command, bound = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            started = time.perf_counter()
+            summary = extract_features(args.data, Path(tmp) / f"c{r}.h5", cfg, rebuild=True, progress=False)
+            command.append(time.perf_counter() - started)
+            loop.append(summary.seconds)
+            bound.append(forward_bound(cfg, n))
+            print(f"repeat {r}: command {command[-1]:.1f} s, extraction loop {loop[-1]:.1f} s, "
+                  f"forward bound {bound[-1]:.1f} s", file=sys.stderr)
+    med = statistics.median
+    return {
+        "backbones": cfg.extract.backbones, "weights": args.weights, "images": n,
+        "batch_size": cfg.extract.batch_size, "torch_threads": torch.get_num_threads(),
+        "forward_img_s": n / med(bound), "loop_img_s": n / med(loop), "command_img_s": n / med(command),
+        "loop_vs_forward": med(bound) / med(loop), "command_vs_forward": med(bound) / med(command),
+    }
+
+
+MEMORY_CHILD = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+from pipeline.config import load_config
+from stages.extract import extract_features
+cfg = load_config("paper", {{"extract.backbones": [{backbone!r}], "extract.weights": "none"}})
+extract_features({data!r}, {cache!r}, cfg, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def memory(args) -> dict:
+    from pipeline.synthetic import make_synthetic
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (200, 2000):
+            data = make_synthetic(Path(tmp) / f"d{n}", n_images=n, image_size=512, seed=0)
+            code = MEMORY_CHILD.format(repo=str(REPO), backbone=args.memory_backbone, data=str(data),
+                                       cache=str(Path(tmp) / f"c{n}.h5"))
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            main_kb, worker_kb = (int(v) for v in res.stdout.split()[-2:])
+            out[n] = {"main_mib": main_kb / 1024, "worker_mib": worker_kb / 1024}
+            print(f"{n} images: peak RSS main {main_kb / 1024:.0f} MiB, worker {worker_kb / 1024:.0f} MiB",
+                  file=sys.stderr)
+    out["ratio_main_2000_vs_200"] = out[2000]["main_mib"] / out[200]["main_mib"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "jsrt")
+    parser.add_argument("--backbone", action="append", help="default: the paper's pair")
+    parser.add_argument("--weights", default="none")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="peak RSS at 200 vs 2000 images instead")
+    parser.add_argument("--memory-backbone", default="resnet18")
+    args = parser.parse_args()
+    result = memory(args) if args.memory else throughput(args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

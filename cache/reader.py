@@ -1,0 +1,176 @@
+"""Reading a feature cache: the small API stage two (and anyone else) uses."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import BackboneError, CacheError
+
+from .schema import FEATURE_JSON_KEYS, FORMAT, GROUPS, ROOT_JSON_KEYS, SCHEMA_VERSION, read_attrs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedBackbone:
+    """One backbone's entry in a cache: its spec, feature shape and provenance attributes."""
+
+    spec: str
+    group: str
+    shape: tuple
+    attrs: Dict[str, object]
+
+    @property
+    def dim(self) -> int:
+        return int(self.shape[1])
+
+
+def _damaged(path: Path, why: str) -> CacheError:
+    return CacheError(f"cache {path} is damaged or incomplete ({why}); delete it or rerun extract-features "
+                      "with --rebuild")
+
+
+class FeatureCache:
+    """Read-only view of a cache file. Use as a context manager, or call close()."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CacheError(f"cache {self.path} does not exist; create it with extract-features --data DIR "
+                             f"--cache {self.path}")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise _damaged(self.path, f"HDF5 cannot open it: {str(exc).splitlines()[0][:120]}") from None
+        try:
+            self.attrs = read_attrs(self._f, ROOT_JSON_KEYS)
+            if self.attrs.get("format") != FORMAT:
+                raise CacheError(f"{self.path} is not a feature cache of this project (format "
+                                 f"'{self.attrs.get('format', '?')}')")
+            version = int(self.attrs.get("schema_version", -1))
+            if version > SCHEMA_VERSION:
+                raise CacheError(f"cache {self.path} has schema version {version}, newer than this code "
+                                 f"({SCHEMA_VERSION}); upgrade the package")
+            if version < SCHEMA_VERSION:
+                raise CacheError(f"cache {self.path} has the old schema version {version}; rebuild it with "
+                                 "extract-features --rebuild")
+            if not self.attrs.get("complete"):
+                raise _damaged(self.path, "it was never finished")
+            self.ids: List[str] = list(self._f[GROUPS.images]["id"].asstr()[...])
+        except CacheError:
+            self._f.close()
+            raise
+        except (KeyError, OSError, ValueError) as exc:
+            self._f.close()
+            raise _damaged(self.path, str(exc).splitlines()[0][:120]) from None
+
+    # -------------------------------------------------------------------------------- basics
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def is_shard(self) -> bool:
+        return int(self.attrs.get("num_shards", 1) or 1) > 1
+
+    def entries(self, group: str = GROUPS.features) -> Dict[str, CachedBackbone]:
+        g = self._f.get(group)
+        if g is None:
+            return {}
+        return {spec: CachedBackbone(spec, group, g[spec].shape, read_attrs(g[spec], FEATURE_JSON_KEYS))
+                for spec in g}
+
+    @property
+    def backbones(self) -> Dict[str, CachedBackbone]:
+        return self.entries(GROUPS.features)
+
+    def dataset(self, group: str, spec: str) -> h5py.Dataset:
+        """The raw HDF5 dataset (for streaming large arrays without loading them)."""
+        return self._f[group][spec]
+
+    def fused_names(self) -> List[str]:
+        return list(self._f.get(GROUPS.fused) or [])
+
+    def image_column(self, name: str) -> np.ndarray:
+        ds = self._f[GROUPS.images][name]
+        return ds.asstr()[...] if ds.dtype.kind == "O" else ds[...]
+
+    @property
+    def bad(self) -> np.ndarray:
+        return self._f[GROUPS.images]["bad"][...]
+
+    def labels(self) -> pd.DataFrame:
+        """The label table stored with the features (id first; missing text is None, missing numbers NaN)."""
+        g = self._f[GROUPS.labels]
+        columns = [c.decode() if isinstance(c, bytes) else str(c) for c in g.attrs["columns"]]
+        data: Dict[str, object] = {"id": self.ids}
+        for name in columns:
+            ds = g[name]
+            if ds.attrs.get("kind") == "text":
+                values = ds.asstr()[...].astype(object)
+                values[values == ""] = None
+                data[name] = values
+            else:
+                data[name] = ds[...]
+        table = pd.DataFrame(data)
+        table["width"] = self._f[GROUPS.images]["width"][...]
+        table["height"] = self._f[GROUPS.images]["height"][...]
+        return table
+
+    # ------------------------------------------------------------------------------ features
+
+    def resolve(self, name: str, group: str = GROUPS.features) -> str:
+        """The spec under which `name` (a short name or spec) is stored; a CacheError lists what is there."""
+        from pipeline.backbones import parse_spec
+
+        present = self.entries(group)
+        if name in present:
+            return name
+        try:
+            spec = parse_spec(name).spec
+        except BackboneError:
+            spec = name
+        if spec in present:
+            return spec
+        what = "spatial maps" if group == GROUPS.spatial else "features"
+        have = ", ".join(present) or "none"
+        flag = " --spatial" if group == GROUPS.spatial else ""
+        raise CacheError(f"cache {self.path} has no {what} of '{name}' (it has: {have}); add them with: "
+                         f"extract-features --data {self.attrs.get('data_root', 'DATA')} --cache {self.path} "
+                         f"--backbone {name}{flag}")
+
+    def features(self, names: Sequence[str]) -> np.ndarray:
+        """The named backbones' features side by side, (N, sum D) float32, in the order given."""
+        if self.is_shard:
+            raise CacheError(f"{self.path} is shard {self.attrs.get('shard_index')} of "
+                             f"{self.attrs.get('num_shards')}; join the shards with: extract-features merge "
+                             f"--cache <merged.h5> {self.path.name} ...")
+        specs = [self.resolve(n) for n in names]
+        g = self._f[GROUPS.features]
+        return np.concatenate([g[s][...] for s in specs], axis=1).astype(np.float32, copy=False)
+
+    def fused(self, name: str) -> np.ndarray:
+        g = self._f.get(GROUPS.fused)
+        if g is None or name not in g:
+            raise CacheError(f"cache {self.path} has no fused array '{name}'")
+        return g[name][...]
+
+    def spatial(self, name: str, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        spec = self.resolve(name, GROUPS.spatial)
+        ds = self._f[GROUPS.spatial][spec]
+        return ds[...] if rows is None else ds[np.sort(rows)]

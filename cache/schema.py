@@ -1,0 +1,105 @@
+"""The feature cache's HDF5 schema (version 1): names, attributes, and how tables are stored.
+
+    /                        attrs: format, schema_version, complete, created_utc, tool_version, packages,
+                                    data_root, data_layout, n_images, ids_sha256, image_set_sha256,
+                                    labels_sha256, config (resolved YAML); shard files add shard_index,
+                                    num_shards
+    /images/{id,relpath}     (N,) utf-8 strings
+    /images/sha256           (N,) 64-byte ASCII: content hash of each image file
+    /images/{size_bytes,mtime_ns}  (N,) int64: the file's stat when it was read (fast staleness check)
+    /images/{width,height}   (N,) float64: stored image size
+    /images/{bad,error}      (N,) bool / utf-8: images that could not be read (--skip-bad)
+    /images/row              shard files only: each row's index in the full data set
+    /labels/<column>         (N,) float64 (NaN = missing) or utf-8 ('' = missing); attr kind
+    /features/<spec>         (N, D) float32, chunked; attrs: backbone facts, preprocessing, provenance_sha256,
+                             precision, complete
+    /spatial/<spec>          (N, C, H, W) float16 feature maps (extract-features --spatial); attrs as above
+    /fused/<name>            (N, sum D) float32 virtual dataset concatenating /features members; attr members
+
+Nothing is pickled: every attribute is a number, a string, or a JSON string.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Sequence
+
+import h5py
+import numpy as np
+
+FORMAT = "resmtnet-feature-cache"
+SCHEMA_VERSION = 1
+#: Rows per HDF5 chunk of a feature dataset are chosen so a chunk is about this many bytes.
+CHUNK_BYTES = 1 << 20
+
+STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class Groups:
+    images: str = "images"
+    labels: str = "labels"
+    features: str = "features"
+    spatial: str = "spatial"
+    fused: str = "fused"
+
+
+GROUPS = Groups()
+
+
+def ids_sha256(ids: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def image_set_sha256(ids: Sequence[str], hashes: Sequence[str]) -> str:
+    """Fingerprint of the image set: ids and content hashes, in row order."""
+    return hashlib.sha256("\n".join(f"{i}:{h}" for i, h in zip(ids, hashes)).encode()).hexdigest()
+
+
+def labels_sha256(columns: Dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(columns):
+        values = columns[name]
+        digest.update(name.encode())
+        if values.dtype.kind == "f":
+            digest.update(np.ascontiguousarray(values, dtype="<f8").tobytes())
+        else:
+            digest.update("\x1f".join(strings(values)).encode())
+    return digest.hexdigest()
+
+
+def chunk_rows(dim: int, itemsize: int = 4) -> int:
+    return max(1, CHUNK_BYTES // max(1, dim * itemsize))
+
+
+def write_attrs(obj: h5py.HLObject, attrs: Dict[str, object]) -> None:
+    """Attributes as HDF5 scalars/strings; lists and dicts as JSON strings (never pickles)."""
+    for key, value in attrs.items():
+        if isinstance(value, (dict, list, tuple)):
+            obj.attrs[key] = json.dumps(value)
+        elif value is None:
+            obj.attrs[key] = ""
+        else:
+            obj.attrs[key] = value
+
+
+def read_attrs(obj: h5py.HLObject, json_keys: Iterable[str] = ()) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if key in json_keys and isinstance(value, str) and value:
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+FEATURE_JSON_KEYS = ("mean", "std", "preprocess", "members")
+ROOT_JSON_KEYS = ("packages",)
+
+
+def strings(values: Iterable[object]) -> List[str]:
+    return ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values]

@@ -1,0 +1,317 @@
+"""Backbone registry: frozen ImageNet models mapping an image batch to pooled feature vectors.
+
+A backbone is named by a spec: `timm:<model>[.<tag>]`, `torchvision:<model>[.<WEIGHTS>]`, or a registered
+short name (`densenet161`, `efficientnet-b7`, ...). `create_backbone(spec, weights)` returns the module and a
+`BackboneInfo` with the facts (feature size, mean/std, weights identity and hash) that go into the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .errors import BackboneError
+from .fsutil import sha256_file
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    spec: str
+    note: str
+
+
+#: The paper's backbones by the names the paper uses. DenseNet-161 is timm's copy of torchvision's weights.
+#: EfficientNet-B7 is torchvision's IMAGENET1K_V1: timm's plain `efficientnet_b7` has no pretrained weights,
+#: and its `tf_efficientnet_b7.*` ports use TF "same" padding and other training data (noisy-student JFT,
+#: AdvProp, ...); torchvision's is the model a PyTorch user of 2024 gets from `efficientnet_b7(pretrained)`.
+REGISTRY: Dict[str, RegistryEntry] = {
+    "densenet161": RegistryEntry("timm:densenet161.tv_in1k", "Res-MTNet half 1 (2208)"),
+    "efficientnet-b7": RegistryEntry("torchvision:efficientnet_b7.IMAGENET1K_V1", "Res-MTNet half 2 (2560)"),
+    "resnet18": RegistryEntry("torchvision:resnet18.IMAGENET1K_V1", "paper Table 1 (512)"),
+    "resnet50": RegistryEntry("torchvision:resnet50.IMAGENET1K_V1", "paper Table 1 (2048)"),
+    "alexnet": RegistryEntry("torchvision:alexnet.IMAGENET1K_V1", "paper Table 1 (4096, fc7)"),
+    "mobilenet": RegistryEntry("torchvision:mobilenet_v2.IMAGENET1K_V1", "paper Table 1 (1280)"),
+    "googlenet": RegistryEntry("torchvision:googlenet.IMAGENET1K_V1", "paper Table 1 (1024)"),
+    "lite0": RegistryEntry("timm:tf_efficientnet_lite0.in1k", "small offline stand-in (1280)"),
+}
+ALIASES = {"efficientnet_b7": "efficientnet-b7", "mobilenet_v2": "mobilenet", "densenet-161": "densenet161"}
+
+
+@dataclass(frozen=True)
+class TorchvisionArch:
+    head: str  # the classifier module replaced by Identity (dotted path)
+    feature_dim: int
+    build_kwargs: Tuple[Tuple[str, object], ...] = ()  # what the pretrained weights were built with
+
+
+TORCHVISION: Dict[str, TorchvisionArch] = {
+    "resnet18": TorchvisionArch("fc", 512),
+    "resnet50": TorchvisionArch("fc", 2048),
+    "densenet161": TorchvisionArch("classifier", 2208),
+    "mobilenet_v2": TorchvisionArch("classifier", 1280),
+    "efficientnet_b7": TorchvisionArch("classifier", 2560),
+    "alexnet": TorchvisionArch("classifier.6", 4096),
+    "googlenet": TorchvisionArch("fc", 1024, (("aux_logits", False), ("transform_input", True),
+                                             ("init_weights", False))),
+}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    library: str  # timm | torchvision
+    arch: str
+    tag: str  # timm pretrained tag or torchvision weights enum member; '' when none
+
+    @property
+    def spec(self) -> str:
+        return f"{self.library}:{self.arch}" + (f".{self.tag}" if self.tag else "")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Facts about a created backbone; written as attributes next to its features in the cache."""
+
+    spec: str
+    library: str
+    arch: str
+    feature_dim: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    interpolation: str  # the interpolation the weights were trained with (informational)
+    weights: str  # imagenet | none | the local file's path
+    weights_id: str
+    weights_sha256: str  # of the local weights file ('' for downloads and random init)
+    params_sha256: str  # of the loaded parameters and buffers: identifies the weights whatever their source
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def valid_names() -> str:
+    return (", ".join(REGISTRY) + "; or timm:<model>[.<tag>] (any timm model); or torchvision:<model> with "
+            "<model> one of " + ", ".join(TORCHVISION))
+
+
+def parse_spec(name: str) -> BackboneSpec:
+    """Resolve a short name or spec to its canonical form without building anything."""
+    key = name.strip()
+    key = ALIASES.get(key.lower(), key)
+    if key.lower() in REGISTRY:
+        key = REGISTRY[key.lower()].spec
+    if ":" not in key:
+        raise BackboneError(f"unknown backbone '{name}'; valid: {valid_names()}")
+    library, _, rest = key.partition(":")
+    library = library.lower()
+    if library == "timm":
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        arch, _, tag = rest.partition(".")
+        if not timm.is_model(arch):
+            raise BackboneError(f"unknown backbone '{name}': timm has no model '{arch}' "
+                                "(timm.list_models() lists them); valid: " + valid_names())
+        if not tag:
+            cfg = get_pretrained_cfg(arch)
+            tag = cfg.tag if cfg is not None and cfg.tag else ""
+        return BackboneSpec("timm", arch, tag)
+    if library == "torchvision":
+        arch, _, tag = rest.partition(".")
+        if arch not in TORCHVISION:
+            raise BackboneError(f"unknown backbone '{name}': torchvision models supported here are "
+                                f"{', '.join(TORCHVISION)}; valid: {valid_names()}")
+        return BackboneSpec("torchvision", arch, tag or "IMAGENET1K_V1")
+    raise BackboneError(f"unknown backbone '{name}': the prefix must be timm: or torchvision:; valid: {valid_names()}")
+
+
+def params_sha256(module: nn.Module) -> str:
+    """Hash of every parameter and buffer (names, shapes, dtypes, bytes), independent of the file format."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# local weight files
+
+
+def read_weights_file(path: Path) -> Dict[str, torch.Tensor]:
+    """A state dict from safetensors or a tensor-only .pth (torch.load with weights_only=True; no pickle code)."""
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} not found; pass --weights imagenet, none, or an existing file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BackboneError(f"weights file {path} is not a valid safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle payloads, truncated zips: torch raises many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackboneError(f"refused to load weights file {path}: it is not a plain tensor checkpoint "
+                                f"(torch.load weights_only=True: {first[:160]}); convert it to safetensors") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"weights file {path} holds no state dict of tensors")
+    return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+
+
+_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str, ...], spec: str,
+               path: Path) -> None:
+    state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in head)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise BackboneError(f"weights file {path} does not fit {spec} ({detail}); it must hold weights "
+                            f"for that architecture") from None
+    if missing:
+        raise BackboneError(f"weights file {path} does not fit {spec}: {len(missing)} of its tensors are missing "
+                            f"(e.g. {missing[0]}); it must hold weights for that architecture")
+    if unexpected:
+        logger.warning("weights file %s: ignoring %d unexpected tensors (e.g. %s)", path, len(unexpected),
+                       unexpected[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# building
+
+
+class PooledBackbone(nn.Module):
+    """Wraps a classifier network with its head removed: image batch (B, 3, H, W) -> features (B, D)."""
+
+    def __init__(self, model: nn.Module, info_spec: str):
+        super().__init__()
+        self.model = model
+        self.spec = info_spec
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent = root
+    *path, last = dotted.split(".")
+    for part in path:
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    if last.isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)
+
+
+def _download_error(spec: str, exc: Exception) -> BackboneError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return BackboneError(f"could not get the ImageNet weights of {spec} ({first}); when offline, download them "
+                         "once on a machine with network, or pass --weights FILE (.safetensors or .pth)")
+
+
+def _build_timm(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tuple[nn.Module, Dict]:
+    import timm
+
+    name = parsed.arch + (f".{parsed.tag}" if parsed.tag else "")
+    if weights == "imagenet":
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as exc:  # hub/network errors come in many types
+            raise _download_error(parsed.spec, exc) from None
+        cfg = model.pretrained_cfg
+        wid = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(cfg.get("url", name))
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        cfg = model.pretrained_cfg
+        wid = ""
+        if path is not None:
+            classifier = cfg.get("classifier") or ()
+            head = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+            _load_into(model, read_weights_file(path), head, parsed.spec, path)
+    facts = dict(feature_dim=int(model.num_features), mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                 std=tuple(cfg.get("std", IMAGENET_STD)), interpolation=str(cfg.get("interpolation", "bilinear")),
+                 weights_id=wid)
+    return model, facts
+
+
+def _build_torchvision(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tuple[nn.Module, Dict]:
+    from torchvision import models
+
+    arch = TORCHVISION[parsed.arch]
+    builder = getattr(models, parsed.arch)
+    wid = ""
+    if weights == "imagenet":
+        enum = models.get_model_weights(parsed.arch)
+        if parsed.tag not in enum.__members__:
+            raise BackboneError(f"torchvision {parsed.arch} has no weights '{parsed.tag}'; "
+                                f"use one of {', '.join(enum.__members__)}")
+        member = enum[parsed.tag]
+        try:
+            model = builder(weights=member)
+        except Exception as exc:
+            raise _download_error(parsed.spec, exc) from None
+        wid = member.url
+    else:
+        model = builder(weights=None, **dict(arch.build_kwargs))
+        if path is not None:
+            state = read_weights_file(path)
+            if parsed.arch.startswith("densenet"):
+                state = {(_DENSENET_LEGACY.sub(r"\1\2", k)): v for k, v in state.items()}
+            _load_into(model, state, (arch.head, "aux1", "aux2"), parsed.spec, path)
+    _set_module(model, arch.head, nn.Identity())
+    if parsed.arch == "googlenet":  # the pretrained builder keeps aux heads off in eval; drop them for clarity
+        model.aux1 = model.aux2 = None
+        model.aux_logits = False
+    facts = dict(feature_dim=arch.feature_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation="bicubic" if parsed.arch == "efficientnet_b7" else "bilinear", weights_id=wid)
+    return model, facts
+
+
+def create_backbone(spec: str, weights: str = "imagenet", seed: int = 0) -> Tuple[PooledBackbone, BackboneInfo]:
+    """Build a frozen backbone in eval mode: `weights` is 'imagenet', 'none' (random, seeded) or a file path."""
+    parsed = parse_spec(spec)
+    path: Optional[Path] = None
+    mode = weights
+    if weights not in ("imagenet", "none"):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BackboneError(f"weights file {path} not found; pass --weights imagenet, none, or an existing "
+                                f"file with {parsed.spec} weights")
+        mode = "file"
+    builder = _build_timm if parsed.library == "timm" else _build_torchvision
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # random init of --weights none is identical on every run
+        model, facts = builder(parsed, mode, path)
+    if mode == "none":
+        facts["weights_id"] = f"random-init(seed={seed})"
+    elif mode == "file":
+        facts["weights_id"] = path.name
+    model.eval().requires_grad_(False)
+    info = BackboneInfo(spec=parsed.spec, library=parsed.library, arch=parsed.arch,
+                        feature_dim=facts["feature_dim"], mean=tuple(float(v) for v in facts["mean"]),
+                        std=tuple(float(v) for v in facts["std"]), interpolation=facts["interpolation"],
+                        weights="none" if mode == "none" else ("imagenet" if mode == "imagenet" else str(path)),
+                        weights_id=facts["weights_id"],
+                        weights_sha256=sha256_file(path) if path is not None else "",
+                        params_sha256=params_sha256(model))
+    logger.debug("created %s (%d features, weights %s)", info.spec, info.feature_dim, info.weights_id)
+    return PooledBackbone(model, info.spec), info

@@ -1,0 +1,191 @@
+"""Running frozen backbones over image files: a DataLoader that decodes, hashes and resizes in worker
+processes, and an extractor that normalises per backbone and runs the forward passes.
+
+Used by stage one (into the cache) and by `predict` (new images), so both see the same preprocessing.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import BackboneInfo, PooledBackbone, create_backbone
+from .errors import ConfigError, DataError, PipelineError
+from .images import decode_image, resize
+from .preprocess import Preprocess, make_preprocess, normalise, provenance_sha256
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageItem:
+    row: int
+    images: Dict[Tuple[int, str], np.ndarray]  # (size, interpolation) -> (S, S) float32
+    sha256: str
+    size_bytes: int
+    mtime_ns: int
+    error: str  # '' when the image was read
+
+
+class ImageFiles(Dataset):
+    """Reads each file once: stat, content hash and decode come from the same bytes."""
+
+    def __init__(self, paths: Sequence[str], sizes: Sequence[Tuple[int, str]]):
+        self.paths = list(paths)
+        self.sizes = list(dict.fromkeys(sizes))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> ImageItem:
+        path = self.paths[row]
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            return ImageItem(row, {}, "", -1, -1, f"{path}: cannot read image ({exc.strerror or exc})")
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            pixels = decode_image(data, path)
+            images = {(s, interp): resize(pixels, s, interp) for s, interp in self.sizes}
+        except PipelineError as exc:
+            return ImageItem(row, {}, digest, st.st_size, st.st_mtime_ns, str(exc))
+        return ImageItem(row, images, digest, st.st_size, st.st_mtime_ns, "")
+
+
+@dataclass
+class ImageBatch:
+    rows: np.ndarray
+    sha256: np.ndarray
+    size_bytes: np.ndarray
+    mtime_ns: np.ndarray
+    errors: List[str]
+    images: Dict[Tuple[int, str], torch.Tensor]  # key -> (n_good, 1, S, S) for the readable rows
+
+    @property
+    def good(self) -> np.ndarray:
+        return np.array([not e for e in self.errors], dtype=bool)
+
+
+def collate(items: List[ImageItem]) -> ImageBatch:
+    good = [it for it in items if not it.error]
+    keys = list(good[0].images) if good else []
+    return ImageBatch(
+        rows=np.array([it.row for it in items], dtype=np.int64),
+        sha256=np.array([it.sha256 for it in items], dtype="S64"),
+        size_bytes=np.array([it.size_bytes for it in items], dtype=np.int64),
+        mtime_ns=np.array([it.mtime_ns for it in items], dtype=np.int64),
+        errors=[it.error for it in items],
+        images={k: torch.from_numpy(np.stack([it.images[k] for it in good]))[:, None] for k in keys},
+    )
+
+
+def default_workers() -> int:
+    """Decoding workers: one per spare core, at least one, at most eight."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def make_loader(paths: Sequence[str], batches: Sequence[Sequence[int]], sizes: Sequence[Tuple[int, str]],
+                num_workers: Optional[int], pin_memory: bool = False) -> DataLoader:
+    workers = default_workers() if num_workers is None else num_workers
+    return DataLoader(ImageFiles(paths, sizes), batch_sampler=[list(b) for b in batches], num_workers=workers,
+                      collate_fn=collate, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"extract.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"extract.device '{name}': no CUDA GPU is available here; use cpu or auto")
+    return device
+
+
+@dataclass
+class LoadedBackbone:
+    module: PooledBackbone
+    info: BackboneInfo
+    pre: Preprocess
+    provenance: str
+
+    @property
+    def size_key(self) -> Tuple[int, str]:
+        return (self.pre.image_size, self.pre.interpolation)
+
+
+def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: int, interpolation: str,
+                   normalize: str, seed: int) -> Dict[str, LoadedBackbone]:
+    """Create each named backbone (spec -> LoadedBackbone); `weights` maps name -> imagenet | none | file."""
+    out: Dict[str, LoadedBackbone] = {}
+    for name in names:
+        module, info = create_backbone(name, weights=weights[name], seed=seed)
+        pre = make_preprocess(info, image_size, interpolation, normalize)
+        if info.spec in out:
+            raise ConfigError(f"backbone '{name}' is requested twice (as {info.spec})")
+        out[info.spec] = LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
+    return out
+
+
+class Extractor:
+    """Runs loaded backbones on a device; CUDA gets autocast (bf16/fp16) and channels_last."""
+
+    def __init__(self, backbones: Dict[str, LoadedBackbone], device: torch.device, amp: str = "bf16",
+                 channels_last: bool = True):
+        self.backbones = backbones
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if amp not in ("bf16", "fp16", "off"):
+            raise ConfigError(f"extract.amp '{amp}' must be bf16, fp16 or off")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if self.cuda else None
+        self.channels_last = channels_last and self.cuda
+        for lb in backbones.values():
+            lb.module.to(device)
+            if self.channels_last:
+                lb.module.to(memory_format=torch.channels_last)
+
+    @property
+    def precision(self) -> str:
+        """How the features were computed; batches of different precision are never mixed in one cache."""
+        if not self.cuda:
+            return "cpu-fp32"
+        return f"cuda-{'fp32' if self.amp_dtype is None else str(self.amp_dtype).split('.')[-1]}"
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    @torch.inference_mode()
+    def run(self, spec: str, images: torch.Tensor) -> np.ndarray:
+        """(B, 1, S, S) in [0, 1] -> (B, D) float32 features of one backbone."""
+        lb = self.backbones[spec]
+        x = images.to(self.device, non_blocking=True)
+        x = normalise(x, lb.pre)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            y = lb.module(x)
+        return y.float().cpu().numpy()
+
+
+def read_error(batch: ImageBatch, skip_bad: bool) -> None:
+    """Raise the first unreadable image of a batch unless --skip-bad records them."""
+    if skip_bad:
+        return
+    for error in batch.errors:
+        if error:
+            raise DataError(f"{error}; or pass --skip-bad to record unreadable images and go on")
