@@ -109,10 +109,10 @@ class Journal:
         path = self._path(index)
         tmp = temp_sibling(path)
         with open(tmp, "wb") as handle:
+            provenance = np.array([record.features[s][0] for s in specs], dtype=str)
             np.savez(handle, rows=record.rows, sha256=record.sha256, size_bytes=record.size_bytes,
                      mtime_ns=record.mtime_ns, bad=record.bad, error=record.error,
-                     specs=np.array(specs, dtype=str), provenance=np.array([record.features[s][0] for s in specs],
-                                                                          dtype=str), **arrays)
+                     specs=np.array(specs, dtype=str), provenance=provenance, **arrays)
         os.replace(tmp, path)
 
     def clear(self) -> None:

@@ -62,8 +62,8 @@ TORCHVISION: Dict[str, TorchvisionArch] = {
     "mobilenet_v2": TorchvisionArch("classifier", 1280),
     "efficientnet_b7": TorchvisionArch("classifier", 2560),
     "alexnet": TorchvisionArch("classifier.6", 4096),
-    "googlenet": TorchvisionArch("fc", 1024, (("aux_logits", False), ("transform_input", True),
-                                             ("init_weights", False))),
+    "googlenet": TorchvisionArch(
+        "fc", 1024, (("aux_logits", False), ("transform_input", True), ("init_weights", False))),
 }
 
 
@@ -175,7 +175,9 @@ def read_weights_file(path: Path) -> Dict[str, torch.Tensor]:
     return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
 
 
-_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+# torchvision's DenseNet checkpoints name layers "norm.1"; the modules are "norm1" (torchvision fixes it alike)
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str, ...], spec: str,

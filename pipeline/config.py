@@ -90,10 +90,49 @@ class ExtractConfig:
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
 
 
+PAPER_TASKS = ["subtlety", "state", "presence", "lobe", "diagnosis", "x", "y", "size"]
+
+
+@dataclass
+class TrainConfig:
+    features: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # concatenated
+    tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))
+    lambdas: Dict[str, float] = field(default_factory=dict)  # task -> weight; a task not named weighs 1
+    loss_weighting: str = "fixed"  # fixed (lambdas) | uncertainty (learned, Kendall et al. 2018)
+    non_nodule: str = "mask"  # images without a nodule in subtlety/lobe/diagnosis: mask | class ('none')
+    hidden: int = 512
+    blocks: int = 1
+    dropout: float = 0.5
+    label_smoothing: float = 0.1
+    lr: float = 1e-4  # Adam, as the paper
+    weight_decay: float = 0.0
+    epochs: int = 30
+    batch_size: int = 32
+    early_stopping: int = 0  # patience in epochs on an inner validation split; 0 = off
+    val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping only)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "kfold"  # kfold | holdout
+    folds: int = 5
+    seeds: List[int] = field(default_factory=lambda: [0])
+    holdout_fraction: float = 0.2
+    stratify: str = "state"
+    bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
+    size_bins: List[float] = field(default_factory=lambda: [10.0, 20.0, 30.0])  # mm edges
+    size_norm: str = "grid"  # Table 2's normalised size error: grid (mm / 2048, as the paper) | range
+    baselines: bool = True
+    refit: bool = True  # train a final head on all rows (what predict uses)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,5 +132,6 @@ def resize(image: np.ndarray, size: int, interpolation: str = "bilinear") -> np.
         raise DataError(f"unknown interpolation '{interpolation}'; use one of {', '.join(INTERPOLATIONS)}")
     if image.shape == (size, size):
         return image
-    out = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize((size, size), INTERPOLATIONS[interpolation])
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    out = img.resize((size, size), INTERPOLATIONS[interpolation])
     return np.asarray(out, dtype=np.float32)

@@ -107,8 +107,8 @@ def inspect_data_cmd(data: Path, labels: Optional[Path]) -> None:
     click.echo(f"{len(table)} images ({table.attrs['layout']} layout) from {table.attrs['root']}")
     for col in ("state", "subtlety", "lobe", "diagnosis"):
         counts = table[col].value_counts(dropna=False).sort_index()
-        click.echo(f"  {col}: " + ", ".join(f"{'missing' if k is None or k != k else k}={v}"
-                                          for k, v in counts.items()))
+        parts = [f"{'missing' if k is None or k != k else k}={v}" for k, v in counts.items()]
+        click.echo(f"  {col}: " + ", ".join(parts))
 
 
 def _overrides(pairs: Sequence[Tuple[str, Any]], sets: Sequence[str]) -> Dict[str, Any]:
@@ -203,6 +203,45 @@ def merge_cmd(cache: Path, shards: Tuple[Path, ...]) -> None:
 main.add_command(extract_features_cmd)
 
 
+@main.command("train-heads")
+@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature cache (.h5).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
+@click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
+@click.option("--features", "--backbones", "features", multiple=True,
+              help="Backbones whose cached features are concatenated (default: the config's).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--folds", type=int, default=None)
+@click.option("--seed", "seeds", type=int, multiple=True, help="CV seed (repeat for repeated CV).")
+@click.option("--protocol", type=click.Choice(["kfold", "holdout"]), default=None)
+@click.option("--loss-weighting", type=click.Choice(["fixed", "uncertainty"]), default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sweep YAML: search over config keys, ranked on validation folds.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-progress", is_flag=True)
+@logging_options
+def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[str, ...], epochs: Optional[int],
+                    folds: Optional[int], seeds: Tuple[int, ...], protocol: Optional[str],
+                    loss_weighting: Optional[str], sets: Tuple[str, ...], sweep_path: Optional[Path],
+                    overwrite: bool, no_progress: bool) -> None:
+    """Stage two: train Res-MTNet heads on cached features, cross-validated beside baselines."""
+    pairs = [("train.features", list(features) or None), ("train.epochs", epochs), ("eval.folds", folds),
+             ("eval.seeds", list(seeds) or None), ("eval.protocol", protocol),
+             ("train.loss_weighting", loss_weighting)]
+    cfg = load_config(config_path, _overrides(pairs, sets))
+    if sweep_path is not None:
+        from stages.sweep import run_sweep
+
+        result = run_sweep(cache, out, cfg, sweep_path, overwrite=overwrite, progress=not no_progress)
+        click.echo(f"sweep of {result.n_configs} configurations in {result.seconds:.1f} s; ranking: "
+                   f"{out / 'ranking.csv'}")
+        return
+    from stages.train_heads import train_heads
+
+    summary = train_heads(cache, out, cfg, overwrite=overwrite, progress=not no_progress)
+    click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")
+
+
 @main.command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @logging_options
@@ -217,3 +256,4 @@ def demo_cmd(out: Path) -> None:
 
 
 extract_features_main = extract_features_cmd
+train_heads_main = train_heads_cmd

@@ -145,7 +145,8 @@ def _check_images(old: FeatureCache, now: Images) -> np.ndarray:
 def _mismatch(cached: Dict[str, object], lb: LoadedBackbone) -> str:
     """Say what differs between a cached backbone entry and the requested one."""
     if cached.get("params_sha256") != lb.info.params_sha256:
-        return (f"the weights differ (cached: {cached.get('weights_id')}, params {str(cached.get('params_sha256'))[:12]}; "
+        return (f"the weights differ (cached: {cached.get('weights_id')}, "
+                f"params {str(cached.get('params_sha256'))[:12]}; "
                 f"requested: {lb.info.weights_id}, params {lb.info.params_sha256[:12]})")
     pre = cached.get("preprocess") or {}
     diffs = [f"{k} {pre.get(k)} -> {list(v) if isinstance(v, tuple) else v}" for k, v in lb.pre.as_dict().items()
@@ -277,10 +278,8 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
         if state.pending:
             journal.clear()
     summary.computed = list(state.pending)
-    logger.debug("%s: %d images; computed %s%s in %.1f s (%.1f img/s)", out_path, len(rows),
-                ", ".join(summary.computed) or "nothing",
-                f"; up to date: {', '.join(summary.up_to_date)}" if summary.up_to_date else "",
-                summary.seconds, summary.images_per_s)
+    logger.debug("%s: %d images; computed %s in %.1f s (%.1f img/s)", out_path, len(rows),
+                 ", ".join(summary.computed) or "nothing", summary.seconds, summary.images_per_s)
     return summary
 
 

@@ -76,8 +76,8 @@ def test_rerun_is_up_to_date_and_touches_nothing(synthetic_master, reference):
 def test_adding_a_backbone_computes_only_it(synthetic_master, reference, tmp_path):
     path = tmp_path / "c.h5"
     path.write_bytes(reference.read_bytes())
-    summary = extract_features(synthetic_master, path, tiny_config(**{"extract.backbones": TINY + ["timm:test_convnext"]}),
-                               progress=False)
+    cfg = tiny_config(**{"extract.backbones": TINY + ["timm:test_convnext"]})
+    summary = extract_features(synthetic_master, path, cfg, progress=False)
     assert summary.computed == ["timm:test_convnext.r160_in1k"]
     with FeatureCache(path) as new, FeatureCache(reference) as old:
         for spec in old.backbones:  # copied, not recomputed: identical bits

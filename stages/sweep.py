@@ -1,0 +1,183 @@
+"""Sweeps: many head configurations trained at once, ranked on validation folds, never on test rows.
+
+The rows are split once into development rows and held-out test rows (stratified). Every configuration is
+cross-validated on the development rows; the ranking uses those validation folds alone. Only then is the
+winner retrained on all development rows and scored once on the test rows.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.config import Config, build, dump_config, load_yaml, set_dotted
+from pipeline.errors import ConfigError
+from pipeline.evaluate import decode, make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
+from pipeline.fsutil import atomic_write_text
+from pipeline.train import HParams, Job, Split, prepare, train_jobs
+from stages.train_heads import TrainData, _bar, hparams, load_train_data, staged_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSpec:
+    method: str = "grid"
+    trials: int = 64
+    seed: int = 0
+    rank_by: str = "state.f1_weighted"
+    folds: int = 5
+    test_fraction: float = 0.2
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    ranking: pd.DataFrame
+    n_configs: int
+    seconds: float
+    winner_test: Dict[str, Dict[str, float]]
+
+
+def load_sweep(path: Path) -> SweepSpec:
+    spec = build(SweepSpec, load_yaml(path) or {}, str(path))
+    if spec.method not in ("grid", "random"):
+        raise ConfigError(f"{path}: method '{spec.method}' must be grid or random")
+    if not spec.params:
+        raise ConfigError(f"{path}: 'params' is empty; list the config keys to search")
+    for key, values in spec.params.items():
+        if isinstance(values, dict):
+            if spec.method == "grid" or not {"min", "max"} <= set(values):
+                raise ConfigError(f"{path}: {key}: a range needs min and max and method: random")
+        elif not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: {key} must be a non-empty list of values (or a range)")
+    return spec
+
+
+def configurations(spec: SweepSpec) -> List[Dict[str, Any]]:
+    keys = list(spec.params)
+    if spec.method == "grid":
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.params[k] for k in keys))]
+    rng = np.random.default_rng(spec.seed)
+    out = []
+    for _ in range(spec.trials):
+        choice = {}
+        for key, values in spec.params.items():
+            if isinstance(values, dict):
+                lo, hi = float(values["min"]), float(values["max"])
+                choice[key] = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if values.get("log") \
+                    else float(rng.uniform(lo, hi))
+            else:
+                choice[key] = values[int(rng.integers(len(values)))]
+        out.append(choice)
+    return out
+
+
+def _metric_direction(metric: str) -> int:
+    return -1 if metric.split(".")[-1].startswith(("mse", "mae")) else 1
+
+
+def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """(development rows, test rows): the test rows are held out of the whole sweep."""
+    labels = stratify_labels(data.table, cfg.eval.stratify, data.rows)
+    dev_idx, test_idx = stratified_subset(np.arange(len(data.rows)), labels, spec.test_fraction, spec.seed)
+    return data.rows[dev_idx], data.rows[test_idx]
+
+
+def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrite: bool = False,
+              progress: bool = True) -> SweepResult:
+    started = time.perf_counter()
+    spec = load_sweep(sweep_path)
+    task_name, _, metric = spec.rank_by.partition(".")
+    data = load_train_data(cache, cfg)
+    if task_name not in {t.name for t in data.tasks} or not metric:
+        raise ConfigError(f"{sweep_path}: rank_by '{spec.rank_by}' must be <task>.<metric> with a trained task")
+    configs = configurations(spec)
+    cfgs: List[Config] = []
+    for choice in configs:
+        c = copy.deepcopy(cfg)
+        for key, value in choice.items():
+            set_dotted(c, key, value)
+        cfgs.append(c)
+    hps = [hparams(c, data.tasks) for c in cfgs]
+    dev_rows, test_rows = development_split(data, cfg, spec)
+    eval_cfg = copy.deepcopy(cfg.eval)
+    eval_cfg.protocol, eval_cfg.folds, eval_cfg.seeds = "kfold", spec.folds, [spec.seed]
+    val_fraction = cfg.train.val_fraction if any(hp.early_stopping for hp in hps) else 0.0
+    splits, _ = make_splits(data.table, dev_rows, eval_cfg, val_fraction)
+    if any(np.isin(np.concatenate([s.train, s.val, s.test]), test_rows).any() for s in splits):
+        raise RuntimeError("a validation split contains held-out test rows")  # a bug, never a user error
+    prep = prepare(data.features, data.targets, data.tasks, splits)
+    jobs = [Job(hp, s) for hp in hps for s in range(len(splits))]
+    with _bar(sum(j.hp.epochs for j in jobs), progress, f"sweep {len(configs)} configs") as tick:
+        results = train_jobs(prep, jobs, progress=tick)
+    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+    rows = []
+    for c, choice in enumerate(configs):
+        per_fold = []
+        for s, split in enumerate(splits):
+            res = results[c * len(splits) + s]
+            preds = decode(res.outputs[split.test], prep.layout, prep.reg_mean[s], prep.reg_std[s])
+            fold_metrics = {}
+            for task in data.tasks:
+                m = task_metrics(task, data.targets[task.name][split.test], preds[task.name],
+                                 None if task.name not in norms else norms[task.name][split.test])
+                fold_metrics.update({f"{task.name}.{k}": float(v) for k, v in m.items()})
+            per_fold.append(fold_metrics)
+        frame = pd.DataFrame(per_fold)
+        row = {"config": c, **choice}
+        for col in frame.columns:
+            row[f"val_{col}"] = frame[col].mean()
+        row[f"val_{spec.rank_by}_std"] = frame[spec.rank_by].std(ddof=1) if spec.rank_by in frame else np.nan
+        rows.append(row)
+    ranking = pd.DataFrame(rows)
+    key = f"val_{spec.rank_by}"
+    if key not in ranking:
+        raise ConfigError(f"{sweep_path}: metric '{spec.rank_by}' was not computed; valid for '{task_name}': "
+                          + ", ".join(c[4 + len(task_name) + 1:] for c in ranking.columns
+                                      if c.startswith(f"val_{task_name}.")))
+    ranking = ranking.sort_values(key, ascending=_metric_direction(spec.rank_by) < 0, kind="stable")
+    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+    winner = int(ranking.iloc[0]["config"])
+    winner_test = _score_winner(data, cfg, hps[winner], dev_rows, test_rows, norms, spec)
+    seconds = time.perf_counter() - started
+    with staged_dir(out, overwrite) as tmp:
+        ranking.to_csv(tmp / "ranking.csv", index=False)
+        (tmp / "sweep.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
+        (tmp / "config.yaml").write_text(dump_config(cfg))
+        (tmp / "winner.json").write_text(json.dumps({
+            "config": configs[winner], "rank_by": spec.rank_by, "validation": float(ranking.iloc[0][key]),
+            "test": winner_test, "n_dev": int(len(dev_rows)), "n_test": int(len(test_rows)),
+            "note": "ranked on validation folds of the development rows; the test rows were scored once, "
+                    "after the ranking"}, indent=1))
+        run = {"complete": True, "seconds": seconds, "configs": len(configs)}
+        atomic_write_text(tmp / "run.json", json.dumps(run))
+    logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
+                seconds, spec.rank_by, ranking.iloc[0][key])
+    return SweepResult(ranking, len(configs), seconds, winner_test)
+
+
+def _score_winner(data: TrainData, cfg: Config, hp: HParams, dev_rows: np.ndarray, test_rows: np.ndarray,
+                  norms: Dict[str, np.ndarray], spec: SweepSpec) -> Dict[str, Dict[str, float]]:
+    split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
+    if hp.early_stopping:
+        hp = HParams(**{**hp.__dict__, "early_stopping": 0})
+    prep = prepare(data.features, data.targets, data.tasks, [split])
+    (res,) = train_jobs(prep, [Job(hp, 0)])
+    preds = decode(res.outputs[test_rows], prep.layout, prep.reg_mean[0], prep.reg_std[0])
+    out: Dict[str, Dict[str, float]] = {}
+    for task in data.tasks:
+        m = task_metrics(task, data.targets[task.name][test_rows], preds[task.name],
+                         None if task.name not in norms else norms[task.name][test_rows])
+        out[task.name] = {k: float(v) for k, v in m.items()}
+    return out

@@ -1,0 +1,58 @@
+"""Metric functions against scikit-learn, with and without weights, and vectorised bootstrap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from pipeline.metrics import accuracy, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc
+
+
+@pytest.fixture(params=[0, 1, 2])
+def data(request):
+    rng = np.random.default_rng(request.param)
+    n, c = 80, 4
+    y = rng.integers(0, c, n)
+    pred = np.where(rng.random(n) < 0.6, y, rng.integers(0, c, n))
+    w = rng.integers(0, 4, n).astype(float)
+    return y, pred, c, w, rng
+
+
+def test_classification_metrics_match_sklearn(data):
+    y, pred, c, w, _ = data
+    for weights in (None, w):
+        assert accuracy(y, pred, c, weights) == pytest.approx(skm.accuracy_score(y, pred, sample_weight=weights))
+        f1 = f1_scores(y, pred, c, weights)
+        for avg in ("weighted", "macro"):
+            expected = skm.f1_score(y, pred, average=avg, sample_weight=weights, zero_division=0)
+            assert f1[f"f1_{avg}"] == pytest.approx(expected)
+        np.testing.assert_allclose(confusion(y, pred, c, weights),
+                                   skm.confusion_matrix(y, pred, labels=range(c), sample_weight=weights))
+
+
+def test_f1_ignores_classes_absent_from_truth_and_predictions():
+    y, pred = np.array([0, 0, 2, 2]), np.array([0, 2, 2, 2])
+    assert f1_scores(y, pred, 5)["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+
+
+def test_auc_and_regression_match_sklearn(data):
+    y, _, _, w, rng = data
+    binary = (y > 1).astype(float)
+    score = np.round(rng.random(len(y)) + binary * 0.3, 1)  # rounding makes ties
+    target, pred = rng.normal(size=len(y)), rng.normal(size=len(y))
+    for weights in (None, w):
+        assert roc_auc(binary, score, weights) == pytest.approx(skm.roc_auc_score(binary, score, sample_weight=weights))
+        assert mse(target, pred, weights) == pytest.approx(skm.mean_squared_error(target, pred, sample_weight=weights))
+        assert mae(target, pred, weights) == pytest.approx(skm.mean_absolute_error(target, pred, sample_weight=weights))
+    assert np.isnan(roc_auc(np.ones(5), np.arange(5.0)))
+
+
+def test_vectorised_bootstrap_equals_one_by_one(data):
+    y, pred, c, _, rng = data
+    counts = bootstrap_counts(len(y), 7, seed=3)
+    assert counts.shape == (7, len(y)) and (counts.sum(axis=1) == len(y)).all()
+    together = f1_scores(y, pred, c, counts)["f1_weighted"]
+    one_by_one = [f1_scores(y, pred, c, row)["f1_weighted"] for row in counts]
+    np.testing.assert_allclose(together, one_by_one)
+    score = rng.random(len(y))
+    np.testing.assert_allclose(roc_auc(y > 1, score, counts), [roc_auc(y > 1, score, r) for r in counts])
