@@ -128,11 +128,21 @@ class EvalConfig:
 
 
 @dataclass
+class TablesConfig:
+    backbones: List[str] = field(default_factory=lambda: [
+        "resnet18", "resnet50", "alexnet", "mobilenet", "googlenet", "efficientnet-b7"])  # Table 1/2 rows
+    resmtnet: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # the fused row
+    paper: str = "paper_tables"  # the paper's numbers (configs/paper_tables.yaml)
+    f1: str = "f1_weighted"  # which F1 the tables show: f1_weighted (as the paper) | f1_macro
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
 
 
 # --------------------------------------------------------------------------------------------------

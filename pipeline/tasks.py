@@ -96,7 +96,7 @@ def encode_targets(table: pd.DataFrame, tasks: Sequence[TaskSpec]) -> Dict[str, 
                 codes[row] = index[key]
             out[task.name] = codes
         else:
-            out[task.name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+            out[task.name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -124,8 +125,10 @@ class Prepared:
 def standardiser(values: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Mean and std over `rows` (NaN ignored); a constant column gets std 1 so it maps to 0."""
     part = values[rows]
-    mean = np.nanmean(part, axis=0) if len(part) else np.zeros(values.shape[1:])
-    std = np.nanstd(part, axis=0) if len(part) else np.ones(values.shape[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing column: handled just below
+        mean = np.nanmean(part, axis=0) if len(part) else np.zeros(values.shape[1:])
+        std = np.nanstd(part, axis=0) if len(part) else np.ones(values.shape[1:])
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
     return mean, std

@@ -242,6 +242,72 @@ def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[st
     click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")
 
 
+@main.command("reproduce-tables")
+@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature cache (.h5).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the tables.")
+@click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-progress", is_flag=True)
+@logging_options
+def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, sets: Tuple[str, ...], overwrite: bool,
+                         no_progress: bool) -> None:
+    """The paper's Tables 1-4 from a cache, each cell beside the paper's value."""
+    from stages.tables import reproduce_tables
+
+    result = reproduce_tables(cache, out, load_config(config_path, _overrides([], sets)), overwrite=overwrite,
+                              progress=not no_progress)
+    click.echo(f"tables in {result.seconds:.0f} s: {result.out / 'tables.md'}")
+
+
+@main.command("predict")
+@click.option("--model", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A train-heads output folder.")
+@click.option("--images", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Image files or folders (repeat, or list several after one --images).")
+@click.argument("more_images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", default="predictions", show_default=True, type=click.Path(path_type=Path),
+              help="Writes OUT.csv and OUT.json.")
+@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Reuse the features of images this cache already holds.")
+@click.option("--weights", multiple=True, help="NAME=FILE: where the head's backbone weights are on this machine.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Report unreadable images in the output instead of failing.")
+@logging_options
+def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path, ...], out: Path,
+                cache: Optional[Path], weights: Tuple[str, ...], device: str, skip_bad: bool) -> None:
+    """Apply a trained head to new chest X-rays: every task's prediction per image."""
+    from stages.predict import predict
+
+    _, per_backbone = _split_weights(weights)
+    result = predict(run_dir, list(images) + list(more_images), out, weights=per_backbone, cache=cache,
+                     device=device, skip_bad=skip_bad)
+    click.echo(f"{len(result.table)} image(s): {result.csv}, {result.json}")
+
+
+@main.command("paper")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="The JSRT data folder.")
+@click.option("--out", default="paper-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet (online), none, or NAME=FILE.")
+@click.option("--config", "config_path", default="paper", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing tables.")
+@logging_options
+def paper_cmd(data: Path, out: Path, weights: str, config_path: str, overwrite: bool) -> None:
+    """The whole reproduction: extract every backbone the tables need once, then the tables."""
+    from stages.extract import extract_features
+    from stages.tables import reproduce_tables
+
+    default, per = _split_weights([weights])
+    pairs = [("extract.weights", default)] + [(f"extract.weights_for.{k}", v) for k, v in per.items()]
+    cfg = load_config(config_path, _overrides(pairs, []))
+    cfg.extract.backbones = list(dict.fromkeys(cfg.tables.resmtnet + cfg.tables.backbones))
+    cache = out / "features.h5"
+    out.mkdir(parents=True, exist_ok=True)
+    extract_features(data, cache, cfg)
+    result = reproduce_tables(cache, out / "tables", cfg, overwrite=overwrite)
+    click.echo(f"tables: {result.out / 'tables.md'} (cache {cache})")
+
+
 @main.command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @logging_options
@@ -257,3 +323,5 @@ def demo_cmd(out: Path) -> None:
 
 extract_features_main = extract_features_cmd
 train_heads_main = train_heads_cmd
+reproduce_tables_main = reproduce_tables_cmd
+predict_main = predict_cmd

@@ -157,6 +157,8 @@ def refit(data: TrainData, cfg: Config, hp: HParams, cv: CVResult) -> Dict[str, 
         "regression": prep.layout.regression, "hparams": {**hp.__dict__, "lambdas": list(hp.lambdas)},
         "features": data.specs, "backbones": {s: _jsonable(a) for s, a in data.provenance.items()},
         "trained_rows": int(len(data.rows)), "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256"),
+        # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
+        "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
     return {"tensors": tensors, "spec": spec}
 

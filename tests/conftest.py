@@ -27,3 +27,14 @@ def synthetic_dir(synthetic_master, tmp_path) -> Path:
     dest = tmp_path / "jsrt"
     shutil.copytree(synthetic_master, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(synthetic_master, tmp_path_factory) -> Path:
+    """A feature cache of the synthetic set with two tiny random backbones (read-only: copy to modify)."""
+    from stages.extract import extract_features
+    from tests.helpers import tiny_config
+
+    path = tmp_path_factory.mktemp("cache") / "tiny.h5"
+    extract_features(synthetic_master, path, tiny_config(), progress=False)
+    return path

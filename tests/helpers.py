@@ -52,3 +52,11 @@ def assert_same_cache(a, b) -> None:
                 assert np.array_equal(va, vb), key
         else:
             assert va == vb, key
+
+
+def tiny_train_config(**overrides) -> Config:
+    """Stage-two settings that train in a second on the tiny cache."""
+    base = {"train.features": TINY, "train.hidden": 32, "train.epochs": 6, "train.batch_size": 8,
+            "eval.folds": 3, "eval.bootstrap": 50}
+    base.update(overrides)
+    return load_config(None, base)

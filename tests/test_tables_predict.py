@@ -1,0 +1,112 @@
+"""reproduce-tables and predict, end to end on synthetic data with tiny backbones."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.errors import BackboneError, CacheError, PipelineError
+from pipeline.synthetic import make_synthetic
+from stages.cli import main
+from stages.extract import extract_features
+from stages.predict import predict
+from stages.tables import reproduce_tables
+from stages.train_heads import train_heads
+from tests.helpers import TINY, tiny_config, tiny_train_config
+
+CELL = re.compile(r"^(n/a|-?[0-9.e+-]+ ± [0-9.e+-]+|-?[0-9.e+-]+)( \([0-9.e+-]+\))?$")
+
+
+def tables_config(**overrides):
+    base = {"tables.backbones": TINY, "tables.resmtnet": TINY, "train.epochs": 3}
+    base.update(overrides)
+    return tiny_train_config(**base)
+
+
+def test_tables_have_the_papers_shape_and_every_cell_comes_from_a_run(tiny_cache, tmp_path):
+    result = reproduce_tables(tiny_cache, tmp_path / "t", tables_config(), progress=False)
+    t1, t2, t3, t4 = (result.tables[k] for k in ("table1", "table2", "table3", "table4"))
+    assert list(t1.index) == TINY + ["res-mtnet"] and list(t2.index) == TINY + ["res-mtnet"]
+    assert list(t1.columns) == [f"{t} {m}" for t in ("Subtlety", "State", "Diagnosis", "Location(Z)")
+                                for m in ("Acc", "F1")]
+    assert list(t2.columns) == [f"{t} {m}" for t in ("x", "y", "Nodule size") for m in ("MSE", "MAE")]
+    assert list(t3.index) == ["<10", "10-20", "20-30", ">=30"] and list(t4.index) == list(t3.index)
+    for frame in result.tables.values():
+        for cell in frame.to_numpy().ravel():
+            assert CELL.match(cell), cell
+    # The paper's own value sits in brackets where the paper has one (Res-MTNet row, size bins).
+    assert t1.loc["res-mtnet", "State Acc"].endswith("(0.911)")
+    assert t3.loc["10-20", "Subtlety Acc"].endswith("(0.861)")
+    for name in ("tables.md", "tables.csv", "table1.csv", "runs.json", "config.yaml"):
+        assert (tmp_path / "t" / name).exists()
+    assert "Random-init backbones" in (tmp_path / "t" / "tables.md").read_text()
+
+    # Other data, other numbers: nothing in the tables is a constant.
+    other = make_synthetic(tmp_path / "other", n_images=24, image_size=64, seed=11)
+    other_cache = tmp_path / "other.h5"
+    extract_features(other, other_cache, tiny_config(), progress=False)
+    again = reproduce_tables(other_cache, tmp_path / "t2", tables_config(), progress=False)
+    changed = (again.tables["table1"] != t1).to_numpy().mean()
+    assert changed > 0.8
+
+
+def test_missing_backbone_names_the_command_that_adds_it(tiny_cache, tmp_path):
+    cfg = tables_config(**{"tables.backbones": TINY + ["timm:test_convnext", "resnet18"]})
+    with pytest.raises(CacheError, match=r"lacks the features of timm:test_convnext, resnet18; add them with: "
+                                         r"extract-features --data \S+ --cache \S+ --backbone timm:test_convnext "
+                                         r"--backbone resnet18 --weights none$"):
+        reproduce_tables(tiny_cache, tmp_path / "t", cfg, progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    train_heads(tiny_cache, out, tiny_train_config(**{"train.epochs": 4}), progress=False)
+    return out
+
+
+def test_predict_new_images_and_reuse_the_cache(trained_run, tiny_cache, synthetic_master, tmp_path):
+    new = make_synthetic(tmp_path / "new", n_images=3, image_size=64, seed=99)
+    result = predict(trained_run, [new / "images"], tmp_path / "pred")
+    table = result.table
+    assert len(table) == 3 and result.csv.exists() and result.json.exists()
+    assert set(table["state"]) <= {"malignant", "benign", "non-nodule"}
+    probs = table[[c for c in table.columns if c.startswith("state_p_")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert {"x", "y", "size_mm", "x_norm", "x_image", "presence_prob"} <= set(table.columns)
+    np.testing.assert_allclose(table["x_image"], table["x"] / 2048 * 64, rtol=1e-6)
+    # An image already in the cache: its cached features give the same prediction as recomputing.
+    image = synthetic_master / "images" / "JPCLN001.png"
+    fresh = predict(trained_run, [image]).table
+    cached = predict(trained_run, [image], cache=tiny_cache).table
+    assert bool(cached["from_cache"][0]) and not bool(fresh["from_cache"][0])
+    np.testing.assert_allclose(cached["state_p_malignant"], fresh["state_p_malignant"], atol=1e-4)
+
+
+def test_predict_refuses_other_weights_and_a_non_run(trained_run, synthetic_master, tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.backbones import create_backbone
+
+    image = synthetic_master / "images" / "JPCLN001.png"
+    other, _ = create_backbone("timm:test_resnet", weights="none", seed=5)
+    other_file = tmp_path / "other.safetensors"
+    save_file(other.model.state_dict(), str(other_file))
+    with pytest.raises(BackboneError, match="differ from the weights the head was trained on"):
+        predict(trained_run, [image], weights={"timm:test_resnet": str(other_file)})
+    with pytest.raises(BackboneError, match="nope.safetensors .* not found"):
+        predict(trained_run, [image], weights={"timm:test_resnet": str(tmp_path / "nope.safetensors")})
+    with pytest.raises(PipelineError, match="holds no trained head"):
+        predict(tmp_path, [image])
+
+
+def test_predict_cli(trained_run, synthetic_master, tmp_path):
+    result = CliRunner().invoke(main, ["predict", "--model", str(trained_run), "--images",
+                                       str(synthetic_master / "images" / "JPCNN001.png"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.csv").exists()
+    result = CliRunner().invoke(main, ["predict", "--model", str(trained_run), "--images", str(tmp_path / "nope.png")])
+    assert result.exit_code == 1 and "no such image file or folder" in result.output

@@ -1,0 +1,236 @@
+"""Stage two: losses, masking, model shapes, leakage-free folds, determinism, outputs and sweeps."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from sklearn.linear_model import LogisticRegression
+
+from pipeline.errors import CacheError, ConfigError
+from pipeline.evaluate import _row_space, make_splits
+from pipeline.model import ResMTNet
+from pipeline.tasks import TaskSpec, encode_targets
+from pipeline.train import HParams, Job, Split, prepare, task_losses, total_loss, train_jobs
+from stages.cli import main
+from stages.sweep import development_split, load_sweep, run_sweep
+from stages.train_heads import load_train_data, train_heads
+from tests.helpers import tiny_train_config
+
+TASKS = [TaskSpec("cls", "multiclass", "c", ("a", "b", "c")), TaskSpec("bin", "binary", "b"),
+         TaskSpec("reg", "regression", "r", unit="mm")]
+
+
+def _toy(n=12, d=5, seed=0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    table = pd.DataFrame({"c": rng.choice(["a", "b", "c", None], n), "b": rng.choice([0.0, 1.0, np.nan], n),
+                          "r": np.where(rng.random(n) < 0.5, rng.normal(10, 2, n), np.nan)})
+    return rng.normal(size=(n, d)).astype(np.float32), encode_targets(table, TASKS)
+
+
+def test_label_smoothed_loss_equals_torch_cross_entropy():
+    feats, targets = _toy()
+    targets["cls"][:] = np.arange(12) % 3  # all labelled
+    prep = prepare(feats, targets, TASKS, [Split(train=np.arange(12), test=np.arange(0))])
+    out = torch.randn(1, 12, 5)
+    rows = torch.arange(12).unsqueeze(0)
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    for eps in (0.0, 0.1, 0.3):
+        losses = task_losses(out, rows, valid, torch.tensor([0]), prep, torch.tensor([eps]))
+        expected = F.cross_entropy(out[0, :, :3], torch.from_numpy(targets["cls"]), label_smoothing=eps)
+        assert losses[0, 0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_missing_labels_are_masked_and_an_unlabelled_task_adds_exactly_zero():
+    feats, targets = _toy()
+    targets["reg"][:] = np.nan  # no row of this batch has a size
+    targets["cls"][:] = np.arange(12) % 3
+    targets["cls"][:6] = -1
+    prep = prepare(feats, targets, TASKS, [Split(train=np.arange(12), test=np.arange(0))])
+    out = torch.randn(1, 12, 5, requires_grad=True)
+    rows = torch.arange(12).unsqueeze(0)
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    losses = task_losses(out, rows, valid, torch.tensor([0]), prep, torch.tensor([0.0]))
+    assert torch.isfinite(losses).all() and losses[0, 2].item() == 0.0
+    # The class loss is the mean over the six labelled rows only.
+    expected = F.cross_entropy(out[0, 6:, :3], torch.from_numpy(targets["cls"][6:]))
+    assert losses[0, 0].item() == pytest.approx(expected.item(), rel=1e-5)
+    total_loss(losses, torch.ones(1, 3), torch.zeros(1, 3), "fixed").sum().backward()
+    assert torch.isfinite(out.grad).all() and (out.grad[0, :, 4] == 0).all()
+
+
+def test_uncertainty_weighting_is_kendalls_form():
+    per_task = torch.tensor([[1.0, 2.0]])
+    s = torch.tensor([[0.5, -0.5]])
+    expected = 0.5 * np.exp(-0.5) * 1 + 0.25 + 0.5 * np.exp(0.5) * 2 - 0.25
+    assert total_loss(per_task, torch.ones(1, 2), s, "uncertainty").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_residual_model_shapes_and_member_independence():
+    model = ResMTNet(in_dim=7, hidden=16, blocks=2, out_dim=5, seeds=[1, 2, 1])
+    assert model(torch.randn(3, 4, 7)).shape == (3, 4, 5)
+    assert torch.equal(model.w_in[0], model.w_in[2]) and not torch.equal(model.w_in[0], model.w_in[1])
+    x = torch.randn(1, 4, 7).expand(3, 4, 7)
+    both = model(x)
+    alone = model(x[1:2], members=torch.tensor([1]))
+    torch.testing.assert_close(both[1:2], alone)
+    # y = F(x) + x: zeroing the residual branch leaves the shared layer's output unchanged
+    with torch.no_grad():
+        model.w_b.zero_()
+        model.b_b.zero_()
+        h = torch.relu(torch.baddbmm(model.b_in.unsqueeze(1), x, model.w_in))
+        torch.testing.assert_close(model(x), torch.baddbmm(model.b_out.unsqueeze(1), h, model.w_out))
+
+
+def test_a_member_trains_the_same_alone_or_stacked(tiny_cache):
+    cfg = tiny_train_config()
+    data = load_train_data(tiny_cache, cfg)
+    splits, _ = make_splits(data.table, data.rows, cfg.eval)
+    prep = prepare(data.features, data.targets, data.tasks, splits)
+    hp = HParams(hidden=16, epochs=3, batch_size=8, lambdas=(1.0,) * len(data.tasks))
+    other = HParams(hidden=16, epochs=3, batch_size=8, dropout=0.2, lambdas=(2.0,) * len(data.tasks))
+    stacked = train_jobs(prep, [Job(hp, 0), Job(other, 1), Job(hp, 2)])
+    alone = train_jobs(prep, [Job(hp, 2)])
+    np.testing.assert_allclose(stacked[2].outputs, alone[0].outputs, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_statistics_never_see_test_rows(tiny_cache):
+    cfg = tiny_train_config()
+    data = load_train_data(tiny_cache, cfg)
+    splits, _ = make_splits(data.table, data.rows, cfg.eval)
+    for s in splits:
+        assert not np.intersect1d(s.train, s.test).size
+    tested = np.concatenate([s.test for s in splits])
+    assert sorted(tested) == sorted(data.rows)  # k-fold: every row is tested once
+    before = prepare(data.features, data.targets, data.tasks, splits)
+    poisoned = data.features.copy()
+    poisoned[splits[0].test] = 1e6
+    targets = {k: v.copy() for k, v in data.targets.items()}
+    targets["x"][splits[0].test] = 1e6
+    after = prepare(poisoned, targets, data.tasks, splits)
+    np.testing.assert_array_equal(before.x_mean[0], after.x_mean[0])
+    np.testing.assert_array_equal(before.x_std[0], after.x_std[0])
+    np.testing.assert_array_equal(before.reg_mean[0], after.reg_mean[0])
+
+
+def test_linear_baseline_in_row_space_equals_the_full_fit():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 300))
+    y = (x[:, 0] + rng.normal(size=40) > 0).astype(int)
+    z_train, z_all = _row_space(x[:30], x)
+    fast = LogisticRegression(C=1.0, solver="newton-cg", tol=1e-10, max_iter=5000).fit(z_train, y[:30])
+    full = LogisticRegression(C=1.0, solver="newton-cg", tol=1e-10, max_iter=5000).fit(x[:30], y[:30])
+    np.testing.assert_allclose(fast.predict_proba(z_all[30:]), full.predict_proba(x[30:]), atol=1e-5)
+
+
+def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path):
+    cfg = tiny_train_config()
+    first = train_heads(tiny_cache, tmp_path / "a", cfg, progress=False)
+    train_heads(tiny_cache, tmp_path / "b", cfg, progress=False)
+    for name in ("config.yaml", "metrics.json", "predictions.csv", "report.md", "run.json",
+                 "model/head.safetensors", "model/head.json", "confusion/state.csv", "plots/learning_curves.png"):
+        assert (tmp_path / "a" / name).exists(), name
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["models"] == b["models"]  # same seed, same metrics to the last digit (CPU)
+    assert set(a["models"]) == {"res-mtnet", "linear", "majority"}
+    state = a["models"]["res-mtnet"]["overall"]["state"]["accuracy"]
+    assert len(state["folds"]) == 3 and len(state["ci95"]) == 2 and 0 <= state["mean"] <= 1
+    assert set(a["models"]["res-mtnet"]["size_bins"]) == {"<10", "10-20", "20-30", ">=30"}
+    assert first.metrics["meta"]["n_used"] == 24
+    predictions = (tmp_path / "a" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == 25 and "state_p_malignant" in predictions[0]
+    with pytest.raises(Exception, match="already exists"):
+        train_heads(tiny_cache, tmp_path / "a", cfg, progress=False)
+
+
+def test_other_seed_other_numbers(tiny_cache, tmp_path):
+    a = train_heads(tiny_cache, tmp_path / "a", tiny_train_config(), progress=False)
+    b = train_heads(tiny_cache, tmp_path / "b", tiny_train_config(**{"eval.seeds": [1]}), progress=False)
+    assert a.metrics["models"]["res-mtnet"] != b.metrics["models"]["res-mtnet"]
+
+
+def test_early_stopping_and_uncertainty_weighting_run(tiny_cache, tmp_path):
+    cfg = tiny_train_config(**{"train.early_stopping": 2, "train.epochs": 30,
+                               "train.loss_weighting": "uncertainty", "eval.protocol": "holdout"})
+    summary = train_heads(tiny_cache, tmp_path / "r", cfg, progress=False)
+    assert all(0 <= e < 30 for e in summary.metrics["meta"]["best_epochs"])
+
+
+def test_missing_backbone_or_label_is_a_clear_error(tiny_cache, tmp_path):
+    with pytest.raises(CacheError, match=r"no features of 'resnet18'.*extract-features --data .* --backbone resnet18"):
+        train_heads(tiny_cache, tmp_path / "r", tiny_train_config(**{"train.features": ["resnet18"]}))
+    with pytest.raises(ConfigError, match="unknown task"):
+        train_heads(tiny_cache, tmp_path / "r", tiny_train_config(**{"train.tasks": ["malignancy"]}))
+    with pytest.raises(ConfigError, match="lambdas names task"):
+        train_heads(tiny_cache, tmp_path / "r", tiny_train_config(**{"train.lambdas": {"sizee": 2.0}}))
+    assert not (tmp_path / "r").exists()
+
+
+SWEEP = """
+method: grid
+rank_by: state.accuracy
+folds: 3
+test_fraction: 0.25
+params:
+  train.dropout: [0.1, 0.5]
+  train.lambdas.state: [0.5, 2.0]
+"""
+
+
+def test_sweep_ranks_on_validation_folds_only(tiny_cache, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    cfg = tiny_train_config()
+    result = run_sweep(tiny_cache, tmp_path / "s", cfg, sweep, progress=False)
+    ranking = result.ranking
+    assert result.n_configs == 4 and list(ranking["rank"]) == [1, 2, 3, 4]
+    assert list(ranking["val_state.accuracy"]) == sorted(ranking["val_state.accuracy"], reverse=True)
+    winner = json.loads((tmp_path / "s" / "winner.json").read_text())
+    assert winner["n_test"] == 6 and "accuracy" in winner["test"]["state"]
+    # Changing the labels of the held-out test rows cannot change the ranking.
+    data = load_train_data(tiny_cache, cfg)
+    _, test_rows = development_split(data, cfg, load_sweep(sweep))
+    import stages.sweep as sw
+
+    original = sw.load_train_data
+
+    def flipped(cache, c):
+        d = original(cache, c)
+        d.targets["state"][test_rows] = (d.targets["state"][test_rows] + 1) % 3
+        return d
+
+    sw.load_train_data = flipped
+    try:
+        again = run_sweep(tiny_cache, tmp_path / "s2", cfg, sweep, progress=False)
+    finally:
+        sw.load_train_data = original
+    assert list(again.ranking["config"]) == list(ranking["config"])
+    np.testing.assert_array_equal(again.ranking["val_state.accuracy"], ranking["val_state.accuracy"])
+
+
+def test_sweep_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: grid\nparams:\n  train.hidden: {min: 1, max: 4}\n")
+    with pytest.raises(ConfigError, match="needs min and max and method: random"):
+        load_sweep(bad)
+    bad.write_text("methd: grid\n")
+    with pytest.raises(ConfigError, match="did you mean 'method'"):
+        load_sweep(bad)
+
+
+def test_train_heads_cli(tiny_cache, tmp_path):
+    args = ["train-heads", "--cache", str(tiny_cache), "--out", str(tmp_path / "run"), "--no-progress",
+            "--features", "timm:test_efficientnet", "--epochs", "3", "--folds", "3", "--set", "train.hidden=16",
+            "--set", "eval.bootstrap=20"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output and (tmp_path / "run" / "report.md").exists()
+    result = CliRunner().invoke(main, args[:6] + ["--set", "train.hiden=3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "unknown config key 'train.hiden'" in result.output and "did you mean 'hidden'" in result.output
