@@ -174,3 +174,39 @@ class FeatureCache:
         spec = self.resolve(name, GROUPS.spatial)
         ds = self._f[GROUPS.spatial][spec]
         return ds[...] if rows is None else ds[np.sort(rows)]
+
+
+class CachedFeatures:
+    """A map-style dataset over a cache's rows for torch DataLoaders: (features, row index).
+
+    The file is opened lazily in each process that reads (HDF5 handles must not cross a fork), so
+    DataLoader workers each open their own read-only handle; nothing is loaded up front.
+    """
+
+    def __init__(self, path: Path, names: Sequence[str]):
+        self.path = Path(path)
+        with FeatureCache(self.path) as cache:
+            self.specs = [cache.resolve(n) for n in names]
+            self.n = len(cache)
+        self._handle: Optional[h5py.File] = None
+        self._pid: Optional[int] = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _file(self) -> h5py.File:
+        import os
+
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getitem__(self, row: int):
+        f = self._file()
+        return np.concatenate([f[GROUPS.features][s][row] for s in self.specs]).astype(np.float32), row
+
+    def __getstate__(self) -> Dict[str, object]:
+        state = dict(self.__dict__)
+        state["_handle"], state["_pid"] = None, None  # never pickle an open HDF5 handle
+        return state

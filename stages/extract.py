@@ -319,7 +319,8 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
     loader = make_loader(all_paths, [batches[b] for b in todo], sorted({lb.size_key for lb in pending.values()}),
                          num_workers, pin_memory=extractor.cuda)
     started = time.perf_counter()
-    with tqdm(total=n_todo, unit="img", desc="extract " + ", ".join(pending), disable=not progress or not n_todo,
+    desc = f"extract {next(iter(pending))}" if len(pending) == 1 else f"extract {len(pending)} backbones"
+    with tqdm(total=n_todo, unit="img", desc=desc, disable=not progress or not n_todo,
               dynamic_ncols=True, leave=False) as bar:
         for b, batch in zip(todo, loader):
             read_error(batch, skip_bad)
