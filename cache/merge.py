@@ -59,7 +59,7 @@ def merge_shards(shards: Sequence[Path], out: Path) -> Path:
 
         ids = [str(i) for i in gather("id")]
         tables = [c.labels() for c in opened]
-        label_names = [c for c in tables[0].columns if c not in ("id", "width", "height")]
+        label_names = [c for c in tables[0].columns if c not in ("id", "width", "height", "relpath")]
         labels = {name: np.concatenate([t[name].to_numpy() for t in tables])[order] for name in label_names}
         sha = gather("sha256")
         images = ImageTable(ids=ids, relpaths=[str(p) for p in gather("relpath")], sha256=sha,

@@ -130,6 +130,7 @@ class FeatureCache:
         table = pd.DataFrame(data)
         table["width"] = self._f[GROUPS.images]["width"][...]
         table["height"] = self._f[GROUPS.images]["height"][...]
+        table["relpath"] = self.image_column("relpath")
         return table
 
     # ------------------------------------------------------------------------------ features

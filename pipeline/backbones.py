@@ -201,6 +201,48 @@ def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str
 # building
 
 
+#: Stage outputs of the supported torchvision models, shallow to deep (for spatial feature maps).
+TORCHVISION_STAGES: Dict[str, Tuple[str, ...]] = {
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
+    "densenet161": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"),
+    "mobilenet_v2": ("features.3", "features.6", "features.13", "features.18"),
+    "efficientnet_b7": ("features.2", "features.3", "features.5", "features.8"),
+    "alexnet": ("features.2", "features.5", "features.12"),
+    "googlenet": ("maxpool2", "inception3b", "inception4e", "inception5b"),
+}
+
+
+class SpatialBackbone(nn.Module):
+    """The feature map of one stage of a backbone: image batch (B, 3, H, W) -> (B, C, h, w).
+
+    `stage` indexes the model's stages (timm's feature_info; for torchvision TORCHVISION_STAGES), negative
+    from the end: -2 is the stride-16 stage of most networks. Shares its weights with the pooled backbone.
+    """
+
+    def __init__(self, pooled: "PooledBackbone", library: str, arch: str, stage: int):
+        super().__init__()
+        self.library, self.stage = library, stage
+        if library == "timm":
+            n = len(pooled.model.feature_info)
+            if not -n <= stage < n:
+                raise BackboneError(f"{pooled.spec} has {n} stages; spatial stage {stage} does not exist")
+            self.model = pooled.model
+        else:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            nodes = TORCHVISION_STAGES[arch]
+            if not -len(nodes) <= stage < len(nodes):
+                raise BackboneError(f"{pooled.spec} has {len(nodes)} stages; spatial stage {stage} does not exist")
+            self.model = create_feature_extractor(pooled.model, return_nodes={nodes[stage]: "map"})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.library == "timm":
+            return self.model.forward_intermediates(images, indices=[self.stage], intermediates_only=True,
+                                                    stop_early=True)[0]
+        return self.model(images)["map"]
+
+
 class PooledBackbone(nn.Module):
     """Wraps a classifier network with its head removed: image batch (B, 3, H, W) -> features (B, D)."""
 

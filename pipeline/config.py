@@ -66,9 +66,10 @@ class DataConfig:
 
 @dataclass
 class SpatialConfig:
-    enabled: bool = False
-    image_size: int = 512
-    stage: int = -2  # feature stage (timm out_indices); -2: the second-to-last, stride 16
+    enabled: bool = False  # also cache one feature map per image and backbone (extract-features --spatial)
+    image_size: int = 512  # the maps need resolution: larger than the pooled features' 224
+    stage: int = -2  # which stage, counted from the end: -2 is the stride-16 stage (32 x 32 cells at 512)
+    backbones: List[str] = field(default_factory=list)  # empty: every requested backbone
 
 
 @dataclass
@@ -94,6 +95,23 @@ PAPER_TASKS = ["subtlety", "state", "presence", "lobe", "diagnosis", "x", "y", "
 
 
 @dataclass
+class LocConfig:
+    """The localisation head: a per-cell nodule score over a cached feature map (extract-features --spatial)."""
+
+    enabled: bool = False
+    backbone: str = ""  # whose maps; '' = the first of train.features with maps in the cache
+    hidden: int = 64
+    context: int = 0  # 3x3 convolutions after the per-cell layer (spatial context); 0 = per cell only
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 40
+    batch_size: int = 16
+    sigma: float = 1.0  # width of the Gaussian target around the nodule, in cells
+    presence_weight: float = 1.0  # weight of the presence loss (BCE on the map's maximum)
+    decode: str = "argmax"  # argmax (refined within the 3x3 cells around it) | softargmax
+
+
+@dataclass
 class TrainConfig:
     features: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # concatenated
     tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))
@@ -111,6 +129,7 @@ class TrainConfig:
     early_stopping: int = 0  # patience in epochs on an inner validation split; 0 = off
     val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping only)
     seed: int = 0
+    loc: LocConfig = field(default_factory=LocConfig)
 
 
 @dataclass
@@ -125,6 +144,7 @@ class EvalConfig:
     size_norm: str = "grid"  # Table 2's normalised size error: grid (mm / 2048, as the paper) | range
     baselines: bool = True
     refit: bool = True  # train a final head on all rows (what predict uses)
+    pixel_mm: float = 0.175  # size of a coordinate-grid pixel (JSRT's 2048 grid): a nodule's radius in pixels
 
 
 @dataclass

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import BackboneInfo, PooledBackbone, create_backbone
+from torch import nn
+
+from .backbones import BackboneInfo, SpatialBackbone, create_backbone
+from .config import SpatialConfig
 from .errors import ConfigError, DataError, PipelineError
 from .images import decode_image, resize
 from .preprocess import Preprocess, make_preprocess, normalise, provenance_sha256
@@ -115,28 +118,65 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+POOLED, SPATIAL = "features", "spatial"
+
+
 @dataclass
 class LoadedBackbone:
-    module: PooledBackbone
+    """A backbone ready to run: pooled vectors (group 'features') or one stage's maps (group 'spatial')."""
+
+    module: nn.Module
     info: BackboneInfo
     pre: Preprocess
     provenance: str
+    group: str = POOLED
+    stage: Optional[int] = None
+
+    @property
+    def key(self) -> str:
+        """Where its output lives in the cache: features/<spec> or spatial/<spec>."""
+        return f"{self.group}/{self.info.spec}"
+
+    @property
+    def name(self) -> str:
+        """How summaries name it: the spec, or spatial:<spec>."""
+        return self.info.spec if self.group == POOLED else f"spatial:{self.info.spec}"
 
     @property
     def size_key(self) -> Tuple[int, str]:
         return (self.pre.image_size, self.pre.interpolation)
 
+    @property
+    def dtype(self) -> str:
+        return "f2" if self.group == SPATIAL else "f4"  # maps are large: half precision is plenty
+
+    def attrs(self, precision: str) -> Dict[str, object]:
+        extra = {"stage": self.stage} if self.stage is not None else {}
+        return {**self.info.as_dict(), "preprocess": self.pre.as_dict(), "provenance_sha256": self.provenance,
+                "precision": precision, **extra}
+
 
 def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: int, interpolation: str,
-                   normalize: str, seed: int) -> Dict[str, LoadedBackbone]:
-    """Create each named backbone (spec -> LoadedBackbone); `weights` maps name -> imagenet | none | file."""
+                   normalize: str, seed: int, spatial: Optional[SpatialConfig] = None) -> Dict[str, LoadedBackbone]:
+    """Create each named backbone (key -> LoadedBackbone); `weights` maps name -> imagenet | none | file.
+
+    With `spatial` enabled, each backbone (or those `spatial.backbones` names) also yields a spatial entry:
+    the maps of stage `spatial.stage` at input size `spatial.image_size`, sharing the same weights.
+    """
     out: Dict[str, LoadedBackbone] = {}
     for name in names:
         module, info = create_backbone(name, weights=weights[name], seed=seed)
         pre = make_preprocess(info, image_size, interpolation, normalize)
-        if info.spec in out:
+        pooled = LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
+        if pooled.key in out:
             raise ConfigError(f"backbone '{name}' is requested twice (as {info.spec})")
-        out[info.spec] = LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
+        out[pooled.key] = pooled
+        if spatial is not None and spatial.enabled and (not spatial.backbones or name in spatial.backbones):
+            spre = make_preprocess(info, spatial.image_size, interpolation, normalize)
+            smodule = SpatialBackbone(module, info.library, info.arch, spatial.stage)
+            prov = provenance_sha256(info, spre, {"stage": spatial.stage})
+            entry = LoadedBackbone(smodule, info, spre, prov, SPATIAL, spatial.stage)
+            out[entry.key] = entry
     return out
 
 
@@ -152,10 +192,21 @@ class Extractor:
             raise ConfigError(f"extract.amp '{amp}' must be bf16, fp16 or off")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if self.cuda else None
         self.channels_last = channels_last and self.cuda
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
         for lb in backbones.values():
             lb.module.to(device)
             if self.channels_last:
                 lb.module.to(memory_format=torch.channels_last)
+
+    def output_shape(self, key: str) -> Tuple[int, ...]:
+        """Per-image output shape of an entry: (D,) for pooled features, (C, h, w) for maps."""
+        if key not in self._shapes:
+            lb = self.backbones[key]
+            if lb.group == POOLED:
+                return (lb.info.feature_dim,)
+            probe = torch.zeros(1, 1, lb.pre.image_size, lb.pre.image_size)
+            self._shapes[key] = tuple(self.run(key, probe).shape[1:])
+        return self._shapes[key]
 
     @property
     def precision(self) -> str:
@@ -170,16 +221,16 @@ class Extractor:
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     @torch.inference_mode()
-    def run(self, spec: str, images: torch.Tensor) -> np.ndarray:
-        """(B, 1, S, S) in [0, 1] -> (B, D) float32 features of one backbone."""
-        lb = self.backbones[spec]
+    def run(self, key: str, images: torch.Tensor) -> np.ndarray:
+        """(B, 1, S, S) in [0, 1] -> (B, D) float32 features, or (B, C, h, w) float16 maps, of one entry."""
+        lb = self.backbones[key]
         x = images.to(self.device, non_blocking=True)
         x = normalise(x, lb.pre)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             y = lb.module(x)
-        return y.float().cpu().numpy()
+        return y.float().cpu().numpy().astype(lb.dtype, copy=False)
 
 
 def read_error(batch: ImageBatch, skip_bad: bool) -> None:

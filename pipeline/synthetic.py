@@ -56,7 +56,7 @@ def _position_text(side: str, y_frac: float, rng: np.random.Generator) -> str:
     return f"{prefix}{lobe} lobe{segment if rng.random() < 0.5 else ''}"
 
 
-def draw_nodule_params(rng: np.random.Generator) -> Nodule:
+def draw_nodule_params(rng: np.random.Generator, subtleties: Tuple[int, int] = (1, 5)) -> Nodule:
     side = "R" if rng.random() < 0.55 else "L"
     cx, cy, hw, hh = LUNGS[side]
     # Uniform in the ellipse, kept away from its rim so the nodule lies inside the lung.
@@ -64,7 +64,7 @@ def draw_nodule_params(rng: np.random.Generator) -> Nodule:
     x, y = cx + hw * radius * np.cos(angle), cy + hh * radius * np.sin(angle)
     state = "malignant" if rng.random() < 0.65 else "benign"
     size = float(np.clip(rng.normal(20 if state == "malignant" else 13, 6), 5, 45).round())
-    subtlety = int(rng.integers(1, 6))
+    subtlety = int(rng.integers(subtleties[0], subtleties[1] + 1))
     y_frac = (y - (cy - hh)) / (2 * hh)
     return Nodule(x, y, size, subtlety, state, _position_text(side, y_frac, rng),
                   str(rng.choice(DIAGNOSES[state])))
@@ -94,11 +94,12 @@ def render(size: int, rng: np.random.Generator, nodule: Nodule | None) -> np.nda
 
 
 def make_synthetic(out: Path, n_images: int = 60, image_size: int = 256, seed: int = 0,
-                   nodule_fraction: float = 0.62) -> Path:
+                   nodule_fraction: float = 0.62, subtleties: Tuple[int, int] = (1, 5)) -> Path:
     """Write `n_images` radiographs to out/images/ and a Kaggle-layout out/jsrt_metadata.csv; return `out`.
 
     Nodule images are named JPCLN###, the others JPCNN###, as in JSRT; x and y are in the 2048 grid
     whatever `image_size` is, and the metadata has a header row and CRLF line ends, as Kaggle's copy.
+    `subtleties` bounds the nodules' subtlety (contrast), e.g. (4, 5) for obvious nodules only.
     """
     if n_images < 1:
         raise ValueError("n_images must be at least 1")
@@ -110,7 +111,7 @@ def make_synthetic(out: Path, n_images: int = 60, image_size: int = 256, seed: i
     for i in range(n_images):
         has_nodule = i < n_nodule
         ident = f"JPCLN{i + 1:03d}" if has_nodule else f"JPCNN{i - n_nodule + 1:03d}"
-        nodule = draw_nodule_params(rng) if has_nodule else None
+        nodule = draw_nodule_params(rng, subtleties) if has_nodule else None
         pixels = render(image_size, rng, nodule)
         with atomic_output(out / "images" / f"{ident}.png", durable=False) as tmp:
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(tmp, format="PNG")

@@ -144,6 +144,10 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 @click.option("--num-workers", type=int, default=None, help="Decoding workers (default: one per spare core).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="CUDA autocast dtype.")
+@click.option("--spatial", is_flag=True, default=None,
+              help="Also cache one feature map per image and backbone (for the localisation head).")
+@click.option("--spatial-size", type=int, default=None, help="Input size for the maps (default 512).")
+@click.option("--spatial-stage", type=int, default=None, help="Backbone stage of the maps, from the end (-2).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--rebuild", is_flag=True, help="Ignore an existing cache and its progress; recompute.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the cache instead of failing.")
@@ -155,7 +159,9 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Optional[Path],
                          backbones: Tuple[str, ...], weights: Tuple[str, ...], config_path: str,
                          image_size: Optional[int], batch_size: Optional[int], num_workers: Optional[int],
-                         device: Optional[str], amp: Optional[str], sets: Tuple[str, ...], rebuild: bool,
+                         device: Optional[str], amp: Optional[str], spatial: Optional[bool],
+                         spatial_size: Optional[int], spatial_stage: Optional[int], sets: Tuple[str, ...],
+                         rebuild: bool,
                          skip_bad: bool, shard_index: Optional[int], num_shards: Optional[int],
                          no_progress: bool) -> None:
     """Stage one: run frozen backbones over every image once, into an HDF5 feature cache.
@@ -172,7 +178,9 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
     default_weights, per_backbone = _split_weights(weights)
     pairs = [("extract.backbones", list(backbones) or None), ("extract.weights", default_weights),
              ("extract.image_size", image_size), ("extract.batch_size", batch_size),
-             ("extract.num_workers", num_workers), ("extract.device", device), ("extract.amp", amp)]
+             ("extract.num_workers", num_workers), ("extract.device", device), ("extract.amp", amp),
+             ("extract.spatial.enabled", spatial), ("extract.spatial.image_size", spatial_size),
+             ("extract.spatial.stage", spatial_stage)]
     pairs += [(f"extract.weights_for.{name}", value) for name, value in per_backbone.items()]
     cfg = load_config(config_path, _overrides(pairs, sets))
     if (shard_index is None) != (num_shards is None):
@@ -273,15 +281,16 @@ def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, sets: Tuple[s
 @click.option("--weights", multiple=True, help="NAME=FILE: where the head's backbone weights are on this machine.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Report unreadable images in the output instead of failing.")
+@click.option("--overlay", is_flag=True, help="Write OUT_overlays/<image>.png: heat map and nodule (needs train.loc).")
 @logging_options
 def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path, ...], out: Path,
-                cache: Optional[Path], weights: Tuple[str, ...], device: str, skip_bad: bool) -> None:
+                cache: Optional[Path], weights: Tuple[str, ...], device: str, skip_bad: bool, overlay: bool) -> None:
     """Apply a trained head to new chest X-rays: every task's prediction per image."""
     from stages.predict import predict
 
     _, per_backbone = _split_weights(weights)
     result = predict(run_dir, list(images) + list(more_images), out, weights=per_backbone, cache=cache,
-                     device=device, skip_bad=skip_bad)
+                     device=device, skip_bad=skip_bad, overlay=overlay)
     click.echo(f"{len(result.table)} image(s): {result.csv}, {result.json}")
 
 

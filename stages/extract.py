@@ -151,6 +151,8 @@ def _mismatch(cached: Dict[str, object], lb: LoadedBackbone) -> str:
     pre = cached.get("preprocess") or {}
     diffs = [f"{k} {pre.get(k)} -> {list(v) if isinstance(v, tuple) else v}" for k, v in lb.pre.as_dict().items()
              if pre.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    if cached.get("stage") != lb.stage:
+        diffs.append(f"stage {cached.get('stage')} -> {lb.stage}")
     return "the preprocessing differs (" + ", ".join(diffs) + ")" if diffs else "its provenance differs"
 
 
@@ -165,19 +167,23 @@ def _compare(out_path: Path, now: Images, labels: Dict[str, np.ndarray], backbon
         state = Existing(pending={}, hashes=_check_images(old, now), bad=old.bad,
                          error=old.image_column("error").astype(object))
         state.labels_changed = old.attrs.get("labels_sha256") != labels_sha256(labels)
-        cached = old.backbones
-        for spec, lb in backbones.items():
-            entry = cached.get(spec)
+        cached = {f"{group}/{spec}": entry for group in (GROUPS.features, GROUPS.spatial)
+                  for spec, entry in old.entries(group).items()}
+        for key, lb in backbones.items():
+            entry = cached.get(key)
             if entry is None:
-                state.pending[spec] = lb
+                state.pending[key] = lb
             elif entry.attrs.get("provenance_sha256") != lb.provenance:
-                raise CacheError(f"cache {out_path} already holds {spec} features, but {_mismatch(entry.attrs, lb)}; "
-                                 "rerun with --rebuild to recompute, or use another --cache")
+                what = "spatial maps" if lb.group == GROUPS.spatial else "features"
+                raise CacheError(f"cache {out_path} already holds {lb.info.spec} {what}, but "
+                                 f"{_mismatch(entry.attrs, lb)}; rerun with --rebuild to recompute, or use "
+                                 "another --cache")
             else:
-                state.up_to_date.append(spec)
-        state.keep = {GROUPS.features: [s for s in cached if s not in state.pending],
-                      GROUPS.spatial: list(old.entries(GROUPS.spatial))}
-        available = set(cached) | set(state.pending)
+                state.up_to_date.append(lb.name)
+        state.keep = {group: [k.split("/", 1)[1] for k in cached if k.startswith(group + "/") and
+                              k not in state.pending] for group in (GROUPS.features, GROUPS.spatial)}
+        available = {k.split("/", 1)[1] for k in cached if k.startswith(GROUPS.features + "/")} | \
+            {lb.info.spec for lb in state.pending.values() if lb.group == GROUPS.features}
         present = set(old.fused_names())
         state.fused_missing = any(name not in present and set(members) <= available
                                   for name, members in fused.items())
@@ -223,7 +229,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
 
     with cache_lock(out_path):
         backbones = load_backbones(ecfg.backbones, weights_by_name(cfg, ecfg.backbones), ecfg.image_size,
-                                   ecfg.interpolation, ecfg.normalize, ecfg.seed)
+                                   ecfg.interpolation, ecfg.normalize, ecfg.seed, ecfg.spatial)
         if rebuild:
             Journal(out_path, JournalPlan("", 0, 0)).clear()
             state = Existing(pending=dict(backbones))
@@ -245,12 +251,10 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
                                        progress, summary)
             if state.hashes is not None and not np.array_equal(state.hashes[~bad], sha[~bad]):
                 raise CacheError(f"images changed while {out_path} was being extended; rerun with --rebuild")
-            for spec, lb in state.pending.items():
-                new_arrays.append(NewArray(
-                    GROUPS.features, spec, (len(rows), lb.info.feature_dim), "f4",
-                    {**lb.info.as_dict(), "preprocess": lb.pre.as_dict(), "provenance_sha256": lb.provenance,
-                     "precision": extractor.precision},
-                    _filler(journal, mine, all_batches, position, spec)))
+            for key, lb in state.pending.items():
+                new_arrays.append(NewArray(lb.group, lb.info.spec, (len(rows), *extractor.output_shape(key)),
+                                           lb.dtype, lb.attrs(extractor.precision),
+                                           _filler(journal, mine, all_batches, position, key)))
         else:
             logger.info("updating the labels and fused arrays of %s (features unchanged)", out_path)
             sha, bad, error = state.hashes, state.bad, state.error
@@ -277,7 +281,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
         atomic_write_text(sidecar_config_path(out_path), dump_config(cfg))
         if state.pending:
             journal.clear()
-    summary.computed = list(state.pending)
+    summary.computed = [lb.name for lb in state.pending.values()]
     logger.debug("%s: %d images; computed %s in %.1f s (%.1f img/s)", out_path, len(rows),
                  ", ".join(summary.computed) or "nothing", summary.seconds, summary.images_per_s)
     return summary
@@ -330,12 +334,12 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
                                  mtime_ns=batch.mtime_ns, bad=~good, error=np.array(batch.errors, dtype=str))
             if old is not None:
                 record.features = {s: v for s, v in old.features.items() if s in pending and s not in todo[b]}
-            for spec in todo[b]:
-                lb = pending[spec]
-                out = np.full((len(batch.rows), lb.info.feature_dim), np.nan, dtype=np.float32)
+            for key in todo[b]:
+                lb = pending[key]
+                out = np.full((len(batch.rows), *extractor.output_shape(key)), np.nan, dtype=lb.dtype)
                 if good.any():
-                    out[good] = extractor.run(spec, batch.images[lb.size_key])
-                record.features[spec] = (provenance[spec], out)
+                    out[good] = extractor.run(key, batch.images[lb.size_key])
+                record.features[key] = (provenance[key], out)
             journal.write(b, record)
             remember(record)
             bar.update(len(batch.rows))
@@ -350,14 +354,14 @@ def _resolve_all(members: Sequence[str]) -> List[str]:
     return [parse_spec(m).spec for m in members]
 
 
-def _filler(journal: Journal, mine: Sequence[int], batches: Sequence[np.ndarray], position: np.ndarray, spec: str):
-    """Stream one backbone's features from the journal into its dataset, a batch at a time (flat memory)."""
+def _filler(journal: Journal, mine: Sequence[int], batches: Sequence[np.ndarray], position: np.ndarray, key: str):
+    """Stream one entry's arrays from the journal into its dataset, a batch at a time (flat memory)."""
     def fill(ds) -> None:
         for b in mine:
             rec = journal.load(b)
-            if rec is None or spec not in rec.features:
+            if rec is None or key not in rec.features:
                 raise CacheError(f"progress of batch {b} vanished from {journal.dir} while the cache was written; "
                                  "rerun the same command")
             at = position[batches[b]]
-            ds[at[0]:at[-1] + 1] = rec.features[spec][1]
+            ds[at[0]:at[-1] + 1] = rec.features[key][1]
     return fill

@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from cache.reader import FeatureCache
-from pipeline.backbones import create_backbone, parse_spec
+from pipeline.backbones import SpatialBackbone, create_backbone, parse_spec
 from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.evaluate import decode
-from pipeline.extraction import Extractor, LoadedBackbone, make_loader, pick_device, read_error
+from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, pick_device, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.localize import LocNet, decode_maps
 from pipeline.model import ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.tasks import TaskSpec
@@ -43,6 +44,20 @@ class Head:
     reg_mean: np.ndarray
     reg_std: np.ndarray
     layout: Layout
+    loc_net: Optional[LocNet] = None
+    loc_mean: Optional[torch.Tensor] = None
+    loc_std: Optional[torch.Tensor] = None
+
+    @property
+    def loc(self) -> Optional[Dict[str, object]]:
+        return self.spec.get("localisation")
+
+    @torch.no_grad()
+    def locate(self, maps: np.ndarray) -> np.ndarray:
+        """Feature maps (n, C, H, W) -> score maps (n, H, W) of the localisation head."""
+        x = (torch.from_numpy(maps).float() - self.loc_mean[None, :, None, None]) / self.loc_std[None, :, None, None]
+        self.loc_net.eval()
+        return self.loc_net(x)[:, 0].numpy()
 
     @property
     def features(self) -> List[str]:
@@ -75,8 +90,14 @@ def load_head(run_dir: Path) -> Head:
     model = ResMTNet(spec["in_dim"], spec["hidden"], spec["blocks"], spec["out_dim"], seeds=[0], n_tasks=len(tasks))
     state = {k[len("head."):]: v.unsqueeze(0) for k, v in tensors.items() if k.startswith("head.")}
     model.load_state_dict(state)
-    return Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), tensors["reg_mean"].numpy(),
+    head = Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), tensors["reg_mean"].numpy(),
                 tensors["reg_std"].numpy(), Layout.of(tasks))
+    if head.loc:
+        hp = head.loc["hparams"]
+        head.loc_net = LocNet(int(head.loc["channels"]), int(hp["hidden"]), int(hp["context"]), seeds=[0])
+        head.loc_net.load_state_dict({k[len("loc."):]: v for k, v in tensors.items() if k.startswith("loc.")})
+        head.loc_mean, head.loc_std = tensors["loc_mean"], tensors["loc_std"]
+    return head
 
 
 def list_images(paths: Sequence[Path]) -> List[Path]:
@@ -95,9 +116,11 @@ def list_images(paths: Sequence[Path]) -> List[Path]:
     return found
 
 
-def _rebuild_backbone(head: Head, spec: str, weights: Dict[str, str]) -> LoadedBackbone:
-    """The backbone exactly as the head was trained on; a different one is refused."""
-    facts = head.backbone(spec)
+def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, str]) -> LoadedBackbone:
+    """The backbone exactly as the head was trained on (`facts`: its cache attributes); others are refused.
+
+    With a `stage` among the facts, the entry yields that stage's feature maps instead of pooled vectors.
+    """
     short = [n for n in weights if parse_spec(n).spec == spec]
     source = weights[short[0]] if short else str(facts.get("weights"))
     seed = 0
@@ -116,7 +139,12 @@ def _rebuild_backbone(head: Head, spec: str, weights: Dict[str, str]) -> LoadedB
                             f"vs {info.params_sha256[:12]}); pass --weights {spec}=FILE with the original weights")
     p = facts["preprocess"]
     pre = Preprocess(int(p["image_size"]), str(p["interpolation"]), tuple(p["mean"]), tuple(p["std"]))
-    return LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
+    stage = facts.get("stage")
+    if stage is None:
+        return LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
+    spatial = SpatialBackbone(module, info.library, info.arch, int(stage))
+    return LoadedBackbone(spatial, info, pre, provenance_sha256(info, pre, {"stage": int(stage)}), SPATIAL,
+                          int(stage))
 
 
 def _from_cache(cache: Path, head: Head, hashes: List[str]) -> Dict[int, np.ndarray]:
@@ -145,9 +173,13 @@ class PredictResult:
 
 def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *,
             weights: Optional[Dict[str, str]] = None, cache: Optional[Path] = None, device: str = "auto",
-            batch_size: int = 16, num_workers: Optional[int] = 0, skip_bad: bool = False) -> PredictResult:
-    """Predict every task for each image; writes OUT.csv and OUT.json when `out` is given."""
+            batch_size: int = 16, num_workers: Optional[int] = 0, skip_bad: bool = False,
+            overlay: bool = False) -> PredictResult:
+    """Predict every task for each image; writes OUT.csv and OUT.json when `out` is given, and with
+    `overlay` (a head with a localisation head) a PNG per image in OUT_overlays/."""
     head = load_head(run_dir)
+    if overlay and not head.loc:
+        raise PipelineError(f"--overlay needs a localisation head; {run_dir} was trained without train.loc")
     files = list_images(images)
     hashes = [sha256_file(p) for p in files]
     cached = _from_cache(cache, head, hashes) if cache is not None else {}
@@ -155,24 +187,43 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     features = np.full((len(files), int(head.spec["in_dim"])), np.nan, dtype=np.float32)
     for i, vec in cached.items():
         features[i] = vec
+    scores = np.full((len(files), *head.loc["grid"]), np.nan, dtype=np.float32) if head.loc else None
     errors = [""] * len(files)
+    backbones: Dict[str, LoadedBackbone] = {}
     if todo:
-        backbones = {spec: _rebuild_backbone(head, spec, weights or {}) for spec in head.features}
+        for spec in head.features:
+            lb = _rebuild_backbone(head.backbone(spec), spec, weights or {})
+            backbones[lb.key] = lb
+    if head.loc:
+        lb = _rebuild_backbone(head.loc["provenance"], str(head.loc["backbone"]), weights or {})
+        backbones[lb.key] = lb
+    needed = list(range(len(files))) if head.loc else todo
+    if needed:
         extractor = Extractor(backbones, pick_device(device))
+        pooled = [k for k, lb in backbones.items() if lb.group == POOLED]
         sizes = sorted({lb.size_key for lb in backbones.values()})
-        batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+        batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
         loader = make_loader([str(p) for p in files], batches, sizes, num_workers, pin_memory=extractor.cuda)
         for batch in loader:
             read_error(batch, skip_bad)
             good = batch.good
             for r, e in zip(batch.rows, batch.errors):
                 errors[r] = e
-            if good.any():
-                parts = [extractor.run(spec, batch.images[lb.size_key]) for spec, lb in backbones.items()]
-                features[batch.rows[good]] = np.concatenate(parts, axis=1)
+            if not good.any():
+                continue
+            rows = batch.rows[good]
+            compute = np.array([r not in cached for r in rows])
+            if pooled and compute.any():
+                parts = [extractor.run(k, batch.images[backbones[k].size_key]) for k in pooled]
+                features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
+            if head.loc:
+                lb = next(b for b in backbones.values() if b.group == SPATIAL)
+                scores[rows] = head.locate(extractor.run(lb.key, batch.images[lb.size_key]))
     ok = np.isfinite(features).all(axis=1)
     preds = head.predict(np.nan_to_num(features))
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
+    if head.loc:
+        _add_locations(head, table, scores, ok)
     csv_path = json_path = None
     if out is not None:
         out = Path(out)
@@ -180,8 +231,71 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
         atomic_write_text(csv_path, table.to_csv(index=False))
         atomic_write_text(json_path, table.to_json(orient="records", indent=1))
+        if overlay:
+            write_overlays(out.with_name(out.name + "_overlays"), files, table, scores,
+                           _known_positions(cache, hashes) if cache is not None else {})
     logger.info("predicted %d image(s) (%d from the cache)", len(files), len(cached))
     return PredictResult(table, csv_path, json_path)
+
+
+def _add_locations(head: Head, table: pd.DataFrame, scores: np.ndarray, ok: np.ndarray) -> None:
+    grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
+    valid = np.isfinite(scores).all(axis=(1, 2))
+    x, y, presence = decode_maps(np.nan_to_num(scores), head.loc["hparams"]["decode"])
+    table["loc_x"] = np.where(valid, np.round(x * grid_w, 1), np.nan)
+    table["loc_y"] = np.where(valid, np.round(y * grid_h, 1), np.nan)
+    table["loc_x_norm"] = np.where(valid, x, np.nan)
+    table["loc_y_norm"] = np.where(valid, y, np.nan)
+    table["loc_presence_prob"] = np.where(valid, np.round(presence, 6), np.nan)
+
+
+def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
+    """True nodule centres (fractions) of images that the cache holds with labels."""
+    with FeatureCache(cache) as c:
+        labels = c.labels()
+        row_of = {h.decode(): i for i, h in enumerate(c.image_column("sha256"))}
+    out = {}
+    for i, h in enumerate(hashes):
+        r = row_of.get(h)
+        if r is not None and np.isfinite(labels["x"].iloc[r]):
+            out[i] = (labels["x"].iloc[r] / labels["grid_w"].iloc[r], labels["y"].iloc[r] / labels["grid_h"].iloc[r])
+    return out
+
+
+def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores: np.ndarray,
+                   truth: Dict[int, tuple]) -> List[Path]:
+    """One PNG per image: the X-ray, the localisation head's score map, its peak (red) and the truth (green)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PipelineError("--overlay needs matplotlib: pip install -e '.[plots]'") from None
+    from pipeline.images import read_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, path in enumerate(files):
+        if not np.isfinite(scores[i]).all():
+            continue
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(read_image(path), cmap="gray", extent=(0, 1, 1, 0))
+        ax.imshow(np.exp(scores[i] - scores[i].max()), cmap="inferno", alpha=0.45, extent=(0, 1, 1, 0),
+                  interpolation="bilinear")
+        row = table.iloc[i]
+        ax.plot([row["loc_x_norm"]], [row["loc_y_norm"]], "x", color="red", ms=12, mew=2, label="predicted")
+        if i in truth:
+            ax.plot([truth[i][0]], [truth[i][1]], "o", mfc="none", mec="lime", ms=16, mew=2, label="true")
+        ax.set_title(f"{path.name}: nodule p = {row['loc_presence_prob']:.2f}", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.axis("off")
+        fig.tight_layout()
+        target = folder / f"{path.stem}.png"
+        fig.savefig(target, dpi=100)
+        plt.close(fig)
+        written.append(target)
+    return written
 
 
 def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],

@@ -24,6 +24,7 @@ from pipeline.config import Config, build, dump_config, load_yaml, set_dotted
 from pipeline.errors import ConfigError
 from pipeline.evaluate import decode, make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
 from pipeline.fsutil import atomic_write_text
+from pipeline.localize import LocHParams, decode_maps, loc_metrics, prepare_loc, train_loc
 from pipeline.train import HParams, Job, Split, prepare, train_jobs
 from stages.train_heads import TrainData, _bar, hparams, load_train_data, staged_dir
 
@@ -100,7 +101,8 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     spec = load_sweep(sweep_path)
     task_name, _, metric = spec.rank_by.partition(".")
     data = load_train_data(cache, cfg)
-    if task_name not in {t.name for t in data.tasks} or not metric:
+    rankable = {t.name for t in data.tasks} | ({"loc"} if data.maps is not None else set())
+    if task_name not in rankable or not metric:
         raise ConfigError(f"{sweep_path}: rank_by '{spec.rank_by}' must be <task>.<metric> with a trained task")
     configs = configurations(spec)
     cfgs: List[Config] = []
@@ -121,6 +123,7 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     jobs = [Job(hp, s) for hp in hps for s in range(len(splits))]
     with _bar(sum(j.hp.epochs for j in jobs), progress, f"sweep {len(configs)} configs") as tick:
         results = train_jobs(prep, jobs, progress=tick)
+    loc_metrics_of = _sweep_localisation(data, cfgs, splits, progress) if data.maps is not None else None
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     rows = []
     for c, choice in enumerate(configs):
@@ -133,6 +136,8 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
                 m = task_metrics(task, data.targets[task.name][split.test], preds[task.name],
                                  None if task.name not in norms else norms[task.name][split.test])
                 fold_metrics.update({f"{task.name}.{k}": float(v) for k, v in m.items()})
+            if loc_metrics_of is not None:
+                fold_metrics.update(loc_metrics_of(c, s))
             per_fold.append(fold_metrics)
         frame = pd.DataFrame(per_fold)
         row = {"config": c, **choice}
@@ -165,6 +170,33 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
                 seconds, spec.rank_by, ranking.iloc[0][key])
     return SweepResult(ranking, len(configs), seconds, winner_test)
+
+
+def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split], progress: bool):
+    """Train every configuration's localisation head on the validation splits (stacked where shapes agree);
+    returns (config, split) -> {'loc.<metric>': value} on that split's validation rows."""
+    table = data.table
+    loc = prepare_loc(data.maps, table["x"].to_numpy(float) / table["grid_w"].to_numpy(float),
+                      table["y"].to_numpy(float) / table["grid_h"].to_numpy(float),
+                      table["presence"].to_numpy(float), splits)
+    lhps = [LocHParams.of(c.train.loc) for c in cfgs]
+    jobs = [(h, s) for h in lhps for s in range(len(splits))]
+    with _bar(sum(h.epochs for h, _ in jobs), progress, "sweep localisation") as tick:
+        results = train_loc(loc, jobs, progress=tick)
+    gw, gh = table["grid_w"].to_numpy(float), table["grid_h"].to_numpy(float)
+    x, y = table["x"].to_numpy(float), table["y"].to_numpy(float)
+    radius = table["size_mm"].to_numpy(float) / 2 / cfgs[0].eval.pixel_mm
+    presence = table["presence"].to_numpy(float)
+
+    def metrics(c: int, s: int) -> Dict[str, float]:
+        test = splits[s].test
+        px, py, pp = decode_maps(results[c * len(splits) + s].scores[test], lhps[c].decode)
+        nod = np.isfinite(x[test])
+        t = test[nod]
+        res = loc_metrics(px[nod] * gw[t] - x[t], py[nod] * gh[t] - y[t], radius[t], gw[t],
+                          presence[test], pp)
+        return {f"loc.{k}": float(v) for k, v in res.items()}
+    return metrics
 
 
 def _score_winner(data: TrainData, cfg: Config, hp: HParams, dev_rows: np.ndarray, test_rows: np.ndarray,

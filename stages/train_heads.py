@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cache.reader import FeatureCache
+from cache.schema import GROUPS
 from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.errors import CacheError, ConfigError, PipelineError
@@ -29,6 +30,7 @@ from pipeline.evaluate import (OutOfFold, SplitName, baseline_predictions, decod
                                size_bins, summarise)
 from pipeline.fsutil import atomic_write_text
 from pipeline.labels import load_label_maps
+from pipeline.localize import LocHParams, decode_maps, prepare_loc, summarise_loc, train_loc
 from pipeline.tasks import TaskSpec, encode_targets, paper_tasks, select_tasks
 from pipeline.train import HParams, Job, JobResult, Prepared, Split, prepare, train_jobs
 
@@ -49,6 +51,25 @@ class TrainData:
     specs: List[str]
     provenance: Dict[str, Dict[str, object]]
     cache_attrs: Dict[str, object]
+    maps: Optional[np.ndarray] = None  # (N, C, H, W) spatial maps for the localisation head
+    loc_spec: str = ""
+    loc_provenance: Dict[str, object] = field(default_factory=dict)
+
+
+def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[np.ndarray, str, Dict]:
+    """The spatial maps the localisation head trains on (train.loc.backbone, or the first feature backbone
+    that has maps)."""
+    present = cache.entries(GROUPS.spatial)
+    wanted = cfg.train.loc.backbone
+    if wanted:
+        spec = cache.resolve(wanted, GROUPS.spatial)
+    else:
+        spec = next((s for s in specs if s in present), None) or next(iter(present), None)
+        if spec is None:
+            raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
+                             f"extract-features --data {cache.attrs.get('data_root', 'DATA')} --cache {cache.path} "
+                             f"--backbone {specs[0]} --spatial")
+    return cache.spatial(spec).astype(np.float16, copy=False), spec, present[spec].attrs
 
 
 def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
@@ -63,6 +84,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         bad = cache.bad
         provenance = {s: cache.backbones[s].attrs for s in specs}
         attrs = dict(cache.attrs)
+        maps, loc_spec, loc_provenance = _load_maps(cache, cfg, specs) if tcfg.loc.enabled else (None, "", {})
     tasks = select_tasks(paper_tasks(load_label_maps(cfg.data.labels), tcfg.non_nodule), tcfg.tasks)
     for task in tasks:
         if task.column not in table or table[task.column].isna().all():
@@ -72,7 +94,8 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
     rows = np.flatnonzero(~bad & np.isfinite(features).all(axis=1))
     if len(rows) < len(table):
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
-    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs)
+    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, maps, loc_spec,
+                     loc_provenance)
 
 
 def hparams(cfg: Config, tasks: Sequence[TaskSpec]) -> HParams:
@@ -100,6 +123,46 @@ class CVResult:
     results: List[JobResult]
     oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    loc: Optional[LocOutcome] = None
+
+
+@dataclass
+class LocOutcome:
+    """Out-of-fold results of the localisation head, and its metrics beside the pooled regression's."""
+
+    rows: np.ndarray
+    split: np.ndarray
+    x: np.ndarray  # fractions of the grid
+    y: np.ndarray
+    presence: np.ndarray
+    scores: np.ndarray  # (n, H, W) score maps, first seed
+    report: Dict[str, Dict[str, object]]
+
+
+def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
+             pooled: OutOfFold, progress: bool = False) -> LocOutcome:
+    """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
+    lhp = LocHParams.of(cfg.train.loc)
+    table = data.table
+    loc = prepare_loc(data.maps, table["x"].to_numpy(float) / table["grid_w"].to_numpy(float),
+                      table["y"].to_numpy(float) / table["grid_h"].to_numpy(float),
+                      table["presence"].to_numpy(float), splits)
+    with _bar(len(splits) * lhp.epochs, progress, "localisation head") as tick:
+        results = train_loc(loc, [(lhp, s) for s in range(len(splits))], progress=tick)
+    rows = np.concatenate([s.test for s in splits])
+    split = np.concatenate([np.full(len(s.test), i) for i, s in enumerate(splits)])
+    scores = np.concatenate([r.scores[s.test] for r, s in zip(results, splits)])
+    x, y, presence = decode_maps(scores, lhp.decode)
+    common = dict(table=table, n_splits=len(splits), pixel_mm=cfg.eval.pixel_mm, bootstrap=cfg.eval.bootstrap,
+                  seed=cfg.train.seed)
+    report = {"heatmap": summarise_loc(rows, split, x, y, presence, **common)}
+    if "x" in pooled.preds and "y" in pooled.preds:
+        px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
+        py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
+        pp = pooled.preds.get("presence")
+        report["pooled-regression"] = summarise_loc(pooled.rows, pooled.split, px, py, pp, **common)
+    first = np.array([names[s].seed == names[0].seed for s in split])
+    return LocOutcome(rows, split, x, y, presence, scores[first], report)
 
 
 def cross_validate(data: TrainData, cfg: Config, hp: HParams, progress: bool = False) -> CVResult:
@@ -115,6 +178,8 @@ def cross_validate(data: TrainData, cfg: Config, hp: HParams, progress: bool = F
         for kind, name in (("linear", "linear"), ("majority", "majority")):
             oof[name] = OutOfFold.collect(splits, baseline_predictions(prep, data.targets, kind))
     cv = CVResult(splits, names, prep, results, oof)
+    if data.maps is not None:
+        cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins)
     for model, preds in oof.items():
@@ -160,6 +225,18 @@ def refit(data: TrainData, cfg: Config, hp: HParams, cv: CVResult) -> Dict[str, 
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
+    if data.maps is not None:
+        lhp = LocHParams.of(cfg.train.loc)
+        table = data.table
+        loc = prepare_loc(data.maps, table["x"].to_numpy(float) / table["grid_w"].to_numpy(float),
+                          table["y"].to_numpy(float) / table["grid_h"].to_numpy(float),
+                          table["presence"].to_numpy(float), [split])
+        (loc_result,) = train_loc(loc, [(lhp, 0)], keep_state=True)
+        tensors.update({f"loc.{k}": v.contiguous() for k, v in loc_result.state.items()})
+        tensors.update({"loc_mean": loc.mean[0].contiguous(), "loc_std": loc.std[0].contiguous()})
+        spec["localisation"] = {"backbone": data.loc_spec, "provenance": _jsonable(data.loc_provenance),
+                                "channels": int(data.maps.shape[1]), "grid": list(loc.grid),
+                                "hparams": dict(lhp.__dict__)}
     return {"tensors": tensors, "spec": spec}
 
 
@@ -240,13 +317,17 @@ def confusion_frames(data: TrainData, cv: CVResult) -> Dict[str, pd.DataFrame]:
 def _fmt(entry: Optional[Dict[str, object]], digits: int = 3) -> str:
     if not entry:
         return "-"
+
+    def num(v: float) -> str:
+        return f"{v:.{digits - 1}e}" if v != 0 and abs(v) < 10 ** -(digits - 1) else f"{v:.{digits}f}"
+
     mean, std = entry.get("mean"), entry.get("std")
-    text = f"{mean:.{digits}f}" if mean == mean else "n/a"
+    text = num(mean) if mean == mean else "n/a"
     if std == std and std is not None:
-        text += f" ± {std:.{digits}f}"
+        text += f" ± {num(std)}"
     ci = entry.get("ci95")
     if ci:
-        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+        text += f" [{num(ci[0])}, {num(ci[1])}]"
     return text
 
 
@@ -266,6 +347,14 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) 
         for metric in names:
             cells = [_fmt(cv.reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
             lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
+    if cv.loc is not None:
+        heads = list(cv.loc.report)
+        lines += ["", f"Localisation ({data.loc_spec} maps, {cfg.train.loc.decode}; errors in pixels of the "
+                  "coordinate grid, nodule images only):", "",
+                  "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for metric in cv.loc.report["heatmap"]:
+            cells = [_fmt(cv.loc.report[h].get(metric)) for h in heads]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +399,44 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
         fig.savefig(folder / f"confusion_{task}.png", dpi=110)
         plt.close(fig)
         written.append(f"confusion_{task}.png")
+    if cv.loc is not None:
+        written += _gallery(folder, data, cv.loc, plt)
     return written
+
+
+def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) -> List[str]:
+    """Out-of-fold examples: X-ray, score map, true (green) and predicted (red) nodule centre."""
+    from pipeline.images import read_image
+
+    root = Path(str(data.cache_attrs.get("data_root", "")))
+    relpaths = data.table.get("relpath")
+    first_rows = loc.rows[:len(loc.scores)]
+    nodules = [i for i, r in enumerate(first_rows) if np.isfinite(data.table["x"].iloc[r])][:n]
+    if not nodules or relpaths is None:
+        return []
+    fig, axes = plt.subplots(2, (len(nodules) + 1) // 2, figsize=(3 * ((len(nodules) + 1) // 2), 6.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), nodules):
+        r = first_rows[i]
+        try:
+            image = read_image(root / relpaths.iloc[r])
+        except PipelineError:
+            return []
+        h, w = image.shape
+        ax.imshow(image, cmap="gray", extent=(0, 1, 1, 0))
+        heat = np.exp(loc.scores[i] - loc.scores[i].max())
+        ax.imshow(heat, cmap="inferno", alpha=0.45, extent=(0, 1, 1, 0), interpolation="bilinear")
+        tx = data.table["x"].iloc[r] / data.table["grid_w"].iloc[r]
+        ty = data.table["y"].iloc[r] / data.table["grid_h"].iloc[r]
+        ax.plot([tx], [ty], "o", mfc="none", mec="lime", ms=14, mew=2)
+        ax.plot([loc.x[i]], [loc.y[i]], "x", color="red", ms=10, mew=2)
+        err = np.hypot((loc.x[i] - tx) * data.table["grid_w"].iloc[r], (loc.y[i] - ty) * data.table["grid_h"].iloc[r])
+        ax.set_title(f"{data.table['id'].iloc[r]}: {err:.0f} px", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "localisation_gallery.png", dpi=100)
+    plt.close(fig)
+    return ["localisation_gallery.png"]
 
 
 @dataclass
@@ -340,6 +466,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                                    for s, a in data.provenance.items()},
                      "best_epochs": [r.best_epoch for r in cv.results]},
             "models": cv.reports,
+            **({"localisation": cv.loc.report} if cv.loc is not None else {}),
         }
         (tmp / "config.yaml").write_text(dump_config(cfg))
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=True))
