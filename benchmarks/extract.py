@@ -9,6 +9,12 @@ made in advance. Reported: medians over --repeats and their ratio.
 
 --memory makes synthetic data sets of 200 and 2000 images and measures the peak resident memory of a
 fresh extract-features process on each (main process and its decoding workers).
+
+--spatial compares a pooled-only cache with one that also holds the spatial maps (--spatial: 512 px,
+stage -2): extraction time and size on disk, same backbone and weights, in one run.
+
+    python benchmarks/extract.py --spatial --backbone lite0 \
+        --weights ../shared/weights/tf_efficientnet_lite0.in1k.safetensors
 """
 from __future__ import annotations
 
@@ -103,6 +109,23 @@ def memory(args) -> dict:
     return out
 
 
+def spatial(args) -> dict:
+    backbones = args.backbone or ["lite0"]
+    out = {"backbones": backbones, "weights": args.weights}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, enabled in (("pooled", False), ("pooled+spatial", True)):
+            cfg = load_config("paper", {"extract.backbones": backbones, "extract.weights": args.weights,
+                                        "extract.spatial.enabled": enabled, "extract.batch_size": args.batch_size})
+            path = Path(tmp) / f"{name}.h5"
+            started = time.perf_counter()
+            extract_features(args.data, path, cfg, progress=False)
+            out[name] = {"seconds": time.perf_counter() - started, "mib": path.stat().st_size / 2 ** 20}
+            print(f"{name}: {out[name]['seconds']:.1f} s, {out[name]['mib']:.1f} MiB", file=sys.stderr)
+    out["time_ratio"] = out["pooled+spatial"]["seconds"] / out["pooled"]["seconds"]
+    out["size_ratio"] = out["pooled+spatial"]["mib"] / out["pooled"]["mib"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "jsrt")
@@ -113,8 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="peak RSS at 200 vs 2000 images instead")
     parser.add_argument("--memory-backbone", default="resnet18")
+    parser.add_argument("--spatial", action="store_true", help="pooled-only vs pooled + spatial maps instead")
     args = parser.parse_args()
-    result = memory(args) if args.memory else throughput(args)
+    result = memory(args) if args.memory else spatial(args) if args.spatial else throughput(args)
     print(json.dumps(result, indent=2))
 
 
