@@ -86,6 +86,7 @@ class BackboneInfo:
     library: str
     arch: str
     feature_dim: int
+    input_size: int  # the input size the weights were trained at (informational: the config's size is used)
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     interpolation: str  # the interpolation the weights were trained with (informational)
@@ -291,7 +292,8 @@ def _build_timm(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tup
             classifier = cfg.get("classifier") or ()
             head = (classifier,) if isinstance(classifier, str) else tuple(classifier)
             _load_into(model, read_weights_file(path), head, parsed.spec, path)
-    facts = dict(feature_dim=int(model.num_features), mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+    facts = dict(feature_dim=int(model.num_features), input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+                 mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
                  std=tuple(cfg.get("std", IMAGENET_STD)), interpolation=str(cfg.get("interpolation", "bilinear")),
                  weights_id=wid)
     return model, facts
@@ -322,10 +324,8 @@ def _build_torchvision(parsed: BackboneSpec, weights: str, path: Optional[Path])
                 state = {(_DENSENET_LEGACY.sub(r"\1\2", k)): v for k, v in state.items()}
             _load_into(model, state, (arch.head, "aux1", "aux2"), parsed.spec, path)
     _set_module(model, arch.head, nn.Identity())
-    if parsed.arch == "googlenet":  # the pretrained builder keeps aux heads off in eval; drop them for clarity
-        model.aux1 = model.aux2 = None
-        model.aux_logits = False
-    facts = dict(feature_dim=arch.feature_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    facts = dict(feature_dim=arch.feature_dim, input_size=600 if parsed.arch == "efficientnet_b7" else 224,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  interpolation="bicubic" if parsed.arch == "efficientnet_b7" else "bilinear", weights_id=wid)
     return model, facts
 
@@ -351,7 +351,8 @@ def create_backbone(spec: str, weights: str = "imagenet", seed: int = 0) -> Tupl
         facts["weights_id"] = path.name
     model.eval().requires_grad_(False)
     info = BackboneInfo(spec=parsed.spec, library=parsed.library, arch=parsed.arch,
-                        feature_dim=facts["feature_dim"], mean=tuple(float(v) for v in facts["mean"]),
+                        feature_dim=facts["feature_dim"], input_size=facts["input_size"],
+                        mean=tuple(float(v) for v in facts["mean"]),
                         std=tuple(float(v) for v in facts["std"]), interpolation=facts["interpolation"],
                         weights="none" if mode == "none" else ("imagenet" if mode == "imagenet" else str(path)),
                         weights_id=facts["weights_id"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -257,9 +257,13 @@ def _row_space(x_train: np.ndarray, x_other: np.ndarray) -> Tuple[np.ndarray, np
 
     An L2-penalised linear model's optimal weights lie in that space (representer theorem), so fitting
     on these <= n_train coordinates is the same model as fitting on all D features, much faster when D >> n.
+    The orthonormal basis V = X^T U S^-1 comes from the n x n Gram matrix X X^T = U S^2 U^T (an eigenproblem
+    of size n instead of an SVD of the n x D matrix).
     """
-    _, _, vt = np.linalg.svd(x_train, full_matrices=False)
-    return x_train @ vt.T, x_other @ vt.T
+    eigval, eigvec = np.linalg.eigh(x_train @ x_train.T)
+    keep = eigval > eigval.max() * 1e-10  # drop the null space (standardised columns make rank <= n - 1)
+    basis = x_train.T @ (eigvec[:, keep] / np.sqrt(eigval[keep]))
+    return x_train @ basis, x_other @ basis
 
 
 def baseline_predictions(prep: Prepared, targets: Dict[str, np.ndarray], kind: str, c: float = 1.0,
@@ -306,11 +310,3 @@ def baseline_predictions(prep: Prepared, targets: Dict[str, np.ndarray], kind: s
                     preds[task.name] = model.predict(z_all) * std[0] + mean[0]
         results.append(preds)
     return results
-
-
-@dataclass
-class ModelReport:
-    """Metrics of one model: overall and per nodule-size bin."""
-
-    overall: Dict[str, Dict[str, Dict[str, object]]]
-    bins: Dict[str, Dict[str, Dict[str, Dict[str, object]]]] = field(default_factory=dict)

@@ -10,10 +10,6 @@ from typing import Iterator, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's content, read in chunks so large files need no memory."""
     digest = hashlib.sha256()
@@ -67,8 +63,3 @@ def atomic_output(path: PathLike, durable: bool = True) -> Iterator[Path]:
 def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)

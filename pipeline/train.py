@@ -296,6 +296,13 @@ def _train_stack(prep: Prepared, jobs: List[Job], curves: bool, keep_state: bool
     n_steps = math.ceil(max(len(r) for r in train_rows) / hp.batch_size)
     sites = 1 + hp.blocks
 
+    def held_out_loss(idx_k: torch.Tensor, valid_k: torch.Tensor) -> torch.Tensor:
+        """Each member's weighted loss on its split's padded rows (evaluation mode, no dropout)."""
+        idx, valid = idx_k[key_of], valid_k[key_of]
+        out = model(prep.x[split_of.unsqueeze(1), idx])
+        return total_loss(task_losses(out, idx, valid, split_of, prep, smoothing), lambdas, model.log_vars,
+                          hp.loss_weighting)
+
     for epoch in range(hp.epochs):
         model.train()
         orders = [rows[torch.randperm(len(rows), generator=g)] for rows, g in zip(train_rows, generators)]
@@ -318,10 +325,7 @@ def _train_stack(prep: Prepared, jobs: List[Job], curves: bool, keep_state: bool
             model.eval()
             with torch.no_grad():
                 if stopping:
-                    v_idx, v_valid = val_idx[key_of], val_valid[key_of]
-                    v_out = model(prep.x[split_of.unsqueeze(1), v_idx])
-                    v_loss = total_loss(task_losses(v_out, v_idx, v_valid, split_of, prep, smoothing), lambdas,
-                                        model.log_vars, hp.loss_weighting)
+                    v_loss = held_out_loss(val_idx, val_valid)
                     history["val_loss"].append(v_loss.tolist())
                     improved = v_loss < best_loss
                     best_loss = torch.where(improved, v_loss, best_loss)
@@ -330,11 +334,7 @@ def _train_stack(prep: Prepared, jobs: List[Job], curves: bool, keep_state: bool
                     for name, value in model.state_dict().items():
                         best[name][improved] = value[improved]
                 if curves:
-                    t_idx, t_valid = test_idx[key_of], test_valid[key_of]
-                    t_out = model(prep.x[split_of.unsqueeze(1), t_idx])
-                    t_loss = total_loss(task_losses(t_out, t_idx, t_valid, split_of, prep, smoothing), lambdas,
-                                        model.log_vars, hp.loss_weighting)
-                    history["test_loss"].append(t_loss.tolist())
+                    history["test_loss"].append(held_out_loss(test_idx, test_valid).tolist())
         if progress is not None:
             progress(len(jobs))
         if stopping and bool((since_best >= hp.early_stopping).all()):

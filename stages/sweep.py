@@ -85,7 +85,9 @@ def configurations(spec: SweepSpec) -> List[Dict[str, Any]]:
 
 
 def _metric_direction(metric: str) -> int:
-    return -1 if metric.split(".")[-1].startswith(("mse", "mae")) else 1
+    """+1 where higher is better (accuracy, F1, AUC, shares within a distance), -1 for errors."""
+    name = metric.split(".")[-1]
+    return -1 if name.startswith(("mse", "mae")) or name.endswith(("_px", "mae_norm", "mse_norm")) else 1
 
 
 def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np.ndarray, np.ndarray]:

@@ -93,6 +93,13 @@ def test_sixteen_bit_and_rgba_images_load(synthetic_dir):
     assert rgba.shape == (64, 64) and 0 <= rgba.min() and rgba.max() <= 1
 
 
+def test_nan_and_question_mark_are_missing_values(synthetic_dir):
+    _replace_row(synthetic_dir, 1, age="?", x="nan", y="NaN")
+    row = load_dataset(synthetic_dir).iloc[0]
+    assert math.isnan(row["age"]) and math.isnan(row["x"]) and math.isnan(row["y"])
+    assert row["subtlety"] == row["subtlety"]  # the other labels of the row stay
+
+
 def test_extra_columns_are_ignored(synthetic_dir):
     lines = _lines(synthetic_dir)
     _write_lines(synthetic_dir, [lines[0] + ",comment"] + [line + ",x" for line in lines[1:]])
@@ -194,6 +201,10 @@ BAD_CASES = {
     "subtlety_out_of_range": (lambda r: _replace_row(r, 2, subtlety="7"), "subtlety 7 is outside 1-5"),
     "x_beyond_grid": (lambda r: _replace_row(r, 2, x="2048"), "x 2048 is outside the 2048-pixel"),
     "negative_size": (lambda r: _replace_row(r, 2, size="-3"), "size -3 mm must be positive"),
+    "zero_size": (lambda r: _replace_row(r, 2, size="0"), "size 0 mm must be positive"),
+    "negative_age": (lambda r: _replace_row(r, 2, age="-4"), "age -4 is outside 0-130"),
+    "negative_x": (lambda r: _replace_row(r, 2, x="-1"), "x -1 is outside the 2048-pixel"),
+    "fractional_subtlety": (lambda r: _replace_row(r, 2, subtlety="2.5"), "subtlety '2.5' must be a whole number"),
     "unmapped_position": (lambda r: _replace_row(r, 2, position="r.upper lobe(S99)"),
                           "lobe 'r.upper lobe\\(S99\\)' is not mapped"),
     "unmapped_diagnosis": (lambda r: _replace_row(r, 2, diagnosis="dragon"), "diagnosis 'dragon' is not mapped"),

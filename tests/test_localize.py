@@ -79,3 +79,18 @@ def test_the_head_finds_synthetic_nodules(tmp_path):
                      cache=cache)
     assert {"loc_x", "loc_y", "loc_presence_prob"} <= set(result.table.columns)
     assert (tmp_path / "pred_overlays" / "JPCLN001.png").exists()
+
+
+def test_the_localisation_head_is_sweepable(synthetic_master, tmp_path):
+    from stages.sweep import run_sweep
+
+    cache = tmp_path / "c.h5"
+    extract_features(synthetic_master, cache, tiny_config(**SPATIAL), progress=False)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("rank_by: loc.within_200px\nfolds: 3\ntest_fraction: 0.25\n"
+                     "params:\n  train.loc.hidden: [8, 16]\n  train.loc.sigma: [0.5, 1.5]\n")
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 3, "train.epochs": 2})
+    result = run_sweep(cache, tmp_path / "s", cfg, sweep, progress=False)
+    ranking = result.ranking
+    assert result.n_configs == 4 and "val_loc.median_px" in ranking and "val_loc.presence_auc" in ranking
+    assert list(ranking["val_loc.within_200px"]) == sorted(ranking["val_loc.within_200px"], reverse=True)
