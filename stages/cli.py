@@ -300,8 +300,9 @@ def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet (online), none, or NAME=FILE.")
 @click.option("--config", "config_path", default="paper", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace existing tables.")
+@click.option("--no-progress", is_flag=True)
 @logging_options
-def paper_cmd(data: Path, out: Path, weights: str, config_path: str, overwrite: bool) -> None:
+def paper_cmd(data: Path, out: Path, weights: str, config_path: str, overwrite: bool, no_progress: bool) -> None:
     """The whole reproduction: extract every backbone the tables need once, then the tables."""
     from stages.extract import extract_features
     from stages.tables import reproduce_tables
@@ -312,8 +313,8 @@ def paper_cmd(data: Path, out: Path, weights: str, config_path: str, overwrite: 
     cfg.extract.backbones = list(dict.fromkeys(cfg.tables.resmtnet + cfg.tables.backbones))
     cache = out / "features.h5"
     out.mkdir(parents=True, exist_ok=True)
-    extract_features(data, cache, cfg)
-    result = reproduce_tables(cache, out / "tables", cfg, overwrite=overwrite)
+    extract_features(data, cache, cfg, progress=not no_progress)
+    result = reproduce_tables(cache, out / "tables", cfg, overwrite=overwrite, progress=not no_progress)
     click.echo(f"tables: {result.out / 'tables.md'} (cache {cache})")
 
 

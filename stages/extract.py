@@ -324,7 +324,8 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
                          num_workers, pin_memory=extractor.cuda)
     started = time.perf_counter()
     desc = f"extract {next(iter(pending))}" if len(pending) == 1 else f"extract {len(pending)} backbones"
-    with tqdm(total=n_todo, unit="img", desc=desc, disable=not progress or not n_todo,
+    # disable=None: tqdm shows the bar on a terminal only, so logs of batch jobs stay clean
+    with tqdm(total=n_todo, unit="img", desc=desc, disable=None if progress and n_todo else True,
               dynamic_ncols=True, leave=False) as bar:
         for b, batch in zip(todo, loader):
             read_error(batch, skip_bad)

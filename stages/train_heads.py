@@ -193,7 +193,9 @@ def cross_validate(data: TrainData, cfg: Config, hp: HParams, progress: bool = F
 
 @contextlib.contextmanager
 def _bar(total: int, enabled: bool, desc: str) -> Iterator[Callable[[int], None]]:
-    with tqdm(total=total, unit="epoch", desc=desc, disable=not enabled, leave=False, dynamic_ncols=True) as bar:
+    # disable=None: tqdm shows the bar on a terminal only, so logs of batch jobs stay clean
+    with tqdm(total=total, unit="epoch", desc=desc, disable=None if enabled else True, leave=False,
+              dynamic_ncols=True) as bar:
         yield bar.update
 
 
