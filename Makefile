@@ -31,7 +31,7 @@ demo: $(STAMP)
 # The paper's reproduction: every backbone the tables need, extracted once, then Tables 1-4.
 # Online: the ImageNet weights download on first use. Offline: WEIGHTS=none (random init; the tables say so).
 paper: $(STAMP)
-	$(BIN)/resmtnet paper --data $(JSRT) --out $(PAPER) --weights $(WEIGHTS)
+	$(BIN)/resmtnet paper --data $(JSRT) --out $(PAPER) --weights $(WEIGHTS) --overwrite
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q flake8
