@@ -121,9 +121,13 @@ def write_cache(path: Path, content: CacheContent) -> None:
     tmp = temp_sibling(path)
     n_rows = len(content.images)
     try:
+        created = utc_now()
+        if content.keep_from is not None:
+            with h5py.File(content.keep_from, "r") as old:
+                created = str(old.attrs.get("created_utc", created))
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             write_attrs(f, {"format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False,
-                            **content.root_attrs})
+                            "created_utc": created, **content.root_attrs})
             _write_images(f, content.images)
             _write_labels(f, content.labels)
             if content.keep_from is not None and any(content.keep.values()):
