@@ -109,9 +109,11 @@ class LocData:
         return tuple(self.maps.shape[2:])
 
 
-def prepare_loc(maps: np.ndarray, x_frac: np.ndarray, y_frac: np.ndarray, presence: np.ndarray,
-                splits: Sequence[Split]) -> LocData:
-    """x_frac, y_frac: nodule centres as fractions of the coordinate grid (NaN when unknown)."""
+def prepare_loc(maps: np.ndarray, table, splits: Sequence[Split]) -> LocData:
+    """Maps of every row and the label table (x, y in their coordinate grid, presence) -> LocData."""
+    x_frac = table["x"].to_numpy(float) / table["grid_w"].to_numpy(float)
+    y_frac = table["y"].to_numpy(float) / table["grid_h"].to_numpy(float)
+    presence = table["presence"].to_numpy(float)
     t = torch.from_numpy(np.ascontiguousarray(maps))
     means, stds = [], []
     for split in splits:

@@ -178,9 +178,7 @@ def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split]
     """Train every configuration's localisation head on the validation splits (stacked where shapes agree);
     returns (config, split) -> {'loc.<metric>': value} on that split's validation rows."""
     table = data.table
-    loc = prepare_loc(data.maps, table["x"].to_numpy(float) / table["grid_w"].to_numpy(float),
-                      table["y"].to_numpy(float) / table["grid_h"].to_numpy(float),
-                      table["presence"].to_numpy(float), splits)
+    loc = prepare_loc(data.maps, table, splits)
     lhps = [LocHParams.of(c.train.loc) for c in cfgs]
     jobs = [(h, s) for h in lhps for s in range(len(splits))]
     with _bar(sum(h.epochs for h, _ in jobs), progress, "sweep localisation") as tick:

@@ -144,9 +144,7 @@ def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Seque
     """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
     lhp = LocHParams.of(cfg.train.loc)
     table = data.table
-    loc = prepare_loc(data.maps, table["x"].to_numpy(float) / table["grid_w"].to_numpy(float),
-                      table["y"].to_numpy(float) / table["grid_h"].to_numpy(float),
-                      table["presence"].to_numpy(float), splits)
+    loc = prepare_loc(data.maps, table, splits)
     with _bar(len(splits) * lhp.epochs, progress, "localisation head") as tick:
         results = train_loc(loc, [(lhp, s) for s in range(len(splits))], progress=tick)
     rows = np.concatenate([s.test for s in splits])
@@ -229,10 +227,7 @@ def refit(data: TrainData, cfg: Config, hp: HParams, cv: CVResult) -> Dict[str, 
     }
     if data.maps is not None:
         lhp = LocHParams.of(cfg.train.loc)
-        table = data.table
-        loc = prepare_loc(data.maps, table["x"].to_numpy(float) / table["grid_w"].to_numpy(float),
-                          table["y"].to_numpy(float) / table["grid_h"].to_numpy(float),
-                          table["presence"].to_numpy(float), [split])
+        loc = prepare_loc(data.maps, data.table, [split])
         (loc_result,) = train_loc(loc, [(lhp, 0)], keep_state=True)
         tensors.update({f"loc.{k}": v.contiguous() for k, v in loc_result.state.items()})
         tensors.update({"loc_mean": loc.mean[0].contiguous(), "loc_std": loc.std[0].contiguous()})
