@@ -190,7 +190,7 @@ def test_local_weights_file_round_trip_and_hash(tmp_path):
 # ------------------------------------------------------------------------------------- kill -9
 
 KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import json, os, signal, sys
     sys.path.insert(0, {repo!r})
     from tests.helpers import tiny_config
     import cache.journal, cache.writer
@@ -218,7 +218,8 @@ KILLER = textwrap.dedent("""
         cache.journal.os.replace = replace
     elif where == "hdf5":        # in the middle of writing the new HDF5 file
         cache.writer.write_attrs = die_after(cache.writer.write_attrs)
-    extract_features(sys.argv[3], sys.argv[4], tiny_config(), progress=False)
+    overrides = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {{}}
+    extract_features(sys.argv[3], sys.argv[4], tiny_config(**overrides), progress=False)
 """)
 
 

@@ -94,3 +94,27 @@ def test_the_localisation_head_is_sweepable(synthetic_master, tmp_path):
     ranking = result.ranking
     assert result.n_configs == 4 and "val_loc.median_px" in ranking and "val_loc.presence_auc" in ranking
     assert list(ranking["val_loc.within_200px"]) == sorted(ranking["val_loc.within_200px"], reverse=True)
+
+
+@pytest.mark.slow
+def test_killed_spatial_extraction_resumes_to_the_same_cache(synthetic_master, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from cache.journal import journal_dir
+    from tests.test_extract import KILLER, REPO
+
+    reference = tmp_path / "ref.h5"
+    extract_features(synthetic_master, reference, tiny_config(**SPATIAL), progress=False)
+    path = tmp_path / "c.h5"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(script), "journal", "3", str(synthetic_master), str(path),
+                           json.dumps(SPATIAL)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(list(journal_dir(path).glob("batch-*.npz"))) == 3 and not path.exists()
+    summary = extract_features(synthetic_master, path, tiny_config(**SPATIAL), progress=False)
+    assert summary.n_computed_images == 24 - 3 * 4
+    assert_same_cache(path, reference)
