@@ -408,7 +408,9 @@ def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) ->
     root = Path(str(data.cache_attrs.get("data_root", "")))
     relpaths = data.table.get("relpath")
     first_rows = loc.rows[:len(loc.scores)]
-    nodules = [i for i, r in enumerate(first_rows) if np.isfinite(data.table["x"].iloc[r])][:n]
+    nodules = [i for i, r in enumerate(first_rows) if np.isfinite(data.table["x"].iloc[r])]
+    # evenly spread over the rows, not the first few: JSRT lists its most obvious nodules first
+    nodules = [nodules[int(k)] for k in np.unique(np.linspace(0, len(nodules) - 1, min(n, len(nodules))).round())]
     if not nodules or relpaths is None:
         return []
     fig, axes = plt.subplots(2, (len(nodules) + 1) // 2, figsize=(3 * ((len(nodules) + 1) // 2), 6.2), squeeze=False)
