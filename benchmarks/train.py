@@ -11,7 +11,6 @@ alone. All three train the same jobs with the same random numbers; times are med
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -23,10 +22,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config, set_dotted  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate import make_splits  # noqa: E402
 from pipeline.train import Job, prepare, train_jobs  # noqa: E402
-from stages.sweep import configurations, load_sweep  # noqa: E402
+from stages.sweep import config_variants, configurations, load_sweep  # noqa: E402
 from stages.train_heads import cross_validate, hparams, load_train_data  # noqa: E402
 
 
@@ -60,12 +59,7 @@ def main() -> None:
 
     spec = load_sweep(args.sweep)
     choices = configurations(spec)[:args.configs]
-    hps = []
-    for choice in choices:
-        c = copy.deepcopy(cfg)
-        for key, value in choice.items():
-            set_dotted(c, key, value)
-        hps.append(hparams(c, data.tasks))
+    hps = [hparams(c, data.tasks) for c in config_variants(cfg, choices)]
     splits, _ = make_splits(data.table, data.rows, cfg.eval)
     prep = prepare(data.features, data.targets, data.tasks, splits)
     jobs = [Job(h, s) for h in hps for s in range(len(splits))]

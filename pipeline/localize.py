@@ -271,34 +271,41 @@ def loc_metrics(dx_px: np.ndarray, dy_px: np.ndarray, radius_px: np.ndarray, gri
     return out
 
 
+def nodule_errors(table, rows: np.ndarray, x_frac: np.ndarray, y_frac: np.ndarray, pixel_mm: float) -> tuple:
+    """Of `rows` with a known nodule centre: (mask, dx, dy, radius, grid width), all in grid pixels."""
+    x, y = table["x"].to_numpy(dtype=float)[rows], table["y"].to_numpy(dtype=float)[rows]
+    gw, gh = table["grid_w"].to_numpy(dtype=float)[rows], table["grid_h"].to_numpy(dtype=float)[rows]
+    radius = table["size_mm"].to_numpy(dtype=float)[rows] / 2 / pixel_mm
+    nod = np.isfinite(x) & np.isfinite(y)
+    return nod, x_frac[nod] * gw[nod] - x[nod], y_frac[nod] * gh[nod] - y[nod], radius[nod], gw[nod]
+
+
+def localisation_metrics(table, rows: np.ndarray, x_frac: np.ndarray, y_frac: np.ndarray,
+                         presence_score: Optional[np.ndarray], pixel_mm: float) -> Dict[str, np.ndarray]:
+    """loc_metrics of predicted centres (fractions of the grid) for `rows`, and the presence AUC where known."""
+    _, dx, dy, radius, grid = nodule_errors(table, rows, x_frac, y_frac, pixel_mm)
+    res = loc_metrics(dx, dy, radius, grid)
+    pres = table["presence"].to_numpy(dtype=float)[rows]
+    known = np.isfinite(pres)
+    if presence_score is not None and known.any():
+        res["presence_auc"] = roc_auc(pres[known], presence_score[known])
+    return res
+
+
 def summarise_loc(rows: np.ndarray, split: np.ndarray, x_pred: np.ndarray, y_pred: np.ndarray,
                   presence_score: Optional[np.ndarray], table, n_splits: int, pixel_mm: float,
                   bootstrap: int, seed: int) -> Dict[str, Dict[str, object]]:
     """Per metric: mean ± std over splits, pooled value and a bootstrap CI (out-of-fold predictions)."""
-    x = table["x"].to_numpy(dtype=float)[rows]
-    y = table["y"].to_numpy(dtype=float)[rows]
-    gw = table["grid_w"].to_numpy(dtype=float)[rows]
-    gh = table["grid_h"].to_numpy(dtype=float)[rows]
-    size = table["size_mm"].to_numpy(dtype=float)[rows]
-    pres = table["presence"].to_numpy(dtype=float)[rows]
-    nod = np.isfinite(x) & np.isfinite(y)
-    radius = size / 2 / pixel_mm
-
     def metrics(sel):
-        m = sel & nod
-        res = loc_metrics(x_pred[m] * gw[m] - x[m], y_pred[m] * gh[m] - y[m], radius[m], gw[m])
-        known = sel & np.isfinite(pres)
-        if presence_score is not None and known.any():
-            res["presence_auc"] = roc_auc(pres[known], presence_score[known])
-        return res
+        score = None if presence_score is None else presence_score[sel]
+        return localisation_metrics(table, rows[sel], x_pred[sel], y_pred[sel], score, pixel_mm)
 
     per_split = [metrics(split == s) for s in range(n_splits)]
     pooled = metrics(np.ones(len(rows), dtype=bool))
-    counts = bootstrap_counts(int(nod.sum()), bootstrap, seed) if bootstrap and nod.any() else None
+    nod, dx, dy, radius, grid = nodule_errors(table, rows, x_pred, y_pred, pixel_mm)
     boot = {}
-    if counts is not None:
-        boot = loc_metrics(x_pred[nod] * gw[nod] - x[nod], y_pred[nod] * gh[nod] - y[nod], radius[nod], gw[nod],
-                           weights=counts)
+    if bootstrap and nod.any():
+        boot = loc_metrics(dx, dy, radius, grid, weights=bootstrap_counts(int(nod.sum()), bootstrap, seed))
     out: Dict[str, Dict[str, object]] = {}
     for name, value in pooled.items():
         folds = np.array([float(p.get(name, np.nan)) for p in per_split])

@@ -105,7 +105,6 @@ class Images:
     paths: List[str]
     size: np.ndarray
     mtime: np.ndarray
-    rows: np.ndarray  # index of each row in the full data set
 
 
 @dataclass
@@ -222,7 +221,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
     stats = [os.stat(p) for p in paths]
     now = Images(ids=[all_ids[r] for r in rows], paths=paths,
                  size=np.array([st.st_size for st in stats], dtype=np.int64),
-                 mtime=np.array([st.st_mtime_ns for st in stats], dtype=np.int64), rows=rows)
+                 mtime=np.array([st.st_mtime_ns for st in stats], dtype=np.int64))
     labels = {k: v[rows] for k, v in label_columns(table).items()}
     fused = {name: _resolve_all(members) for name, members in ecfg.fused.items()} if num_shards == 1 else {}
     summary = ExtractSummary(cache=out_path, n_images=len(rows))

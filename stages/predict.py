@@ -147,6 +147,11 @@ def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, st
                           int(stage))
 
 
+def _rows_by_hash(cache: FeatureCache) -> Dict[str, int]:
+    """Content hash -> row of a cache's images."""
+    return {h.decode(): i for i, h in enumerate(cache.image_column("sha256"))}
+
+
 def _from_cache(cache: Path, head: Head, hashes: List[str]) -> Dict[int, np.ndarray]:
     """Features of the images that a matching cache already holds (image index -> fused vector)."""
     with FeatureCache(cache) as c:
@@ -156,7 +161,7 @@ def _from_cache(cache: Path, head: Head, hashes: List[str]) -> Dict[int, np.ndar
                     entry.attrs.get("preprocess") != head.backbone(spec).get("preprocess"):
                 raise CacheError(f"cache {cache} does not hold {spec} features made as the head's (other weights or "
                                  "preprocessing); predict without --cache, or use the cache the head was trained on")
-        row_of = {h.decode(): i for i, h in enumerate(c.image_column("sha256"))}
+        row_of = _rows_by_hash(c)
         found = {i: row_of[h] for i, h in enumerate(hashes) if h in row_of}
         if not found:
             return {}
@@ -253,7 +258,7 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
     """True nodule centres (fractions) of images that the cache holds with labels."""
     with FeatureCache(cache) as c:
         labels = c.labels()
-        row_of = {h.decode(): i for i, h in enumerate(c.image_column("sha256"))}
+        row_of = _rows_by_hash(c)
     out = {}
     for i, h in enumerate(hashes):
         r = row_of.get(h)

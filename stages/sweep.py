@@ -24,7 +24,7 @@ from pipeline.config import Config, build, dump_config, load_yaml, set_dotted
 from pipeline.errors import ConfigError
 from pipeline.evaluate import decode, make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
 from pipeline.fsutil import atomic_write_text
-from pipeline.localize import LocHParams, decode_maps, loc_metrics, prepare_loc, train_loc
+from pipeline.localize import LocHParams, decode_maps, localisation_metrics, prepare_loc, train_loc
 from pipeline.train import HParams, Job, Split, prepare, train_jobs
 from stages.train_heads import TrainData, _bar, hparams, load_train_data, staged_dir
 
@@ -84,6 +84,17 @@ def configurations(spec: SweepSpec) -> List[Dict[str, Any]]:
     return out
 
 
+def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
+    """One copy of `cfg` per sweep choice, with the choice's keys set (type-checked like CLI overrides)."""
+    out = []
+    for choice in choices:
+        c = copy.deepcopy(cfg)
+        for key, value in choice.items():
+            set_dotted(c, key, value)
+        out.append(c)
+    return out
+
+
 def _metric_direction(metric: str) -> int:
     """+1 where higher is better (accuracy, F1, AUC, shares within a distance), -1 for errors."""
     name = metric.split(".")[-1]
@@ -107,12 +118,7 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     if task_name not in rankable or not metric:
         raise ConfigError(f"{sweep_path}: rank_by '{spec.rank_by}' must be <task>.<metric> with a trained task")
     configs = configurations(spec)
-    cfgs: List[Config] = []
-    for choice in configs:
-        c = copy.deepcopy(cfg)
-        for key, value in choice.items():
-            set_dotted(c, key, value)
-        cfgs.append(c)
+    cfgs = config_variants(cfg, configs)
     hps = [hparams(c, data.tasks) for c in cfgs]
     dev_rows, test_rows = development_split(data, cfg, spec)
     eval_cfg = copy.deepcopy(cfg.eval)
@@ -183,18 +189,11 @@ def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split]
     jobs = [(h, s) for h in lhps for s in range(len(splits))]
     with _bar(sum(h.epochs for h, _ in jobs), progress, "sweep localisation") as tick:
         results = train_loc(loc, jobs, progress=tick)
-    gw, gh = table["grid_w"].to_numpy(float), table["grid_h"].to_numpy(float)
-    x, y = table["x"].to_numpy(float), table["y"].to_numpy(float)
-    radius = table["size_mm"].to_numpy(float) / 2 / cfgs[0].eval.pixel_mm
-    presence = table["presence"].to_numpy(float)
 
     def metrics(c: int, s: int) -> Dict[str, float]:
         test = splits[s].test
         px, py, pp = decode_maps(results[c * len(splits) + s].scores[test], lhps[c].decode)
-        nod = np.isfinite(x[test])
-        t = test[nod]
-        res = loc_metrics(px[nod] * gw[t] - x[t], py[nod] * gh[t] - y[t], radius[t], gw[t],
-                          presence[test], pp)
+        res = localisation_metrics(table, test, px, py, pp, cfgs[c].eval.pixel_mm)
         return {f"loc.{k}": float(v) for k, v in res.items()}
     return metrics
 

@@ -20,7 +20,8 @@ from cache.reader import FeatureCache
 from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
 from pipeline.errors import CacheError
 from pipeline.evaluate import size_bin_labels
-from stages.train_heads import MODEL_NAME, cross_validate, hparams, load_train_data, staged_dir
+from stages.train_heads import (MODEL_NAME, cross_validate, format_entry, format_number, hparams, load_train_data,
+                                staged_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +60,8 @@ def add_command(cache: Path, missing: Sequence[str], facts: Dict[str, object]) -
 
 
 def _cell(entry: Optional[Dict[str, object]], paper: Optional[float], digits: int) -> str:
-    ours = "n/a"
-    if entry and entry.get("mean") == entry.get("mean"):
-        ours = _num(entry["mean"], digits)
-        if entry.get("std") == entry.get("std") and entry.get("std") is not None:
-            ours += f" ± {_num(entry['std'], digits)}"
-    return ours + (f" ({_num(paper, digits)})" if paper is not None else "")
-
-
-def _num(value: float, digits: int) -> str:
-    if value != 0 and abs(value) < 10 ** -(digits - 1):
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}f}"
+    ours = format_entry(entry, digits) if entry else "n/a"
+    return ours + (f" ({format_number(paper, digits)})" if paper is not None else "")
 
 
 def _paper(paper: Dict, table: str, row: str, task: str, i: int) -> Optional[float]:

@@ -311,20 +311,22 @@ def confusion_frames(data: TrainData, cv: CVResult) -> Dict[str, pd.DataFrame]:
     return out
 
 
-def _fmt(entry: Optional[Dict[str, object]], digits: int = 3) -> str:
+def format_number(value: float, digits: int = 3) -> str:
+    """Fixed digits, or scientific notation where fixed would show only zeros."""
+    return f"{value:.{digits - 1}e}" if value != 0 and abs(value) < 10 ** -(digits - 1) else f"{value:.{digits}f}"
+
+
+def format_entry(entry: Optional[Dict[str, object]], digits: int = 3) -> str:
+    """A metric entry as "mean ± std [CI]" ('-' without an entry, 'n/a' without a mean)."""
     if not entry:
         return "-"
-
-    def num(v: float) -> str:
-        return f"{v:.{digits - 1}e}" if v != 0 and abs(v) < 10 ** -(digits - 1) else f"{v:.{digits}f}"
-
     mean, std = entry.get("mean"), entry.get("std")
-    text = num(mean) if mean == mean else "n/a"
+    text = format_number(mean, digits) if mean == mean else "n/a"
     if std == std and std is not None:
-        text += f" ± {num(std)}"
+        text += f" ± {format_number(std, digits)}"
     ci = entry.get("ci95")
     if ci:
-        text += f" [{num(ci[0])}, {num(ci[1])}]"
+        text += f" [{format_number(ci[0], digits)}, {format_number(ci[1], digits)}]"
     return text
 
 
@@ -342,7 +344,7 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) 
     for task in data.tasks:
         names = list(cv.reports[MODEL_NAME]["overall"].get(task.name, {}))
         for metric in names:
-            cells = [_fmt(cv.reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
+            cells = [format_entry(cv.reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
             lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
     if cv.loc is not None:
         heads = list(cv.loc.report)
@@ -350,7 +352,7 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) 
                   "coordinate grid, nodule images only):", "",
                   "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
         for metric in cv.loc.report["heatmap"]:
-            cells = [_fmt(cv.loc.report[h].get(metric)) for h in heads]
+            cells = [format_entry(cv.loc.report[h].get(metric)) for h in heads]
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
