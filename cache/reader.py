@@ -142,6 +142,11 @@ class FeatureCache:
         present = self.entries(group)
         if name in present:
             return name
+        # a spec without its weights tag ('timm:resnet18' for 'timm:resnet18.a1_in1k'): no library import needed
+        untagged = [s for s in present if s.split(":", 1)[-1].split(".", 1)[0] == name.split(":", 1)[-1]
+                    and s.split(":", 1)[0] == name.split(":", 1)[0] and ":" in name]
+        if len(untagged) == 1:
+            return untagged[0]
         try:
             spec = parse_spec(name).spec
         except BackboneError:

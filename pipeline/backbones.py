@@ -108,8 +108,10 @@ def parse_spec(name: str) -> BackboneSpec:
     """Resolve a short name or spec to its canonical form without building anything."""
     key = name.strip()
     key = ALIASES.get(key.lower(), key)
-    if key.lower() in REGISTRY:
-        key = REGISTRY[key.lower()].spec
+    if key.lower() in REGISTRY:  # a registered spec is complete and valid: no library import needed
+        library, _, rest = REGISTRY[key.lower()].spec.partition(":")
+        arch, _, tag = rest.partition(".")
+        return BackboneSpec(library, arch, tag)
     if ":" not in key:
         raise BackboneError(f"unknown backbone '{name}'; valid: {valid_names()}")
     library, _, rest = key.partition(":")

@@ -95,7 +95,21 @@ PAPER_TASKS = ["subtlety", "state", "presence", "lobe", "diagnosis", "x", "y", "
 
 
 @dataclass
-class LocConfig:
+class OptimConfig:
+    """What the stacked trainer reads from a head's section (train, and train.loc for the localisation head)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 100  # the most epochs; with early_stopping the count is chosen on inner validation rows
+    batch_size: int = 32
+    early_stopping: int = 10  # patience in epochs on the inner validation split; 0 = train all epochs
+    loss_weighting: str = "fixed"  # fixed (lambdas) | uncertainty (Kendall et al. 2018) | dwa (Liu et al. 2019)
+    weighting_lr: float = 0.01  # uncertainty: Adam lr of the log variances (own group, no weight decay)
+    dwa_temperature: float = 2.0  # dwa: softmax temperature
+
+
+@dataclass
+class LocConfig(OptimConfig):
     """The localisation head: a per-cell nodule score over a cached feature map (extract-features --spatial)."""
 
     enabled: bool = False
@@ -104,7 +118,7 @@ class LocConfig:
     context: int = 0  # 3x3 convolutions after the per-cell layer (spatial context); 0 = per cell only
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 16
     sigma: float = 1.0  # width of the Gaussian target around the nodule, in cells
     presence_weight: float = 1.0  # weight of the presence loss (BCE on the map's maximum)
@@ -112,29 +126,27 @@ class LocConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimConfig):
     features: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # concatenated
-    tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))
+    tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))  # built-in tasks or any label column
+    task_kinds: Dict[str, str] = field(default_factory=dict)  # task -> multiclass | binary | regression
     lambdas: Dict[str, float] = field(default_factory=dict)  # task -> weight; a task not named weighs 1
-    loss_weighting: str = "fixed"  # fixed (lambdas) | uncertainty (learned, Kendall et al. 2018)
     non_nodule: str = "mask"  # images without a nodule in subtlety/lobe/diagnosis: mask | class ('none')
     hidden: int = 512
     blocks: int = 1
     dropout: float = 0.5
     label_smoothing: float = 0.1
-    lr: float = 1e-4  # Adam, as the paper
-    weight_decay: float = 0.0
-    epochs: int = 30
-    batch_size: int = 32
-    early_stopping: int = 0  # patience in epochs on an inner validation split; 0 = off
-    val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping only)
+    val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping)
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     loc: LocConfig = field(default_factory=LocConfig)
 
 
 @dataclass
 class EvalConfig:
-    protocol: str = "kfold"  # kfold | holdout
+    protocol: str = "kfold"  # kfold | holdout | insample (training-set scores) | contaminated
+    seen_fraction: float = 0.0  # contaminated: share of each fold's training rows also scored
+    control: str = "none"  # none | noise: Gaussian noise instead of the features (a no-information row)
     folds: int = 5
     seeds: List[int] = field(default_factory=lambda: [0])
     holdout_fraction: float = 0.2

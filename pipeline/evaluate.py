@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from .config import EvalConfig
 from .errors import ConfigError
-from .metrics import accuracy, bootstrap_counts, f1_scores, mae, mse, roc_auc
+from .metrics import bootstrap_counts
 from .tasks import TaskSpec, labelled
-from .train import Layout, Prepared, Split, standardiser
+from .train import Split
+
+PROTOCOLS = ("kfold", "holdout", "insample", "contaminated")
+CONTROLS = ("none", "noise")
+#: The first line of every output of a run scored on rows it was trained on.
+INSAMPLE_WARNING = ("WARNING: training-set scores (eval.protocol {protocol}): the head was scored on rows it was "
+                    "trained on; these numbers are not an estimate of performance on new images.")
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,8 @@ def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.nd
 def stratified_subset(rows: np.ndarray, labels: np.ndarray, fraction: float,
                       seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Split `rows` into (rest, part) with `part` about `fraction` of them, stratified when possible."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
     n_part = max(1, int(round(fraction * len(rows))))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,61 +60,68 @@ def stratified_subset(rows: np.ndarray, labels: np.ndarray, fraction: float,
 
 def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fraction: float = 0.0
                 ) -> Tuple[List[Split], List[SplitName]]:
-    """k-fold (stratified, repeated over seeds) or hold-out splits of `rows`; optional inner validation.
+    """The splits of `rows` that eval.protocol names, repeated over eval.seeds; optional inner validation.
 
-    Test rows never enter training or the inner validation; each split's standardisation uses its
-    training rows alone (train.prepare).
+    kfold (stratified) and holdout: test rows never enter training or the inner validation. insample: one
+    split per seed trained and scored on every row (no inner validation). contaminated: the k folds, each
+    scoring its test rows plus a share (eval.seen_fraction) of its training rows. Each split's
+    standardisation uses its training rows alone (model.prepare).
     """
+    if ecfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol '{ecfg.protocol}' must be one of {', '.join(PROTOCOLS)}")
+    if not 0 <= ecfg.seen_fraction <= 1:
+        raise ConfigError(f"eval.seen_fraction {ecfg.seen_fraction} must be in [0, 1]")
     labels = stratify_labels(table, ecfg.stratify, rows)
     splits, names = [], []
     for seed in ecfg.seeds:
-        if ecfg.protocol == "kfold":
+        if ecfg.protocol == "insample":
+            splits.append(Split(train=np.sort(rows), test=np.sort(rows), key=seed * 1000))
+            names.append(SplitName(seed, 0))
+            continue
+        if ecfg.protocol in ("kfold", "contaminated"):
+            from sklearn.model_selection import StratifiedKFold
+
             if not 2 <= ecfg.folds <= len(rows):
                 raise ConfigError(f"eval.folds {ecfg.folds} must be between 2 and the number of images {len(rows)}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # small classes: sklearn warns, the folds are still valid
                 folds = list(StratifiedKFold(ecfg.folds, shuffle=True, random_state=seed).split(rows, labels))
-        elif ecfg.protocol == "holdout":
+        else:
             if not 0 < ecfg.holdout_fraction < 1:
                 raise ConfigError(f"eval.holdout_fraction {ecfg.holdout_fraction} must be in (0, 1)")
             train, test = stratified_subset(np.arange(len(rows)), labels, ecfg.holdout_fraction, seed)
             folds = [(train, test)]
-        else:
-            raise ConfigError(f"eval.protocol '{ecfg.protocol}' must be kfold or holdout")
         for fold, (train, test) in enumerate(folds):
             train_rows, test_rows = np.sort(rows[train]), np.sort(rows[test])
             val_rows = np.zeros(0, dtype=np.int64)
             if val_fraction > 0:
                 inner_labels = stratify_labels(table, ecfg.stratify, train_rows)
                 train_rows, val_rows = stratified_subset(train_rows, inner_labels, val_fraction, seed * 7919 + fold)
+            if ecfg.protocol == "contaminated" and ecfg.seen_fraction > 0:
+                seen = train_rows
+                if ecfg.seen_fraction < 1:
+                    _, seen = stratified_subset(train_rows, stratify_labels(table, ecfg.stratify, train_rows),
+                                                ecfg.seen_fraction, seed * 104729 + fold)
+                test_rows = np.sort(np.concatenate([test_rows, seen]))
             splits.append(Split(train=train_rows, test=test_rows, val=val_rows, key=seed * 1000 + fold))
             names.append(SplitName(seed, fold))
     return splits, names
 
 
-# --------------------------------------------------------------------------------------------------
-# decoding outputs
+def scores_training_rows(ecfg: EvalConfig) -> bool:
+    """Whether a protocol scores rows the head was trained on (its outputs then carry INSAMPLE_WARNING)."""
+    return ecfg.protocol == "insample" or (ecfg.protocol == "contaminated" and ecfg.seen_fraction > 0)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def decode(outputs: np.ndarray, layout: Layout, reg_mean: np.ndarray, reg_std: np.ndarray) -> Dict[str, np.ndarray]:
-    """Raw head outputs (n, O) -> per task: class probabilities (n, C), P(positive) (n,), or value (n,)."""
-    out: Dict[str, np.ndarray] = {}
-    for task, sl in zip(layout.tasks, layout.slices):
-        z = outputs[:, sl]
-        if task.kind == "multiclass":
-            out[task.name] = softmax(z)
-        elif task.kind == "binary":
-            out[task.name] = 1.0 / (1.0 + np.exp(-z[:, 0]))
-        else:
-            r = layout.regression.index(task.name)
-            out[task.name] = z[:, 0] * reg_std[r] + reg_mean[r]
-    return out
+def control_features(features: np.ndarray, ecfg: EvalConfig, seed: int) -> np.ndarray:
+    """eval.control: 'noise' replaces the features by seeded Gaussian noise of the same shape (labels and
+    unreadable rows stay as they are): a row of "no information" for any table."""
+    if ecfg.control not in CONTROLS:
+        raise ConfigError(f"eval.control '{ecfg.control}' must be one of {', '.join(CONTROLS)}")
+    if ecfg.control == "none":
+        return features
+    noise = np.random.default_rng(seed + 7777).standard_normal(features.shape, dtype=np.float32)
+    return np.where(np.isfinite(features), noise, features)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,30 +132,10 @@ def task_metrics(task: TaskSpec, y: np.ndarray, pred: np.ndarray, norm: Optional
                  weights: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Metrics of one task on labelled rows only (weights (n,) or (R, n) for bootstrap resamples)."""
     mask = labelled(task, y)
-    w = None if weights is None else weights[..., mask]
-    y, pred = y[mask], pred[mask]
-    if len(y) == 0:
+    if not mask.any():
         return {}
-    if task.kind == "multiclass":
-        c = len(task.classes)
-        hard = pred.argmax(axis=1)
-        res = {"accuracy": accuracy(y, hard, c, w), **f1_scores(y, hard, c, w)}
-        if task.name == "state" and {"malignant", "benign"} <= set(task.classes):
-            mal, ben = task.classes.index("malignant"), task.classes.index("benign")
-            nodule = np.isin(y, [mal, ben])
-            p = pred[nodule][:, mal] / np.clip(pred[nodule][:, mal] + pred[nodule][:, ben], 1e-12, None)
-            res["auc_malignancy"] = roc_auc((y[nodule] == mal).astype(float), p,
-                                            None if w is None else w[..., nodule])
-        return res
-    if task.kind == "binary":
-        hard = (pred > 0.5).astype(np.int64)
-        truth = y.astype(np.int64)
-        return {"accuracy": accuracy(truth, hard, 2, w), **f1_scores(truth, hard, 2, w), "auc": roc_auc(y, pred, w)}
-    res = {"mse": mse(y, pred, w), "mae": mae(y, pred, w)}
-    if norm is not None:
-        nrm = norm[mask]
-        res.update(mse_norm=mse(y / nrm, pred / nrm, w), mae_norm=mae(y / nrm, pred / nrm, w))
-    return res
+    return task.impl.evaluate(task, y[mask], pred[mask], None if norm is None else norm[mask],
+                              None if weights is None else weights[..., mask])
 
 
 def regression_norms(table: pd.DataFrame, tasks: Sequence[TaskSpec], size_norm: str) -> Dict[str, np.ndarray]:
@@ -187,45 +180,61 @@ class OutOfFold:
         return cls(rows, split, preds)
 
 
+def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
+                      split: np.ndarray, n_splits: int, pooled: np.ndarray, bootstrap: int, seed: int,
+                      count: Callable[[np.ndarray], int]) -> Dict[str, Dict[str, object]]:
+    """metric -> {mean, std, folds, pooled, n, ci95}: mean ± std over splits, the value on the `pooled` entries
+    (the first seed's out-of-fold predictions) and its percentile bootstrap CI.
+
+    metrics_of(selection, weights) scores the selected entries (weights (R, n_selected) for resamples);
+    count(selection) is the number of entries a metric is computed on. Every model and head uses this one.
+    """
+    per_split = [metrics_of(split == s, None) for s in range(n_splits)]
+    whole = metrics_of(pooled, None)
+    boot: Dict[str, np.ndarray] = {}
+    if bootstrap and pooled.any():
+        boot = metrics_of(pooled, bootstrap_counts(int(pooled.sum()), bootstrap, seed))
+    out: Dict[str, Dict[str, object]] = {}
+    for name, value in whole.items():
+        fold_values = np.array([float(m.get(name, np.nan)) for m in per_split], dtype=float)
+        finite = fold_values[np.isfinite(fold_values)]
+        entry: Dict[str, object] = {
+            "mean": float(finite.mean()) if len(finite) else float("nan"),
+            "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
+            "folds": fold_values.tolist(), "pooled": float(value), "n": count(pooled),
+        }
+        if name in boot:
+            dist = np.asarray(boot[name], dtype=float)
+            dist = dist[np.isfinite(dist)]
+            if len(dist):
+                entry["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
+        out[name] = entry
+    return out
+
+
+def first_seed_mask(split: np.ndarray, names: Sequence[SplitName]) -> np.ndarray:
+    first = names[0].seed if names else 0
+    return np.array([names[s].seed == first for s in split], dtype=bool)
+
+
 def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
               norms: Dict[str, np.ndarray], names: Sequence[SplitName], bootstrap: int, seed: int,
               subset: Optional[np.ndarray] = None) -> Dict[str, Dict[str, Dict[str, object]]]:
-    """task -> metric -> {mean, std, folds, pooled, ci95}: mean +- std over splits, pooled on the first
-    seed's out-of-fold predictions with a percentile bootstrap CI. `subset` keeps only some rows."""
+    """task -> metric -> entry (summarise_metrics) of one model's out-of-fold predictions; `subset` keeps
+    only some rows (a size bin)."""
     keep = np.ones(len(oof.rows), dtype=bool) if subset is None else np.isin(oof.rows, subset)
-    first_seed = names[0].seed if names else 0
-    pooled = keep & np.array([names[s].seed == first_seed for s in oof.split])
-    counts = bootstrap_counts(int(pooled.sum()), bootstrap, seed) if bootstrap and pooled.any() else None
     out: Dict[str, Dict[str, Dict[str, object]]] = {}
     for task in tasks:
         y_all, p_all = targets[task.name][oof.rows], oof.preds[task.name]
         norm = norms.get(task.name)
         norm_all = None if norm is None else norm[oof.rows]
 
-        def at(sel):
-            return task_metrics(task, y_all[sel], p_all[sel], None if norm_all is None else norm_all[sel])
-
-        per_split = [at(keep & (oof.split == s)) for s in range(len(names))]
-        whole = at(pooled)
-        boot = {}
-        if counts is not None:
-            boot = task_metrics(task, y_all[pooled], p_all[pooled],
-                                None if norm_all is None else norm_all[pooled], weights=counts)
-        metrics: Dict[str, Dict[str, object]] = {}
-        for name, value in whole.items():
-            fold_values = np.array([float(m.get(name, np.nan)) for m in per_split], dtype=float)
-            finite = fold_values[np.isfinite(fold_values)]
-            entry: Dict[str, object] = {
-                "mean": float(finite.mean()) if len(finite) else float("nan"),
-                "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
-                "folds": fold_values.tolist(), "pooled": float(value), "n": int(labelled(task, y_all[pooled]).sum()),
-            }
-            if name in boot:
-                dist = np.asarray(boot[name], dtype=float)
-                dist = dist[np.isfinite(dist)]
-                if len(dist):
-                    entry["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
-            metrics[name] = entry
+        metrics = summarise_metrics(
+            lambda sel, w, task=task, y_all=y_all, p_all=p_all, norm_all=norm_all:
+                task_metrics(task, y_all[sel & keep], p_all[sel & keep],
+                             None if norm_all is None else norm_all[sel & keep], w),
+            oof.split, len(names), first_seed_mask(oof.split, names) & keep, bootstrap, seed,
+            lambda sel, task=task, y_all=y_all: int(labelled(task, y_all[sel]).sum()))
         if metrics:
             out[task.name] = metrics
     return out
@@ -248,10 +257,6 @@ def size_bins(sizes: np.ndarray, edges: Sequence[float]) -> Dict[str, np.ndarray
 # baselines
 
 
-#: Newton-CG converges in few exact steps on the <= n_train row-space coordinates (about 4x faster than lbfgs).
-SOLVER = "newton-cg"
-
-
 def _row_space(x_train: np.ndarray, x_other: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Coordinates in the row space of the training matrix.
 
@@ -266,47 +271,25 @@ def _row_space(x_train: np.ndarray, x_other: np.ndarray) -> Tuple[np.ndarray, np
     return x_train @ basis, x_other @ basis
 
 
-def baseline_predictions(prep: Prepared, targets: Dict[str, np.ndarray], kind: str, c: float = 1.0,
+def baseline_predictions(x: np.ndarray, splits: Sequence[Split], tasks: Sequence[TaskSpec],
+                         targets: Dict[str, np.ndarray], which: str, c: float = 1.0,
                          alpha: float = 1.0) -> List[Dict[str, np.ndarray]]:
-    """Per split, predictions for every row: 'majority' (class prior / mean) or 'linear' (logistic / ridge)."""
-    tasks = prep.layout.tasks
+    """Per split, predictions for every row: 'majority' (class prior / mean) or 'linear' (logistic / ridge),
+    fitted on the split's training rows (inner validation rows included). x: (S, N, D) standardised per split.
+
+    Rows of unreadable images hold zeros (model.prepare), so every row gets a finite prediction.
+    """
     results = []
-    for s, split in enumerate(prep.splits):
+    for s, split in enumerate(splits):
         train = np.concatenate([split.train, split.val])
-        x = prep.x[s].numpy().astype(np.float64)
-        if kind == "linear":
-            z_train, z_all = _row_space(x[train], x)
+        xs = np.asarray(x[s], dtype=np.float64)
+        z_train, z_all = np.zeros((len(train), 0)), np.zeros((len(xs), 0))
+        if which == "linear":
+            z_train, z_all = _row_space(xs[train], xs)
         preds: Dict[str, np.ndarray] = {}
         for task in tasks:
             y = targets[task.name][train]
             m = labelled(task, y)
-            n = len(x)
-            if task.kind == "multiclass":
-                k = len(task.classes)
-                counts = np.bincount(y[m], minlength=k).astype(float)
-                prior = counts / max(counts.sum(), 1)
-                if kind == "majority" or (counts > 0).sum() < 2:
-                    p = np.zeros(k)
-                    p[np.argmax(counts)] = 1.0
-                    preds[task.name] = np.tile(p if kind == "majority" else prior, (n, 1))
-                else:
-                    model = LogisticRegression(C=c, solver=SOLVER, max_iter=2000).fit(z_train[m], y[m])
-                    proba = np.zeros((n, k))
-                    proba[:, model.classes_] = model.predict_proba(z_all)
-                    preds[task.name] = proba
-            elif task.kind == "binary":
-                yb = y[m]
-                if kind == "majority" or len(np.unique(yb)) < 2:
-                    preds[task.name] = np.full(n, float(yb.mean() > 0.5) if kind == "majority" else yb.mean())
-                else:
-                    model = LogisticRegression(C=c, solver=SOLVER, max_iter=2000).fit(z_train[m], yb.astype(int))
-                    preds[task.name] = model.predict_proba(z_all)[:, 1]
-            else:
-                if kind == "majority" or m.sum() < 2:
-                    preds[task.name] = np.full(n, np.nanmean(y) if m.any() else 0.0)
-                else:
-                    mean, std = standardiser(y[m][:, None], np.arange(m.sum()))
-                    model = Ridge(alpha=alpha).fit(z_train[m], (y[m] - mean[0]) / std[0])
-                    preds[task.name] = model.predict(z_all) * std[0] + mean[0]
+            preds[task.name] = task.impl.baseline(which, y[m], z_train[m], z_all, task, c, alpha)
         results.append(preds)
     return results

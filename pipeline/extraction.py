@@ -104,20 +104,6 @@ def make_loader(paths: Sequence[str], batches: Sequence[Sequence[int]], sizes: S
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"extract.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"extract.device '{name}': no CUDA GPU is available here; use cpu or auto")
-    return device
-
-
 POOLED, SPATIAL = "features", "spatial"
 
 

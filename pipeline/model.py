@@ -10,10 +10,16 @@ model is the M = 1 case, so training, sweeps and `predict` share one implementat
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from .errors import ConfigError
+from .tasks import TaskSpec
+from .train import Batch, Split, check_optim, standardiser
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -23,8 +29,7 @@ def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> t
 
 
 class ResMTNet(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, blocks: int, out_dim: int, seeds: Sequence[int],
-                 n_tasks: int = 0):
+    def __init__(self, in_dim: int, hidden: int, blocks: int, out_dim: int, seeds: Sequence[int]):
         super().__init__()
         self.in_dim, self.hidden, self.blocks, self.out_dim = in_dim, hidden, blocks, out_dim
         members = len(seeds)
@@ -36,8 +41,6 @@ class ResMTNet(nn.Module):
         self.b_b = nn.Parameter(torch.empty(members, blocks, hidden))
         self.w_out = nn.Parameter(torch.empty(members, hidden, out_dim))
         self.b_out = nn.Parameter(torch.empty(members, out_dim))
-        # log variances of Kendall et al.'s uncertainty weighting (unused with fixed lambdas)
-        self.log_vars = nn.Parameter(torch.zeros(members, max(n_tasks, 1)))
         self.reset(seeds)
 
     @property
@@ -58,7 +61,6 @@ class ResMTNet(nn.Module):
                               "w_out": _uniform(g, (h, o), h), "b_out": _uniform(g, (o,), h)}
             for name, value in made[seed].items():
                 getattr(self, name)[m].copy_(value)
-        self.log_vars.zero_()
 
     def forward(self, x: torch.Tensor, dropout: Optional[torch.Tensor] = None,
                 noise: Optional[Sequence[torch.Tensor]] = None, members: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -89,3 +91,150 @@ class ResMTNet(nn.Module):
 def _drop(h: torch.Tensor, uniform: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     keep = 1.0 - p.view(-1, 1, 1)
     return h * (uniform < keep) / keep.clamp_min(1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# the pooled-feature head family (what pipeline.train trains)
+
+
+@dataclass
+class Layout:
+    """Where each task's outputs sit in the concatenated head."""
+
+    tasks: List[TaskSpec]
+    slices: List[slice]
+
+    @classmethod
+    def of(cls, tasks: Sequence[TaskSpec]) -> "Layout":
+        slices, start = [], 0
+        for t in tasks:
+            slices.append(slice(start, start + t.n_outputs))
+            start += t.n_outputs
+        return cls(list(tasks), slices)
+
+    @property
+    def out_dim(self) -> int:
+        return self.slices[-1].stop if self.slices else 0
+
+    def decode(self, outputs: np.ndarray, scales: Dict[str, Sequence[float]]) -> Dict[str, np.ndarray]:
+        """Raw head outputs (n, O) -> per task predictions (see Kind.decode); `scales[task]` = (mean, std)."""
+        return {t.name: t.impl.decode(outputs[:, sl], *scales[t.name]) for t, sl in zip(self.tasks, self.slices)}
+
+
+@dataclass
+class Prepared:
+    """Features and targets standardised per split with that split's training rows only."""
+
+    x: torch.Tensor  # (S, N, D)
+    x_mean: np.ndarray  # (S, D)
+    x_std: np.ndarray
+    targets: Dict[str, torch.Tensor]  # task -> (S, N) float, scaled as the loss sees it (NaN / -1 missing)
+    scales: Dict[str, np.ndarray]  # task -> (S, 2): mean and std of the loss's target scale
+    layout: Layout
+    splits: List[Split]
+
+    def scale(self, s: int) -> Dict[str, Sequence[float]]:
+        return {name: tuple(v[s]) for name, v in self.scales.items()}
+
+    def decode(self, outputs: np.ndarray, s: int) -> Dict[str, np.ndarray]:
+        return self.layout.decode(outputs, self.scale(s))
+
+
+def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequence[TaskSpec],
+            splits: Sequence[Split]) -> Prepared:
+    """Standardise inputs (and scale regression targets) per split, from its training rows alone."""
+    feats = features.astype(np.float32, copy=False)
+    xs, means, stds = [], [], []
+    for split in splits:
+        mean, std = standardiser(feats, split.train)
+        # rows of unreadable images (NaN) become 0: they never train or score, but must not poison products
+        xs.append(torch.from_numpy(np.nan_to_num((feats - mean) / std).astype(np.float32)))
+        means.append(mean)
+        stds.append(std)
+    scaled, scales = {}, {}
+    for t in tasks:
+        target = targets[t.name]
+        per = np.array([t.impl.scale(target, s.train) for s in splits], dtype=np.float64).reshape(len(splits), 2)
+        scales[t.name] = per
+        scaled[t.name] = torch.from_numpy(np.stack([(target - m) / sd for m, sd in per]).astype(np.float32))
+    return Prepared(torch.stack(xs), np.stack(means), np.stack(stds), scaled, scales, Layout.of(tasks), list(splits))
+
+
+class PooledFamily:
+    """Res-MTNet heads on pooled vectors, for the stacked trainer (pipeline.train.HeadFamily)."""
+
+    def __init__(self, prep: Prepared):
+        self.prep = prep
+        self.splits = prep.splits
+        self.n_rows = prep.x.shape[1]
+        self.task_names = [t.name for t in prep.layout.tasks]
+
+    def check(self, cfg) -> None:
+        check_optim(cfg, "train")
+        if cfg.hidden < 1 or cfg.blocks < 0:
+            raise ConfigError(f"train.hidden ({cfg.hidden}) must be positive and train.blocks ({cfg.blocks}) >= 0")
+        if not 0 <= cfg.dropout < 1:
+            raise ConfigError(f"train.dropout {cfg.dropout} must be in [0, 1)")
+        if not 0 <= cfg.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing {cfg.label_smoothing} must be in [0, 1)")
+        unknown = sorted(set(cfg.lambdas) - set(self.task_names))
+        if unknown:
+            raise ConfigError(f"train.lambdas names task(s) {', '.join(unknown)} that are not trained "
+                              f"({', '.join(self.task_names)})")
+        if any(w < 0 for w in cfg.lambdas.values()):
+            raise ConfigError("train.lambdas must be non-negative")
+
+    def stack_key(self, cfg) -> tuple:
+        return ("pooled", cfg.hidden, cfg.blocks)
+
+    def member_bytes(self, cfg) -> int:
+        d, h, o = self.prep.x.shape[2], cfg.hidden, self.prep.layout.out_dim
+        params = d * h + 2 * cfg.blocks * h * h + h * o
+        return params * 4 * 5  # weights, grads, 2 Adam moments, the best snapshot
+
+    def lambdas(self, cfg) -> List[float]:
+        return [float(cfg.lambdas.get(name, 1.0)) for name in self.task_names]
+
+    def build(self, cfgs, seeds) -> ResMTNet:
+        cfg = cfgs[0]
+        return ResMTNet(self.prep.x.shape[2], cfg.hidden, cfg.blocks, self.prep.layout.out_dim, seeds)
+
+    def to(self, device: torch.device) -> None:
+        self.x = self.prep.x.to(device)
+        self.targets = {k: v.to(device) for k, v in self.prep.targets.items()}
+
+    def losses(self, model: ResMTNet, cfgs, batch: Batch) -> torch.Tensor:
+        """Per-member, per-task losses (M, T), each averaged over that task's labelled rows only.
+
+        A task without any label in the batch contributes exactly 0 (never NaN).
+        """
+        x = self.x[batch.split_of.unsqueeze(1), batch.rows]
+        if batch.uniform is not None:
+            dropout = torch.tensor([c.dropout for c in cfgs], dtype=torch.float32, device=x.device)
+            out = model(x, dropout, [batch.uniform(model.hidden) for _ in range(1 + model.blocks)])
+        else:
+            out = model(x)
+        smoothing = torch.tensor([c.label_smoothing for c in cfgs], dtype=torch.float32, device=x.device)
+        return task_losses(out, batch, self.targets, self.prep.layout, smoothing)
+
+    def outputs(self, model: ResMTNet, split_of: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(split_of), 16):  # all rows of every member, a few members at a time
+            sel = torch.arange(start, min(start + 16, len(split_of)), device=split_of.device)
+            out.append(model(self.x[split_of[sel]], members=sel))
+        return torch.cat(out)
+
+    def export(self, model: ResMTNet, m: int) -> Dict[str, torch.Tensor]:
+        return model.member_state(m)
+
+
+def task_losses(out: torch.Tensor, batch: Batch, targets: Dict[str, torch.Tensor], layout: Layout,
+                smoothing: torch.Tensor) -> torch.Tensor:
+    """(M, T) losses of head outputs (M, B, O): each task's kind computes its per-row loss and mask."""
+    losses = []
+    for task, sl in zip(layout.tasks, layout.slices):
+        target = targets[task.name][batch.split_of.unsqueeze(1), batch.rows]
+        per_row, mask = task.impl.loss(out[..., sl], target, smoothing)
+        weight = (mask & batch.valid).to(per_row.dtype)
+        losses.append((per_row * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0))
+    return torch.stack(losses, dim=1)

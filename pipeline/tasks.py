@@ -1,42 +1,330 @@
-"""Task specs: which label column each head predicts, how, and how its targets are encoded."""
+"""Tasks: a label column plus a kind. One object per kind owns everything that differs between kinds.
+
+A `TaskSpec` is data (name, kind, column, classes, units); its `kind` names one of `KINDS`, the object that
+encodes targets, masks missing labels, computes the loss, decodes the head's outputs, scores predictions
+(with each metric's direction) and fits the baselines. Nothing else in the code branches on a task's kind.
+
+The paper's eight tasks are built in (`builtin_tasks`); any other label column of a cache becomes a task by
+naming it in `train.tasks`: its kind is inferred from the values (`infer_kind`) or set with
+`train.task_kinds.<name>`.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
 from .labels import LabelMaps
+from .metrics import accuracy, f1_scores, mae, mse, roc_auc
+
+if TYPE_CHECKING:  # torch is imported by the methods that train, not by code that only reads labels
+    import torch
 
 NONE_CLASS = "none"  # the extra class of "no nodule" when non_nodule = class
+#: A numeric column with integer values and at most this many distinct values is a classification task.
+MAX_INTEGER_CLASSES = 10
+#: A text column with more distinct values than this is refused (probably an identifier, not a label).
+MAX_TEXT_CLASSES = 50
+#: Sentinel for "missing" in encoded class targets (they are stored as float, like the rest).
+MISSING = -1.0
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One head of the multi-task network."""
+    """One head of the multi-task network: what it predicts (column) and how (kind)."""
 
     name: str
-    kind: str  # multiclass | binary | regression
+    kind: str  # a key of KINDS: multiclass | binary | regression
     column: str
-    classes: Tuple[str, ...] = ()  # multiclass: class names in output order
-    unit: str = ""  # regression: px (of the coordinate grid) or mm
+    classes: Tuple[str, ...] = ()  # multiclass: output order; binary: (negative, positive), or () for 0/1
+    unit: str = ""  # regression: px (of the coordinate grid), mm, or the column's own unit
     grid_column: str = ""  # regression in px: the column of the grid size (normalises to [0, 1])
+    pair_auc: Tuple[str, ...] = ()  # multiclass: (metric name, positive class, negative class), e.g. malignancy
+
+    @property
+    def impl(self) -> "Kind":
+        return KINDS[self.kind]
 
     @property
     def n_outputs(self) -> int:
-        return len(self.classes) if self.kind == "multiclass" else 1
+        return self.impl.n_outputs(self)
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "TaskSpec":
-        return cls(**{**d, "classes": tuple(d.get("classes", ()))})
+    def from_dict(cls, d: Mapping[str, object]) -> "TaskSpec":
+        return cls(**{**d, "classes": tuple(d.get("classes", ())), "pair_auc": tuple(d.get("pair_auc", ()))})
 
 
-def paper_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSpec]:
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def class_name(value: object) -> str:
+    """A label value as a class name: 3.0 -> '3', 'M' -> 'M'."""
+    if isinstance(value, (float, np.floating)):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    if isinstance(value, (np.integer, int)):
+        return str(int(value))
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# kinds
+
+
+class Kind:
+    """What a kind of task does; subclasses fill in each step. Targets are float arrays (NaN or -1 missing)."""
+
+    name = ""
+    #: metric -> direction: +1 where higher is better, -1 for errors (sweeps rank with it).
+    metrics: Dict[str, int] = {}
+
+    def n_outputs(self, task: TaskSpec) -> int:
+        return 1
+
+    def encode(self, task: TaskSpec, values: pd.Series, presence: Optional[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def labelled(self, target: np.ndarray) -> np.ndarray:
+        return ~np.isnan(target)
+
+    def scale(self, target: np.ndarray, rows: np.ndarray) -> Tuple[float, float]:
+        """(mean, std) the loss sees the target in, from training rows only; classes are not scaled."""
+        return 0.0, 1.0
+
+    def loss(self, logits: "torch.Tensor", target: "torch.Tensor", smoothing: "torch.Tensor"
+             ) -> Tuple["torch.Tensor", "torch.Tensor"]:
+        """Per-row loss and label mask (M, B) from logits (M, B, O) and scaled targets (M, B)."""
+        raise NotImplementedError
+
+    def decode(self, z: np.ndarray, mean: float, std: float) -> np.ndarray:
+        """Raw outputs (n, O) -> predictions: class probabilities (n, C), P(positive) (n,) or value (n,)."""
+        raise NotImplementedError
+
+    def evaluate(self, task: TaskSpec, y: np.ndarray, pred: np.ndarray, norm: Optional[np.ndarray],
+                 weights: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+        """Metrics on labelled rows (already selected); weights (n,) or (R, n) for bootstrap resamples."""
+        raise NotImplementedError
+
+    def baseline(self, which: str, y: np.ndarray, z_train: np.ndarray, z_all: np.ndarray, task: TaskSpec,
+                 c: float, alpha: float) -> np.ndarray:
+        """'majority' (prior / mean) or 'linear' (logistic / ridge) predictions for every row of z_all."""
+        raise NotImplementedError
+
+    def columns(self, task: TaskSpec, y: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, object]:
+        """Output columns for a table of predictions (`y` None: no truth, as in predict)."""
+        raise NotImplementedError
+
+
+def _class_codes(task: TaskSpec, values: pd.Series, missing: float, presence: Optional[np.ndarray]) -> np.ndarray:
+    """Class index of each value (`missing` where there is none; the 'none' class for non-nodule images when
+    the task has it); a value outside the task's classes is an error."""
+    index = {c: float(i) for i, c in enumerate(task.classes)}
+    codes = np.full(len(values), missing)
+    for row, value in enumerate(values):
+        if _missing(value):
+            if NONE_CLASS in index and presence is not None and presence[row] == 0:
+                codes[row] = index[NONE_CLASS]
+            continue
+        key = class_name(value)
+        if key not in index:
+            raise ConfigError(f"task '{task.name}': label '{key}' is not one of its classes {', '.join(task.classes)}")
+        codes[row] = index[key]
+    return codes
+
+
+def _logistic(z_train: np.ndarray, y: np.ndarray, c: float):
+    from sklearn.linear_model import LogisticRegression  # imported only where a baseline is fitted
+
+    # Newton-CG converges in few exact steps on the <= n_train row-space coordinates (~4x faster than lbfgs)
+    return LogisticRegression(C=c, solver="newton-cg", max_iter=2000).fit(z_train, y)
+
+
+class Multiclass(Kind):
+    name = "multiclass"
+    metrics = {"accuracy": 1, "f1_weighted": 1, "f1_macro": 1}
+
+    def n_outputs(self, task: TaskSpec) -> int:
+        return len(task.classes)
+
+    def encode(self, task, values, presence):
+        return _class_codes(task, values, MISSING, presence)
+
+    def labelled(self, target):
+        return target >= 0
+
+    def loss(self, logits, target, smoothing):
+        import torch.nn.functional as F
+
+        mask = target >= 0
+        logp = F.log_softmax(logits, dim=-1)
+        nll = -logp.gather(-1, target.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+        eps = smoothing.view(-1, 1)
+        return (1 - eps) * nll - eps * logp.mean(dim=-1), mask  # = cross_entropy(label_smoothing=eps)
+
+    def decode(self, z, mean, std):
+        z = z - z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def evaluate(self, task, y, pred, norm, weights):
+        c = len(task.classes)
+        truth, hard = y.astype(np.int64), pred.argmax(axis=1)
+        res = {"accuracy": accuracy(truth, hard, c, weights), **f1_scores(truth, hard, c, weights)}
+        if task.pair_auc and set(task.pair_auc[1:]) <= set(task.classes):
+            pos, neg = task.classes.index(task.pair_auc[1]), task.classes.index(task.pair_auc[2])
+            pair = np.isin(truth, [pos, neg])
+            p = pred[pair][:, pos] / np.clip(pred[pair][:, pos] + pred[pair][:, neg], 1e-12, None)
+            res[task.pair_auc[0]] = roc_auc((truth[pair] == pos).astype(float), p,
+                                            None if weights is None else weights[..., pair])
+        return res
+
+    def baseline(self, which, y, z_train, z_all, task, c, alpha):
+        k = len(task.classes)
+        counts = np.bincount(y.astype(np.int64), minlength=k).astype(float)
+        if which == "majority" or (counts > 0).sum() < 2:
+            p = np.zeros(k)
+            p[np.argmax(counts)] = 1.0
+            return np.tile(p if which == "majority" else counts / max(counts.sum(), 1), (len(z_all), 1))
+        model = _logistic(z_train, y.astype(np.int64), c)
+        proba = np.zeros((len(z_all), k))
+        proba[:, model.classes_] = model.predict_proba(z_all)
+        return proba
+
+    def columns(self, task, y, pred):
+        out: Dict[str, object] = {}
+        if y is not None:
+            out[f"{task.name}_true"] = [task.classes[int(i)] if i >= 0 else "" for i in y]
+        out[f"{task.name}_pred"] = [task.classes[i] for i in pred.argmax(axis=1)]
+        for c, name in enumerate(task.classes):
+            out[f"{task.name}_p_{name}"] = np.round(pred[:, c], 6)
+        return out
+
+
+class Binary(Kind):
+    name = "binary"
+    metrics = {"accuracy": 1, "f1_weighted": 1, "f1_macro": 1, "auc": 1}
+
+    def encode(self, task, values, presence):
+        if task.classes:
+            return _class_codes(task, values, np.nan, None)
+        out = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+        bad = ~np.isnan(out) & ~np.isin(out, [0.0, 1.0])
+        if bad.any():
+            raise ConfigError(f"task '{task.name}': binary labels must be 0 or 1, found {out[bad][0]:g}")
+        return out
+
+    def loss(self, logits, target, smoothing):
+        import torch
+        import torch.nn.functional as F
+
+        mask = ~torch.isnan(target)
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), torch.nan_to_num(target),
+                                                  reduction="none"), mask
+
+    def decode(self, z, mean, std):
+        return 1.0 / (1.0 + np.exp(-np.clip(z[:, 0], -60, 60)))
+
+    def evaluate(self, task, y, pred, norm, weights):
+        truth, hard = y.astype(np.int64), (pred > 0.5).astype(np.int64)
+        return {"accuracy": accuracy(truth, hard, 2, weights), **f1_scores(truth, hard, 2, weights),
+                "auc": roc_auc(y, pred, weights)}
+
+    def baseline(self, which, y, z_train, z_all, task, c, alpha):
+        if which == "majority" or len(np.unique(y)) < 2:
+            return np.full(len(z_all), float(y.mean() > 0.5) if which == "majority" else y.mean())
+        return _logistic(z_train, y.astype(int), c).predict_proba(z_all)[:, 1]
+
+    def columns(self, task, y, pred):
+        out: Dict[str, object] = {}
+        if y is not None:
+            out[f"{task.name}_true"] = [task.classes[int(v)] if task.classes and v == v else v for v in y] \
+                if task.classes else y
+        if task.classes:
+            out[f"{task.name}_pred"] = [task.classes[int(p > 0.5)] for p in pred]
+            out[f"{task.name}_p_{task.classes[1]}"] = np.round(pred, 6)
+        else:
+            out[f"{task.name}_prob"] = np.round(pred, 6)
+        return out
+
+
+class Regression(Kind):
+    name = "regression"
+    metrics = {"mse": -1, "mae": -1, "rmse": -1, "mse_norm": -1, "mae_norm": -1}
+
+    def encode(self, task, values, presence):
+        out = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+        text = ~pd.isna(values.to_numpy()) & np.isnan(out)
+        if text.any():
+            raise ConfigError(f"task '{task.name}' is a regression, but column '{task.column}' holds text "
+                              f"('{values.to_numpy()[text][0]}'); set train.task_kinds.{task.name}: multiclass")
+        return out
+
+    def scale(self, target, rows):
+        part = target[rows]
+        part = part[~np.isnan(part)]
+        if not len(part):
+            return 0.0, 1.0
+        std = float(part.std())
+        return float(part.mean()), std if std > 1e-8 else 1.0
+
+    def loss(self, logits, target, smoothing):
+        import torch
+
+        mask = ~torch.isnan(target)
+        return (logits.squeeze(-1) - torch.nan_to_num(target)) ** 2, mask
+
+    def decode(self, z, mean, std):
+        return z[:, 0] * std + mean
+
+    def evaluate(self, task, y, pred, norm, weights):
+        res = {"mse": mse(y, pred, weights), "mae": mae(y, pred, weights)}
+        res["rmse"] = np.sqrt(res["mse"])
+        if norm is not None:
+            res.update(mse_norm=mse(y / norm, pred / norm, weights), mae_norm=mae(y / norm, pred / norm, weights))
+        return res
+
+    def baseline(self, which, y, z_train, z_all, task, c, alpha):
+        if which == "majority" or len(y) < 2:
+            return np.full(len(z_all), y.mean() if len(y) else 0.0)
+        from sklearn.linear_model import Ridge
+
+        mean, std = self.scale(y, np.arange(len(y)))
+        return Ridge(alpha=alpha).fit(z_train, (y - mean) / std).predict(z_all) * std + mean
+
+    def columns(self, task, y, pred):
+        out: Dict[str, object] = {}
+        if y is not None:
+            out[f"{task.name}_true"] = y
+        out[f"{task.name}_pred"] = np.round(pred, 4)
+        return out
+
+
+KINDS: Dict[str, Kind] = {k.name: k for k in (Multiclass(), Binary(), Regression())}
+
+
+def metric_direction(task: TaskSpec, metric: str) -> int:
+    """+1 where a higher value of `metric` is better, -1 where lower is; an unknown metric is an error."""
+    directions = dict(task.impl.metrics)
+    if task.pair_auc:
+        directions[task.pair_auc[0]] = 1
+    if metric not in directions:
+        raise ConfigError(f"task '{task.name}' ({task.kind}) has no metric '{metric}'; "
+                          f"valid: {', '.join(directions)}")
+    return directions[metric]
+
+
+# --------------------------------------------------------------------------------------------------
+# which tasks
+
+
+def builtin_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSpec]:
     """The paper's heads (subtlety, state, lobe "Z", diagnosis, x, y, size) plus nodule presence.
 
     non_nodule 'mask': images without a nodule have no subtlety, lobe or diagnosis label (masked out);
@@ -47,7 +335,8 @@ def paper_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSpec
     extra = (NONE_CLASS,) if non_nodule == "class" else ()
     specs = [
         TaskSpec("subtlety", "multiclass", "subtlety", ("1", "2", "3", "4", "5") + extra),
-        TaskSpec("state", "multiclass", "state", maps.classes["state"]),
+        TaskSpec("state", "multiclass", "state", maps.classes["state"],
+                 pair_auc=("auc_malignancy", "malignant", "benign")),
         TaskSpec("presence", "binary", "presence"),
         TaskSpec("lobe", "multiclass", "lobe", maps.classes["lobe"] + extra),
         TaskSpec("diagnosis", "multiclass", "diagnosis", maps.classes["diagnosis"] + extra),
@@ -58,47 +347,89 @@ def paper_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSpec
     return {t.name: t for t in specs}
 
 
-def select_tasks(available: Dict[str, TaskSpec], names: Sequence[str]) -> List[TaskSpec]:
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise ConfigError(f"unknown task(s) {', '.join(unknown)} in train.tasks; valid: {', '.join(available)}")
+def _known(values: pd.Series) -> pd.Series:
+    return values[[not _missing(v) for v in values]]
+
+
+def infer_kind(values: pd.Series) -> Tuple[str, Tuple[str, ...]]:
+    """(kind, classes) from a label column: text or a few integer values are classes (two: binary),
+    other numbers a regression."""
+    known = _known(values)
+    numeric = pd.to_numeric(known, errors="coerce")
+    if len(known) and numeric.notna().all():
+        numbers = numeric.to_numpy(dtype=float)
+        distinct = np.unique(numbers)
+        if np.all(distinct == np.round(distinct)) and len(distinct) <= MAX_INTEGER_CLASSES:
+            if set(distinct) <= {0.0, 1.0} and len(distinct) == 2:
+                return "binary", ()
+            return ("binary" if len(distinct) == 2 else "multiclass"), tuple(class_name(v) for v in distinct)
+        return "regression", ()
+    distinct = sorted({class_name(v) for v in known})
+    if len(distinct) > MAX_TEXT_CLASSES:
+        raise ConfigError(f"label column '{values.name}' has {len(distinct)} distinct text values (an "
+                          "identifier?); set train.task_kinds.{values.name} or drop it from train.tasks")
+    return ("binary" if len(distinct) == 2 else "multiclass"), tuple(distinct)
+
+
+def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, non_nodule: str = "mask",
+                  kinds: Optional[Mapping[str, str]] = None, where: str = "the data") -> List[TaskSpec]:
+    """The TaskSpecs of `names`: built-in tasks as defined, any other label column by its inferred kind.
+
+    Every task without labels in `table` is named in one error, with the label columns that do exist.
+    """
     if not names:
         raise ConfigError("train.tasks is empty; name at least one task")
-    return [available[n] for n in names]
+    kinds = dict(kinds or {})
+    unknown_kinds = {n: k for n, k in kinds.items() if k not in KINDS}
+    if unknown_kinds:
+        name, kind = next(iter(unknown_kinds.items()))
+        raise ConfigError(f"train.task_kinds.{name}: '{kind}' is not a kind; valid: {', '.join(KINDS)}")
+    stray = sorted(set(kinds) - set(names))
+    if stray:
+        raise ConfigError(f"train.task_kinds names task(s) {', '.join(stray)} that are not in train.tasks")
+    builtin = builtin_tasks(maps, non_nodule)
+    tasks, missing = [], []
+    for name in names:
+        spec = builtin.get(name)
+        column = spec.column if spec else name
+        if column not in table or not len(_known(table[column])):
+            missing.append(name if column == name else f"{name} (column '{column}')")
+            continue
+        if spec is None or (name in kinds and kinds[name] != spec.kind):
+            kind, classes = infer_kind(table[column])
+            if name in kinds and kinds[name] != kind:
+                kind = kinds[name]
+                classes = tuple(sorted({class_name(v) for v in _known(table[column])})) if kind != "regression" \
+                    else ()
+                if kind == "binary" and len(classes) != 2:
+                    raise ConfigError(f"train.task_kinds.{name}: binary needs two classes, column '{column}' "
+                                      f"has {len(classes)}")
+                if kind == "binary" and set(classes) == {"0", "1"}:
+                    classes = ()
+            spec = TaskSpec(name, kind, column, classes, unit=spec.unit if spec else "",
+                            grid_column=spec.grid_column if spec else "")
+        tasks.append(spec)
+    if missing:
+        from .data import FILE_COLUMNS
 
-
-def _class_value(value: object) -> str:
-    if isinstance(value, float):
-        return str(int(value)) if value == int(value) else str(value)
-    return str(value)
+        label_columns = [c for c in table.columns if c not in FILE_COLUMNS and c not in ("relpath", "grid_w", "grid_h")
+                         and len(_known(table[c]))]
+        raise ConfigError(f"{where} has no labels for task(s) {', '.join(missing)}; label columns there: "
+                          f"{', '.join(label_columns)}; drop them from train.tasks or rebuild the cache from "
+                          "labelled data")
+    return tasks
 
 
 def encode_targets(table: pd.DataFrame, tasks: Sequence[TaskSpec]) -> Dict[str, np.ndarray]:
-    """Per task, an array over the rows: class index (-1 = missing), or float (NaN = missing)."""
-    out: Dict[str, np.ndarray] = {}
+    """Per task, a float array over the rows: class index (-1 = missing), 0/1 or value (NaN = missing)."""
     presence = table["presence"].to_numpy(dtype=float) if "presence" in table else None
+    out: Dict[str, np.ndarray] = {}
     for task in tasks:
         if task.column not in table:
             raise ConfigError(f"task '{task.name}' needs the label column '{task.column}', which the data lacks")
-        values = table[task.column]
-        if task.kind == "multiclass":
-            index = {c: i for i, c in enumerate(task.classes)}
-            codes = np.full(len(table), -1, dtype=np.int64)
-            for row, value in enumerate(values):
-                if value is None or (isinstance(value, float) and np.isnan(value)):
-                    if NONE_CLASS in index and presence is not None and presence[row] == 0:
-                        codes[row] = index[NONE_CLASS]
-                    continue
-                key = _class_value(value)
-                if key not in index:
-                    raise ConfigError(f"task '{task.name}': label '{key}' is not one of its classes "
-                                      f"{', '.join(task.classes)}")
-                codes[row] = index[key]
-            out[task.name] = codes
-        else:
-            out[task.name] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+        out[task.name] = task.impl.encode(task, table[task.column], presence)
     return out
 
 
 def labelled(task: TaskSpec, target: np.ndarray) -> np.ndarray:
-    return target >= 0 if task.kind == "multiclass" else ~np.isnan(target)
+    return task.impl.labelled(target)

@@ -55,8 +55,13 @@ class _Guard:
             raise
 
 
+HELP = {"help_option_names": ["-h", "--help"]}
+
+
 class SafeCommand(_Guard, click.Command):
-    pass
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["context_settings"] = {**HELP, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
 
 
 class SafeGroup(_Guard, click.Group):
@@ -64,11 +69,19 @@ class SafeGroup(_Guard, click.Group):
 
 
 def logging_options(func: Callable) -> Callable:
+    """-v/-q and --threads on a command; logging and the process-wide settings are made before it runs."""
     @click.option("-v", "--verbose", count=True, help="More log output.")
     @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+    @click.option("--threads", type=click.IntRange(min=1), default=None,
+                  help="CPU threads for torch and BLAS [default: OMP_NUM_THREADS, else the cores this process may "
+                       "use]. Two runs sharing cores: give each its share.")
     @functools.wraps(func)
-    def wrapper(*args: Any, verbose: int = 0, quiet: bool = False, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, verbose: int = 0, quiet: bool = False, threads: Optional[int] = None,
+                **kwargs: Any) -> Any:
         setup_logging(verbose, quiet)
+        from pipeline import runtime
+
+        runtime.configure(threads)
         return func(*args, **kwargs)
     return wrapper
 
@@ -217,11 +230,14 @@ main.add_command(extract_features_cmd)
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
 @click.option("--features", "--backbones", "features", multiple=True,
               help="Backbones whose cached features are concatenated (default: the config's).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--folds", type=int, default=None)
+@click.option("--epochs", type=int, default=None,
+              help="Most epochs (train.epochs; the count is chosen on inner validation rows) [default: 100].")
+@click.option("--folds", type=int, default=None, help="Cross-validation folds (eval.folds) [default: 5].")
 @click.option("--seed", "seeds", type=int, multiple=True, help="CV seed (repeat for repeated CV).")
-@click.option("--protocol", type=click.Choice(["kfold", "holdout"]), default=None)
-@click.option("--loss-weighting", type=click.Choice(["fixed", "uncertainty"]), default=None)
+@click.option("--protocol", default=None,
+              help="kfold (default), holdout, insample (training-set scores) or contaminated (eval.protocol).")
+@click.option("--loss-weighting", default=None, help="fixed (default), uncertainty or dwa (train.loss_weighting).")
+@click.option("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Sweep YAML: search over config keys, ranked on validation folds.")
@@ -230,12 +246,12 @@ main.add_command(extract_features_cmd)
 @logging_options
 def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[str, ...], epochs: Optional[int],
                     folds: Optional[int], seeds: Tuple[int, ...], protocol: Optional[str],
-                    loss_weighting: Optional[str], sets: Tuple[str, ...], sweep_path: Optional[Path],
-                    overwrite: bool, no_progress: bool) -> None:
+                    loss_weighting: Optional[str], device: Optional[str], sets: Tuple[str, ...],
+                    sweep_path: Optional[Path], overwrite: bool, no_progress: bool) -> None:
     """Stage two: train Res-MTNet heads on cached features, cross-validated beside baselines."""
     pairs = [("train.features", list(features) or None), ("train.epochs", epochs), ("eval.folds", folds),
              ("eval.seeds", list(seeds) or None), ("eval.protocol", protocol),
-             ("train.loss_weighting", loss_weighting)]
+             ("train.loss_weighting", loss_weighting), ("train.device", device)]
     cfg = load_config(config_path, _overrides(pairs, sets))
     if sweep_path is not None:
         from stages.sweep import run_sweep
@@ -247,6 +263,8 @@ def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[st
     from stages.train_heads import train_heads
 
     summary = train_heads(cache, out, cfg, overwrite=overwrite, progress=not no_progress)
+    if summary.warning:
+        click.echo(summary.warning)
     click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")
 
 

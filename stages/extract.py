@@ -27,7 +27,8 @@ from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.data import FILE_COLUMNS, load_dataset
 from pipeline.errors import CacheError, ConfigError
-from pipeline.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, pick_device, read_error
+from pipeline.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, read_error
+from pipeline.runtime import pick_device
 from pipeline.fsutil import atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
         new_arrays: List[NewArray] = []
         if state.pending:
             journal = Journal(out_path, JournalPlan(ids_sha256(all_ids), n, batch_size, shard_index, num_shards))
-            extractor = Extractor(state.pending, pick_device(ecfg.device), ecfg.amp, ecfg.channels_last)
+            extractor = Extractor(state.pending, pick_device(ecfg.device, "extract.device"), ecfg.amp,
+                                  ecfg.channels_last)
             sha, bad, error = _compute(journal, extractor, table["image"].tolist(), position,
                                        {b: all_batches[b] for b in mine}, now, ecfg.num_workers, skip_bad,
                                        progress, summary)

@@ -21,14 +21,14 @@ from cache.reader import FeatureCache
 from pipeline.backbones import SpatialBackbone, create_backbone, parse_spec
 from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
-from pipeline.evaluate import decode
-from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, pick_device, read_error
+from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
+from pipeline.runtime import pick_device
 from pipeline.fsutil import atomic_write_text, sha256_file
-from pipeline.localize import LocNet, decode_maps
-from pipeline.model import ResMTNet
+from pipeline.localise import LocNet, decode_maps
+from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.tasks import TaskSpec
-from pipeline.train import Layout
+from stages.train_heads import HEAD_FORMAT, HEAD_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ class Head:
     model: ResMTNet
     x_mean: np.ndarray
     x_std: np.ndarray
-    reg_mean: np.ndarray
-    reg_std: np.ndarray
     layout: Layout
     loc_net: Optional[LocNet] = None
     loc_mean: Optional[torch.Tensor] = None
@@ -71,7 +69,7 @@ class Head:
         x = torch.from_numpy(((features - self.x_mean) / self.x_std).astype(np.float32))
         self.model.eval()
         outputs = self.model(x.unsqueeze(0))[0].numpy()
-        return decode(outputs, self.layout, self.reg_mean, self.reg_std)
+        return self.layout.decode(outputs, self.spec["scales"])
 
 
 def load_head(run_dir: Path) -> Head:
@@ -84,14 +82,16 @@ def load_head(run_dir: Path) -> Head:
         tensors = load_file(str(folder / "head.safetensors"))
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{folder}: cannot read the head ({exc})") from None
-    if spec.get("format") != "resmtnet-head":
+    if spec.get("format") != HEAD_FORMAT:
         raise PipelineError(f"{folder / 'head.json'} is not a Res-MTNet head description")
+    if spec.get("version") != HEAD_VERSION:
+        raise PipelineError(f"{folder / 'head.json'} is a head of format version {spec.get('version')}; this code "
+                            f"reads version {HEAD_VERSION}: retrain it with train-heads (the cache is still valid)")
     tasks = [TaskSpec.from_dict(t) for t in spec["tasks"]]
-    model = ResMTNet(spec["in_dim"], spec["hidden"], spec["blocks"], spec["out_dim"], seeds=[0], n_tasks=len(tasks))
+    model = ResMTNet(spec["in_dim"], spec["hidden"], spec["blocks"], spec["out_dim"], seeds=[0])
     state = {k[len("head."):]: v.unsqueeze(0) for k, v in tensors.items() if k.startswith("head.")}
     model.load_state_dict(state)
-    head = Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), tensors["reg_mean"].numpy(),
-                tensors["reg_std"].numpy(), Layout.of(tasks))
+    head = Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), Layout.of(tasks))
     if head.loc:
         hp = head.loc["hparams"]
         head.loc_net = LocNet(int(head.loc["channels"]), int(hp["hidden"]), int(hp["context"]), seeds=[0])
@@ -204,7 +204,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         backbones[lb.key] = lb
     needed = list(range(len(files))) if head.loc else todo
     if needed:
-        extractor = Extractor(backbones, pick_device(device))
+        extractor = Extractor(backbones, pick_device(device, "--device"))
         pooled = [k for k, lb in backbones.items() if lb.group == POOLED]
         sizes = sorted({lb.size_key for lb in backbones.values()})
         batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
@@ -269,15 +269,13 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
 
 def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores: np.ndarray,
                    truth: Dict[int, tuple]) -> List[Path]:
-    """One PNG per image: the X-ray, the localisation head's score map, its peak (red) and the truth (green)."""
+    """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise PipelineError("--overlay needs matplotlib: pip install -e '.[plots]'") from None
     from pipeline.images import read_image
+    from pipeline.plots import draw_overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -285,22 +283,22 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
         if not np.isfinite(scores[i]).all():
             continue
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(read_image(path), cmap="gray", extent=(0, 1, 1, 0))
-        ax.imshow(np.exp(scores[i] - scores[i].max()), cmap="inferno", alpha=0.45, extent=(0, 1, 1, 0),
-                  interpolation="bilinear")
         row = table.iloc[i]
-        ax.plot([row["loc_x_norm"]], [row["loc_y_norm"]], "x", color="red", ms=12, mew=2, label="predicted")
-        if i in truth:
-            ax.plot([truth[i][0]], [truth[i][1]], "o", mfc="none", mec="lime", ms=16, mew=2, label="true")
-        ax.set_title(f"{path.name}: nodule p = {row['loc_presence_prob']:.2f}", fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
-        ax.axis("off")
+        draw_overlay(ax, read_image(path), scores[i], (row["loc_x_norm"], row["loc_y_norm"]), truth.get(i),
+                     f"{path.name}: nodule p = {row['loc_presence_prob']:.2f}")
         fig.tight_layout()
         target = folder / f"{path.stem}.png"
         fig.savefig(target, dpi=100)
         plt.close(fig)
         written.append(target)
     return written
+
+
+def _column(task: TaskSpec, key: str) -> str:
+    """predict's column names: the class or value under the task's name (size as size_mm), P(...) as is."""
+    if key == f"{task.name}_pred":
+        return task.column if task.kind == "regression" else task.name
+    return key
 
 
 def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],
@@ -314,14 +312,9 @@ def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.n
                                   "error": errors[i]}
         if ok[i]:
             for task in head.layout.tasks:
-                p = preds[task.name][i]
-                if task.kind == "multiclass":
-                    row[task.name] = task.classes[int(np.argmax(p))]
-                    row.update({f"{task.name}_p_{c}": round(float(v), 6) for c, v in zip(task.classes, p)})
-                elif task.kind == "binary":
-                    row[f"{task.name}_prob"] = round(float(p), 6)
-                else:
-                    row[task.column] = round(float(p), 3)
+                cols = task.impl.columns(task, None, preds[task.name][i:i + 1])
+                row.update({_column(task, k): (v[0].item() if hasattr(v[0], "item") else v[0])
+                            for k, v in cols.items()})
             if "x" in row and "y" in row:
                 width, height = probe_image(path)
                 row["x_norm"], row["y_norm"] = row["x"] / grid_w, row["y"] / grid_h

@@ -21,12 +21,14 @@ import pandas as pd
 import yaml
 
 from pipeline.config import Config, build, dump_config, load_yaml, set_dotted
+from pipeline.engine import TrainData, inner_val_fraction, load_train_data, loc_family, pooled_family
 from pipeline.errors import ConfigError
-from pipeline.evaluate import decode, make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
-from pipeline.fsutil import atomic_write_text
-from pipeline.localize import LocHParams, decode_maps, localisation_metrics, prepare_loc, train_loc
-from pipeline.train import HParams, Job, Split, prepare, train_jobs
-from stages.train_heads import TrainData, _bar, hparams, load_train_data, staged_dir
+from pipeline.evaluate import make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
+from pipeline.fsutil import atomic_write_text, staged_dir
+from pipeline.localise import LOC_METRICS, LocFamily, decode_maps, localisation_metrics
+from pipeline.tasks import metric_direction
+from pipeline.train import Job, Split, train_jobs, validated_epochs
+from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +97,21 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
     return out
 
 
-def _metric_direction(metric: str) -> int:
-    """+1 where higher is better (accuracy, F1, AUC, shares within a distance), -1 for errors."""
-    name = metric.split(".")[-1]
-    return -1 if name.startswith(("mse", "mae")) or name.endswith(("_px", "mae_norm", "mse_norm")) else 1
+def rank_direction(data: TrainData, rank_by: str, where: str) -> int:
+    """+1 where a higher `rank_by` (task.metric or loc.metric) is better, -1 for errors: from the task's kind."""
+    task_name, _, metric = rank_by.partition(".")
+    tasks = {t.name: t for t in data.tasks}
+    if task_name == "loc" and data.maps is not None:
+        if metric not in LOC_METRICS:
+            raise ConfigError(f"{where}: rank_by '{rank_by}': valid loc metrics: {', '.join(LOC_METRICS)}")
+        return LOC_METRICS[metric]
+    if task_name not in tasks or not metric:
+        raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task "
+                          f"({', '.join(tasks)}{', loc' if data.maps is not None else ''})")
+    try:
+        return metric_direction(tasks[task_name], metric)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: rank_by '{rank_by}': {exc}") from None
 
 
 def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np.ndarray, np.ndarray]:
@@ -111,34 +124,33 @@ def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np
 def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrite: bool = False,
               progress: bool = True) -> SweepResult:
     started = time.perf_counter()
+    bars = progress_bars(progress)
     spec = load_sweep(sweep_path)
-    task_name, _, metric = spec.rank_by.partition(".")
     data = load_train_data(cache, cfg)
-    rankable = {t.name for t in data.tasks} | ({"loc"} if data.maps is not None else set())
-    if task_name not in rankable or not metric:
-        raise ConfigError(f"{sweep_path}: rank_by '{spec.rank_by}' must be <task>.<metric> with a trained task")
+    direction = rank_direction(data, spec.rank_by, str(sweep_path))
     configs = configurations(spec)
     cfgs = config_variants(cfg, configs)
-    hps = [hparams(c, data.tasks) for c in cfgs]
     dev_rows, test_rows = development_split(data, cfg, spec)
     eval_cfg = copy.deepcopy(cfg.eval)
     eval_cfg.protocol, eval_cfg.folds, eval_cfg.seeds = "kfold", spec.folds, [spec.seed]
-    val_fraction = cfg.train.val_fraction if any(hp.early_stopping for hp in hps) else 0.0
+    val_fraction = max(inner_val_fraction(c) for c in cfgs)
     splits, _ = make_splits(data.table, dev_rows, eval_cfg, val_fraction)
     if any(np.isin(np.concatenate([s.train, s.val, s.test]), test_rows).any() for s in splits):
         raise RuntimeError("a validation split contains held-out test rows")  # a bug, never a user error
-    prep = prepare(data.features, data.targets, data.tasks, splits)
-    jobs = [Job(hp, s) for hp in hps for s in range(len(splits))]
-    with _bar(sum(j.hp.epochs for j in jobs), progress, f"sweep {len(configs)} configs") as tick:
-        results = train_jobs(prep, jobs, progress=tick)
-    loc_metrics_of = _sweep_localisation(data, cfgs, splits, progress) if data.maps is not None else None
+    family = pooled_family(data, splits)
+    for c in cfgs:
+        family.check(c.train)
+    jobs = [Job(c.train, s) for c in cfgs for s in range(len(splits))]
+    with bars(sum(j.cfg.epochs for j in jobs), f"sweep {len(configs)} configs") as tick:
+        results = train_jobs(family, jobs, progress=tick, device=cfg.train.device)
+    loc_metrics_of = _sweep_localisation(data, cfgs, splits, bars) if data.maps is not None else None
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     rows = []
     for c, choice in enumerate(configs):
         per_fold = []
         for s, split in enumerate(splits):
             res = results[c * len(splits) + s]
-            preds = decode(res.outputs[split.test], prep.layout, prep.reg_mean[s], prep.reg_std[s])
+            preds = family.prep.decode(res.outputs[split.test], s)
             fold_metrics = {}
             for task in data.tasks:
                 m = task_metrics(task, data.targets[task.name][split.test], preds[task.name],
@@ -152,17 +164,17 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
         for col in frame.columns:
             row[f"val_{col}"] = frame[col].mean()
         row[f"val_{spec.rank_by}_std"] = frame[spec.rank_by].std(ddof=1) if spec.rank_by in frame else np.nan
+        row["epochs"] = validated_epochs(results[c * len(splits):(c + 1) * len(splits)], cfgs[c].train)
         rows.append(row)
     ranking = pd.DataFrame(rows)
     key = f"val_{spec.rank_by}"
     if key not in ranking:
-        raise ConfigError(f"{sweep_path}: metric '{spec.rank_by}' was not computed; valid for '{task_name}': "
-                          + ", ".join(c[4 + len(task_name) + 1:] for c in ranking.columns
-                                      if c.startswith(f"val_{task_name}.")))
-    ranking = ranking.sort_values(key, ascending=_metric_direction(spec.rank_by) < 0, kind="stable")
+        raise ConfigError(f"{sweep_path}: metric '{spec.rank_by}' was not computed on these folds")
+    ranking = ranking.sort_values(key, ascending=direction < 0, kind="stable")
     ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
     winner = int(ranking.iloc[0]["config"])
-    winner_test = _score_winner(data, cfg, hps[winner], dev_rows, test_rows, norms, spec)
+    winner_epochs = int(ranking.iloc[0]["epochs"])
+    winner_test = _score_winner(data, cfgs[winner], winner_epochs, dev_rows, test_rows, norms, spec)
     seconds = time.perf_counter() - started
     with staged_dir(out, overwrite) as tmp:
         ranking.to_csv(tmp / "ranking.csv", index=False)
@@ -170,9 +182,9 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
         (tmp / "config.yaml").write_text(dump_config(cfg))
         (tmp / "winner.json").write_text(json.dumps({
             "config": configs[winner], "rank_by": spec.rank_by, "validation": float(ranking.iloc[0][key]),
-            "test": winner_test, "n_dev": int(len(dev_rows)), "n_test": int(len(test_rows)),
-            "note": "ranked on validation folds of the development rows; the test rows were scored once, "
-                    "after the ranking"}, indent=1))
+            "epochs": winner_epochs, "test": winner_test, "n_dev": int(len(dev_rows)), "n_test": int(len(test_rows)),
+            "note": "ranked on validation folds of the development rows (epochs chosen on inner validation rows "
+                    "of their training part); the test rows were scored once, after the ranking"}, indent=1))
         run = {"complete": True, "seconds": seconds, "configs": len(configs)}
         atomic_write_text(tmp / "run.json", json.dumps(run))
     logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
@@ -180,32 +192,35 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     return SweepResult(ranking, len(configs), seconds, winner_test)
 
 
-def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split], progress: bool):
+def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split], bars):
     """Train every configuration's localisation head on the validation splits (stacked where shapes agree);
     returns (config, split) -> {'loc.<metric>': value} on that split's validation rows."""
     table = data.table
-    loc = prepare_loc(data.maps, table, splits)
-    lhps = [LocHParams.of(c.train.loc) for c in cfgs]
-    jobs = [(h, s) for h in lhps for s in range(len(splits))]
-    with _bar(sum(h.epochs for h, _ in jobs), progress, "sweep localisation") as tick:
-        results = train_loc(loc, jobs, progress=tick)
+    family = loc_family(data, splits)
+    for c in cfgs:
+        LocFamily.check(c.train.loc)
+    jobs = [Job(c.train.loc, s) for c in cfgs for s in range(len(splits))]
+    with bars(sum(j.cfg.epochs for j in jobs), "sweep localisation") as tick:
+        results = train_jobs(family, jobs, progress=tick, device=cfgs[0].train.device)
 
     def metrics(c: int, s: int) -> Dict[str, float]:
         test = splits[s].test
-        px, py, pp = decode_maps(results[c * len(splits) + s].scores[test], lhps[c].decode)
+        px, py, pp = decode_maps(results[c * len(splits) + s].outputs[test], cfgs[c].train.loc.decode)
         res = localisation_metrics(table, test, px, py, pp, cfgs[c].eval.pixel_mm)
         return {f"loc.{k}": float(v) for k, v in res.items()}
     return metrics
 
 
-def _score_winner(data: TrainData, cfg: Config, hp: HParams, dev_rows: np.ndarray, test_rows: np.ndarray,
+def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,
                   norms: Dict[str, np.ndarray], spec: SweepSpec) -> Dict[str, Dict[str, float]]:
+    """The winner retrained on all development rows for its validated epoch count, scored once on the test rows."""
+    import dataclasses
+
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    if hp.early_stopping:
-        hp = HParams(**{**hp.__dict__, "early_stopping": 0})
-    prep = prepare(data.features, data.targets, data.tasks, [split])
-    (res,) = train_jobs(prep, [Job(hp, 0)])
-    preds = decode(res.outputs[test_rows], prep.layout, prep.reg_mean[0], prep.reg_std[0])
+    tcfg = dataclasses.replace(cfg.train, epochs=epochs, early_stopping=0)
+    family = pooled_family(data, [split])
+    (res,) = train_jobs(family, [Job(tcfg, 0)], device=cfg.train.device)
+    preds = family.prep.decode(res.outputs[test_rows], 0)
     out: Dict[str, Dict[str, float]] = {}
     for task in data.tasks:
         m = task_metrics(task, data.targets[task.name][test_rows], preds[task.name],

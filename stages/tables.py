@@ -18,14 +18,16 @@ import pandas as pd
 
 from cache.reader import FeatureCache
 from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
+from pipeline.engine import MODEL_NAME, cross_validate, load_train_data
 from pipeline.errors import CacheError
 from pipeline.evaluate import size_bin_labels
-from stages.train_heads import (MODEL_NAME, cross_validate, format_entry, format_number, hparams, load_train_data,
-                                staged_dir)
+from pipeline.fsutil import staged_dir
+from pipeline.reporting import format_entry, format_number
+from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
 
-RESMTNET = "res-mtnet"
+RESMTNET = MODEL_NAME  # the fused row of the tables
 TABLE1 = [("subtlety", "Subtlety"), ("state", "State"), ("diagnosis", "Diagnosis"), ("lobe", "Location(Z)")]
 TABLE2 = [("x", "x"), ("y", "y"), ("size", "Nodule size")]
 TABLE3 = [("subtlety", "Subtlety"), ("state", "State"), ("lobe", "Location(Z)"), ("diagnosis", "Diagnosis")]
@@ -132,7 +134,7 @@ def reproduce_tables(cache: Path, out: Path, cfg: Config, *, overwrite: bool = F
         run_cfg.eval.baselines = False
         run_cfg.eval.bootstrap = 0  # the tables show mean ± std over folds
         data = load_train_data(cache, run_cfg)
-        cv = cross_validate(data, run_cfg, hparams(run_cfg, data.tasks), progress)
+        cv = cross_validate(data, run_cfg, progress_bars(progress))
         reports[name] = cv.reports[MODEL_NAME]
         provenance[name] = {s: {k: a.get(k) for k in ("weights", "weights_id", "params_sha256")}
                             for s, a in data.provenance.items()}

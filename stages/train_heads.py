@@ -1,240 +1,38 @@
 """Stage two, `train-heads`: Res-MTNet on cached features, evaluated with cross-validation beside baselines.
 
-Every output goes into a temporary folder next to RUN_DIR that is renamed into place at the end, so a killed
-run never leaves a RUN_DIR that looks complete; `run.json` is the last file written.
+The engine (pipeline.engine) trains and scores; this module writes the run folder. Every output goes into a
+temporary folder next to RUN_DIR that is renamed into place at the end, so a killed run never leaves a
+RUN_DIR that looks complete; `run.json` is the last file written.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
 
-from cache.reader import FeatureCache
-from cache.schema import GROUPS
 from pipeline import __version__
 from pipeline.config import Config, dump_config
-from pipeline.errors import CacheError, ConfigError, PipelineError
-from pipeline.evaluate import (OutOfFold, SplitName, baseline_predictions, decode, make_splits, regression_norms,
-                               size_bins, summarise)
-from pipeline.fsutil import atomic_write_text
-from pipeline.labels import load_label_maps
-from pipeline.localize import LocHParams, decode_maps, prepare_loc, summarise_loc, train_loc
-from pipeline.tasks import TaskSpec, encode_targets, paper_tasks, select_tasks
-from pipeline.train import HParams, Job, JobResult, Prepared, Split, prepare, train_jobs
+from pipeline.engine import MODEL_NAME, CVResult, LocOutcome, Refit, TrainData, cross_validate, load_train_data, refit
+from pipeline.errors import PipelineError
+from pipeline.evaluate import INSAMPLE_WARNING, first_seed_mask, scores_training_rows
+from pipeline.fsutil import atomic_write_text, staged_dir
+from pipeline.reporting import format_entry
+from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "res-mtnet"
+HEAD_FORMAT, HEAD_VERSION = "resmtnet-head", 2
 
 
-@dataclass
-class TrainData:
-    """What stage two reads from a cache: features of the requested backbones, labels and provenance."""
-
-    features: np.ndarray
-    table: pd.DataFrame
-    rows: np.ndarray  # usable rows (unreadable images excluded)
-    tasks: List[TaskSpec]
-    targets: Dict[str, np.ndarray]
-    specs: List[str]
-    provenance: Dict[str, Dict[str, object]]
-    cache_attrs: Dict[str, object]
-    maps: Optional[np.ndarray] = None  # (N, C, H, W) spatial maps for the localisation head
-    loc_spec: str = ""
-    loc_provenance: Dict[str, object] = field(default_factory=dict)
-
-
-def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[np.ndarray, str, Dict]:
-    """The spatial maps the localisation head trains on (train.loc.backbone, or the first feature backbone
-    that has maps)."""
-    present = cache.entries(GROUPS.spatial)
-    wanted = cfg.train.loc.backbone
-    if wanted:
-        spec = cache.resolve(wanted, GROUPS.spatial)
-    else:
-        spec = next((s for s in specs if s in present), None) or next(iter(present), None)
-        if spec is None:
-            raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
-                             f"extract-features --data {cache.attrs.get('data_root', 'DATA')} --cache {cache.path} "
-                             f"--backbone {specs[0]} --spatial")
-    return cache.spatial(spec).astype(np.float16, copy=False), spec, present[spec].attrs
-
-
-def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
-    """Read features and labels from a cache; a missing backbone or label is a clear CacheError."""
-    tcfg = cfg.train
-    if not tcfg.features:
-        raise ConfigError("train.features is empty; name the backbones whose features to use")
-    with FeatureCache(cache_path) as cache:
-        specs = [cache.resolve(name) for name in tcfg.features]
-        features = cache.features(specs)
-        table = cache.labels()
-        bad = cache.bad
-        provenance = {s: cache.backbones[s].attrs for s in specs}
-        attrs = dict(cache.attrs)
-        maps, loc_spec, loc_provenance = _load_maps(cache, cfg, specs) if tcfg.loc.enabled else (None, "", {})
-    tasks = select_tasks(paper_tasks(load_label_maps(cfg.data.labels), tcfg.non_nodule), tcfg.tasks)
-    for task in tasks:
-        if task.column not in table or table[task.column].isna().all():
-            raise CacheError(f"cache {cache_path} has no '{task.column}' labels for task '{task.name}'; "
-                             "drop the task from train.tasks or rebuild the cache from labelled data")
-    targets = encode_targets(table, tasks)
-    rows = np.flatnonzero(~bad & np.isfinite(features).all(axis=1))
-    if len(rows) < len(table):
-        logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
-    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, maps, loc_spec,
-                     loc_provenance)
-
-
-def hparams(cfg: Config, tasks: Sequence[TaskSpec]) -> HParams:
-    t = cfg.train
-    unknown = sorted(set(t.lambdas) - {task.name for task in tasks})
-    if unknown:
-        raise ConfigError(f"train.lambdas names task(s) {', '.join(unknown)} that are not trained "
-                          f"({', '.join(task.name for task in tasks)})")
-    return HParams(hidden=t.hidden, blocks=t.blocks, dropout=t.dropout, label_smoothing=t.label_smoothing,
-                   lr=t.lr, weight_decay=t.weight_decay, epochs=t.epochs, batch_size=t.batch_size,
-                   loss_weighting=t.loss_weighting, lambdas=tuple(float(t.lambdas.get(task.name, 1.0))
-                                                                  for task in tasks),
-                   early_stopping=t.early_stopping)
-
-
-# --------------------------------------------------------------------------------------------------
-# cross-validation
-
-
-@dataclass
-class CVResult:
-    splits: List[Split]
-    names: List[SplitName]
-    prep: Prepared
-    results: List[JobResult]
-    oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
-    reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
-    loc: Optional[LocOutcome] = None
-
-
-@dataclass
-class LocOutcome:
-    """Out-of-fold results of the localisation head, and its metrics beside the pooled regression's."""
-
-    rows: np.ndarray
-    split: np.ndarray
-    x: np.ndarray  # fractions of the grid
-    y: np.ndarray
-    presence: np.ndarray
-    scores: np.ndarray  # (n, H, W) score maps, first seed
-    report: Dict[str, Dict[str, object]]
-
-
-def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
-             pooled: OutOfFold, progress: bool = False) -> LocOutcome:
-    """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
-    lhp = LocHParams.of(cfg.train.loc)
-    table = data.table
-    loc = prepare_loc(data.maps, table, splits)
-    with _bar(len(splits) * lhp.epochs, progress, "localisation head") as tick:
-        results = train_loc(loc, [(lhp, s) for s in range(len(splits))], progress=tick)
-    rows = np.concatenate([s.test for s in splits])
-    split = np.concatenate([np.full(len(s.test), i) for i, s in enumerate(splits)])
-    scores = np.concatenate([r.scores[s.test] for r, s in zip(results, splits)])
-    x, y, presence = decode_maps(scores, lhp.decode)
-    common = dict(table=table, n_splits=len(splits), pixel_mm=cfg.eval.pixel_mm, bootstrap=cfg.eval.bootstrap,
-                  seed=cfg.train.seed)
-    report = {"heatmap": summarise_loc(rows, split, x, y, presence, **common)}
-    if "x" in pooled.preds and "y" in pooled.preds:
-        px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
-        py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
-        pp = pooled.preds.get("presence")
-        report["pooled-regression"] = summarise_loc(pooled.rows, pooled.split, px, py, pp, **common)
-    first = np.array([names[s].seed == names[0].seed for s in split])
-    return LocOutcome(rows, split, x, y, presence, scores[first], report)
-
-
-def cross_validate(data: TrainData, cfg: Config, hp: HParams, progress: bool = False) -> CVResult:
-    """Train one configuration on every split; evaluate it and the baselines on the same splits."""
-    val_fraction = cfg.train.val_fraction if hp.early_stopping else 0.0
-    splits, names = make_splits(data.table, data.rows, cfg.eval, val_fraction)
-    prep = prepare(data.features, data.targets, data.tasks, splits)
-    with _bar(len(splits) * hp.epochs, progress, "train-heads") as tick:
-        results = train_jobs(prep, [Job(hp, s) for s in range(len(splits))], curves=True, progress=tick)
-    per_split = [decode(r.outputs, prep.layout, prep.reg_mean[s], prep.reg_std[s]) for s, r in enumerate(results)]
-    oof = {MODEL_NAME: OutOfFold.collect(splits, per_split)}
-    if cfg.eval.baselines:
-        for kind, name in (("linear", "linear"), ("majority", "majority")):
-            oof[name] = OutOfFold.collect(splits, baseline_predictions(prep, data.targets, kind))
-    cv = CVResult(splits, names, prep, results, oof)
-    if data.maps is not None:
-        cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
-    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
-    bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins)
-    for model, preds in oof.items():
-        cv.reports[model] = {
-            "overall": summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap, cfg.train.seed),
-            "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
-                                           cfg.train.seed, subset=rows) for label, rows in bins.items()},
-        }
-    return cv
-
-
-@contextlib.contextmanager
-def _bar(total: int, enabled: bool, desc: str) -> Iterator[Callable[[int], None]]:
-    # disable=None: tqdm shows the bar on a terminal only, so logs of batch jobs stay clean
-    with tqdm(total=total, unit="epoch", desc=desc, disable=None if enabled else True, leave=False,
-              dynamic_ncols=True) as bar:
-        yield bar.update
-
-
-# --------------------------------------------------------------------------------------------------
-# the final head
-
-
-def refit(data: TrainData, cfg: Config, hp: HParams, cv: CVResult) -> Dict[str, object]:
-    """Train one head on every usable row (what `predict` uses); with early stopping, for the median best
-    epoch count of the cross-validation."""
-    if hp.early_stopping:
-        epochs = int(np.median([r.best_epoch for r in cv.results])) + 1
-        hp = HParams(**{**hp.__dict__, "epochs": epochs, "early_stopping": 0})
-    split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
-    prep = prepare(data.features, data.targets, data.tasks, [split])
-    (result,) = train_jobs(prep, [Job(hp, 0)], keep_state=True)
-    tensors = {f"head.{k}": v[0].contiguous() for k, v in result.state.items()}
-    tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),
-                    "x_std": torch.from_numpy(prep.x_std[0].astype(np.float32)),
-                    "reg_mean": torch.from_numpy(prep.reg_mean[0].astype(np.float32)),
-                    "reg_std": torch.from_numpy(prep.reg_std[0].astype(np.float32))})
-    spec = {
-        "format": "resmtnet-head", "version": 1, "tool_version": __version__,
-        "in_dim": int(data.features.shape[1]), "hidden": hp.hidden, "blocks": hp.blocks,
-        "out_dim": prep.layout.out_dim, "tasks": [t.as_dict() for t in data.tasks],
-        "regression": prep.layout.regression, "hparams": {**hp.__dict__, "lambdas": list(hp.lambdas)},
-        "features": data.specs, "backbones": {s: _jsonable(a) for s, a in data.provenance.items()},
-        "trained_rows": int(len(data.rows)), "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256"),
-        # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
-        "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
-    }
-    if data.maps is not None:
-        lhp = LocHParams.of(cfg.train.loc)
-        loc = prepare_loc(data.maps, data.table, [split])
-        (loc_result,) = train_loc(loc, [(lhp, 0)], keep_state=True)
-        tensors.update({f"loc.{k}": v.contiguous() for k, v in loc_result.state.items()})
-        tensors.update({"loc_mean": loc.mean[0].contiguous(), "loc_std": loc.std[0].contiguous()})
-        spec["localisation"] = {"backbone": data.loc_spec, "provenance": _jsonable(data.loc_provenance),
-                                "channels": int(data.maps.shape[1]), "grid": list(loc.grid),
-                                "hparams": dict(lhp.__dict__)}
-    return {"tensors": tensors, "spec": spec}
+def warning_line(cfg: Config) -> Optional[str]:
+    """The first line of every output of a run scored on its own training rows (None otherwise)."""
+    return INSAMPLE_WARNING.format(protocol=cfg.eval.protocol) if scores_training_rows(cfg.eval) else None
 
 
 def _jsonable(value):
@@ -247,103 +45,70 @@ def _jsonable(value):
     return value
 
 
-# --------------------------------------------------------------------------------------------------
-# outputs
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder renamed to `out` on success (replacing it only with `overwrite`)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise PipelineError(f"output folder {out} already exists; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def head_files(data: TrainData, head: Refit) -> Dict[str, object]:
+    """The head's JSON description: the engine's spec plus format, version and the backbones' provenance."""
+    spec = {"format": HEAD_FORMAT, "version": HEAD_VERSION, "tool_version": __version__, **head.spec,
+            "backbones": {s: _jsonable(a) for s, a in data.provenance.items()},
+            "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")}
+    if "localisation" in spec:
+        spec["localisation"] = {**spec["localisation"], "provenance": _jsonable(data.loc_provenance)}
+    return spec
 
 
 def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
     oof = cv.oof[MODEL_NAME]
-    frame = {"id": data.table["id"].to_numpy()[oof.rows],
-             "seed": [cv.names[s].seed for s in oof.split], "fold": [cv.names[s].fold for s in oof.split]}
+    frame: Dict[str, object] = {"id": data.table["id"].to_numpy()[oof.rows],
+                                "seed": [cv.names[s].seed for s in oof.split],
+                                "fold": [cv.names[s].fold for s in oof.split]}
     for task in data.tasks:
-        y = data.targets[task.name][oof.rows]
-        p = oof.preds[task.name]
-        if task.kind == "multiclass":
-            frame[f"{task.name}_true"] = [task.classes[i] if i >= 0 else "" for i in y]
-            frame[f"{task.name}_pred"] = [task.classes[i] for i in p.argmax(axis=1)]
-            for c, name in enumerate(task.classes):
-                frame[f"{task.name}_p_{name}"] = np.round(p[:, c], 6)
-        elif task.kind == "binary":
-            frame[f"{task.name}_true"] = y
-            frame[f"{task.name}_prob"] = np.round(p, 6)
-        else:
-            frame[f"{task.name}_true"] = y
-            frame[f"{task.name}_pred"] = np.round(p, 4)
+        frame.update(task.impl.columns(task, data.targets[task.name][oof.rows], oof.preds[task.name]))
     return pd.DataFrame(frame)
 
 
 def confusion_frames(data: TrainData, cv: CVResult) -> Dict[str, pd.DataFrame]:
+    """Confusion matrices (first seed's out-of-fold predictions) of every classification task."""
     oof = cv.oof[MODEL_NAME]
-    first = np.array([cv.names[s].seed == cv.names[0].seed for s in oof.split])
+    first = first_seed_mask(oof.split, cv.names)
     out = {}
     for task in data.tasks:
-        if task.kind != "multiclass":
+        if task.kind == "regression":
             continue
+        classes = task.classes or ("0", "1")
         y = data.targets[task.name][oof.rows][first]
-        pred = oof.preds[task.name][first].argmax(axis=1)
-        k = len(task.classes)
+        p = oof.preds[task.name][first]
+        pred = p.argmax(axis=1) if p.ndim == 2 else (p > 0.5).astype(int)
+        k = len(classes)
         cm = np.zeros((k, k), dtype=np.int64)
-        for t, p in zip(y[y >= 0], pred[y >= 0]):
-            cm[t, p] += 1
-        out[task.name] = pd.DataFrame(cm, index=[f"true_{c}" for c in task.classes],
-                                      columns=[f"pred_{c}" for c in task.classes])
+        known = task.impl.labelled(y)
+        for t, q in zip(y[known].astype(int), pred[known]):
+            cm[t, q] += 1
+        out[task.name] = pd.DataFrame(cm, index=[f"true_{c}" for c in classes], columns=[f"pred_{c}" for c in classes])
     return out
 
 
-def format_number(value: float, digits: int = 3) -> str:
-    """Fixed digits, or scientific notation where fixed would show only zeros."""
-    return f"{value:.{digits - 1}e}" if value != 0 and abs(value) < 10 ** -(digits - 1) else f"{value:.{digits}f}"
-
-
-def format_entry(entry: Optional[Dict[str, object]], digits: int = 3) -> str:
-    """A metric entry as "mean ± std [CI]" ('-' without an entry, 'n/a' without a mean)."""
-    if not entry:
-        return "-"
-    mean, std = entry.get("mean"), entry.get("std")
-    text = format_number(mean, digits) if mean == mean else "n/a"
-    if std == std and std is not None:
-        text += f" ± {format_number(std, digits)}"
-    ci = entry.get("ci95")
-    if ci:
-        text += f" [{format_number(ci[0], digits)}, {format_number(ci[1], digits)}]"
-    return text
-
-
-def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) -> str:
+def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, epochs: List[int]) -> str:
     models = list(cv.reports)
-    lines = ["# train-heads report", "",
-             f"Features: {', '.join(data.specs)} ({data.features.shape[1]} values) from "
-             f"{data.cache_attrs.get('data_root', '?')}; {len(data.rows)} images.",
-             f"Protocol: {cfg.eval.protocol}, {cfg.eval.folds if cfg.eval.protocol == 'kfold' else 1} fold(s) x "
-             f"seeds {cfg.eval.seeds}; mean ± std over folds [95% bootstrap CI on pooled out-of-fold predictions].",
-             f"Head: hidden {cfg.train.hidden}, {cfg.train.blocks} residual block(s), dropout {cfg.train.dropout}, "
-             f"label smoothing {cfg.train.label_smoothing}, Adam lr {cfg.train.lr}, {cfg.train.epochs} epochs, "
-             f"batch {cfg.train.batch_size}. Wall time {seconds:.1f} s.", "",
-             "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    warning = warning_line(cfg)
+    t = cfg.train
+    stopping = (f"epochs chosen on inner validation rows ({t.val_fraction:.0%} of each training fold, patience "
+                f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
+                if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
+    weights = cv.loss_weights(data.tasks)
+    lines = ([f"**{warning}**", ""] if warning else []) + [
+        "# train-heads report", "",
+        f"Features: {', '.join(data.specs)} ({data.features.shape[1]} values) from "
+        f"{data.cache_attrs.get('data_root', '?')}; {len(data.rows)} images."
+        + (" **Control: Gaussian noise instead of the features.**" if cfg.eval.control == "noise" else ""),
+        f"Protocol: {cfg.eval.protocol}"
+        + (f" (seen_fraction {cfg.eval.seen_fraction})" if cfg.eval.protocol == "contaminated" else "")
+        + f", {len(cv.splits) // max(len(cfg.eval.seeds), 1)} split(s) x seeds {cfg.eval.seeds}; mean ± std over "
+        "splits [95% bootstrap CI on pooled out-of-fold predictions].",
+        f"Head: hidden {t.hidden}, {t.blocks} residual block(s), dropout {t.dropout}, label smoothing "
+        f"{t.label_smoothing}, Adam lr {t.lr}, batch {t.batch_size}; {stopping}. Loss weighting {t.loss_weighting}: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in weights.items()) + f". Wall time {seconds:.1f} s.", "",
+        "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for task in data.tasks:
-        names = list(cv.reports[MODEL_NAME]["overall"].get(task.name, {}))
-        for metric in names:
+        for metric in cv.reports[MODEL_NAME]["overall"].get(task.name, {}):
             cells = [format_entry(cv.reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
             lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
     if cv.loc is not None:
@@ -358,11 +123,8 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) 
 
 
 def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[str, pd.DataFrame]) -> List[str]:
-    """Learning curves and confusion matrices as PNG (needs the `plots` extra)."""
+    """Learning curves (training and inner validation loss) and confusion matrices as PNG (`plots` extra)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         logger.info("matplotlib is not installed (pip install -e '.[plots]'): no plots")
@@ -370,12 +132,12 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
     folder.mkdir(exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("train_loss", "-"), ("test_loss", "--"), ("val_loss", ":")):
+    for key, style, label in (("train_loss", "-", "training loss"), ("val_loss", ":", "inner validation loss")):
         curves = [r.history[key] for r in cv.results if key in r.history]
         if curves:
             length = min(len(c) for c in curves)
             mean = np.mean([c[:length] for c in curves], axis=0)
-            ax.plot(np.arange(1, length + 1), mean, style, label=key.replace("_", " ") + " (mean of folds)")
+            ax.plot(np.arange(1, length + 1), mean, style, label=f"{label} (mean of splits)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("weighted multi-task loss")
     ax.legend()
@@ -404,8 +166,9 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
 
 
 def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) -> List[str]:
-    """Out-of-fold examples: X-ray, score map, true (green) and predicted (red) nodule centre."""
+    """Out-of-fold examples of the localisation head, drawn by the one overlay routine."""
     from pipeline.images import read_image
+    from pipeline.plots import draw_overlay
 
     root = Path(str(data.cache_attrs.get("data_root", "")))
     relpaths = data.table.get("relpath")
@@ -424,16 +187,11 @@ def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) ->
             image = read_image(root / relpaths.iloc[r])
         except PipelineError:
             return []
-        h, w = image.shape
-        ax.imshow(image, cmap="gray", extent=(0, 1, 1, 0))
-        heat = np.exp(loc.scores[i] - loc.scores[i].max())
-        ax.imshow(heat, cmap="inferno", alpha=0.45, extent=(0, 1, 1, 0), interpolation="bilinear")
-        tx = data.table["x"].iloc[r] / data.table["grid_w"].iloc[r]
-        ty = data.table["y"].iloc[r] / data.table["grid_h"].iloc[r]
-        ax.plot([tx], [ty], "o", mfc="none", mec="lime", ms=14, mew=2)
-        ax.plot([loc.x[i]], [loc.y[i]], "x", color="red", ms=10, mew=2)
-        err = np.hypot((loc.x[i] - tx) * data.table["grid_w"].iloc[r], (loc.y[i] - ty) * data.table["grid_h"].iloc[r])
-        ax.set_title(f"{data.table['id'].iloc[r]}: {err:.0f} px", fontsize=9)
+        gw, gh = data.table["grid_w"].iloc[r], data.table["grid_h"].iloc[r]
+        tx, ty = data.table["x"].iloc[r] / gw, data.table["y"].iloc[r] / gh
+        err = np.hypot((loc.x[i] - tx) * gw, (loc.y[i] - ty) * gh)
+        draw_overlay(ax, image, loc.scores[i], (loc.x[i], loc.y[i]), (tx, ty),
+                     f"{data.table['id'].iloc[r]}: {err:.0f} px")
     fig.tight_layout()
     fig.savefig(folder / "localisation_gallery.png", dpi=100)
     plt.close(fig)
@@ -445,27 +203,36 @@ class TrainSummary:
     out: Path
     seconds: float
     metrics: Dict[str, object]
+    warning: Optional[str] = None
 
 
 def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True
                 ) -> TrainSummary:
     """Cross-validate Res-MTNet (and baselines) on `cache`, refit on all rows, write every output to `out`."""
+    from safetensors.torch import save_file
+
     started = time.perf_counter()
+    bars = progress_bars(progress)
     data = load_train_data(cache, cfg)
-    hp = hparams(cfg, data.tasks)
     with staged_dir(out, overwrite) as tmp:
-        cv = cross_validate(data, cfg, hp, progress)
-        head = refit(data, cfg, hp, cv) if cfg.eval.refit else None
+        cv = cross_validate(data, cfg, bars)
+        head = refit(data, cfg, cv, bars) if cfg.eval.refit else None
         seconds = time.perf_counter() - started
+        warning = warning_line(cfg)
+        best_epochs = [r.best_epoch for r in cv.results]
         metrics = {
+            **({"warning": warning} if warning else {}),
             "meta": {"cache": str(cache), "features": data.specs, "feature_dim": int(data.features.shape[1]),
                      "n_images": int(len(data.table)), "n_used": int(len(data.rows)),
+                     "protocol": cfg.eval.protocol, "control": cfg.eval.control,
                      "tasks": [t.as_dict() for t in data.tasks], "splits": [n.__dict__ for n in cv.names],
                      "seconds": seconds, "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256"),
                      "backbones": {s: {k: _jsonable(v) for k, v in a.items() if k in
                                        ("weights", "weights_id", "params_sha256", "preprocess")}
                                    for s, a in data.provenance.items()},
-                     "best_epochs": [r.best_epoch for r in cv.results]},
+                     "best_epochs": best_epochs,
+                     "refit_epochs": head.spec["train"]["epochs"] if head is not None else None},
+            "loss_weights": cv.loss_weights(data.tasks),
             "models": cv.reports,
             **({"localisation": cv.loc.report} if cv.loc is not None else {}),
         }
@@ -478,13 +245,13 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
             frame.to_csv(tmp / "confusion" / f"{task}.csv")
         if head is not None:
             (tmp / "model").mkdir()
-            save_file(head["tensors"], str(tmp / "model" / "head.safetensors"))
-            (tmp / "model" / "head.json").write_text(json.dumps(head["spec"], indent=1))
+            save_file(head.tensors, str(tmp / "model" / "head.safetensors"))
+            (tmp / "model" / "head.json").write_text(json.dumps(head_files(data, head), indent=1))
             (tmp / "model" / "config.yaml").write_text(dump_config(cfg))
         write_plots(tmp / "plots", data, cv, confusions)
-        (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds))
+        (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds, best_epochs))
         run = {"complete": True, "seconds": seconds, "tool_version": __version__}
         atomic_write_text(tmp / "run.json", json.dumps(run))
-    logger.info("train-heads: %d images, %d splits, %.1f s; results in %s", len(data.rows), len(cv.splits),
-                seconds, out)
-    return TrainSummary(Path(out), seconds, metrics)
+    logger.debug("train-heads: %d images, %d splits, %.1f s; results in %s", len(data.rows), len(cv.splits),
+                 seconds, out)
+    return TrainSummary(Path(out), seconds, metrics, warning)

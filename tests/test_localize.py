@@ -7,7 +7,7 @@ import pytest
 from cache.merge import find_shards, merge_shards
 from cache.reader import FeatureCache
 from pipeline.errors import CacheError
-from pipeline.localize import decode_maps, loc_metrics
+from pipeline.localise import decode_maps, loc_metrics
 from pipeline.synthetic import make_synthetic
 from stages.extract import extract_features
 from stages.predict import predict

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,36 +20,13 @@ from torch import nn
 
 from .config import LocConfig
 from .errors import ConfigError
-from .metrics import bootstrap_counts, roc_auc
-from .train import Split, keep_freed_memory
+from .metrics import roc_auc
+from .train import Batch, Split, check_optim
 
 DECODERS = ("argmax", "softargmax")
-
-
-@dataclass(frozen=True)
-class LocHParams:
-    hidden: int = 64
-    context: int = 0
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 40
-    batch_size: int = 16
-    sigma: float = 1.0
-    presence_weight: float = 1.0
-    decode: str = "argmax"
-
-    @classmethod
-    def of(cls, cfg: LocConfig) -> "LocHParams":
-        hp = cls(cfg.hidden, cfg.context, cfg.lr, cfg.weight_decay, cfg.epochs, cfg.batch_size, cfg.sigma,
-                 cfg.presence_weight, cfg.decode)
-        if hp.decode not in DECODERS:
-            raise ConfigError(f"train.loc.decode '{hp.decode}' must be one of {', '.join(DECODERS)}")
-        if hp.hidden < 1 or hp.context < 0 or hp.epochs < 1 or hp.batch_size < 1 or hp.sigma <= 0 or hp.lr <= 0:
-            raise ConfigError(f"train.loc: hidden, epochs, batch_size, sigma and lr must be positive ({hp})")
-        return hp
-
-    def group_key(self) -> tuple:
-        return (self.hidden, self.context, self.lr, self.weight_decay, self.epochs, self.batch_size)
+#: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`.
+LOC_METRICS = {"mean_px": -1, "median_px": -1, "within_radius": 1, "within_100px": 1, "within_200px": 1,
+               "x_mae_norm": -1, "y_mae_norm": -1, "presence_auc": 1}
 
 
 class LocNet(nn.Module):
@@ -99,14 +76,18 @@ class LocData:
     maps: torch.Tensor  # (N, C, H, W) float16 as cached
     mean: torch.Tensor  # (S, C)
     std: torch.Tensor
-    cell_x: np.ndarray  # (N,) nodule centre in cell units (NaN: no nodule position)
-    cell_y: np.ndarray
-    presence: np.ndarray  # (N,) 0 / 1 / NaN
+    cell_x: torch.Tensor  # (N,) nodule centre in cell units (NaN: no nodule position)
+    cell_y: torch.Tensor
+    presence: torch.Tensor  # (N,) 0 / 1 / NaN
     splits: List[Split]
 
     @property
     def grid(self) -> tuple:
         return tuple(self.maps.shape[2:])
+
+    def to(self, device: torch.device) -> None:
+        for name in ("maps", "mean", "std", "cell_x", "cell_y", "presence"):
+            setattr(self, name, getattr(self, name).to(device))
 
 
 def prepare_loc(maps: np.ndarray, table, splits: Sequence[Split]) -> LocData:
@@ -121,22 +102,25 @@ def prepare_loc(maps: np.ndarray, table, splits: Sequence[Split]) -> LocData:
         means.append(part.mean(dim=(0, 2, 3)))
         stds.append(part.std(dim=(0, 2, 3)).clamp_min(1e-6))
     h, w = t.shape[2:]
-    return LocData(t, torch.stack(means), torch.stack(stds), x_frac * w - 0.5, y_frac * h - 0.5,
-                   presence.astype(np.float64), list(splits))
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+    return LocData(t, torch.stack(means), torch.stack(stds), tensor(x_frac * w - 0.5), tensor(y_frac * h - 0.5),
+                   tensor(presence), list(splits))
 
 
-def _targets(data: LocData, rows: torch.Tensor, sigma: float):
-    """Gaussian target distributions over cells (M, B, H*W) and masks of rows with a nodule position."""
+def _targets(data: LocData, rows: torch.Tensor, sigma: torch.Tensor):
+    """Gaussian target distributions over cells (M, B, H*W) (sigma (M,) in cells), rows with a nodule position
+    and presence labels."""
     h, w = data.grid
-    cx = torch.from_numpy(data.cell_x).float()[rows]
-    cy = torch.from_numpy(data.cell_y).float()[rows]
+    cx, cy = data.cell_x[rows], data.cell_y[rows]
     has = ~torch.isnan(cx)
-    jj = torch.arange(w).float().view(1, 1, 1, w)
-    ii = torch.arange(h).float().view(1, 1, h, 1)
+    jj = torch.arange(w, device=rows.device).float().view(1, 1, 1, w)
+    ii = torch.arange(h, device=rows.device).float().view(1, 1, h, 1)
     d2 = (jj - torch.nan_to_num(cx)[..., None, None]) ** 2 + (ii - torch.nan_to_num(cy)[..., None, None]) ** 2
-    target = torch.softmax(-d2.flatten(2) / (2 * sigma ** 2), dim=-1)
-    pres = torch.from_numpy(data.presence).float()[rows]
-    return target, has, pres
+    target = torch.softmax(-d2.flatten(2) / (2 * sigma.view(-1, 1, 1) ** 2), dim=-1)
+    return target, has, data.presence[rows]
 
 
 def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
@@ -148,8 +132,8 @@ def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor) -> torch.
 
 
 def loc_losses(scores: torch.Tensor, target: torch.Tensor, has: torch.Tensor, pres: torch.Tensor,
-               valid: torch.Tensor, presence_weight: float) -> torch.Tensor:
-    """scores (B, M, H, W) -> per-member loss (M,): cross-entropy over cells + weight * BCE(max, presence)."""
+               valid: torch.Tensor) -> torch.Tensor:
+    """scores (B, M, H, W) -> (M, 2): cross-entropy over cells (rows with a nodule), BCE(max, presence)."""
     s = scores.permute(1, 0, 2, 3).flatten(2)  # (M, B, H*W)
     heat = -(target * F.log_softmax(s, dim=-1)).sum(-1)
     has = has & valid
@@ -157,72 +141,62 @@ def loc_losses(scores: torch.Tensor, target: torch.Tensor, has: torch.Tensor, pr
     known = ~torch.isnan(pres) & valid
     bce = F.binary_cross_entropy_with_logits(s.max(dim=-1).values, torch.nan_to_num(pres), reduction="none")
     pres_loss = (bce * known).sum(1) / known.sum(1).clamp_min(1)
-    return heat_loss + presence_weight * pres_loss
+    return torch.stack([heat_loss, pres_loss], dim=1)
 
 
-@dataclass
-class LocResult:
-    scores: np.ndarray  # (N, H, W) score maps of every row
-    state: Optional[Dict[str, torch.Tensor]] = None
+class LocFamily:
+    """Localisation heads for the stacked trainer (pipeline.train.HeadFamily): two losses, cells and presence."""
 
+    task_names = ["cells", "presence"]
 
-def train_loc(data: LocData, jobs: Sequence[tuple], *, keep_state: bool = False,
-              progress: Optional[Callable[[int], None]] = None) -> List[LocResult]:
-    """jobs: (LocHParams, split index). Jobs of equal shapes train stacked; returns one result per job."""
-    keep_freed_memory()
-    results: List[Optional[LocResult]] = [None] * len(jobs)
-    groups: Dict[tuple, List[int]] = {}
-    for i, (hp, _) in enumerate(jobs):
-        groups.setdefault(hp.group_key(), []).append(i)
-    for members in groups.values():
-        for start in range(0, len(members), 64):
-            chunk = members[start:start + 64]
-            for i, res in zip(chunk, _train_stack(data, [jobs[i] for i in chunk], keep_state, progress)):
-                results[i] = res
-    return results  # type: ignore[return-value]
+    def __init__(self, data: LocData):
+        self.data = data
+        self.splits = data.splits
+        self.n_rows = data.maps.shape[0]
 
+    @staticmethod
+    def check(cfg: LocConfig) -> None:
+        check_optim(cfg, "train.loc")
+        if cfg.decode not in DECODERS:
+            raise ConfigError(f"train.loc.decode '{cfg.decode}' must be one of {', '.join(DECODERS)}")
+        if cfg.hidden < 1 or cfg.context < 0 or cfg.sigma <= 0 or cfg.presence_weight < 0:
+            raise ConfigError("train.loc: hidden and sigma must be positive, context and presence_weight >= 0")
 
-def _train_stack(data: LocData, jobs: List[tuple], keep_state: bool,
-                 progress: Optional[Callable[[int], None]]) -> List[LocResult]:
-    hp = jobs[0][0]
-    split_ids = sorted({s for _, s in jobs})
-    key_of = torch.tensor([split_ids.index(s) for _, s in jobs])
-    split_of = torch.tensor([s for _, s in jobs])
-    generators = [torch.Generator().manual_seed(10_007 * data.splits[s].key + 29) for s in split_ids]
-    net = LocNet(data.maps.shape[1], hp.hidden, hp.context, [data.splits[s].key for _, s in jobs])
-    optimiser = torch.optim.Adam(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
-    sigma = torch.tensor([j[0].sigma for j in jobs])
-    weights = [j[0].presence_weight for j in jobs]
-    train_rows = [torch.from_numpy(data.splits[s].train) for s in split_ids]
-    n_steps = math.ceil(max(len(r) for r in train_rows) / hp.batch_size)
-    for _ in range(hp.epochs):
-        net.train()
-        orders = [rows[torch.randperm(len(rows), generator=g)] for rows, g in zip(train_rows, generators)]
-        for step in range(n_steps):
-            parts = [o[step * hp.batch_size:(step + 1) * hp.batch_size] for o in orders]
-            idx = torch.zeros(len(split_ids), hp.batch_size, dtype=torch.long)
-            valid = torch.zeros(len(split_ids), hp.batch_size, dtype=torch.bool)
-            for k, p in enumerate(parts):
-                idx[k, :len(p)], valid[k, :len(p)] = p, True
-            rows, ok = idx[key_of], valid[key_of]
-            scores = net(_inputs(data, rows, split_of))
-            losses = []
-            for m in range(len(jobs)):  # targets differ per member only through sigma
-                target, has, pres = _targets(data, rows[m:m + 1], float(sigma[m]))
-                losses.append(loc_losses(scores[:, m:m + 1], target, has, pres, ok[m:m + 1], weights[m]))
-            optimiser.zero_grad(set_to_none=True)
-            torch.stack(losses).sum().backward()
-            optimiser.step()
-        if progress is not None:
-            progress(len(jobs))
-    net.eval()
-    n = data.maps.shape[0]
-    out = np.empty((len(jobs), n, *data.grid), dtype=np.float32)
-    with torch.no_grad():
+    def stack_key(self, cfg: LocConfig) -> tuple:
+        return ("loc", cfg.hidden, cfg.context)
+
+    def member_bytes(self, cfg: LocConfig) -> int:
+        c, h = self.data.maps.shape[1], cfg.hidden
+        params = c * h + cfg.context * 9 * h * h + h
+        # parameters x 5 (grads, Adam, best) and the activations of a batch, which dominate
+        return params * 4 * 5 + cfg.batch_size * h * (1 + cfg.context) * int(np.prod(self.data.grid)) * 4 * 3
+
+    def lambdas(self, cfg: LocConfig) -> List[float]:
+        return [1.0, float(cfg.presence_weight)]
+
+    def build(self, cfgs, seeds) -> "LocNet":
+        return LocNet(self.data.maps.shape[1], cfgs[0].hidden, cfgs[0].context, seeds)
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+        self.data.to(device)
+
+    def losses(self, model: "LocNet", cfgs, batch: Batch) -> torch.Tensor:
+        scores = model(_inputs(self.data, batch.rows, batch.split_of))
+        sigma = torch.tensor([c.sigma for c in cfgs], dtype=torch.float32, device=scores.device)
+        target, has, pres = _targets(self.data, batch.rows, sigma)
+        return loc_losses(scores, target, has, pres, batch.valid)
+
+    def outputs(self, model: "LocNet", split_of: torch.Tensor) -> torch.Tensor:
+        n, m = self.n_rows, len(split_of)
+        out = []
         for start in range(0, n, 32):
-            rows = torch.arange(start, min(start + 32, n)).expand(len(jobs), -1)
-            out[:, start:start + rows.shape[1]] = net(_inputs(data, rows, split_of)).permute(1, 0, 2, 3).numpy()
-    return [LocResult(out[m], net.member_state(m) if keep_state else None) for m in range(len(jobs))]
+            rows = torch.arange(start, min(start + 32, n), device=split_of.device).expand(m, -1)
+            out.append(model(_inputs(self.data, rows, split_of)).permute(1, 0, 2, 3))
+        return torch.cat(out, dim=1)
+
+    def export(self, model: "LocNet", m: int) -> Dict[str, torch.Tensor]:
+        return model.member_state(m)
 
 
 def decode_maps(scores: np.ndarray, method: str = "argmax") -> tuple:
@@ -281,40 +255,15 @@ def nodule_errors(table, rows: np.ndarray, x_frac: np.ndarray, y_frac: np.ndarra
 
 
 def localisation_metrics(table, rows: np.ndarray, x_frac: np.ndarray, y_frac: np.ndarray,
-                         presence_score: Optional[np.ndarray], pixel_mm: float) -> Dict[str, np.ndarray]:
-    """loc_metrics of predicted centres (fractions of the grid) for `rows`, and the presence AUC where known."""
-    _, dx, dy, radius, grid = nodule_errors(table, rows, x_frac, y_frac, pixel_mm)
-    res = loc_metrics(dx, dy, radius, grid)
+                         presence_score: Optional[np.ndarray], pixel_mm: float,
+                         weights: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """loc_metrics of predicted centres (fractions of the grid) for `rows`, and the presence AUC where known;
+    `weights` (len(rows),) or (R, len(rows)) for bootstrap resamples."""
+    nod, dx, dy, radius, grid = nodule_errors(table, rows, x_frac, y_frac, pixel_mm)
+    res = loc_metrics(dx, dy, radius, grid, weights=None if weights is None else weights[..., nod])
     pres = table["presence"].to_numpy(dtype=float)[rows]
     known = np.isfinite(pres)
     if presence_score is not None and known.any():
-        res["presence_auc"] = roc_auc(pres[known], presence_score[known])
+        res["presence_auc"] = roc_auc(pres[known], presence_score[known],
+                                      None if weights is None else weights[..., known])
     return res
-
-
-def summarise_loc(rows: np.ndarray, split: np.ndarray, x_pred: np.ndarray, y_pred: np.ndarray,
-                  presence_score: Optional[np.ndarray], table, n_splits: int, pixel_mm: float,
-                  bootstrap: int, seed: int) -> Dict[str, Dict[str, object]]:
-    """Per metric: mean ± std over splits, pooled value and a bootstrap CI (out-of-fold predictions)."""
-    def metrics(sel):
-        score = None if presence_score is None else presence_score[sel]
-        return localisation_metrics(table, rows[sel], x_pred[sel], y_pred[sel], score, pixel_mm)
-
-    per_split = [metrics(split == s) for s in range(n_splits)]
-    pooled = metrics(np.ones(len(rows), dtype=bool))
-    nod, dx, dy, radius, grid = nodule_errors(table, rows, x_pred, y_pred, pixel_mm)
-    boot = {}
-    if bootstrap and nod.any():
-        boot = loc_metrics(dx, dy, radius, grid, weights=bootstrap_counts(int(nod.sum()), bootstrap, seed))
-    out: Dict[str, Dict[str, object]] = {}
-    for name, value in pooled.items():
-        folds = np.array([float(p.get(name, np.nan)) for p in per_split])
-        fin = folds[np.isfinite(folds)]
-        entry: Dict[str, object] = {"mean": float(fin.mean()) if len(fin) else float("nan"),
-                                    "std": float(fin.std(ddof=1)) if len(fin) > 1 else float("nan"),
-                                    "folds": folds.tolist(), "pooled": float(value), "n": int(nod.sum())}
-        if name in boot:
-            dist = np.asarray(boot[name], dtype=float)
-            entry["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
-        out[name] = entry
-    return out

@@ -1,0 +1,285 @@
+"""Stage two's engine: cached features and labels in, cross-validated heads and a refit head out.
+
+`load_train_data` reads what a config asks for from a cache (features, declared tasks, spatial maps);
+`cross_validate` trains the Res-MTNet head (and the localisation head when enabled) on every split of the
+protocol through the one stacked trainer (pipeline.train), beside the baselines on the same splits, and
+summarises every model with one summariser; `refit` trains the final heads on all rows for the validated
+epoch count. train-heads, sweeps and the paper's tables all run through here.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from cache.reader import FeatureCache
+from cache.schema import GROUPS
+
+from .config import Config
+from .errors import CacheError, ConfigError
+from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, first_seed_mask, make_splits,
+                       regression_norms, size_bins, summarise, summarise_metrics)
+from .labels import load_label_maps
+from .tasks import TaskSpec, encode_targets, resolve_tasks
+from .train import Job, JobResult, Split, train_jobs, validated_epochs
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "res-mtnet"
+#: progress(total, description) -> a context manager yielding tick(n); stages pass a tqdm bar.
+Progress = Callable[[int, str], ContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def no_progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+@dataclass
+class TrainData:
+    """What stage two reads from a cache: features of the requested backbones, labels and provenance."""
+
+    features: np.ndarray
+    table: pd.DataFrame
+    rows: np.ndarray  # usable rows (unreadable images excluded)
+    tasks: List[TaskSpec]
+    targets: Dict[str, np.ndarray]
+    specs: List[str]
+    provenance: Dict[str, Dict[str, object]]
+    cache_attrs: Dict[str, object]
+    maps: Optional[np.ndarray] = None  # (N, C, H, W) spatial maps for the localisation head
+    loc_spec: str = ""
+    loc_provenance: Dict[str, object] = field(default_factory=dict)
+
+
+def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[np.ndarray, str, Dict]:
+    """The spatial maps the localisation head trains on (train.loc.backbone, or the first feature backbone
+    that has maps)."""
+    present = cache.entries(GROUPS.spatial)
+    wanted = cfg.train.loc.backbone
+    if wanted:
+        spec = cache.resolve(wanted, GROUPS.spatial)
+    else:
+        spec = next((s for s in specs if s in present), None) or next(iter(present), None)
+        if spec is None:
+            raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
+                             f"extract-features --data {cache.attrs.get('data_root', 'DATA')} --cache {cache.path} "
+                             f"--backbone {specs[0]} --spatial")
+    return cache.spatial(spec).astype(np.float16, copy=False), spec, present[spec].attrs
+
+
+def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
+    """Read features and labels from a cache; missing backbones or labels are one clear error each."""
+    tcfg = cfg.train
+    if not tcfg.features:
+        raise ConfigError("train.features is empty; name the backbones whose features to use")
+    with FeatureCache(cache_path) as cache:
+        specs = [cache.resolve(name) for name in tcfg.features]
+        features = cache.features(specs)
+        table = cache.labels()
+        bad = cache.bad
+        provenance = {s: cache.backbones[s].attrs for s in specs}
+        attrs = dict(cache.attrs)
+        maps, loc_spec, loc_provenance = _load_maps(cache, cfg, specs) if tcfg.loc.enabled else (None, "", {})
+    tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
+                          where=f"cache {cache_path}")
+    targets = encode_targets(table, tasks)
+    rows = np.flatnonzero(~bad & np.isfinite(features).all(axis=1))
+    if len(rows) < len(table):
+        logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
+    features = control_features(features, cfg.eval, cfg.train.seed)
+    if maps is not None and cfg.eval.control == "noise":
+        maps = np.random.default_rng(cfg.train.seed + 7778).standard_normal(maps.shape).astype(np.float16)
+    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, maps, loc_spec,
+                     loc_provenance)
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-validation
+
+
+@dataclass
+class LocOutcome:
+    """Out-of-fold results of the localisation head, and its metrics beside the pooled regression's."""
+
+    rows: np.ndarray
+    split: np.ndarray
+    x: np.ndarray  # fractions of the grid
+    y: np.ndarray
+    presence: np.ndarray
+    scores: np.ndarray  # (n, H, W) score maps, first seed
+    results: List[JobResult]
+    report: Dict[str, Dict[str, object]]
+
+
+@dataclass
+class CVResult:
+    splits: List[Split]
+    names: List[SplitName]
+    results: List[JobResult]
+    oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
+    reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    loc: Optional[LocOutcome] = None
+
+    def loss_weights(self, tasks: Sequence[TaskSpec]) -> Dict[str, float]:
+        """Each task's final loss weight, mean over the splits."""
+        weights = np.mean([r.loss_weights for r in self.results], axis=0)
+        return {t.name: float(w) for t, w in zip(tasks, weights)}
+
+
+def inner_val_fraction(cfg: Config) -> float:
+    """The share of training rows held out for early stopping (none in-sample: every row trains)."""
+    heads = [cfg.train] + ([cfg.train.loc] if cfg.train.loc.enabled else [])
+    if cfg.eval.protocol == "insample" or not any(h.early_stopping for h in heads):
+        return 0.0
+    if not 0 < cfg.train.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction {cfg.train.val_fraction} must be in (0, 1) with early stopping")
+    return cfg.train.val_fraction
+
+
+def pooled_family(data: TrainData, splits: Sequence[Split]):
+    """The Res-MTNet family on these splits (features standardised per split on its training rows)."""
+    from .model import PooledFamily, prepare
+
+    return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
+
+
+def loc_family(data: TrainData, splits: Sequence[Split]):
+    from .localise import LocFamily, prepare_loc
+
+    return LocFamily(prepare_loc(data.maps, data.table, splits))
+
+
+def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
+                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg: Config
+                         ) -> Dict[str, Dict[str, object]]:
+    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid."""
+    from .localise import localisation_metrics, nodule_errors
+
+    def metrics_of(sel, weights):
+        return localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
+                                    cfg.eval.pixel_mm, weights)
+
+    def count(sel):
+        return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
+
+    return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
+                             cfg.train.seed, count)
+
+
+def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
+             pooled: OutOfFold, progress: Progress = no_progress) -> LocOutcome:
+    """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
+    from .localise import LocFamily, decode_maps
+
+    lcfg = cfg.train.loc
+    LocFamily.check(lcfg)
+    family = loc_family(data, splits)
+    with progress(len(splits) * lcfg.epochs, "localisation head") as tick:
+        results = train_jobs(family, [Job(lcfg, s) for s in range(len(splits))], progress=tick,
+                             device=cfg.train.device)
+    table = data.table
+    oof = OutOfFold.collect(splits, [{"scores": r.outputs} for r in results])
+    x, y, presence = decode_maps(oof.preds["scores"], lcfg.decode)
+    report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg)}
+    if "x" in pooled.preds and "y" in pooled.preds:
+        px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
+        py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
+        report["pooled-regression"] = localisation_summary(table, pooled.rows, pooled.split, px, py,
+                                                           pooled.preds.get("presence"), names, cfg)
+    first = first_seed_mask(oof.split, names)
+    return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], results, report)
+
+
+def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:
+    """Train one configuration on every split; evaluate it and the baselines on the same splits."""
+    splits, names = make_splits(data.table, data.rows, cfg.eval, inner_val_fraction(cfg))
+    family = pooled_family(data, splits)
+    family.check(cfg.train)
+    with progress(len(splits) * cfg.train.epochs, "train-heads") as tick:
+        results = train_jobs(family, [Job(cfg.train, s) for s in range(len(splits))], progress=tick,
+                             device=cfg.train.device)
+    prep = family.prep
+    per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
+    oof = {MODEL_NAME: OutOfFold.collect(splits, per_split)}
+    if cfg.eval.baselines:
+        x = prep.x.numpy()
+        for which in ("linear", "majority"):
+            oof[which] = OutOfFold.collect(splits, baseline_predictions(x, splits, data.tasks, data.targets, which))
+    cv = CVResult(splits, names, results, oof)
+    if data.maps is not None:
+        cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
+    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+    bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
+        if "size_mm" in data.table else {}
+    for model, preds in oof.items():
+        cv.reports[model] = {
+            "overall": summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap, cfg.train.seed),
+            "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
+                                           cfg.train.seed, subset=rows) for label, rows in bins.items()},
+        }
+    return cv
+
+
+# --------------------------------------------------------------------------------------------------
+# the final head
+
+
+@dataclass
+class Refit:
+    """Heads trained on every usable row (what predict uses), with what is needed to apply them."""
+
+    tensors: Dict[str, object]
+    spec: Dict[str, object]
+
+
+def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_progress) -> Refit:
+    """Train the final heads on every usable row for the epoch count validated in the cross-validation
+    (median best epoch of its splits; the configured count without early stopping)."""
+    import torch
+
+    from .localise import LocFamily
+
+    split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
+    tcfg = _no_stopping(cfg.train, validated_epochs(cv.results, cfg.train))
+    family = pooled_family(data, [split])
+    with progress(tcfg.epochs, "refit") as tick:
+        (result,) = train_jobs(family, [Job(tcfg, 0)], keep_state=True, progress=tick, device=cfg.train.device)
+    prep = family.prep
+    tensors = {f"head.{k}": v[0].contiguous().cpu() for k, v in result.state.items()}
+    tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),
+                    "x_std": torch.from_numpy(prep.x_std[0].astype(np.float32))})
+    spec: Dict[str, object] = {
+        "in_dim": int(data.features.shape[1]), "hidden": tcfg.hidden, "blocks": tcfg.blocks,
+        "out_dim": prep.layout.out_dim, "tasks": [t.as_dict() for t in data.tasks],
+        "scales": {name: [float(v) for v in s[0]] for name, s in prep.scales.items()},
+        "train": {k: v for k, v in asdict(tcfg).items() if k != "loc"}, "loss_weights": result.loss_weights,
+        "features": data.specs, "trained_rows": int(len(data.rows)),
+        # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
+        "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
+    }
+    if data.maps is not None:
+        lcfg = _no_stopping(cfg.train.loc, validated_epochs(cv.loc.results, cfg.train.loc))
+        LocFamily.check(lcfg)
+        lfam = loc_family(data, [split])
+        with progress(lcfg.epochs, "refit localisation") as tick:
+            (loc_result,) = train_jobs(lfam, [Job(lcfg, 0)], keep_state=True, progress=tick,
+                                       device=cfg.train.device)
+        tensors.update({f"loc.{k}": v.contiguous().cpu() for k, v in loc_result.state.items()})
+        tensors.update({"loc_mean": lfam.data.mean[0].contiguous().cpu(),
+                        "loc_std": lfam.data.std[0].contiguous().cpu()})
+        spec["localisation"] = {"backbone": data.loc_spec, "channels": int(data.maps.shape[1]),
+                                "grid": list(lfam.data.grid), "hparams": asdict(lcfg)}
+    return Refit(tensors, spec)
+
+
+def _no_stopping(section, epochs: int):
+    """A copy of a head's config section that trains exactly `epochs` epochs."""
+    import dataclasses
+
+    return dataclasses.replace(section, epochs=int(epochs), early_stopping=0)

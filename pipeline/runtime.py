@@ -1,0 +1,126 @@
+"""Process-wide settings, made once at a command's entry (never inside library calls).
+
+Threads: torch's intra-op pool and the BLAS pools (numpy's OpenBLAS, MKL) all get the same count: `--threads`,
+else OMP_NUM_THREADS, else the cores this process may use (its CPU affinity and its cgroup's CPU quota, so a
+container or a SLURM allocation of 4 cores gets 4, not the node's 128). Their worker threads wait passively
+(OMP_WAIT_POLICY=PASSIVE unless set): a spinning OpenMP barrier burns the core that another process's threads
+need, which made two concurrent runs on two cores 11x slower than one; with passive waiting they share.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+_CONFIGURED: Optional[int] = None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: the affinity mask, capped by a cgroup (v2 or v1) CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def _cgroup_quota() -> Optional[float]:
+    """CPUs granted by the cgroup's quota (cpu.max, or cfs_quota_us / cfs_period_us); None if unlimited."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_threads(threads: Optional[int] = None) -> int:
+    """--threads, else OMP_NUM_THREADS, else available_cores()."""
+    if threads is not None and threads > 0:
+        return int(threads)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    return available_cores()
+
+
+def configure(threads: Optional[int] = None) -> int:
+    """Set threads (torch and BLAS), passive waiting, the plot backend and the allocator; returns the threads.
+
+    Called once by each command before it imports torch; later calls only log the count already set.
+    """
+    global _CONFIGURED
+    if _CONFIGURED is not None:
+        return _CONFIGURED
+    n = resolve_threads(threads)
+    # Read by the OpenMP and BLAS runtimes when they start, hence before torch / numpy's BLAS first run.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; never open a window
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)  # numpy's BLAS, already loaded with its own count
+    except ImportError:
+        pass
+    _keep_freed_memory()
+    _CONFIGURED = n
+    logger.debug("threads: %d", n)
+    return n
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to serve large blocks from its heap instead of fresh mmap pages (Linux only; no-op elsewhere).
+
+    Every training step frees and reallocates gradient and activation buffers of tens of MB. Above glibc's
+    mmap threshold (32 MB at most) each one is a new mapping whose pages fault in on first touch: the
+    weight-gradient product then runs 2-3x slower than on reused memory (benchmarks/train.py).
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap for reuse
+    except (OSError, AttributeError):
+        pass
+
+
+def pick_device(name: str = "auto", key: str = "device"):
+    """'auto': CUDA when present (cuda:$LOCAL_RANK under torchrun), else the CPU; an unavailable device is a
+    clear error naming the config key."""
+    import torch
+
+    from .errors import ConfigError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key} '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} '{name}': no CUDA GPU is available here; use cpu or auto")
+    return device

@@ -1,0 +1,89 @@
+"""Declared tasks: any label column of a cache is a task by config alone, its kind inferred or set."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.labels import load_label_maps
+from pipeline.tasks import KINDS, infer_kind, metric_direction, resolve_tasks
+from stages.extract import extract_features
+from stages.predict import predict
+from stages.train_heads import train_heads
+from tests.helpers import tiny_config, tiny_train_config
+
+
+def test_the_kind_is_inferred_from_the_values():
+    assert infer_kind(pd.Series(["M", "F", None, "M"], name="sex")) == ("binary", ("F", "M"))
+    assert infer_kind(pd.Series([0.0, 1.0, np.nan], name="flag")) == ("binary", ())
+    assert infer_kind(pd.Series([1.0, 3.0, 5.0, 2.0, np.nan], name="grade")) == ("multiclass", ("1", "2", "3", "5"))
+    assert infer_kind(pd.Series([31.0, 57.5, 64.0, 80.0], name="age"))[0] == "regression"
+    assert infer_kind(pd.Series(list(range(30)), name="count", dtype=float))[0] == "regression"  # many integers
+    assert infer_kind(pd.Series(["a", "b", "c"], name="t")) == ("multiclass", ("a", "b", "c"))
+
+
+def test_every_kind_declares_its_metrics_directions():
+    for kind in KINDS.values():
+        assert kind.metrics and set(kind.metrics.values()) <= {-1, 1}
+    maps = load_label_maps()
+    table = pd.DataFrame({"state": ["malignant", "benign", None], "age": [50.5, 61.2, 70.0]})
+    state, age = resolve_tasks(["state", "age"], table, maps)
+    assert metric_direction(state, "auc_malignancy") == 1 and metric_direction(age, "mae") == -1
+    with pytest.raises(ConfigError, match="has no metric 'mea'; valid: mse, mae"):
+        metric_direction(age, "mea")
+
+
+def test_task_kinds_override_and_missing_labels_are_listed_at_once():
+    maps = load_label_maps()
+    table = pd.DataFrame({"state": ["malignant", "benign", None], "grade": [1.0, 2.0, 3.0],
+                          "age": [50.0, 60.0, 70.0]})
+    (grade,) = resolve_tasks(["grade"], table, maps, kinds={"grade": "regression"})
+    assert grade.kind == "regression"
+    (age,) = resolve_tasks(["age"], table, maps, kinds={"age": "multiclass"})
+    assert age.kind == "multiclass" and age.classes == ("50", "60", "70")
+    with pytest.raises(ConfigError, match=r"no labels for task\(s\) smoker, subtlety, size \(column 'size_mm'\)"):
+        resolve_tasks(["state", "smoker", "subtlety", "size"], table, maps)
+    with pytest.raises(ConfigError, match="'ordinal' is not a kind; valid: multiclass, binary, regression"):
+        resolve_tasks(["age"], table, maps, kinds={"age": "ordinal"})
+
+
+@pytest.fixture()
+def smoker_cache(synthetic_dir, tmp_path):
+    """A manifest data set with label columns the paper does not have: smoker (yes/no), age, sex."""
+    rng = np.random.default_rng(0)
+    files = sorted((synthetic_dir / "images").glob("*.png"))
+    frame = pd.DataFrame({"image": [f"images/{p.name}" for p in files],
+                          "state": ["malignant", "benign", "non-nodule"] * (len(files) // 3),
+                          "smoker": rng.choice(["yes", "no"], len(files)),
+                          "age": rng.uniform(30, 80, len(files)).round(1),
+                          "sex": rng.choice(["male", "female"], len(files))})
+    frame.to_csv(synthetic_dir / "manifest.csv", index=False)
+    cache = tmp_path / "smoker.h5"
+    extract_features(synthetic_dir / "manifest.csv", cache, tiny_config(), progress=False)
+    return cache
+
+
+def test_an_extra_label_column_trains_as_a_task_end_to_end(smoker_cache, synthetic_dir, tmp_path):
+    cfg = tiny_train_config(**{"train.tasks": ["state", "smoker", "age", "sex"], "eval.bootstrap": 20})
+    summary = train_heads(smoker_cache, tmp_path / "run", cfg, progress=False)
+    tasks = {t["name"]: t for t in summary.metrics["meta"]["tasks"]}
+    assert tasks["smoker"]["kind"] == "binary" and tuple(tasks["smoker"]["classes"]) == ("no", "yes")
+    assert tasks["age"]["kind"] == "regression" and tasks["sex"]["kind"] == "binary"
+    overall = summary.metrics["models"]["res-mtnet"]["overall"]
+    assert {"accuracy", "f1_weighted", "auc"} <= set(overall["smoker"]) and "rmse" in overall["age"]
+    assert set(summary.metrics["loss_weights"]) == {"state", "smoker", "age", "sex"}
+    run = tmp_path / "run"
+    confusion = pd.read_csv(run / "confusion" / "smoker.csv", index_col=0)
+    assert list(confusion.index) == ["true_no", "true_yes"] and confusion.to_numpy().sum() == 24
+    header = (run / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert {"smoker_true", "smoker_pred", "smoker_p_yes", "age_true", "age_pred"} <= set(header)
+    assert "| smoker | auc |" in (run / "report.md").read_text()
+    result = predict(run, [synthetic_dir / "images" / "JPCLN001.png"], tmp_path / "pred", cache=smoker_cache)
+    row = result.table.iloc[0]
+    assert row["smoker"] in ("no", "yes") and 0 <= row["smoker_p_yes"] <= 1 and np.isfinite(row["age"])
+    assert row["sex"] in ("female", "male")
+    spec = json.loads((run / "model" / "head.json").read_text())
+    assert [t["name"] for t in spec["tasks"]] == ["state", "smoker", "age", "sex"]
