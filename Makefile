@@ -7,6 +7,7 @@ DEMO ?= demo-output
 JSRT ?= ../shared/data/jsrt
 PAPER ?= paper-output
 WEIGHTS ?= imagenet
+PROTOCOLS ?= kfold
 PYTEST_ARGS ?=
 
 .PHONY: test demo paper venv lint clean
@@ -30,8 +31,9 @@ demo: $(STAMP)
 
 # The paper's reproduction: every backbone the tables need, extracted once, then Tables 1-4.
 # Online: the ImageNet weights download on first use. Offline: WEIGHTS=none (random init; the tables say so).
+# PROTOCOLS=kfold,insample,contaminated puts the paper's numbers beside held-out and training-set scores.
 paper: $(STAMP)
-	$(BIN)/resmtnet paper --data $(JSRT) --out $(PAPER) --weights $(WEIGHTS) --overwrite
+	$(BIN)/resmtnet paper --data $(JSRT) --out $(PAPER) --weights $(WEIGHTS) --protocols $(PROTOCOLS) --overwrite
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q flake8

@@ -1,83 +1,128 @@
-"""Stage-two speed: one 5-fold CV run, and a sweep trained at once against the same jobs one after another.
+"""Stage-two speed: the whole `train-heads` command, two runs at once, one CV run, and a sweep.
 
-    python benchmarks/train.py --cache CACHE.h5                     # paper features (default train.features)
-    python benchmarks/train.py --cache CACHE.h5 --features lite0 --configs 16
+    python benchmarks/train.py --cache CACHE.h5                              # command, concurrency, CV run
+    python benchmarks/train.py --cache CACHE.h5 --compare ../base            # ... beside another checkout
+    python benchmarks/train.py --cache CACHE.h5 --sweep configs/sweep.yaml --configs 8
 
-The sweep is configs/sweep.yaml (64 configurations) x 5 folds. "stacked" trains every job with one call of
-the trainer (jobs of equal shapes share one stacked model); "one config at a time" trains each
-configuration's 5 folds as `train-heads` does; "one job at a time" trains every (configuration, fold)
-alone. All three train the same jobs with the same random numbers; times are medians over --repeats.
+"command": `train-heads` from start to exit (a fresh process: imports, reading the cache, 5-fold CV with
+baselines and bootstrap CIs, refit, plots, report), median of --repeats. "concurrent": two such commands
+started together against the same two run one after the other (the ratio should stay near or below 1 on
+shared cores; 11x was measured when their threads spun). With --compare DIR, DIR's code (for example a git
+worktree of an earlier commit: `git worktree add ../base HEAD~1`) runs the same command, interleaved with
+this checkout's, so both are timed under the same load. "cv": one cross-validation run in-process (no
+imports, no refit, no files). The sweep part trains configurations x 5 folds stacked against one
+configuration at a time. Every figure is printed as JSON at the end.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import make_splits  # noqa: E402
-from pipeline.train import Job, prepare, train_jobs  # noqa: E402
-from stages.sweep import config_variants, configurations, load_sweep  # noqa: E402
-from stages.train_heads import cross_validate, hparams, load_train_data  # noqa: E402
 
-
-def timed(fn):
+def command_time(code: Path, cache: Path, out: Path, extra=()) -> float:
+    """Seconds of one `train-heads` run of the code in `code`, as a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    args = [sys.executable, "-c", "from stages.cli import train_heads_main; train_heads_main()",
+            "--cache", str(cache), "--out", str(out), "--overwrite", "--no-progress", "-q", *extra]
     started = time.perf_counter()
-    fn()
+    subprocess.run(args, env=env, cwd=code, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def concurrent_time(code: Path, cache: Path, folder: Path, extra=()) -> float:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", "from stages.cli import train_heads_main; train_heads_main()",
+                               "--cache", str(cache), "--out", str(folder / f"c{i}"), "--overwrite", "--no-progress",
+                               "-q", *extra], env=env, cwd=code, stdout=subprocess.DEVNULL) for i in range(2)]
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"train-heads failed in {code}")
     return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--features", action="append", help="default: the paper config's")
-    parser.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.yaml")
-    parser.add_argument("--configs", type=int, default=None, help="only the first N configurations")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of the CV run")
-    parser.add_argument("--sweep-repeats", type=int, default=1)
-    parser.add_argument("--skip-one-job", action="store_true", help="skip the slowest, one-job-at-a-time run")
+    parser.add_argument("--compare", type=Path, default=None, help="another checkout to time the same way")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", type=Path, default=None, help="also time a sweep (e.g. configs/sweep.yaml)")
+    parser.add_argument("--configs", type=int, default=None, help="sweep: only the first N configurations")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run")
     args = parser.parse_args()
+    cache = args.cache.resolve()
+    extra = [x for kv in args.sets for x in ("--set", kv)]
+    codes = {"this": REPO} | ({"compare": args.compare.resolve()} if args.compare else {})
+    result = {"cache": str(cache), "cpu_count": os.cpu_count(), "repeats": args.repeats, "set": args.sets}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        times = {name: {"command": [], "sequential_two": [], "concurrent_two": []} for name in codes}
+        for r in range(args.repeats):
+            for name, code in (codes.items() if r % 2 == 0 else reversed(list(codes.items()))):
+                t = times[name]
+                t["command"].append(command_time(code, cache, folder / "run", extra))
+                t["sequential_two"].append(t["command"][-1] + command_time(code, cache, folder / "run", extra))
+                t["concurrent_two"].append(concurrent_time(code, cache, folder, extra))
+                print(f"{name} repeat {r}: command {t['command'][-1]:.1f} s, two one after the other "
+                      f"{t['sequential_two'][-1]:.1f} s, two at once {t['concurrent_two'][-1]:.1f} s", file=sys.stderr)
+        for name, t in times.items():
+            med = {k: statistics.median(v) for k, v in t.items()}
+            med["concurrent_over_sequential"] = med["concurrent_two"] / med["sequential_two"]
+            result[name] = {"median_s": med, "all_s": t}
+        if args.compare:
+            result["this_over_compare_command"] = (result["this"]["median_s"]["command"]
+                                                   / result["compare"]["median_s"]["command"])
 
-    cfg = load_config("paper", {"train.features": args.features} if args.features else None)
-    data = load_train_data(args.cache, cfg)
-    hp = hparams(cfg, data.tasks)
-    result = {"cache": str(args.cache), "features": data.specs, "shape": list(data.features.shape),
-              "torch_threads": torch.get_num_threads(), "epochs": hp.epochs, "batch_size": hp.batch_size,
-              "hidden": hp.hidden}
+    from pipeline import runtime
 
-    cv_times = [timed(lambda: cross_validate(data, cfg, hp)) for _ in range(args.repeats)]
-    result["cv_run_s"] = statistics.median(cv_times)
-    print(f"one 5-fold CV run (training, baselines, metrics): {cv_times}", file=sys.stderr)
+    runtime.configure(None)
+    from pipeline.config import load_config, parse_set_options
+    from pipeline.engine import cross_validate, load_train_data
 
-    spec = load_sweep(args.sweep)
-    choices = configurations(spec)[:args.configs]
-    hps = [hparams(c, data.tasks) for c in config_variants(cfg, choices)]
-    splits, _ = make_splits(data.table, data.rows, cfg.eval)
-    prep = prepare(data.features, data.targets, data.tasks, splits)
-    jobs = [Job(h, s) for h in hps for s in range(len(splits))]
-    runs = {"stacked": lambda: train_jobs(prep, jobs),
-            "one config at a time": lambda: [train_jobs(prep, [Job(h, s) for s in range(len(splits))]) for h in hps]}
-    if not args.skip_one_job:
-        runs["one job at a time"] = lambda: [train_jobs(prep, [job]) for job in jobs]
-    times = {name: [] for name in runs}
-    for _ in range(args.sweep_repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-            print(f"{len(choices)} configurations x {len(splits)} folds, {name}: {times[name][-1]:.1f} s",
-                  file=sys.stderr)
-    result["sweep_configs"] = len(choices)
-    result["sweep_s"] = {name: statistics.median(v) for name, v in times.items()}
-    base = result["sweep_s"]["stacked"]
-    result["speedup_vs"] = {name: v / base for name, v in result["sweep_s"].items() if name != "stacked"}
+    cfg = load_config("paper", parse_set_options(args.sets))
+    data = load_train_data(cache, cfg)
+    cv_times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        cross_validate(data, cfg)
+        cv_times.append(time.perf_counter() - started)
+    result["cv_run_s"] = {"median": statistics.median(cv_times), "all": cv_times}
+    if args.sweep:
+        result["sweep"] = sweep_times(data, cfg, args.sweep, args.configs)
     print(json.dumps(result, indent=2))
+
+
+def sweep_times(data, cfg, sweep: Path, n_configs) -> dict:
+    """Configurations x 5 folds stacked, against one configuration at a time (its folds stacked)."""
+    from pipeline.engine import pooled_family
+    from pipeline.evaluate import make_splits
+    from pipeline.train import Job, train_jobs
+    from stages.sweep import config_variants, configurations, load_sweep
+
+    choices = configurations(load_sweep(sweep))[:n_configs]
+    cfgs = [c.train for c in config_variants(cfg, choices)]
+    splits, _ = make_splits(data.table, data.rows, cfg.eval, cfg.train.val_fraction)
+    family = pooled_family(data, splits)
+    out = {"configs": len(choices)}
+    started = time.perf_counter()
+    train_jobs(family, [Job(c, s) for c in cfgs for s in range(len(splits))])
+    out["stacked_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for c in cfgs:
+        train_jobs(family, [Job(c, s) for s in range(len(splits))])
+    out["one_config_at_a_time_s"] = time.perf_counter() - started
+    out["speedup"] = out["one_config_at_a_time_s"] / out["stacked_s"]
+    return out
 
 
 if __name__ == "__main__":

@@ -130,6 +130,10 @@ def _overrides(pairs: Sequence[Tuple[str, Any]], sets: Sequence[str]) -> Dict[st
     return out
 
 
+def _protocols(value: Optional[str]) -> Optional[list]:
+    return [p.strip() for p in value.split(",") if p.strip()] if value else None
+
+
 def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]]:
     """--weights X applies to every backbone; --weights NAME=X to one."""
     default, per = None, {}
@@ -272,16 +276,20 @@ def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[st
 @click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature cache (.h5).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the tables.")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
+@click.option("--protocols", default=None, metavar="P1,P2",
+              help="Comma-separated eval protocols, one column group each in Tables 1-2: kfold, holdout, insample, "
+                   "contaminated (tables.protocols) [default: kfold].")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
-def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, sets: Tuple[str, ...], overwrite: bool,
-                         no_progress: bool) -> None:
+def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, protocols: Optional[str], sets: Tuple[str, ...],
+                         overwrite: bool, no_progress: bool) -> None:
     """The paper's Tables 1-4 from a cache, each cell beside the paper's value."""
     from stages.tables import reproduce_tables
 
-    result = reproduce_tables(cache, out, load_config(config_path, _overrides([], sets)), overwrite=overwrite,
+    pairs = [("tables.protocols", _protocols(protocols))]
+    result = reproduce_tables(cache, out, load_config(config_path, _overrides(pairs, sets)), overwrite=overwrite,
                               progress=not no_progress)
     click.echo(f"tables in {result.seconds:.0f} s: {result.out / 'tables.md'}")
 
@@ -317,16 +325,20 @@ def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path
 @click.option("--out", default="paper-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet (online), none, or NAME=FILE.")
 @click.option("--config", "config_path", default="paper", show_default=True)
+@click.option("--protocols", default=None, metavar="P1,P2",
+              help="Eval protocols of Tables 1-2 (see reproduce-tables) [default: kfold].")
 @click.option("--overwrite", is_flag=True, help="Replace existing tables.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
-def paper_cmd(data: Path, out: Path, weights: str, config_path: str, overwrite: bool, no_progress: bool) -> None:
+def paper_cmd(data: Path, out: Path, weights: str, config_path: str, protocols: Optional[str], overwrite: bool,
+              no_progress: bool) -> None:
     """The whole reproduction: extract every backbone the tables need once, then the tables."""
     from stages.extract import extract_features
     from stages.tables import reproduce_tables
 
     default, per = _split_weights([weights])
-    pairs = [("extract.weights", default)] + [(f"extract.weights_for.{k}", v) for k, v in per.items()]
+    pairs = [("extract.weights", default), ("tables.protocols", _protocols(protocols))]
+    pairs += [(f"extract.weights_for.{k}", v) for k, v in per.items()]
     cfg = load_config(config_path, _overrides(pairs, []))
     cfg.extract.backbones = list(dict.fromkeys(cfg.tables.resmtnet + cfg.tables.backbones))
     cache = out / "features.h5"

@@ -6,6 +6,7 @@ named backbone's cached features (Res-MTNet: the fused DenseNet-161 + EfficientN
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from cache.reader import FeatureCache
 from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
 from pipeline.engine import MODEL_NAME, cross_validate, load_train_data
 from pipeline.errors import CacheError
-from pipeline.evaluate import size_bin_labels
+from pipeline.evaluate import scores_training_rows, size_bin_labels
 from pipeline.fsutil import staged_dir
 from pipeline.reporting import format_entry, format_number
 from stages.progress import progress_bars
@@ -112,12 +113,45 @@ TITLES = {"table1": "Table 1. Classification per backbone: accuracy and F1",
           "table2": "Table 2. Regression per backbone: MSE and MAE, normalised to [0, 1]",
           "table3": "Table 3. Res-MTNet classification per nodule size",
           "table4": "Table 4. Res-MTNet regression per nodule size (normalised)"}
+NOISE = "noise-control"  # the Res-MTNet head on Gaussian noise of the fused features' shape
+
+
+def protocol_label(protocol: str, cfg: Config) -> str:
+    return f"{protocol} (seen {cfg.eval.seen_fraction:g})" if protocol == "contaminated" else protocol
+
+
+def build_protocol_tables(by_protocol: Dict[str, Dict[str, Dict]], paper: Dict, f1: str, cfg: Config
+                          ) -> Tuple[Dict[str, pd.DataFrame], pd.DataFrame]:
+    """Tables 1 and 2 with a row per (model, metric): the paper's value, then one column per protocol."""
+    long_rows, tables = [], {}
+    for key, tasks, metrics, digits in (("table1", TABLE1, (("accuracy", "Acc"), (f1, "F1")), 3),
+                                        ("table2", TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 5)):
+        data = {}
+        models = list(next(iter(by_protocol.values())))
+        for model in models:
+            for task, title in tasks:
+                for i, (metric, short) in enumerate(metrics):
+                    paper_value = _paper(paper, key, model, task, i)
+                    cells = {"paper": format_number(paper_value, digits) if paper_value is not None else "-"}
+                    for protocol, reports in by_protocol.items():
+                        entry = reports[model]["overall"].get(task, {}).get(metric) or {}
+                        cells[protocol_label(protocol, cfg)] = format_entry(entry, digits) if entry else "n/a"
+                        long_rows.append({"table": key, "row": model, "task": task, "metric": metric,
+                                          "protocol": protocol, "ours_mean": entry.get("mean", math.nan),
+                                          "ours_std": entry.get("std", math.nan), "paper": paper_value})
+                    data[(model, f"{title} {short}")] = cells
+        frame = pd.DataFrame.from_dict(data, orient="index")
+        frame.index = pd.MultiIndex.from_tuples(frame.index, names=["model", "metric"])
+        tables[key] = frame
+    return tables, pd.DataFrame(long_rows)
 
 
 def reproduce_tables(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                      progress: bool = True) -> TablesResult:
+    """Tables 1-4 from the cache under tables.protocols (and a noise-control row), beside the paper's values."""
     started = time.perf_counter()
     tcfg = cfg.tables
+    protocols = list(dict.fromkeys(tcfg.protocols)) or ["kfold"]
     rows = {name: [name] for name in tcfg.backbones}
     rows[RESMTNET] = list(tcfg.resmtnet)
     needed = list(dict.fromkeys(tcfg.backbones + tcfg.resmtnet))
@@ -126,47 +160,88 @@ def reproduce_tables(cache: Path, out: Path, cfg: Config, *, overwrite: bool = F
         raise CacheError(f"cache {cache} lacks the features of {', '.join(missing)}; add them with: "
                          + add_command(cache, missing, facts))
     paper = load_yaml(resolve_config_path(tcfg.paper)) or {}
-    reports: Dict[str, Dict] = {}
+    by_protocol: Dict[str, Dict[str, Dict]] = {}
     provenance: Dict[str, Dict] = {}
-    for name, features in rows.items():
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.train.features = features
-        run_cfg.eval.baselines = False
-        run_cfg.eval.bootstrap = 0  # the tables show mean ± std over folds
-        data = load_train_data(cache, run_cfg)
-        cv = cross_validate(data, run_cfg, progress_bars(progress))
-        reports[name] = cv.reports[MODEL_NAME]
-        provenance[name] = {s: {k: a.get(k) for k in ("weights", "weights_id", "params_sha256")}
-                            for s, a in data.provenance.items()}
-        logger.info("%s: done (%s)", name, ", ".join(data.specs))
+    runs = list(rows.items()) + ([(NOISE, list(tcfg.resmtnet))] if tcfg.noise_control else [])
+    for protocol in protocols:
+        reports: Dict[str, Dict] = {}
+        for name, features in runs:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.train.features = features
+            run_cfg.eval.protocol = protocol
+            run_cfg.eval.control = "noise" if name == NOISE else "none"
+            run_cfg.eval.baselines = False
+            run_cfg.eval.bootstrap = 0  # the tables show mean ± std over folds
+            data = load_train_data(cache, run_cfg)
+            cv = cross_validate(data, run_cfg, progress_bars(progress))
+            reports[name] = cv.reports[MODEL_NAME]
+            if name != NOISE:
+                provenance[name] = {s: {k: a.get(k) for k in ("weights", "weights_id", "params_sha256")}
+                                    for s, a in data.provenance.items()}
+            logger.info("%s, %s: done (%s)", protocol, name, ", ".join(data.specs))
+        by_protocol[protocol] = reports
     bins = size_bin_labels(cfg.eval.size_bins)
-    tables, long = build_tables(reports, paper, bins, tcfg.f1)
+    tables, long = build_tables(by_protocol[protocols[0]], paper, bins, tcfg.f1)
+    if len(protocols) > 1:
+        wide, long = build_protocol_tables(by_protocol, paper, tcfg.f1, cfg)
+        tables.update(wide)
     seconds = time.perf_counter() - started
     with staged_dir(out, overwrite) as tmp:
         long.to_csv(tmp / "tables.csv", index=False)
         for key, frame in tables.items():
             frame.to_csv(tmp / f"{key}.csv")
-        (tmp / "tables.md").write_text(tables_markdown(tables, provenance, cfg, seconds))
-        (tmp / "runs.json").write_text(json.dumps({"reports": reports, "provenance": provenance}, indent=1,
+        (tmp / "tables.md").write_text(tables_markdown(tables, provenance, cfg, seconds, protocols))
+        (tmp / "runs.json").write_text(json.dumps({"reports": by_protocol, "provenance": provenance}, indent=1,
                                                   default=str))
         (tmp / "config.yaml").write_text(dump_config(cfg))
     return TablesResult(Path(out), tables, seconds)
 
 
+def impossible_cells(paper: Dict) -> List[str]:
+    """Cells of the paper's Tables 2 and 4 that cannot all be right: a mean absolute error can never exceed the
+    root of the mean squared error of the same predictions (MAE <= RMSE)."""
+    out = []
+    for table in ("table2", "table4"):
+        for row, tasks in (paper.get(table) or {}).items():
+            for task, (mse_value, mae_value) in (tasks or {}).items():
+                if mae_value > math.sqrt(mse_value) + 1e-12:
+                    out.append(f"{table} {row} {task}: MAE {mae_value:g} > sqrt(MSE {mse_value:g}) = "
+                               f"{math.sqrt(mse_value):.4g}")
+    return out
+
+
 def tables_markdown(tables: Dict[str, pd.DataFrame], provenance: Dict[str, Dict], cfg: Config,
-                    seconds: float) -> str:
+                    seconds: float, protocols: Sequence[str] = ("kfold",)) -> str:
     weights = sorted({str(p.get("weights")) for rows in provenance.values() for p in rows.values()})
     random = any(p.get("weights") == "none" for rows in provenance.values() for p in rows.values())
-    lines = ["# The paper's tables, regenerated", "",
-             "Each cell: ours, mean ± std over the folds of stratified "
-             f"{cfg.eval.folds}-fold cross-validation (seeds {cfg.eval.seeds}), then the paper's value in brackets.",
-             f"Backbone weights: {', '.join(weights)}."
-             + (" **Random-init backbones: these numbers say nothing about ImageNet features.**" if random else ""),
-             f"Head: hidden {cfg.train.hidden}, {cfg.train.blocks} residual block(s), {cfg.train.epochs} epochs; "
-             f"F1 = {cfg.tables.f1}; non-nodule images: {cfg.train.non_nodule}; size normalised by "
-             f"{cfg.eval.size_norm}. {seconds:.0f} s.", ""]
+    seen = [protocol_label(p, cfg) for p in protocols
+            if scores_training_rows(dataclasses.replace(cfg.eval, protocol=p))]
+    lines = [f"**WARNING: {', '.join(seen)}: training-set scores (the head was scored on rows it was trained "
+             "on); they are not an estimate of performance on new images.**", ""] if seen else []
+    lines += ["# The paper's tables, regenerated", "",
+              f"Each cell: ours, mean ± std over the splits of protocol {protocol_label(protocols[0], cfg)} (kfold: "
+              f"stratified {cfg.eval.folds}-fold CV, seeds {cfg.eval.seeds}; insample: one split training and "
+              "scoring every row; contaminated: the folds, each also scoring a share of its training rows), then "
+              "the paper's value in brackets."
+              + (f" Tables 1 and 2 are repeated with a column per protocol: {', '.join(protocols)}."
+                 if len(protocols) > 1 else ""),
+              f"Backbone weights: {', '.join(weights)}."
+              + (" **Random-init backbones: these numbers say nothing about ImageNet features.**" if random else ""),
+              f"Head: hidden {cfg.train.hidden}, {cfg.train.blocks} residual block(s), at most {cfg.train.epochs} "
+              f"epochs (early stopping on inner validation rows, patience {cfg.train.early_stopping}; in-sample: "
+              f"{cfg.train.epochs} epochs); F1 = {cfg.tables.f1}; non-nodule images: {cfg.train.non_nodule}; size "
+              f"normalised by {cfg.eval.size_norm}. {seconds:.0f} s."
+              + (f" Row {NOISE}: the same head on seeded Gaussian noise of the fused features' shape (no "
+                 "information about the images)." if cfg.tables.noise_control else ""), ""]
     for key, frame in tables.items():
-        lines += [f"## {TITLES[key]}", "", _markdown(frame), ""]
+        title = TITLES[key] + (", per protocol" if isinstance(frame.index, pd.MultiIndex) else "")
+        lines += [f"## {title}", "", _markdown(frame), ""]
+    paper = load_yaml(resolve_config_path(cfg.tables.paper)) or {}
+    broken = impossible_cells(paper)
+    if broken:
+        lines += ["## The paper's cells that cannot be right as printed", "",
+                  "MAE can never exceed the root of the MSE of the same predictions:", ""]
+        lines += [f"- {b}" for b in broken] + [""]
     lines += ["## Backbones", ""]
     for row, specs in provenance.items():
         for spec, p in specs.items():
@@ -176,8 +251,9 @@ def tables_markdown(tables: Dict[str, pd.DataFrame], provenance: Dict[str, Dict]
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    header = [frame.index.name or ""] + list(frame.columns)
+    header = [n or "" for n in frame.index.names] + list(frame.columns)
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for idx, row in frame.iterrows():
-        out.append("| " + " | ".join([str(idx)] + [str(v) for v in row]) + " |")
+        keys = list(idx) if isinstance(idx, tuple) else [idx]
+        out.append("| " + " | ".join([str(k) for k in keys] + [str(v) for v in row]) + " |")
     return "\n".join(out)

@@ -28,7 +28,8 @@ def tables_config(**overrides):
 def test_tables_have_the_papers_shape_and_every_cell_comes_from_a_run(tiny_cache, tmp_path):
     result = reproduce_tables(tiny_cache, tmp_path / "t", tables_config(), progress=False)
     t1, t2, t3, t4 = (result.tables[k] for k in ("table1", "table2", "table3", "table4"))
-    assert list(t1.index) == TINY + ["res-mtnet"] and list(t2.index) == TINY + ["res-mtnet"]
+    rows = TINY + ["res-mtnet", "noise-control"]  # the noise control: the same head on Gaussian noise
+    assert list(t1.index) == rows and list(t2.index) == rows
     assert list(t1.columns) == [f"{t} {m}" for t in ("Subtlety", "State", "Diagnosis", "Location(Z)")
                                 for m in ("Acc", "F1")]
     assert list(t2.columns) == [f"{t} {m}" for t in ("x", "y", "Nodule size") for m in ("MSE", "MAE")]

@@ -1,0 +1,87 @@
+"""Protocols that explain the paper's numbers: in-sample and contaminated scores, and a noise control."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from pipeline.engine import cross_validate, load_train_data
+from stages.cli import main
+from stages.tables import reproduce_tables
+from stages.train_heads import train_heads
+from tests.helpers import TINY, tiny_train_config
+
+MEMORISE = {"train.lr": 1e-2, "train.dropout": 0.0, "train.label_smoothing": 0.0, "train.epochs": 60,
+            "eval.bootstrap": 0, "eval.baselines": False}
+
+
+def test_insample_scores_the_training_rows_and_memorises_noise(tiny_cache):
+    cfg = tiny_train_config(**MEMORISE, **{"eval.protocol": "insample", "eval.control": "noise"})
+    data = load_train_data(tiny_cache, cfg)
+    cv = cross_validate(data, cfg)
+    (split,) = cv.splits
+    np.testing.assert_array_equal(split.train, data.rows)
+    np.testing.assert_array_equal(split.test, data.rows)
+    overall = cv.reports["res-mtnet"]["overall"]
+    # noise carries no information, yet a head scored on its own training rows gets every label right
+    assert overall["state"]["accuracy"]["pooled"] == 1.0 and overall["subtlety"]["accuracy"]["pooled"] == 1.0
+    held_out = tiny_train_config(**MEMORISE, **{"eval.control": "noise"})
+    honest = cross_validate(load_train_data(tiny_cache, held_out), held_out).reports["res-mtnet"]["overall"]
+    assert honest["state"]["accuracy"]["pooled"] < 0.8
+
+
+def test_contaminated_with_nothing_seen_equals_the_held_out_protocol(tiny_cache):
+    kfold = tiny_train_config(**{"eval.bootstrap": 20})
+    clean = cross_validate(load_train_data(tiny_cache, kfold), kfold)
+    zero = tiny_train_config(**{"eval.bootstrap": 20, "eval.protocol": "contaminated", "eval.seen_fraction": 0.0})
+    same = cross_validate(load_train_data(tiny_cache, zero), zero)
+    assert json.dumps(same.reports, sort_keys=True) == json.dumps(clean.reports, sort_keys=True)  # NaN-safe
+    full = tiny_train_config(**{"eval.bootstrap": 20, "eval.protocol": "contaminated", "eval.seen_fraction": 1.0})
+    dirty = cross_validate(load_train_data(tiny_cache, full), full)
+    for split, base in zip(dirty.splits, clean.splits):
+        np.testing.assert_array_equal(split.train, base.train)  # the same training rows ...
+        assert set(split.test) == set(base.test) | set(base.train)  # ... scored with every row
+
+
+def test_the_noise_control_changes_the_features_not_the_labels(tiny_cache):
+    plain = load_train_data(tiny_cache, tiny_train_config())
+    noise = load_train_data(tiny_cache, tiny_train_config(**{"eval.control": "noise"}))
+    again = load_train_data(tiny_cache, tiny_train_config(**{"eval.control": "noise"}))
+    assert noise.features.shape == plain.features.shape
+    assert np.abs(np.corrcoef(noise.features.ravel(), plain.features.ravel())[0, 1]) < 0.05
+    np.testing.assert_array_equal(noise.features, again.features)  # seeded
+    np.testing.assert_array_equal(noise.rows, plain.rows)
+    for task in plain.tasks:
+        np.testing.assert_array_equal(noise.targets[task.name], plain.targets[task.name])
+
+
+def test_every_insample_output_carries_the_warning(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--out", str(run), "--no-progress",
+                                       "--features", TINY[0], "--features", TINY[1], "--protocol", "insample",
+                                       "--set", "train.epochs=3", "--set", "train.hidden=16"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("WARNING: training-set scores")
+    assert (run / "report.md").read_text().startswith("**WARNING: training-set scores")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert next(iter(metrics)) == "warning" and metrics["warning"].startswith("WARNING: training-set scores")
+    assert metrics["meta"]["protocol"] == "insample"
+    clean = train_heads(tiny_cache, tmp_path / "clean", tiny_train_config(), progress=False)
+    assert clean.warning is None and "warning" not in clean.metrics
+    assert not (tmp_path / "clean" / "report.md").read_text().startswith("**WARNING")
+
+
+def test_tables_put_protocols_side_by_side_beside_the_paper(tiny_cache, tmp_path):
+    cfg = tiny_train_config(**{"tables.backbones": TINY, "tables.resmtnet": TINY, "train.epochs": 3,
+                               "tables.protocols": ["kfold", "insample", "contaminated"]})
+    result = reproduce_tables(tiny_cache, tmp_path / "t", cfg, progress=False)
+    t1 = result.tables["table1"]
+    assert list(t1.columns) == ["paper", "kfold", "insample", "contaminated (seen 1)"]
+    assert t1.loc[("res-mtnet", "State Acc"), "paper"] == "0.911"
+    assert ("noise-control", "State Acc") in t1.index and t1.loc[("noise-control", "State Acc"), "paper"] == "-"
+    text = (tmp_path / "t" / "tables.md").read_text()
+    assert text.startswith("**WARNING: insample, contaminated (seen 1): training-set scores")
+    assert "| model | metric | paper | kfold | insample | contaminated (seen 1) |" in text
+    assert "## Table 3" in text  # the size-bin tables stay, from the first protocol
+    assert "table4 <10 y: MAE 0.182828 > sqrt(MSE 0.000898)" in text  # the paper's impossible cells, named
