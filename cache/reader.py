@@ -140,13 +140,10 @@ class FeatureCache:
         from pipeline.backbones import parse_spec
 
         present = self.entries(group)
-        if name in present:
-            return name
-        # a spec without its weights tag ('timm:resnet18' for 'timm:resnet18.a1_in1k'): no library import needed
-        untagged = [s for s in present if s.split(":", 1)[-1].split(".", 1)[0] == name.split(":", 1)[-1]
-                    and s.split(":", 1)[0] == name.split(":", 1)[0] and ":" in name]
-        if len(untagged) == 1:
-            return untagged[0]
+        # the spec itself, a registered short name, or a spec without its weights tag: no library import needed
+        found = self._match(name, present)
+        if found:
+            return found
         try:
             spec = parse_spec(name).spec
         except BackboneError:
@@ -155,10 +152,49 @@ class FeatureCache:
             return spec
         what = "spatial maps" if group == GROUPS.spatial else "features"
         have = ", ".join(present) or "none"
-        flag = " --spatial" if group == GROUPS.spatial else ""
         raise CacheError(f"cache {self.path} has no {what} of '{name}' (it has: {have}); add them with: "
-                         f"extract-features --data {self.attrs.get('data_root', 'DATA')} --cache {self.path} "
-                         f"--backbone {name}{flag}")
+                         + self.add_command([name], spatial=group == GROUPS.spatial))
+
+    def add_command(self, names: Sequence[str], spatial: bool = False) -> str:
+        """The extract-features command that adds `names` to this cache, so that it runs as printed (offline
+        too): a backbone already cached in another form keeps its weights (a file as --weights NAME=FILE); a
+        new one gets the cache's weights kind (none / imagenet) when all its backbones share one."""
+        known: Dict[str, str] = {}
+        for group in (GROUPS.features, GROUPS.spatial):
+            known.update({spec: str(e.attrs.get("weights")) for spec, e in self.entries(group).items()})
+        kinds = set(known.values())
+        common = next(iter(kinds)) if len(kinds) == 1 and kinds <= {"none", "imagenet"} else None
+        flags = []
+        for name in names:
+            spec = self._match(name, known)
+            weights = known.get(spec) if spec else common
+            if weights in ("none", "imagenet"):
+                flags.append(f"--weights {weights}")
+            elif weights:
+                flags.append(f"--weights {name}={weights}")
+        backbones = " ".join(f"--backbone {n}" for n in names)
+        weights_flags = "".join(f" {f}" for f in dict.fromkeys(flags))
+        return (f"extract-features --data {self.attrs.get('data_root', 'DATA')} --cache {self.path} {backbones}"
+                f"{weights_flags}{' --spatial' if spatial else ''}")
+
+    @staticmethod
+    def _match(name: str, specs) -> Optional[str]:
+        """The stored spec `name` names: itself, or a spec without its weights tag; None if none matches."""
+        if name in specs:
+            return name
+        if ":" not in name:
+            from pipeline.backbones import parse_spec  # a registered short name: no library import
+
+            try:
+                name = parse_spec(name).spec
+            except BackboneError:
+                return None
+            if name in specs:
+                return name
+        if "." in name.split(":", 1)[-1]:  # a tag was given: only that tag matches
+            return None
+        untagged = [s for s in specs if s.split(".", 1)[0] == name]
+        return untagged[0] if len(untagged) == 1 else None
 
     def features(self, names: Sequence[str]) -> np.ndarray:
         """The named backbones' features side by side, (N, sum D) float32, in the order given."""

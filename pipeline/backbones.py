@@ -270,7 +270,9 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
 
 
 def _download_error(spec: str, exc: Exception) -> BackboneError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(first) > 160:  # shorten at a word, never mid-word
+        first = first[:160].rsplit(" ", 1)[0] + " ..."
     return BackboneError(f"could not get the ImageNet weights of {spec} ({first}); when offline, download them "
                          "once on a machine with network, or pass --weights FILE (.safetensors or .pth)")
 
@@ -294,7 +296,9 @@ def _build_timm(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tup
             classifier = cfg.get("classifier") or ()
             head = (classifier,) if isinstance(classifier, str) else tuple(classifier)
             _load_into(model, read_weights_file(path), head, parsed.spec, path)
-    facts = dict(feature_dim=int(model.num_features), input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+    # models with a pre-logits layer (MobileNetV3, HGNetV2) output head_hidden_size values, not num_features
+    facts = dict(feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
+                 input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
                  mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
                  std=tuple(cfg.get("std", IMAGENET_STD)), interpolation=str(cfg.get("interpolation", "bilinear")),
                  weights_id=wid)

@@ -74,19 +74,19 @@ class SpatialConfig:
 
 @dataclass
 class ExtractConfig:
-    backbones: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])
+    backbones: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # names or specs
     weights: str = "imagenet"  # imagenet | none | a local weights file (for every backbone)
     weights_for: Dict[str, str] = field(default_factory=dict)  # per backbone name, overrides `weights`
-    image_size: int = 224
-    interpolation: str = "bilinear"
+    image_size: int = 224  # square input size of the pooled features (the paper: 224)
+    interpolation: str = "bilinear"  # resize filter: bilinear | bicubic | nearest
     normalize: str = "auto"  # auto: the backbone's own mean/std; imagenet: always ImageNet's
-    batch_size: int = 32
+    batch_size: int = 32  # images per forward pass
     num_workers: Optional[int] = None  # None: chosen from the CPU count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "bf16"  # CUDA only: bf16 | fp16 | off
     channels_last: bool = True  # CUDA only
     seed: int = 0  # seeds the random init of --weights none, so reruns are identical
-    fused: Dict[str, List[str]] = field(
+    fused: Dict[str, List[str]] = field(  # name -> backbones whose features /fused/<name> concatenates
         default_factory=lambda: {"paper": ["densenet161", "efficientnet-b7"]})
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
 
@@ -98,10 +98,10 @@ PAPER_TASKS = ["subtlety", "state", "presence", "lobe", "diagnosis", "x", "y", "
 class OptimConfig:
     """What the stacked trainer reads from a head's section (train, and train.loc for the localisation head)."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = 1e-4  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay (L2)
     epochs: int = 100  # the most epochs; with early_stopping the count is chosen on inner validation rows
-    batch_size: int = 32
+    batch_size: int = 32  # rows per step
     early_stopping: int = 5  # patience in epochs on the inner validation split; 0 = train all epochs
     loss_weighting: str = "fixed"  # fixed (lambdas) | uncertainty (Kendall et al. 2018) | dwa (Liu et al. 2019)
     weighting_lr: float = 0.01  # uncertainty: Adam lr of the log variances (own group, no weight decay)
@@ -112,14 +112,14 @@ class OptimConfig:
 class LocConfig(OptimConfig):
     """The localisation head: a per-cell nodule score over a cached feature map (extract-features --spatial)."""
 
-    enabled: bool = False
+    enabled: bool = False  # train the localisation head (needs extract-features --spatial)
     backbone: str = ""  # whose maps; '' = the first of train.features with maps in the cache
-    hidden: int = 64
+    hidden: int = 64  # channels of the per-cell layer
     context: int = 0  # 3x3 convolutions after the per-cell layer (spatial context); 0 = per cell only
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 1e-4  # Adam weight decay (L2)
     epochs: int = 60
-    batch_size: int = 16
+    batch_size: int = 16  # maps per step
     sigma: float = 1.0  # width of the Gaussian target around the nodule, in cells
     presence_weight: float = 1.0  # weight of the presence loss (BCE on the map's maximum)
     decode: str = "argmax"  # argmax (refined within the 3x3 cells around it) | softargmax
@@ -132,12 +132,12 @@ class TrainConfig(OptimConfig):
     task_kinds: Dict[str, str] = field(default_factory=dict)  # task -> multiclass | binary | regression
     lambdas: Dict[str, float] = field(default_factory=dict)  # task -> weight; a task not named weighs 1
     non_nodule: str = "mask"  # images without a nodule in subtlety/lobe/diagnosis: mask | class ('none')
-    hidden: int = 512
-    blocks: int = 1
-    dropout: float = 0.5
-    label_smoothing: float = 0.1
+    hidden: int = 512  # width of the shared FC layer and the residual blocks
+    blocks: int = 1  # residual blocks y = F(y) + y
+    dropout: float = 0.5  # dropout after the shared layer and inside each block
+    label_smoothing: float = 0.1  # of the classification losses
     val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping)
-    seed: int = 0
+    seed: int = 0  # seeds the heads' initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loc: LocConfig = field(default_factory=LocConfig)
 
@@ -147,22 +147,22 @@ class EvalConfig:
     protocol: str = "kfold"  # kfold | holdout | insample (training-set scores) | contaminated
     seen_fraction: float = 1.0  # contaminated: share of each fold's training rows also scored (1: all rows)
     control: str = "none"  # none | noise: Gaussian noise instead of the features (a no-information row)
-    folds: int = 5
-    seeds: List[int] = field(default_factory=lambda: [0])
-    holdout_fraction: float = 0.2
-    stratify: str = "state"
+    folds: int = 5  # k of k-fold cross-validation
+    seeds: List[int] = field(default_factory=lambda: [0])  # one repetition of the protocol per seed
+    holdout_fraction: float = 0.2  # holdout: the test share
+    stratify: str = "state"  # label column the splits are stratified on
     bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
     size_bins: List[float] = field(default_factory=lambda: [10.0, 20.0, 30.0])  # mm edges
     size_norm: str = "grid"  # Table 2's normalised size error: grid (mm / 2048, as the paper) | range
-    baselines: bool = True
+    baselines: bool = True  # also score majority and linear (logistic / ridge) baselines on the same splits
     refit: bool = True  # train a final head on all rows (what predict uses)
     pixel_mm: float = 0.175  # size of a coordinate-grid pixel (JSRT's 2048 grid): a nodule's radius in pixels
 
 
 @dataclass
 class TablesConfig:
-    backbones: List[str] = field(default_factory=lambda: [
-        "resnet18", "resnet50", "alexnet", "mobilenet", "googlenet", "efficientnet-b7"])  # Table 1/2 rows
+    backbones: List[str] = field(default_factory=lambda: [  # Table 1/2 rows
+        "resnet18", "resnet50", "alexnet", "mobilenet", "googlenet", "efficientnet-b7"])
     resmtnet: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # the fused row
     paper: str = "paper_tables"  # the paper's numbers (configs/paper_tables.yaml)
     f1: str = "f1_weighted"  # which F1 the tables show: f1_weighted (as the paper) | f1_macro
@@ -302,6 +302,38 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         if value is not None:
             set_dotted(cfg, key, value)
     return cfg
+
+
+def _field_comments(cls: type) -> Dict[str, str]:
+    """The inline comment after each field of a dataclass's source: the one-line meaning of the key."""
+    import inspect
+    import re
+
+    out: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+            if match:
+                out[match.group(1)] = match.group(2).strip()
+    return out
+
+
+def config_reference(cls: type = None, prefix: str = "") -> List[tuple]:
+    """Every config key as (dotted key, default, meaning), in the order of the dataclasses."""
+    cls = cls or Config
+    comments = _field_comments(cls)
+    default = cls()
+    rows: List[tuple] = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += config_reference(type(value), key + ".")
+        else:
+            rows.append((key, value, comments.get(f.name, "")))
+    return rows
 
 
 def dump_config(cfg: Any) -> str:

@@ -229,7 +229,7 @@ def _check_ranges(rec: dict, where: str) -> None:
             raise DataError(f"{where}: {axis} {value:g} is outside the {limit:g}-pixel coordinate grid")
 
 
-def _finish(records: List[dict], source: Source, check_images: bool) -> pd.DataFrame:
+def _finish(records: List[dict], source: Source, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
     if not records:
         raise DataError(f"{source.metadata}: no images listed; nothing to load")
     seen: Dict[str, int] = {}
@@ -240,7 +240,14 @@ def _finish(records: List[dict], source: Source, check_images: bool) -> pd.DataF
         seen[rec["id"]] = i
     for rec in records:
         if check_images:
-            rec["width"], rec["height"] = probe_image(rec["image"])
+            try:
+                rec["width"], rec["height"] = probe_image(rec["image"])
+            except DataError as exc:
+                if not skip_bad:
+                    raise DataError(f"{exc}, or pass --skip-bad to record it as unreadable") from None
+                logger.warning("%s (kept as unreadable: --skip-bad)", exc)
+                rec["width"], rec["height"] = 0, 0
+                continue
         else:
             rec["width"], rec["height"] = math.nan, math.nan
         if math.isnan(rec["grid_w"]):  # no separate coordinate grid: coordinates are in image pixels
@@ -270,7 +277,7 @@ def _kaggle_image_dir(root: Path) -> Path:
     raise DataError(f"{root}: no images found in images/ or images/images/; unpack the Kaggle archive there")
 
 
-def _load_kaggle(root: Path, meta: Path, labels: LabelMaps, check_images: bool) -> pd.DataFrame:
+def _load_kaggle(root: Path, meta: Path, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
     rows = _read_csv_rows(meta, len(KAGGLE_COLUMNS))
     first = [c.strip().lower() for c in rows[0]]
     if first and first[0] == "study_id":
@@ -300,7 +307,7 @@ def _load_kaggle(root: Path, meta: Path, labels: LabelMaps, check_images: bool) 
             ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID), subtlety=fields["subtlety"],
             state=fields["state"], position=fields["position"], diagnosis=fields["diagnosis"],
             x=fields["x"], y=fields["y"], size=fields["size"], age=fields["age"], sex=fields["sex"]))
-    return _finish(records, Source("kaggle", root, meta), check_images)
+    return _finish(records, Source("kaggle", root, meta), check_images, skip_bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +333,7 @@ def _find_case_insensitive(root: Path, name: str) -> Optional[Path]:
     return None
 
 
-def _load_jsrt(root: Path, labels: LabelMaps, check_images: bool) -> pd.DataFrame:
+def _load_jsrt(root: Path, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
     nodule_list = _find_case_insensitive(root, "CLNDAT_EN.txt")
     normal_list = _find_case_insensitive(root, "CNNDAT_EN.TXT")
     images = {stem: path for stem, path in _index_images(root, recursive=True).items() if is_raw(path)}
@@ -359,7 +366,7 @@ def _load_jsrt(root: Path, labels: LabelMaps, check_images: bool) -> pd.DataFram
                 records.append(_record(ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID),
                                        age=tokens[0], sex=tokens[1], state=tokens[2]))
     source = Source("jsrt", root, nodule_list or normal_list)
-    return _finish(records, source, check_images)
+    return _finish(records, source, check_images, skip_bad)
 
 
 def _split_position(tail: str, where: str) -> Tuple[str, str]:
@@ -379,7 +386,7 @@ def _split_position(tail: str, where: str) -> Tuple[str, str]:
 _MANIFEST_ALIASES = {"size": "size_mm", "path": "image", "file": "image", "study_id": "id"}
 
 
-def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool) -> pd.DataFrame:
+def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
     root = meta.parent
     rows = _read_csv_rows(meta, 2)
     header = [_MANIFEST_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in rows[0]]
@@ -413,7 +420,7 @@ def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool) -> pd.Data
         for col in extra:
             rec[col] = _extra_value(fields[col])
         records.append(rec)
-    return _finish(records, Source("manifest", root, meta), check_images)
+    return _finish(records, Source("manifest", root, meta), check_images, skip_bad)
 
 
 def _extra_value(text: str) -> Union[float, str, None]:
@@ -457,19 +464,20 @@ def detect_layout(path: Union[str, os.PathLike]) -> Source:
 
 
 def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, None] = None,
-                 check_images: bool = True) -> pd.DataFrame:
+                 check_images: bool = True, skip_bad: bool = False) -> pd.DataFrame:
     """Load a data set into the normalised table described in this module's docstring.
 
     `labels` is a LabelMaps or the path of a labels YAML (default configs/labels.yaml).
-    With `check_images`, every image header is read (size, readability) before anything else runs.
+    With `check_images`, every image header is read (size, readability) before anything else runs; an
+    unreadable one is an error, or with `skip_bad` a warning (its size is recorded as 0 x 0).
     """
     maps = labels if isinstance(labels, LabelMaps) else load_label_maps(labels)
     source = detect_layout(path)
     if source.layout == "kaggle":
-        return _load_kaggle(source.root, source.metadata, maps, check_images)
+        return _load_kaggle(source.root, source.metadata, maps, check_images, skip_bad)
     if source.layout == "jsrt":
-        return _load_jsrt(source.root, maps, check_images)
-    return _load_manifest(source.metadata, maps, check_images)
+        return _load_jsrt(source.root, maps, check_images, skip_bad)
+    return _load_manifest(source.metadata, maps, check_images, skip_bad)
 
 
 def normalised_xy(table: pd.DataFrame) -> np.ndarray:

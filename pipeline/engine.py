@@ -52,6 +52,7 @@ class TrainData:
     specs: List[str]
     provenance: Dict[str, Dict[str, object]]
     cache_attrs: Dict[str, object]
+    hashes: List[str] = field(default_factory=list)  # content sha256 of each row's image
     maps: Optional[np.ndarray] = None  # (N, C, H, W) spatial maps for the localisation head
     loc_spec: str = ""
     loc_provenance: Dict[str, object] = field(default_factory=dict)
@@ -68,8 +69,7 @@ def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[
         spec = next((s for s in specs if s in present), None) or next(iter(present), None)
         if spec is None:
             raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
-                             f"extract-features --data {cache.attrs.get('data_root', 'DATA')} --cache {cache.path} "
-                             f"--backbone {specs[0]} --spatial")
+                             + cache.add_command([specs[0]], spatial=True))
     return cache.spatial(spec).astype(np.float16, copy=False), spec, present[spec].attrs
 
 
@@ -85,6 +85,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         bad = cache.bad
         provenance = {s: cache.backbones[s].attrs for s in specs}
         attrs = dict(cache.attrs)
+        hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")]
         maps, loc_spec, loc_provenance = _load_maps(cache, cfg, specs) if tcfg.loc.enabled else (None, "", {})
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
                           where=f"cache {cache_path}")
@@ -95,7 +96,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
     features = control_features(features, cfg.eval, cfg.train.seed)
     if maps is not None and cfg.eval.control == "noise":
         maps = np.random.default_rng(cfg.train.seed + 7778).standard_normal(maps.shape).astype(np.float16)
-    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, maps, loc_spec,
+    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, hashes, maps, loc_spec,
                      loc_provenance)
 
 
@@ -260,6 +261,8 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         "scales": {name: [float(v) for v in s[0]] for name, s in prep.scales.items()},
         "train": {k: v for k, v in asdict(tcfg).items() if k != "loc"}, "loss_weights": result.loss_weights,
         "features": data.specs, "trained_rows": int(len(data.rows)),
+        "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
+        "primary": primary_answers(cv),
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
@@ -276,6 +279,26 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         spec["localisation"] = {"backbone": data.loc_spec, "channels": int(data.maps.shape[1]),
                                 "grid": list(lfam.data.grid), "hparams": asdict(lcfg)}
     return Refit(tensors, spec)
+
+
+def primary_answers(cv: CVResult) -> Dict[str, str]:
+    """Which head answers "where is the nodule" and "is there one" in predict: the better one in this run's
+    cross-validation (nodules within 100 px; presence AUC), the pooled Res-MTNet head without a localisation head."""
+    out = {"position": "pooled", "presence": "pooled"}
+    if cv.loc is None:
+        return out
+    heat, pooled = cv.loc.report["heatmap"], cv.loc.report.get("pooled-regression", {})
+
+    def value(rep, metric):
+        v = (rep.get(metric) or {}).get("pooled", float("nan"))
+        return v if v == v else -1.0
+
+    if value(heat, "within_100px") > value(pooled, "within_100px"):
+        out["position"] = "localisation"
+    presence = cv.reports[MODEL_NAME]["overall"].get("presence", {})
+    if value(heat, "presence_auc") > value({"auc": presence.get("auc")}, "auc"):
+        out["presence"] = "localisation"
+    return out
 
 
 def _no_stopping(section, epochs: int):

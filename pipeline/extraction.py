@@ -96,10 +96,18 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def _worker_init(worker_id: int) -> None:
+    """A decoding worker must not keep the parent's cache lock alive after the parent dies."""
+    from cache.lock import close_inherited_locks
+
+    close_inherited_locks()
+
+
 def make_loader(paths: Sequence[str], batches: Sequence[Sequence[int]], sizes: Sequence[Tuple[int, str]],
                 num_workers: Optional[int], pin_memory: bool = False) -> DataLoader:
     workers = default_workers() if num_workers is None else num_workers
     return DataLoader(ImageFiles(paths, sizes), batch_sampler=[list(b) for b in batches], num_workers=workers,
+                      worker_init_fn=_worker_init,
                       collate_fn=collate, pin_memory=pin_memory,
                       prefetch_factor=4 if workers > 0 else None)
 

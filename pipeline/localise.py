@@ -203,7 +203,7 @@ def decode_maps(scores: np.ndarray, method: str = "argmax") -> tuple:
     """Score maps (n, H, W) -> (x, y) as fractions of the image, and the presence probability."""
     n, h, w = scores.shape
     flat = scores.reshape(n, -1)
-    presence = 1.0 / (1.0 + np.exp(-flat.max(axis=1)))
+    presence = 1.0 / (1.0 + np.exp(-np.clip(flat.max(axis=1), -60, 60)))  # clipped: no overflow warning
     if method == "softargmax":
         p = np.exp(flat - flat.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)

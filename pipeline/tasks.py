@@ -44,6 +44,7 @@ class TaskSpec:
     unit: str = ""  # regression: px (of the coordinate grid), mm, or the column's own unit
     grid_column: str = ""  # regression in px: the column of the grid size (normalises to [0, 1])
     pair_auc: Tuple[str, ...] = ()  # multiclass: (metric name, positive class, negative class), e.g. malignancy
+    nodule_attribute: bool = False  # describes the nodule: meaningless (left empty by predict) without one
 
     @property
     def impl(self) -> "Kind":
@@ -334,15 +335,15 @@ def builtin_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSp
         raise ConfigError(f"train.non_nodule '{non_nodule}' must be 'mask' or 'class'")
     extra = (NONE_CLASS,) if non_nodule == "class" else ()
     specs = [
-        TaskSpec("subtlety", "multiclass", "subtlety", ("1", "2", "3", "4", "5") + extra),
+        TaskSpec("subtlety", "multiclass", "subtlety", ("1", "2", "3", "4", "5") + extra, nodule_attribute=True),
         TaskSpec("state", "multiclass", "state", maps.classes["state"],
                  pair_auc=("auc_malignancy", "malignant", "benign")),
         TaskSpec("presence", "binary", "presence"),
-        TaskSpec("lobe", "multiclass", "lobe", maps.classes["lobe"] + extra),
-        TaskSpec("diagnosis", "multiclass", "diagnosis", maps.classes["diagnosis"] + extra),
-        TaskSpec("x", "regression", "x", unit="px", grid_column="grid_w"),
-        TaskSpec("y", "regression", "y", unit="px", grid_column="grid_h"),
-        TaskSpec("size", "regression", "size_mm", unit="mm"),
+        TaskSpec("lobe", "multiclass", "lobe", maps.classes["lobe"] + extra, nodule_attribute=True),
+        TaskSpec("diagnosis", "multiclass", "diagnosis", maps.classes["diagnosis"] + extra, nodule_attribute=True),
+        TaskSpec("x", "regression", "x", unit="px", grid_column="grid_w", nodule_attribute=True),
+        TaskSpec("y", "regression", "y", unit="px", grid_column="grid_h", nodule_attribute=True),
+        TaskSpec("size", "regression", "size_mm", unit="mm", nodule_attribute=True),
     ]
     return {t.name: t for t in specs}
 
@@ -407,7 +408,8 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
                 if kind == "binary" and set(classes) == {"0", "1"}:
                     classes = ()
             spec = TaskSpec(name, kind, column, classes, unit=spec.unit if spec else "",
-                            grid_column=spec.grid_column if spec else "")
+                            grid_column=spec.grid_column if spec else "",
+                            nodule_attribute=spec.nodule_attribute if spec else False)
         tasks.append(spec)
     if missing:
         from .data import FILE_COLUMNS

@@ -48,11 +48,13 @@ class _Guard:
             click.echo("interrupted; rerun the same command to resume", err=True)
             ctx.exit(130)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO):
-                where = f" ({exc.filename})" if exc.filename else ""
-                raise click.ClickException(f"{exc.strerror}{where}; earlier results were left as they were") \
-                    from None
-            raise
+            # the environment refused a file operation (an unwritable --out, a full disk): one line naming the path
+            if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            hint = "earlier results were left as they were" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) \
+                else "choose a location this user can write (the folder must exist or be creatable)"
+            raise click.ClickException(f"{exc.strerror or exc}{where}; {hint}") from None
 
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -107,6 +109,27 @@ def synthetic_cmd(out: Path, n_images: int, image_size: int, seed: int) -> None:
     click.echo(f"synthetic data set: {out}")
 
 
+@main.command("config")
+@click.option("--config", "config_path", default=None,
+              help="Show the values of this YAML config (path or name) instead of the built-in defaults.")
+def config_cmd(config_path: Optional[str]) -> None:
+    """List every config key with its default and meaning (set any of them with --set KEY=VALUE)."""
+    import yaml
+
+    from pipeline.config import config_reference
+
+    cfg = load_config(config_path) if config_path else None
+    for key, default, meaning in config_reference():
+        if cfg is not None:
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            default = node
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
+        shown = shown[:-4].strip() if shown.endswith("...") else shown
+        click.echo(f"{key} = {shown}" + (f"    # {meaning}" if meaning else ""))
+
+
 @main.command("inspect-data")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -148,8 +171,9 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 
 @click.group("extract-features", cls=SafeGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", type=click.Path(path_type=Path), help="Data folder (Kaggle/JSRT layout) or manifest CSV.")
-@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Data folder (Kaggle/JSRT layout) or manifest CSV. [required]")
+@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write. [required]")
 @click.option("--backbone", "backbones", multiple=True,
               help="Backbone name or spec (repeat for several); default: the config's (paper: densenet161, "
                    "efficientnet-b7).")
@@ -157,9 +181,9 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
                                                "NAME=FILE for one backbone.")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
 @click.option("--image-size", type=int, default=None, help="Resize to this square size (default 224).")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32].")
 @click.option("--num-workers", type=int, default=None, help="Decoding workers (default: one per spare core).")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N [default: auto].")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="CUDA autocast dtype.")
 @click.option("--spatial", is_flag=True, default=None,
               help="Also cache one feature map per image and backbone (for the localisation head).")
@@ -169,7 +193,8 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 @click.option("--rebuild", is_flag=True, help="Ignore an existing cache and its progress; recompute.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the cache instead of failing.")
 @click.option("--shard-index", type=int, default=None, help="This worker's shard (default: torchrun/SLURM env).")
-@click.option("--num-shards", type=int, default=None)
+@click.option("--num-shards", type=int, default=None,
+              help="Split the work over this many workers (with --shard-index; then `extract-features merge`).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
 @click.pass_context
@@ -246,7 +271,7 @@ main.add_command(extract_features_cmd)
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Sweep YAML: search over config keys, ranked on validation folds.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
 def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[str, ...], epochs: Optional[int],
                     folds: Optional[int], seeds: Tuple[int, ...], protocol: Optional[str],
@@ -304,8 +329,9 @@ def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, protocols: Op
               help="Writes OUT.csv and OUT.json.")
 @click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Reuse the features of images this cache already holds.")
-@click.option("--weights", multiple=True, help="NAME=FILE: where the head's backbone weights are on this machine.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--weights", multiple=True,
+              help="NAME=FILE (or FILE for a head with one backbone): where the head's backbone weights are here.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--skip-bad", is_flag=True, help="Report unreadable images in the output instead of failing.")
 @click.option("--overlay", is_flag=True, help="Write OUT_overlays/<image>.png: heat map and nodule (needs train.loc).")
 @logging_options
@@ -314,7 +340,9 @@ def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path
     """Apply a trained head to new chest X-rays: every task's prediction per image."""
     from stages.predict import predict
 
-    _, per_backbone = _split_weights(weights)
+    default, per_backbone = _split_weights(weights)
+    if default is not None:
+        per_backbone[""] = default  # a bare FILE: predict checks that the head has one backbone
     result = predict(run_dir, list(images) + list(more_images), out, weights=per_backbone, cache=cache,
                      device=device, skip_bad=skip_bad, overlay=overlay)
     click.echo(f"{len(result.table)} image(s): {result.csv}, {result.json}")
@@ -323,20 +351,20 @@ def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path
 @main.command("paper")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="The JSRT data folder.")
 @click.option("--out", default="paper-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet (online), none, or NAME=FILE.")
+@click.option("--weights", multiple=True, help="imagenet (default, online), none, or NAME=FILE (repeat for several).")
 @click.option("--config", "config_path", default="paper", show_default=True)
 @click.option("--protocols", default=None, metavar="P1,P2",
               help="Eval protocols of Tables 1-2 (see reproduce-tables) [default: kfold].")
 @click.option("--overwrite", is_flag=True, help="Replace existing tables.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
-def paper_cmd(data: Path, out: Path, weights: str, config_path: str, protocols: Optional[str], overwrite: bool,
-              no_progress: bool) -> None:
+def paper_cmd(data: Path, out: Path, weights: Tuple[str, ...], config_path: str, protocols: Optional[str],
+              overwrite: bool, no_progress: bool) -> None:
     """The whole reproduction: extract every backbone the tables need once, then the tables."""
     from stages.extract import extract_features
     from stages.tables import reproduce_tables
 
-    default, per = _split_weights([weights])
+    default, per = _split_weights(weights)
     pairs = [("extract.weights", default), ("tables.protocols", _protocols(protocols))]
     pairs += [(f"extract.weights_for.{k}", v) for k, v in per.items()]
     cfg = load_config(config_path, _overrides(pairs, []))

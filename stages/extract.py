@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from cache.journal import BatchRecord, Journal, JournalPlan
 from cache.lock import cache_lock
@@ -28,8 +27,9 @@ from pipeline.config import Config, dump_config
 from pipeline.data import FILE_COLUMNS, load_dataset
 from pipeline.errors import CacheError, ConfigError
 from pipeline.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, read_error
-from pipeline.runtime import pick_device
 from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.runtime import pick_device
+from stages.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
     cache = Path(cache)
     out_path = shard_path(cache, shard_index, num_shards) if num_shards > 1 else cache
 
-    table = load_dataset(data, labels=cfg.data.labels)
+    table = load_dataset(data, labels=cfg.data.labels, skip_bad=skip_bad)
     root = Path(table.attrs["root"])
     n = len(table)
     batch_size = ecfg.batch_size
@@ -325,9 +325,7 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
                          num_workers, pin_memory=extractor.cuda)
     started = time.perf_counter()
     desc = f"extract {next(iter(pending))}" if len(pending) == 1 else f"extract {len(pending)} backbones"
-    # disable=None: tqdm shows the bar on a terminal only, so logs of batch jobs stay clean
-    with tqdm(total=n_todo, unit="img", desc=desc, disable=None if progress and n_todo else True,
-              dynamic_ncols=True, leave=False) as bar:
+    with progress_bar(n_todo, desc, progress, unit="img") as tick:
         for b, batch in zip(todo, loader):
             read_error(batch, skip_bad)
             good = batch.good
@@ -344,7 +342,7 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
                 record.features[key] = (provenance[key], out)
             journal.write(b, record)
             remember(record)
-            bar.update(len(batch.rows))
+            tick(len(batch.rows))
     summary.seconds = time.perf_counter() - started
     summary.n_computed_images = n_todo
     return sha, bad, error

@@ -22,11 +22,11 @@ from pipeline.backbones import SpatialBackbone, create_backbone, parse_spec
 from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
-from pipeline.runtime import pick_device
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.localise import LocNet, decode_maps
 from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
+from pipeline.runtime import pick_device
 from pipeline.tasks import TaskSpec
 from stages.train_heads import HEAD_FORMAT, HEAD_VERSION
 
@@ -183,6 +183,13 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     """Predict every task for each image; writes OUT.csv and OUT.json when `out` is given, and with
     `overlay` (a head with a localisation head) a PNG per image in OUT_overlays/."""
     head = load_head(run_dir)
+    weights = dict(weights or {})
+    if "" in weights:  # a weights file without NAME=: only unambiguous for a head on one backbone
+        specs = sorted(set(head.features) | ({str(head.loc["backbone"])} if head.loc else set()))
+        if len(specs) != 1:
+            raise PipelineError(f"--weights {weights['']}: this head uses {len(specs)} backbones "
+                                f"({', '.join(specs)}); name one: --weights NAME=FILE")
+        weights[specs[0]] = weights.pop("")
     if overlay and not head.loc:
         raise PipelineError(f"--overlay needs a localisation head; {run_dir} was trained without train.loc")
     files = list_images(images)
@@ -229,6 +236,13 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
     if head.loc:
         _add_locations(head, table, scores, ok)
+    _add_primary(head, table)
+    trained = set(head.spec.get("trained_sha256", []))
+    table.insert(3, "in_training_set", [h in trained for h in hashes])
+    if table["in_training_set"].any():
+        logger.warning("%d of %d image(s) were in the head's training set (same content): their predictions are "
+                       "training-set answers, far better than on new images (column in_training_set)",
+                       int(table["in_training_set"].sum()), len(table))
     csv_path = json_path = None
     if out is not None:
         out = Path(out)
@@ -244,14 +258,45 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
 
 
 def _add_locations(head: Head, table: pd.DataFrame, scores: np.ndarray, ok: np.ndarray) -> None:
+    """The localisation head's answer, in columns named after it (the secondary answer where it is not primary)."""
     grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
     valid = np.isfinite(scores).all(axis=(1, 2))
     x, y, presence = decode_maps(np.nan_to_num(scores), head.loc["hparams"]["decode"])
-    table["loc_x"] = np.where(valid, np.round(x * grid_w, 1), np.nan)
-    table["loc_y"] = np.where(valid, np.round(y * grid_h, 1), np.nan)
-    table["loc_x_norm"] = np.where(valid, x, np.nan)
-    table["loc_y_norm"] = np.where(valid, y, np.nan)
-    table["loc_presence_prob"] = np.where(valid, np.round(presence, 6), np.nan)
+    table["localisation_x"] = np.where(valid, np.round(x * grid_w, 1), np.nan)
+    table["localisation_y"] = np.where(valid, np.round(y * grid_h, 1), np.nan)
+    table["localisation_x_norm"] = np.where(valid, x, np.nan)
+    table["localisation_y_norm"] = np.where(valid, y, np.nan)
+    table["localisation_presence_prob"] = np.where(valid, np.round(presence, 6), np.nan)
+
+
+#: P(nodule) at or above which an image is reported with a nodule (and its attributes).
+PRESENCE_THRESHOLD = 0.5
+
+
+def _add_primary(head: Head, table: pd.DataFrame) -> None:
+    """One answer per image: nodule_prob and nodule_x / nodule_y from the head that was better in the run's
+    cross-validation (head.json 'primary'); below the presence threshold the nodule's attributes are left empty."""
+    primary = head.spec.get("primary", {})
+    sources = {"pooled": ("x", "y", "presence_prob"),
+               "localisation": ("localisation_x", "localisation_y", "localisation_presence_prob")}
+    prob_col = sources[primary.get("presence", "pooled")][2]
+    if prob_col not in table:
+        return
+    x_col, y_col, _ = sources[primary.get("position", "pooled")]
+    table["nodule_prob"] = table[prob_col]
+    table["nodule_found"] = table[prob_col] >= PRESENCE_THRESHOLD
+    table["nodule_prob_from"] = primary.get("presence", "pooled")
+    if x_col in table and y_col in table:
+        table["nodule_x"], table["nodule_y"] = table[x_col], table[y_col]
+        table["nodule_position_from"] = primary.get("position", "pooled")
+    absent = ~table["nodule_found"].to_numpy(dtype=bool)
+    columns = ["nodule_x", "nodule_y", "x_norm", "y_norm", "x_image", "y_image"]
+    columns += [t.column if t.kind == "regression" else t.name for t in head.layout.tasks if t.nodule_attribute]
+    for col in columns:
+        if col in table:  # empty in the CSV: NaN for numbers, None for class names
+            numeric = pd.api.types.is_numeric_dtype(table[col])
+            table[col] = (table[col].where(~absent, np.nan) if numeric
+                          else table[col].astype(object).where(~absent, None))
 
 
 def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
@@ -284,8 +329,8 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
             continue
         fig, ax = plt.subplots(figsize=(5, 5))
         row = table.iloc[i]
-        draw_overlay(ax, read_image(path), scores[i], (row["loc_x_norm"], row["loc_y_norm"]), truth.get(i),
-                     f"{path.name}: nodule p = {row['loc_presence_prob']:.2f}")
+        draw_overlay(ax, read_image(path), scores[i], (row["localisation_x_norm"], row["localisation_y_norm"]),
+                     truth.get(i), f"{path.name}: nodule p = {row['localisation_presence_prob']:.2f}")
         fig.tight_layout()
         target = folder / f"{path.stem}.png"
         fig.savefig(target, dpi=100)

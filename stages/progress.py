@@ -1,18 +1,49 @@
-"""Progress for long loops of the commands: a tqdm bar on a terminal, nothing in logs."""
+"""Progress for long loops of the commands: a tqdm bar on a terminal, a log line every half minute elsewhere
+(a log file, CI, `make demo | tee`), so that a long step never looks hung."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import time
 from typing import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two progress lines when the output is not a terminal.
+LOG_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch") -> Iterator[Callable[[int], None]]:
+    """Yields tick(n): advance by n of `total`."""
+    if not enabled or total <= 0:
+        yield lambda n: None
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit=unit, desc=desc, leave=False, dynamic_ncols=True) as bar:
+            yield bar.update
+        return
+    started = last = time.perf_counter()
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.perf_counter()
+        if now - last >= LOG_EVERY_S and done < total:
+            last = now
+            rate = done / (now - started)
+            logger.info("%s: %d/%d %s (%.0f%%), %.0f s, about %.0f s left", desc, done, total, unit,
+                        100 * done / total, now - started, (total - done) / rate if rate else float("nan"))
+
+    yield tick
 
 
 def progress_bars(enabled: bool):
-    """A pipeline.engine.Progress: bar(total, description) yields tick(n)."""
-    @contextlib.contextmanager
-    def bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
-        from tqdm import tqdm
-
-        # disable=None: tqdm shows the bar on a terminal only, so logs of batch jobs stay clean
-        with tqdm(total=total, unit="epoch", desc=desc, disable=None if enabled else True, leave=False,
-                  dynamic_ncols=True) as b:
-            yield b.update
+    """A pipeline.engine.Progress for the stage-two loops: bar(total, description) yields tick(n)."""
+    def bar(total: int, desc: str):
+        return progress(total, desc, enabled)
     return bar

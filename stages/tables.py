@@ -41,7 +41,8 @@ class TablesResult:
     seconds: float
 
 
-def _missing(cache: Path, names: Sequence[str]) -> Tuple[List[str], Dict[str, object]]:
+def _missing(cache: Path, names: Sequence[str]) -> Tuple[List[str], str]:
+    """The backbones the cache lacks, and the extract-features command that adds them."""
     with FeatureCache(cache) as c:
         missing = []
         for name in names:
@@ -49,17 +50,7 @@ def _missing(cache: Path, names: Sequence[str]) -> Tuple[List[str], Dict[str, ob
                 c.resolve(name)
             except CacheError:
                 missing.append(name)
-        weights = {str(b.attrs.get("weights")) for b in c.backbones.values()}
-        return missing, {"root": c.attrs.get("data_root", "DATA"), "weights": weights}
-
-
-def add_command(cache: Path, missing: Sequence[str], facts: Dict[str, object]) -> str:
-    """The one extract-features command that adds the missing backbones (with the cache's weights kind)."""
-    weights = facts["weights"]
-    flag = f" --weights {next(iter(weights))}" if len(weights) == 1 and next(iter(weights)) in ("none", "imagenet") \
-        else ""
-    backbones = " ".join(f"--backbone {m}" for m in missing)
-    return f"extract-features --data {facts['root']} --cache {cache} {backbones}{flag}"
+        return missing, c.add_command(missing) if missing else ""
 
 
 def _cell(entry: Optional[Dict[str, object]], paper: Optional[float], digits: int) -> str:
@@ -155,10 +146,9 @@ def reproduce_tables(cache: Path, out: Path, cfg: Config, *, overwrite: bool = F
     rows = {name: [name] for name in tcfg.backbones}
     rows[RESMTNET] = list(tcfg.resmtnet)
     needed = list(dict.fromkeys(tcfg.backbones + tcfg.resmtnet))
-    missing, facts = _missing(cache, needed)
+    missing, command = _missing(cache, needed)
     if missing:
-        raise CacheError(f"cache {cache} lacks the features of {', '.join(missing)}; add them with: "
-                         + add_command(cache, missing, facts))
+        raise CacheError(f"cache {cache} lacks the features of {', '.join(missing)}; add them with: {command}")
     paper = load_yaml(resolve_config_path(tcfg.paper)) or {}
     by_protocol: Dict[str, Dict[str, Dict]] = {}
     provenance: Dict[str, Dict] = {}

@@ -62,6 +62,18 @@ def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
                                 "fold": [cv.names[s].fold for s in oof.split]}
     for task in data.tasks:
         frame.update(task.impl.columns(task, data.targets[task.name][oof.rows], oof.preds[task.name]))
+    # the other models' predictions of the same rows, to compare models image by image
+    for model, other in cv.oof.items():
+        if model == MODEL_NAME:
+            continue
+        assert np.array_equal(other.rows, oof.rows)  # the same splits, in the same order
+        for task in data.tasks:
+            frame.update({f"{model}_{k}": v for k, v in task.impl.columns(task, None, other.preds[task.name]).items()})
+    if cv.loc is not None:
+        assert np.array_equal(cv.loc.rows, oof.rows)
+        frame["loc_x"] = np.round(cv.loc.x * data.table["grid_w"].to_numpy(float)[oof.rows], 1)
+        frame["loc_y"] = np.round(cv.loc.y * data.table["grid_h"].to_numpy(float)[oof.rows], 1)
+        frame["loc_presence_prob"] = np.round(cv.loc.presence, 6)
     return pd.DataFrame(frame)
 
 
@@ -94,10 +106,13 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
                 f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
                 if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
     weights = cv.loss_weights(data.tasks)
+    random = sorted(s for s, a in data.provenance.items() if a.get("weights") == "none")
     lines = ([f"**{warning}**", ""] if warning else []) + [
         "# train-heads report", "",
         f"Features: {', '.join(data.specs)} ({data.features.shape[1]} values) from "
         f"{data.cache_attrs.get('data_root', '?')}; {len(data.rows)} images."
+        + (f" **Random-init backbones ({', '.join(random)}: --weights none): these numbers say nothing about "
+           "ImageNet features.**" if random else "")
         + (" **Control: Gaussian noise instead of the features.**" if cfg.eval.control == "noise" else ""),
         f"Protocol: {cfg.eval.protocol}"
         + (f" (seen_fraction {cfg.eval.seen_fraction})" if cfg.eval.protocol == "contaminated" else "")

@@ -77,7 +77,8 @@ def test_the_head_finds_synthetic_nodules(tmp_path):
     # predict: the localisation head's position and an overlay picture per image
     result = predict(tmp_path / "run", [data / "images" / "JPCLN001.png"], tmp_path / "pred", overlay=True,
                      cache=cache)
-    assert {"loc_x", "loc_y", "loc_presence_prob"} <= set(result.table.columns)
+    assert {"localisation_x", "localisation_y", "localisation_presence_prob", "nodule_x", "nodule_prob"} <= set(
+        result.table.columns)
     assert (tmp_path / "pred_overlays" / "JPCLN001.png").exists()
 
 

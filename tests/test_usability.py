@@ -1,0 +1,259 @@
+"""What a new user hit (issue 12): each item through the CLI, as the user saw it."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from cache.reader import FeatureCache
+from stages import cli
+from stages.cli import main
+from tests.helpers import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--features", TINY[0], "--features", TINY[1], "--epochs", "4", "--folds", "3", "--no-progress",
+         "--set", "train.hidden=16", "--set", "eval.bootstrap=10"]
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def extract(data, cache, *more):
+    return run("extract-features", "--data", data, "--cache", cache, "--backbone", TINY[0], "--backbone", TINY[1],
+               "--weights", "none", "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
+               "--no-progress", *more)
+
+
+def one_error_line(result, *needles):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output  # (info lines of the log may come before)
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_1_train_heads_after_skip_bad_leaves_the_bad_image_out(synthetic_dir, tmp_path):
+    image = synthetic_dir / "images" / "JPCLN005.png"
+    image.write_bytes(image.read_bytes()[:200])  # header intact, pixels truncated
+    assert extract(synthetic_dir, tmp_path / "c.h5", "--skip-bad").exit_code == 0
+    result = run("train-heads", "--cache", tmp_path / "c.h5", "--out", tmp_path / "run", *TRAIN)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["meta"]["n_used"] == 23 and metrics["meta"]["n_images"] == 24
+
+
+def test_2_unwritable_outputs_are_one_error_line_naming_the_path(tiny_cache, synthetic_master, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in ("/proc/x", blocker / "run"):
+        one_error_line(run("train-heads", "--cache", tiny_cache, "--out", out, *TRAIN), str(out.parent)
+                       if isinstance(out, Path) else "/proc")
+    one_error_line(extract(synthetic_master, "/proc/x.h5"), "/proc/x.h5")
+    one_error_line(extract(synthetic_master, blocker / "c.h5"), str(blocker))
+
+
+def test_3_timm_models_with_a_pre_logits_layer_extract(synthetic_master, tmp_path):
+    from pipeline.backbones import create_backbone
+
+    for spec in ("timm:mobilenetv3_small_050", "timm:vit_tiny_patch16_224", "timm:resnet10t"):
+        module, info = create_backbone(spec, weights="none")
+        size = 224 if "vit" in spec else 64
+        import torch
+
+        with torch.no_grad():
+            out = module(torch.zeros(2, 3, size, size))
+        assert out.shape == (2, info.feature_dim), spec  # the size the cache is allocated with
+    result = run("extract-features", "--data", synthetic_master, "--cache", tmp_path / "m.h5", "--backbone",
+                 "timm:mobilenetv3_small_050", "--weights", "none", "--image-size", "64", "--num-workers", "0",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    with FeatureCache(tmp_path / "m.h5") as c:
+        assert c.features(["timm:mobilenetv3_small_050"]).shape == (24, 1024)
+
+
+HOLDER = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from cache.lock import cache_lock
+from pipeline.extraction import _worker_init
+with cache_lock({cache!r}):
+    child = os.fork()
+    if child == 0:  # a DataLoader worker: forked while the lock is held
+        if {close}:
+            _worker_init(0)
+        time.sleep(30)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_4_a_killed_writer_does_not_leave_its_lock_to_its_workers(tmp_path, close):
+    from cache.lock import cache_lock
+    from pipeline.errors import CacheError
+
+    cache = str(tmp_path / "c.h5")
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.format(repo=str(REPO), cache=cache, close=close))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGKILL)  # what a scheduler's kill does; its worker lives on
+        proc.wait()
+        time.sleep(0.2)
+        if close:  # the worker closed its copy of the lock: the rerun gets the lock at once
+            with cache_lock(Path(cache)):
+                pass
+        else:  # a process that kept a copy: the error says the recorded writer is dead
+            with pytest.raises(CacheError, match=rf"pid {proc.pid}, which is no longer running"):
+                with cache_lock(Path(cache)):
+                    pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_5_skip_bad_covers_a_png_that_is_not_an_image(synthetic_dir, tmp_path):
+    (synthetic_dir / "images" / "JPCLN007.png").write_bytes(b"this is not a PNG at all" * 10)
+    one_error_line(extract(synthetic_dir, tmp_path / "c.h5"), "JPCLN007.png", "--skip-bad")
+    result = extract(synthetic_dir, tmp_path / "c.h5", "--skip-bad")
+    assert result.exit_code == 0, result.output
+    with FeatureCache(tmp_path / "c.h5") as c:
+        assert c.bad.sum() == 1 and c.ids[int(np.flatnonzero(c.bad)[0])] == "JPCLN007"
+
+
+def test_6_printed_commands_carry_the_weights_file_and_messages_are_whole_words(synthetic_master, tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.backbones import _download_error, create_backbone
+
+    module, _ = create_backbone(TINY[0], weights="none", seed=3)
+    weights = tmp_path / "tiny.safetensors"
+    save_file(module.model.state_dict(), str(weights))
+    result = run("extract-features", "--data", synthetic_master, "--cache", tmp_path / "c.h5", "--backbone", TINY[0],
+                 "--weights", weights, "--image-size", "64", "--num-workers", "0", "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = run("train-heads", "--cache", tmp_path / "c.h5", "--out", tmp_path / "run", "--features", TINY[0],
+                 "--set", "train.loc.enabled=true")
+    one_error_line(result, f"--backbone timm:test_efficientnet.r160_in1k --weights "
+                           f"timm:test_efficientnet.r160_in1k={weights} --spatial")
+    message = str(_download_error("timm:x", OSError("word " * 60 + "Please check your connection and try again")))
+    inside = message.split("(")[1].split(")")[0].split()
+    assert "..." in message and "aga)" not in message and all(w in ("word", "...") for w in inside)
+
+
+@pytest.fixture(scope="module")
+def loc_run(tmp_path_factory, synthetic_master):
+    from stages.extract import extract_features
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_config, tiny_train_config
+
+    folder = tmp_path_factory.mktemp("loc")
+    cache = folder / "c.h5"
+    extract_features(synthetic_master, cache, tiny_config(**{
+        "extract.spatial.enabled": True, "extract.spatial.image_size": 64, "extract.spatial.stage": -3,
+        "extract.spatial.backbones": [TINY[0]]}), progress=False)
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 3, "eval.bootstrap": 10})
+    train_heads(cache, folder / "run", cfg, progress=False)
+    return cache, folder / "run"
+
+
+def test_7_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodules(
+        loc_run, synthetic_master, tmp_path):
+    cache, run_dir = loc_run
+    images = [synthetic_master / "images" / "JPCLN001.png", synthetic_master / "images" / "JPCNN001.png"]
+    result = run("predict", "--model", run_dir, "--images", *images, "--out", tmp_path / "p", "--overlay")
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 of 2 image(s) were in the head's training set" in result.output
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert table["in_training_set"].all()
+    spec = json.loads((run_dir / "model" / "head.json").read_text())
+    assert set(spec["primary"]) == {"position", "presence"}
+    assert {"nodule_prob", "nodule_found", "nodule_x", "nodule_y", "localisation_x", "x"} <= set(table.columns)
+    source = {"pooled": "presence_prob", "localisation": "localisation_presence_prob"}[spec["primary"]["presence"]]
+    np.testing.assert_allclose(table["nodule_prob"], table[source])
+    for _, row in table.iterrows():
+        if not row["nodule_found"]:  # no nodule: no lobe, diagnosis, position or size
+            assert all(pd.isna(row[c]) for c in ("lobe", "diagnosis", "subtlety", "x", "size_mm", "nodule_x"))
+        else:
+            assert all(not pd.isna(row[c]) for c in ("lobe", "x", "nodule_x"))
+    from pipeline.synthetic import make_synthetic
+    from stages.predict import predict
+
+    other = make_synthetic(tmp_path / "new", n_images=1, image_size=64, seed=77)
+    fresh = predict(run_dir, sorted((other / "images").glob("*.png"))).table
+    assert not fresh["in_training_set"].any()
+
+
+def test_7_overlays_always_have_a_legend():
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import draw_overlay
+
+    fig, ax = plt.subplots()
+    draw_overlay(ax, np.zeros((8, 8)), np.zeros((4, 4)), (0.5, 0.5), None, "no truth known")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["predicted centre"]
+    plt.close(fig)
+
+
+def test_8_predict_weights_without_a_name_and_paper_takes_several(loc_run, tiny_cache, synthetic_master, tmp_path):
+    _, run_dir = loc_run
+    image = synthetic_master / "images" / "JPCLN001.png"
+    one_error_line(run("predict", "--model", run_dir, "--images", image, "--weights", tmp_path / "w.safetensors"),
+                   "uses 2 backbones", "--weights NAME=FILE")
+    result = run("paper", "--data", tmp_path / "missing", "--weights", "a=x.pth", "--weights", "b=y.pth")
+    one_error_line(result, "missing")  # the data folder is the problem, not the two --weights
+
+
+def test_9_help_everywhere_and_every_config_key_listed():
+    for command in (cli.train_heads_main, cli.predict_main, cli.reproduce_tables_main, cli.extract_features_main):
+        result = CliRunner().invoke(command, ["-h"])
+        assert result.exit_code == 0 and result.output.startswith("Usage:"), result.output
+    text = CliRunner().invoke(cli.extract_features_main, ["--help"]).output
+    assert "[required]" in text and "Images per forward pass [default: 32]" in text
+    listing = run("config").output
+    assert "train.loss_weighting = fixed    # fixed (lambdas) | uncertainty" in listing
+    keys = [line.split(" = ")[0] for line in listing.splitlines()]
+    assert {"train.early_stopping", "eval.protocol", "train.loc.sigma", "tables.protocols"} <= set(keys)
+    assert all("#" in line for line in listing.splitlines() if not line.startswith("tables.backbones"))
+
+
+def test_10_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
+        tiny_cache, tmp_path, caplog, monkeypatch):
+    from pipeline.localise import decode_maps
+    from stages import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO), progress.progress(10, "demo step", True) as tick:
+        for _ in range(10):
+            tick(1)
+    assert "demo step: 1/10 epoch (10%)" in caplog.text
+    result = run("train-heads", "--cache", tiny_cache, "--out", tmp_path / "run", *TRAIN)
+    assert result.exit_code == 0 and result.output.count("trained in") == 1 and "train-heads:" not in result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_maps(np.full((1, 3, 3), -1e4), "argmax")
+
+
+def test_11_12_report_says_random_weights_rmse_and_predictions_compare_models(loc_run):
+    _, run_dir = loc_run
+    report = (run_dir / "report.md").read_text()
+    assert "Random-init backbones" in report and "| x | rmse |" in report
+    header = (run_dir / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert {"linear_state_pred", "majority_state_pred", "linear_x_pred", "loc_x", "loc_y",
+            "loc_presence_prob"} <= set(header)
