@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
-from pipeline.extraction import Extractor, load_backbones, pick_device  # noqa: E402
+from pipeline.extraction import Extractor, load_backbones  # noqa: E402
+from pipeline.runtime import pick_device  # noqa: E402
 from stages.extract import extract_features, weights_by_name  # noqa: E402
 
 

@@ -3,6 +3,7 @@
     python benchmarks/train.py --cache CACHE.h5                              # command, concurrency, CV run
     python benchmarks/train.py --cache CACHE.h5 --compare ../base            # ... beside another checkout
     python benchmarks/train.py --cache CACHE.h5 --sweep configs/sweep.yaml --configs 8
+    python benchmarks/train.py --step                                      # where one training step goes
 
 "command": `train-heads` from start to exit (a fresh process: imports, reading the cache, 5-fold CV with
 baselines and bootstrap CIs, refit, plots, report), median of --repeats. "concurrent": two such commands
@@ -11,7 +12,8 @@ shared cores; 11x was measured when their threads spun). With --compare DIR, DIR
 worktree of an earlier commit: `git worktree add ../base HEAD~1`) runs the same command, interleaved with
 this checkout's, so both are timed under the same load. "cv": one cross-validation run in-process (no
 imports, no refit, no files). The sweep part trains configurations x 5 folds stacked against one
-configuration at a time. Every figure is printed as JSON at the end.
+configuration at a time. --step times one training step of 5 stacked members (batch 32, 4768 -> 512, the
+paper cache's shapes) against its weight-gradient product alone. Every figure is printed as JSON at the end.
 """
 from __future__ import annotations
 
@@ -51,15 +53,55 @@ def concurrent_time(code: Path, cache: Path, folder: Path, extra=()) -> float:
     return time.perf_counter() - started
 
 
+def step_times(repeats: int = 50) -> dict:
+    """Milliseconds of one stacked training step (forward, backward, fused Adam) against its parts."""
+    from pipeline import runtime
+
+    runtime.configure(None)
+    import torch
+
+    members, batch, d, h = 5, 32, 4768, 512
+    x = torch.randn(members, batch, d)
+    w = torch.randn(members, d, h, requires_grad=True)
+    b = torch.zeros(members, 1, h, requires_grad=True)
+    w2 = torch.randn(members, h, 30, requires_grad=True)
+    opt = torch.optim.Adam([w, b, w2], lr=1e-4, fused=True)
+    delta = torch.randn(members, batch, h)
+
+    def step():
+        out = torch.bmm(torch.relu(torch.baddbmm(b, x, w)), w2)
+        opt.zero_grad(set_to_none=True)
+        out.square().mean().backward()
+        opt.step()
+
+    parts = {"step": step, "forward_first_layer": lambda: torch.baddbmm(b, x, w),
+             "weight_gradient_first_layer": lambda: torch.bmm(x.transpose(1, 2), delta)}
+    out = {"members": members, "batch": batch, "in": d, "hidden": h, "threads": torch.get_num_threads()}
+    for name, fn in parts.items():
+        for _ in range(5):
+            fn()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        out[f"{name}_ms"] = (time.perf_counter() - started) / repeats * 1000
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--step", action="store_true", help="only time one training step and its parts")
+    parser.add_argument("--cache", type=Path)
     parser.add_argument("--compare", type=Path, default=None, help="another checkout to time the same way")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep", type=Path, default=None, help="also time a sweep (e.g. configs/sweep.yaml)")
     parser.add_argument("--configs", type=int, default=None, help="sweep: only the first N configurations")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run")
     args = parser.parse_args()
+    if args.step:
+        print(json.dumps(step_times(), indent=2))
+        return
+    if args.cache is None:
+        parser.error("--cache is required (except with --step)")
     cache = args.cache.resolve()
     extra = [x for kv in args.sets for x in ("--set", kv)]
     codes = {"this": REPO} | ({"compare": args.compare.resolve()} if args.compare else {})
@@ -115,11 +157,11 @@ def sweep_times(data, cfg, sweep: Path, n_configs) -> dict:
     family = pooled_family(data, splits)
     out = {"configs": len(choices)}
     started = time.perf_counter()
-    train_jobs(family, [Job(c, s) for c in cfgs for s in range(len(splits))])
+    train_jobs(family, [Job(c, s) for c in cfgs for s in range(len(splits))], device=cfg.train.device)
     out["stacked_s"] = time.perf_counter() - started
     started = time.perf_counter()
     for c in cfgs:
-        train_jobs(family, [Job(c, s) for s in range(len(splits))])
+        train_jobs(family, [Job(c, s) for s in range(len(splits))], device=cfg.train.device)
     out["one_config_at_a_time_s"] = time.perf_counter() - started
     out["speedup"] = out["one_config_at_a_time_s"] / out["stacked_s"]
     return out

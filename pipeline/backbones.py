@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -273,8 +274,86 @@ def _download_error(spec: str, exc: Exception) -> BackboneError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if len(first) > 160:  # shorten at a word, never mid-word
         first = first[:160].rsplit(" ", 1)[0] + " ..."
-    return BackboneError(f"could not get the ImageNet weights of {spec} ({first}); when offline, download them "
-                         "once on a machine with network, or pass --weights FILE (.safetensors or .pth)")
+    return BackboneError(f"could not get the ImageNet weights of {spec} ({first}); offline: fill the caches once on "
+                         f"a machine with network (resmtnet fetch-weights --backbone {spec}, same HF_HOME and "
+                         f"TORCH_HOME) and set HF_HUB_OFFLINE=1, or pass --weights {spec}=FILE")
+
+
+# --------------------------------------------------------------------------------------------------
+# where ImageNet weights come from, and whether this machine has them
+
+
+@dataclass(frozen=True)
+class WeightsLocation:
+    """Where a backbone's ImageNet weights are published, and the file in the library's cache if present."""
+
+    spec: str
+    source: str  # hf-hub:<repo id> (timm) or the download URL (torchvision, older timm)
+    cache: str  # the cache folder the library reads (HF hub cache or TORCH_HOME/hub/checkpoints)
+    cached: Optional[str]  # the cached file, or None
+
+    @property
+    def present(self) -> bool:
+        return self.cached is not None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE set: nothing may be downloaded (HPC compute nodes)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def weights_location(spec: str) -> WeightsLocation:
+    """Where `spec`'s ImageNet weights come from and whether the library's cache holds them (no download)."""
+    parsed = parse_spec(spec)
+    torch_cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if parsed.library == "torchvision":
+        from torchvision import models
+
+        url = models.get_model_weights(parsed.arch)[parsed.tag].url
+        path = torch_cache / os.path.basename(url)
+        return WeightsLocation(parsed.spec, url, str(torch_cache), str(path) if path.is_file() else None)
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(parsed.arch + (f".{parsed.tag}" if parsed.tag else ""))
+    if cfg is not None and cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        for name in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
+            found = try_to_load_from_cache(cfg.hf_hub_id, name)
+            if isinstance(found, str):
+                return WeightsLocation(parsed.spec, f"hf-hub:{cfg.hf_hub_id}", constants.HF_HUB_CACHE, found)
+        return WeightsLocation(parsed.spec, f"hf-hub:{cfg.hf_hub_id}", constants.HF_HUB_CACHE, None)
+    url = (cfg.url if cfg is not None else "") or ""
+    path = torch_cache / os.path.basename(url) if url else None
+    return WeightsLocation(parsed.spec, url or "none published", str(torch_cache),
+                           str(path) if path is not None and path.is_file() else None)
+
+
+def fetch_weights(names: List[str], download: bool = True) -> List[WeightsLocation]:
+    """Make sure each backbone's ImageNet weights are in the library's cache (downloading what is missing, by
+    building the backbone once); with download=False only report. Returns where each one is."""
+    out = []
+    for name in names:
+        loc = weights_location(name)
+        if download and not loc.present:
+            create_backbone(name, weights="imagenet")
+            loc = weights_location(name)
+        out.append(loc)
+    return out
+
+
+def check_offline_weights(specs: List[str]) -> None:
+    """Offline (HF_HUB_OFFLINE=1), every backbone asked for with ImageNet weights must be in the caches: all that
+    are not are named in one error, with how to get them."""
+    if not offline() or not specs:
+        return
+    missing = [loc for loc in (weights_location(s) for s in specs) if not loc.present]
+    if missing:
+        names = " ".join(f"--backbone {m.spec}" for m in missing)
+        listed = "; ".join(f"{m.spec} from {m.source} into {m.cache}" for m in missing)
+        raise BackboneError(f"offline (HF_HUB_OFFLINE=1) and {len(missing)} backbone(s) have no ImageNet weights in "
+                            f"the caches: {listed}. On a machine with network: resmtnet fetch-weights {names} "
+                            "(with the same HF_HOME and TORCH_HOME), or pass --weights NAME=FILE")
 
 
 def _build_timm(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tuple[nn.Module, Dict]:
@@ -324,12 +403,14 @@ def _build_torchvision(parsed: BackboneSpec, weights: str, path: Optional[Path])
         wid = member.url
     else:
         model = builder(weights=None, **dict(arch.build_kwargs))
-        if path is not None:
-            state = read_weights_file(path)
-            if parsed.arch.startswith("densenet"):
-                state = {(_DENSENET_LEGACY.sub(r"\1\2", k)): v for k, v in state.items()}
-            _load_into(model, state, (arch.head, "aux1", "aux2"), parsed.spec, path)
+    # the head goes before a file is loaded: torchvision's published checkpoints hold the classifier, which is
+    # dropped from the file and must not be expected of the model
     _set_module(model, arch.head, nn.Identity())
+    if path is not None:
+        state = read_weights_file(path)
+        if parsed.arch.startswith("densenet"):
+            state = {(_DENSENET_LEGACY.sub(r"\1\2", k)): v for k, v in state.items()}
+        _load_into(model, state, (arch.head, "aux1", "aux2"), parsed.spec, path)
     facts = dict(feature_dim=arch.feature_dim, input_size=600 if parsed.arch == "efficientnet_b7" else 224,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  interpolation="bicubic" if parsed.arch == "efficientnet_b7" else "bilinear", weights_id=wid)

@@ -83,7 +83,7 @@ class ExtractConfig:
     batch_size: int = 32  # images per forward pass
     num_workers: Optional[int] = None  # None: chosen from the CPU count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "bf16"  # CUDA only: bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (CPU autocast too) | fp16 (CUDA) | off
     channels_last: bool = True  # CUDA only
     seed: int = 0  # seeds the random init of --weights none, so reruns are identical
     fused: Dict[str, List[str]] = field(  # name -> backbones whose features /fused/<name> concatenates

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torch import nn
 
-from .backbones import BackboneInfo, SpatialBackbone, create_backbone
+from .backbones import BackboneInfo, SpatialBackbone, check_offline_weights, create_backbone
 from .config import SpatialConfig
 from .errors import ConfigError, DataError, PipelineError
 from .images import decode_image, resize
@@ -157,6 +157,7 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
     With `spatial` enabled, each backbone (or those `spatial.backbones` names) also yields a spatial entry:
     the maps of stage `spatial.stage` at input size `spatial.image_size`, sharing the same weights.
     """
+    check_offline_weights([name for name in names if weights[name] == "imagenet"])
     out: Dict[str, LoadedBackbone] = {}
     for name in names:
         module, info = create_backbone(name, weights=weights[name], seed=seed)
@@ -177,14 +178,18 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
 class Extractor:
     """Runs loaded backbones on a device; CUDA gets autocast (bf16/fp16) and channels_last."""
 
-    def __init__(self, backbones: Dict[str, LoadedBackbone], device: torch.device, amp: str = "bf16",
+    def __init__(self, backbones: Dict[str, LoadedBackbone], device: torch.device, amp: str = "auto",
                  channels_last: bool = True):
         self.backbones = backbones
         self.device = device
         self.cuda = device.type == "cuda"
-        if amp not in ("bf16", "fp16", "off"):
-            raise ConfigError(f"extract.amp '{amp}' must be bf16, fp16 or off")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if self.cuda else None
+        if amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"extract.amp '{amp}' must be auto, bf16, fp16 or off")
+        if amp == "fp16" and not self.cuda:
+            raise ConfigError("extract.amp fp16 needs a CUDA device; on a CPU use bf16 (CPU autocast) or off")
+        # auto: bf16 autocast on CUDA, float32 on a CPU (bf16 there is opt-in: it is slow without bf16 units)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if amp == "auto" and self.cuda
+                                                                             else amp)
         self.channels_last = channels_last and self.cuda
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         for lb in backbones.values():
@@ -205,14 +210,13 @@ class Extractor:
     @property
     def precision(self) -> str:
         """How the features were computed; batches of different precision are never mixed in one cache."""
-        if not self.cuda:
-            return "cpu-fp32"
-        return f"cuda-{'fp32' if self.amp_dtype is None else str(self.amp_dtype).split('.')[-1]}"
+        dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return f"{self.device.type}-{dtype}"
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     @torch.inference_mode()
     def run(self, key: str, images: torch.Tensor) -> np.ndarray:

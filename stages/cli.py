@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -130,6 +131,33 @@ def config_cmd(config_path: Optional[str]) -> None:
         click.echo(f"{key} = {shown}" + (f"    # {meaning}" if meaning else ""))
 
 
+@main.command("fetch-weights")
+@click.option("--config", "config_path", default="paper", show_default=True,
+              help="Fetch every backbone this config extracts or tabulates (when no --backbone is given).")
+@click.option("--backbone", "backbones", multiple=True, help="Backbone name or spec (repeat for several).")
+@click.option("--check", is_flag=True, help="Download nothing: report which weights are in the caches (offline).")
+@logging_options
+def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool) -> None:
+    """Put the ImageNet weights of the backbones into timm's and torchvision's caches (HF_HOME, TORCH_HOME).
+
+    Run it once on a machine with network (a login node); compute nodes with the same HF_HOME and TORCH_HOME
+    then run with HF_HUB_OFFLINE=1.
+    """
+    from pipeline.backbones import fetch_weights
+
+    cfg = load_config(config_path)
+    names = list(backbones) or list(dict.fromkeys(cfg.extract.backbones + cfg.tables.resmtnet + cfg.tables.backbones))
+    locations = fetch_weights(names, download=not check)
+    for loc in locations:
+        size = f"{os.path.getsize(loc.cached) / 2 ** 20:.1f} MiB" if loc.present else ""
+        state = f"present: {loc.cached} ({size})" if loc.present else f"MISSING (from {loc.source} into {loc.cache})"
+        click.echo(f"{loc.spec}: {state}")
+    missing = [loc.spec for loc in locations if not loc.present]
+    if missing:
+        raise click.ClickException(f"{len(missing)} of {len(locations)} backbone(s) have no weights in the caches; "
+                                   "run resmtnet fetch-weights without --check on a machine with network")
+
+
 @main.command("inspect-data")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -184,7 +212,8 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 32].")
 @click.option("--num-workers", type=int, default=None, help="Decoding workers (default: one per spare core).")
 @click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N [default: auto].")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="CUDA autocast dtype.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default=None,
+              help="Autocast: auto (bf16 on CUDA, fp32 on CPU), bf16 (CPU too), fp16 (CUDA) or off [default: auto].")
 @click.option("--spatial", is_flag=True, default=None,
               help="Also cache one feature map per image and backbone (for the localisation head).")
 @click.option("--spatial-size", type=int, default=None, help="Input size for the maps (default 512).")
