@@ -123,6 +123,10 @@ class LocConfig(OptimConfig):
     sigma: float = 1.0  # width of the Gaussian target around the nodule, in cells
     presence_weight: float = 1.0  # weight of the presence loss (BCE on the map's maximum)
     decode: str = "argmax"  # argmax (refined within the 3x3 cells around it) | softargmax
+    mirror: bool = False  # add left-right difference channels: each cell minus its mirror cell (other lung)
+    flip: bool = False  # train on horizontally flipped maps too (mirrored targets)
+    candidates: int = 10  # nodule candidates per image (non-maximum suppression): FROC, predict --overlay
+    nms_cells: int = 2  # a candidate suppresses the cells within this many cells of it
 
 
 @dataclass
@@ -157,6 +161,7 @@ class EvalConfig:
     baselines: bool = True  # also score majority and linear (logistic / ridge) baselines on the same splits
     refit: bool = True  # train a final head on all rows (what predict uses)
     pixel_mm: float = 0.175  # size of a coordinate-grid pixel (JSRT's 2048 grid): a nodule's radius in pixels
+    froc_fps: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # FROC: FPs per image
 
 
 @dataclass

@@ -116,6 +116,7 @@ class LocOutcome:
     scores: np.ndarray  # (n, H, W) score maps, first seed
     results: List[JobResult]
     report: Dict[str, Dict[str, object]]
+    froc_curves: Dict[str, Dict[str, list]] = field(default_factory=dict)  # head -> froc_<hit>_curve: [fpi, sens]
 
 
 @dataclass
@@ -157,14 +158,20 @@ def loc_family(data: TrainData, splits: Sequence[Split]):
 
 
 def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
-                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg: Config
+                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg: Config,
+                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
                          ) -> Dict[str, Dict[str, object]]:
-    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid."""
-    from .localise import localisation_metrics, nodule_errors
+    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, and the
+    FROC sensitivities of the candidates (cx, cy, score), each (n, k)."""
+    from .localise import froc, localisation_metrics, nodule_errors
 
     def metrics_of(sel, weights):
-        return localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
-                                    cfg.eval.pixel_mm, weights)
+        out = localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
+                                   cfg.eval.pixel_mm, weights)
+        if cands is not None:
+            out.update(froc(table, rows[sel], *(c[sel] for c in cands), cfg.eval.pixel_mm, cfg.eval.froc_fps,
+                            weights))
+        return out
 
     def count(sel):
         return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
@@ -176,7 +183,7 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
 def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
              pooled: OutOfFold, progress: Progress = no_progress) -> LocOutcome:
     """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
-    from .localise import LocFamily, decode_maps
+    from .localise import LocFamily, candidates, decode_maps, froc
 
     lcfg = cfg.train.loc
     LocFamily.check(lcfg)
@@ -187,14 +194,24 @@ def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Seque
     table = data.table
     oof = OutOfFold.collect(splits, [{"scores": r.outputs} for r in results])
     x, y, presence = decode_maps(oof.preds["scores"], lcfg.decode)
-    report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg)}
+    cands = candidates(oof.preds["scores"], lcfg.candidates, lcfg.nms_cells)
+    first = first_seed_mask(oof.split, names)
+    report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
+    curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
+                              cfg.eval.froc_fps, curves=True)}
     if "x" in pooled.preds and "y" in pooled.preds:
         px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
         py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
-        report["pooled-regression"] = localisation_summary(table, pooled.rows, pooled.split, px, py,
-                                                           pooled.preds.get("presence"), names, cfg)
-    first = first_seed_mask(oof.split, names)
-    return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], results, report)
+        pp = pooled.preds.get("presence")
+        # the pooled head gives one candidate per image, scored by its presence probability
+        one = (px[:, None], py[:, None], (pp if pp is not None else np.ones(len(px)))[:, None])
+        report["pooled-regression"] = localisation_summary(table, pooled.rows, pooled.split, px, py, pp, names,
+                                                           cfg, one)
+        pfirst = first_seed_mask(pooled.split, names)
+        curves["pooled-regression"] = froc(table, pooled.rows[pfirst], *(c[pfirst] for c in one),
+                                           cfg.eval.pixel_mm, cfg.eval.froc_fps, curves=True)
+    return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], results, report,
+                      {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()})
 
 
 def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:

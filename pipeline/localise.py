@@ -27,6 +27,16 @@ DECODERS = ("argmax", "softargmax")
 #: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`.
 LOC_METRICS = {"mean_px": -1, "median_px": -1, "within_radius": 1, "within_100px": 1, "within_200px": 1,
                "x_mae_norm": -1, "y_mae_norm": -1, "presence_auc": 1}
+#: FROC operating points (false positives per image) reported unless eval.froc_fps says otherwise.
+FROC_FPS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def froc_names(fps=FROC_FPS):
+    """Metric names of the FROC sensitivities: hits within the nodule's radius and within 100 px."""
+    return [f"froc_{hit}_at_{fp:g}fp" for hit in ("radius", "100px") for fp in fps]
+
+
+LOC_METRICS.update({name: 1 for name in froc_names()})
 
 
 class LocNet(nn.Module):
@@ -110,11 +120,13 @@ def prepare_loc(maps: np.ndarray, table, splits: Sequence[Split]) -> LocData:
                    tensor(presence), list(splits))
 
 
-def _targets(data: LocData, rows: torch.Tensor, sigma: torch.Tensor):
+def _targets(data: LocData, rows: torch.Tensor, sigma: torch.Tensor, flipped: bool = False):
     """Gaussian target distributions over cells (M, B, H*W) (sigma (M,) in cells), rows with a nodule position
-    and presence labels."""
+    and presence labels; `flipped`: of the horizontally flipped maps (the nodule mirrored)."""
     h, w = data.grid
     cx, cy = data.cell_x[rows], data.cell_y[rows]
+    if flipped:
+        cx = (w - 1) - cx
     has = ~torch.isnan(cx)
     jj = torch.arange(w, device=rows.device).float().view(1, 1, 1, w)
     ii = torch.arange(h, device=rows.device).float().view(1, 1, h, 1)
@@ -123,10 +135,18 @@ def _targets(data: LocData, rows: torch.Tensor, sigma: torch.Tensor):
     return target, has, data.presence[rows]
 
 
-def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
-    """(M, B) rows -> (B, M*C, H, W): member m sees its rows standardised with its split's statistics."""
+def head_input(x: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Standardised maps (..., C, H, W) -> the head's input: with `mirror`, C more channels holding each cell
+    minus its mirror cell about the image's centre column (the spine): a nodule is a one-sided anomaly, while
+    ribs, heart borders and lung edges are roughly symmetric and cancel."""
+    return torch.cat([x, x - x.flip(-1)], dim=-3) if mirror else x
+
+
+def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """(M, B) rows -> (B, M*C', H, W): member m sees its rows standardised with its split's statistics."""
     x = data.maps[rows].float()  # (M, B, C, H, W)
     x = (x - data.mean[split_of][:, None, :, None, None]) / data.std[split_of][:, None, :, None, None]
+    x = head_input(x, mirror)
     m, b, c, h, w = x.shape
     return x.permute(1, 0, 2, 3, 4).reshape(b, m * c, h, w)
 
@@ -163,10 +183,13 @@ class LocFamily:
             raise ConfigError("train.loc: hidden and sigma must be positive, context and presence_weight >= 0")
 
     def stack_key(self, cfg: LocConfig) -> tuple:
-        return ("loc", cfg.hidden, cfg.context)
+        return ("loc", cfg.hidden, cfg.context, cfg.mirror, cfg.flip)
+
+    def channels(self, cfg: LocConfig) -> int:
+        return self.data.maps.shape[1] * (2 if cfg.mirror else 1)
 
     def member_bytes(self, cfg: LocConfig) -> int:
-        c, h = self.data.maps.shape[1], cfg.hidden
+        c, h = self.channels(cfg), cfg.hidden
         params = c * h + cfg.context * 9 * h * h + h
         # parameters x 5 (grads, Adam, best) and the activations of a batch, which dominate
         return params * 4 * 5 + cfg.batch_size * h * (1 + cfg.context) * int(np.prod(self.data.grid)) * 4 * 3
@@ -175,28 +198,102 @@ class LocFamily:
         return [1.0, float(cfg.presence_weight)]
 
     def build(self, cfgs, seeds) -> "LocNet":
-        return LocNet(self.data.maps.shape[1], cfgs[0].hidden, cfgs[0].context, seeds)
+        return LocNet(self.channels(cfgs[0]), cfgs[0].hidden, cfgs[0].context, seeds)
 
     def to(self, device: torch.device) -> None:
         self.device = device
         self.data.to(device)
 
     def losses(self, model: "LocNet", cfgs, batch: Batch) -> torch.Tensor:
-        scores = model(_inputs(self.data, batch.rows, batch.split_of))
-        sigma = torch.tensor([c.sigma for c in cfgs], dtype=torch.float32, device=scores.device)
-        target, has, pres = _targets(self.data, batch.rows, sigma)
-        return loc_losses(scores, target, has, pres, batch.valid)
+        x = _inputs(self.data, batch.rows, batch.split_of, cfgs[0].mirror)
+        sigma = torch.tensor([c.sigma for c in cfgs], dtype=torch.float32, device=x.device)
+        losses = loc_losses(model(x), *_targets(self.data, batch.rows, sigma), batch.valid)
+        if cfgs[0].flip and batch.uniform is not None:  # training: the flipped maps as extra rows
+            flipped = loc_losses(model(x.flip(-1)), *_targets(self.data, batch.rows, sigma, flipped=True), batch.valid)
+            losses = (losses + flipped) / 2
+        return losses
 
     def outputs(self, model: "LocNet", split_of: torch.Tensor) -> torch.Tensor:
         n, m = self.n_rows, len(split_of)
+        mirror = model.channels != self.data.maps.shape[1]  # built with mirror channels
         out = []
         for start in range(0, n, 32):
             rows = torch.arange(start, min(start + 32, n), device=split_of.device).expand(m, -1)
-            out.append(model(_inputs(self.data, rows, split_of)).permute(1, 0, 2, 3))
+            out.append(model(_inputs(self.data, rows, split_of, mirror)).permute(1, 0, 2, 3))
         return torch.cat(out, dim=1)
 
     def export(self, model: "LocNet", m: int) -> Dict[str, torch.Tensor]:
         return model.member_state(m)
+
+
+def candidates(scores: np.ndarray, k: int = 10, nms_cells: int = 2) -> tuple:
+    """Score maps (n, H, W) -> the k best local peaks per image, by non-maximum suppression: the best cell,
+    refined by a soft-argmax over the 3x3 cells around it, then every cell within `nms_cells` of it is
+    suppressed, k times. Returns x and y as fractions of the image and the peak scores (logits), each (n, k)."""
+    n, h, w = scores.shape
+    xs, ys, ss = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), -np.inf)
+    for i in range(n):
+        work = scores[i].astype(np.float64).copy()
+        for j in range(min(k, h * w)):
+            pi, pj = np.unravel_index(int(np.argmax(work)), (h, w))
+            if not np.isfinite(work[pi, pj]):
+                break
+            i0, i1, j0, j1 = max(pi - 1, 0), min(pi + 2, h), max(pj - 1, 0), min(pj + 2, w)
+            win = scores[i, i0:i1, j0:j1].astype(np.float64)
+            p = np.exp(win - win.max())
+            p /= p.sum()
+            ii, jj = np.mgrid[i0:i1, j0:j1]
+            xs[i, j], ys[i, j], ss[i, j] = ((p * jj).sum() + 0.5) / w, ((p * ii).sum() + 0.5) / h, scores[i, pi, pj]
+            work[max(pi - nms_cells, 0):pi + nms_cells + 1, max(pj - nms_cells, 0):pj + nms_cells + 1] = -np.inf
+    return xs, ys, ss
+
+
+def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_score: np.ndarray,
+         pixel_mm: float, fps=FROC_FPS, weights: Optional[np.ndarray] = None,
+         curves: bool = False) -> Dict[str, np.ndarray]:
+    """Free-response ROC of nodule candidates (rows[i]'s candidates: cand_*[i], fractions of the grid).
+
+    A candidate hits a nodule within its radius ('radius'), or within 100 px of the 2048 grid ('100px'); the
+    first hit of a nodule is a true positive, later hits of it are ignored, every other candidate is a false
+    positive. Sensitivity (hit nodules / nodules) at each rate of false positives per image (over every image,
+    with or without a nodule) in `fps`: the best sensitivity reached at or below that rate. `weights`
+    (n,) or (R, n) per row (bootstrap resamples) give each image its weight; `curves` adds each FROC curve
+    as (2, candidates) false positives per image and sensitivity.
+    """
+    x, y = table["x"].to_numpy(float)[rows], table["y"].to_numpy(float)[rows]
+    nod = np.isfinite(x) & np.isfinite(y)
+    gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
+    rad = table["size_mm"].to_numpy(float)[rows] / 2 / pixel_mm
+    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=float)
+    k = cand_x.shape[1]
+    flat = np.argsort(-np.nan_to_num(cand_score, nan=-np.inf).ravel(), kind="stable")
+    flat = flat[np.isfinite(cand_score.ravel()[flat])]
+    image = flat // k
+    dist = np.hypot(cand_x.ravel()[flat] * gw[image] - x[image], cand_y.ravel()[flat] * gh[image] - y[image])
+    out: Dict[str, np.ndarray] = {}
+    n_images = w.sum(axis=-1)
+    n_lesions = (w * nod).sum(axis=-1)
+    for hit_name, reach in (("radius", rad[image]), ("100px", np.full(len(flat), 100.0))):
+        hit = np.isfinite(dist) & (dist <= reach)
+        first = np.zeros(len(flat), dtype=bool)
+        seen = set()
+        for e in np.flatnonzero(hit):
+            if image[e] not in seen:
+                seen.add(image[e])
+                first[e] = True
+        fp = ~hit
+        ew = w[..., image]
+        tp_cum = np.cumsum(ew * first, axis=-1)
+        fp_cum = np.cumsum(ew * fp, axis=-1)
+        fpi = fp_cum / np.expand_dims(np.where(n_images > 0, n_images, 1), -1)
+        sens = tp_cum / np.expand_dims(np.where(n_lesions > 0, n_lesions, 1), -1)
+        for level in fps:
+            reached = np.where(fpi <= level, sens, 0.0)
+            out[f"froc_{hit_name}_at_{level:g}fp"] = reached.max(axis=-1) if reached.shape[-1] else \
+                np.zeros(np.shape(n_images))
+        if curves:
+            out[f"froc_{hit_name}_curve"] = np.stack([fpi, sens])
+    return out
 
 
 def decode_maps(scores: np.ndarray, method: str = "argmax") -> tuple:
@@ -209,18 +306,9 @@ def decode_maps(scores: np.ndarray, method: str = "argmax") -> tuple:
         p /= p.sum(axis=1, keepdims=True)
         jj, ii = np.meshgrid(np.arange(w), np.arange(h))
         cx, cy = p @ jj.ravel(), p @ ii.ravel()
-    else:  # the peak cell, refined by a soft-argmax over the 3x3 cells around it
-        peak = flat.argmax(axis=1)
-        pi, pj = peak // w, peak % w
-        cx, cy = np.empty(n), np.empty(n)
-        for k in range(n):
-            i0, i1, j0, j1 = max(pi[k] - 1, 0), min(pi[k] + 2, h), max(pj[k] - 1, 0), min(pj[k] + 2, w)
-            win = scores[k, i0:i1, j0:j1]
-            p = np.exp(win - win.max())
-            p /= p.sum()
-            ii, jj = np.mgrid[i0:i1, j0:j1]
-            cx[k], cy[k] = (p * jj).sum(), (p * ii).sum()
-    return (cx + 0.5) / w, (cy + 0.5) / h, presence
+        return (cx + 0.5) / w, (cy + 0.5) / h, presence
+    xs, ys, _ = candidates(scores, k=1)  # the peak cell, refined by a soft-argmax over the 3x3 cells around it
+    return xs[:, 0], ys[:, 0], presence
 
 
 def loc_metrics(dx_px: np.ndarray, dy_px: np.ndarray, radius_px: np.ndarray, grid: np.ndarray,

@@ -23,7 +23,7 @@ from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
-from pipeline.localise import LocNet, decode_maps
+from pipeline.localise import LocNet, candidates, decode_maps, head_input
 from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.runtime import pick_device
@@ -55,7 +55,7 @@ class Head:
         """Feature maps (n, C, H, W) -> score maps (n, H, W) of the localisation head."""
         x = (torch.from_numpy(maps).float() - self.loc_mean[None, :, None, None]) / self.loc_std[None, :, None, None]
         self.loc_net.eval()
-        return self.loc_net(x)[:, 0].numpy()
+        return self.loc_net(head_input(x, bool(self.loc["hparams"].get("mirror"))))[:, 0].numpy()
 
     @property
     def features(self) -> List[str]:
@@ -94,7 +94,8 @@ def load_head(run_dir: Path) -> Head:
     head = Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), Layout.of(tasks))
     if head.loc:
         hp = head.loc["hparams"]
-        head.loc_net = LocNet(int(head.loc["channels"]), int(hp["hidden"]), int(hp["context"]), seeds=[0])
+        channels = int(head.loc["channels"]) * (2 if hp.get("mirror") else 1)
+        head.loc_net = LocNet(channels, int(hp["hidden"]), int(hp["context"]), seeds=[0])
         head.loc_net.load_state_dict({k[len("loc."):]: v for k, v in tensors.items() if k.startswith("loc.")})
         head.loc_mean, head.loc_std = tensors["loc_mean"], tensors["loc_std"]
     return head
@@ -252,7 +253,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         atomic_write_text(json_path, table.to_json(orient="records", indent=1))
         if overlay:
             write_overlays(out.with_name(out.name + "_overlays"), files, table, scores,
-                           _known_positions(cache, hashes) if cache is not None else {})
+                           _known_positions(cache, hashes) if cache is not None else {}, head.loc["hparams"])
     logger.info("predicted %d image(s) (%d from the cache)", len(files), len(cached))
     return PredictResult(table, csv_path, json_path)
 
@@ -313,7 +314,7 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
 
 
 def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores: np.ndarray,
-                   truth: Dict[int, tuple]) -> List[Path]:
+                   truth: Dict[int, tuple], hp: Dict[str, object]) -> List[Path]:
     """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay)."""
     try:
         import matplotlib.pyplot as plt
@@ -329,8 +330,10 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
             continue
         fig, ax = plt.subplots(figsize=(5, 5))
         row = table.iloc[i]
+        cx, cy, cs = candidates(scores[i:i + 1], hp.get("candidates", 10), hp.get("nms_cells", 2))
+        shown = [(x, y, 1 / (1 + np.exp(-s))) for x, y, s in zip(cx[0], cy[0], cs[0]) if np.isfinite(s)][:5]
         draw_overlay(ax, read_image(path), scores[i], (row["localisation_x_norm"], row["localisation_y_norm"]),
-                     truth.get(i), f"{path.name}: nodule p = {row['localisation_presence_prob']:.2f}")
+                     truth.get(i), f"{path.name}: nodule p = {row['localisation_presence_prob']:.2f}", shown)
         fig.tight_layout()
         target = folder / f"{path.stem}.png"
         fig.savefig(target, dpi=100)

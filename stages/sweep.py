@@ -25,7 +25,7 @@ from pipeline.engine import TrainData, inner_val_fraction, load_train_data, loc_
 from pipeline.errors import ConfigError
 from pipeline.evaluate import make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.localise import LOC_METRICS, LocFamily, decode_maps, localisation_metrics
+from pipeline.localise import LOC_METRICS, LocFamily, candidates, decode_maps, froc, localisation_metrics
 from pipeline.tasks import metric_direction
 from pipeline.train import Job, Split, train_jobs, validated_epochs
 from stages.progress import progress_bars
@@ -143,7 +143,8 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     jobs = [Job(c.train, s) for c in cfgs for s in range(len(splits))]
     with bars(sum(j.cfg.epochs for j in jobs), f"sweep {len(configs)} configs") as tick:
         results = train_jobs(family, jobs, progress=tick, device=cfg.train.device)
-    loc_metrics_of = _sweep_localisation(data, cfgs, splits, bars) if data.maps is not None else None
+    loc_metrics_of, loc_results = _sweep_localisation(data, cfgs, splits, bars) if data.maps is not None \
+        else (None, [])
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     rows = []
     for c, choice in enumerate(configs):
@@ -175,6 +176,10 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     winner = int(ranking.iloc[0]["config"])
     winner_epochs = int(ranking.iloc[0]["epochs"])
     winner_test = _score_winner(data, cfgs[winner], winner_epochs, dev_rows, test_rows, norms, spec)
+    if loc_metrics_of is not None:
+        loc_epochs = validated_epochs(loc_results[winner * len(splits):(winner + 1) * len(splits)],
+                                      cfgs[winner].train.loc)
+        winner_test["loc"] = _score_winner_loc(data, cfgs[winner], loc_epochs, dev_rows, test_rows, spec)
     seconds = time.perf_counter() - started
     with staged_dir(out, overwrite) as tmp:
         ranking.to_csv(tmp / "ranking.csv", index=False)
@@ -194,7 +199,7 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
 
 def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split], bars):
     """Train every configuration's localisation head on the validation splits (stacked where shapes agree);
-    returns (config, split) -> {'loc.<metric>': value} on that split's validation rows."""
+    returns (config, split) -> {'loc.<metric>': value} on that split's validation rows, and the results."""
     table = data.table
     family = loc_family(data, splits)
     for c in cfgs:
@@ -204,11 +209,30 @@ def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split]
         results = train_jobs(family, jobs, progress=tick, device=cfgs[0].train.device)
 
     def metrics(c: int, s: int) -> Dict[str, float]:
-        test = splits[s].test
-        px, py, pp = decode_maps(results[c * len(splits) + s].outputs[test], cfgs[c].train.loc.decode)
-        res = localisation_metrics(table, test, px, py, pp, cfgs[c].eval.pixel_mm)
-        return {f"loc.{k}": float(v) for k, v in res.items()}
-    return metrics
+        return loc_scores(table, splits[s].test, results[c * len(splits) + s].outputs, cfgs[c])
+    return metrics, results
+
+
+def loc_scores(table, rows: np.ndarray, scores: np.ndarray, cfg: Config) -> Dict[str, float]:
+    """'loc.<metric>' of a localisation head's score maps (every row's) on `rows`: errors, presence, FROC."""
+    lcfg = cfg.train.loc
+    px, py, pp = decode_maps(scores[rows], lcfg.decode)
+    res = localisation_metrics(table, rows, px, py, pp, cfg.eval.pixel_mm)
+    res.update(froc(table, rows, *candidates(scores[rows], lcfg.candidates, lcfg.nms_cells), cfg.eval.pixel_mm,
+                    cfg.eval.froc_fps))
+    return {f"loc.{k}": float(v) for k, v in res.items()}
+
+
+def _score_winner_loc(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,
+                      spec: SweepSpec) -> Dict[str, float]:
+    """The winner's localisation head retrained on the development rows for its validated epochs, scored once
+    on the test rows."""
+    import dataclasses
+
+    split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
+    lcfg = dataclasses.replace(cfg.train.loc, epochs=epochs, early_stopping=0)
+    (res,) = train_jobs(loc_family(data, [split]), [Job(lcfg, 0)], device=cfg.train.device)
+    return {k[len("loc."):]: v for k, v in loc_scores(data.table, test_rows, res.outputs, cfg).items()}
 
 
 def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,

@@ -177,7 +177,29 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
         written.append(f"confusion_{task}.png")
     if cv.loc is not None:
         written += _gallery(folder, data, cv.loc, plt)
+        written += _froc_plot(folder, cv.loc, plt)
     return written
+
+
+def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
+    """FROC curves of the localisation head's candidates and of the pooled head's single position."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, hit, title in zip(axes, ("radius", "100px"), ("hit: within the nodule's radius", "hit: within 100 px")):
+        for head, curves in loc.froc_curves.items():
+            fpi, sens = curves.get(f"froc_{hit}_curve", ([], []))
+            ax.step(fpi, sens, where="post", label=head)
+        ax.set_xscale("symlog", linthresh=0.25)
+        ax.set_xlim(0, 8)
+        ax.set_xticks([0.25, 0.5, 1, 2, 4, 8], ["0.25", "0.5", "1", "2", "4", "8"])
+        ax.set_xlabel("false positives per image")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("sensitivity (nodules found)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "froc.png", dpi=110)
+    plt.close(fig)
+    return ["froc.png"]
 
 
 def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) -> List[str]:
@@ -249,7 +271,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                      "refit_epochs": head.spec["train"]["epochs"] if head is not None else None},
             "loss_weights": cv.loss_weights(data.tasks),
             "models": cv.reports,
-            **({"localisation": cv.loc.report} if cv.loc is not None else {}),
+            **({"localisation": {**cv.loc.report, "froc_curves": cv.loc.froc_curves}} if cv.loc is not None else {}),
         }
         (tmp / "config.yaml").write_text(dump_config(cfg))
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=True))

@@ -1,0 +1,110 @@
+"""Nodule detection as the field measures it (issue 15): candidates, FROC, mirror features, flipped maps."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.localise import LocData, _targets, candidates, froc, head_input
+
+
+def _table():
+    """Three images of the 2048 grid: a 10 mm nodule, a 20 mm nodule, and no nodule."""
+    return pd.DataFrame({"x": [1000.0, 500.0, np.nan], "y": [1000.0, 500.0, np.nan], "size_mm": [10.0, 20.0, np.nan],
+                         "grid_w": [2048.0] * 3, "grid_h": [2048.0] * 3, "presence": [1.0, 1.0, 0.0]})
+
+
+def _cands():
+    g = 2048.0
+    x = np.array([[1010, 1500], [560, 100], [1000, np.nan]]) / g
+    y = np.array([[1000, 1500], [500, 100], [1000, np.nan]]) / g
+    s = np.array([[5.0, 1.0], [3.0, 4.0], [2.0, -np.inf]])
+    return x, y, s
+
+
+def test_froc_on_a_hand_made_case():
+    # radii at 0.175 mm/px: 28.6 px and 57.1 px. By score: image 0's first candidate hits (5), image 1's far one
+    # is false (4), its near one is 60 px away: a miss by the radius, a hit within 100 px (3), image 2's is
+    # false (2), image 0's second is false (1).
+    res = froc(_table(), np.arange(3), *_cands(), pixel_mm=0.175, fps=(0.25, 0.5, 1.0, 4.0), curves=True)
+    assert [res[f"froc_radius_at_{f}fp"] for f in ("0.25", "0.5", "1", "4")] == [0.5, 0.5, 0.5, 0.5]
+    assert [res[f"froc_100px_at_{f}fp"] for f in ("0.25", "0.5", "1", "4")] == [0.5, 1.0, 1.0, 1.0]
+    fpi, sens = res["froc_100px_curve"]
+    np.testing.assert_allclose(fpi, [0, 1 / 3, 1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(sens, [0.5, 0.5, 1.0, 1.0, 1.0])
+    # weights are images counted again (a bootstrap resample): all ones is the plain FROC ...
+    once = froc(_table(), np.arange(3), *_cands(), pixel_mm=0.175, fps=(0.25, 0.5), weights=np.ones((2, 3)))
+    np.testing.assert_array_equal(once["froc_100px_at_0.5fp"], [1.0, 1.0])
+    # ... and image 1 twice: 3 nodules, 4 images; its far false positive now costs 2/4 per image
+    twice = froc(_table(), np.arange(3), *_cands(), pixel_mm=0.175, fps=(0.25, 0.5), weights=np.array([1, 2, 1.0]))
+    assert twice["froc_100px_at_0.25fp"] == pytest.approx(1 / 3) and twice["froc_100px_at_0.5fp"] == 1.0
+
+
+def test_candidates_are_separate_peaks_best_first():
+    scores = np.full((1, 8, 8), -5.0)
+    scores[0, 2, 2], scores[0, 2, 3], scores[0, 6, 6] = 4.0, 3.9, 2.0  # a peak, its shoulder, a second peak
+    x, y, s = candidates(scores, k=3, nms_cells=2)
+    np.testing.assert_allclose(s[0, :2], [4.0, 2.0])  # the shoulder is suppressed by the first peak
+    assert abs(x[0, 0] * 8 - 2.5 - 0.5) < 0.5 and abs(y[0, 1] * 8 - 6.5) < 0.5
+
+
+def test_mirror_features_light_up_a_one_sided_blob():
+    cols = np.abs(np.arange(8) - 3.5)  # a left-right symmetric background (ribs, lung edges)
+    image = np.tile(cols, (8, 1)) + 0.1 * np.arange(8)[:, None]
+    image[2, 1] += 3.0  # a nodule in the left half only
+    x = torch.tensor(image, dtype=torch.float32)[None, None]
+    out = head_input(x, mirror=True)
+    assert out.shape == (1, 2, 8, 8) and torch.equal(out[:, :1], x)
+    diff = out[0, 1]
+    assert diff[2, 1] == pytest.approx(3.0) and diff[2, 6] == pytest.approx(-3.0)  # the blob and its mirror cell
+    others = torch.ones(8, 8, dtype=torch.bool)
+    others[2, 1] = others[2, 6] = False
+    assert diff[others].abs().max() < 1e-6  # the symmetric background cancels
+    assert torch.equal(head_input(x, mirror=False), x)
+
+
+def test_flipped_maps_get_mirrored_targets():
+    maps = torch.zeros(2, 1, 4, 8, dtype=torch.float16)
+    data = LocData(maps, torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([1.0, float("nan")]),
+                   torch.tensor([2.0, float("nan")]), torch.tensor([1.0, 0.0]), [])
+    rows = torch.tensor([[0, 1]])
+    plain, has, _ = _targets(data, rows, torch.tensor([0.5]))
+    flipped, has_f, _ = _targets(data, rows, torch.tensor([0.5]), flipped=True)
+    assert has.tolist() == has_f.tolist() == [[True, False]]
+    peak = plain[0, 0].reshape(4, 8).argmax()
+    peak_f = flipped[0, 0].reshape(4, 8).argmax()
+    assert (int(peak) // 8, int(peak) % 8) == (2, 1) and (int(peak_f) // 8, int(peak_f) % 8) == (2, 6)
+
+
+@pytest.mark.slow
+def test_the_synthetic_nodules_are_found_with_mirror_and_flip(tmp_path):
+    from pipeline.synthetic import make_synthetic
+    from stages.extract import extract_features
+    from stages.predict import predict
+    from stages.train_heads import train_heads
+    from tests.helpers import TINY, tiny_config, tiny_train_config
+
+    data = make_synthetic(tmp_path / "d", n_images=60, image_size=128, seed=5, nodule_fraction=0.8,
+                          subtleties=(4, 5))
+    cache = tmp_path / "c.h5"
+    spatial = {"extract.spatial.enabled": True, "extract.spatial.image_size": 128, "extract.spatial.stage": -3,
+               "extract.spatial.backbones": [TINY[0]], "extract.image_size": 64}
+    extract_features(data, cache, tiny_config(**spatial), progress=False)
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
+                               "train.loc.context": 1, "train.loc.mirror": True, "train.loc.flip": True,
+                               "eval.bootstrap": 50})
+    summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
+    heat = summary.metrics["localisation"]["heatmap"]
+    pooled = summary.metrics["localisation"]["pooled-regression"]
+    # chance level: the pooled head, which guesses about the mean position, finds few nodules within their radius
+    assert heat["within_radius"]["pooled"] > max(0.3, 3 * pooled["within_radius"]["pooled"])
+    assert heat["froc_100px_at_1fp"]["pooled"] >= max(0.4, 2 * pooled["froc_100px_at_1fp"]["pooled"])
+    assert "ci95" in heat["froc_radius_at_1fp"]
+    assert (tmp_path / "run" / "plots" / "froc.png").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["localisation"]["froc_curves"]) == {"heatmap", "pooled-regression"}
+    result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True)
+    assert (tmp_path / "pred_overlays" / "JPCLN002.png").exists() and np.isfinite(result.table["localisation_x"]).all()
