@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, Tuple
 
 import torch
@@ -23,8 +23,23 @@ class Preprocess:
     std: Tuple[float, float, float]
     channels: str = "grey-to-rgb"  # the radiograph's grey value repeated in all three channels
 
+    #: The fields every cache since schema 1 hashes. A field added later enters the provenance only when it
+    #: differs from its default, so adding an option never invalidates the caches written before it.
+    HASHED_ALWAYS = ("image_size", "interpolation", "mean", "std", "channels")
+
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
+
+    def provenance(self) -> Dict[str, object]:
+        """The fields that identify these features: the schema-1 fields, and any later one set off its default."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in self.as_dict().items() if k in self.HASHED_ALWAYS or v != defaults[k]}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "Preprocess":
+        """From a cache's or a head's record; fields it does not name keep their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
 
 
 def make_preprocess(info: BackboneInfo, image_size: int, interpolation: str, normalize: str) -> Preprocess:
@@ -51,5 +66,5 @@ def normalise(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 def provenance_sha256(info: BackboneInfo, pre: Preprocess, extra: Dict[str, object] | None = None) -> str:
     """What must match for cached features to be reused: the weights' identity and the preprocessing."""
-    record = {"spec": info.spec, "params_sha256": info.params_sha256, "preprocess": pre.as_dict(), **(extra or {})}
+    record = {"spec": info.spec, "params_sha256": info.params_sha256, "preprocess": pre.provenance(), **(extra or {})}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

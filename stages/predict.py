@@ -5,7 +5,6 @@ the images go through the recorded preprocessing; images already in a matching c
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from cache.reader import FeatureCache
 from pipeline.backbones import SpatialBackbone, create_backbone, parse_spec
@@ -23,12 +21,12 @@ from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.head import read_head
 from pipeline.localise import LocNet, candidates, decode_maps, head_input
 from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.runtime import pick_device
 from pipeline.tasks import TaskSpec
-from stages.train_heads import HEAD_FORMAT, HEAD_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +71,7 @@ class Head:
 
 
 def load_head(run_dir: Path) -> Head:
-    folder = Path(run_dir) / "model"
-    if not (folder / "head.json").exists() or not (folder / "head.safetensors").exists():
-        raise PipelineError(f"{run_dir} holds no trained head (model/head.json, model/head.safetensors); "
-                            "pass a train-heads output folder (trained with eval.refit: true)")
-    try:
-        spec = json.loads((folder / "head.json").read_text())
-        tensors = load_file(str(folder / "head.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{folder}: cannot read the head ({exc})") from None
-    if spec.get("format") != HEAD_FORMAT:
-        raise PipelineError(f"{folder / 'head.json'} is not a Res-MTNet head description")
-    if spec.get("version") != HEAD_VERSION:
-        raise PipelineError(f"{folder / 'head.json'} is a head of format version {spec.get('version')}; this code "
-                            f"reads version {HEAD_VERSION}: retrain it with train-heads (the cache is still valid)")
+    spec, tensors = read_head(run_dir)
     tasks = [TaskSpec.from_dict(t) for t in spec["tasks"]]
     model = ResMTNet(spec["in_dim"], spec["hidden"], spec["blocks"], spec["out_dim"], seeds=[0])
     state = {k[len("head."):]: v.unsqueeze(0) for k, v in tensors.items() if k.startswith("head.")}
@@ -138,8 +123,7 @@ def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, st
         raise BackboneError(f"refusing {spec} with weights {info.weights_id}: they differ from the weights the head "
                             f"was trained on ({facts.get('weights_id')}, params {str(facts.get('params_sha256'))[:12]} "
                             f"vs {info.params_sha256[:12]}); pass --weights {spec}=FILE with the original weights")
-    p = facts["preprocess"]
-    pre = Preprocess(int(p["image_size"]), str(p["interpolation"]), tuple(p["mean"]), tuple(p["std"]))
+    pre = Preprocess.from_dict(facts["preprocess"])
     stage = facts.get("stage")
     if stage is None:
         return LoadedBackbone(module, info, pre, provenance_sha256(info, pre))

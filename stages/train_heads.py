@@ -22,12 +22,11 @@ from pipeline.engine import MODEL_NAME, CVResult, LocOutcome, Refit, TrainData, 
 from pipeline.errors import PipelineError
 from pipeline.evaluate import INSAMPLE_WARNING, first_seed_mask, scores_training_rows
 from pipeline.fsutil import atomic_write_text, staged_dir
+from pipeline.head import write_head
 from pipeline.reporting import format_entry
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
-
-HEAD_FORMAT, HEAD_VERSION = "resmtnet-head", 2
 
 
 def warning_line(cfg: Config) -> Optional[str]:
@@ -46,8 +45,8 @@ def _jsonable(value):
 
 
 def head_files(data: TrainData, head: Refit) -> Dict[str, object]:
-    """The head's JSON description: the engine's spec plus format, version and the backbones' provenance."""
-    spec = {"format": HEAD_FORMAT, "version": HEAD_VERSION, "tool_version": __version__, **head.spec,
+    """The head's JSON description: the engine's spec plus the backbones' provenance."""
+    spec = {"tool_version": __version__, **head.spec,
             "backbones": {s: _jsonable(a) for s, a in data.provenance.items()},
             "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")}
     if "localisation" in spec:
@@ -246,8 +245,6 @@ class TrainSummary:
 def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True
                 ) -> TrainSummary:
     """Cross-validate Res-MTNet (and baselines) on `cache`, refit on all rows, write every output to `out`."""
-    from safetensors.torch import save_file
-
     started = time.perf_counter()
     bars = progress_bars(progress)
     data = load_train_data(cache, cfg)
@@ -281,9 +278,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
         for task, frame in confusions.items():
             frame.to_csv(tmp / "confusion" / f"{task}.csv")
         if head is not None:
-            (tmp / "model").mkdir()
-            save_file(head.tensors, str(tmp / "model" / "head.safetensors"))
-            (tmp / "model" / "head.json").write_text(json.dumps(head_files(data, head), indent=1))
+            write_head(tmp / "model", head.tensors, head_files(data, head))
             (tmp / "model" / "config.yaml").write_text(dump_config(cfg))
         write_plots(tmp / "plots", data, cv, confusions)
         (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds, best_epochs))

@@ -63,7 +63,7 @@ def _pre(path):
 
     with FeatureCache(path) as c:
         p = c.backbones["timm:test_efficientnet.r160_in1k"].attrs["preprocess"]
-    return Preprocess(p["image_size"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]))
+    return Preprocess.from_dict(p)
 
 
 def test_rerun_is_up_to_date_and_touches_nothing(synthetic_master, reference):

@@ -111,3 +111,39 @@ def test_predict_cli(trained_run, synthetic_master, tmp_path):
     assert (tmp_path / "p.csv").exists()
     result = CliRunner().invoke(main, ["predict", "--model", str(trained_run), "--images", str(tmp_path / "nope.png")])
     assert result.exit_code == 1 and "no such image file or folder" in result.output
+
+
+def test_the_head_artefact_has_one_owner_and_checks_its_version(trained_run, tmp_path):
+    import json
+    import shutil
+
+    from pipeline.head import HEAD_VERSION, read_head
+
+    spec, tensors = read_head(trained_run)
+    assert spec["format"] == "resmtnet-head" and spec["version"] == HEAD_VERSION and "head.w_in" in tensors
+    old = tmp_path / "old"
+    shutil.copytree(trained_run, old)
+    description = old / "model" / "head.json"
+    description.write_text(json.dumps({**json.loads(description.read_text()), "version": 1}))
+    with pytest.raises(PipelineError, match="format version 1; this code reads version 2: retrain it"):
+        predict(old, [tmp_path / "x.png"])
+
+
+def test_a_new_preprocessing_option_with_its_default_keeps_every_cache_valid():
+    from dataclasses import dataclass
+
+    from pipeline.backbones import create_backbone
+    from pipeline.preprocess import Preprocess, provenance_sha256
+
+    _, info = create_backbone(TINY[0], weights="none")
+    pre = Preprocess(64, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    @dataclass(frozen=True)
+    class Later(Preprocess):  # a release that adds an option, say a gamma correction
+        gamma: float = 1.0
+
+    same = Later(64, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert provenance_sha256(info, same) == provenance_sha256(info, pre)  # default: the cache stays valid
+    other = Later(64, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), gamma=2.0)
+    assert provenance_sha256(info, other) != provenance_sha256(info, pre)  # set: other features, refused
+    assert Preprocess.from_dict({**pre.as_dict(), "mean": [0.5, 0.5, 0.5]}) == pre

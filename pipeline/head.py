@@ -1,0 +1,47 @@
+"""The trained-head artefact: RUN_DIR/model/head.safetensors (tensors) + head.json (what they mean).
+
+One owner for the format: train-heads writes it with `write_head`, predict reads it with `read_head`. The
+JSON records the format and its version (checked on read), the task specs, the target scales, the Res-MTNet
+shapes, the localisation head's settings, the backbones' provenance and the training images' content hashes.
+Nothing is pickled: tensors are safetensors, the rest JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Tuple
+
+from .errors import PipelineError
+
+HEAD_FORMAT, HEAD_VERSION = "resmtnet-head", 2
+TENSORS, SPEC = "head.safetensors", "head.json"
+
+
+def write_head(folder: Path, tensors: Dict[str, object], spec: Dict[str, object]) -> None:
+    """Write the head into `folder` (a run's staged model/ folder): tensors and the JSON description."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / TENSORS))
+    (folder / SPEC).write_text(json.dumps({"format": HEAD_FORMAT, "version": HEAD_VERSION, **spec}, indent=1))
+
+
+def read_head(run_dir: Path) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """(spec, tensors) of a train-heads run; a missing, foreign or other-version head is a one-line error."""
+    from safetensors.torch import load_file
+
+    folder = Path(run_dir) / "model"
+    if not (folder / SPEC).exists() or not (folder / TENSORS).exists():
+        raise PipelineError(f"{run_dir} holds no trained head (model/{SPEC}, model/{TENSORS}); pass a train-heads "
+                            "output folder (trained with eval.refit: true)")
+    try:
+        spec = json.loads((folder / SPEC).read_text())
+        tensors = load_file(str(folder / TENSORS))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{folder}: cannot read the head ({exc})") from None
+    if not isinstance(spec, dict) or spec.get("format") != HEAD_FORMAT:
+        raise PipelineError(f"{folder / SPEC} is not a Res-MTNet head description")
+    if spec.get("version") != HEAD_VERSION:
+        raise PipelineError(f"{folder / SPEC} is a head of format version {spec.get('version')}; this code reads "
+                            f"version {HEAD_VERSION}: retrain it with train-heads (the feature cache is still valid)")
+    return spec, tensors
