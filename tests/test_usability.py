@@ -65,6 +65,11 @@ def test_2_unwritable_outputs_are_one_error_line_naming_the_path(tiny_cache, syn
                        if isinstance(out, Path) else "/proc")
     one_error_line(extract(synthetic_master, "/proc/x.h5"), "/proc/x.h5")
     one_error_line(extract(synthetic_master, blocker / "c.h5"), str(blocker))
+    run_dir = tmp_path / "run"
+    assert run("train-heads", "--cache", tiny_cache, "--out", run_dir, *TRAIN).exit_code == 0
+    image = synthetic_master / "images" / "JPCLN001.png"
+    for out in (Path("/proc/x/pred"), blocker / "pred"):
+        one_error_line(run("predict", "--model", run_dir, "--images", image, "--out", out), str(out.parent))
 
 
 def test_3_timm_models_with_a_pre_logits_layer_extract(synthetic_master, tmp_path):
