@@ -70,9 +70,9 @@ def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
             frame.update({f"{model}_{k}": v for k, v in task.impl.columns(task, None, other.preds[task.name]).items()})
     if cv.loc is not None:
         assert np.array_equal(cv.loc.rows, oof.rows)
-        frame["loc_x"] = np.round(cv.loc.x * data.table["grid_w"].to_numpy(float)[oof.rows], 1)
-        frame["loc_y"] = np.round(cv.loc.y * data.table["grid_h"].to_numpy(float)[oof.rows], 1)
-        frame["loc_presence_prob"] = np.round(cv.loc.presence, 6)
+        frame["localisation_x"] = np.round(cv.loc.x * data.table["grid_w"].to_numpy(float)[oof.rows], 1)
+        frame["localisation_y"] = np.round(cv.loc.y * data.table["grid_h"].to_numpy(float)[oof.rows], 1)
+        frame["localisation_presence_prob"] = np.round(cv.loc.presence, 6)
     return pd.DataFrame(frame)
 
 

@@ -260,5 +260,5 @@ def test_11_12_report_says_random_weights_rmse_and_predictions_compare_models(lo
     report = (run_dir / "report.md").read_text()
     assert "Random-init backbones" in report and "| x | rmse |" in report
     header = (run_dir / "predictions.csv").read_text().splitlines()[0].split(",")
-    assert {"linear_state_pred", "majority_state_pred", "linear_x_pred", "loc_x", "loc_y",
-            "loc_presence_prob"} <= set(header)
+    assert {"linear_state_pred", "majority_state_pred", "linear_x_pred", "localisation_x", "localisation_y",
+            "localisation_presence_prob"} <= set(header)
