@@ -237,7 +237,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
             state = _compare(out_path, now, labels, backbones, fused, num_shards > 1)
         summary.up_to_date = state.up_to_date
         if state.nothing_to_do:
-            logger.info("cache %s is up to date (%s)", out_path, ", ".join(state.up_to_date))
+            logger.debug("cache %s is up to date (%s)", out_path, ", ".join(state.up_to_date))
             return summary
 
         position = np.full(n, -1, dtype=np.int64)

@@ -239,7 +239,7 @@ def test_9_help_everywhere_and_every_config_key_listed():
 
 
 def test_10_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
-        tiny_cache, tmp_path, caplog, monkeypatch):
+        tiny_cache, synthetic_master, tmp_path, caplog, monkeypatch):
     from pipeline.localise import decode_maps
     from stages import progress
 
@@ -250,6 +250,8 @@ def test_10_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
     assert "demo step: 1/10 epoch (10%)" in caplog.text
     result = run("train-heads", "--cache", tiny_cache, "--out", tmp_path / "run", *TRAIN)
     assert result.exit_code == 0 and result.output.count("trained in") == 1 and "train-heads:" not in result.output
+    rerun = extract(synthetic_master, tiny_cache)
+    assert rerun.exit_code == 0 and rerun.output.count("up to date") == 1, rerun.output
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decode_maps(np.full((1, 3, 3), -1e4), "argmax")
