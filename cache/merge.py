@@ -8,10 +8,9 @@ from typing import List, Sequence
 import numpy as np
 import yaml
 
-from pipeline.backbones import parse_spec
 from pipeline.errors import CacheError
 
-from .reader import FeatureCache
+from .reader import FeatureCache, match_spec
 from .schema import GROUPS, image_set_sha256, labels_sha256
 from .writer import CacheContent, ImageTable, NewArray, write_cache
 
@@ -73,7 +72,9 @@ def merge_shards(shards: Sequence[Path], out: Path) -> Path:
                                     _merge_filler(opened, group, spec)))
         # The fused arrays the shards' configuration asks for (shards themselves have none).
         config = yaml.safe_load(str(first.attrs.get("config") or "")) or {}
-        fused = {k: [parse_spec(m).spec for m in v] for k, v in config.get("extract", {}).get("fused", {}).items()}
+        present = first.entries(GROUPS.features)
+        fused = {k: [match_spec(m, present) or m for m in v]  # a member not extracted: no fused array
+                 for k, v in config.get("extract", {}).get("fused", {}).items()}
         root_attrs = {k: v for k, v in first.attrs.items()
                       if k not in ("format", "schema_version", "complete", "shard_index", "num_shards", "updated_utc")}
         root_attrs.update(image_set_sha256=image_set_sha256(ids, [h.decode() for h in sha]),

@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import BackboneError, CacheError
+from pipeline.errors import CacheError
+from pipeline.registry import registered_spec
 
 from .schema import FEATURE_JSON_KEYS, FORMAT, GROUPS, ROOT_JSON_KEYS, SCHEMA_VERSION, read_attrs
 
@@ -34,6 +35,21 @@ class CachedBackbone:
 def _damaged(path: Path, why: str) -> CacheError:
     return CacheError(f"cache {path} is damaged or incomplete ({why}); delete it or rerun extract-features "
                       "with --rebuild")
+
+
+def match_spec(name: str, specs) -> Optional[str]:
+    """The stored spec (of `specs`) that `name` names: itself, a registered short name's spec, or a spec
+    without its weights tag; None if none matches. Needs no model library."""
+    if name in specs:
+        return name
+    if ":" not in name:
+        name = registered_spec(name) or ""
+        if not name or name in specs:
+            return name or None
+    if "." in name.split(":", 1)[-1]:  # a tag was given: only that tag matches
+        return None
+    untagged = [s for s in specs if s.split(".", 1)[0] == name]
+    return untagged[0] if len(untagged) == 1 else None
 
 
 class FeatureCache:
@@ -137,19 +153,11 @@ class FeatureCache:
 
     def resolve(self, name: str, group: str = GROUPS.features) -> str:
         """The spec under which `name` (a short name or spec) is stored; a CacheError lists what is there."""
-        from pipeline.backbones import parse_spec
-
         present = self.entries(group)
-        # the spec itself, a registered short name, or a spec without its weights tag: no library import needed
-        found = self._match(name, present)
+        # the spec itself, a registered short name, or a spec without its weights tag: no model library needed
+        found = match_spec(name, present)
         if found:
             return found
-        try:
-            spec = parse_spec(name).spec
-        except BackboneError:
-            spec = name
-        if spec in present:
-            return spec
         what = "spatial maps" if group == GROUPS.spatial else "features"
         have = ", ".join(present) or "none"
         raise CacheError(f"cache {self.path} has no {what} of '{name}' (it has: {have}); add them with: "
@@ -166,7 +174,7 @@ class FeatureCache:
         common = next(iter(kinds)) if len(kinds) == 1 and kinds <= {"none", "imagenet"} else None
         flags = []
         for name in names:
-            spec = self._match(name, known)
+            spec = match_spec(name, known)
             weights = known.get(spec) if spec else common
             if weights in ("none", "imagenet"):
                 flags.append(f"--weights {weights}")
@@ -176,25 +184,6 @@ class FeatureCache:
         weights_flags = "".join(f" {f}" for f in dict.fromkeys(flags))
         return (f"extract-features --data {self.attrs.get('data_root', 'DATA')} --cache {self.path} {backbones}"
                 f"{weights_flags}{' --spatial' if spatial else ''}")
-
-    @staticmethod
-    def _match(name: str, specs) -> Optional[str]:
-        """The stored spec `name` names: itself, or a spec without its weights tag; None if none matches."""
-        if name in specs:
-            return name
-        if ":" not in name:
-            from pipeline.backbones import parse_spec  # a registered short name: no library import
-
-            try:
-                name = parse_spec(name).spec
-            except BackboneError:
-                return None
-            if name in specs:
-                return name
-        if "." in name.split(":", 1)[-1]:  # a tag was given: only that tag matches
-            return None
-        untagged = [s for s in specs if s.split(".", 1)[0] == name]
-        return untagged[0] if len(untagged) == 1 else None
 
     def features(self, names: Sequence[str]) -> np.ndarray:
         """The named backbones' features side by side, (N, sum D) float32, in the order given."""

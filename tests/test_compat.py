@@ -30,3 +30,18 @@ def test_a_cache_from_an_earlier_version_opens_matches_and_trains(tmp_path):
     assert {lb.info.spec: lb.provenance for lb in now.values()} == stored
     summary = train_heads(cache, tmp_path / "run", tiny_train_config(), progress=False)
     assert summary.metrics["meta"]["n_used"] == 24
+
+
+def test_reading_and_merging_caches_needs_no_torch():
+    """cache/ is the file format, not the models: a reader process does not import torch or a model library."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, {repo!r}); import cache.reader, cache.merge, cache.writer, cache.journal, "
+            "cache.lock; from cache.reader import FeatureCache; c = FeatureCache({fixture!r}); "
+            "c.features(['timm:test_efficientnet', 'timm:test_resnet']); c.resolve('timm:test_resnet'); "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code.format(repo=str(Path(__file__).resolve().parents[1]),
+                                                            fixture=str(FIXTURE))],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
