@@ -53,6 +53,11 @@ def journal_dir(cache: Path) -> Path:
     return cache.with_name(cache.name + ".partial")
 
 
+def discard(cache: Path) -> None:
+    """Remove the progress kept for `cache`, if any."""
+    shutil.rmtree(journal_dir(Path(cache)), ignore_errors=True)
+
+
 class Journal:
     def __init__(self, cache: Path, plan: JournalPlan):
         self.dir = journal_dir(Path(cache))
@@ -116,4 +121,4 @@ class Journal:
         os.replace(tmp, path)
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # = discard(cache): the journal is the folder

@@ -17,8 +17,7 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 import numpy as np
 import pandas as pd
 
-from cache.reader import FeatureCache
-from cache.schema import GROUPS
+from cache import GROUPS, FeatureCache
 
 from .config import Config
 from .errors import CacheError, ConfigError

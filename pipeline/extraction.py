@@ -98,7 +98,7 @@ def default_workers() -> int:
 
 def _worker_init(worker_id: int) -> None:
     """A decoding worker must not keep the parent's cache lock alive after the parent dies."""
-    from cache.lock import close_inherited_locks
+    from cache import close_inherited_locks
 
     close_inherited_locks()
 

@@ -273,7 +273,7 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
 @click.argument("shards", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def merge_cmd(cache: Path, shards: Tuple[Path, ...]) -> None:
     """Join shard files (NAME.shard-I-of-N.h5) into one cache equal to a single-process run."""
-    from cache.merge import find_shards, merge_shards
+    from cache import find_shards, merge_shards
 
     out = merge_shards(list(shards) or find_shards(cache), cache)
     click.echo(f"merged {len(shards) or 'all'} shards into {out}")

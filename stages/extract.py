@@ -17,17 +17,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from cache.journal import BatchRecord, Journal, JournalPlan
-from cache.lock import cache_lock
-from cache.reader import FeatureCache
-from cache.schema import GROUPS, ids_sha256, image_set_sha256, labels_sha256
-from cache.writer import CacheContent, ImageTable, NewArray, write_cache
+from cache import (GROUPS, BatchRecord, CacheUpdate, FeatureCache, ImageTable, Journal, NewArray, labels_match,
+                   shard_path)
 from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.data import FILE_COLUMNS, load_dataset
 from pipeline.errors import CacheError, ConfigError
 from pipeline.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, read_error
-from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.fsutil import sha256_file
 from pipeline.runtime import pick_device
 from stages.progress import progress as progress_bar
 
@@ -47,14 +44,6 @@ class ExtractSummary:
     @property
     def images_per_s(self) -> float:
         return self.n_computed_images / self.seconds if self.seconds > 0 else 0.0
-
-
-def shard_path(cache: Path, index: int, count: int) -> Path:
-    return cache.with_name(f"{cache.stem}.shard-{index}-of-{count}{cache.suffix}")
-
-
-def sidecar_config_path(cache: Path) -> Path:
-    return cache.with_name(f"{cache.stem}.config.yaml")
 
 
 def shard_from_env() -> Optional[Tuple[int, int]]:
@@ -166,7 +155,7 @@ def _compare(out_path: Path, now: Images, labels: Dict[str, np.ndarray], backbon
                              "use another --cache (shards are joined with extract-features merge)")
         state = Existing(pending={}, hashes=_check_images(old, now), bad=old.bad,
                          error=old.image_column("error").astype(object))
-        state.labels_changed = old.attrs.get("labels_sha256") != labels_sha256(labels)
+        state.labels_changed = not labels_match(old, labels)
         cached = {f"{group}/{spec}": entry for group in (GROUPS.features, GROUPS.spatial)
                   for spec, entry in old.entries(group).items()}
         for key, lb in backbones.items():
@@ -227,11 +216,11 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
     fused = {name: _resolve_all(members) for name, members in ecfg.fused.items()} if num_shards == 1 else {}
     summary = ExtractSummary(cache=out_path, n_images=len(rows))
 
-    with cache_lock(out_path):
+    with CacheUpdate(out_path) as update:
         backbones = load_backbones(ecfg.backbones, weights_by_name(cfg, ecfg.backbones), ecfg.image_size,
                                    ecfg.interpolation, ecfg.normalize, ecfg.seed, ecfg.spatial)
         if rebuild:
-            Journal(out_path, JournalPlan("", 0, 0)).clear()
+            update.discard_progress()
             state = Existing(pending=dict(backbones))
         else:
             state = _compare(out_path, now, labels, backbones, fused, num_shards > 1)
@@ -244,7 +233,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
         position[rows] = np.arange(len(rows))
         new_arrays: List[NewArray] = []
         if state.pending:
-            journal = Journal(out_path, JournalPlan(ids_sha256(all_ids), n, batch_size, shard_index, num_shards))
+            journal = update.journal(all_ids, batch_size, (shard_index, num_shards))
             extractor = Extractor(state.pending, pick_device(ecfg.device, "extract.device"), ecfg.amp,
                                   ecfg.channels_last)
             sha, bad, error = _compute(journal, extractor, table["image"].tolist(), position,
@@ -268,20 +257,10 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
                             size_bytes=now.size, mtime_ns=now.mtime, width=table["width"].to_numpy()[rows],
                             height=table["height"].to_numpy()[rows], bad=bad, error=[str(e) for e in error],
                             rows=rows if num_shards > 1 else None)
-        root_attrs = {
-            "tool_version": __version__, "packages": package_versions(), "data_root": str(root),
-            "data_layout": table.attrs["layout"], "n_images": n, "ids_sha256": ids_sha256(all_ids),
-            "labels_sha256": labels_sha256(labels), "config": dump_config(cfg),
-            "image_set_sha256": image_set_sha256(now.ids, [h.decode() for h in sha]),
-        }
-        if num_shards > 1:
-            root_attrs.update(shard_index=shard_index, num_shards=num_shards)
-        keep_from = out_path if any(state.keep.values()) else None
-        write_cache(out_path, CacheContent(root_attrs=root_attrs, images=images, labels=labels, new=new_arrays,
-                                           keep_from=keep_from, keep=state.keep if keep_from else {}, fused=fused))
-        atomic_write_text(sidecar_config_path(out_path), dump_config(cfg))
-        if state.pending:
-            journal.clear()
+        facts = {"tool_version": __version__, "packages": package_versions(), "data_root": str(root),
+                 "data_layout": table.attrs["layout"]}
+        update.commit(facts=facts, all_ids=all_ids, images=images, labels=labels, new=new_arrays, keep=state.keep,
+                      fused=fused, config_yaml=dump_config(cfg), shard=(shard_index, num_shards))
     summary.computed = [lb.name for lb in state.pending.values()]
     logger.debug("%s: %d images; computed %s in %.1f s (%.1f img/s)", out_path, len(rows),
                  ", ".join(summary.computed) or "nothing", summary.seconds, summary.images_per_s)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cache.reader import FeatureCache
+from cache import FeatureCache
 from pipeline.backbones import SpatialBackbone, create_backbone, parse_spec
 from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError

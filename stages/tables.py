@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from cache.reader import FeatureCache
+from cache import FeatureCache
 from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
 from pipeline.engine import MODEL_NAME, cross_validate, load_train_data
 from pipeline.errors import CacheError
