@@ -38,3 +38,18 @@ def tiny_cache(synthetic_master, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cache") / "tiny.h5"
     extract_features(synthetic_master, path, tiny_config(), progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def nodule_cache(tmp_path_factory):
+    """60 synthetic radiographs of 128 px with obvious nodules (80%, subtlety 4-5) and a cache holding pooled
+    features and spatial maps of a tiny random backbone: (data folder, cache), read-only."""
+    from stages.extract import extract_features
+    from tests.helpers import TINY, tiny_config
+
+    root = tmp_path_factory.mktemp("nodules")
+    data = make_synthetic(root / "d", n_images=60, image_size=128, seed=5, nodule_fraction=0.8, subtleties=(4, 5))
+    spatial = {"extract.spatial.enabled": True, "extract.spatial.image_size": 128, "extract.spatial.stage": -3,
+               "extract.spatial.backbones": [TINY[0]], "extract.image_size": 64}
+    extract_features(data, root / "c.h5", tiny_config(**spatial), progress=False)
+    return data, root / "c.h5"

@@ -80,19 +80,12 @@ def test_flipped_maps_get_mirrored_targets():
 
 
 @pytest.mark.slow
-def test_the_synthetic_nodules_are_found_with_mirror_and_flip(tmp_path):
-    from pipeline.synthetic import make_synthetic
-    from stages.extract import extract_features
+def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_path):
     from stages.predict import predict
     from stages.train_heads import train_heads
-    from tests.helpers import TINY, tiny_config, tiny_train_config
+    from tests.helpers import tiny_train_config
 
-    data = make_synthetic(tmp_path / "d", n_images=60, image_size=128, seed=5, nodule_fraction=0.8,
-                          subtleties=(4, 5))
-    cache = tmp_path / "c.h5"
-    spatial = {"extract.spatial.enabled": True, "extract.spatial.image_size": 128, "extract.spatial.stage": -3,
-               "extract.spatial.backbones": [TINY[0]], "extract.image_size": 64}
-    extract_features(data, cache, tiny_config(**spatial), progress=False)
+    data, cache = nodule_cache
     cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
                                "train.loc.context": 1, "train.loc.mirror": True, "train.loc.flip": True,
                                "eval.bootstrap": 50})

@@ -8,7 +8,6 @@ from cache.merge import find_shards, merge_shards
 from cache.reader import FeatureCache
 from pipeline.errors import CacheError
 from pipeline.localise import decode_maps, loc_metrics
-from pipeline.synthetic import make_synthetic
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.train_heads import train_heads
@@ -55,13 +54,9 @@ def test_decode_and_metrics():
 
 
 @pytest.mark.slow
-def test_the_head_finds_synthetic_nodules(tmp_path):
+def test_the_head_finds_synthetic_nodules(nodule_cache, tmp_path):
     # obvious nodules (subtlety 4-5): subtle ones hide in the noise of random tiny-backbone features
-    data = make_synthetic(tmp_path / "d", n_images=60, image_size=128, seed=5, nodule_fraction=0.8,
-                          subtleties=(4, 5))
-    cache = tmp_path / "c.h5"
-    spatial = {**SPATIAL, "extract.spatial.image_size": 128, "extract.image_size": 64}
-    extract_features(data, cache, tiny_config(**spatial), progress=False)
+    data, cache = nodule_cache
     # random tiny-backbone maps need the 3x3 context layer; real ImageNet maps do well without (README)
     cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
                                "train.loc.context": 1, "eval.bootstrap": 100})

@@ -92,17 +92,18 @@ import json, sys
 sys.path.insert(0, {repo!r})
 from click.testing import CliRunner
 from stages.cli import main
-result = CliRunner().invoke(main, {args!r})
-print(json.dumps({{"code": result.exit_code, "output": result.output}}))
+results = [CliRunner().invoke(main, args) for args in {commands!r}]
+print(json.dumps([{{"code": r.exit_code, "output": r.output}} for r in results]))
 """
 
 
-def _offline(args, env_dirs, tmp_path):
-    """Run the CLI in a fresh process with HF_HUB_OFFLINE=1 and the given caches (read at import time)."""
+def _offline(commands, env_dirs, tmp_path):
+    """Run CLI commands in one fresh process with HF_HUB_OFFLINE=1 and the given caches (both are read when
+    the libraries are imported, hence a new process); one result per command."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(env_dirs / "hf"), "TORCH_HOME": str(env_dirs / "torch")}
     env.pop("HF_HUB_CACHE", None)
     script = tmp_path / "run.py"
-    script.write_text(OFFLINE_RUN.format(repo=str(REPO), args=[str(a) for a in args]))
+    script.write_text(OFFLINE_RUN.format(repo=str(REPO), commands=[[str(a) for a in args] for args in commands]))
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -132,12 +133,13 @@ def test_imagenet_weights_offline_from_filled_caches(synthetic_master, tmp_path)
     timm_file, tv_file = _fill_caches(tmp_path / "caches")
     common = ["--data", synthetic_master, "--backbone", "timm:test_efficientnet", "--backbone", "resnet18",
               "--image-size", "64", "--num-workers", "0", "--no-progress"]
-    hub = _offline(["extract-features", "--cache", tmp_path / "hub.h5", "--weights", "imagenet", *common],
-                   tmp_path / "caches", tmp_path)
+    hub, files, check = _offline([
+        ["extract-features", "--cache", tmp_path / "hub.h5", "--weights", "imagenet", *common],
+        ["extract-features", "--cache", tmp_path / "files.h5", "--weights", f"timm:test_efficientnet={timm_file}",
+         "--weights", f"resnet18={tv_file}", *common],
+        ["fetch-weights", "--check", "--backbone", "resnet18", "--backbone", "timm:test_efficientnet"]],
+        tmp_path / "caches", tmp_path)
     assert hub["code"] == 0, hub["output"]
-    files = _offline(["extract-features", "--cache", tmp_path / "files.h5", "--weights",
-                      f"timm:test_efficientnet={timm_file}", "--weights", f"resnet18={tv_file}", *common],
-                     tmp_path / "caches", tmp_path)
     assert files["code"] == 0, files["output"]
     with FeatureCache(tmp_path / "hub.h5") as a, FeatureCache(tmp_path / "files.h5") as b:
         for spec in ("timm:test_efficientnet.r160_in1k", "torchvision:resnet18.IMAGENET1K_V1"):
@@ -147,15 +149,14 @@ def test_imagenet_weights_offline_from_filled_caches(synthetic_master, tmp_path)
             "hf-hub:timm/test_efficientnet.r160_in1k"
         assert a.backbones["torchvision:resnet18.IMAGENET1K_V1"].attrs["weights_id"] == \
             "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-    check = _offline(["fetch-weights", "--check", "--backbone", "resnet18", "--backbone", "timm:test_efficientnet"],
-                     tmp_path / "caches", tmp_path)
     assert check["code"] == 0 and check["output"].count("present: ") == 2, check["output"]
 
 
 def test_offline_with_empty_caches_is_one_error_naming_every_missing_backbone(synthetic_master, tmp_path):
-    result = _offline(["extract-features", "--data", synthetic_master, "--cache", tmp_path / "c.h5", "--backbone",
-                       "resnet18", "--backbone", "timm:test_efficientnet", "--weights", "imagenet", "--no-progress"],
-                      tmp_path / "empty", tmp_path)
+    result, check = _offline([
+        ["extract-features", "--data", synthetic_master, "--cache", tmp_path / "c.h5", "--backbone", "resnet18",
+         "--backbone", "timm:test_efficientnet", "--weights", "imagenet", "--no-progress"],
+        ["fetch-weights", "--check", "--backbone", "resnet18"]], tmp_path / "empty", tmp_path)
     lines = [line for line in result["output"].splitlines() if line.startswith("Error:")]
     assert result["code"] == 1 and len(lines) == 1, result["output"]
     for needle in ("2 backbone(s) have no ImageNet weights", "torchvision:resnet18.IMAGENET1K_V1 from https://",
@@ -163,7 +164,6 @@ def test_offline_with_empty_caches_is_one_error_naming_every_missing_backbone(sy
                    "resmtnet fetch-weights --backbone torchvision:resnet18.IMAGENET1K_V1"):
         assert needle in lines[0], lines[0]
     assert not (tmp_path / "c.h5").exists()
-    check = _offline(["fetch-weights", "--check", "--backbone", "resnet18"], tmp_path / "empty", tmp_path)
     assert check["code"] == 1 and "MISSING (from https://download.pytorch.org" in check["output"]
 
 
