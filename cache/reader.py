@@ -13,7 +13,8 @@ import pandas as pd
 from pipeline.errors import CacheError
 from pipeline.registry import registered_spec
 
-from .schema import FEATURE_JSON_KEYS, FORMAT, GROUPS, ROOT_JSON_KEYS, SCHEMA_VERSION, read_attrs
+from .schema import (FEATURE_JSON_KEYS, FORMAT, GROUPS, ROOT_JSON_KEYS, SCHEMA_VERSION, entry_name, entry_spec,
+                     read_attrs)
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ class FeatureCache:
         g = self._f.get(group)
         if g is None:
             return {}
-        return {spec: CachedBackbone(spec, group, g[spec].shape, read_attrs(g[spec], FEATURE_JSON_KEYS))
-                for spec in g}
+        return {entry_spec(name): CachedBackbone(entry_spec(name), group, g[name].shape,
+                                                 read_attrs(g[name], FEATURE_JSON_KEYS)) for name in g}
 
     @property
     def backbones(self) -> Dict[str, CachedBackbone]:
@@ -117,7 +118,7 @@ class FeatureCache:
 
     def dataset(self, group: str, spec: str) -> h5py.Dataset:
         """The raw HDF5 dataset (for streaming large arrays without loading them)."""
-        return self._f[group][spec]
+        return self._f[group][entry_name(spec)]
 
     def fused_names(self) -> List[str]:
         return list(self._f.get(GROUPS.fused) or [])
@@ -193,7 +194,7 @@ class FeatureCache:
                              f"--cache <merged.h5> {self.path.name} ...")
         specs = [self.resolve(n) for n in names]
         g = self._f[GROUPS.features]
-        return np.concatenate([g[s][...] for s in specs], axis=1).astype(np.float32, copy=False)
+        return np.concatenate([g[entry_name(s)][...] for s in specs], axis=1).astype(np.float32, copy=False)
 
     def fused(self, name: str) -> np.ndarray:
         g = self._f.get(GROUPS.fused)
@@ -203,7 +204,7 @@ class FeatureCache:
 
     def spatial(self, name: str, rows: Optional[np.ndarray] = None) -> np.ndarray:
         spec = self.resolve(name, GROUPS.spatial)
-        ds = self._f[GROUPS.spatial][spec]
+        ds = self._f[GROUPS.spatial][entry_name(spec)]
         return ds[...] if rows is None else ds[np.sort(rows)]
 
 
@@ -235,7 +236,7 @@ class CachedFeatures:
 
     def __getitem__(self, row: int):
         f = self._file()
-        return np.concatenate([f[GROUPS.features][s][row] for s in self.specs]).astype(np.float32), row
+        return np.concatenate([f[GROUPS.features][entry_name(s)][row] for s in self.specs]).astype(np.float32), row
 
     def __getstate__(self) -> Dict[str, object]:
         state = dict(self.__dict__)

@@ -16,7 +16,8 @@
     /spatial/<spec>          (N, C, H, W) float16 feature maps (extract-features --spatial); attrs as above
     /fused/<name>            (N, sum D) float32 virtual dataset concatenating /features members; attr members
 
-Nothing is pickled: every attribute is a number, a string, or a JSON string.
+<spec> is the backbone's spec with '/' and '%' percent-encoded (entry_name: a Hugging Face id holds '/'); every
+other spec is its own name. Nothing is pickled: every attribute is a number, a string, or a JSON string.
 """
 from __future__ import annotations
 
@@ -103,3 +104,15 @@ ROOT_JSON_KEYS = ("packages",)
 
 def strings(values: Iterable[object]) -> List[str]:
     return ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values]
+
+
+def entry_name(spec: str) -> str:
+    """The HDF5 name of a backbone's dataset: its spec, with '/' (which HDF5 reads as a group, and Hugging Face
+    ids hold) and '%' percent-encoded; specs without them (every spec before schema 1's hf: family) are
+    unchanged, so older caches keep their names."""
+    return spec.replace("%", "%25").replace("/", "%2F")
+
+
+def entry_spec(name: str) -> str:
+    """The spec of an HDF5 dataset name (entry_name's inverse)."""
+    return name.replace("%2F", "/").replace("%25", "%")

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.fsutil import fsync_dir, temp_sibling
 
-from .schema import FORMAT, GROUPS, SCHEMA_VERSION, STR, chunk_rows, strings, write_attrs
+from .schema import FORMAT, GROUPS, SCHEMA_VERSION, STR, chunk_rows, entry_name, strings, write_attrs
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,14 @@ def _write_labels(f: h5py.File, labels: Dict[str, np.ndarray]) -> None:
 def _add_fused(f: h5py.File, fused: Dict[str, Sequence[str]], n_rows: int) -> None:
     feats = f.get(GROUPS.features)
     for name, members in fused.items():
-        if feats is None or not members or not all(m in feats for m in members):
+        if feats is None or not members or not all(entry_name(m) in feats for m in members):
             continue
-        dims = [feats[m].shape[1] for m in members]
+        dims = [feats[entry_name(m)].shape[1] for m in members]
         layout = h5py.VirtualLayout(shape=(n_rows, sum(dims)), dtype="f4")
         offset = 0
         for member, dim in zip(members, dims):
             # '.' is HDF5 for "this file", so the mapping survives the rename of the temporary file.
-            layout[:, offset:offset + dim] = h5py.VirtualSource(".", f"{GROUPS.features}/{member}",
+            layout[:, offset:offset + dim] = h5py.VirtualSource(".", f"{GROUPS.features}/{entry_name(member)}",
                                                                 shape=(n_rows, dim), dtype="f4")
             offset += dim
         ds = f.require_group(GROUPS.fused).create_virtual_dataset(name, layout, fillvalue=np.nan)
@@ -134,13 +134,13 @@ def write_cache(path: Path, content: CacheContent) -> None:
                 with h5py.File(content.keep_from, "r") as old:
                     for group, specs in content.keep.items():
                         for spec in specs:
-                            old.copy(old[group][spec], f.require_group(group), name=spec)
+                            old.copy(old[group][entry_name(spec)], f.require_group(group), name=entry_name(spec))
             for item in content.new:
                 chunks = (min(n_rows, chunk_rows(int(np.prod(item.shape[1:])), np.dtype(item.dtype).itemsize)),
                           *item.shape[1:])
-                ds = f.require_group(item.group).create_dataset(item.spec, shape=item.shape, dtype=item.dtype,
-                                                                chunks=chunks if n_rows else None,
-                                                                fillvalue=np.nan)
+                ds = f.require_group(item.group).create_dataset(
+                    entry_name(item.spec), shape=item.shape, dtype=item.dtype, chunks=chunks if n_rows else None,
+                    fillvalue=np.nan)
                 item.fill(ds)
                 write_attrs(ds, {**item.attrs, "complete": True, "written_utc": utc_now()})
             _add_fused(f, content.fused, n_rows)

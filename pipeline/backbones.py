@@ -1,8 +1,13 @@
-"""Backbone registry: frozen ImageNet models mapping an image batch to pooled feature vectors.
+"""Backbones: frozen ImageNet models mapping an image batch to pooled feature vectors (and stage maps).
 
-A backbone is named by a spec: `timm:<model>[.<tag>]`, `torchvision:<model>[.<WEIGHTS>]`, or a registered
-short name (`densenet161`, `efficientnet-b7`, ...). `create_backbone(spec, weights)` returns the module and a
-`BackboneInfo` with the facts (feature size, mean/std, weights identity and hash) that go into the cache.
+A backbone is named by a spec, `<family>:<model>[.<tag>]` (`timm:convnext_tiny.fb_in1k`,
+`torchvision:resnet18.IMAGENET1K_V1`, `hf:facebook/dinov2-small`), or a registered short name
+(`densenet161`, ...; pipeline/registry.py). What differs between libraries lives in a `Family`, registered by
+name in `FAMILIES`: how to parse a spec, build the model with its head removed, cut a stage's feature map,
+and where its published weights are cached. What differs between architectures of one family is data: a
+`BackboneRecord` (feature size, input size, interpolation, mean/std, the head to drop, the keys a published
+file carries besides, key remaps, the stage nodes). Adding a family is one class here (see `HFFamily`).
+`create_backbone(spec, weights)` returns the module and a `BackboneInfo` with the facts the cache records.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -28,29 +33,52 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class TorchvisionArch:
-    head: str  # the classifier module replaced by Identity (dotted path)
-    feature_dim: int
+class BackboneRecord:
+    """One architecture (and weight tag) as data, in the spirit of timm's PretrainedCfg."""
+
+    library: str
+    arch: str
+    feature_dim: int = 0  # 0: read from the built model
+    input_size: int = 224  # what the weights were trained at (informational: the config's size is used)
+    interpolation: str = "bilinear"
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+    head: str = ""  # the classifier module replaced by Identity (dotted path)
+    extra_keys: Tuple[str, ...] = ()  # other modules a published file holds that the model does not (aux heads)
+    key_remap: Tuple[Tuple[str, str], ...] = ()  # (regex, replacement) for a published file's key names
+    stages: Tuple[str, ...] = ()  # modules whose outputs are the stages' maps, shallow to deep
     build_kwargs: Tuple[Tuple[str, object], ...] = ()  # what the pretrained weights were built with
 
 
-TORCHVISION: Dict[str, TorchvisionArch] = {
-    "resnet18": TorchvisionArch("fc", 512),
-    "resnet50": TorchvisionArch("fc", 2048),
-    "densenet161": TorchvisionArch("classifier", 2208),
-    "mobilenet_v2": TorchvisionArch("classifier", 1280),
-    "efficientnet_b7": TorchvisionArch("classifier", 2560),
-    "alexnet": TorchvisionArch("classifier.6", 4096),
-    "googlenet": TorchvisionArch(
-        "fc", 1024, (("aux_logits", False), ("transform_input", True), ("init_weights", False))),
-}
+_DENSENET_LEGACY = (r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",
+                    r"\1\2")  # torchvision's DenseNet checkpoints name layers "norm.1"; the modules are "norm1"
+
+#: The torchvision models supported, one record each.
+TORCHVISION: Dict[str, BackboneRecord] = {r.arch: r for r in (
+    BackboneRecord("torchvision", "resnet18", 512, head="fc",
+                   stages=("layer1", "layer2", "layer3", "layer4")),
+    BackboneRecord("torchvision", "resnet50", 2048, head="fc",
+                   stages=("layer1", "layer2", "layer3", "layer4")),
+    BackboneRecord("torchvision", "densenet161", 2208, head="classifier", key_remap=(_DENSENET_LEGACY,),
+                   stages=("features.denseblock1", "features.denseblock2", "features.denseblock3",
+                           "features.norm5")),
+    BackboneRecord("torchvision", "mobilenet_v2", 1280, head="classifier",
+                   stages=("features.3", "features.6", "features.13", "features.18")),
+    BackboneRecord("torchvision", "efficientnet_b7", 2560, input_size=600, interpolation="bicubic",
+                   head="classifier", stages=("features.2", "features.3", "features.5", "features.8")),
+    BackboneRecord("torchvision", "alexnet", 4096, head="classifier.6",
+                   stages=("features.2", "features.5", "features.12")),
+    BackboneRecord("torchvision", "googlenet", 1024, head="fc", extra_keys=("aux1", "aux2"),
+                   stages=("maxpool2", "inception3b", "inception4e", "inception5b"),
+                   build_kwargs=(("aux_logits", False), ("transform_input", True), ("init_weights", False))),
+)}
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    library: str  # timm | torchvision
+    library: str  # a key of FAMILIES
     arch: str
-    tag: str  # timm pretrained tag or torchvision weights enum member; '' when none
+    tag: str  # the pretrained tag or weights enum member; '' when none
 
     @property
     def spec(self) -> str:
@@ -78,9 +106,301 @@ class BackboneInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class WeightsLocation:
+    """Where a backbone's ImageNet weights are published, and the file in the library's cache if present."""
+
+    spec: str
+    source: str  # hf-hub:<repo id>, the download URL, or a local folder
+    cache: str  # the cache folder the library reads (HF hub cache or TORCH_HOME/hub/checkpoints)
+    cached: Optional[str]  # the cached file, or None
+
+    @property
+    def present(self) -> bool:
+        return self.cached is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# families
+
+
+class Family:
+    """A library of backbones: subclasses fill in each step, and `register_family` makes them known."""
+
+    name = ""
+
+    def parse(self, rest: str, name: str) -> BackboneSpec:
+        """The canonical spec of '<family>:<rest>' (`name`: as the user wrote it, for errors)."""
+        raise NotImplementedError
+
+    def build(self, spec: BackboneSpec, mode: str, path: Optional[Path]) -> Tuple[nn.Module, Dict]:
+        """The model with its head removed (mode: imagenet | none | file) and its facts for BackboneInfo."""
+        raise NotImplementedError
+
+    def spatial(self, pooled: "PooledBackbone", spec: BackboneSpec, stage: int) -> nn.Module:
+        """A module giving stage `stage`'s map (B, C, h, w), sharing the pooled backbone's weights."""
+        raise NotImplementedError
+
+    def location(self, spec: BackboneSpec) -> WeightsLocation:
+        """Where the ImageNet weights are published and cached (no download)."""
+        raise NotImplementedError
+
+
+FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(cls: Type[Family]) -> Type[Family]:
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _stage_index(spec: BackboneSpec, stage: int, n: int) -> int:
+    if not -n <= stage < n:
+        raise BackboneError(f"{spec.spec} has {n} stages; spatial stage {stage} does not exist")
+    return stage
+
+
+def _torch_cache() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hub_location(spec: BackboneSpec, repo: str, filenames: List[str]) -> WeightsLocation:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return WeightsLocation(spec.spec, f"hf-hub:{repo}", constants.HF_HUB_CACHE, found)
+    return WeightsLocation(spec.spec, f"hf-hub:{repo}", constants.HF_HUB_CACHE, None)
+
+
+@register_family
+class TimmFamily(Family):
+    """Any timm model; its facts come from timm's own pretrained config."""
+
+    name = "timm"
+
+    def parse(self, rest, name):
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        arch, _, tag = rest.partition(".")
+        if not timm.is_model(arch):
+            raise BackboneError(f"unknown backbone '{name}': timm has no model '{arch}' "
+                                "(timm.list_models() lists them); valid: " + valid_names())
+        if not tag:
+            cfg = get_pretrained_cfg(arch)
+            tag = cfg.tag if cfg is not None and cfg.tag else ""
+        return BackboneSpec("timm", arch, tag)
+
+    def build(self, spec, mode, path):
+        import timm
+
+        name = spec.arch + (f".{spec.tag}" if spec.tag else "")
+        if mode == "imagenet":
+            try:
+                model = timm.create_model(name, pretrained=True, num_classes=0)
+            except Exception as exc:  # hub/network errors come in many types
+                raise _download_error(spec.spec, exc) from None
+            cfg = model.pretrained_cfg
+            wid = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(cfg.get("url", name))
+        else:
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            cfg = model.pretrained_cfg
+            wid = ""
+            if path is not None:
+                classifier = cfg.get("classifier") or ()
+                head = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+                _load_into(model, read_weights_file(path), head, spec.spec, path)
+        # models with a pre-logits layer (MobileNetV3, HGNetV2) output head_hidden_size values, not num_features
+        dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        record = BackboneRecord("timm", spec.arch, dim, int(cfg.get("input_size", (3, 224, 224))[-1]),
+                                str(cfg.get("interpolation", "bilinear")), tuple(cfg.get("mean", IMAGENET_MEAN)),
+                                tuple(cfg.get("std", IMAGENET_STD)))
+        return model, _facts(record, wid)
+
+    def spatial(self, pooled, spec, stage):
+        return _TimmStage(pooled.model, _stage_index(spec, stage, len(pooled.model.feature_info)))
+
+    def location(self, spec):
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(spec.arch + (f".{spec.tag}" if spec.tag else ""))
+        if cfg is not None and cfg.hf_hub_id:
+            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+            return _hub_location(spec, cfg.hf_hub_id, names)
+        url = (cfg.url if cfg is not None else "") or ""
+        path = _torch_cache() / os.path.basename(url) if url else None
+        return WeightsLocation(spec.spec, url or "none published", str(_torch_cache()),
+                               str(path) if path is not None and path.is_file() else None)
+
+
+class _TimmStage(nn.Module):
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_intermediates(images, indices=[self.stage], intermediates_only=True,
+                                                stop_early=True)[0]
+
+
+@register_family
+class TorchvisionFamily(Family):
+    """The torchvision models that have a record in TORCHVISION."""
+
+    name = "torchvision"
+
+    def parse(self, rest, name):
+        arch, _, tag = rest.partition(".")
+        if arch not in TORCHVISION:
+            raise BackboneError(f"unknown backbone '{name}': torchvision models supported here are "
+                                f"{', '.join(TORCHVISION)}; valid: {valid_names()}")
+        return BackboneSpec("torchvision", arch, tag or "IMAGENET1K_V1")
+
+    def build(self, spec, mode, path):
+        from torchvision import models
+
+        record = TORCHVISION[spec.arch]
+        builder = getattr(models, spec.arch)
+        wid = ""
+        if mode == "imagenet":
+            enum = models.get_model_weights(spec.arch)
+            if spec.tag not in enum.__members__:
+                raise BackboneError(f"torchvision {spec.arch} has no weights '{spec.tag}'; "
+                                    f"use one of {', '.join(enum.__members__)}")
+            member = enum[spec.tag]
+            try:
+                model = builder(weights=member)
+            except Exception as exc:
+                raise _download_error(spec.spec, exc) from None
+            wid = member.url
+        else:
+            model = builder(weights=None, **dict(record.build_kwargs))
+        # the head goes before a file is loaded: torchvision's published checkpoints hold the classifier, which
+        # is dropped from the file and must not be expected of the model
+        _set_module(model, record.head, nn.Identity())
+        if path is not None:
+            state = read_weights_file(path)
+            for pattern, replacement in record.key_remap:
+                state = {re.sub(pattern, replacement, k): v for k, v in state.items()}
+            _load_into(model, state, (record.head, *record.extra_keys), spec.spec, path)
+        return model, _facts(record, wid)
+
+    def spatial(self, pooled, spec, stage):
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        nodes = TORCHVISION[spec.arch].stages
+        node = nodes[_stage_index(spec, stage, len(nodes))]
+        return _NodeStage(create_feature_extractor(pooled.model, return_nodes={node: "map"}))
+
+    def location(self, spec):
+        from torchvision import models
+
+        url = models.get_model_weights(spec.arch)[spec.tag].url
+        path = _torch_cache() / os.path.basename(url)
+        return WeightsLocation(spec.spec, url, str(_torch_cache()), str(path) if path.is_file() else None)
+
+
+class _NodeStage(nn.Module):
+    def __init__(self, extractor: nn.Module):
+        super().__init__()
+        self.model = extractor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)["map"]
+
+
+@register_family
+class HFFamily(Family):
+    """Hugging Face `transformers` vision models (`hf:<hub id or local folder>`, e.g. a chest X-ray DINOv2):
+    the pooled output (or the first token), and a layer's patch tokens as the stage map. Needs the `hf` extra."""
+
+    name = "hf"
+
+    def parse(self, rest, name):
+        if not rest:
+            raise BackboneError(f"backbone '{name}': name a Hugging Face model, hf:<hub id or local folder>")
+        return BackboneSpec("hf", rest, "")
+
+    @staticmethod
+    def _transformers():
+        try:
+            import transformers
+        except ImportError:
+            raise BackboneError("hf: backbones need the transformers package: pip install -e '.[hf]'") from None
+        return transformers
+
+    def build(self, spec, mode, path):
+        tf = self._transformers()
+        source, wid = spec.arch, ""
+        try:
+            if mode == "imagenet":
+                model = tf.AutoModel.from_pretrained(source)
+                wid = source if Path(source).is_dir() else f"hf-hub:{source}"
+            else:
+                model = tf.AutoModel.from_config(tf.AutoConfig.from_pretrained(source))
+        except OSError as exc:
+            raise _download_error(spec.spec, exc) from None
+        model = _HFPooled(model)
+        if path is not None:
+            _load_into(model.model, read_weights_file(path), (), spec.spec, path)
+        config = model.model.config
+        size = getattr(config, "image_size", 224)
+        record = BackboneRecord("hf", source, int(config.hidden_size),
+                                int(size[0] if isinstance(size, (list, tuple)) else size), "bicubic")
+        return model, _facts(record, wid)
+
+    def spatial(self, pooled, spec, stage):
+        layers = int(pooled.model.model.config.num_hidden_layers) + 1  # the embeddings, then each layer
+        return _HFStage(pooled.model.model, _stage_index(spec, stage, layers))
+
+    def location(self, spec):
+        if Path(spec.arch).is_dir():
+            return WeightsLocation(spec.spec, spec.arch, spec.arch, spec.arch)
+        return _hub_location(spec, spec.arch, ["model.safetensors", "pytorch_model.bin"])
+
+
+class _HFPooled(nn.Module):
+    """A transformers model as a pooled backbone: its pooler output, or its first (CLS) token."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=images)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+class _HFStage(nn.Module):
+    """One layer's patch tokens as a map (B, C, h, w): the class and register tokens are dropped."""
+
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.model(pixel_values=images, output_hidden_states=True).hidden_states[self.stage]
+        patch = getattr(self.model.config, "patch_size", 16)
+        h, w = images.shape[-2] // patch, images.shape[-1] // patch
+        grid = tokens[:, -h * w:]
+        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], h, w)
+
+
+def _facts(record: BackboneRecord, weights_id: str) -> Dict[str, object]:
+    return dict(feature_dim=record.feature_dim, input_size=record.input_size, mean=record.mean, std=record.std,
+                interpolation=record.interpolation, weights_id=weights_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# names
+
+
 def valid_names() -> str:
     return (", ".join(REGISTRY) + "; or timm:<model>[.<tag>] (any timm model); or torchvision:<model> with "
-            "<model> one of " + ", ".join(TORCHVISION))
+            "<model> one of " + ", ".join(TORCHVISION) + "; or hf:<Hugging Face model id or folder>")
 
 
 def parse_spec(name: str) -> BackboneSpec:
@@ -94,26 +414,17 @@ def parse_spec(name: str) -> BackboneSpec:
     if ":" not in key:
         raise BackboneError(f"unknown backbone '{name}'; valid: {valid_names()}")
     library, _, rest = key.partition(":")
-    library = library.lower()
-    if library == "timm":
-        import timm
-        from timm.models import get_pretrained_cfg
+    family = FAMILIES.get(library.lower())
+    if family is None:
+        raise BackboneError(f"unknown backbone '{name}': the prefix must be one of "
+                            f"{', '.join(f + ':' for f in FAMILIES)}; valid: {valid_names()}")
+    return family.parse(rest, name)
 
-        arch, _, tag = rest.partition(".")
-        if not timm.is_model(arch):
-            raise BackboneError(f"unknown backbone '{name}': timm has no model '{arch}' "
-                                "(timm.list_models() lists them); valid: " + valid_names())
-        if not tag:
-            cfg = get_pretrained_cfg(arch)
-            tag = cfg.tag if cfg is not None and cfg.tag else ""
-        return BackboneSpec("timm", arch, tag)
-    if library == "torchvision":
-        arch, _, tag = rest.partition(".")
-        if arch not in TORCHVISION:
-            raise BackboneError(f"unknown backbone '{name}': torchvision models supported here are "
-                                f"{', '.join(TORCHVISION)}; valid: {valid_names()}")
-        return BackboneSpec("torchvision", arch, tag or "IMAGENET1K_V1")
-    raise BackboneError(f"unknown backbone '{name}': the prefix must be timm: or torchvision:; valid: {valid_names()}")
+
+def spatial_backbone(pooled: "PooledBackbone", spec: str, stage: int) -> nn.Module:
+    """The feature map of one stage (negative: from the end; -2 is the stride-16 stage of most networks)."""
+    parsed = parse_spec(spec)
+    return FAMILIES[parsed.library].spatial(pooled, parsed, stage)
 
 
 def params_sha256(module: nn.Module) -> str:
@@ -157,11 +468,6 @@ def read_weights_file(path: Path) -> Dict[str, torch.Tensor]:
     return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
 
 
-# torchvision's DenseNet checkpoints name layers "norm.1"; the modules are "norm1" (torchvision fixes it alike)
-_DENSENET_LEGACY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-
-
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str, ...], spec: str,
                path: Path) -> None:
     state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in head)}
@@ -177,52 +483,6 @@ def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str
     if unexpected:
         logger.warning("weights file %s: ignoring %d unexpected tensors (e.g. %s)", path, len(unexpected),
                        unexpected[0])
-
-
-# --------------------------------------------------------------------------------------------------
-# building
-
-
-#: Stage outputs of the supported torchvision models, shallow to deep (for spatial feature maps).
-TORCHVISION_STAGES: Dict[str, Tuple[str, ...]] = {
-    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
-    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
-    "densenet161": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"),
-    "mobilenet_v2": ("features.3", "features.6", "features.13", "features.18"),
-    "efficientnet_b7": ("features.2", "features.3", "features.5", "features.8"),
-    "alexnet": ("features.2", "features.5", "features.12"),
-    "googlenet": ("maxpool2", "inception3b", "inception4e", "inception5b"),
-}
-
-
-class SpatialBackbone(nn.Module):
-    """The feature map of one stage of a backbone: image batch (B, 3, H, W) -> (B, C, h, w).
-
-    `stage` indexes the model's stages (timm's feature_info; for torchvision TORCHVISION_STAGES), negative
-    from the end: -2 is the stride-16 stage of most networks. Shares its weights with the pooled backbone.
-    """
-
-    def __init__(self, pooled: "PooledBackbone", library: str, arch: str, stage: int):
-        super().__init__()
-        self.library, self.stage = library, stage
-        if library == "timm":
-            n = len(pooled.model.feature_info)
-            if not -n <= stage < n:
-                raise BackboneError(f"{pooled.spec} has {n} stages; spatial stage {stage} does not exist")
-            self.model = pooled.model
-        else:
-            from torchvision.models.feature_extraction import create_feature_extractor
-
-            nodes = TORCHVISION_STAGES[arch]
-            if not -len(nodes) <= stage < len(nodes):
-                raise BackboneError(f"{pooled.spec} has {len(nodes)} stages; spatial stage {stage} does not exist")
-            self.model = create_feature_extractor(pooled.model, return_nodes={nodes[stage]: "map"})
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.library == "timm":
-            return self.model.forward_intermediates(images, indices=[self.stage], intermediates_only=True,
-                                                    stop_early=True)[0]
-        return self.model(images)["map"]
 
 
 class PooledBackbone(nn.Module):
@@ -258,21 +518,7 @@ def _download_error(spec: str, exc: Exception) -> BackboneError:
 
 
 # --------------------------------------------------------------------------------------------------
-# where ImageNet weights come from, and whether this machine has them
-
-
-@dataclass(frozen=True)
-class WeightsLocation:
-    """Where a backbone's ImageNet weights are published, and the file in the library's cache if present."""
-
-    spec: str
-    source: str  # hf-hub:<repo id> (timm) or the download URL (torchvision, older timm)
-    cache: str  # the cache folder the library reads (HF hub cache or TORCH_HOME/hub/checkpoints)
-    cached: Optional[str]  # the cached file, or None
-
-    @property
-    def present(self) -> bool:
-        return self.cached is not None
+# whether this machine has the ImageNet weights
 
 
 def offline() -> bool:
@@ -283,28 +529,7 @@ def offline() -> bool:
 def weights_location(spec: str) -> WeightsLocation:
     """Where `spec`'s ImageNet weights come from and whether the library's cache holds them (no download)."""
     parsed = parse_spec(spec)
-    torch_cache = Path(torch.hub.get_dir()) / "checkpoints"
-    if parsed.library == "torchvision":
-        from torchvision import models
-
-        url = models.get_model_weights(parsed.arch)[parsed.tag].url
-        path = torch_cache / os.path.basename(url)
-        return WeightsLocation(parsed.spec, url, str(torch_cache), str(path) if path.is_file() else None)
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(parsed.arch + (f".{parsed.tag}" if parsed.tag else ""))
-    if cfg is not None and cfg.hf_hub_id:
-        from huggingface_hub import constants, try_to_load_from_cache
-
-        for name in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
-            found = try_to_load_from_cache(cfg.hf_hub_id, name)
-            if isinstance(found, str):
-                return WeightsLocation(parsed.spec, f"hf-hub:{cfg.hf_hub_id}", constants.HF_HUB_CACHE, found)
-        return WeightsLocation(parsed.spec, f"hf-hub:{cfg.hf_hub_id}", constants.HF_HUB_CACHE, None)
-    url = (cfg.url if cfg is not None else "") or ""
-    path = torch_cache / os.path.basename(url) if url else None
-    return WeightsLocation(parsed.spec, url or "none published", str(torch_cache),
-                           str(path) if path is not None and path.is_file() else None)
+    return FAMILIES[parsed.library].location(parsed)
 
 
 def fetch_weights(names: List[str], download: bool = True) -> List[WeightsLocation]:
@@ -334,65 +559,8 @@ def check_offline_weights(specs: List[str]) -> None:
                             "(with the same HF_HOME and TORCH_HOME), or pass --weights NAME=FILE")
 
 
-def _build_timm(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tuple[nn.Module, Dict]:
-    import timm
-
-    name = parsed.arch + (f".{parsed.tag}" if parsed.tag else "")
-    if weights == "imagenet":
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as exc:  # hub/network errors come in many types
-            raise _download_error(parsed.spec, exc) from None
-        cfg = model.pretrained_cfg
-        wid = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(cfg.get("url", name))
-    else:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-        cfg = model.pretrained_cfg
-        wid = ""
-        if path is not None:
-            classifier = cfg.get("classifier") or ()
-            head = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-            _load_into(model, read_weights_file(path), head, parsed.spec, path)
-    # models with a pre-logits layer (MobileNetV3, HGNetV2) output head_hidden_size values, not num_features
-    facts = dict(feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
-                 input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
-                 mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                 std=tuple(cfg.get("std", IMAGENET_STD)), interpolation=str(cfg.get("interpolation", "bilinear")),
-                 weights_id=wid)
-    return model, facts
-
-
-def _build_torchvision(parsed: BackboneSpec, weights: str, path: Optional[Path]) -> Tuple[nn.Module, Dict]:
-    from torchvision import models
-
-    arch = TORCHVISION[parsed.arch]
-    builder = getattr(models, parsed.arch)
-    wid = ""
-    if weights == "imagenet":
-        enum = models.get_model_weights(parsed.arch)
-        if parsed.tag not in enum.__members__:
-            raise BackboneError(f"torchvision {parsed.arch} has no weights '{parsed.tag}'; "
-                                f"use one of {', '.join(enum.__members__)}")
-        member = enum[parsed.tag]
-        try:
-            model = builder(weights=member)
-        except Exception as exc:
-            raise _download_error(parsed.spec, exc) from None
-        wid = member.url
-    else:
-        model = builder(weights=None, **dict(arch.build_kwargs))
-    # the head goes before a file is loaded: torchvision's published checkpoints hold the classifier, which is
-    # dropped from the file and must not be expected of the model
-    _set_module(model, arch.head, nn.Identity())
-    if path is not None:
-        state = read_weights_file(path)
-        if parsed.arch.startswith("densenet"):
-            state = {(_DENSENET_LEGACY.sub(r"\1\2", k)): v for k, v in state.items()}
-        _load_into(model, state, (arch.head, "aux1", "aux2"), parsed.spec, path)
-    facts = dict(feature_dim=arch.feature_dim, input_size=600 if parsed.arch == "efficientnet_b7" else 224,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 interpolation="bicubic" if parsed.arch == "efficientnet_b7" else "bilinear", weights_id=wid)
-    return model, facts
+# --------------------------------------------------------------------------------------------------
+# building
 
 
 def create_backbone(spec: str, weights: str = "imagenet", seed: int = 0) -> Tuple[PooledBackbone, BackboneInfo]:
@@ -406,10 +574,9 @@ def create_backbone(spec: str, weights: str = "imagenet", seed: int = 0) -> Tupl
             raise BackboneError(f"weights file {path} not found; pass --weights imagenet, none, or an existing "
                                 f"file with {parsed.spec} weights")
         mode = "file"
-    builder = _build_timm if parsed.library == "timm" else _build_torchvision
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random init of --weights none is identical on every run
-        model, facts = builder(parsed, mode, path)
+        model, facts = FAMILIES[parsed.library].build(parsed, mode, path)
     if mode == "none":
         facts["weights_id"] = f"random-init(seed={seed})"
     elif mode == "file":

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torch import nn
 
-from .backbones import BackboneInfo, SpatialBackbone, check_offline_weights, create_backbone
+from .backbones import BackboneInfo, check_offline_weights, create_backbone, spatial_backbone
 from .config import SpatialConfig
 from .errors import ConfigError, DataError, PipelineError
 from .images import decode_image, resize
@@ -168,7 +168,7 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
         out[pooled.key] = pooled
         if spatial is not None and spatial.enabled and (not spatial.backbones or name in spatial.backbones):
             spre = make_preprocess(info, spatial.image_size, interpolation, normalize)
-            smodule = SpatialBackbone(module, info.library, info.arch, spatial.stage)
+            smodule = spatial_backbone(module, info.spec, spatial.stage)
             prov = provenance_sha256(info, spre, {"stage": spatial.stage})
             entry = LoadedBackbone(smodule, info, spre, prov, SPATIAL, spatial.stage)
             out[entry.key] = entry

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from cache import FeatureCache
-from pipeline.backbones import SpatialBackbone, create_backbone, parse_spec
+from pipeline.backbones import create_backbone, parse_spec, spatial_backbone
 from pipeline.data import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
@@ -127,7 +127,7 @@ def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, st
     stage = facts.get("stage")
     if stage is None:
         return LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
-    spatial = SpatialBackbone(module, info.library, info.arch, int(stage))
+    spatial = spatial_backbone(module, info.spec, int(stage))
     return LoadedBackbone(spatial, info, pre, provenance_sha256(info, pre, {"stage": int(stage)}), SPATIAL,
                           int(stage))
 
