@@ -39,14 +39,16 @@ def _raw_side(n_bytes: int, name: str) -> int:
     return side
 
 
-def _open_header(source) -> Image.Image:
-    """Open lazily (header only) with PIL's own pixel limit off: _check_pixels applies ours before decoding."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+def _open_header(source, name: os.PathLike) -> Image.Image:
+    """Open lazily (header only); _check_pixels then applies our own limit before anything is decoded.
+
+    The commands turn PIL's own, larger decompression-bomb limit off at their entry (pipeline.runtime), so
+    the error names the image's size; a library caller who kept PIL's limit gets PIL's refusal as a DataError.
+    """
     try:
         return Image.open(source)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name}: image above PIL's decompression-bomb limit ({exc}); downscale it first") from None
 
 
 def probe_image(path: os.PathLike) -> Tuple[int, int]:
@@ -62,7 +64,7 @@ def probe_image(path: os.PathLike) -> Tuple[int, int]:
         side = _raw_side(size, str(path))
         return side, side
     try:
-        with _open_header(path) as img:
+        with _open_header(path, path) as img:
             width, height = img.size
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: not a readable image ({exc}); replace or remove it") from None
@@ -94,7 +96,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     if is_raw(name):
         return decode_raw(data, name)
     try:
-        img = _open_header(io.BytesIO(data))
+        img = _open_header(io.BytesIO(data), name)
         _check_pixels(img.width, img.height, name)
         img.load()
     except DataError:

@@ -73,6 +73,9 @@ def configure(threads: Optional[int] = None) -> int:
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(n))
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; never open a window
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # pipeline.images refuses images above its own, lower limit from the header
     import torch
 
     torch.set_num_threads(n)
