@@ -25,7 +25,7 @@ from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_featu
                        regression_norms, size_bins, summarise, summarise_metrics)
 from .labels import load_label_maps
 from .tasks import TaskSpec, encode_targets, resolve_tasks
-from .train import Job, JobResult, Split, train_jobs, validated_epochs
+from .train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     from .localise import LocFamily
 
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
-    tcfg = _no_stopping(cfg.train, validated_epochs(cv.results, cfg.train))
+    tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
     family = pooled_family(data, [split])
     with progress(tcfg.epochs, "refit") as tick:
         (result,) = train_jobs(family, [Job(tcfg, 0)], keep_state=True, progress=tick, device=cfg.train.device)
@@ -283,7 +283,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
     if data.maps is not None:
-        lcfg = _no_stopping(cfg.train.loc, validated_epochs(cv.loc.results, cfg.train.loc))
+        lcfg = fixed_epochs(cfg.train.loc, validated_epochs(cv.loc.results, cfg.train.loc))
         LocFamily.check(lcfg)
         lfam = loc_family(data, [split])
         with progress(lcfg.epochs, "refit localisation") as tick:
@@ -315,10 +315,3 @@ def primary_answers(cv: CVResult) -> Dict[str, str]:
     if value(heat, "presence_auc") > value({"auc": presence.get("auc")}, "auc"):
         out["presence"] = "localisation"
     return out
-
-
-def _no_stopping(section, epochs: int):
-    """A copy of a head's config section that trains exactly `epochs` epochs."""
-    import dataclasses
-
-    return dataclasses.replace(section, epochs=int(epochs), early_stopping=0)

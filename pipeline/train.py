@@ -241,6 +241,14 @@ def _copy_members(dst: torch.Tensor, src: torch.Tensor, which: torch.Tensor, mem
     dst[mask] = src[mask]
 
 
+def fixed_epochs(cfg: Any, epochs: int) -> Any:
+    """A copy of a head's config section that trains exactly `epochs` epochs (no early stopping): a refit on
+    more rows for the count its validated splits chose."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, epochs=int(epochs), early_stopping=0)
+
+
 def validated_epochs(results: Sequence[JobResult], cfg: Any) -> int:
     """The epoch count for a head refit on more rows: the median best epoch of its validated splits
     (the configured count when early stopping is off)."""

@@ -27,7 +27,7 @@ from pipeline.evaluate import make_splits, regression_norms, stratified_subset, 
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.localise import LOC_METRICS, LocFamily, candidates, decode_maps, froc, localisation_metrics
 from pipeline.tasks import metric_direction
-from pipeline.train import Job, Split, train_jobs, validated_epochs
+from pipeline.train import Job, Split, fixed_epochs, train_jobs, validated_epochs
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -227,10 +227,8 @@ def _score_winner_loc(data: TrainData, cfg: Config, epochs: int, dev_rows: np.nd
                       spec: SweepSpec) -> Dict[str, float]:
     """The winner's localisation head retrained on the development rows for its validated epochs, scored once
     on the test rows."""
-    import dataclasses
-
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    lcfg = dataclasses.replace(cfg.train.loc, epochs=epochs, early_stopping=0)
+    lcfg = fixed_epochs(cfg.train.loc, epochs)
     (res,) = train_jobs(loc_family(data, [split]), [Job(lcfg, 0)], device=cfg.train.device)
     return {k[len("loc."):]: v for k, v in loc_scores(data.table, test_rows, res.outputs, cfg).items()}
 
@@ -238,10 +236,8 @@ def _score_winner_loc(data: TrainData, cfg: Config, epochs: int, dev_rows: np.nd
 def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,
                   norms: Dict[str, np.ndarray], spec: SweepSpec) -> Dict[str, Dict[str, float]]:
     """The winner retrained on all development rows for its validated epoch count, scored once on the test rows."""
-    import dataclasses
-
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    tcfg = dataclasses.replace(cfg.train, epochs=epochs, early_stopping=0)
+    tcfg = fixed_epochs(cfg.train, epochs)
     family = pooled_family(data, [split])
     (res,) = train_jobs(family, [Job(tcfg, 0)], device=cfg.train.device)
     preds = family.prep.decode(res.outputs[test_rows], 0)
