@@ -260,8 +260,6 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     (median best epoch of its splits; the configured count without early stopping)."""
     import torch
 
-    from .localise import LocFamily
-
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
     tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
     family = pooled_family(data, [split])
@@ -284,7 +282,6 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     }
     if data.maps is not None:
         lcfg = fixed_epochs(cfg.train.loc, validated_epochs(cv.loc.results, cfg.train.loc))
-        LocFamily.check(lcfg)
         lfam = loc_family(data, [split])
         with progress(lcfg.epochs, "refit localisation") as tick:
             (loc_result,) = train_jobs(lfam, [Job(lcfg, 0)], keep_state=True, progress=tick,
@@ -311,7 +308,6 @@ def primary_answers(cv: CVResult) -> Dict[str, str]:
 
     if value(heat, "within_100px") > value(pooled, "within_100px"):
         out["position"] = "localisation"
-    presence = cv.reports[MODEL_NAME]["overall"].get("presence", {})
-    if value(heat, "presence_auc") > value({"auc": presence.get("auc")}, "auc"):
+    if value(heat, "presence_auc") > value(cv.reports[MODEL_NAME]["overall"].get("presence", {}), "auc"):
         out["presence"] = "localisation"
     return out

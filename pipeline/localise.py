@@ -167,8 +167,6 @@ def loc_losses(scores: torch.Tensor, target: torch.Tensor, has: torch.Tensor, pr
 class LocFamily:
     """Localisation heads for the stacked trainer (pipeline.train.HeadFamily): two losses, cells and presence."""
 
-    task_names = ["cells", "presence"]
-
     def __init__(self, data: LocData):
         self.data = data
         self.splits = data.splits

@@ -72,8 +72,6 @@ class HeadFamily(Protocol):
     """What the trainer needs from a kind of head."""
 
     splits: List[Split]
-    n_rows: int
-    task_names: List[str]
 
     def stack_key(self, cfg: Any) -> tuple: ...
 

@@ -151,12 +151,8 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
         per_fold = []
         for s, split in enumerate(splits):
             res = results[c * len(splits) + s]
-            preds = family.prep.decode(res.outputs[split.test], s)
-            fold_metrics = {}
-            for task in data.tasks:
-                m = task_metrics(task, data.targets[task.name][split.test], preds[task.name],
-                                 None if task.name not in norms else norms[task.name][split.test])
-                fold_metrics.update({f"{task.name}.{k}": float(v) for k, v in m.items()})
+            scores = _task_scores(data, family.prep.decode(res.outputs[split.test], s), split.test, norms)
+            fold_metrics = {f"{task}.{k}": v for task, m in scores.items() for k, v in m.items()}
             if loc_metrics_of is not None:
                 fold_metrics.update(loc_metrics_of(c, s))
             per_fold.append(fold_metrics)
@@ -240,10 +236,15 @@ def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarra
     tcfg = fixed_epochs(cfg.train, epochs)
     family = pooled_family(data, [split])
     (res,) = train_jobs(family, [Job(tcfg, 0)], device=cfg.train.device)
-    preds = family.prep.decode(res.outputs[test_rows], 0)
+    return _task_scores(data, family.prep.decode(res.outputs[test_rows], 0), test_rows, norms)
+
+
+def _task_scores(data: TrainData, preds: Dict[str, np.ndarray], rows: np.ndarray,
+                 norms: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """task -> metric -> value of predictions for `rows` (in that order)."""
     out: Dict[str, Dict[str, float]] = {}
     for task in data.tasks:
-        m = task_metrics(task, data.targets[task.name][test_rows], preds[task.name],
-                         None if task.name not in norms else norms[task.name][test_rows])
+        m = task_metrics(task, data.targets[task.name][rows], preds[task.name],
+                         None if task.name not in norms else norms[task.name][rows])
         out[task.name] = {k: float(v) for k, v in m.items()}
     return out
