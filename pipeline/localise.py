@@ -246,49 +246,63 @@ def candidates(scores: np.ndarray, k: int = 10, nms_cells: int = 2) -> tuple:
     return xs, ys, ss
 
 
+def lesions(table, rows: np.ndarray, pixel_mm: float) -> tuple:
+    """The lesions of `rows`: (image index into rows, x, y in grid pixels, radius in grid pixels), one per row
+    with a known centre (JSRT's one nodule per image; a layout with several boxes per image adds rows here)."""
+    x, y = table["x"].to_numpy(float)[rows], table["y"].to_numpy(float)[rows]
+    nod = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    radius = table["size_mm"].to_numpy(float)[rows][nod] / 2 / pixel_mm
+    return nod, x[nod], y[nod], radius
+
+
 def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_score: np.ndarray,
          pixel_mm: float, fps=FROC_FPS, weights: Optional[np.ndarray] = None,
-         curves: bool = False) -> Dict[str, np.ndarray]:
+         curves: bool = False, lesion_list: Optional[tuple] = None) -> Dict[str, np.ndarray]:
     """Free-response ROC of nodule candidates (rows[i]'s candidates: cand_*[i], fractions of the grid).
 
-    A candidate hits a nodule within its radius ('radius'), or within 100 px of the 2048 grid ('100px'); the
-    first hit of a nodule is a true positive, later hits of it are ignored, every other candidate is a false
-    positive. Sensitivity (hit nodules / nodules) at each rate of false positives per image (over every image,
-    with or without a nodule) in `fps`: the best sensitivity reached at or below that rate. `weights`
-    (n,) or (R, n) per row (bootstrap resamples) give each image its weight; `curves` adds each FROC curve
-    as (2, candidates) false positives per image and sensitivity.
+    A candidate hits a lesion of its image within the lesion's radius ('radius'), or within 100 px of the 2048
+    grid ('100px'). As in LUNA16, a lesion counts as found at a threshold when any candidate scored at or above
+    it hits the lesion; a candidate that hits no lesion is a false positive; further hits of a found lesion are
+    neither. The curve is read only at thresholds a decision can take (after every candidate of a group of equal
+    scores), so it does not depend on the order of the rows. Sensitivity (found lesions / lesions; NaN without
+    lesions) at each rate of false positives per image (over every image, with or without a lesion) in `fps`:
+    the best sensitivity of a threshold at or below that rate (0 where none is). `weights` (n,) or (R, n) per
+    row (bootstrap resamples) give each image its weight; `curves` adds each FROC curve as (2, thresholds)
+    false positives per image and sensitivity. `lesion_list` (as `lesions` returns) replaces the table's one
+    lesion per row, for images with several.
     """
-    x, y = table["x"].to_numpy(float)[rows], table["y"].to_numpy(float)[rows]
-    nod = np.isfinite(x) & np.isfinite(y)
+    n, k = cand_x.shape
     gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
-    rad = table["size_mm"].to_numpy(float)[rows] / 2 / pixel_mm
-    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=float)
-    k = cand_x.shape[1]
-    flat = np.argsort(-np.nan_to_num(cand_score, nan=-np.inf).ravel(), kind="stable")
-    flat = flat[np.isfinite(cand_score.ravel()[flat])]
-    image = flat // k
-    dist = np.hypot(cand_x.ravel()[flat] * gw[image] - x[image], cand_y.ravel()[flat] * gh[image] - y[image])
-    out: Dict[str, np.ndarray] = {}
+    image, lx, ly, radius = lesions(table, rows, pixel_mm) if lesion_list is None else lesion_list
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    score = np.where(np.isfinite(cand_score), cand_score, -np.inf)
+    present = np.isfinite(score)  # (n, k): a candidate at all
+    dist = np.hypot(cand_x[image] * gw[image, None] - lx[:, None], cand_y[image] * gh[image, None] - ly[:, None])
     n_images = w.sum(axis=-1)
-    n_lesions = (w * nod).sum(axis=-1)
-    for hit_name, reach in (("radius", rad[image]), ("100px", np.full(len(flat), 100.0))):
-        hit = np.isfinite(dist) & (dist <= reach)
-        first = np.zeros(len(flat), dtype=bool)
-        seen = set()
-        for e in np.flatnonzero(hit):
-            if image[e] not in seen:
-                seen.add(image[e])
-                first[e] = True
-        fp = ~hit
-        ew = w[..., image]
-        tp_cum = np.cumsum(ew * first, axis=-1)
-        fp_cum = np.cumsum(ew * fp, axis=-1)
-        fpi = fp_cum / np.expand_dims(np.where(n_images > 0, n_images, 1), -1)
-        sens = tp_cum / np.expand_dims(np.where(n_lesions > 0, n_lesions, 1), -1)
+    n_lesions = w[..., image].sum(axis=-1)
+    out: Dict[str, np.ndarray] = {}
+    for hit_name, reach in (("radius", radius), ("100px", np.full(len(image), 100.0))):
+        hits = (dist <= reach[:, None]) & present[image]  # (lesions, k)
+        found_at = np.where(hits, score[image], -np.inf).max(axis=1) if k else np.full(len(image), -np.inf)
+        hit_any = np.zeros((n, k), dtype=bool)
+        np.logical_or.at(hit_any, image, hits)
+        fp = present & ~hit_any
+        # events: false positives (counted in fpi) and lesion detections (in sensitivity), by score
+        ev_score = np.concatenate([score[fp], found_at[np.isfinite(found_at)]])
+        ev_w = np.concatenate([w[..., np.nonzero(fp)[0]], w[..., image[np.isfinite(found_at)]]], axis=-1)
+        is_fp = np.r_[np.ones(int(fp.sum()), bool), np.zeros(int(np.isfinite(found_at).sum()), bool)]
+        order = np.argsort(-ev_score, kind="stable")
+        ev_score, ev_w, is_fp = ev_score[order], ev_w[..., order], is_fp[order]
+        ends = np.r_[np.flatnonzero(np.diff(ev_score) != 0), len(ev_score) - 1] if len(ev_score) else \
+            np.zeros(0, dtype=int)  # the last event of each group of equal scores: a threshold's operating point
+        fpi = np.cumsum(ev_w * is_fp, axis=-1)[..., ends] / np.expand_dims(np.where(n_images > 0, n_images, 1), -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sens = np.cumsum(ev_w * ~is_fp, axis=-1)[..., ends] / np.expand_dims(n_lesions, -1)
+        no_lesion = np.broadcast_to(n_lesions <= 0, np.shape(n_images))
         for level in fps:
             reached = np.where(fpi <= level, sens, 0.0)
-            out[f"froc_{hit_name}_at_{level:g}fp"] = reached.max(axis=-1) if reached.shape[-1] else \
-                np.zeros(np.shape(n_images))
+            value = reached.max(axis=-1) if reached.shape[-1] else np.zeros(np.shape(n_images))
+            out[f"froc_{hit_name}_at_{level:g}fp"] = np.where(no_lesion, np.nan, value)
         if curves:
             out[f"froc_{hit_name}_curve"] = np.stack([fpi, sens])
     return out

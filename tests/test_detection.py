@@ -101,3 +101,68 @@ def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_
     assert set(metrics["localisation"]["froc_curves"]) == {"heatmap", "pooled-regression"}
     result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True)
     assert (tmp_path / "pred_overlays" / "JPCLN002.png").exists() and np.isfinite(result.table["localisation_x"]).all()
+
+
+def _threshold_sweep(table, cx, cy, cs, level, reach_px=100.0):
+    """FROC sensitivity at `level` FPs per image by brute force: every threshold a decision can take."""
+    g = 2048.0
+    x, y = table["x"].to_numpy(float), table["y"].to_numpy(float)
+    hits = np.hypot(cx * g - x[:, None], cy * g - y[:, None]) <= reach_px  # NaN centres hit nothing
+    best = 0.0
+    for t in np.unique(cs[np.isfinite(cs)]):
+        on = np.isfinite(cs) & (cs >= t)
+        fpi = (on & ~hits).sum() / len(x)
+        sens = (hits & on).any(axis=1).sum() / np.isfinite(x).sum()
+        if fpi <= level:
+            best = max(best, sens)
+    return best
+
+
+def test_froc_with_ties_is_a_threshold_sweep_whatever_the_row_order():
+    # the issue's case: two normal images with FPs at 0.9, then a TP and an FP tied at 0.5, on 8 images
+    table = pd.DataFrame({"x": [1000.0] + [np.nan] * 7, "y": [1000.0] + [np.nan] * 7, "size_mm": [10.0] + [np.nan] * 7,
+                          "grid_w": [2048.0] * 8, "grid_h": [2048.0] * 8})
+    cx = np.full((8, 1), np.nan)
+    cy, cs = cx.copy(), np.full((8, 1), -np.inf)
+    cx[:3, 0], cy[:3, 0], cs[:3, 0] = 1000 / 2048, 1000 / 2048, [0.5, 0.9, 0.9]
+    cx[3, 0], cy[3, 0], cs[3, 0] = 0.1, 0.1, 0.5
+    for perm in (np.arange(8), np.array([3, 1, 2, 0, 4, 5, 6, 7])):
+        res = froc(table.iloc[perm].reset_index(drop=True), np.arange(8), cx[perm], cy[perm], cs[perm], 0.175,
+                   fps=(0.25, 0.5))
+        assert res["froc_100px_at_0.25fp"] == 0.0 and res["froc_100px_at_0.5fp"] == 1.0
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        n, k = int(rng.integers(2, 9)), int(rng.integers(1, 4))
+        nod = rng.random(n) < 0.6
+        t = pd.DataFrame({"x": np.where(nod, rng.uniform(0, 2048, n), np.nan), "size_mm": np.full(n, 20.0),
+                          "grid_w": np.full(n, 2048.0), "grid_h": np.full(n, 2048.0)})
+        t["y"] = np.where(nod, rng.uniform(0, 2048, n), np.nan)
+        cx, cy = rng.random((n, k)), rng.random((n, k))
+        near = rng.random((n, k)) < 0.4  # some candidates right on their image's nodule
+        cx = np.where(near & nod[:, None], t["x"].to_numpy()[:, None] / 2048, cx)
+        cy = np.where(near & nod[:, None], t["y"].to_numpy()[:, None] / 2048, cy)
+        cs = rng.integers(0, 3, (n, k)).astype(float)  # three score levels: many ties
+        perm = rng.permutation(n)
+        levels = (0.25, 0.5, 1.0, 2.0)
+        a = froc(t, np.arange(n), cx, cy, cs, 0.175, fps=levels)
+        b = froc(t.iloc[perm].reset_index(drop=True), np.arange(n), cx[perm], cy[perm], cs[perm], 0.175, fps=levels)
+        for level in levels:
+            key = f"froc_100px_at_{level:g}fp"
+            if not nod.any():
+                assert np.isnan(a[key]) and np.isnan(b[key])  # no lesions: undefined, not 0
+                continue
+            assert a[key] == b[key] == pytest.approx(_threshold_sweep(t, cx, cy, cs, level)), (case, level)
+
+
+def test_froc_counts_several_lesions_of_one_image():
+    from pipeline.localise import lesions
+
+    table = _table()
+    image, x, y, radius = lesions(table, np.arange(3), 0.175)
+    assert list(image) == [0, 1] and radius[1] == pytest.approx(20 / 2 / 0.175)
+    # image 0 with a second lesion at (1500, 1500), which its second candidate hits: both found at score 1
+    two = (np.array([0, 0, 1]), np.array([1000.0, 1500.0, 500.0]), np.array([1000.0, 1500.0, 500.0]),
+           np.array([radius[0], radius[0], radius[1]]))
+    res = froc(table, np.arange(3), *_cands(), 0.175, fps=(0.25, 1.0), lesion_list=two)
+    # by score: lesion 0 (5), FP (4), lesion 2 by 100 px (3), FP (2), lesion 1 (1): 3 lesions, 2 FPs in all
+    assert res["froc_100px_at_0.25fp"] == pytest.approx(1 / 3) and res["froc_100px_at_1fp"] == 1.0
