@@ -132,6 +132,11 @@ class CVResult:
         weights = np.mean([r.loss_weights for r in self.results], axis=0)
         return {t.name: float(w) for t, w in zip(tasks, weights)}
 
+    def weights_at_bound(self, tasks: Sequence[TaskSpec]) -> List[str]:
+        """Tasks whose loss weight sat at its weighting's bound in any split (it says less than it seems)."""
+        return [t.name for k, t in enumerate(tasks)
+                if any(k < len(r.weights_at_bound) and r.weights_at_bound[k] for r in self.results)]
+
 
 def inner_val_fraction(cfg: Config) -> float:
     """The share of training rows held out for early stopping (none in-sample: every row trains)."""
@@ -229,6 +234,11 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
         for which in ("linear", "majority"):
             oof[which] = OutOfFold.collect(splits, baseline_predictions(x, splits, data.tasks, data.targets, which))
     cv = CVResult(splits, names, results, oof)
+    bound = cv.weights_at_bound(data.tasks)
+    if bound:
+        logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
+                       "lambda * %.3g); lower train.uncertainty_min_log_var to let it rise further",
+                       cfg.train.loss_weighting, ", ".join(bound), 0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
     if data.maps is not None:
         cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)

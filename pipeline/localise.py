@@ -223,6 +223,9 @@ class LocFamily:
     def export(self, model: "LocNet", m: int) -> Dict[str, torch.Tensor]:
         return model.member_state(m)
 
+    def shared_parameter(self, model: "LocNet") -> torch.Tensor:
+        return model.out.weight  # the score map feeds both the cell and the presence loss
+
 
 def candidates(scores: np.ndarray, k: int = 10, nms_cells: int = 2) -> tuple:
     """Score maps (n, H, W) -> the k best local peaks per image, by non-maximum suppression: the best cell,

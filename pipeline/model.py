@@ -227,6 +227,9 @@ class PooledFamily:
     def export(self, model: ResMTNet, m: int) -> Dict[str, torch.Tensor]:
         return model.member_state(m)
 
+    def shared_parameter(self, model: ResMTNet) -> torch.Tensor:
+        return model.w_b if model.blocks else model.w_in  # the last residual block's output layer
+
 
 def task_losses(out: torch.Tensor, batch: Batch, targets: Dict[str, torch.Tensor], layout: Layout,
                 smoothing: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .runtime import pick_device
-from .weighting import WEIGHTINGS
+from .weighting import UNCERTAINTY_REGULARISERS, WEIGHTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class JobResult:
     history: Dict[str, List[float]]  # train_loss, val_loss per epoch
     best_epoch: int  # 0-based epoch of the kept state (the last one without early stopping)
     loss_weights: List[float]  # the final multiplier of each task loss
+    weights_at_bound: List[bool] = field(default_factory=list)  # a weight held at its scheme's bound
     state: Optional[Dict[str, torch.Tensor]] = None
 
 
@@ -87,6 +88,9 @@ class HeadFamily(Protocol):
 
     def export(self, model: nn.Module, m: int) -> Dict[str, torch.Tensor]: ...
 
+    def shared_parameter(self, model: nn.Module) -> torch.Tensor:
+        """The last parameter every task shares (members on axis 0), for weightings that balance gradients."""
+
     def to(self, device: torch.device) -> None: ...
 
 
@@ -100,12 +104,18 @@ def check_optim(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}.early_stopping {cfg.early_stopping} must be >= 0 (0 = off)")
     if cfg.loss_weighting not in WEIGHTINGS:
         raise ConfigError(f"{where}.loss_weighting '{cfg.loss_weighting}' must be one of {', '.join(WEIGHTINGS)}")
+    if cfg.uncertainty_regulariser not in UNCERTAINTY_REGULARISERS:
+        raise ConfigError(f"{where}.uncertainty_regulariser '{cfg.uncertainty_regulariser}' must be one of "
+                          f"{', '.join(UNCERTAINTY_REGULARISERS)}")
+    if cfg.gradnorm_alpha < 0:
+        raise ConfigError(f"{where}.gradnorm_alpha {cfg.gradnorm_alpha} must be >= 0")
 
 
 def _trainer_key(cfg: Any) -> tuple:
     """What members of one stack must share beyond shapes: the optimiser and the epoch loop."""
     return (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.batch_size, cfg.early_stopping, cfg.loss_weighting,
-            cfg.weighting_lr, cfg.dwa_temperature)
+            cfg.weighting_lr, cfg.dwa_temperature, cfg.uncertainty_min_log_var, cfg.uncertainty_regulariser,
+            cfg.gradnorm_alpha)
 
 
 def train_jobs(family: HeadFamily, jobs: Sequence[Job], *, keep_state: bool = False,
@@ -148,7 +158,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     generators = [torch.Generator().manual_seed(10_007 * splits[s].key + 17) for s in split_ids]
     model = family.build(cfgs, [splits[j.split].key for j in jobs]).to(device)
     lambdas = torch.tensor([family.lambdas(c) for c in cfgs], dtype=torch.float32)
-    weighting = WEIGHTINGS[cfg.loss_weighting](lambdas, cfg.dwa_temperature).to(device)
+    weighting = WEIGHTINGS[cfg.loss_weighting](lambdas, cfg).to(device)
     groups = [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if list(weighting.parameters()):
         groups.append({"params": list(weighting.parameters()), "lr": cfg.weighting_lr, "weight_decay": 0.0})
@@ -164,6 +174,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     members = len(jobs)
     best = {k: v.detach().clone() for k, v in model.state_dict().items()} if stopping else None
     best_weights = weighting.weights().detach().clone()
+    best_bound = weighting.at_bound().detach().cpu().clone()
     best_loss = torch.full((members,), math.inf, device=device)
     best_epoch = torch.full((members,), cfg.epochs - 1, dtype=torch.long, device=device)
     since_best = torch.zeros(members, dtype=torch.long, device=device)
@@ -186,7 +197,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
 
             batch = Batch(idx_k[key_of].to(device), valid_k[key_of].to(device), split_dev, uniform)
             per_task = family.losses(model, cfgs, batch)
-            loss = weighting(per_task)
+            loss = weighting(per_task, family.shared_parameter(model) if weighting.needs_shared else None)
             optimiser.zero_grad(set_to_none=True)
             loss.sum().backward()  # members are independent: the sum's gradient is each member's own
             optimiser.step()
@@ -209,6 +220,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             for name, value in model.state_dict().items():
                 _copy_members(best[name], value, improved, members)
             best_weights[improved.cpu()] = weighting.weights().detach()[improved.cpu()].cpu()
+            best_bound[improved.cpu()] = weighting.at_bound().detach()[improved.cpu()].cpu()
         if progress is not None:
             progress(members)
         if stopping and bool((since_best >= cfg.early_stopping).all()):
@@ -217,6 +229,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
         model.load_state_dict(best)
     else:
         best_weights = weighting.weights().detach().cpu()
+        best_bound = weighting.at_bound().detach().cpu()
 
     model.eval()
     with torch.no_grad():
@@ -226,6 +239,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
         hist = {k: [row[m] for row in v] for k, v in history.items() if v}
         results.append(JobResult(outputs=outputs[m].numpy(), history=hist, best_epoch=int(best_epoch[m]),
                                  loss_weights=[float(w) for w in best_weights[m]],
+                                 weights_at_bound=[bool(b) for b in best_bound[m]],
                                  state=family.export(model, m) if keep_state else None))
     return results
 

@@ -1,35 +1,45 @@
 """Loss weighting: how the per-task losses of a multi-task head become one loss.
 
-Each scheme is one class registered in `WEIGHTINGS`; the trainer calls `forward` every step, `after_step`
-after each optimiser step, and `end_epoch` with the epoch's mean task losses. Parameters of a scheme (the
-uncertainty weighting's log variances) get their own optimiser group: their own learning rate
+Each scheme is one class registered in `WEIGHTINGS`, built from the configured per-task weights and the head's
+config section (it reads its own keys). The trainer calls `forward` every step (with the family's last shared
+parameter where `needs_shared`), `after_step` after each optimiser step, and `end_epoch` with the epoch's mean
+task losses. Parameters of a scheme get their own optimiser group: their own learning rate
 (`train.weighting_lr`), no weight decay. Everything is stacked over M members, like the heads: tensors are
 (M, T), members never mix. To add a scheme, write one class here and add it to WEIGHTINGS.
 """
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Any, Dict, Optional, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+#: uncertainty: the regulariser of each log variance s_k (train.uncertainty_regulariser).
+UNCERTAINTY_REGULARISERS = ("kendall", "log1p")
 
 
 class Weighting(nn.Module):
     """Base: fixed weights. lambdas (M, T) are the configured per-task weights (train.lambdas)."""
 
     name = "fixed"
+    needs_shared = False  # forward wants the head's last shared parameter (GradNorm)
 
-    def __init__(self, lambdas: torch.Tensor, temperature: float = 2.0):
+    def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__()
         self.register_buffer("lambdas", lambdas.clone())
 
-    def forward(self, per_task: torch.Tensor) -> torch.Tensor:
-        """(M, T) task losses -> (M,) one loss per member."""
+    def forward(self, per_task: torch.Tensor, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(M, T) task losses -> (M,) the training objective of each member."""
         return (self.weights() * per_task).sum(dim=1)
 
     def weights(self) -> torch.Tensor:
         """(M, T) the multiplier of each task's loss now."""
         return self.lambdas
+
+    def at_bound(self) -> torch.Tensor:
+        """(M, T) whether a task's weight is held at a bound of the scheme (so it says less than it seems)."""
+        return torch.zeros_like(self.lambdas, dtype=torch.bool)
 
     def after_step(self) -> None:
         """Called after every optimiser step."""
@@ -39,29 +49,38 @@ class Weighting(nn.Module):
 
 
 class Uncertainty(Weighting):
-    """Kendall, Gal and Cipolla (2018): sum_k lambda_k (0.5 exp(-s_k) L_k + 0.5 s_k), s_k learnt.
+    """Kendall, Gal and Cipolla (2018): sum_k lambda_k (0.5 exp(-s_k) L_k + r(s_k)), s_k = log sigma_k^2 learnt.
 
-    s_k is kept >= 0 (projected after each step), so no task's term can go negative and drive the total
-    loss to minus infinity by shrinking s_k on a task that is being memorised; a weight is therefore at
-    most lambda_k / 2, and tasks with large losses are down-weighted.
+    r is Kendall's 0.5 s_k ('kendall') or Liebel and Koerner's (2018) log(1 + exp(s_k)) ('log1p', always
+    positive). The optimum weight 0.5 exp(-s_k) is 0.5 / L_k for 'kendall' (2.5 for a loss of 0.2): tasks can be
+    up-weighted as well as down-weighted. s_k is kept >= train.uncertainty_min_log_var (projected after each
+    step) so that a task being memorised (L_k -> 0) cannot drive its weight, and with 'kendall' the total loss,
+    without bound; a weight is therefore at most lambda_k * 0.5 exp(-min_log_var), and tasks held there are
+    reported (`at_bound`).
     """
 
     name = "uncertainty"
 
-    def __init__(self, lambdas: torch.Tensor, temperature: float = 2.0):
+    def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__(lambdas)
+        self.floor = float(getattr(cfg, "uncertainty_min_log_var", -3.0))
+        self.regulariser = str(getattr(cfg, "uncertainty_regulariser", "kendall"))
         self.log_vars = nn.Parameter(torch.zeros_like(lambdas))
 
-    def forward(self, per_task: torch.Tensor) -> torch.Tensor:
+    def forward(self, per_task: torch.Tensor, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = self.log_vars
-        return (self.lambdas * (0.5 * torch.exp(-s) * per_task + 0.5 * s)).sum(dim=1)
+        reg = F.softplus(s) if self.regulariser == "log1p" else 0.5 * s
+        return (self.lambdas * (0.5 * torch.exp(-s) * per_task + reg)).sum(dim=1)
 
     def weights(self) -> torch.Tensor:
         return self.lambdas * 0.5 * torch.exp(-self.log_vars.detach())
 
+    def at_bound(self) -> torch.Tensor:
+        return self.log_vars.detach() <= self.floor + 1e-4
+
     @torch.no_grad()
     def after_step(self) -> None:
-        self.log_vars.clamp_(min=0.0)
+        self.log_vars.clamp_(min=self.floor)
 
 
 class DynamicWeightAverage(Weighting):
@@ -72,9 +91,9 @@ class DynamicWeightAverage(Weighting):
 
     name = "dwa"
 
-    def __init__(self, lambdas: torch.Tensor, temperature: float = 2.0):
+    def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__(lambdas)
-        self.temperature = float(temperature)
+        self.temperature = float(getattr(cfg, "dwa_temperature", 2.0))
         self.register_buffer("dynamic", torch.ones_like(lambdas))
         self.register_buffer("previous", torch.full_like(lambdas, float("nan")))
 
@@ -91,4 +110,51 @@ class DynamicWeightAverage(Weighting):
         self.previous.copy_(mean_losses)
 
 
-WEIGHTINGS: Dict[str, Type[Weighting]] = {w.name: w for w in (Weighting, Uncertainty, DynamicWeightAverage)}
+class GradNorm(Weighting):
+    """Chen, Badrinarayanan, Lee and Rabinovich (2018): weights w_k learnt so that each task's gradient norm on
+    the last shared layer, G_k = ||grad_W w_k L_k||, tracks the mean norm times r_k^alpha, r_k = (L_k / L_k(0))
+    relative to the tasks' mean (a task that trains more slowly gets a larger gradient). The weights' own loss
+    sum_k |G_k - target_k| (target held constant) trains them in their optimiser group; after each step they
+    are renormalised to sum to T. The total loss is sum_k lambda_k w_k L_k (w_k held constant in it), so the
+    configured lambdas keep their ratios on top of the balancing.
+    """
+
+    name = "gradnorm"
+    needs_shared = True
+
+    def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
+        super().__init__(lambdas)
+        self.alpha = float(getattr(cfg, "gradnorm_alpha", 1.5))
+        self.w = nn.Parameter(torch.ones_like(lambdas))
+        self.register_buffer("initial", torch.full_like(lambdas, float("nan")))
+
+    def forward(self, per_task: torch.Tensor, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+        total = (self.weights() * per_task).sum(dim=1)
+        if not (torch.is_grad_enabled() and per_task.requires_grad and shared is not None):
+            return total
+        m, t = per_task.shape
+        with torch.no_grad():
+            self.initial.copy_(torch.where(torch.isnan(self.initial), per_task.detach(), self.initial))
+        norms = []
+        for k in range(t):
+            (g,) = torch.autograd.grad(per_task[:, k].sum(), shared, retain_graph=True, allow_unused=True)
+            norms.append(torch.zeros(m, device=per_task.device) if g is None else g.reshape(m, -1).norm(dim=1))
+        grad_norm = self.w * torch.stack(norms, dim=1)  # (M, T); differentiable in w only
+        with torch.no_grad():
+            relative = torch.where(self.initial > 1e-12, per_task / self.initial.clamp_min(1e-12),
+                                   torch.ones_like(per_task))
+            rate = relative / relative.mean(dim=1, keepdim=True).clamp_min(1e-12)
+            target = grad_norm.mean(dim=1, keepdim=True) * rate ** self.alpha
+        return total + (grad_norm - target).abs().sum(dim=1)
+
+    def weights(self) -> torch.Tensor:
+        return self.lambdas * self.w.detach()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.w.clamp_(min=1e-3)
+        self.w.mul_(self.w.shape[1] / self.w.sum(dim=1, keepdim=True))
+
+
+WEIGHTINGS: Dict[str, Type[Weighting]] = {
+    w.name: w for w in (Weighting, Uncertainty, DynamicWeightAverage, GradNorm)}

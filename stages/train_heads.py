@@ -105,6 +105,7 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
                 f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
                 if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
     weights = cv.loss_weights(data.tasks)
+    bound = cv.weights_at_bound(data.tasks)
     random = sorted(s for s, a in data.provenance.items() if a.get("weights") == "none")
     lines = ([f"**{warning}**", ""] if warning else []) + [
         "# train-heads report", "",
@@ -119,7 +120,8 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         "splits [95% bootstrap CI on pooled out-of-fold predictions].",
         f"Head: hidden {t.hidden}, {t.blocks} residual block(s), dropout {t.dropout}, label smoothing "
         f"{t.label_smoothing}, Adam lr {t.lr}, batch {t.batch_size}; {stopping}. Loss weighting {t.loss_weighting}: "
-        + ", ".join(f"{k} {v:.3g}" for k, v in weights.items()) + f". Wall time {seconds:.1f} s.", "",
+        + ", ".join(f"{k} {v:.3g}" for k, v in weights.items())
+        + (f" (at the scheme's bound: {', '.join(bound)})" if bound else "") + f". Wall time {seconds:.1f} s.", "",
         "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for task in data.tasks:
         for metric in cv.reports[MODEL_NAME]["overall"].get(task.name, {}):
@@ -267,6 +269,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                      "best_epochs": best_epochs,
                      "refit_epochs": head.spec["train"]["epochs"] if head is not None else None},
             "loss_weights": cv.loss_weights(data.tasks),
+            "loss_weights_at_bound": cv.weights_at_bound(data.tasks),
             "models": cv.reports,
             **({"localisation": {**cv.loc.report, "froc_curves": cv.loc.froc_curves}} if cv.loc is not None else {}),
         }

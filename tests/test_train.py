@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,17 +69,54 @@ def test_missing_labels_are_masked_and_an_unlabelled_task_adds_exactly_zero():
     assert torch.isfinite(out.grad).all() and (out.grad[0, :, 4] == 0).all()
 
 
-def test_uncertainty_weighting_is_kendalls_form_and_never_negative():
+def test_uncertainty_weighting_is_kendalls_form_with_a_floor():
     per_task = torch.tensor([[1.0, 2.0]])
     w = Uncertainty(torch.ones(1, 2))
     with torch.no_grad():
         w.log_vars.copy_(torch.tensor([[0.5, 1.5]]))
     expected = 0.5 * np.exp(-0.5) * 1 + 0.25 + 0.5 * np.exp(-1.5) * 2 + 0.75
     assert w(per_task).item() == pytest.approx(expected, rel=1e-6)
+    assert not w.at_bound().any()
     with torch.no_grad():
-        w.log_vars.fill_(-3.0)
-    w.after_step()  # projected back: s >= 0, so no task's term can go below 0
-    assert (w.log_vars == 0).all() and torch.allclose(w.weights(), torch.full((1, 2), 0.5))
+        w.log_vars.fill_(-9.0)
+    w.after_step()  # projected back to the floor (-3): a weight is at most 0.5 exp(3), and it is reported
+    assert (w.log_vars == -3.0).all() and torch.allclose(w.weights(), torch.full((1, 2), 0.5 * np.exp(3.0)))
+    assert w.at_bound().all()
+
+
+def test_uncertainty_optimum_up_weights_small_losses():
+    """Kendall's optimum weight is 0.5 / L (2.5 for L = 0.2); Liebel's log1p form is bounded below by 0."""
+    for regulariser, optimum in (("kendall", 0.5 / 0.2), ("log1p", None)):
+        cfg = SimpleNamespace(uncertainty_min_log_var=-3.0, uncertainty_regulariser=regulariser)
+        w = Uncertainty(torch.ones(1, 1), cfg)
+        opt = torch.optim.Adam(w.parameters(), lr=0.05)
+        for _ in range(2000):
+            opt.zero_grad()
+            w(torch.tensor([[0.2]])).sum().backward()
+            opt.step()
+            w.after_step()
+        assert w.weights().item() > 1.0  # up-weighted, where the old s >= 0 projection pinned it at 0.5
+        if optimum is not None:
+            assert w.weights().item() == pytest.approx(optimum, rel=0.02)
+        else:
+            assert w(torch.tensor([[0.0]])).item() > 0
+
+
+def test_gradnorm_balances_gradient_norms_and_keeps_the_weights_summing_to_t():
+    from pipeline.weighting import GradNorm
+
+    shared = torch.nn.Parameter(torch.ones(1, 3))
+    w = GradNorm(torch.ones(1, 2), SimpleNamespace(gradnorm_alpha=0.0))
+    opt = torch.optim.Adam(w.parameters(), lr=0.05)
+    for _ in range(300):
+        per_task = torch.stack([(shared * 10).sum(), shared.sum()]).view(1, 2)  # task 0: 10x the gradient
+        opt.zero_grad()
+        w(per_task, shared).sum().backward()
+        opt.step()
+        w.after_step()
+    weights = w.weights()[0]
+    assert weights.sum().item() == pytest.approx(2.0, rel=1e-5)
+    assert weights[1].item() / weights[0].item() == pytest.approx(10.0, rel=0.1)  # equal gradient norms
 
 
 def test_residual_model_shapes_and_member_independence():
@@ -168,7 +206,7 @@ def test_early_stopping_keeps_the_state_of_the_best_validation_epoch(tiny_cache)
     assert not np.allclose(stopped.outputs, longer.outputs)
 
 
-@pytest.mark.parametrize("scheme", ["uncertainty", "dwa"])
+@pytest.mark.parametrize("scheme", ["uncertainty", "dwa", "gradnorm"])
 def test_loss_weighting_moves_the_weights_and_changes_the_result(tiny_cache, scheme):
     fixed_cfg = tiny_train_config(**{"train.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False})
     fixed = cross_validate(load_train_data(tiny_cache, fixed_cfg), fixed_cfg)
@@ -181,10 +219,29 @@ def test_loss_weighting_moves_the_weights_and_changes_the_result(tiny_cache, sch
     # Kendall's weight at s = 0 is 1/2; DWA's start at 1 and move with the ratio of successive epoch losses,
     # which is close to 1 for every task at the paper's lr, so they move less
     start, moved = (0.5, 0.05) if scheme == "uncertainty" else (1.0, 0.01)
+    if scheme == "gradnorm":
+        assert weights.sum() == pytest.approx(len(weights), rel=1e-4)
     assert np.abs(weights - start).max() > moved  # the weights moved
     assert np.ptp(weights) > moved  # and differ between tasks
     assert not np.allclose(learnt.results[0].outputs, fixed.results[0].outputs)
     assert learnt.reports["res-mtnet"] != fixed.reports["res-mtnet"]
+
+
+def test_uncertainty_weights_of_small_losses_move_above_one_half(tiny_cache):
+    """Two tasks whose losses fall below 1: the weights rise above 0.5 and the head differs from fixed weights
+    (under the old s >= 0 projection both sat at 0.5, and every output equalled fixed weighting's)."""
+    base = {"train.epochs": 30, "eval.bootstrap": 0, "eval.baselines": False, "train.tasks": ["presence", "size"],
+            "train.early_stopping": 0, "train.weighting_lr": 0.05, "train.lr": 1e-3}
+    fixed_cfg = tiny_train_config(**base)
+    data = load_train_data(tiny_cache, fixed_cfg)
+    fixed = cross_validate(data, fixed_cfg)
+    cfg = tiny_train_config(**base, **{"train.loss_weighting": "uncertainty"})
+    learnt = cross_validate(data, cfg)
+    final = np.array([r.history["train_loss"][-1] for r in fixed.results])
+    assert (final < 2.0).all()
+    weights = learnt.loss_weights(data.tasks)
+    assert min(weights.values()) > 0.55, weights
+    assert not np.allclose(learnt.results[0].outputs, fixed.results[0].outputs)
 
 
 def test_linear_baseline_in_row_space_equals_the_full_fit():
