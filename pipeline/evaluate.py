@@ -1,5 +1,6 @@
 """The evaluation protocol: splits that never leak, decoding of head outputs, metrics per task and per
-nodule-size bin (mean +- std over folds, bootstrap CI on pooled out-of-fold predictions), and baselines."""
+nodule-size bin (the pooled out-of-fold estimate with its bootstrap CI, and mean +- std over folds), and
+baselines."""
 from __future__ import annotations
 
 import logging
@@ -183,8 +184,9 @@ class OutOfFold:
 def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
                       split: np.ndarray, n_splits: int, pooled: np.ndarray, bootstrap: int, seed: int,
                       count: Callable[[np.ndarray], int]) -> Dict[str, Dict[str, object]]:
-    """metric -> {mean, std, folds, pooled, n, ci95}: mean ± std over splits, the value on the `pooled` entries
-    (the first seed's out-of-fold predictions) and its percentile bootstrap CI.
+    """metric -> {pooled, ci95, n, folds, fold_mean, fold_std}: the headline is the value on the `pooled` entries
+    (the first seed's out-of-fold predictions) with its percentile bootstrap CI; the per-split values and
+    their mean ± std describe the spread over splits (they are not the estimate the CI belongs to).
 
     metrics_of(selection, weights) scores the selected entries (weights (R, n_selected) for resamples);
     count(selection) is the number of entries a metric is computed on. Every model and head uses this one.
@@ -199,9 +201,9 @@ def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], D
         fold_values = np.array([float(m.get(name, np.nan)) for m in per_split], dtype=float)
         finite = fold_values[np.isfinite(fold_values)]
         entry: Dict[str, object] = {
-            "mean": float(finite.mean()) if len(finite) else float("nan"),
-            "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
-            "folds": fold_values.tolist(), "pooled": float(value), "n": count(pooled),
+            "pooled": float(value), "n": count(pooled), "folds": fold_values.tolist(),
+            "fold_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "fold_std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
         }
         if name in boot:
             dist = np.asarray(boot[name], dtype=float)

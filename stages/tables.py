@@ -1,6 +1,6 @@
 """`reproduce-tables`: the paper's Tables 1-4 regenerated from a feature cache, beside the paper's numbers.
 
-Every cell is "ours mean ± std over folds (paper value)", from a cross-validation run of stage two on the
+Every cell is "ours: pooled out-of-fold estimate [95% CI]; folds mean ± std (paper value)", from a cross-validation run of stage two on the
 named backbone's cached features (Res-MTNet: the fused DenseNet-161 + EfficientNet-B7 vector).
 """
 from __future__ import annotations
@@ -58,6 +58,13 @@ def _cell(entry: Optional[Dict[str, object]], paper: Optional[float], digits: in
     return ours + (f" ({format_number(paper, digits)})" if paper is not None else "")
 
 
+def _numbers(entry: Dict[str, object]) -> Dict[str, float]:
+    """The CSV's columns of a metric entry: the pooled estimate, its CI, the folds' mean and std."""
+    ci = entry.get("ci95") or [math.nan, math.nan]
+    return {"ours": entry.get("pooled", math.nan), "ours_ci_low": ci[0], "ours_ci_high": ci[1],
+            "ours_fold_mean": entry.get("fold_mean", math.nan), "ours_fold_std": entry.get("fold_std", math.nan)}
+
+
 def _paper(paper: Dict, table: str, row: str, task: str, i: int) -> Optional[float]:
     try:
         return float(paper[table][row][task][i])
@@ -67,21 +74,20 @@ def _paper(paper: Dict, table: str, row: str, task: str, i: int) -> Optional[flo
 
 def build_tables(reports: Dict[str, Dict], paper: Dict, bins: Sequence[str], f1: str
                  ) -> Tuple[Dict[str, pd.DataFrame], pd.DataFrame]:
-    """Markdown-ready tables (strings) and one long numeric table (ours mean/std, paper) for the CSV."""
+    """Markdown-ready tables (strings) and one long numeric table (ours, its CI, folds, paper) for the CSV."""
     long_rows = []
 
     def add(table, row, task, metric, entry, paper_value):
         entry = entry or {}
         long_rows.append({"table": table, "row": row, "task": task, "metric": metric,
-                          "ours_mean": entry.get("mean", math.nan), "ours_std": entry.get("std", math.nan),
-                          "paper": paper_value})
+                          **_numbers(entry), "paper": paper_value})
 
     tables: Dict[str, pd.DataFrame] = {}
     for key, bin_wise, tasks, metrics, digits in (
             ("table1", False, TABLE1, (("accuracy", "Acc"), (f1, "F1")), 3),
-            ("table2", False, TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 5),
+            ("table2", False, TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 3),
             ("table3", True, TABLE3, (("accuracy", "Acc"), (f1, "F1")), 3),
-            ("table4", True, TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 5)):
+            ("table4", True, TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 3)):
         rows = bins if bin_wise else list(reports)
         data = {}
         for row in rows:
@@ -116,7 +122,7 @@ def build_protocol_tables(by_protocol: Dict[str, Dict[str, Dict]], paper: Dict, 
     """Tables 1 and 2 with a row per (model, metric): the paper's value, then one column per protocol."""
     long_rows, tables = [], {}
     for key, tasks, metrics, digits in (("table1", TABLE1, (("accuracy", "Acc"), (f1, "F1")), 3),
-                                        ("table2", TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 5)):
+                                        ("table2", TABLE2, (("mse_norm", "MSE"), ("mae_norm", "MAE")), 3)):
         data = {}
         models = list(next(iter(by_protocol.values())))
         for model in models:
@@ -128,8 +134,7 @@ def build_protocol_tables(by_protocol: Dict[str, Dict[str, Dict]], paper: Dict, 
                         entry = reports[model]["overall"].get(task, {}).get(metric) or {}
                         cells[protocol_label(protocol, cfg)] = format_entry(entry, digits) if entry else "n/a"
                         long_rows.append({"table": key, "row": model, "task": task, "metric": metric,
-                                          "protocol": protocol, "ours_mean": entry.get("mean", math.nan),
-                                          "ours_std": entry.get("std", math.nan), "paper": paper_value})
+                                          "protocol": protocol, **_numbers(entry), "paper": paper_value})
                     data[(model, f"{title} {short}")] = cells
         frame = pd.DataFrame.from_dict(data, orient="index")
         frame.index = pd.MultiIndex.from_tuples(frame.index, names=["model", "metric"])
@@ -209,7 +214,8 @@ def tables_markdown(tables: Dict[str, pd.DataFrame], provenance: Dict[str, Dict]
     lines = [f"**WARNING: {', '.join(seen)}: training-set scores (the head was scored on rows it was trained "
              "on); they are not an estimate of performance on new images.**", ""] if seen else []
     lines += ["# The paper's tables, regenerated", "",
-              f"Each cell: ours, mean ± std over the splits of protocol {protocol_label(protocols[0], cfg)} (kfold: "
+              "Each cell: ours, the estimate on the pooled out-of-fold predictions [95% bootstrap CI]; then the "
+              f"mean ± std over the splits of protocol {protocol_label(protocols[0], cfg)} (kfold: "
               f"stratified {cfg.eval.folds}-fold CV, seeds {cfg.eval.seeds}; insample: one split training and "
               "scoring every row; contaminated: the folds, each also scoring a share of its training rows), then "
               "the paper's value in brackets."

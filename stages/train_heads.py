@@ -116,8 +116,9 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         + (" **Control: Gaussian noise instead of the features.**" if cfg.eval.control == "noise" else ""),
         f"Protocol: {cfg.eval.protocol}"
         + (f" (seen_fraction {cfg.eval.seen_fraction})" if cfg.eval.protocol == "contaminated" else "")
-        + f", {len(cv.splits) // max(len(cfg.eval.seeds), 1)} split(s) x seeds {cfg.eval.seeds}; mean ± std over "
-        "splits [95% bootstrap CI on pooled out-of-fold predictions].",
+        + f", {len(cv.splits) // max(len(cfg.eval.seeds), 1)} split(s) x seeds {cfg.eval.seeds}. Each cell: the "
+        "estimate on the pooled out-of-fold predictions of the first seed [its 95% bootstrap CI over images]; "
+        "then the mean ± std of the per-split values (their spread, not the estimate's uncertainty).",
         f"Head: hidden {t.hidden}, {t.blocks} residual block(s), dropout {t.dropout}, label smoothing "
         f"{t.label_smoothing}, Adam lr {t.lr}, batch {t.batch_size}; {stopping}. Loss weighting {t.loss_weighting}: "
         + ", ".join(f"{k} {v:.3g}" for k, v in weights.items())

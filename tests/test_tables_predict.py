@@ -16,7 +16,8 @@ from stages.tables import reproduce_tables
 from stages.train_heads import train_heads
 from tests.helpers import TINY, tiny_config, tiny_train_config
 
-CELL = re.compile(r"^(n/a|-?[0-9.e+-]+ ± [0-9.e+-]+|-?[0-9.e+-]+)( \([0-9.e+-]+\))?$")
+NUM = r"-?[0-9.e+-]+"
+CELL = re.compile(rf"^(n/a|{NUM}( \[{NUM}, {NUM}\])?(; folds {NUM} ± {NUM})?)( \({NUM}\))?$")
 
 
 def tables_config(**overrides):

@@ -266,7 +266,12 @@ def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_pa
     assert a["models"] == b["models"]  # same seed, same metrics to the last digit (CPU)
     assert set(a["models"]) == {"res-mtnet", "linear", "majority"}
     state = a["models"]["res-mtnet"]["overall"]["state"]["accuracy"]
-    assert len(state["folds"]) == 3 and len(state["ci95"]) == 2 and 0 <= state["mean"] <= 1
+    assert len(state["folds"]) == 3 and len(state["ci95"]) == 2 and 0 <= state["fold_mean"] <= 1
+    # the headline (the pooled estimate) lies inside its own interval, for every metric of every task
+    for task in a["models"]["res-mtnet"]["overall"].values():
+        for entry in task.values():
+            if "ci95" in entry and entry["pooled"] == entry["pooled"]:
+                assert entry["ci95"][0] - 1e-9 <= entry["pooled"] <= entry["ci95"][1] + 1e-9, entry
     assert set(a["models"]["res-mtnet"]["size_bins"]) == {"<10", "10-20", "20-30", ">=30"}
     assert first.metrics["meta"]["n_used"] == 24
     predictions = (tmp_path / "a" / "predictions.csv").read_text().splitlines()
