@@ -114,6 +114,14 @@ def scores_training_rows(ecfg: EvalConfig) -> bool:
     return ecfg.protocol == "insample" or (ecfg.protocol == "contaminated" and ecfg.seen_fraction > 0)
 
 
+def seen_share(splits: Sequence[Split]) -> float:
+    """The share of scored rows that their split trained on (inner validation rows are not trained on), over
+    every split: 0 for honest protocols; contaminated with 5 folds and early stopping: 167 of 217 (77%)."""
+    scored = sum(len(s.test) for s in splits)
+    seen = sum(len(np.intersect1d(s.test, s.train)) for s in splits)
+    return seen / scored if scored else 0.0
+
+
 def control_features(features: np.ndarray, ecfg: EvalConfig, seed: int) -> np.ndarray:
     """eval.control: 'noise' replaces the features by seeded Gaussian noise of the same shape (labels and
     unreadable rows stay as they are): a row of "no information" for any table."""
@@ -140,26 +148,25 @@ def task_metrics(task: TaskSpec, y: np.ndarray, pred: np.ndarray, norm: Optional
 
 
 def regression_norms(table: pd.DataFrame, tasks: Sequence[TaskSpec], size_norm: str) -> Dict[str, np.ndarray]:
-    """Per row, what each regression error is divided by for the paper's normalised Table 2 columns.
-
-    px tasks: their coordinate grid (x / 2048). size: 'grid' divides mm by the grid too, which is what
-    reproduces the paper's own figures (its size MAE 1.40 mm is its table's 0.00085 ~ 1.74 / 2048);
-    'range' divides by the data's size range instead.
+    """Per row, what each regression error is divided by for the normalised columns (mse_norm, mae_norm), as
+    the task's `norm` says: 'grid', its coordinate grid (the paper's x / 2048); 'size', the paper's size, by
+    eval.size_norm: 'grid' divides mm by the grid too, which is what reproduces the paper's own figures (its
+    size MAE 1.40 mm is its table's 0.00085 ~ 1.74 / 2048), 'range' by the data's size range; 'range' (any other
+    regression, e.g. age): the range of the task's labels in the data set.
     """
+    if size_norm not in ("grid", "range"):
+        raise ConfigError(f"eval.size_norm '{size_norm}' must be grid or range")
     norms = {}
     for t in tasks:
         if t.kind != "regression":
             continue
-        if t.grid_column:
-            norms[t.name] = table[t.grid_column].to_numpy(dtype=float)
-        elif size_norm == "grid":
-            norms[t.name] = table["grid_w"].to_numpy(dtype=float)
-        elif size_norm == "range":
+        how = size_norm if t.norm == "size" else t.norm
+        if how == "grid":
+            norms[t.name] = table[t.grid_column or "grid_w"].to_numpy(dtype=float)
+        else:
             values = table[t.column].to_numpy(dtype=float)
             span = np.nanmax(values) - np.nanmin(values) if np.isfinite(values).any() else 1.0
             norms[t.name] = np.full(len(table), span if span > 0 else 1.0)
-        else:
-            raise ConfigError(f"eval.size_norm '{size_norm}' must be grid or range")
     return norms
 
 

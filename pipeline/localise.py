@@ -21,7 +21,7 @@ from torch import nn
 from .config import LocConfig
 from .errors import ConfigError
 from .metrics import roc_auc
-from .train import Batch, Split, check_optim
+from .train import Batch, Split, check_optim, floor_std
 
 DECODERS = ("argmax", "softargmax")
 #: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`.
@@ -110,7 +110,7 @@ def prepare_loc(maps: np.ndarray, table, splits: Sequence[Split]) -> LocData:
     for split in splits:
         part = t[torch.from_numpy(split.train)].float()
         means.append(part.mean(dim=(0, 2, 3)))
-        stds.append(part.std(dim=(0, 2, 3)).clamp_min(1e-6))
+        stds.append(torch.from_numpy(floor_std(part.std(dim=(0, 2, 3)).numpy())).float())
     h, w = t.shape[2:]
 
     def tensor(a: np.ndarray) -> torch.Tensor:

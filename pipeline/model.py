@@ -117,8 +117,13 @@ class Layout:
         return self.slices[-1].stop if self.slices else 0
 
     def decode(self, outputs: np.ndarray, scales: Dict[str, Sequence[float]]) -> Dict[str, np.ndarray]:
-        """Raw head outputs (n, O) -> per task predictions (see Kind.decode); `scales[task]` = (mean, std)."""
-        return {t.name: t.impl.decode(outputs[:, sl], *scales[t.name]) for t, sl in zip(self.tasks, self.slices)}
+        """Raw head outputs (n, O) -> per task predictions (see Kind.decode) and the kinds' per-row flags
+        (`<task>_clipped`); `scales[task]` = (mean, std, ...) as Kind.scale gives it."""
+        out: Dict[str, np.ndarray] = {}
+        for t, sl in zip(self.tasks, self.slices):
+            out[t.name] = t.impl.decode(outputs[:, sl], *scales[t.name])
+            out.update(t.impl.flags(t, outputs[:, sl], *scales[t.name]))
+        return out
 
 
 @dataclass
@@ -129,7 +134,7 @@ class Prepared:
     x_mean: np.ndarray  # (S, D)
     x_std: np.ndarray
     targets: Dict[str, torch.Tensor]  # task -> (S, N) float, scaled as the loss sees it (NaN / -1 missing)
-    scales: Dict[str, np.ndarray]  # task -> (S, 2): mean and std of the loss's target scale
+    scales: Dict[str, np.ndarray]  # task -> (S, k): Kind.scale per split (mean and std of the loss's scale, ...)
     layout: Layout
     splits: List[Split]
 
@@ -154,9 +159,9 @@ def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequenc
     scaled, scales = {}, {}
     for t in tasks:
         target = targets[t.name]
-        per = np.array([t.impl.scale(target, s.train) for s in splits], dtype=np.float64).reshape(len(splits), 2)
+        per = np.array([t.impl.scale(target, s.train) for s in splits], dtype=np.float64).reshape(len(splits), -1)
         scales[t.name] = per
-        scaled[t.name] = torch.from_numpy(np.stack([(target - m) / sd for m, sd in per]).astype(np.float32))
+        scaled[t.name] = torch.from_numpy(np.stack([(target - m) / sd for m, sd in per[:, :2]]).astype(np.float32))
     return Prepared(torch.stack(xs), np.stack(means), np.stack(stds), scaled, scales, Layout.of(tasks), list(splits))
 
 

@@ -45,6 +45,9 @@ class TaskSpec:
     grid_column: str = ""  # regression in px: the column of the grid size (normalises to [0, 1])
     pair_auc: Tuple[str, ...] = ()  # multiclass: (metric name, positive class, negative class), e.g. malignancy
     nodule_attribute: bool = False  # describes the nodule: meaningless (left empty by predict) without one
+    # regression: what the normalised errors (mse_norm, mae_norm) divide by: grid (grid_column, the paper's x and
+    # y), size (as eval.size_norm says: the paper's size), range (the labels' range in the data set)
+    norm: str = "range"
 
     @property
     def impl(self) -> "Kind":
@@ -95,8 +98,9 @@ class Kind:
     def labelled(self, target: np.ndarray) -> np.ndarray:
         return ~np.isnan(target)
 
-    def scale(self, target: np.ndarray, rows: np.ndarray) -> Tuple[float, float]:
-        """(mean, std) the loss sees the target in, from training rows only; classes are not scaled."""
+    def scale(self, target: np.ndarray, rows: np.ndarray) -> Tuple[float, ...]:
+        """(mean, std, ...) the loss sees the target in, from training rows only, and whatever else decode
+        needs of them; classes are not scaled."""
         return 0.0, 1.0
 
     def loss(self, logits: "torch.Tensor", target: "torch.Tensor", smoothing: "torch.Tensor"
@@ -104,9 +108,14 @@ class Kind:
         """Per-row loss and label mask (M, B) from logits (M, B, O) and scaled targets (M, B)."""
         raise NotImplementedError
 
-    def decode(self, z: np.ndarray, mean: float, std: float) -> np.ndarray:
-        """Raw outputs (n, O) -> predictions: class probabilities (n, C), P(positive) (n,) or value (n,)."""
+    def decode(self, z: np.ndarray, *scale: float) -> np.ndarray:
+        """Raw outputs (n, O) and the scale -> predictions: class probabilities (n, C), P(positive) (n,) or
+        value (n,)."""
         raise NotImplementedError
+
+    def flags(self, task: TaskSpec, z: np.ndarray, *scale: float) -> Dict[str, np.ndarray]:
+        """Extra per-row columns about the decoding (regression: `<task>_clipped`)."""
+        return {}
 
     def evaluate(self, task: TaskSpec, y: np.ndarray, pred: np.ndarray, norm: Optional[np.ndarray],
                  weights: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
@@ -169,7 +178,7 @@ class Multiclass(Kind):
         eps = smoothing.view(-1, 1)
         return (1 - eps) * nll - eps * logp.mean(dim=-1), mask  # = cross_entropy(label_smoothing=eps)
 
-    def decode(self, z, mean, std):
+    def decode(self, z, *scale):
         z = z - z.max(axis=-1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=-1, keepdims=True)
@@ -229,7 +238,7 @@ class Binary(Kind):
         return F.binary_cross_entropy_with_logits(logits.squeeze(-1), torch.nan_to_num(target),
                                                   reduction="none"), mask
 
-    def decode(self, z, mean, std):
+    def decode(self, z, *scale):
         return 1.0 / (1.0 + np.exp(-np.clip(z[:, 0], -60, 60)))
 
     def evaluate(self, task, y, pred, norm, weights):
@@ -268,12 +277,18 @@ class Regression(Kind):
         return out
 
     def scale(self, target, rows):
+        """(mean, std, lowest, highest) of the training targets: predictions are kept within the training
+        targets' range (a head extrapolating from an atypical image says 149 years, not something usable)."""
         part = target[rows]
         part = part[~np.isnan(part)]
         if not len(part):
-            return 0.0, 1.0
+            return 0.0, 1.0, -np.inf, np.inf
         std = float(part.std())
-        return float(part.mean()), std if std > 1e-8 else 1.0
+        return float(part.mean()), std if std > 1e-8 else 1.0, float(part.min()), float(part.max())
+
+    @staticmethod
+    def _value(z, mean, std):
+        return z[:, 0] * std + mean
 
     def loss(self, logits, target, smoothing):
         import torch
@@ -281,8 +296,12 @@ class Regression(Kind):
         mask = ~torch.isnan(target)
         return (logits.squeeze(-1) - torch.nan_to_num(target)) ** 2, mask
 
-    def decode(self, z, mean, std):
-        return z[:, 0] * std + mean
+    def decode(self, z, mean, std, lowest=-np.inf, highest=np.inf):
+        return np.clip(self._value(z, mean, std), lowest, highest)
+
+    def flags(self, task, z, mean, std, lowest=-np.inf, highest=np.inf):
+        value = self._value(z, mean, std)
+        return {f"{task.name}_clipped": (value < lowest) | (value > highest)}
 
     def evaluate(self, task, y, pred, norm, weights):
         res = {"mse": mse(y, pred, weights), "mae": mae(y, pred, weights)}
@@ -296,7 +315,7 @@ class Regression(Kind):
             return np.full(len(z_all), y.mean() if len(y) else 0.0)
         from sklearn.linear_model import Ridge
 
-        mean, std = self.scale(y, np.arange(len(y)))
+        mean, std = self.scale(y, np.arange(len(y)))[:2]
         return Ridge(alpha=alpha).fit(z_train, (y - mean) / std).predict(z_all) * std + mean
 
     def columns(self, task, y, pred):
@@ -341,9 +360,9 @@ def builtin_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSp
         TaskSpec("presence", "binary", "presence"),
         TaskSpec("lobe", "multiclass", "lobe", maps.classes["lobe"] + extra, nodule_attribute=True),
         TaskSpec("diagnosis", "multiclass", "diagnosis", maps.classes["diagnosis"] + extra, nodule_attribute=True),
-        TaskSpec("x", "regression", "x", unit="px", grid_column="grid_w", nodule_attribute=True),
-        TaskSpec("y", "regression", "y", unit="px", grid_column="grid_h", nodule_attribute=True),
-        TaskSpec("size", "regression", "size_mm", unit="mm", nodule_attribute=True),
+        TaskSpec("x", "regression", "x", unit="px", grid_column="grid_w", nodule_attribute=True, norm="grid"),
+        TaskSpec("y", "regression", "y", unit="px", grid_column="grid_h", nodule_attribute=True, norm="grid"),
+        TaskSpec("size", "regression", "size_mm", unit="mm", nodule_attribute=True, norm="size"),
     ]
     return {t.name: t for t in specs}
 
@@ -409,7 +428,8 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
                     classes = ()
             spec = TaskSpec(name, kind, column, classes, unit=spec.unit if spec else "",
                             grid_column=spec.grid_column if spec else "",
-                            nodule_attribute=spec.nodule_attribute if spec else False)
+                            nodule_attribute=spec.nodule_attribute if spec else False,
+                            norm=spec.norm if spec else "range")
         tasks.append(spec)
     if missing:
         from .data import FILE_COLUMNS

@@ -269,8 +269,24 @@ def validated_epochs(results: Sequence[JobResult], cfg: Any) -> int:
     return int(np.median([r.best_epoch for r in results])) + 1
 
 
+#: A feature's std is floored at this share of the features' median std (over the training rows), so a
+#: feature that is non-zero in a handful of training images cannot turn an unusual new image's value into a
+#: z-score in the thousands (44 of lite0's 1280 features are non-zero in 3 or fewer JSRT images).
+STD_FLOOR = 0.1
+
+
+def floor_std(std: np.ndarray) -> np.ndarray:
+    """std (..., D) floored at STD_FLOOR x the median over D of the columns that vary (1 where none does)."""
+    varying = np.where(np.isfinite(std) & (std > 1e-8), std, np.nan)
+    with np.errstate(invalid="ignore"):
+        typical = np.nanmedian(varying, axis=-1, keepdims=True) if np.isfinite(varying).any() else np.ones(1)
+    floor = np.where(np.isfinite(typical), STD_FLOOR * typical, 1.0)
+    return np.where(np.isfinite(varying), np.maximum(varying, floor), floor)
+
+
 def standardiser(values: np.ndarray, rows: np.ndarray):
-    """Mean and std over `rows` (NaN ignored); a constant column gets std 1 so it maps to 0."""
+    """Mean and std over `rows` (NaN ignored); std floored (floor_std), so a constant column maps to 0 and a
+    near-constant one stays within a bounded scale."""
     import warnings
 
     part = values[rows]
@@ -279,5 +295,4 @@ def standardiser(values: np.ndarray, rows: np.ndarray):
         mean = np.nanmean(part, axis=0) if len(part) else np.zeros(values.shape[1:])
         std = np.nanstd(part, axis=0) if len(part) else np.ones(values.shape[1:])
     mean = np.where(np.isfinite(mean), mean, 0.0)
-    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
-    return mean, std
+    return mean, floor_std(std)

@@ -338,6 +338,7 @@ def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.n
     from pipeline.images import probe_image
 
     grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
+    names = {t.name for t in head.layout.tasks}
     rows = []
     for i, path in enumerate(files):
         row: Dict[str, object] = {"image": str(path), "id": path.stem, "from_cache": from_cache[i],
@@ -347,6 +348,7 @@ def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.n
                 cols = task.impl.columns(task, None, preds[task.name][i:i + 1])
                 row.update({_column(task, k): (v[0].item() if hasattr(v[0], "item") else v[0])
                             for k, v in cols.items()})
+            row.update({k: bool(v[i]) for k, v in preds.items() if k not in names})  # <task>_clipped
             if "x" in row and "y" in row:
                 width, height = probe_image(path)
                 row["x_norm"], row["y_norm"] = row["x"] / grid_w, row["y"] / grid_h

@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.engine import MODEL_NAME, CVResult, LocOutcome, Refit, TrainData, cross_validate, load_train_data, refit
 from pipeline.errors import PipelineError
-from pipeline.evaluate import INSAMPLE_WARNING, first_seed_mask, scores_training_rows
+from pipeline.evaluate import INSAMPLE_WARNING, first_seed_mask, scores_training_rows, seen_share
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.head import write_head
 from pipeline.reporting import format_entry
@@ -29,9 +29,13 @@ from stages.progress import progress_bars
 logger = logging.getLogger(__name__)
 
 
-def warning_line(cfg: Config) -> Optional[str]:
+def warning_line(cfg: Config, cv: CVResult) -> Optional[str]:
     """The first line of every output of a run scored on its own training rows (None otherwise)."""
-    return INSAMPLE_WARNING.format(protocol=cfg.eval.protocol) if scores_training_rows(cfg.eval) else None
+    if not scores_training_rows(cfg.eval):
+        return None
+    return (INSAMPLE_WARNING.format(protocol=cfg.eval.protocol) + f" {seen_share(cv.splits):.0%} of the scored "
+            "rows were training rows of their split; the bootstrap CIs treat an image scored in several splits as "
+            "independent and are not valid here.")
 
 
 def _jsonable(value):
@@ -61,6 +65,8 @@ def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
                                 "fold": [cv.names[s].fold for s in oof.split]}
     for task in data.tasks:
         frame.update(task.impl.columns(task, data.targets[task.name][oof.rows], oof.preds[task.name]))
+    names = {t.name for t in data.tasks}
+    frame.update({k: v for k, v in oof.preds.items() if k not in names})  # the kinds' flags: <task>_clipped
     # the other models' predictions of the same rows, to compare models image by image
     for model, other in cv.oof.items():
         if model == MODEL_NAME:
@@ -107,6 +113,9 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
     weights = cv.loss_weights(data.tasks)
     bound = cv.weights_at_bound(data.tasks)
     random = sorted(s for s, a in data.provenance.items() if a.get("weights") == "none")
+    if warning:
+        warning += (f" {seen_share(cv.splits):.0%} of the scored rows were training rows of their split; the "
+                    "bootstrap CIs treat an image scored in several splits as independent and are not valid here.")
     lines = ([f"**{warning}**", ""] if warning else []) + [
         "# train-heads report", "",
         f"Features: {', '.join(data.specs)} ({data.features.shape[1]} values) from "
@@ -255,13 +264,14 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
         cv = cross_validate(data, cfg, bars)
         head = refit(data, cfg, cv, bars) if cfg.eval.refit else None
         seconds = time.perf_counter() - started
-        warning = warning_line(cfg)
+        warning = warning_line(cfg, cv)
         best_epochs = [r.best_epoch for r in cv.results]
         metrics = {
             **({"warning": warning} if warning else {}),
             "meta": {"cache": str(cache), "features": data.specs, "feature_dim": int(data.features.shape[1]),
                      "n_images": int(len(data.table)), "n_used": int(len(data.rows)),
                      "protocol": cfg.eval.protocol, "control": cfg.eval.control,
+                     "seen_share": seen_share(cv.splits),
                      "tasks": [t.as_dict() for t in data.tasks], "splits": [n.__dict__ for n in cv.names],
                      "seconds": seconds, "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256"),
                      "backbones": {s: {k: _jsonable(v) for k, v in a.items() if k in

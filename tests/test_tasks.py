@@ -87,3 +87,18 @@ def test_an_extra_label_column_trains_as_a_task_end_to_end(smoker_cache, synthet
     assert row["sex"] in ("female", "male")
     spec = json.loads((run / "model" / "head.json").read_text())
     assert [t["name"] for t in spec["tasks"]] == ["state", "smoker", "age", "sex"]
+
+
+def test_normalised_errors_divide_by_the_grid_only_for_the_papers_position_and_size():
+    from pipeline.evaluate import regression_norms
+    from pipeline.tasks import TaskSpec
+
+    table = pd.DataFrame({"x": [100.0, 300.0], "size_mm": [10.0, 30.0], "age": [30.0, 80.0],
+                          "grid_w": [2048.0, 2048.0], "grid_h": [2048.0, 2048.0]})
+    tasks = [TaskSpec("x", "regression", "x", unit="px", grid_column="grid_w", norm="grid"),
+             TaskSpec("size", "regression", "size_mm", unit="mm", norm="size"),
+             TaskSpec("age", "regression", "age")]
+    grid = regression_norms(table, tasks, "grid")
+    assert grid["x"].tolist() == [2048.0, 2048.0] and grid["size"].tolist() == [2048.0, 2048.0]
+    assert grid["age"].tolist() == [50.0, 50.0]  # age by its own range, not by 2048 pixels
+    assert regression_norms(table, tasks, "range")["size"].tolist() == [20.0, 20.0]

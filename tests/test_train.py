@@ -359,3 +359,35 @@ def test_train_heads_cli(tiny_cache, tmp_path):
     result = CliRunner().invoke(main, args[:6] + ["--set", "train.hiden=3"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "unknown config key 'train.hiden'" in result.output and "did you mean 'hidden'" in result.output
+
+
+def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
+    """A column non-zero in one training row (value 0.01) and large in a test row: its std is floored at a
+    share of the features' typical std, so the test row's standardised value stays bounded (it was ~3000)."""
+    from pipeline.train import STD_FLOOR
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(41, 16)).astype(np.float32)
+    feats[:, 5] = 0.0
+    feats[0, 5], feats[40, 5] = 0.01, 5.0  # seen once in training, then in the test row 40
+    targets = {"reg": rng.normal(50, 10, size=41)}
+    split = Split(train=np.arange(40), test=np.array([40]))
+    prep = prepare(feats, targets, [TASKS[2]], [split])
+    typical = np.median(feats[:40].std(axis=0))
+    assert prep.x_std[0][5] == pytest.approx(STD_FLOOR * typical, rel=1e-4)
+    assert abs(prep.x[0, 40, 5].item()) <= 5.0 / (STD_FLOOR * typical) + 1e-3 < 100
+    others = np.delete(np.arange(41), [0, 40])
+    np.testing.assert_allclose(prep.x[0, others, 5].numpy(), -prep.x_mean[0][5] / prep.x_std[0][5], rtol=1e-6)
+    assert abs(prep.x[0, others, 5][0].item()) < 0.01  # the rows without the feature: barely moved from 0
+
+
+def test_regression_predictions_stay_within_the_training_targets_range():
+    from pipeline.model import Layout
+
+    task = TASKS[2]
+    scale = task.impl.scale(np.array([40.0, 60.0, 90.0, np.nan]), np.arange(4))
+    assert scale[2:] == (40.0, 90.0)
+    raw = np.array([[-50.0], [0.0], [50.0]])  # in standard deviations of the training targets
+    out = Layout.of([task]).decode(raw, {"reg": scale})
+    np.testing.assert_allclose(out["reg"], [40.0, scale[0], 90.0])
+    assert out["reg_clipped"].tolist() == [True, False, True]
