@@ -105,7 +105,7 @@ def confusion_frames(data: TrainData, cv: CVResult) -> Dict[str, pd.DataFrame]:
 
 def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, epochs: List[int]) -> str:
     models = list(cv.reports)
-    warning = warning_line(cfg)
+    warning = warning_line(cfg, cv)
     t = cfg.train
     stopping = (f"epochs chosen on inner validation rows ({t.val_fraction:.0%} of each training fold, patience "
                 f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
@@ -113,9 +113,6 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
     weights = cv.loss_weights(data.tasks)
     bound = cv.weights_at_bound(data.tasks)
     random = sorted(s for s, a in data.provenance.items() if a.get("weights") == "none")
-    if warning:
-        warning += (f" {seen_share(cv.splits):.0%} of the scored rows were training rows of their split; the "
-                    "bootstrap CIs treat an image scored in several splits as independent and are not valid here.")
     lines = ([f"**{warning}**", ""] if warning else []) + [
         "# train-heads report", "",
         f"Features: {', '.join(data.specs)} ({data.features.shape[1]} values) from "
