@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator, Set
 
 from pipeline.errors import CacheError
+from pipeline.fsutil import process_running
 
 
 #: Descriptors of the locks this process holds: forked children (DataLoader workers) close their copies.
@@ -27,16 +28,6 @@ def close_inherited_locks() -> None:
     _HELD.clear()
 
 
-def _running(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def cache_lock(cache: Path) -> Iterator[None]:
     """Hold an exclusive, non-blocking lock on `cache` (a second writer gets a CacheError at once)."""
@@ -48,7 +39,7 @@ def cache_lock(cache: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            if holder != "unknown" and not _running(holder):
+            if holder != "unknown" and not process_running(holder):
                 raise CacheError(f"cache {cache} is locked by pid {holder}, which is no longer running; processes "
                                  "it started still hold the lock: retry in a few seconds (fuser "
                                  f"{path} lists them)") from None

@@ -334,6 +334,9 @@ class HFFamily(Family):
     def build(self, spec, mode, path):
         tf = self._transformers()
         source, wid = spec.arch, ""
+        if not Path(source).is_dir() and not offline():
+            logger.info("%s: loading from the Hugging Face Hub or its local cache (no network: the download "
+                        "retries for about half a minute)", spec.spec)
         try:
             if mode == "imagenet":
                 model = tf.AutoModel.from_pretrained(source)

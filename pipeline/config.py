@@ -103,7 +103,7 @@ class OptimConfig:
     epochs: int = 100  # the most epochs; with early_stopping the count is chosen on inner validation rows
     batch_size: int = 32  # rows per step
     early_stopping: int = 5  # patience in epochs on the inner validation split; 0 = train all epochs
-    loss_weighting: str = "fixed"  # fixed (lambdas) | uncertainty (Kendall 2018) | dwa (Liu 2019) | gradnorm (Chen 2018)
+    loss_weighting: str = "fixed"  # fixed (lambdas) | uncertainty (Kendall 2018) | dwa (Liu 2019) | gradnorm (Chen)
     weighting_lr: float = 0.01  # uncertainty, gradnorm: Adam lr of the weighting's parameters (own group)
     dwa_temperature: float = 2.0  # dwa: softmax temperature
     uncertainty_min_log_var: float = -3.0  # uncertainty: s_k >= this, so a weight is at most lambda * 10.04

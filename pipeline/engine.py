@@ -126,6 +126,7 @@ class CVResult:
     oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
     loc: Optional[LocOutcome] = None
+    primary: Dict[str, object] = field(default_factory=dict)  # which head answers in predict (primary_answers)
 
     def loss_weights(self, tasks: Sequence[TaskSpec]) -> Dict[str, float]:
         """Each task's final loss weight, mean over the splits."""
@@ -241,6 +242,7 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
                        cfg.train.loss_weighting, ", ".join(bound), 0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
     if data.maps is not None:
         cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
+    cv.primary = primary_answers(data, cfg, splits, per_split, cv.loc)
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
         if "size_mm" in data.table else {}
@@ -279,6 +281,9 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     tensors = {f"head.{k}": v[0].contiguous().cpu() for k, v in result.state.items()}
     tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),
                     "x_std": torch.from_numpy(prep.x_std[0].astype(np.float32))})
+    from .typicality import reference
+
+    tensors["reference_features"], tensors["reference_nn"] = reference(prep.x[0, data.rows].numpy(), cfg.train.seed)
     spec: Dict[str, object] = {
         "in_dim": int(data.features.shape[1]), "hidden": tcfg.hidden, "blocks": tcfg.blocks,
         "out_dim": prep.layout.out_dim, "tasks": [t.as_dict() for t in data.tasks],
@@ -286,7 +291,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         "train": {k: v for k, v in asdict(tcfg).items() if k != "loc"}, "loss_weights": result.loss_weights,
         "features": data.specs, "trained_rows": int(len(data.rows)),
         "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
-        "primary": primary_answers(cv),
+        "primary": cv.primary,
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
@@ -304,20 +309,46 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     return Refit(tensors, spec)
 
 
-def primary_answers(cv: CVResult) -> Dict[str, str]:
-    """Which head answers "where is the nodule" and "is there one" in predict: the better one in this run's
-    cross-validation (nodules within 100 px; presence AUC), the pooled Res-MTNet head without a localisation head."""
-    out = {"position": "pooled", "presence": "pooled"}
-    if cv.loc is None:
+def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], pooled: Sequence[Dict[str, np.ndarray]],
+                    loc: Optional[LocOutcome]) -> Dict[str, object]:
+    """Which head answers "is there a nodule" and "where" in predict, chosen on the inner validation rows of
+    every split (never on test folds): the localisation head where it finds more nodules within 100 px
+    (position) or has the higher presence AUC (presence) there than the pooled Res-MTNet head; the pooled head
+    otherwise, and without a localisation head or inner validation rows."""
+    out: Dict[str, object] = {"position": "pooled", "presence": "pooled"}
+    val = [s.val for s in splits]
+    if loc is None or not sum(len(v) for v in val):
+        out["chosen_on"] = "default (no localisation head)" if loc is None else "default (no inner validation rows)"
         return out
-    heat, pooled = cv.loc.report["heatmap"], cv.loc.report.get("pooled-regression", {})
+    from .localise import decode_maps, localisation_metrics
 
-    def value(rep, metric):
-        v = (rep.get(metric) or {}).get("pooled", float("nan"))
+    rows = np.concatenate(val)
+    grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
+    decoded = [decode_maps(r.outputs[v], cfg.train.loc.decode) for r, v in zip(loc.results, val)]
+    hx, hy, hp = (np.concatenate(parts) for parts in zip(*decoded))
+    have = {k for k in ("x", "y", "presence") if k in pooled[0]}
+    pp = np.concatenate([p["presence"][v] for p, v in zip(pooled, val)]) if "presence" in have else None
+    scores = {"localisation": localisation_metrics(data.table, rows, hx, hy, hp, cfg.eval.pixel_mm)}
+    if {"x", "y"} <= have:
+        px = np.concatenate([p["x"][v] for p, v in zip(pooled, val)]) / grid_w
+        py = np.concatenate([p["y"][v] for p, v in zip(pooled, val)]) / grid_h
+        scores["pooled"] = localisation_metrics(data.table, rows, px, py, pp, cfg.eval.pixel_mm)
+    elif pp is not None:
+        pres = data.table["presence"].to_numpy(float)[rows]
+        known = np.isfinite(pres)
+        from .metrics import roc_auc
+
+        scores["pooled"] = {"presence_auc": roc_auc(pres[known], pp[known]) if known.any() else np.nan}
+
+    def value(head: str, metric: str) -> float:
+        v = float(scores.get(head, {}).get(metric, np.nan))
         return v if v == v else -1.0
 
-    if value(heat, "within_100px") > value(pooled, "within_100px"):
+    if value("localisation", "within_100px") > value("pooled", "within_100px"):
         out["position"] = "localisation"
-    if value(heat, "presence_auc") > value(cv.reports[MODEL_NAME]["overall"].get("presence", {}), "auc"):
+    if value("localisation", "presence_auc") > value("pooled", "presence_auc"):
         out["presence"] = "localisation"
+    out["chosen_on"] = f"inner validation rows ({len(rows)} images over {len(splits)} splits)"
+    out["validation"] = {head: {m: float(v) for m, v in res.items() if m in ("within_100px", "presence_auc")}
+                         for head, res in scores.items()}
     return out

@@ -20,6 +20,26 @@ def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def process_running(pid: str) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts as running)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the temporary folders (.NAME.partial-PID, .NAME.old-PID) that killed runs (kill -9, a lost node)
+    left next to `out`; a live process's folder stays."""
+    for kind in ("partial", "old"):
+        for folder in out.parent.glob(f".{out.name}.{kind}-*"):
+            if folder.is_dir() and not process_running(folder.name.rsplit("-", 1)[1]):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def fsync_dir(path: PathLike) -> None:
     """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
     try:
@@ -75,6 +95,7 @@ def staged_dir(out: PathLike, overwrite: bool) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise PipelineError(f"output folder {out} already exists; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

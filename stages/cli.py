@@ -35,6 +35,13 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
     for noisy in ("PIL", "h5py", "timm", "urllib3", "huggingface_hub", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # The Hugging Face libraries print through handlers of their own (a second copy of every line through ours),
+    # and offline their download retries only delay the one error line that says what to do: keep their own
+    # output, and only errors of it unless -v (their verbosity is read when they are first imported).
+    for library, variable in (("huggingface_hub", "HF_HUB_VERBOSITY"), ("transformers", "TRANSFORMERS_VERBOSITY")):
+        logging.getLogger(library).propagate = False
+        if not verbose:
+            os.environ.setdefault(variable, "error")
 
 
 class _Guard:
@@ -46,7 +53,11 @@ class _Guard:
         except PipelineError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume", err=True)
+            # only stage one keeps finished work; other commands write their outputs whole at the end
+            click.echo("interrupted; rerun the same command to resume (finished batches are kept)"
+                       if getattr(self, "resumable", False) else
+                       "interrupted; nothing was written (outputs appear only when a command completes); "
+                       "rerun the command to start again", err=True)
             ctx.exit(130)
         except OSError as exc:
             # the environment refused a file operation (an unwritable --out, a full disk): one line naming the path
@@ -418,6 +429,8 @@ def demo_cmd(out: Path) -> None:
         click.echo(f"  {name:<10} {path}")
 
 
+extract_features_cmd.resumable = True  # type: ignore[attr-defined]
+paper_cmd.resumable = True  # type: ignore[attr-defined]  # its extraction resumes
 extract_features_main = extract_features_cmd
 train_heads_main = train_heads_cmd
 reproduce_tables_main = reproduce_tables_cmd

@@ -62,12 +62,25 @@ class Head:
     def backbone(self, spec: str) -> Dict[str, object]:
         return self.spec["backbones"][spec]
 
+    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.typicality
+
+    def standardise(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.x_mean) / self.x_std).astype(np.float32)
+
     @torch.no_grad()
     def predict(self, features: np.ndarray) -> Dict[str, np.ndarray]:
-        x = torch.from_numpy(((features - self.x_mean) / self.x_std).astype(np.float32))
+        x = torch.from_numpy(self.standardise(features))
         self.model.eval()
         outputs = self.model(x.unsqueeze(0))[0].numpy()
         return self.layout.decode(outputs, self.spec["scales"])
+
+    def typicality(self, features: np.ndarray) -> np.ndarray:
+        """Percentile of each image's nearest-neighbour distance to the training rows (NaN: an older head)."""
+        from pipeline.typicality import percentile
+
+        if self.reference is None:
+            return np.full(len(features), np.nan)
+        return percentile(self.standardise(features), *self.reference)
 
 
 def load_head(run_dir: Path) -> Head:
@@ -77,6 +90,8 @@ def load_head(run_dir: Path) -> Head:
     state = {k[len("head."):]: v.unsqueeze(0) for k, v in tensors.items() if k.startswith("head.")}
     model.load_state_dict(state)
     head = Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), Layout.of(tasks))
+    if "reference_features" in tensors:
+        head.reference = (tensors["reference_features"], tensors["reference_nn"])
     if head.loc:
         hp = head.loc["hparams"]
         channels = int(head.loc["channels"]) * (2 if hp.get("mirror") else 1)
@@ -224,6 +239,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     _add_primary(head, table)
     trained = set(head.spec.get("trained_sha256", []))
     table.insert(3, "in_training_set", [h in trained for h in hashes])
+    table.insert(4, "typicality_percentile", np.where(ok, np.round(head.typicality(np.nan_to_num(features)), 1),
+                                                      np.nan))
     if table["in_training_set"].any():
         logger.warning("%d of %d image(s) were in the head's training set (same content): their predictions are "
                        "training-set answers, far better than on new images (column in_training_set)",
@@ -237,7 +254,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         atomic_write_text(json_path, table.to_json(orient="records", indent=1))
         if overlay:
             write_overlays(out.with_name(out.name + "_overlays"), files, table, scores,
-                           _known_positions(cache, hashes) if cache is not None else {}, head.loc["hparams"])
+                           _known_positions(cache, hashes) if cache is not None else {}, head.loc["hparams"],
+                           head.spec.get("grid", [np.nan, np.nan]))
     logger.info("predicted %d image(s) (%d from the cache)", len(files), len(cached))
     return PredictResult(table, csv_path, json_path)
 
@@ -258,30 +276,58 @@ def _add_locations(head: Head, table: pd.DataFrame, scores: np.ndarray, ok: np.n
 PRESENCE_THRESHOLD = 0.5
 
 
+def _lobe_on_side(table: pd.DataFrame, classes: Sequence[str], x_norm: np.ndarray) -> List[Optional[str]]:
+    """The most probable lobe of the pooled head among those on the side of the answer's position: in a PA
+    chest X-ray the patient's right lung (classes R*) is on the image's left (x < 1/2), the left lung (L*) on
+    its right; None where there is no position."""
+    probs = table[[f"{POOLED_PREFIX}lobe_p_{c}" for c in classes]].to_numpy(dtype=float)
+    out: List[Optional[str]] = []
+    for p, x in zip(probs, x_norm):
+        if not np.isfinite(x) or not np.isfinite(p).all():
+            out.append(None)
+            continue
+        side = "L" if x > 0.5 else "R"
+        allowed = [k for k, c in enumerate(classes) if c.upper().startswith(side)] or list(range(len(classes)))
+        out.append(classes[max(allowed, key=lambda k: p[k])])
+    return out
+
+
 def _add_primary(head: Head, table: pd.DataFrame) -> None:
-    """One answer per image: nodule_prob and nodule_x / nodule_y from the head that was better in the run's
-    cross-validation (head.json 'primary'); below the presence threshold the nodule's attributes are left empty."""
+    """One answer per image, from one decision rule: P(nodule) from the head chosen on inner validation rows
+    for presence (head.json 'primary'); found where P >= PRESENCE_THRESHOLD; only then a position (from the head
+    chosen for position), its lobe (the pooled head's most probable lobe on that side) and the pooled head's
+    nodule attributes, which are left empty otherwise."""
     primary = head.spec.get("primary", {})
-    sources = {"pooled": ("x", "y", "presence_prob"),
+    sources = {"pooled": (f"{POOLED_PREFIX}x", f"{POOLED_PREFIX}y", f"{POOLED_PREFIX}presence_prob"),
                "localisation": ("localisation_x", "localisation_y", "localisation_presence_prob")}
     prob_col = sources[primary.get("presence", "pooled")][2]
     if prob_col not in table:
         return
     x_col, y_col, _ = sources[primary.get("position", "pooled")]
+    found = (table[prob_col] >= PRESENCE_THRESHOLD).to_numpy(dtype=bool)
     table["nodule_prob"] = table[prob_col]
-    table["nodule_found"] = table[prob_col] >= PRESENCE_THRESHOLD
+    table["nodule_found"] = found
     table["nodule_prob_from"] = primary.get("presence", "pooled")
     if x_col in table and y_col in table:
-        table["nodule_x"], table["nodule_y"] = table[x_col], table[y_col]
+        grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
+        x = np.where(found, table[x_col].to_numpy(dtype=float), np.nan)
+        y = np.where(found, table[y_col].to_numpy(dtype=float), np.nan)
+        table["nodule_x"], table["nodule_y"] = x, y
+        size = {c: table[c].to_numpy(dtype=float) if c in table else np.full(len(table), np.nan)
+                for c in ("image_width", "image_height")}
+        table["nodule_x_image"] = x / grid_w * size["image_width"]
+        table["nodule_y_image"] = y / grid_h * size["image_height"]
         table["nodule_position_from"] = primary.get("position", "pooled")
-    absent = ~table["nodule_found"].to_numpy(dtype=bool)
-    columns = ["nodule_x", "nodule_y", "x_norm", "y_norm", "x_image", "y_image"]
-    columns += [t.column if t.kind == "regression" else t.name for t in head.layout.tasks if t.nodule_attribute]
+        lobe = next((t for t in head.layout.tasks if t.name == "lobe" and t.kind == "multiclass"), None)
+        if lobe is not None:
+            table["nodule_lobe"] = _lobe_on_side(table, lobe.classes, x / grid_w)
+    columns = [f"{POOLED_PREFIX}{c}" for c in ("x", "y", "x_norm", "y_norm", "x_image", "y_image")]
+    columns += [_column(t, f"{t.name}_pred") for t in head.layout.tasks if t.nodule_attribute]
     for col in columns:
         if col in table:  # empty in the CSV: NaN for numbers, None for class names
             numeric = pd.api.types.is_numeric_dtype(table[col])
-            table[col] = (table[col].where(~absent, np.nan) if numeric
-                          else table[col].astype(object).where(~absent, None))
+            table[col] = (table[col].where(found, np.nan) if numeric
+                          else table[col].astype(object).where(found, None))
 
 
 def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
@@ -298,8 +344,9 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
 
 
 def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores: np.ndarray,
-                   truth: Dict[int, tuple], hp: Dict[str, object]) -> List[Path]:
-    """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay)."""
+                   truth: Dict[int, tuple], hp: Dict[str, object], grid: Sequence[float]) -> List[Path]:
+    """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay): what the image's row
+    says (the answer's centre only where nodule_found), the localisation head's candidates beside it."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -314,10 +361,13 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
             continue
         fig, ax = plt.subplots(figsize=(5, 5))
         row = table.iloc[i]
+        found = bool(row.get("nodule_found", False))
+        answer = (row["nodule_x"] / grid[0], row["nodule_y"] / grid[1]) if found else None
         cx, cy, cs = candidates(scores[i:i + 1], hp.get("candidates", 10), hp.get("nms_cells", 2))
         shown = [(x, y, 1 / (1 + np.exp(-s))) for x, y, s in zip(cx[0], cy[0], cs[0]) if np.isfinite(s)][:5]
-        draw_overlay(ax, read_image(path), scores[i], (row["localisation_x_norm"], row["localisation_y_norm"]),
-                     truth.get(i), f"{path.name}: nodule p = {row['localisation_presence_prob']:.2f}", shown)
+        verdict = "nodule found" if found else "no nodule found"
+        draw_overlay(ax, read_image(path), scores[i], answer, truth.get(i),
+                     f"{path.name}: {verdict}, p = {row.get('nodule_prob', np.nan):.2f}", shown)
         fig.tight_layout()
         target = folder / f"{path.stem}.png"
         fig.savefig(target, dpi=100)
@@ -326,11 +376,16 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
     return written
 
 
+#: The secondary answers of the pooled Res-MTNet head are marked by this prefix (pooled_state, pooled_x, ...).
+POOLED_PREFIX = "pooled_"
+
+
 def _column(task: TaskSpec, key: str) -> str:
-    """predict's column names: the class or value under the task's name (size as size_mm), P(...) as is."""
+    """predict's column names of the pooled head: the class or value under the task's name (size as size_mm),
+    P(...) as is, all marked as the pooled head's (secondary) answers."""
     if key == f"{task.name}_pred":
-        return task.column if task.kind == "regression" else task.name
-    return key
+        key = task.column if task.kind == "regression" else task.name
+    return POOLED_PREFIX + key
 
 
 def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],
@@ -344,14 +399,15 @@ def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.n
         row: Dict[str, object] = {"image": str(path), "id": path.stem, "from_cache": from_cache[i],
                                   "error": errors[i]}
         if ok[i]:
+            row["image_width"], row["image_height"] = probe_image(path)
             for task in head.layout.tasks:
                 cols = task.impl.columns(task, None, preds[task.name][i:i + 1])
                 row.update({_column(task, k): (v[0].item() if hasattr(v[0], "item") else v[0])
                             for k, v in cols.items()})
-            row.update({k: bool(v[i]) for k, v in preds.items() if k not in names})  # <task>_clipped
-            if "x" in row and "y" in row:
-                width, height = probe_image(path)
-                row["x_norm"], row["y_norm"] = row["x"] / grid_w, row["y"] / grid_h
-                row["x_image"], row["y_image"] = row["x_norm"] * width, row["y_norm"] * height
+            row.update({POOLED_PREFIX + k: bool(v[i]) for k, v in preds.items() if k not in names})  # _clipped
+            if "x" in names and "y" in names:
+                x_norm, y_norm = row["pooled_x"] / grid_w, row["pooled_y"] / grid_h
+                row["pooled_x_norm"], row["pooled_y_norm"] = x_norm, y_norm
+                row["pooled_x_image"], row["pooled_y_image"] = x_norm * row["image_width"], y_norm * row["image_height"]
         rows.append(row)
     return pd.DataFrame(rows)

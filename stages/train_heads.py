@@ -163,6 +163,7 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
             ax.plot(np.arange(1, length + 1), mean, style, label=f"{label} (mean of splits)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("weighted multi-task loss")
+    ax.set_title(f"Res-MTNet head: learning curves ({len(cv.results)} splits)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "learning_curves.png", dpi=110)
@@ -196,14 +197,17 @@ def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
         for head, curves in loc.froc_curves.items():
             fpi, sens = curves.get(f"froc_{hit}_curve", ([], []))
             ax.step(fpi, sens, where="post", label=head)
-        ax.set_xscale("symlog", linthresh=0.25)
-        ax.set_xlim(0, 8)
-        ax.set_xticks([0.25, 0.5, 1, 2, 4, 8], ["0.25", "0.5", "1", "2", "4", "8"])
+        ax.set_xscale("log", base=2)  # FROC's usual axis: each tick doubles the false positives
+        ticks = [2.0 ** k for k in range(-5, 4)]
+        ax.set_xlim(ticks[0], ticks[-1])
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("false positives per image")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("sensitivity (nodules found)")
-    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("FROC of the out-of-fold nodule candidates", fontsize=11)
     fig.tight_layout()
     fig.savefig(folder / "froc.png", dpi=110)
     plt.close(fig)
@@ -236,7 +240,9 @@ def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) ->
         tx, ty = data.table["x"].iloc[r] / gw, data.table["y"].iloc[r] / gh
         err = np.hypot((loc.x[i] - tx) * gw, (loc.y[i] - ty) * gh)
         draw_overlay(ax, image, loc.scores[i], (loc.x[i], loc.y[i]), (tx, ty),
-                     f"{data.table['id'].iloc[r]}: {err:.0f} px")
+                     f"{data.table['id'].iloc[r]}: {err:.0f} px", predicted_label="the map's peak")
+    fig.suptitle("Localisation head, out-of-fold: each image scored by the fold model that never saw it",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(folder / "localisation_gallery.png", dpi=100)
     plt.close(fig)

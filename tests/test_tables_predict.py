@@ -75,17 +75,23 @@ def test_predict_new_images_and_reuse_the_cache(trained_run, tiny_cache, synthet
     result = predict(trained_run, [new / "images"], tmp_path / "pred")
     table = result.table
     assert len(table) == 3 and result.csv.exists() and result.json.exists()
-    assert set(table["state"]) <= {"malignant", "benign", "non-nodule"}
-    probs = table[[c for c in table.columns if c.startswith("state_p_")]].to_numpy()
+    assert set(table["pooled_state"]) <= {"malignant", "benign", "non-nodule"}
+    probs = table[[c for c in table.columns if c.startswith("pooled_state_p_")]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert {"x", "y", "size_mm", "x_norm", "x_image", "presence_prob"} <= set(table.columns)
-    np.testing.assert_allclose(table["x_image"], table["x"] / 2048 * 64, rtol=1e-6)
+    assert {"pooled_x", "pooled_y", "pooled_size_mm", "pooled_x_norm", "pooled_x_image", "pooled_presence_prob",
+            "pooled_x_clipped", "typicality_percentile"} <= set(table.columns)
+    found = table["nodule_found"].to_numpy(bool)
+    np.testing.assert_allclose(table["pooled_x_image"][found], table["pooled_x"][found] / 2048 * 64, rtol=1e-6)
+    np.testing.assert_allclose(table["nodule_x_image"][found], table["nodule_x"][found] / 2048 * 64, rtol=1e-6)
+    assert table["nodule_x"][~found].isna().all()
+    assert ((table["typicality_percentile"] >= 0) & (table["typicality_percentile"] <= 100)).all()
     # An image already in the cache: its cached features give the same prediction as recomputing.
     image = synthetic_master / "images" / "JPCLN001.png"
     fresh = predict(trained_run, [image]).table
     cached = predict(trained_run, [image], cache=tiny_cache).table
     assert bool(cached["from_cache"][0]) and not bool(fresh["from_cache"][0])
-    np.testing.assert_allclose(cached["state_p_malignant"], fresh["state_p_malignant"], atol=1e-4)
+    np.testing.assert_allclose(cached["pooled_state_p_malignant"], fresh["pooled_state_p_malignant"], atol=1e-4)
+    assert fresh["typicality_percentile"][0] == 0.0  # a training image: its own nearest neighbour
 
 
 def test_predict_refuses_other_weights_and_a_non_run(trained_run, synthetic_master, tmp_path):

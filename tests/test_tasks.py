@@ -83,8 +83,8 @@ def test_an_extra_label_column_trains_as_a_task_end_to_end(smoker_cache, synthet
     assert "| smoker | auc |" in (run / "report.md").read_text()
     result = predict(run, [synthetic_dir / "images" / "JPCLN001.png"], tmp_path / "pred", cache=smoker_cache)
     row = result.table.iloc[0]
-    assert row["smoker"] in ("no", "yes") and 0 <= row["smoker_p_yes"] <= 1 and np.isfinite(row["age"])
-    assert row["sex"] in ("female", "male")
+    assert row["pooled_smoker"] in ("no", "yes") and 0 <= row["pooled_smoker_p_yes"] <= 1
+    assert np.isfinite(row["pooled_age"]) and row["pooled_sex"] in ("female", "male")
     spec = json.loads((run / "model" / "head.json").read_text())
     assert [t["name"] for t in spec["tasks"]] == ["state", "smoker", "age", "sex"]
 

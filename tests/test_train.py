@@ -391,3 +391,17 @@ def test_regression_predictions_stay_within_the_training_targets_range():
     out = Layout.of([task]).decode(raw, {"reg": scale})
     np.testing.assert_allclose(out["reg"], [40.0, scale[0], 90.0])
     assert out["reg_clipped"].tolist() == [True, False, True]
+
+
+def test_typicality_percentile_of_training_typical_and_far_images():
+    from pipeline.typicality import percentile, reference
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(300, 8))
+    ref, nn = reference(train, limit=200)
+    assert ref.shape == (200, 8) and ref.dtype == torch.float16
+    new = np.stack([np.asarray(ref[0].float()), rng.normal(size=8), np.full(8, 25.0)])
+    p = percentile(new, ref, nn)
+    assert p[0] == 0.0  # a reference row itself
+    assert 5 < p[1] < 100  # another draw from the training distribution: somewhere in the middle
+    assert p[2] == 100.0  # far from every training row

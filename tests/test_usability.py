@@ -188,21 +188,51 @@ def test_7_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodu
     table = pd.read_csv(tmp_path / "p.csv")
     assert table["in_training_set"].all()
     spec = json.loads((run_dir / "model" / "head.json").read_text())
-    assert set(spec["primary"]) == {"position", "presence"}
-    assert {"nodule_prob", "nodule_found", "nodule_x", "nodule_y", "localisation_x", "x"} <= set(table.columns)
-    source = {"pooled": "presence_prob", "localisation": "localisation_presence_prob"}[spec["primary"]["presence"]]
+    assert {"position", "presence"} <= set(spec["primary"])
+    assert spec["primary"]["chosen_on"].startswith("inner validation rows")  # never the test folds
+    assert {"nodule_prob", "nodule_found", "nodule_x", "nodule_y", "nodule_lobe", "localisation_x",
+            "pooled_x"} <= set(table.columns)
+    source = {"pooled": "pooled_presence_prob",
+              "localisation": "localisation_presence_prob"}[spec["primary"]["presence"]]
     np.testing.assert_allclose(table["nodule_prob"], table[source])
     for _, row in table.iterrows():
         if not row["nodule_found"]:  # no nodule: no lobe, diagnosis, position or size
-            assert all(pd.isna(row[c]) for c in ("lobe", "diagnosis", "subtlety", "x", "size_mm", "nodule_x"))
+            assert all(pd.isna(row[c]) for c in ("pooled_lobe", "pooled_diagnosis", "pooled_subtlety", "pooled_x",
+                                                 "pooled_size_mm", "nodule_x", "nodule_lobe"))
         else:
-            assert all(not pd.isna(row[c]) for c in ("lobe", "x", "nodule_x"))
+            assert all(not pd.isna(row[c]) for c in ("pooled_lobe", "pooled_x", "nodule_x", "nodule_lobe"))
+            # the answer's lobe lies on the side of the answer's position (patient's left: image right)
+            assert row["nodule_lobe"][0] == ("L" if row["nodule_x"] > 1024 else "R")
     from pipeline.synthetic import make_synthetic
     from stages.predict import predict
 
     other = make_synthetic(tmp_path / "new", n_images=1, image_size=64, seed=77)
     fresh = predict(run_dir, sorted((other / "images").glob("*.png"))).table
     assert not fresh["in_training_set"].any()
+
+
+def test_7_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, monkeypatch):
+    """found => the answer's centre is drawn where the row puts it; not found => no centre at all."""
+    import pipeline.plots
+    import stages.predict
+    from stages.predict import predict
+
+    _, run_dir = loc_run
+    images = sorted((synthetic_master / "images").glob("*.png"))[:12]
+    probs = predict(run_dir, images).table["nodule_prob"]
+    # a threshold between the images' probabilities: some found, some not, whatever the tiny head learnt
+    monkeypatch.setattr(stages.predict, "PRESENCE_THRESHOLD", float(np.median(probs)))
+    drawn = []
+    monkeypatch.setattr(pipeline.plots, "draw_overlay", lambda ax, image, scores, predicted, *a, **k:
+                        drawn.append(predicted))
+    table = predict(run_dir, images, tmp_path / "p", overlay=True).table
+    assert 0 < table["nodule_found"].sum() < len(table)
+    assert len(drawn) == len(table) == 12
+    for (_, row), answer in zip(table.iterrows(), drawn):
+        if row["nodule_found"]:
+            assert answer == pytest.approx((row["nodule_x"] / 2048, row["nodule_y"] / 2048))
+        else:
+            assert answer is None
 
 
 def test_7_overlays_always_have_a_legend():
@@ -212,7 +242,7 @@ def test_7_overlays_always_have_a_legend():
 
     fig, ax = plt.subplots()
     draw_overlay(ax, np.zeros((8, 8)), np.zeros((4, 4)), (0.5, 0.5), None, "no truth known")
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["predicted centre"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["answer: nodule centre"]
     plt.close(fig)
 
 
@@ -264,3 +294,32 @@ def test_11_12_report_says_random_weights_rmse_and_predictions_compare_models(lo
     header = (run_dir / "predictions.csv").read_text().splitlines()[0].split(",")
     assert {"linear_state_pred", "majority_state_pred", "linear_x_pred", "localisation_x", "localisation_y",
             "localisation_presence_prob"} <= set(header)
+
+
+def test_ctrl_c_says_the_truth_and_dead_runs_leave_no_partial_folders(tiny_cache, tmp_path, monkeypatch):
+    import stages.train_heads
+    from pipeline.fsutil import process_running
+
+    dead = next(pid for pid in range(4_000_000, 4_000_100) if not process_running(str(pid)))
+    stale, live = tmp_path / f".run.partial-{dead}", tmp_path / f".run.partial-{os.getppid()}"
+    stale.mkdir()
+    live.mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.train_heads, "cross_validate", interrupted)
+    result = run("train-heads", "--cache", tiny_cache, "--out", tmp_path / "run", "--features", TINY[0])
+    assert result.exit_code == 130
+    assert "nothing was written" in result.output and "resume" not in result.output  # train-heads starts over
+    assert not stale.exists() and live.exists()  # a killed run's folder is cleaned, a running one's is not
+    assert not (tmp_path / "run").exists()
+
+
+def test_hugging_face_lines_print_once_and_quietly(monkeypatch):
+    monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    cli.setup_logging(0, False)
+    # their own handler prints them (no second copy through ours), and only errors unless -v
+    assert logging.getLogger("huggingface_hub").propagate is False
+    assert os.environ["HF_HUB_VERBOSITY"] == "error" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
