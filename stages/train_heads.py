@@ -198,9 +198,9 @@ def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
             fpi, sens = curves.get(f"froc_{hit}_curve", ([], []))
             ax.step(fpi, sens, where="post", label=head)
         ax.set_xscale("log", base=2)  # FROC's usual axis: each tick doubles the false positives
-        ticks = [2.0 ** k for k in range(-5, 4)]
+        ticks = [2.0 ** k for k in range(-4, 4)]
         ax.set_xlim(ticks[0], ticks[-1])
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks(ticks, ["1/16", "1/8"] + [f"{t:g}" for t in ticks[2:]])
         ax.minorticks_off()
         ax.set_xlabel("false positives per image")
         ax.set_title(title, fontsize=10)
