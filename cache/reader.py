@@ -134,6 +134,8 @@ class FeatureCache:
     def labels(self) -> pd.DataFrame:
         """The label table stored with the features (id first; missing text is None, missing numbers NaN)."""
         g = self._f[GROUPS.labels]
+        if "columns" not in g.attrs:
+            raise _damaged(self.path, "its labels lack their column list")
         columns = [c.decode() if isinstance(c, bytes) else str(c) for c in g.attrs["columns"]]
         data: Dict[str, object] = {"id": self.ids}
         for name in columns:
@@ -186,15 +188,25 @@ class FeatureCache:
         return (f"extract-features --data {self.attrs.get('data_root', 'DATA')} --cache {self.path} {backbones}"
                 f"{weights_flags}{' --spatial' if spatial else ''}")
 
-    def features(self, names: Sequence[str]) -> np.ndarray:
-        """The named backbones' features side by side, (N, sum D) float32, in the order given."""
+    def features(self, names: Sequence[str], dtype=np.float32) -> np.ndarray:
+        """The named backbones' features side by side, (N, sum D) in `dtype` (float32, or float16 to halve the
+        memory), in the order given: HDF5 reads (and converts) straight into one array, no second copy."""
         if self.is_shard:
             raise CacheError(f"{self.path} is shard {self.attrs.get('shard_index')} of "
                              f"{self.attrs.get('num_shards')}; join the shards with: extract-features merge "
                              f"--cache <merged.h5> {self.path.name} ...")
         specs = [self.resolve(n) for n in names]
         g = self._f[GROUPS.features]
-        return np.concatenate([g[entry_name(s)][...] for s in specs], axis=1).astype(np.float32, copy=False)
+        sets = [g[entry_name(s)] for s in specs]
+        n = len(self.ids)
+        out = np.empty((n, sum(int(ds.shape[1]) for ds in sets)), dtype=dtype)
+        col = 0
+        for ds in sets:
+            width = int(ds.shape[1])
+            if n:
+                ds.read_direct(out, np.s_[:, :], np.s_[:, col:col + width])
+            col += width
+        return out
 
     def fused(self, name: str) -> np.ndarray:
         g = self._f.get(GROUPS.fused)

@@ -144,6 +144,7 @@ class TrainConfig(OptimConfig):
     dropout: float = 0.5  # dropout after the shared layer and inside each block
     label_smoothing: float = 0.1  # of the classification losses
     val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping)
+    feature_dtype: str = "float32"  # float32 | float16: how the feature matrix is held (float16 halves it)
     seed: int = 0  # seeds the heads' initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loc: LocConfig = field(default_factory=LocConfig)

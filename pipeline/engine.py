@@ -30,13 +30,17 @@ from .train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_ep
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "res-mtnet"
-#: progress(total, description) -> a context manager yielding tick(n); stages pass a tqdm bar.
-Progress = Callable[[int, str], ContextManager[Callable[[int], None]]]
+#: progress(total, description, rows=rows per unit) -> a context manager yielding tick(n); stages pass a bar.
+Progress = Callable[..., ContextManager[Callable[[int], None]]]
 
 
 @contextlib.contextmanager
-def no_progress(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+def no_progress(total: int, desc: str, rows: float = 0.0) -> Iterator[Callable[[int], None]]:
     yield lambda n: None
+
+
+def _rows_per_epoch(splits: Sequence[Split]) -> float:
+    return float(np.mean([len(s.train) for s in splits])) if splits else 0.0
 
 
 @dataclass
@@ -72,14 +76,47 @@ def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[
     return cache.spatial(spec).astype(np.float16, copy=False), spec, present[spec].attrs
 
 
+#: Working memory stage two needs beside the feature matrix (per-split targets and statistics, the stacked
+#: heads and their Adam state, blocks of rows, bootstrap resamples), which tests/test_scale.py measures.
+WORKING_BYTES = 1536 << 20
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def check_memory(n: int, d: int, dtype: str, where: str) -> None:
+    """Stop before reading a feature matrix that, with stage two's working memory, does not fit in what this
+    process may allocate (the cgroup's limit included): one line with the size and the settings that help."""
+    from .runtime import available_memory
+
+    matrix = n * d * np.dtype(FEATURE_DTYPES[dtype]).itemsize
+    free = available_memory()
+    if free is not None and matrix + WORKING_BYTES > free:
+        gib = 1 << 30
+        smaller = ("set train.feature_dtype=float16 (halves it), or " if dtype == "float32" else "")
+        raise ConfigError(f"{where}: stage two needs about {(matrix + WORKING_BYTES) / gib:.1f} GiB ({n} x {d} "
+                          f"features in {dtype}: {matrix / gib:.1f} GiB, and {WORKING_BYTES / gib:.1f} GiB of "
+                          f"working memory) but this process may use {free / gib:.1f} GiB; {smaller}train on "
+                          "fewer backbones or on a machine (or job allocation) with more memory")
+
+
+def finite_rows(features: np.ndarray, step: int = 4096) -> np.ndarray:
+    """Whether each row is finite, in blocks (no full-size temporary)."""
+    return np.concatenate([np.isfinite(features[i:i + step]).all(axis=1) for i in range(0, len(features), step)]
+                          or [np.zeros(0, dtype=bool)])
+
+
 def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
-    """Read features and labels from a cache; missing backbones or labels are one clear error each."""
+    """Read features and labels from a cache; missing backbones or labels are one clear error each, and a
+    matrix too large for this process's memory stops before it is read."""
     tcfg = cfg.train
     if not tcfg.features:
         raise ConfigError("train.features is empty; name the backbones whose features to use")
+    if tcfg.feature_dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"train.feature_dtype '{tcfg.feature_dtype}' must be one of {', '.join(FEATURE_DTYPES)}")
     with FeatureCache(cache_path) as cache:
         specs = [cache.resolve(name) for name in tcfg.features]
-        features = cache.features(specs)
+        check_memory(len(cache.ids), sum(cache.backbones[s].dim for s in specs), tcfg.feature_dtype,
+                     f"cache {cache_path}")
+        features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype])
         table = cache.labels()
         bad = cache.bad
         provenance = {s: cache.backbones[s].attrs for s in specs}
@@ -89,7 +126,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
                           where=f"cache {cache_path}")
     targets = encode_targets(table, tasks)
-    rows = np.flatnonzero(~bad & np.isfinite(features).all(axis=1))
+    rows = np.flatnonzero(~bad & finite_rows(features))
     if len(rows) < len(table):
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
     features = control_features(features, cfg.eval, cfg.train.seed)
@@ -193,7 +230,7 @@ def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Seque
     lcfg = cfg.train.loc
     LocFamily.check(lcfg)
     family = loc_family(data, splits)
-    with progress(len(splits) * lcfg.epochs, "localisation head") as tick:
+    with progress(len(splits) * lcfg.epochs, "localisation head", rows=_rows_per_epoch(splits)) as tick:
         results = train_jobs(family, [Job(lcfg, s) for s in range(len(splits))], progress=tick,
                              device=cfg.train.device)
     table = data.table
@@ -224,16 +261,15 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
     splits, names = make_splits(data.table, data.rows, cfg.eval, inner_val_fraction(cfg))
     family = pooled_family(data, splits)
     family.check(cfg.train)
-    with progress(len(splits) * cfg.train.epochs, "train-heads") as tick:
+    with progress(len(splits) * cfg.train.epochs, "train-heads", rows=_rows_per_epoch(splits)) as tick:
         results = train_jobs(family, [Job(cfg.train, s) for s in range(len(splits))], progress=tick,
                              device=cfg.train.device)
     prep = family.prep
     per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
     oof = {MODEL_NAME: OutOfFold.collect(splits, per_split)}
     if cfg.eval.baselines:
-        x = prep.x.numpy()
         for which in ("linear", "majority"):
-            oof[which] = OutOfFold.collect(splits, baseline_predictions(x, splits, data.tasks, data.targets, which))
+            oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets, which))
     cv = CVResult(splits, names, results, oof)
     bound = cv.weights_at_bound(data.tasks)
     if bound:
@@ -275,7 +311,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
     tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
     family = pooled_family(data, [split])
-    with progress(tcfg.epochs, "refit") as tick:
+    with progress(tcfg.epochs, "refit", rows=float(len(split.train))) as tick:
         (result,) = train_jobs(family, [Job(tcfg, 0)], keep_state=True, progress=tick, device=cfg.train.device)
     prep = family.prep
     tensors = {f"head.{k}": v[0].contiguous().cpu() for k, v in result.state.items()}
@@ -283,7 +319,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
                     "x_std": torch.from_numpy(prep.x_std[0].astype(np.float32))})
     from .typicality import reference
 
-    tensors["reference_features"], tensors["reference_nn"] = reference(prep.x[0, data.rows].numpy(), cfg.train.seed)
+    tensors["reference_features"], tensors["reference_nn"] = reference(prep, data.rows, cfg.train.seed)
     spec: Dict[str, object] = {
         "in_dim": int(data.features.shape[1]), "hidden": tcfg.hidden, "blocks": tcfg.blocks,
         "out_dim": prep.layout.out_dim, "tasks": [t.as_dict() for t in data.tasks],
@@ -298,7 +334,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     if data.maps is not None:
         lcfg = fixed_epochs(cfg.train.loc, validated_epochs(cv.loc.results, cfg.train.loc))
         lfam = loc_family(data, [split])
-        with progress(lcfg.epochs, "refit localisation") as tick:
+        with progress(lcfg.epochs, "refit localisation", rows=float(len(split.train))) as tick:
             (loc_result,) = train_jobs(lfam, [Job(lcfg, 0)], keep_state=True, progress=tick,
                                        device=cfg.train.device)
         tensors.update({f"loc.{k}": v.contiguous().cpu() for k, v in loc_result.state.items()})

@@ -202,7 +202,8 @@ def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], D
     whole = metrics_of(pooled, None)
     boot: Dict[str, np.ndarray] = {}
     if bootstrap and pooled.any():
-        boot = metrics_of(pooled, bootstrap_counts(int(pooled.sum()), bootstrap, seed))
+        blocks = [metrics_of(pooled, counts) for counts in bootstrap_counts(int(pooled.sum()), bootstrap, seed)]
+        boot = {k: np.concatenate([np.atleast_1d(b[k]) for b in blocks]) for k in blocks[0]}
     out: Dict[str, Dict[str, object]] = {}
     for name, value in whole.items():
         fold_values = np.array([float(m.get(name, np.nan)) for m in per_split], dtype=float)
@@ -223,7 +224,7 @@ def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], D
 
 def first_seed_mask(split: np.ndarray, names: Sequence[SplitName]) -> np.ndarray:
     first = names[0].seed if names else 0
-    return np.array([names[s].seed == first for s in split], dtype=bool)
+    return (np.array([n.seed for n in names]) == first)[split] if len(split) else np.zeros(0, dtype=bool)
 
 
 def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
@@ -266,39 +267,22 @@ def size_bins(sizes: np.ndarray, edges: Sequence[float]) -> Dict[str, np.ndarray
 # baselines
 
 
-def _row_space(x_train: np.ndarray, x_other: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Coordinates in the row space of the training matrix.
+def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
+                         which: str, c: float = 1.0, alpha: float = 1.0) -> List[Dict[str, np.ndarray]]:
+    """Per split, predictions for every row: 'majority' (class prior / mean) or 'linear' (logistic / ridge on
+    the split's standardised features: pipeline.linear), fitted on the split's training rows (inner validation
+    rows included). `prep`: the pooled head's model.Prepared (features held once, per-split statistics)."""
+    from .linear import linear_fit
 
-    An L2-penalised linear model's optimal weights lie in that space (representer theorem), so fitting
-    on these <= n_train coordinates is the same model as fitting on all D features, much faster when D >> n.
-    The orthonormal basis V = X^T U S^-1 comes from the n x n Gram matrix X X^T = U S^2 U^T (an eigenproblem
-    of size n instead of an SVD of the n x D matrix).
-    """
-    eigval, eigvec = np.linalg.eigh(x_train @ x_train.T)
-    keep = eigval > eigval.max() * 1e-10  # drop the null space (standardised columns make rank <= n - 1)
-    basis = x_train.T @ (eigvec[:, keep] / np.sqrt(eigval[keep]))
-    return x_train @ basis, x_other @ basis
-
-
-def baseline_predictions(x: np.ndarray, splits: Sequence[Split], tasks: Sequence[TaskSpec],
-                         targets: Dict[str, np.ndarray], which: str, c: float = 1.0,
-                         alpha: float = 1.0) -> List[Dict[str, np.ndarray]]:
-    """Per split, predictions for every row: 'majority' (class prior / mean) or 'linear' (logistic / ridge),
-    fitted on the split's training rows (inner validation rows included). x: (S, N, D) standardised per split.
-
-    Rows of unreadable images hold zeros (model.prepare), so every row gets a finite prediction.
-    """
+    n = prep.features.shape[0]
     results = []
     for s, split in enumerate(splits):
-        train = np.concatenate([split.train, split.val])
-        xs = np.asarray(x[s], dtype=np.float64)
-        z_train, z_all = np.zeros((len(train), 0)), np.zeros((len(xs), 0))
-        if which == "linear":
-            z_train, z_all = _row_space(xs[train], xs)
+        fit = np.concatenate([split.train, split.val])
+        linear = linear_fit(prep, s, fit) if which == "linear" else None
         preds: Dict[str, np.ndarray] = {}
         for task in tasks:
-            y = targets[task.name][train]
+            y = targets[task.name][fit]
             m = labelled(task, y)
-            preds[task.name] = task.impl.baseline(which, y[m], z_train[m], z_all, task, c, alpha)
+            preds[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
         results.append(preds)
     return results

@@ -152,16 +152,17 @@ def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor, mirror: b
 
 
 def loc_losses(scores: torch.Tensor, target: torch.Tensor, has: torch.Tensor, pres: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
-    """scores (B, M, H, W) -> (M, 2): cross-entropy over cells (rows with a nodule), BCE(max, presence)."""
+               valid: torch.Tensor, totals: bool = False):
+    """scores (B, M, H, W) -> (M, 2): cross-entropy over cells (rows with a nodule), BCE(max, presence);
+    `totals`: the (M, 2) sums and counts instead of their ratio."""
     s = scores.permute(1, 0, 2, 3).flatten(2)  # (M, B, H*W)
     heat = -(target * F.log_softmax(s, dim=-1)).sum(-1)
     has = has & valid
-    heat_loss = (heat * has).sum(1) / has.sum(1).clamp_min(1)
     known = ~torch.isnan(pres) & valid
     bce = F.binary_cross_entropy_with_logits(s.max(dim=-1).values, torch.nan_to_num(pres), reduction="none")
-    pres_loss = (bce * known).sum(1) / known.sum(1).clamp_min(1)
-    return torch.stack([heat_loss, pres_loss], dim=1)
+    sums = torch.stack([(heat * has).sum(1), (bce * known).sum(1)], dim=1)
+    counts = torch.stack([has.sum(1), known.sum(1)], dim=1).to(sums.dtype)
+    return (sums, counts) if totals else sums / counts.clamp_min(1)
 
 
 class LocFamily:
@@ -186,6 +187,10 @@ class LocFamily:
     def channels(self, cfg: LocConfig) -> int:
         return self.data.maps.shape[1] * (2 if cfg.mirror else 1)
 
+    def row_bytes(self, cfg: LocConfig) -> int:
+        """Working memory of one map of one member in a forward pass (input and activations)."""
+        return (self.channels(cfg) + cfg.hidden * (1 + cfg.context)) * int(np.prod(self.data.grid)) * 4 * 2
+
     def member_bytes(self, cfg: LocConfig) -> int:
         c, h = self.channels(cfg), cfg.hidden
         params = c * h + cfg.context * 9 * h * h + h
@@ -202,9 +207,11 @@ class LocFamily:
         self.device = device
         self.data.to(device)
 
-    def losses(self, model: "LocNet", cfgs, batch: Batch) -> torch.Tensor:
+    def losses(self, model: "LocNet", cfgs, batch: Batch, totals: bool = False):
         x = _inputs(self.data, batch.rows, batch.split_of, cfgs[0].mirror)
         sigma = torch.tensor([c.sigma for c in cfgs], dtype=torch.float32, device=x.device)
+        if totals:  # evaluation: sums and counts of the plain maps, to combine blocks of rows
+            return loc_losses(model(x), *_targets(self.data, batch.rows, sigma), batch.valid, totals=True)
         losses = loc_losses(model(x), *_targets(self.data, batch.rows, sigma), batch.valid)
         if cfgs[0].flip and batch.uniform is not None:  # training: the flipped maps as extra rows
             flipped = loc_losses(model(x.flip(-1)), *_targets(self.data, batch.rows, sigma, flipped=True), batch.valid)

@@ -6,7 +6,7 @@ Every function takes optional `weights`: shape (n,) for one weighted evaluation,
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
@@ -73,7 +73,15 @@ def mae(y, pred, weights=None):
     return _safe_div(w @ np.abs(pred - y), w.sum(axis=-1))
 
 
-def bootstrap_counts(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(R, n) counts of each row in R resamples with replacement."""
+#: Memory of one block of bootstrap counts: the resamples of a large data set are scored a block at a time
+#: (the metrics make about 15 temporaries of a block's size).
+BOOTSTRAP_BYTES = 16 << 20
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int, max_bytes: int = BOOTSTRAP_BYTES) -> Iterator[np.ndarray]:
+    """Blocks (r, n) of the counts of each row in R resamples with replacement, at most `max_bytes` each; the
+    blocks of one seed, stacked, are the same R resamples whatever the block size (one random stream)."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    per = max(1, max_bytes // (8 * max(n, 1)))
+    for start in range(0, resamples, per):
+        yield rng.multinomial(n, np.full(n, 1.0 / n), size=min(per, resamples - start)).astype(np.float64)

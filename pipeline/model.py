@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .tasks import TaskSpec
-from .train import Batch, Split, check_optim, standardiser
+from .train import Batch, Split, check_optim, floor_std
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -126,17 +126,53 @@ class Layout:
         return out
 
 
+#: Working memory of one standardised block of rows (float64): bounds every pass over the feature matrix.
+BLOCK_BYTES = 64 << 20
+
+
+def block_rows(width: int, members: int = 1) -> int:
+    """Rows per block so that `members` float64 copies of a (rows, width) block fit in BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // max(1, 8 * width * members))
+
+
+def split_statistics(features: np.ndarray, splits: Sequence[Split]) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and (floored) std of each split's training rows, (S, D) float32: one pass over the matrix in blocks,
+    all splits at once (a membership matrix times each block), no copy of the matrix."""
+    n, d = features.shape
+    member = np.zeros((len(splits), n), dtype=np.float64)
+    for s, split in enumerate(splits):
+        member[s, split.train] = 1.0
+    count = member.sum(axis=1, keepdims=True)
+    total, squares = np.zeros((len(splits), d)), np.zeros((len(splits), d))
+    step = block_rows(d, 2)
+    for start in range(0, n, step):
+        block = np.nan_to_num(np.asarray(features[start:start + step], dtype=np.float64))
+        total += member[:, start:start + step] @ block
+        squares += member[:, start:start + step] @ (block * block)
+    # in float64, E[x^2] - E[x]^2 loses digits only where std < 1e-5 |mean|: far below the std floor there
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        var = np.maximum(squares / count - mean ** 2, 0.0)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    return mean.astype(np.float32), floor_std(np.sqrt(var)).astype(np.float32)
+
+
 @dataclass
 class Prepared:
-    """Features and targets standardised per split with that split's training rows only."""
+    """The feature matrix (held once) with each split's standardisation statistics from its training rows only,
+    and the targets scaled per split; rows are standardised when a batch or block is read."""
 
-    x: torch.Tensor  # (S, N, D)
-    x_mean: np.ndarray  # (S, D)
+    features: torch.Tensor  # (N, D) as held (train.feature_dtype); rows of unreadable images hold 0
+    x_mean: np.ndarray  # (S, D) float32
     x_std: np.ndarray
     targets: Dict[str, torch.Tensor]  # task -> (S, N) float, scaled as the loss sees it (NaN / -1 missing)
     scales: Dict[str, np.ndarray]  # task -> (S, k): Kind.scale per split (mean and std of the loss's scale, ...)
     layout: Layout
     splits: List[Split]
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
 
     def scale(self, s: int) -> Dict[str, Sequence[float]]:
         return {name: tuple(v[s]) for name, v in self.scales.items()}
@@ -144,25 +180,31 @@ class Prepared:
     def decode(self, outputs: np.ndarray, s: int) -> Dict[str, np.ndarray]:
         return self.layout.decode(outputs, self.scale(s))
 
+    def standardised(self, s: int, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Rows (n, D) standardised with split s's statistics."""
+        block = self.features[torch.from_numpy(np.asarray(rows, dtype=np.int64))].numpy()
+        return ((block.astype(np.float32) - self.x_mean[s]) / self.x_std[s]).astype(dtype, copy=False)
+
 
 def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequence[TaskSpec],
             splits: Sequence[Split]) -> Prepared:
-    """Standardise inputs (and scale regression targets) per split, from its training rows alone."""
-    feats = features.astype(np.float32, copy=False)
-    xs, means, stds = [], [], []
-    for split in splits:
-        mean, std = standardiser(feats, split.train)
-        # rows of unreadable images (NaN) become 0: they never train or score, but must not poison products
-        xs.append(torch.from_numpy(np.nan_to_num((feats - mean) / std).astype(np.float32)))
-        means.append(mean)
-        stds.append(std)
+    """Per-split standardisation statistics (and scaled regression targets) from each split's training rows
+    alone; the matrix itself is not copied (float16 stays float16). Rows of unreadable images (NaN) are set
+    to 0 in place: they never train or score, but must not poison products."""
+    if features.dtype not in (np.float32, np.float16):
+        features = features.astype(np.float32)
+    step = block_rows(features.shape[1])
+    for start in range(0, len(features), step):
+        block = features[start:start + step]
+        block[~np.isfinite(block)] = 0.0
+    mean, std = split_statistics(features, splits)
     scaled, scales = {}, {}
     for t in tasks:
         target = targets[t.name]
         per = np.array([t.impl.scale(target, s.train) for s in splits], dtype=np.float64).reshape(len(splits), -1)
         scales[t.name] = per
         scaled[t.name] = torch.from_numpy(np.stack([(target - m) / sd for m, sd in per[:, :2]]).astype(np.float32))
-    return Prepared(torch.stack(xs), np.stack(means), np.stack(stds), scaled, scales, Layout.of(tasks), list(splits))
+    return Prepared(torch.from_numpy(features), mean, std, scaled, scales, Layout.of(tasks), list(splits))
 
 
 class PooledFamily:
@@ -171,7 +213,6 @@ class PooledFamily:
     def __init__(self, prep: Prepared):
         self.prep = prep
         self.splits = prep.splits
-        self.n_rows = prep.x.shape[1]
         self.task_names = [t.name for t in prep.layout.tasks]
 
     def check(self, cfg) -> None:
@@ -192,8 +233,12 @@ class PooledFamily:
     def stack_key(self, cfg) -> tuple:
         return ("pooled", cfg.hidden, cfg.blocks)
 
+    def row_bytes(self, cfg) -> int:
+        """Working memory of one row of one member in a forward pass (input, standardised copy, activations)."""
+        return (3 * self.prep.dim + 4 * cfg.hidden) * 4
+
     def member_bytes(self, cfg) -> int:
-        d, h, o = self.prep.x.shape[2], cfg.hidden, self.prep.layout.out_dim
+        d, h, o = self.prep.dim, cfg.hidden, self.prep.layout.out_dim
         params = d * h + 2 * cfg.blocks * h * h + h * o
         return params * 4 * 5  # weights, grads, 2 Adam moments, the best snapshot
 
@@ -202,32 +247,44 @@ class PooledFamily:
 
     def build(self, cfgs, seeds) -> ResMTNet:
         cfg = cfgs[0]
-        return ResMTNet(self.prep.x.shape[2], cfg.hidden, cfg.blocks, self.prep.layout.out_dim, seeds)
+        return ResMTNet(self.prep.dim, cfg.hidden, cfg.blocks, self.prep.layout.out_dim, seeds)
 
     def to(self, device: torch.device) -> None:
-        self.x = self.prep.x.to(device)
+        self.features = self.prep.features.to(device)
+        self.mean = torch.from_numpy(self.prep.x_mean).to(device)
+        self.std = torch.from_numpy(self.prep.x_std).to(device)
         self.targets = {k: v.to(device) for k, v in self.prep.targets.items()}
 
-    def losses(self, model: ResMTNet, cfgs, batch: Batch) -> torch.Tensor:
-        """Per-member, per-task losses (M, T), each averaged over that task's labelled rows only.
+    def inputs(self, rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
+        """(M, B) rows -> (M, B, D): member m's rows standardised with its split's statistics."""
+        x = self.features[rows].float()
+        return (x - self.mean[split_of].unsqueeze(1)) / self.std[split_of].unsqueeze(1)
 
-        A task without any label in the batch contributes exactly 0 (never NaN).
+    def losses(self, model: ResMTNet, cfgs, batch: Batch, totals: bool = False):
+        """Per-member, per-task losses (M, T), each averaged over that task's labelled rows only (`totals`: the
+        sums and the counts instead, to combine blocks of rows). A task without any label in the batch
+        contributes exactly 0 (never NaN).
         """
-        x = self.x[batch.split_of.unsqueeze(1), batch.rows]
+        x = self.inputs(batch.rows, batch.split_of)
         if batch.uniform is not None:
             dropout = torch.tensor([c.dropout for c in cfgs], dtype=torch.float32, device=x.device)
             out = model(x, dropout, [batch.uniform(model.hidden) for _ in range(1 + model.blocks)])
         else:
             out = model(x)
         smoothing = torch.tensor([c.label_smoothing for c in cfgs], dtype=torch.float32, device=x.device)
-        return task_losses(out, batch, self.targets, self.prep.layout, smoothing)
+        return task_losses(out, batch, self.targets, self.prep.layout, smoothing, totals)
 
     def outputs(self, model: ResMTNet, split_of: torch.Tensor) -> torch.Tensor:
-        out = []
-        for start in range(0, len(split_of), 16):  # all rows of every member, a few members at a time
-            sel = torch.arange(start, min(start + 16, len(split_of)), device=split_of.device)
-            out.append(model(self.x[split_of[sel]], members=sel))
-        return torch.cat(out)
+        n, members = self.features.shape[0], len(split_of)
+        out = torch.empty(members, n, self.prep.layout.out_dim, device=split_of.device)
+        group = min(16, members)
+        step = block_rows(self.prep.dim + model.hidden, group)  # every row of every member, in blocks
+        for start in range(0, members, group):
+            sel = torch.arange(start, min(start + group, members), device=split_of.device)
+            for r0 in range(0, n, step):
+                rows = torch.arange(r0, min(r0 + step, n), device=split_of.device).expand(len(sel), -1)
+                out[sel, r0:r0 + step] = model(self.inputs(rows, split_of[sel]), members=sel)
+        return out
 
     def export(self, model: ResMTNet, m: int) -> Dict[str, torch.Tensor]:
         return model.member_state(m)
@@ -237,12 +294,15 @@ class PooledFamily:
 
 
 def task_losses(out: torch.Tensor, batch: Batch, targets: Dict[str, torch.Tensor], layout: Layout,
-                smoothing: torch.Tensor) -> torch.Tensor:
-    """(M, T) losses of head outputs (M, B, O): each task's kind computes its per-row loss and mask."""
-    losses = []
+                smoothing: torch.Tensor, totals: bool = False):
+    """(M, T) losses of head outputs (M, B, O): each task's kind computes its per-row loss and mask; `totals`:
+    the (M, T) sums and label counts instead of their ratio."""
+    sums, counts = [], []
     for task, sl in zip(layout.tasks, layout.slices):
         target = targets[task.name][batch.split_of.unsqueeze(1), batch.rows]
         per_row, mask = task.impl.loss(out[..., sl], target, smoothing)
         weight = (mask & batch.valid).to(per_row.dtype)
-        losses.append((per_row * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0))
-    return torch.stack(losses, dim=1)
+        sums.append((per_row * weight).sum(dim=1))
+        counts.append(weight.sum(dim=1))
+    sums_t, counts_t = torch.stack(sums, dim=1), torch.stack(counts, dim=1)
+    return (sums_t, counts_t) if totals else sums_t / counts_t.clamp_min(1.0)

@@ -48,6 +48,29 @@ def _cgroup_quota() -> Optional[float]:
         return None
 
 
+def available_memory() -> Optional[int]:
+    """Bytes this process may still allocate: the smaller of the machine's available memory and what its
+    cgroup's limit (memory.max, or v1's limit_in_bytes) leaves; None where neither can be read."""
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            text = Path(limit_file).read_text().strip()
+            if text != "max" and int(text) < 1 << 60:
+                limits.append(int(text) - int(Path(usage_file).read_text().strip()))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(0, min(limits)) if limits else None
+
+
 def resolve_threads(threads: Optional[int] = None) -> int:
     """--threads, else OMP_NUM_THREADS, else available_cores()."""
     if threads is not None and threads > 0:

@@ -131,3 +131,51 @@ def make_synthetic(out: Path, n_images: int = 60, image_size: int = 256, seed: i
             writer.writerows(rows)
     logger.info("wrote %d synthetic radiographs (%d with a nodule) to %s", n_images, n_nodule, out)
     return out
+
+
+def write_feature_cache(path: Path, n: int, d: int, seed: int = 0, spec: str = "synthetic:features",
+                        rows_per_write: int = 8192) -> Path:
+    """A real feature cache of n synthetic rows of d values with JSRT-like labels, written through the cache's
+    public writer (scale tests and benchmarks/scale.py): no images behind it, features of Gaussian noise that
+    carry each row's state, presence and nodule position weakly, written in blocks (memory: one block)."""
+    from cache import CacheUpdate, ImageTable, NewArray
+
+    rng = np.random.default_rng(seed)
+    presence = (rng.random(n) < 0.62).astype(float)
+    states = np.where(presence == 1, np.where(rng.random(n) < 0.6, "malignant", "benign"), "non-nodule")
+    lobes = np.array(["RUL", "RML", "RLL", "LUL", "LLL"])
+    nodule = presence == 1
+    x = np.where(nodule, rng.uniform(300, 1750, n), np.nan)
+    labels = {
+        "grid_w": np.full(n, 2048.0), "grid_h": np.full(n, 2048.0),
+        "subtlety": np.where(nodule, rng.integers(1, 6, n), np.nan), "state": states.astype(object),
+        "presence": presence, "x": x, "y": np.where(nodule, rng.uniform(400, 1600, n), np.nan),
+        "size_mm": np.where(nodule, rng.uniform(6, 40, n), np.nan),
+        "lobe": np.where(nodule, np.where(x > 1024, lobes[3 + rng.integers(0, 2, n)], lobes[rng.integers(0, 3, n)]),
+                         None).astype(object),
+        "diagnosis": np.where(nodule, np.where(states == "malignant", "lung_cancer", "granuloma_infection"), None).astype(object),
+        "age": rng.integers(20, 90, n).astype(float), "sex": rng.choice(np.array(["Male", "Female"]), n),
+    }
+    signal = np.stack([presence, states == "malignant", np.nan_to_num(x / 2048)], axis=1).astype(np.float32)
+    mix = rng.normal(size=(3, d)).astype(np.float32)
+
+    def fill(ds) -> None:
+        block_rng = np.random.default_rng(seed + 1)
+        for start in range(0, n, rows_per_write):
+            stop = min(start + rows_per_write, n)
+            ds[start:stop] = block_rng.standard_normal((stop - start, d), dtype=np.float32) + signal[start:stop] @ mix
+
+    ids = [f"SYN{i:07d}" for i in range(n)]
+    images = ImageTable(ids=ids, relpaths=[f"{i}.png" for i in ids], sha256=np.array([f"{i:064x}" for i in range(n)],
+                        dtype="S64"), size_bytes=np.zeros(n), mtime_ns=np.zeros(n), width=np.full(n, 1024.0),
+                        height=np.full(n, 1024.0), bad=np.zeros(n, dtype=bool), error=[""] * n)
+    attrs = {"spec": spec, "feature_dim": d, "weights": "none", "weights_id": f"synthetic(seed={seed})",
+             "params_sha256": "synthetic", "precision": "fp32",
+             "preprocess": {"image_size": 224, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+                            "channels": "grey-to-rgb"}}
+    with CacheUpdate(Path(path)) as update:
+        update.commit(facts={"tool_version": "synthetic", "data_root": "synthetic", "data_layout": "synthetic"},
+                      all_ids=ids, images=images, labels=labels,
+                      new=[NewArray("features", spec, (n, d), "float32", attrs, fill)], keep={}, fused={},
+                      config_yaml="synthetic: true\n")
+    return Path(path)

@@ -122,9 +122,10 @@ class Kind:
         """Metrics on labelled rows (already selected); weights (n,) or (R, n) for bootstrap resamples."""
         raise NotImplementedError
 
-    def baseline(self, which: str, y: np.ndarray, z_train: np.ndarray, z_all: np.ndarray, task: TaskSpec,
+    def baseline(self, which: str, y: np.ndarray, linear, mask: np.ndarray, n: int, task: TaskSpec,
                  c: float, alpha: float) -> np.ndarray:
-        """'majority' (prior / mean) or 'linear' (logistic / ridge) predictions for every row of z_all."""
+        """'majority' (prior / mean) or 'linear' (logistic / ridge, fitted by `linear`, a pipeline.linear model,
+        on its fitting rows where `mask`, labels `y`) predictions for all n rows."""
         raise NotImplementedError
 
     def columns(self, task: TaskSpec, y: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, object]:
@@ -147,13 +148,6 @@ def _class_codes(task: TaskSpec, values: pd.Series, missing: float, presence: Op
             raise ConfigError(f"task '{task.name}': label '{key}' is not one of its classes {', '.join(task.classes)}")
         codes[row] = index[key]
     return codes
-
-
-def _logistic(z_train: np.ndarray, y: np.ndarray, c: float):
-    from sklearn.linear_model import LogisticRegression  # imported only where a baseline is fitted
-
-    # Newton-CG converges in few exact steps on the <= n_train row-space coordinates (~4x faster than lbfgs)
-    return LogisticRegression(C=c, solver="newton-cg", max_iter=2000).fit(z_train, y)
 
 
 class Multiclass(Kind):
@@ -195,23 +189,24 @@ class Multiclass(Kind):
                                             None if weights is None else weights[..., pair])
         return res
 
-    def baseline(self, which, y, z_train, z_all, task, c, alpha):
+    def baseline(self, which, y, linear, mask, n, task, c, alpha):
         k = len(task.classes)
         counts = np.bincount(y.astype(np.int64), minlength=k).astype(float)
         if which == "majority" or (counts > 0).sum() < 2:
             p = np.zeros(k)
             p[np.argmax(counts)] = 1.0
-            return np.tile(p if which == "majority" else counts / max(counts.sum(), 1), (len(z_all), 1))
-        model = _logistic(z_train, y.astype(np.int64), c)
-        proba = np.zeros((len(z_all), k))
-        proba[:, model.classes_] = model.predict_proba(z_all)
+            return np.tile(p if which == "majority" else counts / max(counts.sum(), 1), (n, 1))
+        classes, fitted = linear.logistic(mask, y.astype(np.int64), c)
+        proba = np.zeros((n, k))
+        proba[:, classes] = fitted
         return proba
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}
         if y is not None:
-            out[f"{task.name}_true"] = [task.classes[int(i)] if i >= 0 else "" for i in y]
-        out[f"{task.name}_pred"] = [task.classes[i] for i in pred.argmax(axis=1)]
+            names = np.asarray(task.classes + ("",), dtype=object)  # -1 (missing) -> ""
+            out[f"{task.name}_true"] = names[np.where(y >= 0, y, -1).astype(np.int64)]
+        out[f"{task.name}_pred"] = np.asarray(task.classes, dtype=object)[pred.argmax(axis=1)]
         for c, name in enumerate(task.classes):
             out[f"{task.name}_p_{name}"] = np.round(pred[:, c], 6)
         return out
@@ -246,10 +241,10 @@ class Binary(Kind):
         return {"accuracy": accuracy(truth, hard, 2, weights), **f1_scores(truth, hard, 2, weights),
                 "auc": roc_auc(y, pred, weights)}
 
-    def baseline(self, which, y, z_train, z_all, task, c, alpha):
+    def baseline(self, which, y, linear, mask, n, task, c, alpha):
         if which == "majority" or len(np.unique(y)) < 2:
-            return np.full(len(z_all), float(y.mean() > 0.5) if which == "majority" else y.mean())
-        return _logistic(z_train, y.astype(int), c).predict_proba(z_all)[:, 1]
+            return np.full(n, float(y.mean() > 0.5) if which == "majority" else y.mean())
+        return linear.logistic(mask, y.astype(int), c)[1][:, 1]
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}
@@ -257,7 +252,7 @@ class Binary(Kind):
             out[f"{task.name}_true"] = [task.classes[int(v)] if task.classes and v == v else v for v in y] \
                 if task.classes else y
         if task.classes:
-            out[f"{task.name}_pred"] = [task.classes[int(p > 0.5)] for p in pred]
+            out[f"{task.name}_pred"] = np.asarray(task.classes, dtype=object)[(pred > 0.5).astype(np.int64)]
             out[f"{task.name}_p_{task.classes[1]}"] = np.round(pred, 6)
         else:
             out[f"{task.name}_prob"] = np.round(pred, 6)
@@ -310,13 +305,11 @@ class Regression(Kind):
             res.update(mse_norm=mse(y / norm, pred / norm, weights), mae_norm=mae(y / norm, pred / norm, weights))
         return res
 
-    def baseline(self, which, y, z_train, z_all, task, c, alpha):
+    def baseline(self, which, y, linear, mask, n, task, c, alpha):
         if which == "majority" or len(y) < 2:
-            return np.full(len(z_all), y.mean() if len(y) else 0.0)
-        from sklearn.linear_model import Ridge
-
+            return np.full(n, y.mean() if len(y) else 0.0)
         mean, std = self.scale(y, np.arange(len(y)))[:2]
-        return Ridge(alpha=alpha).fit(z_train, (y - mean) / std).predict(z_all) * std + mean
+        return linear.ridge(mask, (y - mean) / std, alpha) * std + mean
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}

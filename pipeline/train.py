@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound on the parameters (with Adam state, gradients and the best snapshot) trained in one stack.
 STACK_BYTES = 2 << 30
+#: Working memory of one block of validation rows (every member of a stack at once).
+EVAL_BYTES = 256 << 20
 
 
 @dataclass
@@ -82,7 +84,9 @@ class HeadFamily(Protocol):
 
     def build(self, cfgs: Sequence[Any], seeds: Sequence[int]) -> nn.Module: ...
 
-    def losses(self, model: nn.Module, cfgs: Sequence[Any], batch: Batch) -> torch.Tensor: ...
+    def losses(self, model: nn.Module, cfgs: Sequence[Any], batch: Batch, totals: bool = False): ...
+
+    def row_bytes(self, cfg: Any) -> int: ...
 
     def outputs(self, model: nn.Module, split_of: torch.Tensor) -> torch.Tensor: ...
 
@@ -167,7 +171,10 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     train_rows = [torch.from_numpy(splits[s].train) for s in split_ids]
     val_idx, val_valid = _pad_rows([torch.from_numpy(splits[s].val) for s in split_ids],
                                    max(1, max(len(splits[s].val) for s in split_ids)))
-    val_batch = Batch(val_idx[key_of].to(device), val_valid[key_of].to(device), split_of.to(device))
+    # validation in blocks of rows, so that a large validation set never needs its whole forward pass at once
+    val_step = max(1, EVAL_BYTES // max(1, len(jobs) * family.row_bytes(cfg)))
+    val_batches = [Batch(val_idx[key_of, i:i + val_step].to(device), val_valid[key_of, i:i + val_step].to(device),
+                         split_of.to(device)) for i in range(0, val_idx.shape[1], val_step)]
     stopping = cfg.early_stopping > 0 and all(len(splits[s].val) for s in split_ids)
     if cfg.early_stopping > 0 and not stopping:
         logger.debug("early stopping off: a split has no inner validation rows")
@@ -210,7 +217,9 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             model.eval()
             with torch.no_grad():
                 # selection loss: the configured lambdas' weighted sum, whatever the training weighting
-                v_loss = (lambdas.to(device) * family.losses(model, cfgs, val_batch)).sum(dim=1)
+                totals = [family.losses(model, cfgs, b, totals=True) for b in val_batches]
+                per_task = sum(t[0] for t in totals) / sum(t[1] for t in totals).clamp_min(1)
+                v_loss = (lambdas.to(device) * per_task).sum(dim=1)
             history["val_loss"].append(v_loss.tolist())
             active = since_best < cfg.early_stopping  # a member out of patience keeps its best state
             improved = (v_loss < best_loss) & active
@@ -282,17 +291,3 @@ def floor_std(std: np.ndarray) -> np.ndarray:
         typical = np.nanmedian(varying, axis=-1, keepdims=True) if np.isfinite(varying).any() else np.ones(1)
     floor = np.where(np.isfinite(typical), STD_FLOOR * typical, 1.0)
     return np.where(np.isfinite(varying), np.maximum(varying, floor), floor)
-
-
-def standardiser(values: np.ndarray, rows: np.ndarray):
-    """Mean and std over `rows` (NaN ignored); std floored (floor_std), so a constant column maps to 0 and a
-    near-constant one stays within a bounded scale."""
-    import warnings
-
-    part = values[rows]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing column: handled just below
-        mean = np.nanmean(part, axis=0) if len(part) else np.zeros(values.shape[1:])
-        std = np.nanstd(part, axis=0) if len(part) else np.ones(values.shape[1:])
-    mean = np.where(np.isfinite(mean), mean, 0.0)
-    return mean, floor_std(std)

@@ -28,13 +28,14 @@ def _nearest(x: torch.Tensor, ref: torch.Tensor, exclude_self: bool = False, chu
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def reference(x_standardised: np.ndarray, seed: int = 0, limit: int = REFERENCE_ROWS
+def reference(prep, rows: np.ndarray, seed: int = 0, limit: int = REFERENCE_ROWS
               ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(reference rows float16 (n, D), their leave-one-out nearest-neighbour distances float32 (n,))."""
-    rows = np.arange(len(x_standardised))
+    """(reference rows float16 (n, D): `rows` of a model.Prepared standardised with its first split's statistics,
+    at most `limit` of them, a seeded subsample; their leave-one-out nearest-neighbour distances float32 (n,))."""
+    rows = np.asarray(rows)
     if len(rows) > limit:
         rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
-    ref = torch.from_numpy(np.ascontiguousarray(x_standardised[rows], dtype=np.float32))
+    ref = torch.from_numpy(prep.standardised(0, rows))
     nn = _nearest(ref, ref, exclude_self=True) if len(ref) > 1 else torch.zeros(len(ref))
     return ref.half(), nn.float()
 

@@ -61,8 +61,8 @@ def head_files(data: TrainData, head: Refit) -> Dict[str, object]:
 def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
     oof = cv.oof[MODEL_NAME]
     frame: Dict[str, object] = {"id": data.table["id"].to_numpy()[oof.rows],
-                                "seed": [cv.names[s].seed for s in oof.split],
-                                "fold": [cv.names[s].fold for s in oof.split]}
+                                "seed": np.array([n.seed for n in cv.names])[oof.split],
+                                "fold": np.array([n.fold for n in cv.names])[oof.split]}
     for task in data.tasks:
         frame.update(task.impl.columns(task, data.targets[task.name][oof.rows], oof.preds[task.name]))
     names = {t.name for t in data.tasks}
@@ -97,8 +97,7 @@ def confusion_frames(data: TrainData, cv: CVResult) -> Dict[str, pd.DataFrame]:
         k = len(classes)
         cm = np.zeros((k, k), dtype=np.int64)
         known = task.impl.labelled(y)
-        for t, q in zip(y[known].astype(int), pred[known]):
-            cm[t, q] += 1
+        np.add.at(cm, (y[known].astype(int), pred[known]), 1)
         out[task.name] = pd.DataFrame(cm, index=[f"true_{c}" for c in classes], columns=[f"pred_{c}" for c in classes])
     return out
 

@@ -49,8 +49,11 @@ def test_auc_and_regression_match_sklearn(data):
 
 def test_vectorised_bootstrap_equals_one_by_one(data):
     y, pred, c, _, rng = data
-    counts = bootstrap_counts(len(y), 7, seed=3)
+    counts = np.concatenate(list(bootstrap_counts(len(y), 7, seed=3)))
     assert counts.shape == (7, len(y)) and (counts.sum(axis=1) == len(y)).all()
+    # blocks of any size are the same resamples: memory is bounded at any n without changing a CI
+    blocks = list(bootstrap_counts(len(y), 7, seed=3, max_bytes=8 * len(y) * 2))
+    assert [len(b) for b in blocks] == [2, 2, 2, 1] and np.array_equal(np.concatenate(blocks), counts)
     together = f1_scores(y, pred, c, counts)["f1_weighted"]
     one_by_one = [f1_scores(y, pred, c, row)["f1_weighted"] for row in counts]
     np.testing.assert_allclose(together, one_by_one)

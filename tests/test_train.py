@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline.engine import cross_validate, load_train_data, pooled_family
 from pipeline.errors import CacheError, ConfigError
-from pipeline.evaluate import _row_space, make_splits
+from pipeline.evaluate import make_splits
 from pipeline.model import ResMTNet, prepare, task_losses
 from pipeline.tasks import TaskSpec, encode_targets
 from pipeline.train import Batch, Job, Split, train_jobs
@@ -244,14 +244,51 @@ def test_uncertainty_weights_of_small_losses_move_above_one_half(tiny_cache):
     assert not np.allclose(learnt.results[0].outputs, fixed.results[0].outputs)
 
 
-def test_linear_baseline_in_row_space_equals_the_full_fit():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 300))
-    y = (x[:, 0] + rng.normal(size=40) > 0).astype(int)
-    z_train, z_all = _row_space(x[:30], x)
-    fast = LogisticRegression(C=1.0, solver="newton-cg", tol=1e-10, max_iter=5000).fit(z_train, y[:30])
-    full = LogisticRegression(C=1.0, solver="newton-cg", tol=1e-10, max_iter=5000).fit(x[:30], y[:30])
-    np.testing.assert_allclose(fast.predict_proba(z_all[30:]), full.predict_proba(x[30:]), atol=1e-5)
+def _linear_problem(n=60, d=300, fit=40, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) * rng.uniform(0.5, 3, d) + rng.normal(size=d)).astype(np.float32)
+    y3 = np.digitize(x[:, 0] - x[:, 1] + rng.normal(size=n), [-1.0, 1.0])
+    targets = {"reg": x[:, 2] * 3 + rng.normal(size=n), "cls": y3.astype(float)}
+    prep = prepare(x, targets, [TASKS[2]], [Split(train=np.arange(fit), test=np.arange(fit, n))])
+    return x, prep, np.arange(fit), y3, targets["reg"]
+
+
+@pytest.mark.parametrize("n,d,fit", [(60, 300, 40), (400, 30, 300)])
+def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
+    """Where both apply (any n: with n >= D the row space is all of feature space), the primal L-BFGS fit and
+    the row-space fit give the same predictions; both equal scikit-learn on the standardised matrix."""
+    from sklearn.linear_model import Ridge
+
+    from pipeline.linear import Primal, RowSpace
+
+    x, prep, rows, y3, reg = _linear_problem(n, d, fit)
+    primal, row_space = Primal(prep, 0, rows, tol=1e-12, max_iter=20000), RowSpace.of(prep, 0, rows, tol=1e-12)
+    dense = RowSpace.dense(prep, 0, rows, tol=1e-12)
+    every = np.ones(len(rows), dtype=bool)
+    z = prep.standardised(0, np.arange(n), np.float64)
+    target = (reg[rows] - reg[rows].mean()) / reg[rows].std()
+    full = Ridge(alpha=1.0).fit(z[rows], target).predict(z)
+    np.testing.assert_allclose(primal.ridge(every, target, 1.0), full, atol=1e-6)
+    np.testing.assert_allclose(row_space.ridge(every, target, 1.0), full, atol=1e-6)
+    np.testing.assert_allclose(dense.ridge(every, target, 1.0), full, atol=1e-6)
+    for labels in (y3[rows], (y3[rows] > 0).astype(int)):  # multinomial and binomial
+        sk = LogisticRegression(C=1.0, solver="newton-cg", tol=1e-12, max_iter=5000).fit(z[rows], labels)
+        for model in (primal, row_space, dense):
+            classes, proba = model.logistic(every, labels, 1.0)
+            assert list(classes) == list(sk.classes_)
+            np.testing.assert_allclose(proba, sk.predict_proba(z), atol=1e-6)
+
+
+def test_baselines_choose_row_space_below_d_rows_and_primal_above(monkeypatch):
+    import pipeline.linear
+    from pipeline.linear import linear_fit
+
+    _, prep, rows, _, _ = _linear_problem(60, 300, 40)
+    assert linear_fit(prep, 0, rows).name == "row-space"
+    _, prep, rows, _, _ = _linear_problem(400, 30, 300)
+    assert linear_fit(prep, 0, rows).name == "dense"
+    monkeypatch.setattr(pipeline.linear, "DENSE_BYTES", 1000)  # as a matrix too large to copy
+    assert linear_fit(prep, 0, rows).name == "streamed"
 
 
 def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path):
@@ -375,10 +412,11 @@ def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
     prep = prepare(feats, targets, [TASKS[2]], [split])
     typical = np.median(feats[:40].std(axis=0))
     assert prep.x_std[0][5] == pytest.approx(STD_FLOOR * typical, rel=1e-4)
-    assert abs(prep.x[0, 40, 5].item()) <= 5.0 / (STD_FLOOR * typical) + 1e-3 < 100
+    z = prep.standardised(0, np.arange(41))
+    assert abs(z[40, 5]) <= 5.0 / (STD_FLOOR * typical) + 1e-3 < 100
     others = np.delete(np.arange(41), [0, 40])
-    np.testing.assert_allclose(prep.x[0, others, 5].numpy(), -prep.x_mean[0][5] / prep.x_std[0][5], rtol=1e-6)
-    assert abs(prep.x[0, others, 5][0].item()) < 0.01  # the rows without the feature: barely moved from 0
+    np.testing.assert_allclose(z[others, 5], -prep.x_mean[0][5] / prep.x_std[0][5], rtol=1e-5)
+    assert abs(z[others, 5][0]) < 0.01  # the rows without the feature: barely moved from 0
 
 
 def test_regression_predictions_stay_within_the_training_targets_range():
@@ -397,10 +435,11 @@ def test_typicality_percentile_of_training_typical_and_far_images():
     from pipeline.typicality import percentile, reference
 
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(300, 8))
-    ref, nn = reference(train, limit=200)
+    train = rng.normal(size=(300, 8)).astype(np.float32)
+    prep = prepare(train.copy(), {}, [], [Split(train=np.arange(300), test=np.arange(0))])
+    ref, nn = reference(prep, np.arange(300), limit=200)
     assert ref.shape == (200, 8) and ref.dtype == torch.float16
-    new = np.stack([np.asarray(ref[0].float()), rng.normal(size=8), np.full(8, 25.0)])
+    new = np.stack([np.asarray(ref[0].float()), rng.normal(size=8), np.full(8, 25.0)])  # standardised units
     p = percentile(new, ref, nn)
     assert p[0] == 0.0  # a reference row itself
     assert 5 < p[1] < 100  # another draw from the training distribution: somewhere in the middle

@@ -1,0 +1,138 @@
+"""Stage two at scale (issue 22): bounded memory, baselines that scale, one-line stops, large-data config."""
+from __future__ import annotations
+
+import tracemalloc
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.config import load_config
+from pipeline.errors import CacheError, ConfigError
+from pipeline.synthetic import write_feature_cache
+from stages.cli import main
+
+SPEC = "synthetic:features"
+
+
+@pytest.fixture(scope="module")
+def wide_cache(tmp_path_factory):
+    """3,000 x 512 synthetic rows with the paper's labels, written through the cache's public writer."""
+    return write_feature_cache(tmp_path_factory.mktemp("scale") / "s.h5", 3000, 512, seed=1, spec=SPEC)
+
+
+def _warm_up() -> None:
+    """Import what stage two imports on first use (torch's optimiser, scikit-learn, SciPy): their one-off
+    allocations are not the data path's."""
+    import scipy.optimize  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.model_selection  # noqa: F401
+    import torch
+
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.ones(2)
+    torch.optim.Adam([p], fused=True).step()
+
+
+def _config(**overrides):
+    base = {"train.features": [SPEC], "train.hidden": 32, "train.epochs": 1, "train.batch_size": 256,
+            "eval.bootstrap": 50}
+    base.update(overrides)
+    return load_config("large", base)
+
+
+def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path, monkeypatch):
+    """Peak of every allocation numpy makes while stage two loads 5,000 x 1,536 features, standardises them
+    for 5 splits, trains, fits the linear baselines (more rows than features: the primal fit, streamed) and
+    bootstraps: within 1.5 x the feature matrix plus the working blocks (here shrunk to 1 MiB each) and the
+    predictions kept (rows x outputs): one more copy of the matrix (29 MiB) anywhere would exceed it (the old
+    data path made 10, and float64 ones). (Below D rows the row-space fit's temporaries are O(D^2), within the
+    fixed allowance.)"""
+    import pipeline.linear
+    import pipeline.metrics
+    import pipeline.model
+    import pipeline.train
+    from pipeline.engine import cross_validate, load_train_data
+
+    n, d = 5000, 1536
+    cache = write_feature_cache(tmp_path / "w.h5", n, d, seed=2, spec=SPEC)
+    allowance = 1 << 20
+    for module, name in ((pipeline.model, "BLOCK_BYTES"), (pipeline.linear, "PRIMAL_BLOCK_BYTES"),
+                         (pipeline.linear, "DENSE_BYTES"), (pipeline.metrics, "BOOTSTRAP_BYTES"),
+                         (pipeline.train, "EVAL_BYTES")):
+        monkeypatch.setattr(module, name, allowance)
+    cfg = _config(**{"train.tasks": ["state", "presence", "x"]})  # one task of each kind
+    _warm_up()
+    tracemalloc.start()
+    try:
+        data = load_train_data(cache, cfg)
+        matrix = data.features.nbytes
+        cv = cross_validate(data, cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert matrix == n * d * 4 and len(cv.splits) == 5 and "linear" in cv.reports
+    outputs = sum(t.n_outputs for t in data.tasks)
+    kept = 4 * len(cv.splits) * n * outputs * 8  # decoded predictions of the head and 2 baselines, per split
+    # the working blocks: a few of the trainer's and the fits', and about 15 of the bootstrap's (a block of
+    # counts, its copies and the metrics' temporaries): 16 MiB at most here, about 250 MiB at full size
+    bound = 1.5 * matrix + 16 * allowance + kept
+    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB ({matrix / 2**20:.0f} MiB matrix)"
+
+
+def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache):
+    from pipeline.engine import load_train_data, pooled_family
+    from pipeline.evaluate import make_splits
+
+    cfg = _config(**{"train.feature_dtype": "float16"})
+    data = load_train_data(wide_cache, cfg)
+    assert data.features.dtype == np.float16 and data.features.nbytes == 3000 * 512 * 2
+    splits, _ = make_splits(data.table, data.rows, cfg.eval, 0.05)
+    family = pooled_family(data, splits)
+    assert np.shares_memory(family.prep.features.numpy(), data.features)  # no per-split copies
+    full = load_train_data(wide_cache, _config())
+    z16 = family.prep.standardised(0, np.arange(50))
+    z32 = pooled_family(full, splits).prep.standardised(0, np.arange(50))
+    np.testing.assert_allclose(z16, z32, atol=0.02)  # half precision: the same inputs to 1e-2
+
+
+def test_an_over_large_request_stops_with_one_line(wide_cache, monkeypatch, tmp_path):
+    import pipeline.runtime
+
+    monkeypatch.setattr(pipeline.runtime, "available_memory", lambda: 1 << 30)  # as a 1 GiB job allocation
+    monkeypatch.setattr("pipeline.engine.WORKING_BYTES", 1 << 30)
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(wide_cache), "--features", SPEC,
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "stage two needs about 1.0 GiB (3000 x 512 features in float32" in result.output
+    assert "may use 1.0 GiB; set train.feature_dtype=float16" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_whose_labels_lack_their_columns_is_one_line(wide_cache, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken.h5"
+    shutil.copy(wide_cache, broken)
+    with h5py.File(broken, "r+") as f:
+        del f["labels"].attrs["columns"]
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(broken), "--features", SPEC,
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "damaged or incomplete (its labels lack their column list)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_large_config_trains_end_to_end(wide_cache, tmp_path):
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(wide_cache), "--features", SPEC,
+                                       "--config", "large", "--out", str(tmp_path / "run"), "--no-progress",
+                                       "--set", "train.epochs=2", "--set", "train.hidden=32",
+                                       "--set", "eval.bootstrap=20"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert "batch_size: 512" in text and "lr: 0.0004" in text
+    with pytest.raises(ConfigError, match="train.feature_dtype 'float8' must be one of float32, float16"):
+        from pipeline.engine import load_train_data
+
+        load_train_data(wide_cache, _config(**{"train.feature_dtype": "float8"}))
+    assert CacheError  # imported for the damaged-cache test's error class
