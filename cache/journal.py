@@ -1,8 +1,11 @@
 """Per-batch progress of an extraction that has not been written into the cache yet.
 
 Each finished batch is one small .npz next to the cache (`<cache>.partial/batch-000012.npz`), written to a
-temporary name and renamed, so a batch file is either complete or absent whatever kills the process. A rerun
-finds them and computes only what is missing; the cache file itself is only ever replaced whole.
+temporary name and renamed, so a batch file is either complete or absent whatever kills the process. Every
+SEGMENT_BATCHES loose batch files are packed into one segment file (`segment-000000.npz`, written and renamed
+the same way, before the batch files are removed), so a 100,000-image extraction keeps a few dozen files, not
+thousands. A rerun finds batches in both and computes only what is missing; the cache file itself is only ever
+replaced whole.
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ import numpy as np
 from pipeline.fsutil import atomic_write_text, temp_sibling
 
 logger = logging.getLogger(__name__)
+
+#: Loose batch files packed into one segment file (bounds the number of progress files of a long run).
+SEGMENT_BATCHES = 64
+_FIELDS = ("rows", "sha256", "size_bytes", "mtime_ns", "bad", "error")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Journal:
     def __init__(self, cache: Path, plan: JournalPlan):
         self.dir = journal_dir(Path(cache))
         self.plan = plan
+        self._index: Optional[Dict[int, Path]] = None  # batch -> segment file, read once
 
     def open(self) -> int:
         """Create the journal, or reuse one written under the same plan; returns the batches found."""
@@ -85,22 +93,44 @@ class Journal:
     def _path(self, index: int) -> Path:
         return self.dir / f"batch-{index:06d}.npz"
 
+    def _loose(self) -> List[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("batch-*.npz"))
+
+    def _segments(self) -> Dict[int, Path]:
+        """Batch index -> the segment file that holds it (read from each segment's index, not its arrays)."""
+        if self._index is not None:
+            return self._index
+        out: Dict[int, Path] = {}
+        for path in sorted(self.dir.glob("segment-*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    out.update({int(i): path for i in data["batches"]})
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("ignoring damaged progress file %s (%s)", path, exc)
+        self._index = out
+        return out
+
     def batch_indices(self) -> List[int]:
         if not self.dir.exists():
             return []
-        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("batch-*.npz"))
+        return sorted(set(self._loose()) | set(self._segments()))
 
     def load(self, index: int, with_features: bool = True) -> Optional[BatchRecord]:
         """A finished batch, or None; without features only provenances are read (arrays left as None)."""
         path = self._path(index)
+        if path.exists():
+            return self._read(path, "", with_features)
+        segment = self._segments().get(index)
+        return self._read(segment, f"b{index}_", with_features) if segment is not None else None
+
+    def _read(self, path: Path, prefix: str, with_features: bool) -> Optional[BatchRecord]:
         try:
             with np.load(path, allow_pickle=False) as data:
-                specs = [str(s) for s in data["specs"]]
-                provs = [str(p) for p in data["provenance"]]
-                record = BatchRecord(rows=data["rows"], sha256=data["sha256"], size_bytes=data["size_bytes"],
-                                     mtime_ns=data["mtime_ns"], bad=data["bad"], error=data["error"])
+                specs = [str(s) for s in data[prefix + "specs"]]
+                provs = [str(p) for p in data[prefix + "provenance"]]
+                record = BatchRecord(**{f: data[prefix + f] for f in _FIELDS})
                 for i, (spec, prov) in enumerate(zip(specs, provs)):
-                    record.features[spec] = (prov, data[f"feat_{i}"] if with_features else None)
+                    record.features[spec] = (prov, data[f"{prefix}feat_{i}"] if with_features else None)
             return record
         except FileNotFoundError:
             return None
@@ -108,17 +138,43 @@ class Journal:
             logger.warning("ignoring damaged progress file %s (%s)", path, exc)
             return None
 
-    def write(self, index: int, record: BatchRecord) -> None:
+    @staticmethod
+    def _arrays(record: BatchRecord, prefix: str = "") -> Dict[str, np.ndarray]:
         specs = list(record.features)
-        arrays = {f"feat_{i}": record.features[s][1] for i, s in enumerate(specs)}
-        path = self._path(index)
+        out = {prefix + f: getattr(record, f) for f in _FIELDS}
+        out[prefix + "specs"] = np.array(specs, dtype=str)
+        out[prefix + "provenance"] = np.array([record.features[s][0] for s in specs], dtype=str)
+        out.update({f"{prefix}feat_{i}": record.features[s][1] for i, s in enumerate(specs)})
+        return out
+
+    @staticmethod
+    def _save(path: Path, arrays: Dict[str, np.ndarray]) -> None:
         tmp = temp_sibling(path)
         with open(tmp, "wb") as handle:
-            provenance = np.array([record.features[s][0] for s in specs], dtype=str)
-            np.savez(handle, rows=record.rows, sha256=record.sha256, size_bytes=record.size_bytes,
-                     mtime_ns=record.mtime_ns, bad=record.bad, error=record.error,
-                     specs=np.array(specs, dtype=str), provenance=provenance, **arrays)
+            np.savez(handle, **arrays)
         os.replace(tmp, path)
+
+    def write(self, index: int, record: BatchRecord) -> None:
+        self._save(self._path(index), self._arrays(record))
+        loose = self._loose()
+        if len(loose) >= SEGMENT_BATCHES:
+            self._pack(loose)
+
+    def _pack(self, loose: List[int]) -> None:
+        """Loose batch files -> one segment file; the batch files go only once the segment is in place (a kill
+        in between leaves a batch twice, identical, never missing)."""
+        arrays: Dict[str, np.ndarray] = {"batches": np.array(loose, dtype=np.int64)}
+        for index in loose:
+            record = self.load(index)
+            if record is None:
+                return
+            arrays.update(self._arrays(record, f"b{index}_"))
+        segment = self.dir / f"segment-{loose[0]:06d}.npz"
+        self._save(segment, arrays)
+        self._segments().update({index: segment for index in loose})
+        for index in loose:
+            self._path(index).unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)  # = discard(cache): the journal is the folder
+        self._index = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -164,6 +165,7 @@ class CVResult:
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
     loc: Optional[LocOutcome] = None
     primary: Dict[str, object] = field(default_factory=dict)  # which head answers in predict (primary_answers)
+    timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
 
     def loss_weights(self, tasks: Sequence[TaskSpec]) -> Dict[str, float]:
         """Each task's final loss weight, mean over the splits."""
@@ -261,16 +263,22 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
     splits, names = make_splits(data.table, data.rows, cfg.eval, inner_val_fraction(cfg))
     family = pooled_family(data, splits)
     family.check(cfg.train)
+    clock = time.perf_counter()
     with progress(len(splits) * cfg.train.epochs, "train-heads", rows=_rows_per_epoch(splits)) as tick:
         results = train_jobs(family, [Job(cfg.train, s) for s in range(len(splits))], progress=tick,
                              device=cfg.train.device)
+    timings = {"train": time.perf_counter() - clock,
+               "train_row_epochs": float(sum(len(r.history["train_loss"]) * len(s.train)
+                                             for r, s in zip(results, splits)))}
+    clock = time.perf_counter()
     prep = family.prep
     per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
     oof = {MODEL_NAME: OutOfFold.collect(splits, per_split)}
     if cfg.eval.baselines:
         for which in ("linear", "majority"):
             oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets, which))
-    cv = CVResult(splits, names, results, oof)
+    timings["baselines"] = time.perf_counter() - clock
+    cv = CVResult(splits, names, results, oof, timings=timings)
     bound = cv.weights_at_bound(data.tasks)
     if bound:
         logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
@@ -279,6 +287,7 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
     if data.maps is not None:
         cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
     cv.primary = primary_answers(data, cfg, splits, per_split, cv.loc)
+    clock = time.perf_counter()
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
         if "size_mm" in data.table else {}
@@ -288,6 +297,7 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
             "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
                                            cfg.train.seed, subset=rows) for label, rows in bins.items()},
         }
+    cv.timings["summaries"] = time.perf_counter() - clock
     return cv
 
 

@@ -75,7 +75,7 @@ def mae(y, pred, weights=None):
 
 #: Memory of one block of bootstrap counts: the resamples of a large data set are scored a block at a time
 #: (the metrics make about 15 temporaries of a block's size).
-BOOTSTRAP_BYTES = 16 << 20
+BOOTSTRAP_BYTES = 8 << 20
 
 
 def bootstrap_counts(n: int, resamples: int, seed: int, max_bytes: int = BOOTSTRAP_BYTES) -> Iterator[np.ndarray]:

@@ -257,8 +257,8 @@ class PooledFamily:
 
     def inputs(self, rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
         """(M, B) rows -> (M, B, D): member m's rows standardised with its split's statistics."""
-        x = self.features[rows].float()
-        return (x - self.mean[split_of].unsqueeze(1)) / self.std[split_of].unsqueeze(1)
+        x = self.features[rows].float()  # a gathered copy (float16 held: converted), standardised in place
+        return x.sub_(self.mean[split_of].unsqueeze(1)).div_(self.std[split_of].unsqueeze(1))
 
     def losses(self, model: ResMTNet, cfgs, batch: Batch, totals: bool = False):
         """Per-member, per-task losses (M, T), each averaged over that task's labelled rows only (`totals`: the

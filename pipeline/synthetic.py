@@ -134,10 +134,12 @@ def make_synthetic(out: Path, n_images: int = 60, image_size: int = 256, seed: i
 
 
 def write_feature_cache(path: Path, n: int, d: int, seed: int = 0, spec: str = "synthetic:features",
-                        rows_per_write: int = 8192) -> Path:
+                        shard: Tuple[int, int] = (0, 1), batch: int = 32) -> Path:
     """A real feature cache of n synthetic rows of d values with JSRT-like labels, written through the cache's
-    public writer (scale tests and benchmarks/scale.py): no images behind it, features of Gaussian noise that
-    carry each row's state, presence and nodule position weakly, written in blocks (memory: one block)."""
+    public writer (scale tests, benchmarks/scale.py and benchmarks/merge.py): no images behind it, features of
+    Gaussian noise that carry each row's state, presence and nodule position weakly, generated and written a
+    batch of rows at a time (memory: one block). `shard` (index, count) writes that shard file's rows: the
+    batches b with b % count == index, as extract-features assigns them."""
     from cache import CacheUpdate, ImageTable, NewArray
 
     rng = np.random.default_rng(seed)
@@ -153,29 +155,37 @@ def write_feature_cache(path: Path, n: int, d: int, seed: int = 0, spec: str = "
         "size_mm": np.where(nodule, rng.uniform(6, 40, n), np.nan),
         "lobe": np.where(nodule, np.where(x > 1024, lobes[3 + rng.integers(0, 2, n)], lobes[rng.integers(0, 3, n)]),
                          None).astype(object),
-        "diagnosis": np.where(nodule, np.where(states == "malignant", "lung_cancer", "granuloma_infection"), None).astype(object),
+        "diagnosis": np.where(nodule, np.where(states == "malignant", "lung_cancer", "granuloma_infection"),
+                              None).astype(object),
         "age": rng.integers(20, 90, n).astype(float), "sex": rng.choice(np.array(["Male", "Female"]), n),
     }
     signal = np.stack([presence, states == "malignant", np.nan_to_num(x / 2048)], axis=1).astype(np.float32)
     mix = rng.normal(size=(3, d)).astype(np.float32)
+    index, count = shard
+    starts = [b for b in range(0, n, batch) if (b // batch) % count == index]
+    rows = np.concatenate([np.arange(b, min(b + batch, n)) for b in starts]) if starts else np.zeros(0, np.int64)
 
     def fill(ds) -> None:
-        block_rng = np.random.default_rng(seed + 1)
-        for start in range(0, n, rows_per_write):
-            stop = min(start + rows_per_write, n)
-            ds[start:stop] = block_rng.standard_normal((stop - start, d), dtype=np.float32) + signal[start:stop] @ mix
+        at = 0
+        for b in starts:  # each batch's noise from its own seed: any shard's rows, identical in the full cache
+            stop = min(b + batch, n)
+            noise = np.random.default_rng([seed + 1, b]).standard_normal((stop - b, d), dtype=np.float32)
+            ds[at:at + stop - b] = noise + signal[b:stop] @ mix
+            at += stop - b
 
     ids = [f"SYN{i:07d}" for i in range(n)]
-    images = ImageTable(ids=ids, relpaths=[f"{i}.png" for i in ids], sha256=np.array([f"{i:064x}" for i in range(n)],
-                        dtype="S64"), size_bytes=np.zeros(n), mtime_ns=np.zeros(n), width=np.full(n, 1024.0),
-                        height=np.full(n, 1024.0), bad=np.zeros(n, dtype=bool), error=[""] * n)
+    m = len(rows)
+    images = ImageTable(ids=[ids[r] for r in rows], relpaths=[f"{ids[r]}.png" for r in rows],
+                        sha256=np.array([f"{r:064x}" for r in rows], dtype="S64"), size_bytes=np.zeros(m),
+                        mtime_ns=np.zeros(m), width=np.full(m, 1024.0), height=np.full(m, 1024.0),
+                        bad=np.zeros(m, dtype=bool), error=[""] * m, rows=rows if count > 1 else None)
     attrs = {"spec": spec, "feature_dim": d, "weights": "none", "weights_id": f"synthetic(seed={seed})",
-             "params_sha256": "synthetic", "precision": "fp32",
+             "params_sha256": "synthetic", "provenance_sha256": f"synthetic-{seed}-{d}", "precision": "fp32",
              "preprocess": {"image_size": 224, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
                             "channels": "grey-to-rgb"}}
     with CacheUpdate(Path(path)) as update:
         update.commit(facts={"tool_version": "synthetic", "data_root": "synthetic", "data_layout": "synthetic"},
-                      all_ids=ids, images=images, labels=labels,
-                      new=[NewArray("features", spec, (n, d), "float32", attrs, fill)], keep={}, fused={},
-                      config_yaml="synthetic: true\n")
+                      all_ids=ids, images=images, labels={k: v[rows] for k, v in labels.items()},
+                      new=[NewArray("features", spec, (m, d), "float32", attrs, fill)], keep={}, fused={},
+                      config_yaml="synthetic: true\n", shard=shard)
     return Path(path)

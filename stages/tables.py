@@ -1,7 +1,8 @@
 """`reproduce-tables`: the paper's Tables 1-4 regenerated from a feature cache, beside the paper's numbers.
 
 Every cell is "ours: pooled out-of-fold estimate [95% CI]; folds mean ± std (paper value)", from a
-cross-validation run of stage two on the named backbone's cached features (Res-MTNet: the fused DenseNet-161 + EfficientNet-B7 vector).
+cross-validation run of stage two on the named backbone's cached features (Res-MTNet: the fused
+DenseNet-161 + EfficientNet-B7 vector).
 """
 from __future__ import annotations
 

@@ -279,7 +279,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                      "backbones": {s: {k: _jsonable(v) for k, v in a.items() if k in
                                        ("weights", "weights_id", "params_sha256", "preprocess")}
                                    for s, a in data.provenance.items()},
-                     "best_epochs": best_epochs,
+                     "best_epochs": best_epochs, "timings": cv.timings,
                      "refit_epochs": head.spec["train"]["epochs"] if head is not None else None},
             "loss_weights": cv.loss_weights(data.tasks),
             "loss_weights_at_bound": cv.weights_at_bound(data.tasks),

@@ -243,3 +243,33 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(synthetic_maste
     assert summary.n_computed_images == 24 - 4 * done
     assert not journal_dir(path).exists()
     assert_same_cache(path, reference)
+
+
+def test_progress_files_are_packed_into_segments_and_resume_from_them(synthetic_master, reference, tmp_path,
+                                                                      monkeypatch):
+    """A long extraction keeps a bounded number of progress files: every SEGMENT_BATCHES batch files become one
+    segment; batches load back from segments (a rerun resumes from them) and the cache is the same."""
+    import cache.journal
+    from cache.journal import BatchRecord, Journal, JournalPlan
+
+    monkeypatch.setattr(cache.journal, "SEGMENT_BATCHES", 2)
+    journal = Journal(tmp_path / "j.h5", JournalPlan("ids", 20, 4))
+    journal.open()
+    records = {}
+    for b in range(5):
+        rows = np.arange(4 * b, 4 * b + 4)
+        records[b] = BatchRecord(rows=rows, sha256=np.array([b"x" * 64] * 4, dtype="S64"), size_bytes=rows * 10,
+                                 mtime_ns=rows, bad=np.zeros(4, bool), error=np.array([""] * 4),
+                                 features={"spec": ("prov", np.full((4, 3), float(b), dtype=np.float32))})
+        journal.write(b, records[b])
+    names = sorted(p.name for p in journal.dir.iterdir())
+    assert names == ["batch-000004.npz", "plan.json", "segment-000000.npz", "segment-000002.npz"]
+    again = Journal(tmp_path / "j.h5", JournalPlan("ids", 20, 4))  # a rerun
+    assert again.open() == 5 and again.batch_indices() == [0, 1, 2, 3, 4]
+    for b, rec in records.items():
+        back = again.load(b)
+        assert np.array_equal(back.rows, rec.rows) and back.valid_for("spec", "prov")
+        assert np.array_equal(back.features["spec"][1], rec.features["spec"][1])
+    path = tmp_path / "c.h5"
+    extract_features(synthetic_master, path, tiny_config(), progress=False)  # 6 batches: packed as it goes
+    assert_same_cache(path, reference)
