@@ -159,6 +159,7 @@ class EvalConfig:
     seeds: List[int] = field(default_factory=lambda: [0])  # one repetition of the protocol per seed
     holdout_fraction: float = 0.2  # holdout: the test share
     stratify: str = "state"  # label column the splits are stratified on
+    group: str = "auto"  # patients never split: auto (the patient_id column if any) | none | a column name
     bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
     size_bins: List[float] = field(default_factory=lambda: [10.0, 20.0, 30.0])  # mm edges
     size_norm: str = "grid"  # Table 2's normalised size error: grid (mm / 2048, as the paper) | range

@@ -36,20 +36,64 @@ class SplitName:
     fold: int
 
 
+#: The label column that eval.group 'auto' splits by when a data set has it (several images per patient).
+PATIENT_COLUMN = "patient_id"
+
+
 def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:
     if column not in table:
         raise ConfigError(f"eval.stratify: no column '{column}' in the labels")
     return np.array(["missing" if v is None or v != v else str(v) for v in table[column].to_numpy()[rows]])
 
 
-def stratified_subset(rows: np.ndarray, labels: np.ndarray, fraction: float,
-                      seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Split `rows` into (rest, part) with `part` about `fraction` of them, stratified when possible."""
-    from sklearn.model_selection import StratifiedShuffleSplit
+def split_groups(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig) -> Optional[np.ndarray]:
+    """The patient of each row when splits must keep a patient's images together (eval.group: 'auto' uses the
+    `patient_id` column when there is one, 'none' never groups, any other value names the column); None where
+    no patient has two images (JSRT), so those data sets keep their plain stratified folds."""
+    column = PATIENT_COLUMN if ecfg.group == "auto" else ecfg.group
+    if ecfg.group == "none" or (ecfg.group == "auto" and column not in table):
+        return None
+    if column not in table:
+        raise ConfigError(f"eval.group: no column '{column}' in the labels; use 'auto', 'none' or one of "
+                          f"{', '.join(c for c in table.columns if c not in ('id', 'relpath'))}")
+    values = table[column].to_numpy()[rows]
+    missing = np.array([v is None or v != v or v == "" for v in values])
+    # an image without a patient id is its own patient
+    groups = np.where(missing, np.array([f"__row{r}" for r in rows], dtype=object), values.astype(str))
+    return groups if len(np.unique(groups)) < len(groups) else None
+
+
+def patient_summary(table: pd.DataFrame, rows: np.ndarray, splits: Sequence["Split"], ecfg: EvalConfig
+                    ) -> Optional[str]:
+    """One line for the report where splits keep patients together: patients and images, per test fold."""
+    groups = split_groups(table, rows, ecfg)
+    if groups is None:
+        return None
+    of = dict(zip(rows.tolist(), groups))
+    folds = ", ".join(f"{len({of[r] for r in s.test.tolist()})}/{len(s.test)}" for s in splits)
+    column = PATIENT_COLUMN if ecfg.group == "auto" else ecfg.group
+    return (f"Patients: no patient's images are in two of training, inner validation and test of a split "
+            f"(column {column}): {len(np.unique(groups))} patients, {len(rows)} images; test patients/images per "
+            f"split: {folds}.")
+
+
+def stratified_subset(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int,
+                      groups: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Split `rows` into (rest, part) with `part` about `fraction` of them, stratified when possible; with
+    `groups` (aligned with rows), no group is in both parts."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 
     n_part = max(1, int(round(fraction * len(rows))))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if groups is not None:
+            k = max(2, int(round(1 / max(fraction, 1e-9))))
+            try:
+                rest, part = next(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(rows, labels, groups))
+            except ValueError:  # fewer patients than parts: one patient's images are the part
+                first = np.unique(groups)[np.random.default_rng(seed).integers(len(np.unique(groups)))]
+                part, rest = np.flatnonzero(groups == first), np.flatnonzero(groups != first)
+            return np.sort(rows[rest]), np.sort(rows[part])
         try:
             splitter = StratifiedShuffleSplit(1, test_size=n_part, random_state=seed)
             rest, part = next(splitter.split(rows, labels))
@@ -73,6 +117,15 @@ def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fra
     if not 0 <= ecfg.seen_fraction <= 1:
         raise ConfigError(f"eval.seen_fraction {ecfg.seen_fraction} must be in [0, 1]")
     labels = stratify_labels(table, ecfg.stratify, rows)
+    if (labels == "missing").all() and len(labels):
+        logger.warning("eval.stratify: column '%s' has no labels here; the splits are not stratified",
+                       ecfg.stratify)
+    groups = split_groups(table, rows, ecfg)
+    position = {int(r): i for i, r in enumerate(rows)}
+
+    def groups_of(subset: np.ndarray) -> Optional[np.ndarray]:
+        return None if groups is None else groups[[position[int(r)] for r in subset]]
+
     splits, names = [], []
     for seed in ecfg.seeds:
         if ecfg.protocol == "insample":
@@ -86,23 +139,33 @@ def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fra
                 raise ConfigError(f"eval.folds {ecfg.folds} must be between 2 and the number of images {len(rows)}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # small classes: sklearn warns, the folds are still valid
-                folds = list(StratifiedKFold(ecfg.folds, shuffle=True, random_state=seed).split(rows, labels))
+                if groups is not None:  # a patient's images never in two folds
+                    from sklearn.model_selection import StratifiedGroupKFold
+
+                    if ecfg.folds > len(np.unique(groups)):
+                        raise ConfigError(f"eval.folds {ecfg.folds} is more than the {len(np.unique(groups))} "
+                                          "patients")
+                    folds = list(StratifiedGroupKFold(ecfg.folds, shuffle=True, random_state=seed)
+                                 .split(rows, labels, groups))
+                else:
+                    folds = list(StratifiedKFold(ecfg.folds, shuffle=True, random_state=seed).split(rows, labels))
         else:
             if not 0 < ecfg.holdout_fraction < 1:
                 raise ConfigError(f"eval.holdout_fraction {ecfg.holdout_fraction} must be in (0, 1)")
-            train, test = stratified_subset(np.arange(len(rows)), labels, ecfg.holdout_fraction, seed)
+            train, test = stratified_subset(np.arange(len(rows)), labels, ecfg.holdout_fraction, seed, groups)
             folds = [(train, test)]
         for fold, (train, test) in enumerate(folds):
             train_rows, test_rows = np.sort(rows[train]), np.sort(rows[test])
             val_rows = np.zeros(0, dtype=np.int64)
             if val_fraction > 0:
                 inner_labels = stratify_labels(table, ecfg.stratify, train_rows)
-                train_rows, val_rows = stratified_subset(train_rows, inner_labels, val_fraction, seed * 7919 + fold)
+                train_rows, val_rows = stratified_subset(train_rows, inner_labels, val_fraction, seed * 7919 + fold,
+                                                         groups_of(train_rows))
             if ecfg.protocol == "contaminated" and ecfg.seen_fraction > 0:
                 seen = train_rows
                 if ecfg.seen_fraction < 1:
                     _, seen = stratified_subset(train_rows, stratify_labels(table, ecfg.stratify, train_rows),
-                                                ecfg.seen_fraction, seed * 104729 + fold)
+                                                ecfg.seen_fraction, seed * 104729 + fold, groups_of(train_rows))
                 test_rows = np.sort(np.concatenate([test_rows, seen]))
             splits.append(Split(train=train_rows, test=test_rows, val=val_rows, key=seed * 1000 + fold))
             names.append(SplitName(seed, fold))

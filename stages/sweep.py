@@ -23,7 +23,8 @@ import yaml
 from pipeline.config import Config, build, dump_config, load_yaml, set_dotted
 from pipeline.engine import TrainData, inner_val_fraction, load_train_data, loc_family, pooled_family
 from pipeline.errors import ConfigError
-from pipeline.evaluate import make_splits, regression_norms, stratified_subset, stratify_labels, task_metrics
+from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
+                               task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.localise import LOC_METRICS, LocFamily, candidates, decode_maps, froc, localisation_metrics
 from pipeline.tasks import metric_direction
@@ -117,7 +118,8 @@ def rank_direction(data: TrainData, rank_by: str, where: str) -> int:
 def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np.ndarray, np.ndarray]:
     """(development rows, test rows): the test rows are held out of the whole sweep."""
     labels = stratify_labels(data.table, cfg.eval.stratify, data.rows)
-    dev_idx, test_idx = stratified_subset(np.arange(len(data.rows)), labels, spec.test_fraction, spec.seed)
+    dev_idx, test_idx = stratified_subset(np.arange(len(data.rows)), labels, spec.test_fraction, spec.seed,
+                                          split_groups(data.table, data.rows, cfg.eval))
     return data.rows[dev_idx], data.rows[test_idx]
 
 

@@ -20,7 +20,8 @@ from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.engine import MODEL_NAME, CVResult, LocOutcome, Refit, TrainData, cross_validate, load_train_data, refit
 from pipeline.errors import PipelineError
-from pipeline.evaluate import INSAMPLE_WARNING, first_seed_mask, scores_training_rows, seen_share
+from pipeline.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, first_seed_mask, patient_summary,
+                               scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.head import write_head
 from pipeline.reporting import format_entry
@@ -61,6 +62,8 @@ def head_files(data: TrainData, head: Refit) -> Dict[str, object]:
 def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
     oof = cv.oof[MODEL_NAME]
     frame: Dict[str, object] = {"id": data.table["id"].to_numpy()[oof.rows],
+                                **({PATIENT_COLUMN: data.table[PATIENT_COLUMN].to_numpy()[oof.rows]}
+                                   if PATIENT_COLUMN in data.table else {}),
                                 "seed": np.array([n.seed for n in cv.names])[oof.split],
                                 "fold": np.array([n.fold for n in cv.names])[oof.split]}
     for task in data.tasks:
@@ -111,6 +114,7 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
                 if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
     weights = cv.loss_weights(data.tasks)
     bound = cv.weights_at_bound(data.tasks)
+    patients = patient_summary(data.table, data.rows, cv.splits, cfg.eval)
     random = sorted(s for s, a in data.provenance.items() if a.get("weights") == "none")
     lines = ([f"**{warning}**", ""] if warning else []) + [
         "# train-heads report", "",
@@ -124,6 +128,7 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         + f", {len(cv.splits) // max(len(cfg.eval.seeds), 1)} split(s) x seeds {cfg.eval.seeds}. Each cell: the "
         "estimate on the pooled out-of-fold predictions of the first seed [its 95% bootstrap CI over images]; "
         "then the mean ± std of the per-split values (their spread, not the estimate's uncertainty).",
+        *([patients] if patients else []),
         f"Head: hidden {t.hidden}, {t.blocks} residual block(s), dropout {t.dropout}, label smoothing "
         f"{t.label_smoothing}, Adam lr {t.lr}, batch {t.batch_size}; {stopping}. Loss weighting {t.loss_weighting}: "
         + ", ".join(f"{k} {v:.3g}" for k, v in weights.items())

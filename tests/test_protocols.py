@@ -85,3 +85,33 @@ def test_tables_put_protocols_side_by_side_beside_the_paper(tiny_cache, tmp_path
     assert "| model | metric | paper | kfold | insample | contaminated (seen 1) |" in text
     assert "## Table 3" in text  # the size-bin tables stay, from the first protocol
     assert "table4 <10 y: MAE 0.182828 > sqrt(MSE 0.000898)" in text  # the paper's impossible cells, named
+
+
+def test_patients_are_never_split_and_one_image_per_patient_keeps_todays_folds():
+    """Several images per patient: no patient is in two of train / inner validation / test of any split (kfold
+    and holdout); one image per patient (JSRT) gives exactly the folds of the plain stratified split."""
+    import pandas as pd
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import make_splits
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i:02d}" for i in range(15)], 4)
+    table = pd.DataFrame({"state": rng.choice(["malignant", "benign", "non-nodule"], 60), "patient_id": patients})
+    rows = np.arange(60)
+    for protocol in ("kfold", "holdout"):
+        cfg = load_config(None, {"eval.protocol": protocol, "eval.folds": 5})
+        splits, _ = make_splits(table, rows, cfg.eval, val_fraction=0.2)
+        for s in splits:
+            parts = [set(patients[p]) for p in (s.train, s.val, s.test)]
+            assert len(s.val) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        if protocol == "kfold":
+            assert sorted(np.concatenate([s.test for s in splits])) == list(rows)  # every image tested once
+    single = table.assign(patient_id=[f"p{i}" for i in rows])
+    cfg = load_config(None, {})
+    grouped, _ = make_splits(single, rows, cfg.eval, val_fraction=0.2)
+    plain, _ = make_splits(single.drop(columns="patient_id"), rows, cfg.eval, val_fraction=0.2)
+    for a, b in zip(grouped, plain):
+        assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val) and np.array_equal(a.test, b.test)
+    ungrouped, _ = make_splits(table, rows, load_config(None, {"eval.group": "none"}).eval)
+    assert any(set(patients[s.train]) & set(patients[s.test]) for s in ungrouped)  # what grouping prevents
