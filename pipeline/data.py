@@ -109,7 +109,8 @@ def _inside(root: Path, path: Path, where: str) -> Path:
     root_resolved = root.resolve()
     if resolved != root_resolved and root_resolved not in resolved.parents:
         raise DataError(f"{where}: image path '{path}' leads outside the data folder {root} "
-                        "(a '../' path or a symlink); copy the image into the folder instead")
+                        "(a '../' path or a symlink); name it by its absolute path in a manifest, or copy it into "
+                        "the folder")
     return resolved
 
 
@@ -391,7 +392,7 @@ def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool, skip_bad: 
     rows = _read_csv_rows(meta, 2)
     header = [_MANIFEST_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in rows[0]]
     if "image" not in header:
-        raise DataError(f"{meta}: a manifest needs an 'image' column (image paths relative to {root})")
+        raise DataError(f"{meta}: a manifest needs an 'image' column (image paths: absolute, or relative to {root})")
     if len(set(header)) != len(header):
         raise DataError(f"{meta}: duplicate column names in the header {rows[0]}")
     known = {"id", "image", "subtlety", "state", "presence", "lobe", "position", "diagnosis", "x", "y",
@@ -406,9 +407,10 @@ def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool, skip_bad: 
         rel = fields["image"]
         if not rel:
             raise DataError(f"{where}: empty image path")
-        path = _inside(root, root / rel, where)
+        # an absolute path is the user's own reference (archives are read in place); a relative one stays inside
+        path = Path(rel).resolve() if Path(rel).is_absolute() else _inside(root, root / rel, where)
         if not path.is_file():
-            raise DataError(f"{where}: image '{rel}' not found (paths are relative to {root})")
+            raise DataError(f"{where}: image '{rel}' not found (relative paths are relative to {root})")
         ident = clean_id(fields.get("id") or Path(rel).stem, where)
         grid = None
         if fields.get("grid_w") or fields.get("grid_h"):

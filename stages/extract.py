@@ -253,7 +253,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
             logger.warning("%d unreadable image(s) recorded as bad (features NaN), e.g. %s", summary.n_bad,
                            error[np.flatnonzero(bad)[0]])
 
-        images = ImageTable(ids=now.ids, relpaths=[os.path.relpath(p, root) for p in paths], sha256=sha,
+        images = ImageTable(ids=now.ids, relpaths=[_relpath(p, root) for p in paths], sha256=sha,
                             size_bytes=now.size, mtime_ns=now.mtime, width=table["width"].to_numpy()[rows],
                             height=table["height"].to_numpy()[rows], bad=bad, error=[str(e) for e in error],
                             rows=rows if num_shards > 1 else None)
@@ -325,6 +325,12 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
     summary.seconds = time.perf_counter() - started
     summary.n_computed_images = n_todo
     return sha, bad, error
+
+
+def _relpath(path: Path, root: Path) -> str:
+    """An image's path relative to the data folder, or absolute for an image a manifest names outside it."""
+    relative = os.path.relpath(path, root)
+    return str(path) if relative.startswith("..") else relative
 
 
 def _resolve_all(members: Sequence[str]) -> List[str]:

@@ -277,3 +277,25 @@ def test_real_jsrt_counts_and_coordinates():
     first = table.set_index("id").loc["JPCLN001"]
     assert first["width"] == 1024
     assert first["x"] / first["grid_w"] == 1634 / 2048 and first["y"] / first["grid_h"] == 692 / 2048
+
+
+def test_manifest_names_images_by_absolute_path_in_place(synthetic_dir, tmp_path):
+    """A hospital archive is referenced where it lies: an absolute path in the user's own manifest is read in
+    place (a relative '../' path still is not), and the cache records where the image is."""
+    from cache import FeatureCache
+    from stages.extract import extract_features
+    from tests.helpers import tiny_config
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("JPCLN001.png", "JPCNN001.png"):
+        shutil.copy(synthetic_dir / "images" / name, archive / name)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "manifest.csv").write_text(
+        f"image,state,patient_id\n{archive / 'JPCLN001.png'},benign,p1\n{archive / 'JPCNN001.png'},non-nodule,p1\n")
+    table = load_dataset(folder / "manifest.csv")
+    assert list(table["id"]) == ["JPCLN001", "JPCNN001"] and list(table["patient_id"]) == ["p1", "p1"]
+    extract_features(folder / "manifest.csv", folder / "c.h5", tiny_config(), progress=False)
+    with FeatureCache(folder / "c.h5") as cache:
+        assert cache.labels()["relpath"].tolist() == [str(archive / "JPCLN001.png"), str(archive / "JPCNN001.png")]
