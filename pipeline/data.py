@@ -485,3 +485,38 @@ def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, No
 def normalised_xy(table: pd.DataFrame) -> np.ndarray:
     """Nodule centres as fractions of their coordinate grid, shape (n, 2), NaN where absent."""
     return np.stack([table["x"] / table["grid_w"], table["y"] / table["grid_h"]], axis=1).astype(np.float64)
+
+
+def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[str]:
+    """inspect-data's lines: every label column with the kind a task on it would have, its counts (classes, or
+    the range of a number) and missing values; the patients and images per patient where a column says."""
+    from .errors import ConfigError
+    from .tasks import infer_kind
+
+    lines = [f"{len(table)} images ({table.attrs.get('layout', '?')} layout) from {table.attrs.get('root', '?')}"]
+    skip = set(FILE_COLUMNS) | {"relpath", "grid_w", "grid_h", patient_column}
+    for col in (c for c in table.columns if c not in skip):
+        values = table[col]
+        missing = int(sum(v is None or v != v or v == "" for v in values))
+        try:
+            kind, classes = infer_kind(values)
+        except ConfigError:
+            lines.append(f"  {col}: text, {values.nunique()} distinct values (an identifier?), {missing} missing")
+            continue
+        if missing == len(values):
+            lines.append(f"  {col}: no labels ({missing} missing)")
+        elif kind == "regression":
+            numbers = pd.to_numeric(values, errors="coerce")
+            lines.append(f"  {col}: regression, {numbers.min():g} to {numbers.max():g} (median "
+                         f"{numbers.median():g}), {missing} missing")
+        else:
+            counts = values.dropna().map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+            parts = ", ".join(f"{k}={v}" for k, v in counts[counts != ""].value_counts().sort_index().items())
+            lines.append(f"  {col}: {kind}, {parts}, {missing} missing")
+    if patient_column in table:
+        per = table[patient_column].dropna()
+        per = per[per != ""].value_counts()
+        if len(per):
+            lines.append(f"  {patient_column}: {len(per)} patients, images per patient {per.min()} to {per.max()} "
+                         f"(median {per.median():g}); splits keep a patient's images together (eval.group)")
+    return lines

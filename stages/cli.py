@@ -175,15 +175,13 @@ def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool)
               help="Label maps YAML (default configs/labels.yaml).")
 @logging_options
 def inspect_data_cmd(data: Path, labels: Optional[Path]) -> None:
-    """Load a data set and print a summary of its labels (checks every row and image header)."""
-    from pipeline.data import load_dataset
+    """Load a data set and print every label column (kind, counts, missing) and its patients (checks every row
+    and image header)."""
+    from pipeline.data import describe, load_dataset
 
     table = load_dataset(data, labels=str(labels) if labels else None)
-    click.echo(f"{len(table)} images ({table.attrs['layout']} layout) from {table.attrs['root']}")
-    for col in ("state", "subtlety", "lobe", "diagnosis"):
-        counts = table[col].value_counts(dropna=False).sort_index()
-        parts = [f"{'missing' if k is None or k != k else k}={v}" for k, v in counts.items()]
-        click.echo(f"  {col}: " + ", ".join(parts))
+    for line in describe(table):
+        click.echo(line)
 
 
 def _overrides(pairs: Sequence[Tuple[str, Any]], sets: Sequence[str]) -> Dict[str, Any]:

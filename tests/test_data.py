@@ -299,3 +299,21 @@ def test_manifest_names_images_by_absolute_path_in_place(synthetic_dir, tmp_path
     extract_features(folder / "manifest.csv", folder / "c.h5", tiny_config(), progress=False)
     with FeatureCache(folder / "c.h5") as cache:
         assert cache.labels()["relpath"].tolist() == [str(archive / "JPCLN001.png"), str(archive / "JPCNN001.png")]
+
+
+def test_inspect_data_shows_every_label_column_and_the_patients(synthetic_dir):
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    rows = ["image,state,age,smoker,patient_id"]
+    for i, name in enumerate(["JPCLN001", "JPCLN002", "JPCNN001", "JPCNN002"]):
+        rows.append(f"images/{name}.png,{'benign' if i < 2 else 'non-nodule'},{50.5 + i},{'yes' if i % 2 else ''},"
+                    f"p{i // 2}")
+    (synthetic_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(main, ["inspect-data", str(synthetic_dir / "manifest.csv")])
+    assert result.exit_code == 0, result.output
+    assert "  state: binary, benign=2, non-nodule=2, 0 missing" in result.output
+    assert "  age: regression, 50.5 to 53.5 (median 52), 0 missing" in result.output
+    assert "  smoker: multiclass, yes=2, 2 missing" in result.output
+    assert "  patient_id: 2 patients, images per patient 2 to 2 (median 2)" in result.output
