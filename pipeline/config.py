@@ -257,6 +257,14 @@ def to_dict(obj: Any) -> Dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def get_dotted(cfg: Any, key: str) -> Any:
+    """The value of `section.key` on a built config."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def set_dotted(cfg: Any, key: str, value: Any) -> None:
     """Set `section.key` (or `section.mapping.key`) on a built config, with the field's type checks."""
     parts = key.split(".")
@@ -295,6 +303,38 @@ def parse_set_options(items: typing.Iterable[str]) -> Dict[str, Any]:
     return out
 
 
+#: Keys whose value is one of a fixed set of names: checked when a config is resolved, before anything runs
+#: (a typo in tables.f1 used to give n/a cells, one in eval.size_norm an error after every fold had trained).
+CHOICES: Dict[str, tuple] = {
+    "eval.protocol": ("kfold", "holdout", "insample", "contaminated"),
+    "eval.control": ("none", "noise"),
+    "eval.size_norm": ("grid", "range"),
+    "tables.f1": ("f1_weighted", "f1_macro"),
+    "train.non_nodule": ("mask", "class"),
+    "train.feature_dtype": ("float32", "float16"),
+    "train.uncertainty_regulariser": ("kendall", "log1p"),
+    "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
+    "train.loc.decode": ("argmax", "softargmax"),
+    "extract.interpolation": ("bilinear", "bicubic", "nearest"),
+}
+
+
+def check_choices(cfg: Config, where: str = "config") -> Config:
+    """Every CHOICES key of `cfg` holds one of its names (and tables.protocols only protocols); the error
+    suggests the closest valid name."""
+    def check(key: str, value: Any, valid: tuple) -> None:
+        if value not in valid:
+            close = difflib.get_close_matches(str(value), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: {key} '{value}' must be one of {', '.join(valid)}{hint}")
+
+    for key, valid in CHOICES.items():
+        check(key, get_dotted(cfg, key), valid)
+    for protocol in cfg.tables.protocols:
+        check("tables.protocols", protocol, CHOICES["eval.protocol"])
+    return cfg
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
     """Dataclass defaults <- YAML file (if any) <- dotted overrides (CLI flags), validated into a Config."""
     data: Dict[str, Any] = {}
@@ -311,7 +351,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(cfg, key, value)
-    return cfg
+    return check_choices(cfg, where)
 
 
 def _field_comments(cls: type) -> Dict[str, str]:

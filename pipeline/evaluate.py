@@ -11,14 +11,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .config import EvalConfig
+from .config import CHOICES, EvalConfig
 from .errors import ConfigError
 from .metrics import bootstrap_counts
 from .tasks import TaskSpec, labelled
 from .train import Split
 
-PROTOCOLS = ("kfold", "holdout", "insample", "contaminated")
-CONTROLS = ("none", "noise")
+PROTOCOLS = CHOICES["eval.protocol"]
+CONTROLS = CHOICES["eval.control"]
 #: The first line of every output of a run scored on rows it was trained on.
 INSAMPLE_WARNING = ("WARNING: training-set scores (eval.protocol {protocol}): the head was scored on rows it was "
                     "trained on; these numbers are not an estimate of performance on new images.")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, build, dump_config, load_yaml, set_dotted
+from pipeline.config import Config, build, check_choices, dump_config, load_yaml, set_dotted
 from pipeline.engine import TrainData, inner_val_fraction, load_train_data, loc_family, pooled_family
 from pipeline.errors import ConfigError
 from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
@@ -94,7 +94,7 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
         c = copy.deepcopy(cfg)
         for key, value in choice.items():
             set_dotted(c, key, value)
-        out.append(c)
+        out.append(check_choices(c, "sweep"))
     return out
 
 

@@ -72,3 +72,15 @@ def test_shipped_label_maps_cover_the_classes():
     assert maps.classes["state"] == ("malignant", "benign", "non-nodule")
     assert maps.map("diagnosis", "  Lung   Cancer(Adenocarcinoma) ", "t") == "lung_cancer"
     assert len(maps.spellings["diagnosis"]) == 31  # 32 spellings, two differ only by case
+
+
+def test_every_choice_is_checked_when_the_config_is_resolved():
+    """A typo in a named choice stops at once with the closest valid name, before anything trains."""
+    from pipeline.config import CHOICES
+
+    for key, valid in CHOICES.items():
+        with pytest.raises(ConfigError, match=rf"{key} '{valid[0]}x' must be one of .*did you mean '{valid[0]}'"):
+            load_config(None, {key: valid[0] + "x"})
+        assert load_config(None, {key: valid[-1]})  # every valid name is accepted
+    with pytest.raises(ConfigError, match="tables.protocols 'kfolds' must be one of"):
+        load_config(None, {"tables.protocols": ["kfold", "kfolds"]})
