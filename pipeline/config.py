@@ -62,6 +62,7 @@ def load_yaml(path: Path) -> Any:
 @dataclass
 class DataConfig:
     labels: Optional[str] = None  # label maps; None = configs/labels.yaml
+    views: List[str] = field(default_factory=list)  # stage two keeps only these views (a 'view' column); [] = all
 
 
 @dataclass

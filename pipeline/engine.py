@@ -99,6 +99,22 @@ def check_memory(n: int, d: int, dtype: str, where: str) -> None:
                           "fewer backbones or on a machine (or job allocation) with more memory")
 
 
+def keep_views(table: pd.DataFrame, rows: np.ndarray, views: Sequence[str], where: str) -> np.ndarray:
+    """The rows whose `view` label is one of `views` (data.views; case-insensitive, e.g. PA, AP); [] keeps all."""
+    if not views:
+        return rows
+    if "view" not in table:
+        raise ConfigError(f"data.views {list(views)}: {where} has no 'view' label column; drop data.views or add "
+                          "the column (a manifest's own 'view' column, e.g. PA, AP, LL)")
+    wanted = {str(v).upper() for v in views}
+    keep = np.array([str(v).upper() in wanted for v in table["view"].to_numpy()[rows]], dtype=bool)
+    logger.info("data.views %s: %d of %d images kept, %d of other views left out", sorted(wanted), int(keep.sum()),
+                len(rows), int((~keep).sum()))
+    if not keep.any():
+        raise ConfigError(f"data.views {list(views)}: no image of {where} has one of these views")
+    return rows[keep]
+
+
 def finite_rows(features: np.ndarray, step: int = 4096) -> np.ndarray:
     """Whether each row is finite, in blocks (no full-size temporary)."""
     return np.concatenate([np.isfinite(features[i:i + step]).all(axis=1) for i in range(0, len(features), step)]
@@ -130,6 +146,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
     rows = np.flatnonzero(~bad & finite_rows(features))
     if len(rows) < len(table):
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
+    rows = keep_views(table, rows, cfg.data.views, f"cache {cache_path}")
     features = control_features(features, cfg.eval, cfg.train.seed)
     if maps is not None and cfg.eval.control == "noise":
         maps = np.random.default_rng(cfg.train.seed + 7778).standard_normal(maps.shape).astype(np.float16)

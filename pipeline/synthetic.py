@@ -158,6 +158,8 @@ def write_feature_cache(path: Path, n: int, d: int, seed: int = 0, spec: str = "
         "diagnosis": np.where(nodule, np.where(states == "malignant", "lung_cancer", "granuloma_infection"),
                               None).astype(object),
         "age": rng.integers(20, 90, n).astype(float), "sex": rng.choice(np.array(["Male", "Female"]), n),
+        # its own stream: the other columns and the features stay as benchmarks/scale.py measured them
+        "view": np.random.default_rng(seed + 2).choice(np.array(["PA", "AP", "LL"]), n, p=[0.6, 0.3, 0.1]),
     }
     signal = np.stack([presence, states == "malignant", np.nan_to_num(x / 2048)], axis=1).astype(np.float32)
     mix = rng.normal(size=(3, d)).astype(np.float32)

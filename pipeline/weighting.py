@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CHOICES
+
 #: uncertainty: the regulariser of each log variance s_k (train.uncertainty_regulariser).
-UNCERTAINTY_REGULARISERS = ("kendall", "log1p")
+UNCERTAINTY_REGULARISERS = CHOICES["train.uncertainty_regulariser"]
 
 
 class Weighting(nn.Module):

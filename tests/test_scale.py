@@ -136,3 +136,14 @@ def test_large_config_trains_end_to_end(wide_cache, tmp_path):
 
         load_train_data(wide_cache, _config(**{"train.feature_dtype": "float8"}))
     assert CacheError  # imported for the damaged-cache test's error class
+
+
+def test_data_views_keep_only_those_views(wide_cache):
+    from pipeline.engine import load_train_data
+
+    everything = load_train_data(wide_cache, _config())
+    frontal = load_train_data(wide_cache, _config(**{"data.views": ["pa", "AP"]}))
+    views = everything.table["view"].to_numpy()
+    assert set(views[frontal.rows]) == {"PA", "AP"} and len(frontal.rows) == int((views != "LL").sum())
+    with pytest.raises(ConfigError, match="no image of .* has one of these views"):
+        load_train_data(wide_cache, _config(**{"data.views": ["LATERAL"]}))
