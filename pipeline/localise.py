@@ -18,17 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LocConfig
+from .config import CHOICES, EvalConfig, LocConfig
 from .errors import ConfigError
 from .metrics import roc_auc
 from .train import Batch, Split, check_optim, floor_std
 
-DECODERS = ("argmax", "softargmax")
-#: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`.
+DECODERS = CHOICES["train.loc.decode"]
+#: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`; the
+#: FROC sensitivities at the configured levels join them (loc_metric_directions).
 LOC_METRICS = {"mean_px": -1, "median_px": -1, "within_radius": 1, "within_100px": 1, "within_200px": 1,
                "x_mae_norm": -1, "y_mae_norm": -1, "presence_auc": 1}
-#: FROC operating points (false positives per image) reported unless eval.froc_fps says otherwise.
-FROC_FPS = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: FROC operating points (false positives per image): eval.froc_fps's default, its one owner.
+FROC_FPS = tuple(EvalConfig().froc_fps)
 
 
 def froc_names(fps=FROC_FPS):
@@ -36,7 +37,9 @@ def froc_names(fps=FROC_FPS):
     return [f"froc_{hit}_at_{fp:g}fp" for hit in ("radius", "100px") for fp in fps]
 
 
-LOC_METRICS.update({name: 1 for name in froc_names()})
+def loc_metric_directions(fps=FROC_FPS) -> Dict[str, int]:
+    """Every localisation metric a run reports at these FROC levels, with its direction."""
+    return {**LOC_METRICS, **{name: 1 for name in froc_names(fps)}}
 
 
 class LocNet(nn.Module):

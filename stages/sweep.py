@@ -26,7 +26,8 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
                                task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.localise import LOC_METRICS, LocFamily, candidates, decode_maps, froc, localisation_metrics
+from pipeline.localise import (FROC_FPS, LocFamily, candidates, decode_maps, froc, loc_metric_directions,
+                               localisation_metrics)
 from pipeline.tasks import metric_direction
 from pipeline.train import Job, Split, fixed_epochs, train_jobs, validated_epochs
 from stages.progress import progress_bars
@@ -98,14 +99,16 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
     return out
 
 
-def rank_direction(data: TrainData, rank_by: str, where: str) -> int:
-    """+1 where a higher `rank_by` (task.metric or loc.metric) is better, -1 for errors: from the task's kind."""
+def rank_direction(data: TrainData, rank_by: str, where: str, froc_fps=FROC_FPS) -> int:
+    """+1 where a higher `rank_by` (task.metric or loc.metric, FROC at the run's eval.froc_fps levels) is better,
+    -1 for errors: from the task's kind."""
     task_name, _, metric = rank_by.partition(".")
     tasks = {t.name: t for t in data.tasks}
     if task_name == "loc" and data.maps is not None:
-        if metric not in LOC_METRICS:
-            raise ConfigError(f"{where}: rank_by '{rank_by}': valid loc metrics: {', '.join(LOC_METRICS)}")
-        return LOC_METRICS[metric]
+        valid = loc_metric_directions(froc_fps)
+        if metric not in valid:
+            raise ConfigError(f"{where}: rank_by '{rank_by}': valid loc metrics: {', '.join(valid)}")
+        return valid[metric]
     if task_name not in tasks or not metric:
         raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task "
                           f"({', '.join(tasks)}{', loc' if data.maps is not None else ''})")
@@ -129,7 +132,7 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     bars = progress_bars(progress)
     spec = load_sweep(sweep_path)
     data = load_train_data(cache, cfg)
-    direction = rank_direction(data, spec.rank_by, str(sweep_path))
+    direction = rank_direction(data, spec.rank_by, str(sweep_path), cfg.eval.froc_fps)
     configs = configurations(spec)
     cfgs = config_variants(cfg, configs)
     dev_rows, test_rows = development_split(data, cfg, spec)

@@ -166,3 +166,15 @@ def test_froc_counts_several_lesions_of_one_image():
     res = froc(table, np.arange(3), *_cands(), 0.175, fps=(0.25, 1.0), lesion_list=two)
     # by score: lesion 0 (5), FP (4), lesion 2 by 100 px (3), FP (2), lesion 1 (1): 3 lesions, 2 FPs in all
     assert res["froc_100px_at_0.25fp"] == pytest.approx(1 / 3) and res["froc_100px_at_1fp"] == 1.0
+
+
+def test_a_sweep_can_rank_on_a_custom_froc_level():
+    """eval.froc_fps names the levels: a sweep may rank on any of them, not only the default five."""
+    from types import SimpleNamespace
+
+    from stages.sweep import rank_direction
+
+    data = SimpleNamespace(tasks=[], maps=np.zeros((1, 1, 2, 2)))
+    assert rank_direction(data, "loc.froc_radius_at_3fp", "sweep.yaml", froc_fps=[1.0, 3.0]) == 1
+    with pytest.raises(Exception, match="valid loc metrics: .*froc_radius_at_3fp"):
+        rank_direction(data, "loc.froc_radius_at_8fp", "sweep.yaml", froc_fps=[1.0, 3.0])
