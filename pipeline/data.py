@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-import numpy as np
 import pandas as pd
 
 from .errors import DataError
@@ -480,11 +479,6 @@ def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, No
     if source.layout == "jsrt":
         return _load_jsrt(source.root, maps, check_images, skip_bad)
     return _load_manifest(source.metadata, maps, check_images, skip_bad)
-
-
-def normalised_xy(table: pd.DataFrame) -> np.ndarray:
-    """Nodule centres as fractions of their coordinate grid, shape (n, 2), NaN where absent."""
-    return np.stack([table["x"] / table["grid_w"], table["y"] / table["grid_h"]], axis=1).astype(np.float64)
 
 
 def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[str]:

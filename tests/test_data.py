@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.data import JSRT_GRID, load_dataset, normalised_xy
+from pipeline.data import JSRT_GRID, load_dataset
 from pipeline.errors import DataError
 from pipeline.images import decode_image, read_image
 from tests.conftest import SHARED_JSRT
@@ -171,7 +171,8 @@ def test_generic_manifest_with_own_grid_and_extra_columns(tmp_path):
     assert table.loc["a", "lobe"] == "RUL" and table.loc["a", "size_mm"] == 7.5
     assert table.loc["a", "grid_w"] == 50 and table.loc["a", "grid_h"] == 40  # image pixels
     assert table.loc["b", "presence"] == 0 and table.loc["b", "scanner"] == "siemens"
-    np.testing.assert_allclose(normalised_xy(table.reset_index())[0], [10 / 50, 20 / 40])
+    assert (table.loc["a", "x"] / table.loc["a", "grid_w"], table.loc["a", "y"] / table.loc["a", "grid_h"]) == \
+        (10 / 50, 20 / 40)  # a centre as a fraction of its own grid
 
 
 # ---------------------------------------------------------------------------------- bad input
