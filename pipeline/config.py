@@ -168,6 +168,8 @@ class EvalConfig:
     refit: bool = True  # train a final head on all rows (what predict uses)
     pixel_mm: float = 0.175  # size of a coordinate-grid pixel (JSRT's 2048 grid): a nodule's radius in pixels
     froc_fps: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # FROC: FPs per image
+    train_sizes: List[str] = field(default_factory=list)  # label efficiency: training patients (50, 0.1, all)
+    train_size_repeats: int = 1  # label efficiency: nested subsets drawn per size and split
 
 
 @dataclass
@@ -333,7 +335,32 @@ def check_choices(cfg: Config, where: str = "config") -> Config:
         check(key, get_dotted(cfg, key), valid)
     for protocol in cfg.tables.protocols:
         check("tables.protocols", protocol, CHOICES["eval.protocol"])
+    for size in cfg.eval.train_sizes:
+        train_size(size, 1, where)
+    if cfg.eval.train_size_repeats < 1:
+        raise ConfigError(f"{where}: eval.train_size_repeats {cfg.eval.train_size_repeats} must be >= 1")
     return cfg
+
+
+def train_size(size: str, available: int, where: str = "config") -> int:
+    """eval.train_sizes entry -> a count of training patients: 'all', a fraction in (0, 1] (with a point: 0.1),
+    or a count (50); at most `available`."""
+    text = str(size).strip().lower()
+    try:
+        if text == "all":
+            return available
+        if "." in text:
+            value = float(text)
+            if not 0 < value <= 1:
+                raise ValueError
+            return max(1, min(available, int(round(value * available))))
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return min(available, count)
+    except ValueError:
+        raise ConfigError(f"{where}: eval.train_sizes entry '{size}' must be 'all', a fraction in (0, 1] such as "
+                          "0.1, or a count of patients such as 50") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:

@@ -181,6 +181,7 @@ class CVResult:
     oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
     loc: Optional[LocOutcome] = None
+    efficiency: Dict[str, object] = field(default_factory=dict)  # label efficiency: size -> its scores
     primary: Dict[str, object] = field(default_factory=dict)  # which head answers in predict (primary_answers)
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
 
@@ -315,7 +316,54 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
                                            cfg.train.seed, subset=rows) for label, rows in bins.items()},
         }
     cv.timings["summaries"] = time.perf_counter() - clock
+    if cfg.eval.train_sizes:
+        cv.efficiency = label_efficiency(data, cfg, splits, names, norms, progress)
     return cv
+
+
+def label_efficiency(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
+                     norms: Dict[str, np.ndarray], progress: Progress = no_progress) -> Dict[str, object]:
+    """eval.train_sizes: the head trained on nested subsets of each split's training patients (the same
+    inner validation rows, the same test rows), scored as the full run is. Per size: the mean patients and
+    images trained on, every metric (the first repeat's pooled estimate with its CI, summarise) and each
+    repeat's pooled value."""
+    from .config import train_size
+    from .evaluate import split_groups
+
+    groups = split_groups(data.table, data.rows, cfg.eval)
+    group_of = dict(zip(data.rows.tolist(), groups)) if groups is not None else {}
+    jobs, where = [], []
+    for s, split in enumerate(splits):
+        g = np.array([group_of.get(r, r) for r in split.train.tolist()], dtype=object)
+        patients = np.array(sorted(set(g.tolist()), key=str), dtype=object)
+        for repeat in range(cfg.eval.train_size_repeats):
+            order = np.random.default_rng([cfg.train.seed, s, repeat]).permutation(len(patients))
+            for size in cfg.eval.train_sizes:  # nested: every size is a prefix of one order of the patients
+                chosen = set(patients[order[:train_size(size, len(patients))]].tolist())
+                rows = split.train[np.array([p in chosen for p in g.tolist()], dtype=bool)]
+                jobs.append(Split(train=rows, test=split.test, val=split.val, key=split.key))
+                where.append((str(size), repeat, s, len(chosen)))
+    family = pooled_family(data, jobs)
+    with progress(len(jobs) * cfg.train.epochs, "label efficiency", rows=_rows_per_epoch(jobs)) as tick:
+        results = train_jobs(family, [Job(cfg.train, i) for i in range(len(jobs))], progress=tick,
+                             device=cfg.train.device)
+    out: Dict[str, object] = {}
+    for size in dict.fromkeys(str(x) for x in cfg.eval.train_sizes):
+        entry: Dict[str, object] = {"repeats": {}}
+        for repeat in range(cfg.eval.train_size_repeats):
+            idx = [i for i, w in enumerate(where) if w[0] == size and w[1] == repeat]
+            oof = OutOfFold.collect([jobs[i] for i in idx], [family.prep.decode(results[i].outputs, i) for i in idx])
+            split_names = [names[where[i][2]] for i in idx]
+            report = summarise(oof, data.tasks, data.targets, norms, split_names,
+                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed)
+            if repeat == 0:
+                entry.update(patients=float(np.mean([where[i][3] for i in idx])),
+                             images=float(np.mean([len(jobs[i].train) for i in idx])), metrics=report)
+            for task, metrics in report.items():
+                for metric, value in metrics.items():
+                    entry["repeats"].setdefault(f"{task}.{metric}", []).append(value["pooled"])
+        out[size] = entry
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

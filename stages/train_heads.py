@@ -138,6 +138,16 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         for metric in cv.reports[MODEL_NAME]["overall"].get(task.name, {}):
             cells = [format_entry(cv.reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
             lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
+    if cv.efficiency:
+        first = {t.name: next(iter(cv.reports[MODEL_NAME]["overall"].get(t.name, {})), None) for t in data.tasks}
+        cols = [(t, m) for t, m in first.items() if m]
+        lines += ["", "Label efficiency (eval.train_sizes): the head trained on nested subsets of each split's "
+                  "training patients, scored on the same test rows:", "",
+                  "| training patients | patients (mean) | images (mean) | " + " | ".join(f"{t} {m}" for t, m in cols)
+                  + " |", "|---|---|---|" + "---|" * len(cols)]
+        for size, entry in cv.efficiency.items():
+            cells = [format_entry(entry["metrics"].get(t, {}).get(m)) for t, m in cols]
+            lines.append(f"| {size} | {entry['patients']:.0f} | {entry['images']:.0f} | " + " | ".join(cells) + " |")
     if cv.loc is not None:
         heads = list(cv.loc.report)
         lines += ["", f"Localisation ({data.loc_spec} maps, {cfg.train.loc.decode}; errors in pixels of the "
@@ -188,10 +198,45 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
         fig.savefig(folder / f"confusion_{task}.png", dpi=110)
         plt.close(fig)
         written.append(f"confusion_{task}.png")
+    if cv.efficiency:
+        written += _efficiency_plot(folder, data, cv, plt)
     if cv.loc is not None:
         written += _gallery(folder, data, cv.loc, plt)
         written += _froc_plot(folder, cv.loc, plt)
     return written
+
+
+def _efficiency_plot(folder: Path, data: TrainData, cv: CVResult, plt) -> List[str]:
+    """One panel per task: its first metric against the training patients (first repeat, 95% CI)."""
+    sizes = list(cv.efficiency.values())
+    patients = [e["patients"] for e in sizes]
+    panels = []
+    for task in data.tasks:
+        metric = next(iter(cv.reports[MODEL_NAME]["overall"].get(task.name, {})), None)
+        entries = [e["metrics"].get(task.name, {}).get(metric) or {} for e in sizes]
+        if metric is not None and all("pooled" in e for e in entries):
+            panels.append((task.name, metric, entries))
+    if not panels:
+        return []
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax, (task, metric, entries) in zip(axes.ravel(), panels):
+        value = np.array([e["pooled"] for e in entries])
+        low = np.array([e.get("ci95", [v, v])[0] for e, v in zip(entries, value)])
+        high = np.array([e.get("ci95", [v, v])[1] for e, v in zip(entries, value)])
+        ax.errorbar(patients, value, yerr=[value - low, high - value], marker="o", capsize=3)
+        ax.set_xscale("log")
+        ax.set_title(f"{task} {metric}", fontsize=9)
+        ax.set_xlabel("training patients per split", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Label efficiency: the same test rows, nested training subsets (95% bootstrap CIs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "label_efficiency.png", dpi=110)
+    plt.close(fig)
+    return ["label_efficiency.png"]
 
 
 def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
@@ -290,6 +335,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
             "loss_weights_at_bound": cv.weights_at_bound(data.tasks),
             "models": cv.reports,
             **({"localisation": {**cv.loc.report, "froc_curves": cv.loc.froc_curves}} if cv.loc is not None else {}),
+            **({"label_efficiency": cv.efficiency} if cv.efficiency else {}),
         }
         (tmp / "config.yaml").write_text(dump_config(cfg))
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=True))

@@ -1,9 +1,10 @@
-"""Protocols that explain the paper's numbers: in-sample and contaminated scores, and a noise control."""
+"""Protocols: in-sample and contaminated scores, a noise control, patient-grouped splits, label efficiency."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from pipeline.engine import cross_validate, load_train_data
@@ -115,3 +116,25 @@ def test_patients_are_never_split_and_one_image_per_patient_keeps_todays_folds()
         assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val) and np.array_equal(a.test, b.test)
     ungrouped, _ = make_splits(table, rows, load_config(None, {"eval.group": "none"}).eval)
     assert any(set(patients[s.train]) & set(patients[s.test]) for s in ungrouped)  # what grouping prevents
+
+
+def test_label_efficiency_trains_nested_subsets_and_scores_the_same_test_rows(tiny_cache, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from tests.helpers import tiny_train_config
+
+    cfg = tiny_train_config(**{"eval.train_sizes": ["4", "0.5", "all"], "eval.bootstrap": 20,
+                               "train.tasks": ["state", "presence"], "train.epochs": 3})
+    train_heads(tiny_cache, tmp_path / "run", cfg, progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    eff = metrics["label_efficiency"]
+    assert list(eff) == ["4", "0.5", "all"]
+    assert eff["4"]["patients"] == 4 < eff["0.5"]["patients"] < eff["all"]["patients"]
+    assert "ci95" in eff["4"]["metrics"]["state"]["accuracy"]
+    # 'all' is the full run's training (same rows, same random numbers): the same scores
+    assert eff["all"]["metrics"]["state"]["accuracy"]["pooled"] == \
+        metrics["models"]["res-mtnet"]["overall"]["state"]["accuracy"]["pooled"]
+    assert "Label efficiency" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "plots" / "label_efficiency.png").exists()
+    with pytest.raises(ConfigError, match="eval.train_sizes entry 'half' must be"):
+        load_config(None, {"eval.train_sizes": ["half"]})
