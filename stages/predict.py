@@ -241,6 +241,9 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     table.insert(3, "in_training_set", [h in trained for h in hashes])
     table.insert(4, "typicality_percentile", np.where(ok, np.round(head.typicality(np.nan_to_num(features)), 1),
                                                       np.nan))
+    answer = [c for c in table.columns if c.startswith("nodule_")]  # the answer first, the heads' outputs after
+    table = table[[c for c in table.columns if c not in answer][:6] + answer
+                  + [c for c in table.columns if c not in answer][6:]]
     if table["in_training_set"].any():
         logger.warning("%d of %d image(s) were in the head's training set (same content): their predictions are "
                        "training-set answers, far better than on new images (column in_training_set)",
