@@ -127,8 +127,6 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
     tcfg = cfg.train
     if not tcfg.features:
         raise ConfigError("train.features is empty; name the backbones whose features to use")
-    if tcfg.feature_dtype not in FEATURE_DTYPES:
-        raise ConfigError(f"train.feature_dtype '{tcfg.feature_dtype}' must be one of {', '.join(FEATURE_DTYPES)}")
     with FeatureCache(cache_path) as cache:
         specs = [cache.resolve(name) for name in tcfg.features]
         check_memory(len(cache.ids), sum(cache.backbones[s].dim for s in specs), tcfg.feature_dtype,

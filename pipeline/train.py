@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .runtime import pick_device
-from .weighting import UNCERTAINTY_REGULARISERS, WEIGHTINGS
+from .weighting import WEIGHTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,6 @@ def check_optim(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}.early_stopping {cfg.early_stopping} must be >= 0 (0 = off)")
     if cfg.loss_weighting not in WEIGHTINGS:
         raise ConfigError(f"{where}.loss_weighting '{cfg.loss_weighting}' must be one of {', '.join(WEIGHTINGS)}")
-    if cfg.uncertainty_regulariser not in UNCERTAINTY_REGULARISERS:
-        raise ConfigError(f"{where}.uncertainty_regulariser '{cfg.uncertainty_regulariser}' must be one of "
-                          f"{', '.join(UNCERTAINTY_REGULARISERS)}")
     if cfg.gradnorm_alpha < 0:
         raise ConfigError(f"{where}.gradnorm_alpha {cfg.gradnorm_alpha} must be >= 0")
 

@@ -15,11 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CHOICES
-
-#: uncertainty: the regulariser of each log variance s_k (train.uncertainty_regulariser).
-UNCERTAINTY_REGULARISERS = CHOICES["train.uncertainty_regulariser"]
-
 
 class Weighting(nn.Module):
     """Base: fixed weights. lambdas (M, T) are the configured per-task weights (train.lambdas)."""
