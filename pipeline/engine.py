@@ -20,7 +20,7 @@ import pandas as pd
 
 from cache import GROUPS, FeatureCache
 
-from .config import Config
+from .config import CHOICES, Config
 from .errors import CacheError, ConfigError
 from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, first_seed_mask, make_splits,
                        regression_norms, size_bins, summarise, summarise_metrics)
@@ -80,7 +80,8 @@ def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[
 #: Working memory stage two needs beside the feature matrix (per-split targets and statistics, the stacked
 #: heads and their Adam state, blocks of rows, bootstrap resamples), which tests/test_scale.py measures.
 WORKING_BYTES = 1536 << 20
-FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+#: How the matrix may be held (the names are the config's choices for train.feature_dtype).
+FEATURE_DTYPES = {name: np.dtype(name).type for name in CHOICES["train.feature_dtype"]}
 
 
 def check_memory(n: int, d: int, dtype: str, where: str) -> None:

@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CHOICES, EvalConfig, LocConfig
+from .config import EvalConfig, LocConfig
 from .errors import ConfigError
 from .metrics import roc_auc
 from .train import Batch, Split, check_optim, floor_std
 
-DECODERS = CHOICES["train.loc.decode"]
 #: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`; the
 #: FROC sensitivities at the configured levels join them (loc_metric_directions).
 LOC_METRICS = {"mean_px": -1, "median_px": -1, "within_radius": 1, "within_100px": 1, "within_200px": 1,
@@ -179,8 +178,6 @@ class LocFamily:
     @staticmethod
     def check(cfg: LocConfig) -> None:
         check_optim(cfg, "train.loc")
-        if cfg.decode not in DECODERS:
-            raise ConfigError(f"train.loc.decode '{cfg.decode}' must be one of {', '.join(DECODERS)}")
         if cfg.hidden < 1 or cfg.context < 0 or cfg.sigma <= 0 or cfg.presence_weight < 0:
             raise ConfigError("train.loc: hidden and sigma must be positive, context and presence_weight >= 0")
 
