@@ -63,6 +63,7 @@ def load_yaml(path: Path) -> Any:
 class DataConfig:
     labels: Optional[str] = None  # label maps; None = configs/labels.yaml
     views: List[str] = field(default_factory=list)  # stage two keeps only these views (a 'view' column); [] = all
+    uncertain: str = "ignore"  # multilabel: an uncertain finding (-1, CheXpert): ignore (masked) | ones | zeros
 
 
 @dataclass
@@ -137,7 +138,8 @@ class LocConfig(OptimConfig):
 class TrainConfig(OptimConfig):
     features: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # concatenated
     tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))  # built-in tasks or any label column
-    task_kinds: Dict[str, str] = field(default_factory=dict)  # task -> multiclass | binary | regression
+    task_kinds: Dict[str, str] = field(default_factory=dict)  # task -> multiclass | binary | regression | multilabel
+    task_groups: Dict[str, List[str]] = field(default_factory=dict)  # task -> finding columns: one multilabel task
     lambdas: Dict[str, float] = field(default_factory=dict)  # task -> weight; a task not named weighs 1
     non_nodule: str = "mask"  # images without a nodule in subtlety/lobe/diagnosis: mask | class ('none')
     hidden: int = 512  # width of the shared FC layer and the residual blocks
@@ -153,7 +155,7 @@ class TrainConfig(OptimConfig):
 
 @dataclass
 class EvalConfig:
-    protocol: str = "kfold"  # kfold | holdout | insample (training-set scores) | contaminated
+    protocol: str = "kfold"  # kfold | holdout | official (the data set's test list) | insample | contaminated
     seen_fraction: float = 1.0  # contaminated: share of each fold's training rows also scored (1: all rows)
     control: str = "none"  # none | noise: Gaussian noise instead of the features (a no-information row)
     folds: int = 5  # k of k-fold cross-validation
@@ -309,7 +311,8 @@ def parse_set_options(items: typing.Iterable[str]) -> Dict[str, Any]:
 #: Keys whose value is one of a fixed set of names: checked when a config is resolved, before anything runs
 #: (a typo in tables.f1 used to give n/a cells, one in eval.size_norm an error after every fold had trained).
 CHOICES: Dict[str, tuple] = {
-    "eval.protocol": ("kfold", "holdout", "insample", "contaminated"),
+    "eval.protocol": ("kfold", "holdout", "official", "insample", "contaminated"),
+    "data.uncertain": ("ignore", "ones", "zeros"),
     "eval.control": ("none", "noise"),
     "eval.size_norm": ("grid", "range"),
     "tables.f1": ("f1_weighted", "f1_macro"),

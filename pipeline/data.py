@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import pandas as pd
 
@@ -44,7 +44,7 @@ JSRT_GRID = 2048
 KAGGLE_METADATA = "jsrt_metadata.csv"
 KAGGLE_COLUMNS = ("study_id", "subtlety", "size", "age", "sex", "x", "y", "state", "position", "diagnosis")
 MANIFEST_NAME = "manifest.csv"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".img", ".dcm", ".dicom")
 
 COLUMNS = ("id", "image", "width", "height", "grid_w", "grid_h", "subtlety", "state", "presence", "lobe",
            "diagnosis", "x", "y", "size_mm", "age", "sex", "position_text", "diagnosis_text")
@@ -58,7 +58,7 @@ FILE_COLUMNS = ("id", "image", "width", "height")
 class Source:
     """Where a table came from: the layout, its data folder and metadata file."""
 
-    layout: str  # kaggle | jsrt | manifest
+    layout: str  # a key of LAYOUTS
     root: Path
     metadata: Path
 
@@ -89,7 +89,7 @@ def _number(value: object, field: str, where: str, integer: bool = False) -> flo
     return number
 
 
-_ID_EXTENSION = re.compile(r"\.(png|jpe?g|tiff?|bmp|img)$", re.IGNORECASE)
+_ID_EXTENSION = re.compile(r"\.(png|jpe?g|tiff?|bmp|img|dcm|dicom)$", re.IGNORECASE)
 
 
 def clean_id(raw: str, where: str) -> str:
@@ -128,8 +128,12 @@ def _index_images(folder: Path, recursive: bool = False) -> Dict[str, Path]:
 def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if path.suffix.lower() == ".gz":  # MIMIC-CXR ships its tables gzipped
+            import gzip
+
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     for encoding in ("utf-8-sig", "latin-1"):
         try:
             return data.decode(encoding)
@@ -434,34 +438,107 @@ def _extra_value(text: str) -> Union[float, str, None]:
 
 
 # --------------------------------------------------------------------------------------------------
+# the registry of layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A data set's published layout: how to recognise it and load it into the normalised table.
+
+    `detect(path)` gets the folder (or a CSV file) the user named and returns the metadata file that marks the
+    layout (`marker` names it), or None; `load(source, maps, check_images, skip_bad)` returns the table.
+    `findings` are the label
+    columns of the layout's multi-label task `findings` (train.tasks: [findings]); `note` is one line for the
+    README's Data table.
+    """
+
+    name: str
+    detect: Callable[[Path], Optional[Path]]
+    load: Callable[[Source, LabelMaps, bool, bool], pd.DataFrame]
+    marker: str  # the file that names the layout, for errors
+    findings: Tuple[str, ...] = ()
+    note: str = ""
+
+
+#: Layouts in detection order (the first whose marker file is found wins).
+LAYOUTS: Dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout) -> Layout:
+    if layout.name in LAYOUTS:
+        raise ValueError(f"layout '{layout.name}' is registered twice")
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
+def task_groups(layout: str) -> Dict[str, Tuple[str, ...]]:
+    """The multi-label tasks a layout declares (its findings), by task name; {} for layouts without."""
+    entry = LAYOUTS.get(layout)
+    return {"findings": entry.findings} if entry is not None and entry.findings else {}
+
+
+def _file_named(*names: str) -> Callable[[Path], Optional[Path]]:
+    """A detector: the folder holds (or the path is) a file with one of these names (any case)."""
+    def detect(path: Path) -> Optional[Path]:
+        if path.is_file():
+            return path if path.name.lower() in {n.lower() for n in names} else None
+        for name in names:
+            found = _find_case_insensitive(path, name)
+            if found is not None:
+                return found
+        return None
+    return detect
+
+
+def _detect_manifest(path: Path) -> Optional[Path]:
+    if path.is_file():
+        return path if path.suffix.lower() == ".csv" else None
+    return _find_case_insensitive(path, MANIFEST_NAME)
+
+
+register_layout(Layout("kaggle", _file_named(KAGGLE_METADATA),
+                       lambda src, maps, check, skip: _load_kaggle(src.root, src.metadata, maps, check, skip),
+                       KAGGLE_METADATA,
+                       note="JSRT as on Kaggle: jsrt_metadata.csv + images/ (or images/images/)"))
+register_layout(Layout("jsrt", _file_named("CLNDAT_EN.txt", "CNNDAT_EN.TXT"),
+                       lambda src, maps, check, skip: _load_jsrt(src.root, maps, check, skip),
+                       "CLNDAT_EN.txt / CNNDAT_EN.TXT",
+                       note="the original JSRT distribution: *.IMG + CLNDAT_EN.txt / CNNDAT_EN.TXT"))
+
+
+def _load_manifest_layout(src: Source, maps: LabelMaps, check: bool, skip: bool) -> pd.DataFrame:
+    return _load_manifest(src.metadata, maps, check, skip)
+
+
+# the field's data sets register themselves between the JSRT layouts and the generic manifest (a manifest.csv
+# next to a data set's own files is not what names it)
+from . import datasets  # noqa: E402,F401  (registers nih, chexpert, mimic, vindr)
+
+register_layout(Layout("manifest", _detect_manifest, _load_manifest_layout, MANIFEST_NAME,
+                       note="any data: a CSV with an image column (absolute, or relative to the CSV) and label "
+                            "columns"))
+
+
+# --------------------------------------------------------------------------------------------------
 # entry point
 
 
 def detect_layout(path: Union[str, os.PathLike]) -> Source:
-    """Recognise the layout of a data path (a folder, or a manifest CSV file)."""
+    """Recognise the layout of a data path (a folder, or a metadata CSV file)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data path does not exist")
     path = path.resolve()
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"{path}: expected a data folder or a manifest .csv")
-        if path.name.lower() == KAGGLE_METADATA:
-            return Source("kaggle", path.parent, path)
-        return Source("manifest", path.parent, path)
-    kaggle = _find_case_insensitive(path, KAGGLE_METADATA)
-    if kaggle is not None:
-        return Source("kaggle", path, kaggle)
-    manifest = _find_case_insensitive(path, MANIFEST_NAME)
-    if manifest is not None:
-        return Source("manifest", path, manifest)
-    jsrt = _find_case_insensitive(path, "CLNDAT_EN.txt") or _find_case_insensitive(path, "CNNDAT_EN.TXT")
-    if jsrt is not None:
-        return Source("jsrt", path, jsrt)
-    if not any(path.iterdir()):
+    if path.is_file() and not path.name.lower().endswith((".csv", ".csv.gz", ".txt")):
+        raise DataError(f"{path}: expected a data folder or a manifest .csv")
+    if path.is_dir() and not any(path.iterdir()):
         raise DataError(f"{path}: the data folder is empty")
-    raise DataError(f"{path}: no {KAGGLE_METADATA} (Kaggle JSRT), CLNDAT_EN.txt/CNNDAT_EN.TXT (original JSRT) "
-                    f"or {MANIFEST_NAME} (generic manifest) found; see README 'Data'")
+    for layout in LAYOUTS.values():
+        marker = layout.detect(path)
+        if marker is not None:
+            return Source(layout.name, marker.parent, marker)
+    markers = ", ".join(f"{layout.marker} ({name})" for name, layout in LAYOUTS.items())
+    raise DataError(f"{path}: no {markers} found; see README 'Data'")
 
 
 def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, None] = None,
@@ -474,11 +551,9 @@ def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, No
     """
     maps = labels if isinstance(labels, LabelMaps) else load_label_maps(labels)
     source = detect_layout(path)
-    if source.layout == "kaggle":
-        return _load_kaggle(source.root, source.metadata, maps, check_images, skip_bad)
-    if source.layout == "jsrt":
-        return _load_jsrt(source.root, maps, check_images, skip_bad)
-    return _load_manifest(source.metadata, maps, check_images, skip_bad)
+    table = LAYOUTS[source.layout].load(source, maps, check_images, skip_bad)
+    table.attrs["task_groups"] = {k: list(v) for k, v in task_groups(source.layout).items()}
+    return table
 
 
 def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[str]:
@@ -489,17 +564,19 @@ def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[st
 
     lines = [f"{len(table)} images ({table.attrs.get('layout', '?')} layout) from {table.attrs.get('root', '?')}"]
     skip = set(FILE_COLUMNS) | {"relpath", "grid_w", "grid_h", patient_column}
+    empty = []
     for col in (c for c in table.columns if c not in skip):
         values = table[col]
         missing = int(sum(v is None or v != v or v == "" for v in values))
+        if missing == len(values):
+            empty.append(col)
+            continue
         try:
             kind, classes = infer_kind(values)
         except ConfigError:
             lines.append(f"  {col}: text, {values.nunique()} distinct values (an identifier?), {missing} missing")
             continue
-        if missing == len(values):
-            lines.append(f"  {col}: no labels ({missing} missing)")
-        elif kind == "regression":
+        if kind == "regression":
             numbers = pd.to_numeric(values, errors="coerce")
             lines.append(f"  {col}: regression, {numbers.min():g} to {numbers.max():g} (median "
                          f"{numbers.median():g}), {missing} missing")
@@ -507,6 +584,11 @@ def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[st
             counts = values.dropna().map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
             parts = ", ".join(f"{k}={v}" for k, v in counts[counts != ""].value_counts().sort_index().items())
             lines.append(f"  {col}: {kind}, {parts}, {missing} missing")
+    for group, members in table.attrs.get("task_groups", {}).items():
+        lines.append(f"  task '{group}': multilabel over {len(members)} finding columns ({', '.join(members)}); "
+                     f"train.tasks: [{group}]")
+    if empty:
+        lines.append(f"  no labels: {', '.join(empty)}")
     if patient_column in table:
         per = table[patient_column].dropna()
         per = per[per != ""].value_counts()

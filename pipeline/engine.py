@@ -21,6 +21,7 @@ import pandas as pd
 from cache import GROUPS, FeatureCache
 
 from .config import CHOICES, Config
+from .data import task_groups
 from .errors import CacheError, ConfigError
 from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, first_seed_mask, make_splits,
                        regression_norms, size_bins, summarise, summarise_metrics)
@@ -139,8 +140,9 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         attrs = dict(cache.attrs)
         hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")]
         maps, loc_spec, loc_provenance = _load_maps(cache, cfg, specs) if tcfg.loc.enabled else (None, "", {})
+    groups = {**task_groups(str(attrs.get("data_layout", ""))), **tcfg.task_groups}
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
-                          where=f"cache {cache_path}")
+                          where=f"cache {cache_path}", groups=groups, uncertain=cfg.data.uncertain)
     targets = encode_targets(table, tasks)
     rows = np.flatnonzero(~bad & finite_rows(features))
     if len(rows) < len(table):

@@ -103,11 +103,46 @@ def stratified_subset(rows: np.ndarray, labels: np.ndarray, fraction: float, see
     return np.sort(rows[rest]), np.sort(rows[part])
 
 
+#: The label column of a data set's own split (train / validate / test), and the values it scores.
+SPLIT_COLUMN = "split"
+
+
+def official_split(table: pd.DataFrame, rows: np.ndarray, groups: Optional[np.ndarray]
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions in `rows` of the data set's own split: its test list is scored (CheXpert, which
+    publishes no test labels: its validation list), every other listed row trains (inner validation is drawn
+    from them); rows in no list are left out."""
+    if SPLIT_COLUMN not in table:
+        raise ConfigError("eval.protocol official needs the data set's own split: the nih, chexpert, mimic and vindr "
+                          "layouts have one, a manifest a 'split' column of train / validate / test")
+    split = np.array([str(v).strip().lower() if isinstance(v, str) else ""
+                      for v in table[SPLIT_COLUMN].to_numpy()[rows]])
+    scored = "test" if (split == "test").any() else "validate"
+    test = np.flatnonzero(split == scored)
+    train = np.flatnonzero((split != scored) & (split != ""))
+    if not len(test) or not len(train):
+        raise ConfigError(f"eval.protocol official: the '{SPLIT_COLUMN}' column has {len(train)} training and "
+                          f"{len(test)} {scored} images here; both are needed")
+    if scored != "test":
+        logger.warning("eval.protocol official: no test list in this data set; scoring its %s list (%d images)",
+                       scored, len(test))
+    left = len(rows) - len(test) - len(train)
+    if left:
+        logger.warning("eval.protocol official: %d image(s) are in no list of the data set's split; left out", left)
+    if groups is not None:
+        both = np.intersect1d(groups[train], groups[test])
+        if len(both):
+            logger.warning("eval.protocol official: %d patient(s) have images in both the official training and "
+                           "test lists (first: %s)", len(both), both[0])
+    return train, test
+
+
 def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fraction: float = 0.0
                 ) -> Tuple[List[Split], List[SplitName]]:
     """The splits of `rows` that eval.protocol names, repeated over eval.seeds; optional inner validation.
 
-    kfold (stratified) and holdout: test rows never enter training or the inner validation. insample: one
+    kfold (stratified) and holdout: test rows never enter training or the inner validation. official: the
+    data set's own test list, scored once per seed (official_split). insample: one
     split per seed trained and scored on every row (no inner validation). contaminated: the k folds, each
     scoring its test rows plus a share (eval.seen_fraction) of its training rows. Each split's
     standardisation uses its training rows alone (model.prepare).
@@ -149,6 +184,8 @@ def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fra
                                  .split(rows, labels, groups))
                 else:
                     folds = list(StratifiedKFold(ecfg.folds, shuffle=True, random_state=seed).split(rows, labels))
+        elif ecfg.protocol == "official":
+            folds = [official_split(table, rows, groups)]
         else:
             if not 0 < ecfg.holdout_fraction < 1:
                 raise ConfigError(f"eval.holdout_fraction {ecfg.holdout_fraction} must be in (0, 1)")

@@ -1,4 +1,4 @@
-"""Reading radiographs: PNG/JPEG/TIFF of any bit depth and JSRT's raw 12-bit .IMG, as float32 in [0, 1]."""
+"""Reading radiographs: PNG/JPEG/TIFF of any bit depth, JSRT's raw 12-bit .IMG and DICOM, as float32 in [0, 1]."""
 from __future__ import annotations
 
 import io
@@ -17,6 +17,7 @@ MAX_PIXELS = 64_000_000
 
 RAW_SUFFIXES = (".img",)
 RAW_BITS = 12
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 INTERPOLATIONS = {
     "nearest": Image.NEAREST,
@@ -29,6 +30,80 @@ INTERPOLATIONS = {
 
 def is_raw(path: os.PathLike) -> bool:
     return str(path).lower().endswith(RAW_SUFFIXES)
+
+
+def is_dicom(path: os.PathLike) -> bool:
+    return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def _pydicom(name: os.PathLike):
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(f"{name}: reading DICOM needs pydicom; install the extra: pip install "
+                        "'resmtnet-pipeline[dicom]'") from None
+    return pydicom
+
+
+def _read_dicom(source, name: os.PathLike, pixels: bool):
+    pydicom = _pydicom(name)
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=not pixels, force=False)
+    except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, ValueError, ... for damaged files
+        raise DataError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {exc}); replace or remove it, "
+                        "or pass --skip-bad") from None
+
+
+def dicom_header(path: os.PathLike) -> dict:
+    """A DICOM file's size and the patient facts a data set keeps (age in years, sex), from its header alone."""
+    ds = _read_dicom(path, path, pixels=False)
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        raise DataError(f"{path}: the DICOM header has no Rows / Columns (not an image?); replace or remove it")
+    age = str(ds.get("PatientAge", "") or "")
+    years = float(age[:-1]) if age[:-1].isdigit() and age.endswith("Y") else float("nan")
+    return {"width": int(cols), "height": int(rows), "age": years, "sex": str(ds.get("PatientSex", "") or "")}
+
+
+def decode_dicom(data: bytes, name: str) -> np.ndarray:
+    """A DICOM image as grey float32 in [0, 1], in the order DICOM defines (PS3.3 C.11): the stored values
+    through the Modality LUT (Rescale Slope / Intercept), then the VOI LUT, or else the first Window Center /
+    Width (linear, C.11.2.1.2.1), or else the image's own min..max; MONOCHROME1 (bright = low values) is
+    inverted last. Values stay float from the stored 12/16 bits until the resize; the first frame of a
+    multi-frame file is used."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _read_dicom(io.BytesIO(data), name, pixels=True)
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # missing decoder plug-in, truncated pixel data, ...
+        raise DataError(f"{name}: cannot decode the DICOM pixel data ({type(exc).__name__}: {exc}); for "
+                        "compressed files install the extra: pip install 'resmtnet-pipeline[dicom]'") from None
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        stored = stored[0]
+    if stored.ndim == 3:  # colour: as PIL's L conversion
+        stored = stored[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds:
+        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        low, high = center - 0.5 - (max(width, 1.0) - 1) / 2, center - 0.5 + (max(width, 1.0) - 1) / 2
+    else:
+        low, high = float(values.min()), float(values.max())
+    out = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(values)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 1.0 - out
+    _check_pixels(out.shape[1], out.shape[0], name)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _first(value) -> float:
+    """A DICOM number that may be multi-valued (several windows): the first."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
 
 
 def _raw_side(n_bytes: int, name: str) -> int:
@@ -63,6 +138,10 @@ def probe_image(path: os.PathLike) -> Tuple[int, int]:
     if is_raw(path):
         side = _raw_side(size, str(path))
         return side, side
+    if is_dicom(path):
+        header = dicom_header(path)
+        _check_pixels(header["width"], header["height"], path)
+        return header["width"], header["height"]
     try:
         with _open_header(path, path) as img:
             width, height = img.size
@@ -95,6 +174,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         raise DataError(f"{name}: the image file is empty (0 bytes); replace or remove it")
     if is_raw(name):
         return decode_raw(data, name)
+    if is_dicom(name):
+        return decode_dicom(data, name)
     try:
         img = _open_header(io.BytesIO(data), name)
         _check_pixels(img.width, img.height, name)

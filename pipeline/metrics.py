@@ -63,6 +63,25 @@ def roc_auc(y: np.ndarray, score: np.ndarray, weights: Optional[np.ndarray] = No
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
+def average_precision(y: np.ndarray, score: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """Average precision, sum over thresholds of (R_t - R_t-1) P_t with tied scores as one threshold
+    (scikit-learn's average_precision_score); NaN without a positive."""
+    w = _weights(len(y), weights)
+    order = np.argsort(-score, kind="mergesort")
+    s, pos = score[order], (y[order] > 0.5)
+    wpos = np.where(pos, w[..., order], 0.0)
+    wall = np.broadcast_to(w[..., order], wpos.shape)
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1] if len(s) else np.zeros(0, dtype=np.int64)
+    tp = np.cumsum(wpos, axis=-1)[..., ends]
+    seen = np.cumsum(wall, axis=-1)[..., ends]
+    total = tp[..., -1:] if len(s) else np.zeros(w.shape[:-1] + (1,))
+    precision = _safe_div(tp, seen)
+    recall = _safe_div(tp, np.broadcast_to(total, tp.shape))
+    gain = np.diff(recall, axis=-1, prepend=0.0)
+    with np.errstate(invalid="ignore"):
+        return np.where(total[..., 0] > 0, (gain * precision).sum(axis=-1), np.nan)
+
+
 def mse(y, pred, weights=None):
     w = _weights(len(y), weights)
     return _safe_div(w @ (pred - y) ** 2, w.sum(axis=-1))

@@ -11,6 +11,7 @@ naming it in `train.tasks`: its kind is inferred from the values (`infer_kind`) 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,7 +20,7 @@ import pandas as pd
 
 from .errors import ConfigError
 from .labels import LabelMaps
-from .metrics import accuracy, f1_scores, mae, mse, roc_auc
+from .metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc
 
 if TYPE_CHECKING:  # torch is imported by the methods that train, not by code that only reads labels
     import torch
@@ -38,9 +39,11 @@ class TaskSpec:
     """One head of the multi-task network: what it predicts (column) and how (kind)."""
 
     name: str
-    kind: str  # a key of KINDS: multiclass | binary | regression
-    column: str
-    classes: Tuple[str, ...] = ()  # multiclass: output order; binary: (negative, positive), or () for 0/1
+    kind: str  # a key of KINDS: multiclass | binary | regression | multilabel
+    column: str  # the label column ('' for a multilabel task over one column per finding)
+    # multiclass: output order; binary: (negative, positive), or () for 0/1; multilabel: the findings (their
+    # columns, or the names in a '|'-separated column)
+    classes: Tuple[str, ...] = ()
     unit: str = ""  # regression: px (of the coordinate grid), mm, or the column's own unit
     grid_column: str = ""  # regression in px: the column of the grid size (normalises to [0, 1])
     pair_auc: Tuple[str, ...] = ()  # multiclass: (metric name, positive class, negative class), e.g. malignancy
@@ -48,6 +51,7 @@ class TaskSpec:
     # regression: what the normalised errors (mse_norm, mae_norm) divide by: grid (grid_column, the paper's x and
     # y), size (as eval.size_norm says: the paper's size), range (the labels' range in the data set)
     norm: str = "range"
+    uncertain: str = "ignore"  # multilabel: CheXpert's uncertain label (-1) is ignored (masked), ones or zeros
 
     @property
     def impl(self) -> "Kind":
@@ -88,9 +92,24 @@ class Kind:
     name = ""
     #: metric -> direction: +1 where higher is better, -1 for errors (sweeps rank with it).
     metrics: Dict[str, int] = {}
+    #: whether a confusion matrix of its predictions means something (train-heads writes one per such task)
+    confusion = True
 
     def n_outputs(self, task: TaskSpec) -> int:
         return 1
+
+    def directions(self, task: TaskSpec) -> Dict[str, int]:
+        """Every metric this task reports, with its direction."""
+        out = dict(self.metrics)
+        if task.pair_auc:
+            out[task.pair_auc[0]] = 1
+        return out
+
+    def values(self, task: TaskSpec, table: pd.DataFrame):
+        """The label values the task encodes from a table (its column)."""
+        if task.column not in table:
+            raise ConfigError(f"task '{task.name}' needs the label column '{task.column}', which the data lacks")
+        return table[task.column]
 
     def encode(self, task: TaskSpec, values: pd.Series, presence: Optional[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -262,6 +281,7 @@ class Binary(Kind):
 class Regression(Kind):
     name = "regression"
     metrics = {"mse": -1, "mae": -1, "rmse": -1, "mse_norm": -1, "mae_norm": -1}
+    confusion = False
 
     def encode(self, task, values, presence):
         out = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
@@ -319,14 +339,131 @@ class Regression(Kind):
         return out
 
 
-KINDS: Dict[str, Kind] = {k.name: k for k in (Multiclass(), Binary(), Regression())}
+#: uncertain-label policies of a multilabel task (Irvin et al. 2019: U-Ignore, U-Ones, U-Zeros)
+UNCERTAIN = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}
+#: the value data sets write for an uncertain finding (CheXpert, MIMIC-CXR's CheXpert labels)
+UNCERTAIN_VALUE = -1.0
+MULTILABEL_SEPARATOR = "|"
+
+
+class Multilabel(Kind):
+    """Several findings per image: one sigmoid output per finding, BCE over the labelled findings of a row.
+
+    The labels come from one column per finding (1, 0, -1 uncertain, empty unmentioned) or from one column of
+    '|'-separated finding names ('Nodule|Effusion'; an empty cell is unlabelled). Metrics per finding (AUROC
+    `auc_<finding>`, average precision `ap_<finding>`) and over findings: macro AUROC and AP (the mean of the
+    findings that have both classes) and micro AUROC (every labelled finding of every row as one sample).
+    """
+
+    name = "multilabel"
+    metrics = {"auc_macro": 1, "auc_micro": 1, "ap_macro": 1}
+    confusion = False
+
+    def n_outputs(self, task):
+        return len(task.classes)
+
+    def directions(self, task):
+        return {**self.metrics, **{f"{m}_{f}": 1 for f in task.classes for m in ("auc", "ap")}}
+
+    def values(self, task, table):
+        if task.column:
+            return super().values(task, table)
+        missing = [c for c in task.classes if c not in table]
+        if missing:
+            raise ConfigError(f"task '{task.name}' needs the finding column(s) {', '.join(missing)}, which the data "
+                              "lacks")
+        return table[list(task.classes)]
+
+    def encode(self, task, values, presence):
+        if isinstance(values, pd.Series):  # one column of '|'-separated names
+            out = np.full((len(values), len(task.classes)), np.nan)
+            index = {c: k for k, c in enumerate(task.classes)}
+            for row, value in enumerate(values):
+                if _missing(value):
+                    continue
+                out[row] = 0.0
+                for name in str(value).split(MULTILABEL_SEPARATOR):
+                    if name.strip() in index:
+                        out[row, index[name.strip()]] = 1.0
+            return out
+        out = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+        cells = values.to_numpy()
+        text = np.isnan(out) & ~np.array([[_missing(v) for v in row] for row in cells], dtype=bool).reshape(out.shape)
+        bad = text | (~np.isnan(out) & ~np.isin(out, [0.0, 1.0, UNCERTAIN_VALUE]))
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise ConfigError(f"task '{task.name}': finding column '{task.classes[col]}' holds '{cells[row, col]}'; "
+                              "it must hold 1, 0, -1 (uncertain) or nothing")
+        if task.uncertain not in UNCERTAIN:
+            raise ConfigError(f"task '{task.name}': uncertain policy '{task.uncertain}' must be one of "
+                              f"{', '.join(UNCERTAIN)}")
+        out[out == UNCERTAIN_VALUE] = UNCERTAIN[task.uncertain]
+        return out
+
+    def labelled(self, target):
+        return ~np.isnan(target).all(axis=-1)
+
+    def loss(self, logits, target, smoothing):
+        import torch
+        import torch.nn.functional as F
+
+        known = ~torch.isnan(target)
+        bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(target), reduction="none")
+        count = known.sum(dim=-1)
+        return (bce * known).sum(dim=-1) / count.clamp_min(1), count > 0
+
+    def decode(self, z, *scale):
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+    def evaluate(self, task, y, pred, norm, weights):
+        res: Dict[str, np.ndarray] = {}
+        nan = np.full(weights.shape[:-1], np.nan) if weights is not None else np.float64(np.nan)
+        aucs, aps = [], []
+        for k, finding in enumerate(task.classes):
+            known = ~np.isnan(y[:, k])
+            w = None if weights is None else weights[..., known]
+            auc, ap = (roc_auc(y[known, k], pred[known, k], w), average_precision(y[known, k], pred[known, k], w)) \
+                if known.any() else (nan, nan)
+            res[f"auc_{finding}"], res[f"ap_{finding}"] = auc, ap
+            aucs.append(auc)
+            aps.append(ap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample where no finding has both classes
+            res["auc_macro"], res["ap_macro"] = np.nanmean(np.stack(aucs), axis=0), np.nanmean(np.stack(aps), axis=0)
+        rows, cols = np.nonzero(~np.isnan(y))
+        res["auc_micro"] = roc_auc(y[rows, cols], pred[rows, cols], None if weights is None else weights[..., rows])
+        return res
+
+    def baseline(self, which, y, linear, mask, n, task, c, alpha):
+        out = np.full((n, len(task.classes)), 0.5)
+        for k in range(len(task.classes)):
+            known = ~np.isnan(y[:, k])
+            labels = y[known, k]
+            if not len(labels):
+                continue
+            if which == "majority" or len(np.unique(labels)) < 2:
+                out[:, k] = labels.mean()  # the prevalence: one score for all rows (AUROC 0.5)
+                continue
+            fit = mask.copy()
+            fit[mask] = known
+            out[:, k] = linear.logistic(fit, labels.astype(int), c)[1][:, 1]
+        return out
+
+    def columns(self, task, y, pred):
+        out: Dict[str, object] = {}
+        for k, finding in enumerate(task.classes):
+            if y is not None:
+                out[f"{task.name}_{finding}_true"] = y[:, k]
+            out[f"{task.name}_{finding}_prob"] = np.round(pred[:, k], 6)
+        return out
+
+
+KINDS: Dict[str, Kind] = {k.name: k for k in (Multiclass(), Binary(), Regression(), Multilabel())}
 
 
 def metric_direction(task: TaskSpec, metric: str) -> int:
     """+1 where a higher value of `metric` is better, -1 where lower is; an unknown metric is an error."""
-    directions = dict(task.impl.metrics)
-    if task.pair_auc:
-        directions[task.pair_auc[0]] = 1
+    directions = task.impl.directions(task)
     if metric not in directions:
         raise ConfigError(f"task '{task.name}' ({task.kind}) has no metric '{metric}'; "
                           f"valid: {', '.join(directions)}")
@@ -385,14 +522,18 @@ def infer_kind(values: pd.Series) -> Tuple[str, Tuple[str, ...]]:
 
 
 def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, non_nodule: str = "mask",
-                  kinds: Optional[Mapping[str, str]] = None, where: str = "the data") -> List[TaskSpec]:
-    """The TaskSpecs of `names`: built-in tasks as defined, any other label column by its inferred kind.
+                  kinds: Optional[Mapping[str, str]] = None, where: str = "the data",
+                  groups: Optional[Mapping[str, Sequence[str]]] = None, uncertain: str = "ignore") -> List[TaskSpec]:
+    """The TaskSpecs of `names`: built-in tasks as defined, a name of `groups` as a multilabel task over those
+    finding columns (a layout's `findings`, train.task_groups), any other label column by its inferred kind
+    (or train.task_kinds: 'multilabel' reads a column of '|'-separated names).
 
     Every task without labels in `table` is named in one error, with the label columns that do exist.
     """
     if not names:
         raise ConfigError("train.tasks is empty; name at least one task")
     kinds = dict(kinds or {})
+    groups = dict(groups or {})
     unknown_kinds = {n: k for n, k in kinds.items() if k not in KINDS}
     if unknown_kinds:
         name, kind = next(iter(unknown_kinds.items()))
@@ -403,12 +544,23 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
     builtin = builtin_tasks(maps, non_nodule)
     tasks, missing = [], []
     for name in names:
+        if name in groups:
+            present = tuple(c for c in groups[name] if c in table and len(_known(table[c])))
+            if present:
+                tasks.append(TaskSpec(name, "multilabel", "", present, uncertain=uncertain))
+            else:
+                missing.append(f"{name} (finding columns {', '.join(groups[name])})")
+            continue
         spec = builtin.get(name)
         column = spec.column if spec else name
         if column not in table or not len(_known(table[column])):
             missing.append(name if column == name else f"{name} (column '{column}')")
             continue
-        if spec is None or (name in kinds and kinds[name] != spec.kind):
+        if kinds.get(name) == "multilabel":
+            classes = tuple(sorted({part.strip() for v in _known(table[column])
+                                    for part in str(v).split(MULTILABEL_SEPARATOR) if part.strip()}))
+            spec = TaskSpec(name, "multilabel", column, classes, uncertain=uncertain)
+        elif spec is None or (name in kinds and kinds[name] != spec.kind):
             kind, classes = infer_kind(table[column])
             if name in kinds and kinds[name] != kind:
                 kind = kinds[name]
@@ -436,14 +588,10 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
 
 
 def encode_targets(table: pd.DataFrame, tasks: Sequence[TaskSpec]) -> Dict[str, np.ndarray]:
-    """Per task, a float array over the rows: class index (-1 = missing), 0/1 or value (NaN = missing)."""
+    """Per task, a float array over the rows: class index (-1 = missing), 0/1 or value (NaN = missing); a
+    multilabel task's is (rows, findings)."""
     presence = table["presence"].to_numpy(dtype=float) if "presence" in table else None
-    out: Dict[str, np.ndarray] = {}
-    for task in tasks:
-        if task.column not in table:
-            raise ConfigError(f"task '{task.name}' needs the label column '{task.column}', which the data lacks")
-        out[task.name] = task.impl.encode(task, table[task.column], presence)
-    return out
+    return {task.name: task.impl.encode(task, task.impl.values(task, table), presence) for task in tasks}
 
 
 def labelled(task: TaskSpec, target: np.ndarray) -> np.ndarray:

@@ -108,17 +108,27 @@ def main() -> None:
 
 @main.command("synthetic")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write images/ and jsrt_metadata.csv into.")
+              help="Folder to write the data set into.")
+@click.option("--layout", default="kaggle", show_default=True,
+              type=click.Choice(["kaggle", "nih", "chexpert", "mimic", "vindr"]),
+              help="kaggle: JSRT-format radiographs with known nodules; the others: a copy of that data set's "
+                   "published format (3 images per patient, findings; vindr needs the dicom extra).")
 @click.option("-n", "--n-images", default=60, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=16))
 @click.option("--seed", default=0, show_default=True, type=int)
 @logging_options
-def synthetic_cmd(out: Path, n_images: int, image_size: int, seed: int) -> None:
-    """Write a synthetic JSRT-format data set (Kaggle layout) with known nodules."""
-    from pipeline.synthetic import make_synthetic
+def synthetic_cmd(out: Path, layout: str, n_images: int, image_size: int, seed: int) -> None:
+    """Write a synthetic data set: JSRT's Kaggle layout with known nodules, or a field data set's format."""
+    if layout == "kaggle":
+        from pipeline.synthetic import make_synthetic
 
-    make_synthetic(out, n_images=n_images, image_size=image_size, seed=seed)
-    click.echo(f"synthetic data set: {out}")
+        path = make_synthetic(out, n_images=n_images, image_size=image_size, seed=seed)
+    else:
+        from pipeline.synthetic_datasets import write_layout
+
+        path = write_layout(layout, out, patients=max(1, n_images // 3), per_patient=min(3, n_images),
+                            size=image_size, seed=seed)
+    click.echo(f"synthetic data set ({layout} layout): {path}")
 
 
 @main.command("config")

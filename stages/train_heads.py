@@ -91,7 +91,7 @@ def confusion_frames(data: TrainData, cv: CVResult) -> Dict[str, pd.DataFrame]:
     first = first_seed_mask(oof.split, cv.names)
     out = {}
     for task in data.tasks:
-        if task.kind == "regression":
+        if not task.impl.confusion:
             continue
         classes = task.classes or ("0", "1")
         y = data.targets[task.name][oof.rows][first]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline.metrics import accuracy, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc
+from pipeline.metrics import accuracy, average_precision, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -45,6 +45,19 @@ def test_auc_and_regression_match_sklearn(data):
         assert mse(target, pred, weights) == pytest.approx(skm.mean_squared_error(target, pred, sample_weight=weights))
         assert mae(target, pred, weights) == pytest.approx(skm.mean_absolute_error(target, pred, sample_weight=weights))
     assert np.isnan(roc_auc(np.ones(5), np.arange(5.0)))
+
+
+def test_average_precision_matches_sklearn_with_ties_weights_and_resamples(data):
+    y, _, _, w, rng = data
+    binary = (y > 1).astype(float)
+    score = np.round(rng.random(len(y)) + binary * 0.3, 1)  # ties: one threshold each
+    for weights in (None, w):
+        expected = skm.average_precision_score(binary, score, sample_weight=weights)
+        assert average_precision(binary, score, weights) == pytest.approx(expected)
+    resamples = rng.integers(0, 3, (5, len(y))).astype(float)
+    np.testing.assert_allclose(average_precision(binary, score, resamples),
+                               [skm.average_precision_score(binary, score, sample_weight=r) for r in resamples])
+    assert np.isnan(average_precision(np.zeros(5), np.arange(5.0)))
 
 
 def test_vectorised_bootstrap_equals_one_by_one(data):

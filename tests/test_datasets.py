@@ -1,0 +1,328 @@
+"""The field's data sets: every layout read from a synthetic copy in its published format, multi-label findings,
+official splits, views and DICOM; extract-features -> train-heads -> predict end to end on each."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline.data import LAYOUTS, detect_layout, load_dataset
+from pipeline.datasets import CHEXPERT_FINDINGS, NIH_FINDINGS
+from pipeline.errors import ConfigError, DataError
+from pipeline.synthetic import make_synthetic
+from pipeline.synthetic_datasets import WRITERS, write_dicom, write_layout
+from stages.cli import main
+from tests.helpers import TINY
+
+pytest.importorskip("pydicom")  # the dicom extra: make test installs it
+
+
+def _kaggle(out):
+    return make_synthetic(out, n_images=6, image_size=32, seed=1)
+
+
+def _manifest(out):
+    data = make_synthetic(out / "d", n_images=4, image_size=32, seed=1)
+    images = sorted((data / "images").iterdir())
+    (data / "manifest.csv").write_text("image,findings\n" + "".join(
+        f"images/{p.name},{'Nodule|Effusion' if i % 2 else ''}\n" for i, p in enumerate(images)))
+    return data / "manifest.csv"
+
+
+def _jsrt(out):
+    out.mkdir(parents=True)
+    (out / "JPCLN001.IMG").write_bytes(np.zeros((8, 8), dtype=">u2").tobytes())
+    (out / "CLNDAT_EN.txt").write_text("JPCLN001.IMG 3 15 53 male 1634 692 malignant l.upper lobe lung cancer\n")
+    return out
+
+
+#: A synthetic copy of every registered layout: a new layout brings its generator (pipeline.synthetic_datasets)
+SYNTHETIC = {"kaggle": _kaggle, "jsrt": _jsrt, "manifest": _manifest,
+             **{name: (lambda out, name=name: write_layout(name, out, patients=4, per_patient=2, size=32))
+                for name in WRITERS}}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_is_detected_and_loads_from_its_synthetic_copy(name, tmp_path):
+    assert set(SYNTHETIC) == set(LAYOUTS), "every registered layout needs a synthetic copy in SYNTHETIC"
+    path = SYNTHETIC[name](tmp_path / name)
+    assert detect_layout(path).layout == name
+    table = load_dataset(path)
+    assert len(table) and table["id"].is_unique and all(table["width"] > 0)
+    for finding in LAYOUTS[name].findings:
+        assert finding in table and set(table[finding].dropna()) <= {0.0, 1.0, -1.0}
+    if name in WRITERS:  # the field's data sets: patients (VinDr publishes none), views, official split
+        assert set(table["split"].dropna()) <= {"train", "validate", "test"} and table["split"].notna().any()
+        assert table["age"].notna().any() == (name != "mimic")  # MIMIC-CXR-JPG has no age or sex
+
+
+def test_nih_published_format(tmp_path, caplog):
+    root = write_layout("nih", tmp_path / "nih", patients=4, per_patient=2, size=32)
+    header = (root / "Data_Entry_2017.csv").read_text().splitlines()[0]
+    assert header.endswith("OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+    # the first release wrote ages as '058Y'
+    text = (root / "Data_Entry_2017.csv").read_text().splitlines()
+    cells = text[1].split(",")
+    cells[4] = "058Y"
+    (root / "Data_Entry_2017.csv").write_text("\n".join([text[0], ",".join(cells)] + text[2:]) + "\n")
+    next(root.glob("images_*/images/00000004_001.png")).unlink()  # a partial download
+    table = load_dataset(root).set_index("id")
+    assert "could not" not in caplog.text and "1 of 8 listed images are not on disk" in caplog.text
+    assert table.loc["00000001_000", "age"] == 58 and table["patient_id"].nunique() == 4
+    assert set(table["view"]) <= {"PA", "AP"} and set(table["split"]) == {"train", "test"}
+    assert (table.groupby("patient_id")["split"].nunique() == 1).all()  # NIH's lists split by patient
+    nodules = table[table["Nodule"] == 1]
+    assert len(nodules) and all(b.startswith("Nodule:10.5,12.25,18.5,21.25") for b in nodules["boxes"])
+    assert table.attrs["task_groups"] == {"findings": list(NIH_FINDINGS)}
+    no_finding = table[table[list(NIH_FINDINGS)].sum(axis=1) == 0]
+    assert len(no_finding) and (no_finding[list(NIH_FINDINGS)] == 0).all().all()  # 'No Finding': all negative
+
+
+def test_an_unknown_nih_finding_is_one_clear_error(tmp_path):
+    root = write_layout("nih", tmp_path / "nih", patients=2, per_patient=1, size=32)
+    lines = (root / "Data_Entry_2017.csv").read_text().splitlines()
+    cells = lines[1].split(",")
+    cells[1] = "Nodule|Pneumonitis"
+    (root / "Data_Entry_2017.csv").write_text("\n".join([lines[0], ",".join(cells)] + lines[2:]) + "\n")
+    with pytest.raises(DataError, match=r"row 2: finding 'Pneumonitis' is not one of ChestX-ray14's"):
+        load_dataset(root)
+
+
+def test_chexpert_paths_uncertain_labels_and_views(tmp_path):
+    root = write_layout("chexpert", tmp_path / "x", patients=4, per_patient=3, size=32)
+    assert root.name == "CheXpert-v1.0-small"
+    table = load_dataset(root)
+    assert set(table["split"]) == {"train", "validate"}
+    assert table["patient_id"].str.fullmatch(r"patient\d{5}").all() and table["id"].is_unique
+    assert (table["view"] == "LATERAL").sum() == 4 and set(table["view"]) <= {"AP", "PA", "LATERAL"}
+    values = table[list(CHEXPERT_FINDINGS)].to_numpy()
+    assert (values == -1).any() and np.isnan(values).any()  # uncertain and blank kept apart
+
+
+def test_mimic_gzipped_tables_labels_per_study(tmp_path):
+    root = write_layout("mimic", tmp_path / "m", patients=4, per_patient=2, size=32)
+    assert (root / "mimic-cxr-2.0.0-metadata.csv.gz").is_file()
+    table = load_dataset(root)
+    chexpert = pd.read_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", dtype=str)
+    first = table.iloc[0]
+    row = chexpert[chexpert["study_id"] == first["study_id"]].iloc[0]
+    assert first["Edema"] == (float(row["Edema"]) if row["Edema"] == row["Edema"] else first["Edema"])
+    assert set(table["split"]) == {"train", "validate", "test"} and table["patient_id"].nunique() == 4
+
+
+def test_vindr_majority_of_readers_and_dicom_headers(tmp_path):
+    root = write_layout("vindr", tmp_path / "v", patients=4, per_patient=2, size=32)
+    labels = pd.read_csv(root / "annotations" / "image_labels_train.csv")
+    table = load_dataset(root).set_index("id")
+    image = labels["image_id"].iloc[0]
+    votes = labels[labels["image_id"] == image]
+    assert len(votes) == 3
+    for finding in ("Cardiomegaly", "Nodule/Mass", "No finding"):
+        column = finding.replace("/", "_")
+        assert table.loc[image, column] == float(votes[finding].sum() >= 2)
+    assert table["age"].between(20, 80).all() and set(table["sex"].dropna()) <= {"male", "female"}
+    assert set(table["split"]) == {"train", "test"}
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+
+
+def test_dicom_modality_lut_window_and_monochrome1(tmp_path):
+    from pipeline.images import probe_image, read_image
+
+    ramp = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))  # 8 x 64, stored 0..4032
+    plain = read_image(write_dicom(tmp_path / "plain.dcm", ramp))
+    assert plain.shape == (8, 64) and plain.dtype == np.float32
+    assert plain[0, 0] == 0 and plain[0, -1] == 1 and np.all(np.diff(plain[0]) > 0)  # min..max, 12 bits kept
+    assert len(np.unique(plain)) == 64
+    inverted = read_image(write_dicom(tmp_path / "m1.dcm", ramp, monochrome1=True))
+    assert np.allclose(inverted, 1 - plain)
+    # rescale: value = 2 * stored - 1000; a window of centre 1000, width 2001 spans values -0.5..1999.5
+    windowed = read_image(write_dicom(tmp_path / "w.dicom", ramp, slope=2, intercept=-1000, window=(1000, 2001)))
+    value = 2.0 * ramp[0] - 1000
+    assert np.allclose(windowed[0], np.clip((value + 0.5) / 2000, 0, 1), atol=1e-6)
+    assert windowed[0, 0] == 0 and windowed[0, -1] == 1  # clipped outside the window
+    assert probe_image(tmp_path / "w.dicom") == (64, 8)
+
+
+def test_a_damaged_dicom_is_one_line_and_skip_bad_skips_it(tmp_path):
+    root = write_layout("vindr", tmp_path / "v", patients=2, per_patient=2, size=32)
+    bad = sorted((root / "train").glob("*.dicom"))[0]
+    bad.write_bytes(b"DICM but not really" * 3)
+    with pytest.raises(DataError, match=rf"{bad.name}: not a readable DICOM file .*pass --skip-bad"):
+        load_dataset(root)
+    result = CliRunner().invoke(main, ["extract-features", "--data", str(root), "--cache", str(tmp_path / "c.h5"),
+                                       "--skip-bad", *_tiny_flags()])
+    assert result.exit_code == 0, result.output
+    from cache import FeatureCache
+
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        assert cache.bad.sum() == 1 and len(cache.ids) == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# the multilabel kind
+
+
+def _task(**kw):
+    from pipeline.tasks import TaskSpec
+
+    return TaskSpec("findings", "multilabel", kw.pop("column", ""), ("A", "B"), **kw)
+
+
+@pytest.mark.parametrize("policy, expected", [("ignore", np.nan), ("ones", 1.0), ("zeros", 0.0)])
+def test_uncertain_labels_follow_the_policy(policy, expected):
+    table = pd.DataFrame({"A": [1.0, -1.0, np.nan], "B": [0.0, 1.0, -1.0]})
+    task = _task(uncertain=policy)
+    y = task.impl.encode(task, task.impl.values(task, table), None)
+    assert y[0].tolist() == [1.0, 0.0]
+    assert np.array_equal(y[1], [expected, 1.0], equal_nan=True)
+    assert np.array_equal(y[2], [np.nan, expected], equal_nan=True)
+    assert task.impl.labelled(y).tolist() == [True, True, policy != "ignore"]
+
+
+def test_a_pipe_separated_column_and_bad_values():
+    task = _task(column="findings")
+    y = task.impl.encode(task, pd.Series(["A|B", "", "B", None]), None)
+    assert np.array_equal(y, [[1, 1], [np.nan, np.nan], [0, 1], [np.nan, np.nan]], equal_nan=True)
+    with pytest.raises(ConfigError, match="finding column 'B' holds 'maybe'"):
+        task.impl.encode(task, pd.DataFrame({"A": ["1", "0"], "B": ["0", "maybe"]}), None)
+
+
+def test_multilabel_metrics_match_sklearn_and_the_loss_masks_missing():
+    import torch
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 2)) < 0.4).astype(float)
+    y[rng.random((60, 2)) < 0.2] = np.nan
+    p = np.clip(0.3 * np.nan_to_num(y) + rng.random((60, 2)) * 0.7, 0, 1)
+    task = _task()
+    res = task.impl.evaluate(task, y, p, None, None)
+    per = []
+    for k, name in enumerate("AB"):
+        m = ~np.isnan(y[:, k])
+        assert res[f"auc_{name}"] == pytest.approx(roc_auc_score(y[m, k], p[m, k]))
+        assert res[f"ap_{name}"] == pytest.approx(average_precision_score(y[m, k], p[m, k]))
+        per.append(roc_auc_score(y[m, k], p[m, k]))
+    assert res["auc_macro"] == pytest.approx(np.mean(per))
+    m = ~np.isnan(y)
+    assert res["auc_micro"] == pytest.approx(roc_auc_score(y[m], p[m]))
+    weights = rng.integers(0, 3, (4, 60)).astype(float)
+    boot = task.impl.evaluate(task, y, p, None, weights)
+    assert boot["auc_macro"].shape == (4,)
+    logits = torch.zeros(1, 3, 2)
+    target = torch.tensor([[[1.0, float("nan")], [float("nan"), float("nan")], [0.0, 1.0]]])
+    loss, mask = task.impl.loss(logits, target, torch.zeros(1))
+    assert mask.tolist() == [[True, False, True]]
+    assert loss[0, 0].item() == pytest.approx(math.log(2)) and loss[0, 2].item() == pytest.approx(math.log(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+
+
+def _tiny_flags():
+    return ["--set", f"extract.backbones=[{TINY[1]}]", "--set", "extract.weights=none", "--set",
+            "extract.image_size=32", "--set", "extract.num_workers=0", "--set", "extract.fused={}"]
+
+
+def _train(cache, out, *extra):
+    return CliRunner().invoke(main, ["train-heads", "--cache", str(cache), "--out", str(out), "--set",
+                                     f"train.features=[{TINY[1]}]", "--set", "train.epochs=3", "--set",
+                                     "eval.folds=3", "--set", "eval.bootstrap=20", *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
+    data = write_layout(name, tmp_path / name, patients=8, per_patient=3, size=32)
+    runner = CliRunner()
+    result = runner.invoke(main, ["extract-features", "--data", str(data), "--cache", str(tmp_path / "c.h5"),
+                                  *_tiny_flags()])
+    assert result.exit_code == 0, result.output
+    tasks = "[findings, sex]" if name != "mimic" else "[findings]"  # MIMIC-CXR-JPG carries no age or sex
+    result = _train(tmp_path / "c.h5", tmp_path / "run", "--set", f"train.tasks={tasks}")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    findings = metrics["models"]["res-mtnet"]["overall"]["findings"]
+    assert "ci95" in findings["auc_macro"] and "auc_micro" in findings
+    assert any(k.startswith("auc_") and k not in ("auc_macro", "auc_micro") for k in findings)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| findings | auc_macro |" in report
+    if name != "vindr":  # VinDr publishes no patient ids
+        assert "Patients: no patient's images are in two of" in report
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert any(c.startswith("findings_") and c.endswith("_prob") for c in predictions.columns)
+    images = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".dicom"))[:2]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    result = runner.invoke(main, ["predict", "--model", str(tmp_path / "run"), "--images", str(folder), "--out",
+                                  str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    answer = pd.read_csv(tmp_path / "p.csv")
+    probs = [c for c in answer.columns if c.startswith("pooled_findings_") and c.endswith("_prob")]
+    assert len(answer) == 2 and probs and answer[probs].notna().all().all()
+
+
+@pytest.fixture(scope="module")
+def nih_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nih")
+    data = write_layout("nih", root / "data", patients=12, per_patient=3, size=32)
+    result = CliRunner().invoke(main, ["extract-features", "--data", str(data), "--cache", str(root / "c.h5"),
+                                       *_tiny_flags()])
+    assert result.exit_code == 0, result.output
+    return root / "c.h5"
+
+
+def test_the_official_protocol_scores_the_test_list_once(nih_cache, tmp_path):
+    from cache import FeatureCache
+
+    result = _train(nih_cache, tmp_path / "run", "--set", "train.tasks=[findings]", "--set", "eval.protocol=official",
+                    "--set", "eval.seeds=[0, 1]")
+    assert result.exit_code == 0, result.output
+    with FeatureCache(nih_cache) as cache:
+        table = cache.labels()
+    test_ids = set(table.loc[table["split"] == "test", "id"])
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str})
+    for seed, part in predictions.groupby("seed"):
+        assert set(part["id"]) == test_ids and part["id"].is_unique
+    assert "Protocol: official" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_views_filter_and_task_groups_declare_findings(nih_cache, tmp_path):
+    from cache import FeatureCache
+
+    result = _train(nih_cache, tmp_path / "run", "--set", "train.tasks=[chest]", "--set",
+                    "train.task_groups.chest=[Nodule, Effusion, Cardiomegaly]", "--set", "data.views=[PA]")
+    assert result.exit_code == 0, result.output
+    with FeatureCache(nih_cache) as cache:
+        table = cache.labels()
+    pa = set(table.loc[table["view"] == "PA", "id"])
+    assert set(pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str})["id"]) == pa
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["models"]["res-mtnet"]["overall"]["chest"]) == {
+        "auc_Nodule", "ap_Nodule", "auc_Effusion", "ap_Effusion", "auc_Cardiomegaly", "ap_Cardiomegaly",
+        "auc_macro", "ap_macro", "auc_micro"}
+
+
+def test_synthetic_layouts_from_the_cli_and_inspect_data_shows_the_findings(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["synthetic", "--out", str(tmp_path / "nih"), "--layout", "nih", "-n", "9",
+                                  "--image-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert f"synthetic data set (nih layout): {tmp_path / 'nih'}" in result.output
+    result = runner.invoke(main, ["inspect-data", str(tmp_path / "nih")])
+    assert result.exit_code == 0, result.output
+    assert "9 images (nih layout)" in result.output
+    assert "  task 'findings': multilabel over 14 finding columns (Atelectasis, Cardiomegaly" in result.output
+    assert "  patient_id: 3 patients, images per patient 3 to 3" in result.output
+    assert "  no labels: subtlety, state, presence, lobe, diagnosis, x, y, size_mm" in result.output
