@@ -94,6 +94,8 @@ class Kind:
     metrics: Dict[str, int] = {}
     #: whether a confusion matrix of its predictions means something (train-heads writes one per such task)
     confusion = True
+    #: metrics reported per class as '<prefix><class>' (the report shows them in a table of their own)
+    per_class: Tuple[str, ...] = ()
 
     def n_outputs(self, task: TaskSpec) -> int:
         return 1
@@ -358,12 +360,13 @@ class Multilabel(Kind):
     name = "multilabel"
     metrics = {"auc_macro": 1, "auc_micro": 1, "ap_macro": 1}
     confusion = False
+    per_class = ("auc_", "ap_")
 
     def n_outputs(self, task):
         return len(task.classes)
 
     def directions(self, task):
-        return {**self.metrics, **{f"{m}_{f}": 1 for f in task.classes for m in ("auc", "ap")}}
+        return {**self.metrics, **{f"{m}{f}": 1 for f in task.classes for m in self.per_class}}
 
     def values(self, task, table):
         if task.column:
@@ -416,7 +419,7 @@ class Multilabel(Kind):
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
     def evaluate(self, task, y, pred, norm, weights):
-        res: Dict[str, np.ndarray] = {}
+        per: Dict[str, np.ndarray] = {}
         nan = np.full(weights.shape[:-1], np.nan) if weights is not None else np.float64(np.nan)
         aucs, aps = [], []
         for k, finding in enumerate(task.classes):
@@ -424,15 +427,16 @@ class Multilabel(Kind):
             w = None if weights is None else weights[..., known]
             auc, ap = (roc_auc(y[known, k], pred[known, k], w), average_precision(y[known, k], pred[known, k], w)) \
                 if known.any() else (nan, nan)
-            res[f"auc_{finding}"], res[f"ap_{finding}"] = auc, ap
+            per[f"auc_{finding}"], per[f"ap_{finding}"] = auc, ap
             aucs.append(auc)
             aps.append(ap)
+        rows, cols = np.nonzero(~np.isnan(y))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a resample where no finding has both classes
-            res["auc_macro"], res["ap_macro"] = np.nanmean(np.stack(aucs), axis=0), np.nanmean(np.stack(aps), axis=0)
-        rows, cols = np.nonzero(~np.isnan(y))
-        res["auc_micro"] = roc_auc(y[rows, cols], pred[rows, cols], None if weights is None else weights[..., rows])
-        return res
+            return {"auc_macro": np.nanmean(np.stack(aucs), axis=0),  # first: the headline (label efficiency)
+                    "auc_micro": roc_auc(y[rows, cols], pred[rows, cols],
+                                         None if weights is None else weights[..., rows]),
+                    "ap_macro": np.nanmean(np.stack(aps), axis=0), **per}
 
     def baseline(self, which, y, linear, mask, n, task, c, alpha):
         out = np.full((n, len(task.classes)), 0.5)

@@ -135,9 +135,24 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         + (f" (at the scheme's bound: {', '.join(bound)})" if bound else "") + f". Wall time {seconds:.1f} s.", "",
         "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for task in data.tasks:
+        detail = {f"{prefix}{c}" for prefix in task.impl.per_class for c in task.classes}
         for metric in cv.reports[MODEL_NAME]["overall"].get(task.name, {}):
+            if metric in detail:
+                continue
             cells = [format_entry(cv.reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
             lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
+    for task in (t for t in data.tasks if t.impl.per_class):
+        target = data.targets[task.name][data.rows]
+        heads = [f"{prefix.rstrip('_')} {m}" for prefix in task.impl.per_class for m in models]
+        lines += ["", f"Per finding ({task.name}; labelled images and positives over all images):", "",
+                  "| finding | labelled | positives | " + " | ".join(heads) + " |", "|---|---|---|"
+                  + "---|" * len(heads)]
+        for k, finding in enumerate(task.classes):
+            known = ~np.isnan(target[:, k])
+            cells = [format_entry(cv.reports[m]["overall"].get(task.name, {}).get(f"{prefix}{finding}"))
+                     for prefix in task.impl.per_class for m in models]
+            lines.append(f"| {finding} | {int(known.sum())} | {int((target[known, k] == 1).sum())} | "
+                         + " | ".join(cells) + " |")
     if cv.efficiency:
         first = {t.name: next(iter(cv.reports[MODEL_NAME]["overall"].get(t.name, {})), None) for t in data.tasks}
         cols = [(t, m) for t, m in first.items() if m]

@@ -255,7 +255,9 @@ def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
     assert "ci95" in findings["auc_macro"] and "auc_micro" in findings
     assert any(k.startswith("auc_") and k not in ("auc_macro", "auc_micro") for k in findings)
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "| findings | auc_macro |" in report
+    assert "| findings | auc_macro |" in report and "| findings | auc_Cardiomegaly |" not in report
+    assert "| finding | labelled | positives | auc res-mtnet | auc linear | auc majority | ap res-mtnet |" in report
+    assert report.count("\n| Cardiomegaly | ") == 1  # one row per finding, in the per-finding table
     if name != "vindr":  # VinDr publishes no patient ids
         assert "Patients: no patient's images are in two of" in report
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
