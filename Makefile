@@ -20,7 +20,7 @@ $(BIN)/python:
 
 # Reinstall only when the packaging metadata changes; the install is editable, so code edits need none.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,plots,hf,dicom,txv]'
+	$(BIN)/python -m pip install -q -e '.[test,plots,hf,dicom,txv,study,track]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -28,7 +28,7 @@ from .writer import CacheContent, ImageTable, NewArray, write_cache
 
 __all__ = ["BatchRecord", "CachedFeatures", "CacheUpdate", "FeatureCache", "GROUPS", "ImageTable", "Journal",
            "NewArray", "close_inherited_locks", "find_shards", "labels_match", "match_spec", "merge_shards",
-           "shard_path", "sidecar_config_path"]
+           "shard_path", "sidecar_config_path", "ids_sha256"]
 
 
 def shard_path(cache: Path, index: int, count: int) -> Path:

@@ -17,6 +17,10 @@ HEAD_FORMAT, HEAD_VERSION = "resmtnet-head", 2
 TENSORS, SPEC = "head.safetensors", "head.json"
 
 
+#: The folder of a sweep's output that holds its winner trained by train-heads (sweep-finish).
+WINNER = "winner"
+
+
 def write_head(folder: Path, tensors: Dict[str, object], spec: Dict[str, object]) -> None:
     """Write the head into `folder` (a run's staged model/ folder): tensors and the JSON description."""
     from safetensors.torch import save_file
@@ -31,9 +35,13 @@ def read_head(run_dir: Path) -> Tuple[Dict[str, object], Dict[str, object]]:
     from safetensors.torch import load_file
 
     folder = Path(run_dir) / "model"
+    if not (folder / SPEC).exists() and (Path(run_dir) / WINNER / "model" / SPEC).exists():
+        folder = Path(run_dir) / WINNER / "model"  # a sweep's folder: its winner, trained by sweep-finish
     if not (folder / SPEC).exists() or not (folder / TENSORS).exists():
+        hint = (f"; a sweep's winner: train-heads --config {Path(run_dir) / 'winner.yaml'} (or resmtnet sweep-finish)"
+                if (Path(run_dir) / "winner.yaml").exists() else "")
         raise PipelineError(f"{run_dir} holds no trained head (model/{SPEC}, model/{TENSORS}); pass a train-heads "
-                            "output folder (trained with eval.refit: true)")
+                            f"output folder (trained with eval.refit: true){hint}")
     try:
         spec = json.loads((folder / SPEC).read_text())
         tensors = load_file(str(folder / TENSORS))

@@ -303,7 +303,8 @@ main.add_command(extract_features_cmd)
 
 @main.command("train-heads")
 @click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature cache (.h5).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder to write (not with --study: a worker writes to the study).")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
 @click.option("--features", "--backbones", "features", multiple=True,
               help="Backbones whose cached features are concatenated (default: the config's).")
@@ -318,31 +319,84 @@ main.add_command(extract_features_cmd)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Sweep YAML: search over config keys, ranked on validation folds.")
+@click.option("--study", "storage", default=None, metavar="STORAGE",
+              help="With --sweep: work on a study shared by any number of workers (sqlite:///study.db, "
+                   "postgresql://..., or a journal file on a shared file system); finish with resmtnet sweep-finish.")
+@click.option("--study-name", default=None, help="The study's name [default: the sweep file's name].")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="The most trials this worker runs [default: until the study's queue is done].")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Trials a worker trains at once, as one stack.")
+@click.option("--grace", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds without a heartbeat after which another worker's running trial is failed and retried.")
+@click.option("--track", default=None, metavar="DIR_OR_URI",
+              help="Log the run (each trial, with --study) to MLflow: a folder (local store) or a tracking URI.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
-def train_heads_cmd(cache: Path, out: Path, config_path: str, features: Tuple[str, ...], epochs: Optional[int],
-                    folds: Optional[int], seeds: Tuple[int, ...], protocol: Optional[str],
+def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features: Tuple[str, ...],
+                    epochs: Optional[int], folds: Optional[int], seeds: Tuple[int, ...], protocol: Optional[str],
                     loss_weighting: Optional[str], device: Optional[str], sets: Tuple[str, ...],
-                    sweep_path: Optional[Path], overwrite: bool, no_progress: bool) -> None:
+                    sweep_path: Optional[Path], storage: Optional[str], study_name: Optional[str],
+                    trials: Optional[int], batch: int, grace: float, track: Optional[str], overwrite: bool,
+                    no_progress: bool) -> None:
     """Stage two: train Res-MTNet heads on cached features, cross-validated beside baselines."""
     pairs = [("train.features", list(features) or None), ("train.epochs", epochs), ("eval.folds", folds),
              ("eval.seeds", list(seeds) or None), ("eval.protocol", protocol),
              ("train.loss_weighting", loss_weighting), ("train.device", device)]
     cfg = load_config(config_path, _overrides(pairs, sets))
+    if storage is not None:
+        if sweep_path is None:
+            raise click.UsageError("--study needs --sweep SPEC (the search the workers share)")
+        from stages.study import run_worker
+
+        done = run_worker(cache, cfg, sweep_path, storage, study_name, trials, batch, grace, track,
+                          progress=not no_progress)
+        click.echo(f"worker: {done.trials} trial(s) of study {done.study} in {done.seconds:.1f} s; when every "
+                   f"worker is done: resmtnet sweep-finish --cache {cache} --study {storage} --study-name "
+                   f"{done.study} --out OUT")
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the run folder to write).")
     if sweep_path is not None:
         from stages.sweep import run_sweep
 
         result = run_sweep(cache, out, cfg, sweep_path, overwrite=overwrite, progress=not no_progress)
         click.echo(f"sweep of {result.n_configs} configurations in {result.seconds:.1f} s; ranking: "
                    f"{out / 'ranking.csv'}")
+        click.echo(f"train the winner for predict: train-heads --cache {cache} --config {out / 'winner.yaml'} "
+                   f"--out {out.parent / (out.name + '-winner')}")
         return
     from stages.train_heads import train_heads
 
-    summary = train_heads(cache, out, cfg, overwrite=overwrite, progress=not no_progress)
+    summary = train_heads(cache, out, cfg, overwrite=overwrite, progress=not no_progress, track=track)
     if summary.warning:
         click.echo(summary.warning)
     click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")
+
+
+@main.command("sweep-finish")
+@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The workers' cache.")
+@click.option("--study", "storage", required=True, metavar="STORAGE", help="The study's storage (as the workers').")
+@click.option("--study-name", required=True, help="The study's name (the sweep file's name by default).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (as the workers').")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (as the workers).")
+@click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@logging_options
+def sweep_finish_cmd(cache: Path, storage: str, study_name: str, out: Path, config_path: str, sets: Tuple[str, ...],
+                     no_winner: bool, overwrite: bool, no_progress: bool) -> None:
+    """Rank a shared study's trials, score the winner once on the held-out rows, train it for predict."""
+    from stages.study import finish_study
+
+    cfg = load_config(config_path, _overrides([], sets))
+    done = finish_study(cache, cfg, storage, study_name, out, overwrite=overwrite, train_winner=not no_winner,
+                        progress=not no_progress)
+    click.echo(f"{done.completed} configuration(s) ranked: {done.ranking_path}; winner {done.winner}")
+    if done.model is not None:
+        click.echo(f"the winner, trained on every image: predict --model {out} --images ...")
 
 
 @main.command("reproduce-tables")

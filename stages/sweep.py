@@ -56,8 +56,6 @@ class SweepResult:
 
 def load_sweep(path: Path) -> SweepSpec:
     spec = build(SweepSpec, load_yaml(path) or {}, str(path))
-    if spec.method not in ("grid", "random"):
-        raise ConfigError(f"{path}: method '{spec.method}' must be grid or random")
     if not spec.params:
         raise ConfigError(f"{path}: 'params' is empty; list the config keys to search")
     for key, values in spec.params.items():
@@ -70,6 +68,10 @@ def load_sweep(path: Path) -> SweepSpec:
 
 
 def configurations(spec: SweepSpec) -> List[Dict[str, Any]]:
+    """The listed configurations of a grid or random search; other methods search adaptively (a shared study)."""
+    if spec.method not in ("grid", "random"):
+        raise ConfigError(f"sweep method '{spec.method}' searches adaptively: run it as a shared study (train-heads "
+                          "--sweep SPEC --study STORAGE); in one process: grid or random")
     keys = list(spec.params)
     if spec.method == "grid":
         return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.params[k] for k in keys))]
@@ -126,6 +128,103 @@ def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np
     return data.rows[dev_idx], data.rows[test_idx]
 
 
+def sweep_splits(data: TrainData, cfg: Config, spec: SweepSpec, dev_rows: np.ndarray, test_rows: np.ndarray,
+                 cfgs: List[Config]) -> List[Split]:
+    """The validation folds of the development rows (spec.folds, spec.seed; inner validation as the most any
+    configuration of the sweep needs): the same for the in-process sweep and every worker of a shared study."""
+    eval_cfg = copy.deepcopy(cfg.eval)
+    eval_cfg.protocol, eval_cfg.folds, eval_cfg.seeds = "kfold", spec.folds, [spec.seed]
+    val_fraction = max(inner_val_fraction(c) for c in cfgs)
+    splits, _ = make_splits(data.table, dev_rows, eval_cfg, val_fraction)
+    if any(np.isin(np.concatenate([s.train, s.val, s.test]), test_rows).any() for s in splits):
+        raise RuntimeError("a validation split contains held-out test rows")  # a bug, never a user error
+    return splits
+
+
+@dataclass
+class Validated:
+    """One configuration's cross-validation: its mean validation metrics, their spread, its epochs."""
+
+    metrics: Dict[str, float]  # 'val_<task>.<metric>' (mean over folds) and 'val_<rank_by>_std'
+    epochs: int  # validated epoch count (what the winner is retrained for)
+    curves: Dict[str, List[float]]  # train_loss, val_loss per epoch, mean over folds
+
+
+def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], spec: SweepSpec, bars,
+                     device: str, norms: Dict[str, np.ndarray]) -> List[Validated]:
+    """Train every configuration on every fold as one stack and score each on its folds' validation rows."""
+    family = pooled_family(data, splits)
+    for c in cfgs:
+        family.check(c.train)
+    jobs = [Job(c.train, s) for c in cfgs for s in range(len(splits))]
+    with bars(sum(j.cfg.epochs for j in jobs), f"sweep {len(cfgs)} configs") as tick:
+        results = train_jobs(family, jobs, progress=tick, device=device)
+    loc_metrics_of, loc_results = _sweep_localisation(data, cfgs, splits, bars) if data.maps is not None \
+        else (None, [])
+    out = []
+    for c, config in enumerate(cfgs):
+        per_fold = []
+        mine = results[c * len(splits):(c + 1) * len(splits)]
+        for s, (split, res) in enumerate(zip(splits, mine)):
+            scores = _task_scores(data, family.prep.decode(res.outputs[split.test], s), split.test, norms)
+            fold_metrics = {f"{task}.{k}": v for task, m in scores.items() for k, v in m.items()}
+            if loc_metrics_of is not None:
+                fold_metrics.update(loc_metrics_of(c, s))
+            per_fold.append(fold_metrics)
+        frame = pd.DataFrame(per_fold)
+        metrics = {f"val_{col}": float(frame[col].mean()) for col in frame.columns}
+        metrics[f"val_{spec.rank_by}_std"] = float(frame[spec.rank_by].std(ddof=1)) if spec.rank_by in frame \
+            else float("nan")
+        curves = {k: np.mean([r.history[k][:min(len(x.history[k]) for x in mine)] for r in mine], axis=0).tolist()
+                  for k in ("train_loss", "val_loss") if all(r.history.get(k) for r in mine)}
+        validated = Validated(metrics, validated_epochs(mine, config.train), curves)
+        if loc_metrics_of is not None:
+            validated.metrics["loc_epochs"] = validated_epochs(
+                loc_results[c * len(splits):(c + 1) * len(splits)], config.train.loc)
+        out.append(validated)
+    return out
+
+
+def rank(rows: List[Dict[str, Any]], spec: SweepSpec, direction: int, where: str) -> pd.DataFrame:
+    """The ranking table: best first on the validation mean of spec.rank_by (ties keep configuration order)."""
+    ranking = pd.DataFrame(rows).sort_values("config", kind="stable")
+    key = f"val_{spec.rank_by}"
+    if key not in ranking:
+        raise ConfigError(f"{where}: metric '{spec.rank_by}' was not computed on these folds")
+    ranking = ranking.sort_values(key, ascending=direction < 0, kind="stable")
+    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+    return ranking.reset_index(drop=True)
+
+
+def score_winner(data: TrainData, cfg: Config, row: pd.Series, dev_rows: np.ndarray, test_rows: np.ndarray,
+                 spec: SweepSpec) -> Dict[str, Dict[str, float]]:
+    """The winner retrained on the development rows for its validated epochs, scored once on the test rows."""
+    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+    test = _score_winner(data, cfg, int(row["epochs"]), dev_rows, test_rows, norms, spec)
+    if data.maps is not None:
+        test["loc"] = _score_winner_loc(data, cfg, int(row["loc_epochs"]), dev_rows, test_rows, spec)
+    return test
+
+
+def write_sweep(out: Path, overwrite: bool, ranking: pd.DataFrame, spec: SweepSpec, cfg: Config, winner_cfg: Config,
+                choice: Dict[str, Any], test: Dict[str, Dict[str, float]], n_dev: int, n_test: int,
+                run: Dict[str, Any]) -> None:
+    """ranking.csv, winner.json, winner.yaml (the winner's whole config: train-heads --config it), the sweep spec
+    and the base config, then run.json."""
+    key = f"val_{spec.rank_by}"
+    with staged_dir(out, overwrite) as tmp:
+        ranking.to_csv(tmp / "ranking.csv", index=False)
+        (tmp / "sweep.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
+        (tmp / "config.yaml").write_text(dump_config(cfg))
+        (tmp / "winner.yaml").write_text(dump_config(winner_cfg))
+        (tmp / "winner.json").write_text(json.dumps({
+            "config": choice, "rank_by": spec.rank_by, "validation": float(ranking.iloc[0][key]),
+            "epochs": int(ranking.iloc[0]["epochs"]), "test": test, "n_dev": n_dev, "n_test": n_test,
+            "note": "ranked on validation folds of the development rows (epochs chosen on inner validation rows "
+                    "of their training part); the test rows were scored once, after the ranking"}, indent=1))
+        atomic_write_text(tmp / "run.json", json.dumps({"complete": True, **run}))
+
+
 def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrite: bool = False,
               progress: bool = True) -> SweepResult:
     started = time.perf_counter()
@@ -136,65 +235,18 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     configs = configurations(spec)
     cfgs = config_variants(cfg, configs)
     dev_rows, test_rows = development_split(data, cfg, spec)
-    eval_cfg = copy.deepcopy(cfg.eval)
-    eval_cfg.protocol, eval_cfg.folds, eval_cfg.seeds = "kfold", spec.folds, [spec.seed]
-    val_fraction = max(inner_val_fraction(c) for c in cfgs)
-    splits, _ = make_splits(data.table, dev_rows, eval_cfg, val_fraction)
-    if any(np.isin(np.concatenate([s.train, s.val, s.test]), test_rows).any() for s in splits):
-        raise RuntimeError("a validation split contains held-out test rows")  # a bug, never a user error
-    family = pooled_family(data, splits)
-    for c in cfgs:
-        family.check(c.train)
-    jobs = [Job(c.train, s) for c in cfgs for s in range(len(splits))]
-    with bars(sum(j.cfg.epochs for j in jobs), f"sweep {len(configs)} configs") as tick:
-        results = train_jobs(family, jobs, progress=tick, device=cfg.train.device)
-    loc_metrics_of, loc_results = _sweep_localisation(data, cfgs, splits, bars) if data.maps is not None \
-        else (None, [])
+    splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, cfgs)
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
-    rows = []
-    for c, choice in enumerate(configs):
-        per_fold = []
-        for s, split in enumerate(splits):
-            res = results[c * len(splits) + s]
-            scores = _task_scores(data, family.prep.decode(res.outputs[split.test], s), split.test, norms)
-            fold_metrics = {f"{task}.{k}": v for task, m in scores.items() for k, v in m.items()}
-            if loc_metrics_of is not None:
-                fold_metrics.update(loc_metrics_of(c, s))
-            per_fold.append(fold_metrics)
-        frame = pd.DataFrame(per_fold)
-        row = {"config": c, **choice}
-        for col in frame.columns:
-            row[f"val_{col}"] = frame[col].mean()
-        row[f"val_{spec.rank_by}_std"] = frame[spec.rank_by].std(ddof=1) if spec.rank_by in frame else np.nan
-        row["epochs"] = validated_epochs(results[c * len(splits):(c + 1) * len(splits)], cfgs[c].train)
-        rows.append(row)
-    ranking = pd.DataFrame(rows)
-    key = f"val_{spec.rank_by}"
-    if key not in ranking:
-        raise ConfigError(f"{sweep_path}: metric '{spec.rank_by}' was not computed on these folds")
-    ranking = ranking.sort_values(key, ascending=direction < 0, kind="stable")
-    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+    validated = validate_configs(data, cfgs, splits, spec, bars, cfg.train.device, norms)
+    ranking = rank([{"config": c, **choice, **v.metrics, "epochs": v.epochs}
+                    for c, (choice, v) in enumerate(zip(configs, validated))], spec, direction, str(sweep_path))
     winner = int(ranking.iloc[0]["config"])
-    winner_epochs = int(ranking.iloc[0]["epochs"])
-    winner_test = _score_winner(data, cfgs[winner], winner_epochs, dev_rows, test_rows, norms, spec)
-    if loc_metrics_of is not None:
-        loc_epochs = validated_epochs(loc_results[winner * len(splits):(winner + 1) * len(splits)],
-                                      cfgs[winner].train.loc)
-        winner_test["loc"] = _score_winner_loc(data, cfgs[winner], loc_epochs, dev_rows, test_rows, spec)
+    winner_test = score_winner(data, cfgs[winner], ranking.iloc[0], dev_rows, test_rows, spec)
     seconds = time.perf_counter() - started
-    with staged_dir(out, overwrite) as tmp:
-        ranking.to_csv(tmp / "ranking.csv", index=False)
-        (tmp / "sweep.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
-        (tmp / "config.yaml").write_text(dump_config(cfg))
-        (tmp / "winner.json").write_text(json.dumps({
-            "config": configs[winner], "rank_by": spec.rank_by, "validation": float(ranking.iloc[0][key]),
-            "epochs": winner_epochs, "test": winner_test, "n_dev": int(len(dev_rows)), "n_test": int(len(test_rows)),
-            "note": "ranked on validation folds of the development rows (epochs chosen on inner validation rows "
-                    "of their training part); the test rows were scored once, after the ranking"}, indent=1))
-        run = {"complete": True, "seconds": seconds, "configs": len(configs)}
-        atomic_write_text(tmp / "run.json", json.dumps(run))
+    write_sweep(out, overwrite, ranking, spec, cfg, cfgs[winner], configs[winner], winner_test, len(dev_rows),
+                len(test_rows), {"seconds": seconds, "configs": len(configs)})
     logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
-                seconds, spec.rank_by, ranking.iloc[0][key])
+                seconds, spec.rank_by, ranking.iloc[0][f"val_{spec.rank_by}"])
     return SweepResult(ranking, len(configs), seconds, winner_test)
 
 

@@ -321,9 +321,35 @@ class TrainSummary:
     warning: Optional[str] = None
 
 
-def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True
-                ) -> TrainSummary:
-    """Cross-validate Res-MTNet (and baselines) on `cache`, refit on all rows, write every output to `out`."""
+def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
+    """Log a finished run to MLflow: the resolved config, the learning curves (mean over splits), every
+    headline metric of every model with its CI bounds, and the run's outputs as artefacts."""
+    from pipeline.config import to_dict
+    from pipeline.tracking import Tracker, flatten
+
+    metrics: Dict[str, float] = {}
+    for model, report in cv.reports.items():
+        for task, entries in report.get("overall", {}).items():
+            for metric, entry in entries.items():
+                name = f"{model}.{task}.{metric}"
+                metrics[name] = entry.get("pooled", float("nan"))
+                low, high = entry.get("ci95", (float("nan"), float("nan")))
+                metrics[f"{name}.ci_low"], metrics[f"{name}.ci_high"] = low, high
+    curves = {}
+    for key in ("train_loss", "val_loss"):
+        runs = [r.history[key] for r in cv.results if r.history.get(key)]
+        if runs:
+            length = min(len(c) for c in runs)
+            curves[key] = np.mean([c[:length] for c in runs], axis=0).tolist()
+    return Tracker(target).log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
+                                   [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
+                                   tags={"resmtnet.kind": "train-heads", "resmtnet.out": str(out)})
+
+
+def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True,
+                track: Optional[str] = None) -> TrainSummary:
+    """Cross-validate Res-MTNet (and baselines) on `cache`, refit on all rows, write every output to `out`;
+    `track`: also log the run to MLflow (pipeline.tracking)."""
     started = time.perf_counter()
     bars = progress_bars(progress)
     data = load_train_data(cache, cfg)
@@ -368,4 +394,6 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
         atomic_write_text(tmp / "run.json", json.dumps(run))
     logger.debug("train-heads: %d images, %d splits, %.1f s; results in %s", len(data.rows), len(cv.splits),
                  seconds, out)
+    if track:
+        track_run(track, Path(out), cfg, cv)
     return TrainSummary(Path(out), seconds, metrics, warning)

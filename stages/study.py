@@ -1,0 +1,346 @@
+"""Sweeps shared by many workers: an Optuna study as the queue and the record (`train-heads --sweep SPEC --study
+STORAGE`), and `resmtnet sweep-finish` to rank it, score the winner once on the held-out rows and train it.
+
+* The study is created by the first worker (Optuna makes creation atomic: the others load it and wait for it to be
+  ready). Creation fixes the development / held-out split (the sweep's seed and the held-out image ids in the
+  study's attributes; every worker checks its cache holds them and never trains or validates on them) and, for
+  `method: grid` and `random`, enqueues every configuration as a trial `config=<index>`: a waiting trial is
+  handed to exactly one worker (Optuna's pop is atomic), so two workers never train the same configuration.
+  Any other method names an Optuna sampler (`tpe`, or a class of optuna.samplers such as `CmaEsSampler`) that
+  proposes configurations until the study holds `trials` of them.
+* A worker takes `--batch K` trials at a time, trains the K configurations x folds as one stack (the in-process
+  sweep's code, so a configuration's numbers are the same alone, in a sweep or in a batch) and tells the study
+  each one's validation mean of `rank_by`, with every validation metric and the validated epochs as attributes.
+* Faults: a trial's worker (host:pid) and a heartbeat (refreshed every HEARTBEAT_S while it trains) are in its
+  attributes. A running trial whose worker process is gone (same host) or whose heartbeat is older than the
+  grace period is marked failed and enqueued again, once, by the next worker that looks; a late result of a
+  failed trial is refused by the study, so no trial counts twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from cache import ids_sha256
+from pipeline.config import Config
+from pipeline.engine import load_train_data
+from pipeline.errors import ConfigError
+from pipeline.evaluate import regression_norms
+from pipeline.fsutil import process_running
+from pipeline.head import WINNER
+from stages.progress import progress_bars
+from stages.sweep import (SweepSpec, config_variants, configurations, development_split, load_sweep, rank_direction,
+                          sweep_splits, validate_configs)
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between heartbeats of a worker's running trials.
+HEARTBEAT_S = 30.0
+#: Methods whose configurations are listed up front and enqueued (the rest name an Optuna sampler).
+LISTED = ("grid", "random")
+SAMPLER_ALIASES = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler"}
+RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("--study needs Optuna: pip install -e '.[study]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_storage(url: str):
+    """An Optuna storage: a database URL (sqlite:///study.db, postgresql://...) as RDB storage, anything else a
+    journal file on a shared file system (study.log, or journal:PATH)."""
+    optuna = _optuna()
+    if url.startswith(RDB_SCHEMES):
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url[len("journal:"):] if url.startswith("journal:") else url).expanduser()
+    if not path.parent.is_dir():
+        raise ConfigError(f"--study {url}: the folder {path.parent} does not exist")
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _sampler(spec: SweepSpec):
+    optuna = _optuna()
+    if spec.method in LISTED:
+        return optuna.samplers.RandomSampler(seed=spec.seed)  # never asked: every trial is enqueued
+    name = SAMPLER_ALIASES.get(spec.method.lower(), spec.method)
+    cls = getattr(optuna.samplers, name, None)
+    if cls is None:
+        raise ConfigError(f"sweep method '{spec.method}': grid, random, or an Optuna sampler "
+                          f"({', '.join(SAMPLER_ALIASES)} or a class name of optuna.samplers)")
+    try:
+        return cls(seed=spec.seed)
+    except TypeError:
+        return cls()
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Study:
+    """An opened study and what every worker shares through it."""
+
+    study: Any
+    spec: SweepSpec
+    held_out: List[str]  # image ids never trained or validated on
+    configs: List[Dict[str, Any]]  # the listed configurations (grid / random), by trial param 'config'
+
+
+def open_study(storage_url: str, name: str, spec: SweepSpec, direction: int, held_out_ids: List[str],
+               wait_s: float = 120.0) -> Study:
+    """Create the study (and fix its split and queue) or load it; a loaded study's sweep must be this one."""
+    optuna = _optuna()
+    storage = open_storage(storage_url)
+    configs = configurations(spec) if spec.method in LISTED else []
+    sweep = json.loads(json.dumps(spec.__dict__))
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=_sampler(spec),
+                                    direction="maximize" if direction > 0 else "minimize")
+        study.set_user_attr("sweep", sweep)
+        study.set_user_attr("held_out_ids", held_out_ids)
+        for index, choice in enumerate(configs):
+            study.enqueue_trial({"config": index}, user_attrs={"choice": json.dumps(choice)})
+        study.set_user_attr("ready", True)
+        logger.info("created study %s: %d configurations queued, %d held-out images", name, len(configs),
+                    len(held_out_ids))
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(spec))
+        deadline = time.monotonic() + wait_s
+        while not study.user_attrs.get("ready"):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"study {name} in {storage_url} was created but never made ready (its creator "
+                                  "died while queueing?); delete it and start again") from None
+            time.sleep(0.5)
+        if study.user_attrs.get("sweep") != sweep:
+            raise ConfigError(f"study {name} in {storage_url} was created from another sweep spec; use that spec "
+                              "or another --study-name") from None
+    return Study(study, spec, list(study.user_attrs["held_out_ids"]), configs)
+
+
+def split_rows(data, held_out: List[str], storage_url: str):
+    """(development rows, held-out rows) of this worker's cache from the study's held-out ids."""
+    ids = data.table["id"].astype(str).to_numpy()
+    known = set(ids[data.rows])
+    missing = [i for i in held_out if i not in known]
+    if missing:
+        raise ConfigError(f"study in {storage_url}: {len(missing)} of its held-out images are not in this cache "
+                          f"(first: {missing[0]}); every worker must read the same cache")
+    test = np.isin(ids[data.rows], held_out)
+    return data.rows[~test], data.rows[test]
+
+
+def _choice(shared: Study, trial) -> Dict[str, Any]:
+    """A trial's configuration: a listed one by index, or the sampler's proposal over the spec's params."""
+    if shared.configs:
+        return shared.configs[trial.suggest_int("config", 0, len(shared.configs) - 1)]
+    choice = {}
+    for key, values in shared.spec.params.items():
+        if isinstance(values, dict):
+            choice[key] = trial.suggest_float(key, float(values["min"]), float(values["max"]),
+                                              log=bool(values.get("log")))
+        else:
+            choice[key] = values[trial.suggest_categorical(key, list(range(len(values))))]
+    return choice
+
+
+def retry_stale(shared: Study, grace_s: float) -> int:
+    """Fail and requeue (once) every running trial whose worker is gone or silent for `grace_s`."""
+    optuna = _optuna()
+    host = socket.gethostname()
+    requeued = 0
+    for trial in shared.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        beat = float(trial.user_attrs.get("heartbeat", trial.datetime_start.timestamp() if trial.datetime_start
+                                          else time.time()))
+        name, _, pid = worker.rpartition(":")
+        dead = name == host and pid.isdigit() and not process_running(int(pid))
+        if not dead and time.time() - beat < grace_s:
+            continue
+        try:
+            shared.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker failed it first, or it finished meanwhile
+        shared.study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items()
+                                                             if k == "choice"} | {"retry_of": trial.number})
+        logger.warning("trial %d of worker %s: %s; queued again", trial.number, worker,
+                       "its process is gone" if dead else f"no heartbeat for {grace_s:.0f} s")
+        requeued += 1
+    return requeued
+
+
+def _queued(study, number: int) -> bool:
+    """Whether trial `number` came from the queue (enqueued params), not from the sampler."""
+    frozen = study.get_trials(deepcopy=False)
+    return number < len(frozen) and "fixed_params" in frozen[number].system_attrs
+
+
+def _take(shared: Study, k: int, budget: int) -> List[Any]:
+    """Up to k trials for this worker: waiting ones (listed methods), or new proposals within the budget."""
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    taken = []
+    while len(taken) < k:
+        waiting = shared.study.get_trials(deepcopy=False, states=(states.WAITING,))
+        if shared.configs and not waiting:
+            break
+        if not shared.configs:
+            counted = shared.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.RUNNING, states.WAITING))
+            if len(counted) >= budget:
+                break
+        trial = shared.study.ask()
+        if shared.configs and not _queued(shared.study, trial.number):
+            # the last waiting trial went to another worker between the look and the ask: give this one back
+            shared.study.tell(trial, state=states.FAIL)
+            break
+        trial.set_user_attr("worker", _worker())
+        trial.set_user_attr("heartbeat", time.time())
+        taken.append(trial)
+    return taken
+
+
+def _beating(bars, taken: List[Any]):
+    """Progress bars whose ticks also refresh the heartbeat of the batch's trials (every HEARTBEAT_S)."""
+    last = [time.monotonic()]
+
+    @contextlib.contextmanager
+    def bar(total: int, desc: str, rows: float = 0.0):
+        with bars(total, desc, rows=rows) as tick:
+            def beat(n: int) -> None:
+                tick(n)
+                if time.monotonic() - last[0] > HEARTBEAT_S:
+                    last[0] = time.monotonic()
+                    for trial in taken:
+                        trial.set_user_attr("heartbeat", time.time())
+            yield beat
+    return bar
+
+
+@dataclass
+class WorkerSummary:
+    trials: int
+    seconds: float
+    study: str
+
+
+def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, study_name: Optional[str] = None,
+               trials: Optional[int] = None, batch: int = 4, grace_s: float = 600.0, track: Optional[str] = None,
+               progress: bool = True) -> WorkerSummary:
+    """Take batches of the study's trials, train each batch as one stack, tell the study; until the queue (or
+    `trials` of this worker, or the sampler's budget) is done."""
+    started = time.perf_counter()
+    optuna = _optuna()
+    if batch < 1:
+        raise ConfigError(f"--batch {batch} must be at least 1")
+    spec = load_sweep(sweep_path)
+    name = study_name or sweep_path.stem
+    data = load_train_data(cache, cfg)
+    direction = rank_direction(data, spec.rank_by, str(sweep_path), cfg.eval.froc_fps)
+    dev_rows, test_rows = development_split(data, cfg, spec)
+    shared = open_study(storage_url, name, spec, direction, sorted(data.table["id"].astype(str).to_numpy()[test_rows]))
+    dev_rows, test_rows = split_rows(data, shared.held_out, storage_url)
+    seen = ids_sha256(sorted(data.table["id"].astype(str).to_numpy()[dev_rows]))
+    every = config_variants(cfg, shared.configs) if shared.configs else [cfg]
+    splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, every)
+    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+    tracker = None
+    if track:
+        from pipeline.tracking import Tracker
+
+        tracker = Tracker(track)
+    bars = progress_bars(progress)
+    done = 0
+    while trials is None or done < trials:
+        retry_stale(shared, grace_s)
+        taken = _take(shared, batch if trials is None else min(batch, trials - done), spec.trials)
+        if not taken:
+            break
+        choices = [_choice(shared, t) for t in taken]
+        cfgs = config_variants(cfg, choices)
+        validated = validate_configs(data, cfgs, splits, spec, _beating(bars, taken), cfg.train.device, norms)
+        for trial, choice, v in zip(taken, choices, validated):
+            attrs = {**v.metrics, "epochs": v.epochs, "choice": json.dumps(choice), "development_ids_sha256": seen}
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            try:
+                shared.study.tell(trial, float(v.metrics.get(f"val_{spec.rank_by}", float("nan"))))
+            except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                logger.warning("trial %d was failed by another worker meanwhile (%s); its result is dropped",
+                               trial.number, exc)
+                continue
+            if tracker is not None:
+                tracker.log_run(f"{name}-trial-{trial.number}", {"study": name, "trial": trial.number, **choice},
+                                v.metrics, v.curves, tags={"resmtnet.kind": "trial", "resmtnet.study": name})
+            done += 1
+    return WorkerSummary(done, time.perf_counter() - started, name)
+
+
+@dataclass
+class FinishSummary:
+    completed: int
+    ranking_path: Path
+    winner: Dict[str, Any]
+    test: Dict[str, Dict[str, float]]
+    model: Optional[Path]
+
+
+def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, out: Path, *, overwrite: bool = False,
+                 train_winner: bool = True, progress: bool = True) -> FinishSummary:
+    """Rank the study's completed trials (a configuration counted once: its first completed trial), retrain the
+    winner on the development rows for its validated epochs and score the held-out rows once; write the sweep's
+    outputs (ranking.csv, winner.json, winner.yaml) and, with `train_winner`, the winner trained by train-heads on
+    every image into OUT/winner (what predict --model OUT uses)."""
+    from pipeline.config import build
+    from stages.sweep import rank, score_winner, write_sweep
+
+    optuna = _optuna()
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"no study '{study_name}' in {storage_url}") from None
+    spec = build(SweepSpec, study.user_attrs["sweep"], f"study {study_name}")
+    data = load_train_data(cache, cfg)
+    direction = rank_direction(data, spec.rank_by, f"study {study_name}", cfg.eval.froc_fps)
+    dev_rows, test_rows = split_rows(data, list(study.user_attrs["held_out_ids"]), storage_url)
+    rows, seen, choices = [], set(), {}
+    for trial in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                        key=lambda t: t.number):
+        key = trial.params.get("config", trial.user_attrs.get("choice"))
+        if key in seen:
+            continue
+        seen.add(key)
+        choice = json.loads(trial.user_attrs["choice"])
+        choices[trial.params.get("config", trial.number)] = choice
+        rows.append({"config": trial.params.get("config", trial.number), "trial": trial.number, **choice,
+                     **{k: v for k, v in trial.user_attrs.items() if k.startswith("val_") or k.endswith("epochs")}})
+    if not rows:
+        raise ConfigError(f"study {study_name} in {storage_url} has no completed trial yet; run workers first")
+    ranking = rank(rows, spec, direction, f"study {study_name}")
+    choice = choices[int(ranking.iloc[0]["config"])]
+    (winner_cfg,) = config_variants(cfg, [choice])
+    test = score_winner(data, winner_cfg, ranking.iloc[0], dev_rows, test_rows, spec)
+    write_sweep(out, overwrite, ranking, spec, cfg, winner_cfg, choice, test, len(dev_rows), len(test_rows),
+                {"study": study_name, "storage": storage_url, "completed_trials": len(rows)})
+    model = None
+    if train_winner:
+        from stages.train_heads import train_heads
+
+        model = train_heads(cache, out / WINNER, winner_cfg, overwrite=True, progress=progress).out
+    return FinishSummary(len(rows), out / "ranking.csv", choice, test, model)

@@ -1,0 +1,156 @@
+"""Sweeps shared by many workers (an Optuna study on a journal file) and tracked runs (MLflow), end to end:
+worker processes started at once, one killed mid-batch, the ranking equal to the in-process sweep's."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from stages.cli import main
+from tests.helpers import TINY
+
+optuna = pytest.importorskip("optuna", reason="the study extra (pip install -e '.[study]'); make test has it")
+
+SWEEP = """method: grid
+seed: 0
+rank_by: state.accuracy
+folds: 3
+test_fraction: 0.25
+params:
+  train.hidden: [16, 32]
+  train.dropout: [0.0, 0.3]
+  train.lr: [1.0e-3, 3.0e-3]
+"""
+COMMON = ["--set", f"train.features=[{TINY[1]}]", "--set", "train.tasks=[state, presence]", "--set",
+          "train.epochs=60", "--set", "train.early_stopping=0"]
+
+
+def _worker(cache, sweep, storage, *extra):
+    """A worker process, as a user (or a SLURM array task) starts it."""
+    code = "import sys; from stages.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, "train-heads", "--cache", str(cache), "--sweep", str(sweep),
+                             "--study", str(storage), "--no-progress", *COMMON, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _trials(storage, name="sweep"):
+    from stages.study import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(str(storage))).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(tiny_cache, tmp_path):
+    sweep, storage = tmp_path / "sweep.yaml", tmp_path / "study.log"
+    sweep.write_text(SWEEP)
+    first, second = _worker(tiny_cache, sweep, storage, "--batch", "2"), _worker(tiny_cache, sweep, storage,
+                                                                                 "--batch", "2")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill the second worker once it has trials running
+        if storage.exists():
+            try:
+                running = [t for t in _trials(storage) if t.state.name == "RUNNING"
+                           and t.user_attrs.get("worker", "").endswith(f":{second.pid}")]
+            except KeyError:  # the study is being created
+                running = []
+            if running:
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the second worker never started a trial")
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    third = _worker(tiny_cache, sweep, storage, "--batch", "3")  # picks up what the killed worker left
+    assert third.wait(timeout=300) == 0, third.stdout.read()
+
+    trials = _trials(storage)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["config"] for t in complete) == list(range(8))  # every configuration exactly once
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all(t.user_attrs["worker"].endswith(f":{second.pid}") for t in failed
+                          if "worker" in t.user_attrs)
+    assert {t.user_attrs["retry_of"] for t in complete if "retry_of" in t.user_attrs} <= {t.number for t in failed}
+
+    # the held-out rows: fixed in the study, never in any trial's development rows
+    study = optuna.load_study(study_name="sweep", storage=_open(storage))
+    held_out = study.user_attrs["held_out_ids"]
+    from cache import FeatureCache
+
+    with FeatureCache(tiny_cache) as cache:
+        ids = [str(i) for i in cache.ids]
+    development = sorted(set(ids) - set(held_out))
+    assert len(held_out) == 6 and not set(held_out) & set(development)
+    expected = hashlib.sha256("\n".join(development).encode()).hexdigest()
+    assert {t.user_attrs["development_ids_sha256"] for t in complete} == {expected}
+
+    runner = CliRunner()
+    finish = runner.invoke(main, ["sweep-finish", "--cache", str(tiny_cache), "--study", str(storage), "--study-name",
+                                  "sweep", "--out", str(tmp_path / "finished"), *COMMON])
+    assert finish.exit_code == 0, finish.output
+    alone = runner.invoke(main, ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--out",
+                                 str(tmp_path / "in-process"), *COMMON])
+    assert alone.exit_code == 0, alone.output
+    shared = pd.read_csv(tmp_path / "finished" / "ranking.csv")
+    local = pd.read_csv(tmp_path / "in-process" / "ranking.csv")
+    assert shared["config"].tolist() == local["config"].tolist()
+    pd.testing.assert_series_equal(shared["val_state.accuracy"], local["val_state.accuracy"], rtol=1e-6)
+    pd.testing.assert_series_equal(shared["val_presence.auc"], local["val_presence.auc"], rtol=1e-6)
+    winner = json.loads((tmp_path / "finished" / "winner.json").read_text())
+    assert winner["n_test"] == 6 and winner["n_dev"] == len(development) and "accuracy" in winner["test"]["state"]
+    assert json.loads((tmp_path / "in-process" / "winner.json").read_text())["test"] == winner["test"]
+    predicted = runner.invoke(main, ["predict", "--model", str(tmp_path / "finished"), "--images",
+                                     str(tmp_path), "--out", str(tmp_path / "p.csv")])
+    assert "holds no trained head" not in predicted.output
+
+
+def _open(storage):
+    from stages.study import open_storage
+
+    return open_storage(str(storage))
+
+
+def test_a_run_is_tracked_in_a_local_mlflow_store_and_read_back(tiny_cache, tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="the track extra (pip install -e '.[track]'); make test has it")
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--out", str(tmp_path / "run"),
+                                       "--track", str(tmp_path / "mlruns"), *COMMON, "--set", "train.epochs=4",
+                                       "--set", "train.early_stopping=5", "--set", "eval.folds=2"])
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
+    assert run.data.params["train.epochs"] == "4" and run.data.params["eval.folds"] == "2"
+    assert run.data.tags["resmtnet.kind"] == "train-heads"
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 4
+    assert "res-mtnet.state.accuracy.ci_low" in run.data.metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "metrics.json", "config.yaml"} <= names
+
+
+def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, tmp_path):
+    sweep = tmp_path / "tpe.yaml"
+    sweep.write_text("method: tpe\ntrials: 3\nseed: 1\nrank_by: presence.auc\nfolds: 2\ntest_fraction: 0.25\n"
+                     "params:\n  train.dropout: {min: 0.0, max: 0.5}\n  train.hidden: [16, 32]\n")
+    runner = CliRunner()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["--cache", str(tiny_cache), *COMMON, "--set", "train.epochs=5"]
+    result = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage, "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "worker: 3 trial(s) of study tpe" in result.output
+    trials = _trials(storage, "tpe")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(0 <= t.params["train.dropout"] <= 0.5 for t in trials)
+    finish = runner.invoke(main, ["sweep-finish", "--study", storage, "--study-name", "tpe", "--out",
+                                  str(tmp_path / "done"), "--no-winner", *args])
+    assert finish.exit_code == 0, finish.output
+    assert len(pd.read_csv(tmp_path / "done" / "ranking.csv")) == 3
+    again = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage])
+    assert again.exit_code == 0 and "worker: 0 trial(s)" in again.output  # the budget is spent
