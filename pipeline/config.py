@@ -130,6 +130,8 @@ class LocConfig(OptimConfig):
     decode: str = "argmax"  # argmax (refined within the 3x3 cells around it) | softargmax
     mirror: bool = False  # add left-right difference channels: each cell minus its mirror cell (other lung)
     flip: bool = False  # train on horizontally flipped maps too (mirrored targets)
+    tta_flip: bool = False  # score maps: the mean of the maps' and the flipped maps' scores (flipped back)
+    coords: bool = False  # add each cell's position (x, |x|, y) as input channels: a position prior it learns
     candidates: int = 10  # nodule candidates per image (non-maximum suppression): FROC, predict --overlay
     nms_cells: int = 2  # a candidate suppresses the cells within this many cells of it
 

@@ -6,7 +6,10 @@ together), `view` (PA, AP, LATERAL, ...: data.views), `split` (train / validate 
 split, eval.protocol official), one numeric column per finding (1 positive, 0 negative, -1 uncertain as
 CheXpert writes it, NaN unmentioned) declared as the layout's multi-label task `findings`, and `age` / `sex`
 where the data set has them. Box annotations (NIH, VinDr) are kept as text in `boxes`:
-`finding:x_min,y_min,x_max,y_max` in image pixels, `;` between boxes, every reader's box as published.
+`finding:x_min,y_min,x_max,y_max` in image pixels, `;` between boxes, every reader's box as published. Their
+nodules and masses become localisation targets (`nodule_targets`): `nodule_boxes` (the lesions, same format
+without the finding), `x`, `y` (the centre of the largest lesion) and `presence` (the image's Nodule or Mass
+finding), so the localisation head trains on them and FROC counts a candidate inside a lesion's box as a hit.
 
 Images listed in the metadata but absent from disk (a partial download: NIH ships 12 archives) are left out
 with one warning naming how many and the first; none found at all is an error.
@@ -50,6 +53,54 @@ VINDR_FINDINGS = ("Aortic enlargement", "Atelectasis", "Calcification", "Cardiom
                   "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "Rib fracture", "Other disease", "COPD",
                   "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding")
 VINDR_SPLITS = ("train", "test")
+#: The findings whose boxes are localisation targets, per layout.
+NODULE_FINDINGS = {"nih": ("Nodule", "Mass"), "vindr": ("Nodule/Mass",)}
+#: VinDr: readers' boxes of one lesion overlap at least this much (intersection over union).
+MERGE_IOU = 0.2
+
+Box = tuple  # (finding, x_min, y_min, x_max, y_max)
+
+
+def format_boxes(boxes, with_finding: bool = True) -> Optional[str]:
+    """Boxes as the table's text ('finding:x0,y0,x1,y1;...'), None for none."""
+    parts = [(f"{b[0]}:" if with_finding else "") + ",".join(f"{v:g}" for v in b[1:]) for b in boxes]
+    return ";".join(parts) or None
+
+
+def _iou(a: Box, b: Box) -> float:
+    w = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    h = max(0.0, min(a[4], b[4]) - max(a[2], b[2]))
+    union = (a[3] - a[1]) * (a[4] - a[2]) + (b[3] - b[1]) * (b[4] - b[2]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def merge_readers(boxes: List[Box], readers: List[str], n_readers: int) -> List[Box]:
+    """One box per lesion from several readers' boxes: boxes overlapping a group's first box (IoU >= MERGE_IOU)
+    join its group; a group drawn by a strict majority of the image's readers is a lesion, its box the mean of
+    the group's boxes."""
+    groups: List[List[int]] = []
+    for i, box in enumerate(boxes):
+        home = next((g for g in groups if _iou(boxes[g[0]], box) >= MERGE_IOU), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    out = []
+    for group in groups:
+        if len({readers[i] for i in group}) * 2 > n_readers:
+            corners = [sum(boxes[i][k] for i in group) / len(group) for k in range(1, 5)]
+            out.append((boxes[group[0]][0], *corners))
+    return out
+
+
+def nodule_targets(lesions: List[Box], presence: float) -> Dict[str, object]:
+    """The localisation columns of an image from its lesion boxes: nodule_boxes, x and y of the largest
+    lesion's centre, presence (the finding's label; 1 where there is a lesion)."""
+    if not lesions:
+        return {"nodule_boxes": None, "presence": presence}
+    big = max(lesions, key=lambda b: (b[3] - b[1]) * (b[4] - b[2]))
+    return {"nodule_boxes": format_boxes(lesions, with_finding=False), "x": (big[1] + big[3]) / 2,
+            "y": (big[2] + big[4]) / 2, "presence": 1.0}
 
 
 def column_name(finding: str) -> str:
@@ -103,7 +154,8 @@ def _finish(records: List[dict], layout: str, root: Path, meta: Path, labels: La
         where = f"{meta}: image {rec['id']}"
         sex = rec.pop("sex", None)
         base = _record(rec.pop("id"), Path(rec.pop("image")), labels, where, grid=None, age=rec.pop("age", None),
-                       sex=sex if str(sex).strip().lower() in ("m", "f", "male", "female") else None)
+                       sex=sex if str(sex).strip().lower() in ("m", "f", "male", "female") else None,
+                       x=rec.pop("x", None), y=rec.pop("y", None), presence=rec.pop("presence", None))
         base.update(rec)
         rows.append(base)
     return finish_table(rows, Source(layout, root, meta), check_images, skip_bad)
@@ -132,13 +184,13 @@ def _nih_images(root: Path) -> Dict[str, Path]:
     return found
 
 
-def _nih_boxes(root: Path) -> Dict[str, str]:
+def _nih_boxes(root: Path) -> Dict[str, List[Box]]:
     from .data import _find_case_insensitive, _read_csv_rows
 
     path = _find_case_insensitive(root, NIH_BOXES)
     if path is None:
         return {}
-    boxes: Dict[str, List[str]] = {}
+    boxes: Dict[str, List[Box]] = {}
     # the header 'Bbox [x,y,w,h]' is split by its own commas, and rows end in empty cells
     for n, row in enumerate(_read_csv_rows(path, 6)[1:]):
         cells = [c.strip() for c in row]
@@ -147,8 +199,8 @@ def _nih_boxes(root: Path) -> Dict[str, str]:
         x, y, w, h = (_number(c) for c in cells[2:6])
         if not all(map(math.isfinite, (x, y, w, h))):
             raise DataError(f"{path}: row {n + 2}: box '{','.join(cells[2:6])}' is not four numbers")
-        boxes.setdefault(Path(cells[0]).stem, []).append(f"{cells[1]}:{x:g},{y:g},{x + w:g},{y + h:g}")
-    return {k: ";".join(v) for k, v in boxes.items()}
+        boxes.setdefault(Path(cells[0]).stem, []).append((cells[1], x, y, x + w, y + h))
+    return boxes
 
 
 def _nih_splits(root: Path) -> Dict[str, str]:
@@ -185,7 +237,10 @@ def load_nih(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False)
                             f"{', '.join(NIH_FINDINGS)} or '{NIH_NO_FINDING}'")
         rec = {"id": ident, "image": str(images.get(ident.lower(), src.root / "images" / name)),
                "age": _nih_age(age), "sex": sex, "patient_id": patient.lstrip("0") or "0", "view": view.upper(),
-               "split": split.get(ident), "follow_up": _number(follow_up), "boxes": boxes.get(ident)}
+               "split": split.get(ident), "follow_up": _number(follow_up),
+               "boxes": format_boxes(boxes.get(ident, [])),
+               **nodule_targets([b for b in boxes.get(ident, []) if b[0] in NODULE_FINDINGS["nih"]],
+                                float(any(f in names for f in NODULE_FINDINGS["nih"])) if names else math.nan)}
         rec.update({column_name(f): float(f in names) if names else math.nan for f in NIH_FINDINGS})
         records.append(rec)
     return _finish(_keep_present(records, str(src.metadata)), "nih", src.root, src.metadata, labels, check_images,
@@ -347,18 +402,21 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
         box_path = _vindr_file(root, f"annotations_{split}.csv")
         if label_path is None and box_path is None:
             continue
-        boxes: Dict[str, List[str]] = {}
+        boxes: Dict[str, List[Box]] = {}
+        drawn_by: Dict[str, List[str]] = {}
+        readers: Dict[str, int] = {}
         per_image: Optional[pd.DataFrame] = None
         if box_path is not None:
             table = read_table(box_path)
             table.columns = [c if c.lower() != "rad_id" else "rad_id" for c in table.columns]
             _require(table, ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"), box_path)
+            readers = table.groupby("image_id")["rad_id"].nunique().to_dict()
             for row in table.itertuples(index=False):
                 cells = dict(zip(table.columns, row))
                 corners = [_number(cells[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
                 if all(map(math.isfinite, corners)):
-                    boxes.setdefault(cells["image_id"], []).append(
-                        f"{cells['class_name']}:" + ",".join(f"{v:g}" for v in corners))
+                    boxes.setdefault(cells["image_id"], []).append((cells["class_name"], *corners))
+                    drawn_by.setdefault(cells["image_id"], []).append(cells["rad_id"])
             if label_path is None:  # findings from the boxes' class names, by the same majority rule
                 votes = pd.crosstab([table["image_id"], table["rad_id"]], table["class_name"]).clip(upper=1)
                 votes = votes.reset_index()
@@ -373,8 +431,12 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
         for image_id, votes in per_image.iterrows():
             path = next((root / split / f"{image_id}{s}" for s in (".dicom", ".dcm")
                          if (root / split / f"{image_id}{s}").is_file()), root / split / f"{image_id}.dicom")
-            rec = {"id": image_id, "image": str(path), "split": split,
-                   "boxes": ";".join(boxes.get(image_id, [])) or None}
+            mine = [(b, r) for b, r in zip(boxes.get(image_id, []), drawn_by.get(image_id, []))
+                    if b[0] in NODULE_FINDINGS["vindr"]]
+            lesions = merge_readers([b for b, _ in mine], [r for _, r in mine], readers.get(image_id, 1))
+            finding = NODULE_FINDINGS["vindr"][0]
+            rec = {"id": image_id, "image": str(path), "split": split, "boxes": format_boxes(boxes.get(image_id, [])),
+                   **nodule_targets(lesions, float(votes[finding]) if finding in votes.index else math.nan)}
             rec.update({column_name(f): float(votes[f]) if f in votes.index else math.nan for f in VINDR_FINDINGS})
             records.append(rec)
     records = _keep_present(records, str(root))

@@ -31,9 +31,14 @@ LOC_METRICS = {"mean_px": -1, "median_px": -1, "within_radius": 1, "within_100px
 FROC_FPS = tuple(EvalConfig().froc_fps)
 
 
+#: How a candidate hits a lesion: within its radius, within 100 px of the grid, inside its box (box-annotated data).
+FROC_HITS = ("radius", "100px", "box")
+
+
 def froc_names(fps=FROC_FPS):
-    """Metric names of the FROC sensitivities: hits within the nodule's radius and within 100 px."""
-    return [f"froc_{hit}_at_{fp:g}fp" for hit in ("radius", "100px") for fp in fps]
+    """Metric names of the FROC sensitivities, one per kind of hit and level (box hits only where the data set has
+    lesion boxes)."""
+    return [f"froc_{hit}_at_{fp:g}fp" for hit in FROC_HITS for fp in fps]
 
 
 def loc_metric_directions(fps=FROC_FPS) -> Dict[str, int]:
@@ -48,6 +53,8 @@ class LocNet(nn.Module):
         super().__init__()
         m = len(seeds)
         self.members, self.channels, self.hidden = m, channels, hidden
+        # how a family's outputs() builds the input and scores (LocConfig), set by LocFamily.build
+        self.mirror = self.coords = self.tta_flip = False
         self.inp = nn.Conv2d(m * channels, m * hidden, 1, groups=m)
         self.ctx = nn.ModuleList(nn.Conv2d(m * hidden, m * hidden, 3, padding=1, groups=m) for _ in range(context))
         self.out = nn.Conv2d(m * hidden, m, 1, groups=m)
@@ -65,6 +72,13 @@ class LocNet(nn.Module):
                 bound = 1.0 / math.sqrt(w[0].numel())
                 w.copy_((torch.rand(w.shape, generator=g) * 2 - 1) * bound)
                 conv.bias[i * per:(i + 1) * per].copy_((torch.rand(per, generator=g) * 2 - 1) * bound)
+
+    def scores(self, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+        """Score maps of the head's input; `tta_flip`: averaged with those of the horizontally flipped input,
+        flipped back (flipping the input equals the input of the flipped maps, mirror channels included; position
+        channels flip with it, so the learnt position prior is averaged with its mirror image)."""
+        out = self(x)
+        return (out + self(x.flip(-1)).flip(-1)) / 2 if tta_flip else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
@@ -137,18 +151,35 @@ def _targets(data: LocData, rows: torch.Tensor, sigma: torch.Tensor, flipped: bo
     return target, has, data.presence[rows]
 
 
-def head_input(x: torch.Tensor, mirror: bool) -> torch.Tensor:
+#: Position channels of `coords`: x and y in [-1, 1] across the map, and |x| (the distance from the spine).
+COORD_CHANNELS = 3
+
+
+def input_channels(channels: int, mirror: bool, coords: bool) -> int:
+    """The head's input channels for maps of `channels` channels (head_input's output)."""
+    return channels * (2 if mirror else 1) + (COORD_CHANNELS if coords else 0)
+
+
+def head_input(x: torch.Tensor, mirror: bool, coords: bool = False) -> torch.Tensor:
     """Standardised maps (..., C, H, W) -> the head's input: with `mirror`, C more channels holding each cell
     minus its mirror cell about the image's centre column (the spine): a nodule is a one-sided anomaly, while
-    ribs, heart borders and lung edges are roughly symmetric and cancel."""
-    return torch.cat([x, x - x.flip(-1)], dim=-3) if mirror else x
+    ribs, heart borders and lung edges are roughly symmetric and cancel; with `coords`, each cell's position
+    (x, |x|, y), from which the head learns where nodules lie (a lung-field prior of the training folds)."""
+    out = torch.cat([x, x - x.flip(-1)], dim=-3) if mirror else x
+    if not coords:
+        return out
+    h, w = x.shape[-2:]
+    xs = torch.linspace(-1, 1, w, device=x.device).expand(h, w)
+    ys = torch.linspace(-1, 1, h, device=x.device)[:, None].expand(h, w)
+    grid = torch.stack([xs, xs.abs(), ys]).to(out.dtype)
+    return torch.cat([out, grid.expand(*out.shape[:-3], COORD_CHANNELS, h, w)], dim=-3)
 
 
-def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor, mirror: bool) -> torch.Tensor:
+def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor, mirror: bool, coords: bool) -> torch.Tensor:
     """(M, B) rows -> (B, M*C', H, W): member m sees its rows standardised with its split's statistics."""
     x = data.maps[rows].float()  # (M, B, C, H, W)
     x = (x - data.mean[split_of][:, None, :, None, None]) / data.std[split_of][:, None, :, None, None]
-    x = head_input(x, mirror)
+    x = head_input(x, mirror, coords)
     m, b, c, h, w = x.shape
     return x.permute(1, 0, 2, 3, 4).reshape(b, m * c, h, w)
 
@@ -182,10 +213,10 @@ class LocFamily:
             raise ConfigError("train.loc: hidden and sigma must be positive, context and presence_weight >= 0")
 
     def stack_key(self, cfg: LocConfig) -> tuple:
-        return ("loc", cfg.hidden, cfg.context, cfg.mirror, cfg.flip)
+        return ("loc", cfg.hidden, cfg.context, cfg.mirror, cfg.flip, cfg.tta_flip, cfg.coords)
 
     def channels(self, cfg: LocConfig) -> int:
-        return self.data.maps.shape[1] * (2 if cfg.mirror else 1)
+        return input_channels(self.data.maps.shape[1], cfg.mirror, cfg.coords)
 
     def row_bytes(self, cfg: LocConfig) -> int:
         """Working memory of one map of one member in a forward pass (input and activations)."""
@@ -201,14 +232,17 @@ class LocFamily:
         return [1.0, float(cfg.presence_weight)]
 
     def build(self, cfgs, seeds) -> "LocNet":
-        return LocNet(self.channels(cfgs[0]), cfgs[0].hidden, cfgs[0].context, seeds)
+        cfg = cfgs[0]
+        net = LocNet(self.channels(cfg), cfg.hidden, cfg.context, seeds)
+        net.mirror, net.coords, net.tta_flip = cfg.mirror, cfg.coords, cfg.tta_flip  # one per stack (stack_key)
+        return net
 
     def to(self, device: torch.device) -> None:
         self.device = device
         self.data.to(device)
 
     def losses(self, model: "LocNet", cfgs, batch: Batch, totals: bool = False):
-        x = _inputs(self.data, batch.rows, batch.split_of, cfgs[0].mirror)
+        x = _inputs(self.data, batch.rows, batch.split_of, cfgs[0].mirror, cfgs[0].coords)
         sigma = torch.tensor([c.sigma for c in cfgs], dtype=torch.float32, device=x.device)
         if totals:  # evaluation: sums and counts of the plain maps, to combine blocks of rows
             return loc_losses(model(x), *_targets(self.data, batch.rows, sigma), batch.valid, totals=True)
@@ -220,11 +254,11 @@ class LocFamily:
 
     def outputs(self, model: "LocNet", split_of: torch.Tensor) -> torch.Tensor:
         n, m = self.n_rows, len(split_of)
-        mirror = model.channels != self.data.maps.shape[1]  # built with mirror channels
         out = []
         for start in range(0, n, 32):
             rows = torch.arange(start, min(start + 32, n), device=split_of.device).expand(m, -1)
-            out.append(model(_inputs(self.data, rows, split_of, mirror)).permute(1, 0, 2, 3))
+            out.append(model.scores(_inputs(self.data, rows, split_of, model.mirror, model.coords), model.tta_flip)
+                       .permute(1, 0, 2, 3))
         return torch.cat(out, dim=1)
 
     def export(self, model: "LocNet", m: int) -> Dict[str, torch.Tensor]:
@@ -265,6 +299,26 @@ def lesions(table, rows: np.ndarray, pixel_mm: float) -> tuple:
     return nod, x[nod], y[nod], radius
 
 
+#: The label column of lesion boxes ('x0,y0,x1,y1;...' in grid pixels; pipeline.datasets.nodule_targets).
+BOX_COLUMN = "nodule_boxes"
+
+
+def box_lesions(table, rows: np.ndarray) -> Optional[tuple]:
+    """The lesions of `rows` from their boxes: (image index into rows, centre x, y, half width, half height), or
+    None where the table has no lesion boxes (JSRT)."""
+    if BOX_COLUMN not in table:
+        return None
+    out = []
+    for i, text in enumerate(table[BOX_COLUMN].to_numpy()[rows]):
+        if isinstance(text, str) and text:
+            for part in text.split(";"):
+                x0, y0, x1, y1 = (float(v) for v in part.split(","))
+                out.append((i, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2))
+    if not out:
+        return None
+    return tuple(np.array(col, dtype=int if k == 0 else float) for k, col in enumerate(zip(*out)))
+
+
 def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_score: np.ndarray,
          pixel_mm: float, fps=FROC_FPS, weights: Optional[np.ndarray] = None,
          curves: bool = False, lesion_list: Optional[tuple] = None) -> Dict[str, np.ndarray]:
@@ -279,20 +333,31 @@ def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_s
     the best sensitivity of a threshold at or below that rate (0 where none is). `weights` (n,) or (R, n) per
     row (bootstrap resamples) give each image its weight; `curves` adds each FROC curve as (2, thresholds)
     false positives per image and sensitivity. `lesion_list` (as `lesions` returns) replaces the table's one
-    lesion per row, for images with several.
+    lesion per row, for images with several. Where the table has lesion boxes (box_lesions), they are the
+    lesions, a radius is half a box's shorter side, and a third kind of hit counts: inside the box ('box').
     """
     n, k = cand_x.shape
     gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
-    image, lx, ly, radius = lesions(table, rows, pixel_mm) if lesion_list is None else lesion_list
+    boxes = box_lesions(table, rows) if lesion_list is None else None
+    if boxes is not None:
+        image, lx, ly, half_w, half_h = boxes
+        radius = np.minimum(half_w, half_h)
+    else:
+        image, lx, ly, radius = lesions(table, rows, pixel_mm) if lesion_list is None else lesion_list
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     score = np.where(np.isfinite(cand_score), cand_score, -np.inf)
     present = np.isfinite(score)  # (n, k): a candidate at all
-    dist = np.hypot(cand_x[image] * gw[image, None] - lx[:, None], cand_y[image] * gh[image, None] - ly[:, None])
+    dx = cand_x[image] * gw[image, None] - lx[:, None]
+    dy = cand_y[image] * gh[image, None] - ly[:, None]
+    dist = np.hypot(dx, dy)
     n_images = w.sum(axis=-1)
     n_lesions = w[..., image].sum(axis=-1)
     out: Dict[str, np.ndarray] = {}
-    for hit_name, reach in (("radius", radius), ("100px", np.full(len(image), 100.0))):
-        hits = (dist <= reach[:, None]) & present[image]  # (lesions, k)
+    kinds = {"radius": dist <= radius[:, None], "100px": dist <= 100.0}
+    if boxes is not None:
+        kinds["box"] = (np.abs(dx) <= half_w[:, None]) & (np.abs(dy) <= half_h[:, None])
+    for hit_name, inside in kinds.items():
+        hits = inside & present[image]  # (lesions, k)
         found_at = np.where(hits, score[image], -np.inf).max(axis=1) if k else np.full(len(image), -np.inf)
         hit_any = np.zeros((n, k), dtype=bool)
         np.logical_or.at(hit_any, image, hits)

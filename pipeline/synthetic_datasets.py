@@ -11,26 +11,33 @@ import csv
 import gzip
 import io
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from .datasets import CHEXPERT_FINDINGS, VINDR_FINDINGS
-from .synthetic import draw_nodule_params, render
+from .synthetic import FIELD_MM, draw_nodule_params, render
 
 #: How many of a layout's findings leave a mark in the image (the rest are label noise).
 MARKED = 3
 
 
-def _pixels(rng: np.random.Generator, size: int, marks: Sequence[bool]) -> np.ndarray:
-    """A chest-like image in [0, 1]; mark 0 draws a nodule, marks 1.. a bright patch each at its own place."""
-    image = render(size, rng, draw_nodule_params(rng, (4, 5)) if marks and marks[0] else None)
+def _pixels(rng: np.random.Generator, size: int, marks: Sequence[bool]) -> Tuple[np.ndarray, Optional[tuple]]:
+    """A chest-like image in [0, 1] and the box (x0, y0, x1, y1 in pixels) of its nodule: mark 0 draws a nodule
+    (a box of at least 3 x 3 pixels around it), marks 1.. a bright patch each at its own place."""
+    nodule = draw_nodule_params(rng, (4, 5)) if marks and marks[0] else None
+    image = render(size, rng, nodule)
     for k, on in enumerate(marks[1:], start=1):
         if on:
             y0, x0 = int(size * 0.7), int(size * (0.2 + 0.4 * (k - 1)))
             image[y0:y0 + size // 6, x0:x0 + size // 6] += 0.25
-    return np.clip(image, 0.0, 1.0)
+    box = None
+    if nodule is not None:
+        half = max(nodule.size_mm / (FIELD_MM / size) / 2, 1.5)
+        box = tuple(round(v, 2) for v in (nodule.x * size - half, nodule.y * size - half, nodule.x * size + half,
+                                          nodule.y * size + half))
+    return np.clip(image, 0.0, 1.0), box
 
 
 def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
@@ -102,13 +109,14 @@ def write_nih(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64
             found = _draw(rng, ("Nodule", "Effusion", "Cardiomegaly", "Atelectasis"))
             marks = [f in found for f in ("Nodule", "Effusion", "Cardiomegaly")]
             found = sorted(set(found) | ({"Nodule"} if marks[0] else set()))
-            _save(_pixels(rng, size, marks), out / f"images_{1 + (patient % 2):03d}" / "images" / name, "PNG")
+            pixels, box = _pixels(rng, size, marks)
+            _save(pixels, out / f"images_{1 + (patient % 2):03d}" / "images" / name, "PNG")
             view = "PA" if rng.random() < 0.7 else "AP"
             rows.append([name, "|".join(found) or "No Finding", follow_up, patient, int(rng.integers(20, 80)),
                          "M" if rng.random() < 0.5 else "F", view, 2500, 2048, 0.143, 0.143, ""])
             split["test_list.txt" if test else "train_val_list.txt"].append(name)
-            if "Nodule" in found:
-                boxes.append([name, "Nodule", 10.5, 12.25, 8.0, 9.0, "", "", ""])
+            if box is not None:  # NIH's boxes: x, y, w, h
+                boxes.append([name, "Nodule", box[0], box[1], box[2] - box[0], box[3] - box[1], "", "", ""])
     _write_csv(out / "Data_Entry_2017.csv", (), rows,
                raw_header="Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
                           "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
@@ -139,7 +147,7 @@ def write_chexpert(out: Path, patients: int = 8, per_patient: int = 3, size: int
             lateral = i == per_patient - 1 and per_patient > 2
             rel = f"CheXpert-v1.0-small/{folder}/patient{p + 1:05d}/study{i // 2 + 1}/view{i % 2 + 1}_" \
                   f"{'lateral' if lateral else 'frontal'}.jpg"
-            _save(_pixels(rng, size, marks), out / rel, "JPEG")
+            _save(_pixels(rng, size, marks)[0], out / rel, "JPEG")
             tables["valid.csv" if valid else "train.csv"].append(
                 [rel, "Male" if rng.random() < 0.5 else "Female", int(rng.integers(20, 90)),
                  "Lateral" if lateral else "Frontal", "" if lateral else str(rng.choice(["AP", "PA"])), *values])
@@ -162,7 +170,7 @@ def write_mimic(out: Path, patients: int = 8, per_patient: int = 3, size: int = 
             dicom = "-".join(f"{int(v):08x}" for v in rng.integers(0, 2 ** 32, 5))
             values = {f: _chexpert_value(rng) for f in order}
             marks = [values[f] == "1.0" for f in ("Lung Lesion", "Pleural Effusion", "Cardiomegaly")]
-            _save(_pixels(rng, size, marks), out / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" /
+            _save(_pixels(rng, size, marks)[0], out / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" /
                   f"{dicom}.jpg", "JPEG")
             view = str(rng.choice(["PA", "AP", "LATERAL"], p=[0.5, 0.3, 0.2]))
             metadata.append([dicom, subject, study, "CHEST (PA AND LAT)", view, size, size, 21800506, 213014.531,
@@ -193,16 +201,19 @@ def write_vindr(out: Path, patients: int = 8, per_patient: int = 3, size: int = 
         image_id = rng.bytes(16).hex()
         truth = _draw(rng, VINDR_FINDINGS[:-1], 0.15)
         marks = [f in truth for f in ("Nodule/Mass", "Pleural effusion", "Cardiomegaly")]
-        stored = (_pixels(rng, size, marks) * 4095).round().astype(np.uint16)
+        pixels, box = _pixels(rng, size, marks)
+        stored = (pixels * 4095).round().astype(np.uint16)
         monochrome1 = i % 3 == 1
         window = (2048.0, 4096.0) if i % 3 == 2 else ()
         write_dicom(out / split / f"{image_id}.dicom", 4095 - stored if monochrome1 else stored,
                     monochrome1=monochrome1, window=window, age=f"{int(rng.integers(20, 80)):03d}Y",
                     sex=str(rng.choice(["M", "F", "O"])))
         for reader in readers[split]:
-            said = [f for f in truth if rng.random() < 0.85] or ["No finding"]
+            said = [f for f in truth if rng.random() < 0.85 or f == "Nodule/Mass"] or ["No finding"]
             for finding in said:
-                corners = [10.0, 12.0, 20.0, 22.5] if finding != "No finding" else ["", "", "", ""]
+                corners = ["", "", "", ""] if finding == "No finding" else [2.0, 2.0, 8.0, 8.0]
+                if finding == "Nodule/Mass":  # each reader's box about the drawn nodule
+                    corners = [round(v + rng.normal(0, 0.3), 2) for v in box]
                 boxes[split].append([image_id, reader, finding, *corners])
             image_labels[split].append([image_id, reader, *[int(f in said) for f in VINDR_FINDINGS]])
     for split in ("train", "test"):

@@ -22,7 +22,7 @@ from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.head import read_head
-from pipeline.localise import LocNet, candidates, decode_maps, head_input
+from pipeline.localise import LocNet, candidates, decode_maps, head_input, input_channels
 from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.runtime import pick_device
@@ -53,7 +53,9 @@ class Head:
         """Feature maps (n, C, H, W) -> score maps (n, H, W) of the localisation head."""
         x = (torch.from_numpy(maps).float() - self.loc_mean[None, :, None, None]) / self.loc_std[None, :, None, None]
         self.loc_net.eval()
-        return self.loc_net(head_input(x, bool(self.loc["hparams"].get("mirror"))))[:, 0].numpy()
+        hp = self.loc["hparams"]
+        return self.loc_net.scores(head_input(x, bool(hp.get("mirror")), bool(hp.get("coords"))),
+                                   bool(hp.get("tta_flip")))[:, 0].numpy()
 
     @property
     def features(self) -> List[str]:
@@ -94,7 +96,7 @@ def load_head(run_dir: Path) -> Head:
         head.reference = (tensors["reference_features"], tensors["reference_nn"])
     if head.loc:
         hp = head.loc["hparams"]
-        channels = int(head.loc["channels"]) * (2 if hp.get("mirror") else 1)
+        channels = input_channels(int(head.loc["channels"]), bool(hp.get("mirror")), bool(hp.get("coords")))
         head.loc_net = LocNet(channels, int(hp["hidden"]), int(hp["context"]), seeds=[0])
         head.loc_net.load_state_dict({k[len("loc."):]: v for k, v in tensors.items() if k.startswith("loc.")})
         head.loc_mean, head.loc_std = tensors["loc_mean"], tensors["loc_std"]

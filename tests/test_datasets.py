@@ -77,7 +77,8 @@ def test_nih_published_format(tmp_path, caplog):
     assert set(table["view"]) <= {"PA", "AP"} and set(table["split"]) == {"train", "test"}
     assert (table.groupby("patient_id")["split"].nunique() == 1).all()  # NIH's lists split by patient
     nodules = table[table["Nodule"] == 1]
-    assert len(nodules) and all(b.startswith("Nodule:10.5,12.25,18.5,21.25") for b in nodules["boxes"])
+    assert len(nodules) and all(b.startswith("Nodule:") for b in nodules["boxes"])
+    assert nodules["nodule_boxes"].notna().all() and (nodules["presence"] == 1).all()
     assert table.attrs["task_groups"] == {"findings": list(NIH_FINDINGS)}
     no_finding = table[table[list(NIH_FINDINGS)].sum(axis=1) == 0]
     assert len(no_finding) and (no_finding[list(NIH_FINDINGS)] == 0).all().all()  # 'No Finding': all negative
@@ -327,4 +328,62 @@ def test_synthetic_layouts_from_the_cli_and_inspect_data_shows_the_findings(tmp_
     assert "9 images (nih layout)" in result.output
     assert "  task 'findings': multilabel over 14 finding columns (Atelectasis, Cardiomegaly" in result.output
     assert "  patient_id: 3 patients, images per patient 3 to 3" in result.output
-    assert "  no labels: subtlety, state, presence, lobe, diagnosis, x, y, size_mm" in result.output
+    assert "  no labels: subtlety, state, lobe, diagnosis, size_mm" in result.output  # presence, x, y: boxes
+
+
+# --------------------------------------------------------------------------------------------------
+# boxes as localisation targets
+
+
+def test_nih_and_vindr_boxes_become_localisation_targets(tmp_path):
+    from pipeline.datasets import merge_readers
+
+    nih = load_dataset(write_layout("nih", tmp_path / "nih", patients=6, per_patient=3, size=64))
+    entries = pd.read_csv(tmp_path / "nih" / "BBox_List_2017.csv", header=None, skiprows=1)
+    first = entries.iloc[0]
+    row = nih.set_index("id").loc[first[0][:-4]]
+    x, y, w, h = (float(v) for v in first[2:6])
+    assert row["x"] == pytest.approx(x + w / 2) and row["y"] == pytest.approx(y + h / 2) and row["presence"] == 1
+    assert row["nodule_boxes"] == ",".join(f"{v:g}" for v in (x, y, x + w, y + h))
+    assert set(nih["presence"]) == {0.0, 1.0}  # every image's Nodule / Mass finding, box or not
+    vindr = load_dataset(write_layout("vindr", tmp_path / "vindr", patients=6, per_patient=3, size=64))
+    lesions = vindr.dropna(subset=["nodule_boxes"])
+    assert len(lesions) and (lesions["presence"] == 1).all()
+    assert all(len(text.split(";")) == 1 for text in lesions["nodule_boxes"])  # three readers' boxes, one lesion
+    # the stated rule: overlapping boxes of a strict majority of the readers are one lesion, their mean box
+    boxes = [("Nodule/Mass", 10, 10, 20, 20), ("Nodule/Mass", 11, 11, 21, 21), ("Nodule/Mass", 40, 40, 50, 50)]
+    assert merge_readers(boxes, ["R1", "R2", "R3"], 3) == [("Nodule/Mass", 10.5, 10.5, 20.5, 20.5)]
+    assert merge_readers(boxes, ["R1", "R1", "R2"], 3) == []  # one reader's two boxes are not a majority
+
+
+def test_froc_counts_a_candidate_inside_a_box_as_a_box_hit():
+    from pipeline.localise import froc
+
+    table = pd.DataFrame({"grid_w": [100.0, 100.0], "grid_h": [100.0, 100.0], "x": [50.0, np.nan],
+                          "y": [50.0, np.nan], "size_mm": [np.nan, np.nan],
+                          "nodule_boxes": ["40,45,80,55;10,10,14,14", None]})
+    cx = np.array([[0.75, 0.12], [0.5, np.nan]])  # image 0: inside the long box, 15 px from its centre
+    cy = np.array([[0.50, 0.90], [0.5, np.nan]])
+    cs = np.array([[2.0, 1.0], [0.5, -np.inf]])
+    res = froc(table, np.array([0, 1]), cx, cy, cs, pixel_mm=1.0, fps=[0.5, 2.0])
+    assert res["froc_box_at_0.5fp"] == 0.5  # one of two lesions found at the best score, no false positive yet
+    assert res["froc_radius_at_0.5fp"] == 0.0  # 15 px from the centre is beyond half the short side (5 px)
+    assert res["froc_box_at_2fp"] == 0.5 and res["froc_100px_at_2fp"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_localisation_head_trains_and_is_scored_on_box_annotations(tmp_path):
+    data = write_layout("nih", tmp_path / "nih", patients=20, per_patient=3, size=128)
+    runner = CliRunner()
+    result = runner.invoke(main, ["extract-features", "--data", str(data), "--cache", str(tmp_path / "c.h5"),
+                                  *_tiny_flags(), "--spatial", "--set", "extract.spatial.image_size=128", "--set",
+                                  "extract.spatial.stage=-3"])
+    assert result.exit_code == 0, result.output
+    result = _train(tmp_path / "c.h5", tmp_path / "run", "--set", "train.tasks=[presence, x, y]", "--set",
+                    "train.loc.enabled=true", "--set", "train.loc.epochs=60", "--set", "train.loc.batch_size=8")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["localisation"]
+    heat, pooled = metrics["heatmap"], metrics["pooled-regression"]
+    assert "ci95" in heat["froc_box_at_4fp"]
+    # chance: the pooled regression's one guess per image (about the mean position) lands in no box
+    assert heat["froc_box_at_4fp"]["pooled"] > 0.1 > pooled["froc_box_at_4fp"]["pooled"]

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.localise import LocData, _targets, candidates, froc, head_input
+from pipeline.localise import (COORD_CHANNELS, LocData, LocNet, _targets, candidates, froc, head_input,
+                               input_channels)
 
 
 def _table():
@@ -79,6 +80,25 @@ def test_flipped_maps_get_mirrored_targets():
     assert (int(peak) // 8, int(peak) % 8) == (2, 1) and (int(peak_f) // 8, int(peak_f) % 8) == (2, 6)
 
 
+def test_position_channels_give_each_cell_its_place():
+    x = torch.zeros(2, 4, 3, 5)
+    out = head_input(x, mirror=False, coords=True)
+    assert out.shape == (2, 4 + COORD_CHANNELS, 3, 5) and torch.equal(out[:, :4], x)
+    xs, ax, ys = out[0, 4], out[0, 5], out[0, 6]
+    assert xs[0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and torch.equal(ax, xs.abs())
+    assert ys[:, 0].tolist() == [-1.0, 0.0, 1.0] and torch.equal(out[1, 4:], out[0, 4:])
+    assert input_channels(4, mirror=True, coords=True) == head_input(x, True, True).shape[1] == 11
+
+
+def test_test_time_flips_make_the_scores_flip_equivariant():
+    net = LocNet(3, 4, 1, seeds=[0, 1])  # two stacked members of 3 input channels
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, tta = net.scores(x), net.scores(x, tta_flip=True)
+        assert not torch.allclose(net.scores(x.flip(-1)), plain.flip(-1))  # one pass of a head is not
+        torch.testing.assert_close(net.scores(x.flip(-1), tta_flip=True), tta.flip(-1))
+
+
 @pytest.mark.slow
 def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_path):
     from stages.predict import predict
@@ -88,7 +108,7 @@ def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_
     data, cache = nodule_cache
     cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
                                "train.loc.context": 1, "train.loc.mirror": True, "train.loc.flip": True,
-                               "eval.bootstrap": 50})
+                               "train.loc.tta_flip": True, "eval.bootstrap": 50})
     summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
     heat = summary.metrics["localisation"]["heatmap"]
     pooled = summary.metrics["localisation"]["pooled-regression"]
@@ -178,3 +198,20 @@ def test_a_sweep_can_rank_on_a_custom_froc_level():
     assert rank_direction(data, "loc.froc_radius_at_3fp", "sweep.yaml", froc_fps=[1.0, 3.0]) == 1
     with pytest.raises(Exception, match="valid loc metrics: .*froc_radius_at_3fp"):
         rank_direction(data, "loc.froc_radius_at_8fp", "sweep.yaml", froc_fps=[1.0, 3.0])
+
+
+@pytest.mark.slow
+def test_position_channels_train_refit_and_predict(nodule_cache, tmp_path):
+    from stages.predict import predict
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_train_config
+
+    data, cache = nodule_cache
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
+                               "train.loc.coords": True, "train.loc.context": 1, "eval.bootstrap": 50})
+    summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
+    heat = summary.metrics["localisation"]["heatmap"]
+    pooled = summary.metrics["localisation"]["pooled-regression"]
+    assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
+    result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred")
+    assert np.isfinite(result.table["localisation_x"]).all()
