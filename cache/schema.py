@@ -98,7 +98,7 @@ def read_attrs(obj: h5py.HLObject, json_keys: Iterable[str] = ()) -> Dict[str, o
     return out
 
 
-FEATURE_JSON_KEYS = ("mean", "std", "preprocess", "members")
+FEATURE_JSON_KEYS = ("mean", "std", "preprocess", "members", "stage")
 ROOT_JSON_KEYS = ("packages",)
 
 

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -511,10 +511,37 @@ def parse_spec(name: str) -> BackboneSpec:
     return family.parse(rest, name)
 
 
-def spatial_backbone(pooled: "PooledBackbone", spec: str, stage: int) -> nn.Module:
-    """The feature map of one stage (negative: from the end; -2 is the stride-16 stage of most networks)."""
+def spatial_backbone(pooled: "PooledBackbone", spec: str, stage: Union[int, Sequence[int]]) -> nn.Module:
+    """The feature map of one stage (negative: from the end; -2 is the stride-16 stage of most networks), or of
+    several stages (a list): each resampled to the first one's grid, their channels concatenated."""
     parsed = parse_spec(spec)
+    if isinstance(stage, (list, tuple)):
+        parts = [FAMILIES[parsed.library].spatial(pooled, parsed, int(s)) for s in stage]
+        return parts[0] if len(parts) == 1 else _Stages(parts)
     return FAMILIES[parsed.library].spatial(pooled, parsed, stage)
+
+
+class _Stages(nn.Module):
+    """Maps of several stages on the first one's grid: finer maps averaged down (area), coarser ones bilinearly
+    up, channels concatenated in the order given. Each stage runs the backbone (stop_early cuts the deeper part
+    of the shallower ones)."""
+
+    def __init__(self, parts: Sequence[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = [part(images) for part in self.parts]
+        size = maps[0].shape[-2:]
+        out = []
+        for m in maps:
+            if m.shape[-2:] == size:
+                out.append(m)
+            elif m.shape[-2] > size[0]:
+                out.append(torch.nn.functional.adaptive_avg_pool2d(m, size))
+            else:
+                out.append(torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(out, dim=1)
 
 
 def params_sha256(module: nn.Module) -> str:

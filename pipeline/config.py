@@ -71,6 +71,7 @@ class SpatialConfig:
     enabled: bool = False  # also cache one feature map per image and backbone (extract-features --spatial)
     image_size: int = 512  # the maps need resolution: larger than the pooled features' 224
     stage: int = -2  # which stage, counted from the end: -2 is the stride-16 stage (32 x 32 cells at 512)
+    stages: List[int] = field(default_factory=list)  # several at once, e.g. [-2, -3, -1]: on the first one's grid
     backbones: List[str] = field(default_factory=list)  # empty: every requested backbone
 
 

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ class LoadedBackbone:
     pre: Preprocess
     provenance: str
     group: str = POOLED
-    stage: Optional[int] = None
+    stage: Union[int, List[int], None] = None  # spatial: the stage, or the stages, of the maps
 
     @property
     def key(self) -> str:
@@ -155,7 +155,8 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
     """Create each named backbone (key -> LoadedBackbone); `weights` maps name -> imagenet | none | file.
 
     With `spatial` enabled, each backbone (or those `spatial.backbones` names) also yields a spatial entry:
-    the maps of stage `spatial.stage` at input size `spatial.image_size`, sharing the same weights.
+    the maps of stage `spatial.stage` (or of the stages `spatial.stages`) at input size `spatial.image_size`,
+    sharing the same weights.
     """
     check_offline_weights([name for name in names if weights[name] == "imagenet"])
     out: Dict[str, LoadedBackbone] = {}
@@ -168,9 +169,10 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
         out[pooled.key] = pooled
         if spatial is not None and spatial.enabled and (not spatial.backbones or name in spatial.backbones):
             spre = make_preprocess(info, spatial.image_size, interpolation, normalize)
-            smodule = spatial_backbone(module, info.spec, spatial.stage)
-            prov = provenance_sha256(info, spre, {"stage": spatial.stage})
-            entry = LoadedBackbone(smodule, info, spre, prov, SPATIAL, spatial.stage)
+            stage = list(spatial.stages) if len(spatial.stages) > 1 else (spatial.stages or [spatial.stage])[0]
+            smodule = spatial_backbone(module, info.spec, stage)
+            prov = provenance_sha256(info, spre, {"stage": stage})
+            entry = LoadedBackbone(smodule, info, spre, prov, SPATIAL, stage)
             out[entry.key] = entry
     return out
 

@@ -144,9 +144,9 @@ def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, st
     stage = facts.get("stage")
     if stage is None:
         return LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
-    spatial = spatial_backbone(module, info.spec, int(stage))
-    return LoadedBackbone(spatial, info, pre, provenance_sha256(info, pre, {"stage": int(stage)}), SPATIAL,
-                          int(stage))
+    stage = [int(s) for s in stage] if isinstance(stage, list) else int(stage)
+    spatial = spatial_backbone(module, info.spec, stage)
+    return LoadedBackbone(spatial, info, pre, provenance_sha256(info, pre, {"stage": stage}), SPATIAL, stage)
 
 
 def _rows_by_hash(cache: FeatureCache) -> Dict[str, int]:

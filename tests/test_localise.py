@@ -114,3 +114,22 @@ def test_killed_spatial_extraction_resumes_to_the_same_cache(synthetic_master, t
     summary = extract_features(synthetic_master, path, tiny_config(**SPATIAL), progress=False)
     assert summary.n_computed_images == 24 - 3 * 4
     assert_same_cache(path, reference)
+
+
+def test_maps_of_several_stages_share_one_grid_and_feed_the_head_end_to_end(synthetic_master, tmp_path):
+    several = {**SPATIAL, "extract.spatial.stages": [-3, -4, -2]}
+    path = tmp_path / "c.h5"
+    extract_features(synthetic_master, path, tiny_config(**several), progress=False)
+    with FeatureCache(path) as c:
+        maps = c.spatial(TINY[0])
+        entry = c.entries("spatial")["timm:test_efficientnet.r160_in1k"].attrs
+    assert entry["stage"] == [-3, -4, -2]
+    # the tiny EfficientNet's stages -4, -3, -2 have 24, 32 and 48 channels at strides 8, 16 and 32 of 64 px
+    assert maps.shape == (24, 32 + 24 + 48, 8, 8) and np.isfinite(maps).all()
+    again = extract_features(synthetic_master, path, tiny_config(**several), progress=False)
+    assert again.computed == []  # the list is part of the provenance, read back as a list
+    run = train_heads(path, tmp_path / "run", tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 3}),
+                      progress=False)
+    assert "heatmap" in run.metrics["localisation"]
+    result = predict(tmp_path / "run", [synthetic_master / "images" / "JPCLN001.png"], tmp_path / "pred")
+    assert np.isfinite(result.table["localisation_x"]).all()
