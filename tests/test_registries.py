@@ -1,0 +1,149 @@
+"""Contract tests over every entry of the extension registries (as timm tests every registered model): a new task
+kind, loss weighting, backbone family or protocol must bring an example here and pass the same checks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.backbones import FAMILIES, create_backbone, spatial_backbone
+from pipeline.config import CHOICES, OptimConfig, load_config
+from pipeline.evaluate import make_splits, scores_training_rows
+from pipeline.tasks import KINDS, TaskSpec
+from pipeline.weighting import WEIGHTINGS
+
+#: A task of each kind over a toy label column (values for 8 rows, one missing).
+KIND_EXAMPLES = {
+    "multiclass": (TaskSpec("grade", "multiclass", "grade", ("a", "b", "c")),
+                   ["a", "b", "c", "a", None, "b", "c", "a"]),
+    "binary": (TaskSpec("flag", "binary", "flag"), [0.0, 1.0, 1.0, 0.0, np.nan, 1.0, 0.0, 1.0]),
+    "regression": (TaskSpec("age", "regression", "age"), [31.0, 45.0, 52.0, 60.0, np.nan, 71.0, 38.0, 49.0]),
+    "multilabel": (TaskSpec("findings", "multilabel", "findings", ("A", "B")),
+                   ["A", "B", "A|B", "B", None, "A", "B", "A|B"]),
+}
+
+
+class _Linear:
+    """A stand-in for pipeline.linear's fits: probabilities and values that follow the row index."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def logistic(self, mask, labels, c):
+        classes = np.unique(labels)
+        p = np.linspace(0.1, 0.9, self.n)[:, None]
+        proba = np.hstack([1 - p, p]) if len(classes) == 2 else np.full((self.n, len(classes)), 1 / len(classes))
+        return classes, proba
+
+    def ridge(self, mask, target, alpha):
+        return np.linspace(-1, 1, self.n)
+
+
+def test_every_kind_has_an_example():
+    assert set(KIND_EXAMPLES) == set(KINDS), "a new kind needs an example in KIND_EXAMPLES"
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_kind_contract(name):
+    task, values = KIND_EXAMPLES[name]
+    kind = task.impl
+    table = pd.DataFrame({task.column: values})
+    target = kind.encode(task, kind.values(task, table), None)
+    known = kind.labelled(target)
+    assert len(target) == 8 and known.shape == (8,) and known.sum() == 7 and not known[4]
+    scale = kind.scale(target, np.arange(8))
+    scaled = torch.from_numpy(((target - scale[0]) / scale[1]).astype(np.float32))
+    logits = torch.randn(2, 8, task.n_outputs, generator=torch.Generator().manual_seed(0))
+    per_row, mask = kind.loss(logits, scaled.expand(2, *scaled.shape), torch.tensor([0.0, 0.1]))
+    assert per_row.shape == mask.shape == (2, 8) and torch.isfinite(per_row[mask]).all()
+    assert mask[:, 4].tolist() == [False, False]  # the missing label adds nothing
+    pred = kind.decode(logits[0].numpy(), *scale)
+    assert len(pred) == 8 and np.isfinite(pred).all()
+    metrics = kind.evaluate(task, target[known], pred[known], None, None)
+    directions = kind.directions(task)
+    assert metrics and set(metrics) <= set(directions) and set(directions.values()) <= {-1, 1}
+    resampled = kind.evaluate(task, target[known], pred[known], None, np.ones((3, int(known.sum()))))
+    assert all(np.shape(v) == (3,) for v in resampled.values())  # bootstrap resamples at once
+    for which in ("majority", "linear"):
+        base = kind.baseline(which, target[known], _Linear(8), known, 8, task, 1.0, 1.0)
+        assert len(base) == 8 and np.isfinite(base).all()
+    columns = kind.columns(task, target, pred)
+    assert columns and all(len(v) == 8 for v in columns.values())
+    assert all(k.startswith(task.name) for k in kind.columns(task, None, pred))
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_weighting_contract(name):
+    cfg = OptimConfig(loss_weighting=name)
+    lambdas = torch.tensor([[1.0, 0.5, 2.0], [1.0, 1.0, 1.0]])
+    weighting = WEIGHTINGS[name](lambdas, cfg)
+    shared = torch.nn.Parameter(torch.randn(2, 4))
+    per_task = (shared.sum(dim=1, keepdim=True) ** 2) * torch.tensor([1.0, 2.0, 0.5])
+    total = weighting(per_task, shared if weighting.needs_shared else None)
+    assert total.shape == (2,) and torch.isfinite(total).all()
+    total.sum().backward()
+    weighting.after_step()
+    weighting.end_epoch(per_task.detach())
+    weights = weighting.weights()
+    assert weights.shape == (2, 3) and torch.isfinite(weights).all() and (weights >= 0).all()
+    assert weighting.at_bound().shape == (2, 3)
+
+
+def _tiny_dinov2(folder):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, image_size=64, patch_size=8)
+    transformers.Dinov2Model(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+#: One spec per backbone family, built with random weights offline (hf: a tiny model saved in a folder).
+FAMILY_EXAMPLES = {
+    "timm": lambda tmp: "timm:test_resnet",
+    "torchvision": lambda tmp: "torchvision:resnet18",
+    "hf": _tiny_dinov2,
+    "txv": lambda tmp: (pytest.importorskip("torchxrayvision"), "txv:densenet121-res224-all")[1],
+}
+
+
+def test_every_family_has_an_example():
+    assert set(FAMILY_EXAMPLES) == set(FAMILIES), "a new backbone family needs an example in FAMILY_EXAMPLES"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_backbone_family_contract(name, tmp_path):
+    spec = FAMILY_EXAMPLES[name](tmp_path / "model")
+    module, info = create_backbone(spec, weights="none", seed=1)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = module(images)
+        maps = spatial_backbone(module, info.spec, -1)(images)
+    assert pooled.shape == (2, info.feature_dim) and torch.isfinite(pooled).all()
+    assert maps.ndim == 4 and maps.shape[0] == 2 and torch.isfinite(maps).all()
+    assert info.library == name and len(info.mean) == len(info.std) == 3 and info.params_sha256
+    _, again = create_backbone(spec, weights="none", seed=1)
+    assert again.params_sha256 == info.params_sha256  # a seeded random init is the same on every run
+
+
+@pytest.mark.parametrize("protocol", CHOICES["eval.protocol"])
+def test_protocol_contract(protocol):
+    """Every protocol splits a table with patients and an official split: test rows never train unless the
+    protocol says it scores training rows; no patient is on both sides; inner validation rows never test."""
+    n = 40
+    table = pd.DataFrame({"id": [f"i{i}" for i in range(n)], "state": ["a", "b"] * (n // 2),
+                          "patient_id": [f"p{i // 2}" for i in range(n)],
+                          "split": ["test" if i >= 30 else "train" for i in range(n)]})
+    ecfg = load_config(None, {"eval.protocol": protocol, "eval.folds": 4, "eval.seen_fraction": 0.5}).eval
+    splits, names = make_splits(table, np.arange(n), ecfg, val_fraction=0.2)
+    assert splits and len(splits) == len(names)
+    patient = table["patient_id"].to_numpy()
+    for split in splits:
+        assert len(split.test) and len(split.train)
+        assert not set(split.val) & set(split.test)
+        if not scores_training_rows(ecfg):
+            assert not set(split.train) & set(split.test)
+            assert not set(patient[split.train]) & set(patient[split.test])
+    if protocol == "official":
+        assert all(set(s.test) == set(range(30, n)) for s in splits)
