@@ -324,6 +324,9 @@ CHOICES: Dict[str, tuple] = {
     "train.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.decode": ("argmax", "softargmax"),
+    # the names of pipeline.weighting.WEIGHTINGS (a contract test keeps the two equal): no torch import here
+    "train.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
+    "train.loc.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
     "extract.interpolation": ("bilinear", "bicubic", "nearest"),
 }
 

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.backbones import FAMILIES, create_backbone, spatial_backbone
 from pipeline.config import CHOICES, OptimConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.evaluate import make_splits, scores_training_rows
 from pipeline.tasks import KINDS, TaskSpec
 from pipeline.weighting import WEIGHTINGS
@@ -71,6 +72,12 @@ def test_kind_contract(name):
     columns = kind.columns(task, target, pred)
     assert columns and all(len(v) == 8 for v in columns.values())
     assert all(k.startswith(task.name) for k in kind.columns(task, None, pred))
+
+
+def test_the_config_checks_weightings_by_the_registry_names():
+    assert CHOICES["train.loss_weighting"] == CHOICES["train.loc.loss_weighting"] == tuple(WEIGHTINGS)
+    with pytest.raises(ConfigError, match="loss_weighting 'uncertanty' must be one of .*did you mean 'uncertainty'"):
+        load_config(None, {"train.loss_weighting": "uncertanty"})
 
 
 @pytest.mark.parametrize("name", list(WEIGHTINGS))
