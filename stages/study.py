@@ -261,7 +261,8 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     tracker = None
     if track:
-        from pipeline.tracking import Tracker
+        from pipeline.config import to_dict
+        from pipeline.tracking import Tracker, flatten
 
         tracker = Tracker(track)
     bars = progress_bars(progress)
@@ -274,7 +275,7 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
         choices = [_choice(shared, t) for t in taken]
         cfgs = config_variants(cfg, choices)
         validated = validate_configs(data, cfgs, splits, spec, _beating(bars, taken), cfg.train.device, norms)
-        for trial, choice, v in zip(taken, choices, validated):
+        for trial, choice, trial_cfg, v in zip(taken, choices, cfgs, validated):
             attrs = {**v.metrics, "epochs": v.epochs, "choice": json.dumps(choice), "development_ids_sha256": seen}
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
@@ -285,8 +286,10 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
                                trial.number, exc)
                 continue
             if tracker is not None:
-                tracker.log_run(f"{name}-trial-{trial.number}", {"study": name, "trial": trial.number, **choice},
-                                v.metrics, v.curves, tags={"resmtnet.kind": "trial", "resmtnet.study": name})
+                tracker.log_run(f"{name}-trial-{trial.number}", {**flatten(to_dict(trial_cfg)), "study": name,
+                                                                 "trial": trial.number},
+                                v.metrics, v.curves, tags={"resmtnet.kind": "trial", "resmtnet.study": name,
+                                                           "resmtnet.choice": json.dumps(choice)})
             done += 1
     return WorkerSummary(done, time.perf_counter() - started, name)
 

@@ -142,12 +142,20 @@ def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, 
     runner = CliRunner()
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = ["--cache", str(tiny_cache), *COMMON, "--set", "train.epochs=5"]
-    result = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage, "--batch", "2"])
+    result = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage, "--batch", "2",
+                                  "--track", str(tmp_path / "mlruns")])
     assert result.exit_code == 0, result.output
     assert "worker: 3 trial(s) of study tpe" in result.output
     trials = _trials(storage, "tpe")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert all(0 <= t.params["train.dropout"] <= 0.5 for t in trials)
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
+    assert len(runs) == 3 and {r.data.tags["resmtnet.kind"] for r in runs} == {"trial"}
+    dropouts = sorted(float(r.data.params["train.dropout"]) for r in runs)  # each trial's resolved config
+    assert dropouts == pytest.approx(sorted(t.params["train.dropout"] for t in trials))
+    assert all("val_presence.auc" in r.data.metrics for r in runs)
     finish = runner.invoke(main, ["sweep-finish", "--study", storage, "--study-name", "tpe", "--out",
                                   str(tmp_path / "done"), "--no-winner", *args])
     assert finish.exit_code == 0, finish.output
