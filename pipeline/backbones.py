@@ -101,6 +101,7 @@ class BackboneInfo:
     weights_id: str
     weights_sha256: str  # of the local weights file ('' for downloads and random init)
     params_sha256: str  # of the loaded parameters and buffers: identifies the weights whatever their source
+    seed: int = 0  # the seed of a random init (weights 'none'), 0 otherwise: what rebuilds the same weights
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -706,6 +707,6 @@ def create_backbone(spec: str, weights: str = "imagenet", seed: int = 0) -> Tupl
                         weights="none" if mode == "none" else ("imagenet" if mode == "imagenet" else str(path)),
                         weights_id=facts["weights_id"],
                         weights_sha256=sha256_file(path) if path is not None else "",
-                        params_sha256=params_sha256(model))
+                        params_sha256=params_sha256(model), seed=seed if mode == "none" else 0)
     logger.debug("created %s (%d features, weights %s)", info.spec, info.feature_dim, info.weights_id)
     return PooledBackbone(model, info.spec), info

@@ -126,16 +126,16 @@ def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, st
     """
     short = [n for n in weights if parse_spec(n).spec == spec]
     source = weights[short[0]] if short else str(facts.get("weights"))
-    seed = 0
-    match = re.match(r"random-init\(seed=(\d+)\)", str(facts.get("weights_id", "")))
-    if match:
-        seed = int(match.group(1))
+    seed = facts.get("seed")
+    if seed is None:  # a cache or head written before the seed was a field: its display id names it
+        match = re.match(r"random-init\(seed=(\d+)\)", str(facts.get("weights_id", "")))
+        seed = int(match.group(1)) if match else 0
     if source not in ("imagenet", "none") and not Path(source).exists():
         if short:
             raise BackboneError(f"weights file {source} (--weights {short[0]}=...) not found")
         raise BackboneError(f"the head was trained on {spec} with weights file {source}, which is not here; pass "
                             f"--weights {spec}=FILE with that file")
-    module, info = create_backbone(spec, weights=source, seed=seed)
+    module, info = create_backbone(spec, weights=source, seed=int(seed))
     if info.params_sha256 != facts.get("params_sha256"):
         raise BackboneError(f"refusing {spec} with weights {info.weights_id}: they differ from the weights the head "
                             f"was trained on ({facts.get('weights_id')}, params {str(facts.get('params_sha256'))[:12]} "

@@ -154,3 +154,20 @@ def test_a_new_preprocessing_option_with_its_default_keeps_every_cache_valid():
     other = Later(64, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), gamma=2.0)
     assert provenance_sha256(info, other) != provenance_sha256(info, pre)  # set: other features, refused
     assert Preprocess.from_dict({**pre.as_dict(), "mean": [0.5, 0.5, 0.5]}) == pre
+
+
+def test_a_random_init_is_rebuilt_from_its_recorded_seed_not_from_a_display_string():
+    from pipeline.backbones import create_backbone
+    from pipeline.preprocess import make_preprocess
+    from stages.predict import _rebuild_backbone
+
+    module, info = create_backbone(TINY[1], weights="none", seed=3)
+    assert info.seed == 3 and info.as_dict()["seed"] == 3  # written into the cache's attributes and head.json
+    facts = {**info.as_dict(), "preprocess": make_preprocess(info, 32, "bilinear", "auto").as_dict(),
+             "weights_id": "a display string that names no seed"}
+    assert _rebuild_backbone(facts, info.spec, {}).info.params_sha256 == info.params_sha256
+    legacy = {k: v for k, v in facts.items() if k != "seed"}  # written before the seed was a field
+    with pytest.raises(BackboneError, match="differ from the weights the head was trained on"):
+        _rebuild_backbone(legacy, info.spec, {})
+    legacy["weights_id"] = "random-init(seed=3)"
+    assert _rebuild_backbone(legacy, info.spec, {}).info.params_sha256 == info.params_sha256
