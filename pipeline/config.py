@@ -59,6 +59,10 @@ def load_yaml(path: Path) -> Any:
 # sections
 
 
+#: The paper's two backbones (Res-MTNet's fused features): the one place that names them.
+PAPER_BACKBONES = ("densenet161", "efficientnet-b7")
+
+
 @dataclass
 class DataConfig:
     labels: Optional[str] = None  # label maps; None = configs/labels.yaml
@@ -77,7 +81,7 @@ class SpatialConfig:
 
 @dataclass
 class ExtractConfig:
-    backbones: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # names or specs
+    backbones: List[str] = field(default_factory=lambda: list(PAPER_BACKBONES))  # names or specs
     weights: str = "imagenet"  # imagenet | none | a local weights file (for every backbone)
     weights_for: Dict[str, str] = field(default_factory=dict)  # per backbone name, overrides `weights`
     image_size: int = 224  # square input size of the pooled features (the paper: 224)
@@ -90,7 +94,7 @@ class ExtractConfig:
     channels_last: bool = True  # CUDA only
     seed: int = 0  # seeds the random init of --weights none, so reruns are identical
     fused: Dict[str, List[str]] = field(  # name -> backbones whose features /fused/<name> concatenates
-        default_factory=lambda: {"paper": ["densenet161", "efficientnet-b7"]})
+        default_factory=lambda: {"paper": list(PAPER_BACKBONES)})
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
 
 
@@ -139,7 +143,7 @@ class LocConfig(OptimConfig):
 
 @dataclass
 class TrainConfig(OptimConfig):
-    features: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # concatenated
+    features: List[str] = field(default_factory=lambda: list(PAPER_BACKBONES))  # concatenated
     tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))  # built-in tasks or any label column
     task_kinds: Dict[str, str] = field(default_factory=dict)  # task -> multiclass | binary | regression | multilabel
     task_groups: Dict[str, List[str]] = field(default_factory=dict)  # task -> finding columns: one multilabel task
@@ -181,7 +185,7 @@ class EvalConfig:
 class TablesConfig:
     backbones: List[str] = field(default_factory=lambda: [  # Table 1/2 rows
         "resnet18", "resnet50", "alexnet", "mobilenet", "googlenet", "efficientnet-b7"])
-    resmtnet: List[str] = field(default_factory=lambda: ["densenet161", "efficientnet-b7"])  # the fused row
+    resmtnet: List[str] = field(default_factory=lambda: list(PAPER_BACKBONES))  # the fused row
     paper: str = "paper_tables"  # the paper's numbers (configs/paper_tables.yaml)
     f1: str = "f1_weighted"  # which F1 the tables show: f1_weighted (as the paper) | f1_macro
     protocols: List[str] = field(default_factory=lambda: ["kfold"])  # one column group each (Tables 1-2)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import click
 
 from pipeline import __version__
-from pipeline.config import load_config, parse_set_options
+from pipeline.config import PAPER_BACKBONES, load_config, parse_set_options
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,8 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
               help="Data folder (Kaggle/JSRT layout) or manifest CSV. [required]")
 @click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write. [required]")
 @click.option("--backbone", "backbones", multiple=True,
-              help="Backbone name or spec (repeat for several); default: the config's (paper: densenet161, "
-                   "efficientnet-b7).")
+              help="Backbone name or spec (repeat for several); default: the config's (paper: "
+                   f"{', '.join(PAPER_BACKBONES)}).")
 @click.option("--weights", multiple=True, help="imagenet (default), none, or a local .safetensors/.pth file; "
                                                "NAME=FILE for one backbone.")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
