@@ -258,7 +258,7 @@ def regression_norms(table: pd.DataFrame, tasks: Sequence[TaskSpec], size_norm: 
         raise ConfigError(f"eval.size_norm '{size_norm}' must be grid or range")
     norms = {}
     for t in tasks:
-        if t.kind != "regression":
+        if not t.impl.measures:
             continue
         how = size_norm if t.norm == "size" else t.norm
         if how == "grid":

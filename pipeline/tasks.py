@@ -96,6 +96,9 @@ class Kind:
     confusion = True
     #: metrics reported per class as '<prefix><class>' (the report shows them in a table of their own)
     per_class: Tuple[str, ...] = ()
+    #: a value in the label column's own units (predict names its answer after the column: size -> size_mm),
+    #: whose errors are also reported normalised (eval: regression_norms)
+    measures = False
 
     def n_outputs(self, task: TaskSpec) -> int:
         return 1
@@ -284,6 +287,7 @@ class Regression(Kind):
     name = "regression"
     metrics = {"mse": -1, "mae": -1, "rmse": -1, "mse_norm": -1, "mae_norm": -1}
     confusion = False
+    measures = True
 
     def encode(self, task, values, presence):
         out = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)

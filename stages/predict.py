@@ -389,7 +389,7 @@ def _column(task: TaskSpec, key: str) -> str:
     """predict's column names of the pooled head: the class or value under the task's name (size as size_mm),
     P(...) as is, all marked as the pooled head's (secondary) answers."""
     if key == f"{task.name}_pred":
-        key = task.column if task.kind == "regression" else task.name
+        key = task.column if task.impl.measures else task.name
     return POOLED_PREFIX + key
 
 
