@@ -116,6 +116,12 @@ class FeatureCache:
     def backbones(self) -> Dict[str, CachedBackbone]:
         return self.entries(GROUPS.features)
 
+    def made_as(self, spec: str, provenance_sha256: str, group: str = GROUPS.features) -> Optional[bool]:
+        """Whether the cached entry of `spec` can be reused for a backbone of this provenance (the same weights
+        and preprocessing: the one rule of stage one and predict); None where there is no entry."""
+        entry = self.entries(group).get(spec)
+        return None if entry is None else entry.attrs.get("provenance_sha256") == provenance_sha256
+
     def dataset(self, group: str, spec: str) -> h5py.Dataset:
         """The raw HDF5 dataset (for streaming large arrays without loading them)."""
         return self._f[group][entry_name(spec)]

@@ -159,13 +159,13 @@ def _compare(out_path: Path, now: Images, labels: Dict[str, np.ndarray], backbon
         cached = {f"{group}/{spec}": entry for group in (GROUPS.features, GROUPS.spatial)
                   for spec, entry in old.entries(group).items()}
         for key, lb in backbones.items():
-            entry = cached.get(key)
-            if entry is None:
+            reusable = old.made_as(lb.info.spec, lb.provenance, lb.group)
+            if reusable is None:
                 state.pending[key] = lb
-            elif entry.attrs.get("provenance_sha256") != lb.provenance:
+            elif not reusable:
                 what = "spatial maps" if lb.group == GROUPS.spatial else "features"
                 raise CacheError(f"cache {out_path} already holds {lb.info.spec} {what}, but "
-                                 f"{_mismatch(entry.attrs, lb)}; rerun with --rebuild to recompute, or use "
+                                 f"{_mismatch(cached[key].attrs, lb)}; rerun with --rebuild to recompute, or use "
                                  "another --cache")
             else:
                 state.up_to_date.append(lb.name)

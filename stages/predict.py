@@ -158,9 +158,7 @@ def _from_cache(cache: Path, head: Head, hashes: List[str]) -> Dict[int, np.ndar
     """Features of the images that a matching cache already holds (image index -> fused vector)."""
     with FeatureCache(cache) as c:
         for spec in head.features:
-            entry = c.backbones.get(spec)
-            if entry is None or entry.attrs.get("params_sha256") != head.backbone(spec).get("params_sha256") or \
-                    entry.attrs.get("preprocess") != head.backbone(spec).get("preprocess"):
+            if not c.made_as(spec, str(head.backbone(spec).get("provenance_sha256"))):
                 raise CacheError(f"cache {cache} does not hold {spec} features made as the head's (other weights or "
                                  "preprocessing); predict without --cache, or use the cache the head was trained on")
         row_of = _rows_by_hash(c)
