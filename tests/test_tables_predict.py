@@ -92,6 +92,11 @@ def test_predict_new_images_and_reuse_the_cache(trained_run, tiny_cache, synthet
     assert bool(cached["from_cache"][0]) and not bool(fresh["from_cache"][0])
     np.testing.assert_allclose(cached["pooled_state_p_malignant"], fresh["pooled_state_p_malignant"], atol=1e-4)
     assert fresh["typicality_percentile"][0] == 0.0  # a training image: its own nearest neighbour
+    # a cache of the same images made with other weights is not reused: the one rule of stage one (made_as)
+    other = tmp_path / "other.h5"
+    extract_features(synthetic_master, other, tiny_config(**{"extract.seed": 1}), progress=False)
+    with pytest.raises(CacheError, match=r"does not hold .* features made as the head's"):
+        predict(trained_run, [image], cache=other)
 
 
 def test_predict_refuses_other_weights_and_a_non_run(trained_run, synthetic_master, tmp_path):
