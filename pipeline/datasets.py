@@ -385,6 +385,15 @@ def _vindr_marker(path: Path) -> Optional[Path]:
     return None
 
 
+def _readers(table: pd.DataFrame) -> pd.DataFrame:
+    """VinDr's reader column as `rad_id` (the tables spell it rad_id and rad_ID); a table without one (a consensus
+    reading) has one reader per image."""
+    table.columns = [c if c.lower() != "rad_id" else "rad_id" for c in table.columns]
+    if "rad_id" not in table:
+        table["rad_id"] = "consensus"
+    return table
+
+
 def _majority(votes: pd.DataFrame, key: str, columns: Sequence[str]) -> pd.DataFrame:
     """Per image, 1 where a strict majority of the image's readers marked the finding (3 readers: 2)."""
     numbers = votes[list(columns)].apply(pd.to_numeric, errors="coerce").fillna(0.0)
@@ -408,8 +417,8 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
         per_image: Optional[pd.DataFrame] = None
         if box_path is not None:
             table = read_table(box_path)
-            table.columns = [c if c.lower() != "rad_id" else "rad_id" for c in table.columns]
-            _require(table, ("image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"), box_path)
+            table = _readers(table)
+            _require(table, ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max"), box_path)
             readers = table.groupby("image_id")["rad_id"].nunique().to_dict()
             for row in table.itertuples(index=False):
                 cells = dict(zip(table.columns, row))
@@ -424,7 +433,7 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
                 per_image = _majority(votes, "image_id", names)
         if label_path is not None:
             table = read_table(label_path)
-            table.columns = [c if c.lower() != "rad_id" else "rad_id" for c in table.columns]
+            table = _readers(table)
             _require(table, ("image_id",), label_path)
             names = [c for c in table.columns if c not in ("image_id", "rad_id")]
             per_image = _majority(table, "image_id", names)

@@ -128,6 +128,13 @@ def test_vindr_majority_of_readers_and_dicom_headers(tmp_path):
         assert table.loc[image, column] == float(votes[finding].sum() >= 2)
     assert table["age"].between(20, 80).all() and set(table["sex"].dropna()) <= {"male", "female"}
     assert set(table["split"]) == {"train", "test"}
+    # a consensus table without a reader column (as a test set's may be): one reader per image
+    for name in ("image_labels_test.csv", "annotations_test.csv"):
+        path = root / "annotations" / name
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame.drop(columns=[c for c in frame.columns if c.lower() == "rad_id"]).to_csv(path, index=False)
+    again = load_dataset(root).set_index("id")
+    pd.testing.assert_frame_equal(again.drop(columns=["image"]), table.drop(columns=["image"]))
 
 
 # --------------------------------------------------------------------------------------------------
