@@ -275,6 +275,16 @@ def validated_epochs(results: Sequence[JobResult], cfg: Any) -> int:
     return int(np.median([r.best_epoch for r in results])) + 1
 
 
+def mean_curve(results: Sequence[JobResult], key: str) -> List[float]:
+    """A per-epoch history (train_loss, val_loss) averaged over the jobs that have it, cut to the shortest (early
+    stopping ends jobs at different epochs); [] where none has it."""
+    curves = [r.history[key] for r in results if r.history.get(key)]
+    if not curves:
+        return []
+    length = min(len(c) for c in curves)
+    return np.mean([c[:length] for c in curves], axis=0).tolist()
+
+
 #: A feature's std is floored at this share of the features' median std (over the training rows), so a
 #: feature that is non-zero in a handful of training images cannot turn an unusual new image's value into a
 #: z-score in the thousands (44 of lite0's 1280 features are non-zero in 3 or fewer JSRT images).

@@ -252,10 +252,11 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     name = study_name or sweep_path.stem
     data = load_train_data(cache, cfg)
     direction = rank_direction(data, spec.rank_by, str(sweep_path), cfg.eval.froc_fps)
-    dev_rows, test_rows = development_split(data, cfg, spec)
-    shared = open_study(storage_url, name, spec, direction, sorted(data.table["id"].astype(str).to_numpy()[test_rows]))
+    ids = data.table["id"].astype(str).to_numpy()
+    proposed = sorted(ids[development_split(data, cfg, spec)[1]])  # the held-out ids, if this worker creates it
+    shared = open_study(storage_url, name, spec, direction, proposed)
     dev_rows, test_rows = split_rows(data, shared.held_out, storage_url)
-    seen = ids_sha256(sorted(data.table["id"].astype(str).to_numpy()[dev_rows]))
+    seen = ids_sha256(sorted(ids[dev_rows]))
     every = config_variants(cfg, shared.configs) if shared.configs else [cfg]
     splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, every)
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
@@ -329,9 +330,9 @@ def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, ou
         if key in seen:
             continue
         seen.add(key)
-        choice = json.loads(trial.user_attrs["choice"])
-        choices[trial.params.get("config", trial.number)] = choice
-        rows.append({"config": trial.params.get("config", trial.number), "trial": trial.number, **choice,
+        index = trial.params.get("config", trial.number)
+        choices[index] = json.loads(trial.user_attrs["choice"])
+        rows.append({"config": index, "trial": trial.number, **choices[index],
                      **{k: v for k, v in trial.user_attrs.items() if k.startswith("val_") or k.endswith("epochs")}})
     if not rows:
         raise ConfigError(f"study {study_name} in {storage_url} has no completed trial yet; run workers first")

@@ -29,7 +29,7 @@ from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.localise import (FROC_FPS, LocFamily, candidates, decode_maps, froc, loc_metric_directions,
                                localisation_metrics)
 from pipeline.tasks import metric_direction
-from pipeline.train import Job, Split, fixed_epochs, train_jobs, validated_epochs
+from pipeline.train import Job, Split, fixed_epochs, mean_curve, train_jobs, validated_epochs
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,7 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
         metrics = {f"val_{col}": float(frame[col].mean()) for col in frame.columns}
         metrics[f"val_{spec.rank_by}_std"] = float(frame[spec.rank_by].std(ddof=1)) if spec.rank_by in frame \
             else float("nan")
-        curves = {k: np.mean([r.history[k][:min(len(x.history[k]) for x in mine)] for r in mine], axis=0).tolist()
-                  for k in ("train_loss", "val_loss") if all(r.history.get(k) for r in mine)}
+        curves = {k: mean_curve(mine, k) for k in ("train_loss", "val_loss")}  # [] where a curve is absent
         validated = Validated(metrics, validated_epochs(mine, config.train), curves)
         if loc_metrics_of is not None:
             validated.metrics["loc_epochs"] = validated_epochs(

@@ -25,6 +25,7 @@ from pipeline.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, first_seed_mask
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.head import write_head
 from pipeline.reporting import format_entry
+from pipeline.train import mean_curve
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -185,11 +186,9 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style, label in (("train_loss", "-", "training loss"), ("val_loss", ":", "inner validation loss")):
-        curves = [r.history[key] for r in cv.results if key in r.history]
-        if curves:
-            length = min(len(c) for c in curves)
-            mean = np.mean([c[:length] for c in curves], axis=0)
-            ax.plot(np.arange(1, length + 1), mean, style, label=f"{label} (mean of splits)")
+        mean = mean_curve(cv.results, key)
+        if mean:
+            ax.plot(np.arange(1, len(mean) + 1), mean, style, label=f"{label} (mean of splits)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("weighted multi-task loss")
     ax.set_title(f"Res-MTNet head: learning curves ({len(cv.results)} splits)", fontsize=10)
@@ -335,12 +334,7 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
                 metrics[name] = entry.get("pooled", float("nan"))
                 low, high = entry.get("ci95", (float("nan"), float("nan")))
                 metrics[f"{name}.ci_low"], metrics[f"{name}.ci_high"] = low, high
-    curves = {}
-    for key in ("train_loss", "val_loss"):
-        runs = [r.history[key] for r in cv.results if r.history.get(key)]
-        if runs:
-            length = min(len(c) for c in runs)
-            curves[key] = np.mean([c[:length] for c in runs], axis=0).tolist()
+    curves = {key: mean_curve(cv.results, key) for key in ("train_loss", "val_loss")}  # [] where absent
     return Tracker(target).log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
                                    [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
                                    tags={"resmtnet.kind": "train-heads", "resmtnet.out": str(out)})
