@@ -243,7 +243,7 @@ def _finish(records: List[dict], source: Source, check_images: bool, skip_bad: b
                             f"{seen[rec['id']] + 1} and {i + 1}); ids must be unique")
         seen[rec["id"]] = i
     for rec in records:
-        if check_images:
+        if check_images and "width" not in rec:  # a layout that read the image's header has set its size
             try:
                 rec["width"], rec["height"] = probe_image(rec["image"])
             except DataError as exc:
@@ -252,7 +252,7 @@ def _finish(records: List[dict], source: Source, check_images: bool, skip_bad: b
                 logger.warning("%s (kept as unreadable: --skip-bad)", exc)
                 rec["width"], rec["height"] = 0, 0
                 continue
-        else:
+        elif not check_images:
             rec["width"], rec["height"] = math.nan, math.nan
         if math.isnan(rec["grid_w"]):  # no separate coordinate grid: coordinates are in image pixels
             rec["grid_w"], rec["grid_h"] = rec["width"], rec["height"]
@@ -446,18 +446,15 @@ class Layout:
     """A data set's published layout: how to recognise it and load it into the normalised table.
 
     `detect(path)` gets the folder (or a CSV file) the user named and returns the metadata file that marks the
-    layout (`marker` names it), or None; `load(source, maps, check_images, skip_bad)` returns the table.
-    `findings` are the label
-    columns of the layout's multi-label task `findings` (train.tasks: [findings]); `note` is one line for the
-    README's Data table.
+    layout (`marker` names it, for errors), or None; `load(source, maps, check_images, skip_bad)` returns the
+    table. `findings` are the label columns of the layout's multi-label task `findings` (train.tasks: [findings]).
     """
 
     name: str
     detect: Callable[[Path], Optional[Path]]
     load: Callable[[Source, LabelMaps, bool, bool], pd.DataFrame]
-    marker: str  # the file that names the layout, for errors
+    marker: str
     findings: Tuple[str, ...] = ()
-    note: str = ""
 
 
 #: Layouts in detection order (the first whose marker file is found wins).
@@ -498,12 +495,10 @@ def _detect_manifest(path: Path) -> Optional[Path]:
 
 register_layout(Layout("kaggle", _file_named(KAGGLE_METADATA),
                        lambda src, maps, check, skip: _load_kaggle(src.root, src.metadata, maps, check, skip),
-                       KAGGLE_METADATA,
-                       note="JSRT as on Kaggle: jsrt_metadata.csv + images/ (or images/images/)"))
+                       KAGGLE_METADATA))
 register_layout(Layout("jsrt", _file_named("CLNDAT_EN.txt", "CNNDAT_EN.TXT"),
                        lambda src, maps, check, skip: _load_jsrt(src.root, maps, check, skip),
-                       "CLNDAT_EN.txt / CNNDAT_EN.TXT",
-                       note="the original JSRT distribution: *.IMG + CLNDAT_EN.txt / CNNDAT_EN.TXT"))
+                       "CLNDAT_EN.txt / CNNDAT_EN.TXT"))
 
 
 def _load_manifest_layout(src: Source, maps: LabelMaps, check: bool, skip: bool) -> pd.DataFrame:
@@ -514,9 +509,7 @@ def _load_manifest_layout(src: Source, maps: LabelMaps, check: bool, skip: bool)
 # next to a data set's own files is not what names it)
 from . import datasets  # noqa: E402,F401  (registers nih, chexpert, mimic, vindr)
 
-register_layout(Layout("manifest", _detect_manifest, _load_manifest_layout, MANIFEST_NAME,
-                       note="any data: a CSV with an image column (absolute, or relative to the CSV) and label "
-                            "columns"))
+register_layout(Layout("manifest", _detect_manifest, _load_manifest_layout, MANIFEST_NAME))
 
 
 # --------------------------------------------------------------------------------------------------

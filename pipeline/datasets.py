@@ -235,11 +235,12 @@ def load_nih(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False)
         if unknown:
             raise DataError(f"{where}: finding '{unknown[0]}' is not one of ChestX-ray14's "
                             f"{', '.join(NIH_FINDINGS)} or '{NIH_NO_FINDING}'")
+        drawn = boxes.get(ident, [])
         rec = {"id": ident, "image": str(images.get(ident.lower(), src.root / "images" / name)),
                "age": _nih_age(age), "sex": sex, "patient_id": patient.lstrip("0") or "0", "view": view.upper(),
                "split": split.get(ident), "follow_up": _number(follow_up),
-               "boxes": format_boxes(boxes.get(ident, [])),
-               **nodule_targets([b for b in boxes.get(ident, []) if b[0] in NODULE_FINDINGS["nih"]],
+               "boxes": format_boxes(drawn),
+               **nodule_targets([b for b in drawn if b[0] in NODULE_FINDINGS["nih"]],
                                 float(any(f in names for f in NODULE_FINDINGS["nih"])) if names else math.nan)}
         rec.update({column_name(f): float(f in names) if names else math.nan for f in NIH_FINDINGS})
         records.append(rec)
@@ -289,8 +290,7 @@ def load_chexpert(src, labels: LabelMaps, check_images: bool, skip_bad: bool = F
             continue
         table = read_table(path)
         _require(table, CHEXPERT_COLUMNS + CHEXPERT_FINDINGS, path)
-        for n, row in enumerate(table.itertuples(index=False)):
-            cells = dict(zip(table.columns, row))
+        for n, cells in enumerate(table.to_dict("records")):
             rel = cells["Path"]
             patient = re.search(r"patient(\d+)", rel)
             study = re.search(r"study(\d+)", rel)
@@ -335,8 +335,7 @@ def load_mimic(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
     if chexpert is not None:
         table = read_table(chexpert)
         _require(table, ("subject_id", "study_id") + CHEXPERT_FINDINGS, chexpert)
-        for row in table.itertuples(index=False):
-            cells = dict(zip(table.columns, row))
+        for cells in table.to_dict("records"):
             findings[cells["study_id"]] = {column_name(f): _number(cells[f]) for f in CHEXPERT_FINDINGS}
     split: Dict[str, str] = {}
     split_path = _mimic_table(src.root, "split")
@@ -347,8 +346,7 @@ def load_mimic(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
     files = src.root / "files"
     empty = {column_name(f): math.nan for f in CHEXPERT_FINDINGS}
     records = []
-    for row in meta.itertuples(index=False):
-        cells = dict(zip(meta.columns, row))
+    for cells in meta.to_dict("records"):
         subject, study, dicom = cells["subject_id"], cells["study_id"], cells["dicom_id"]
         rec = {"id": dicom, "image": str(files / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"),
                "patient_id": subject, "study_id": study, "view": cells["ViewPosition"].strip().upper() or None,
@@ -420,8 +418,7 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
             table = _readers(table)
             _require(table, ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max"), box_path)
             readers = table.groupby("image_id")["rad_id"].nunique().to_dict()
-            for row in table.itertuples(index=False):
-                cells = dict(zip(table.columns, row))
+            for cells in table.to_dict("records"):
                 corners = [_number(cells[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
                 if all(map(math.isfinite, corners)):
                     boxes.setdefault(cells["image_id"], []).append((cells["class_name"], *corners))
@@ -449,33 +446,25 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
             rec.update({column_name(f): float(votes[f]) if f in votes.index else math.nan for f in VINDR_FINDINGS})
             records.append(rec)
     records = _keep_present(records, str(root))
-    if check_images:  # age and sex are in the DICOM headers only
+    if check_images:  # age and sex are in the DICOM headers only; the size comes with them (one read per file)
         for rec in records:
             try:
                 header = dicom_header(rec["image"])
             except DataError:
                 continue  # reported (or skipped with --skip-bad) when the table's images are probed
-            rec["age"], rec["sex"] = header["age"], header["sex"]
+            rec.update({k: header[k] for k in ("width", "height", "age", "sex")})
     return _finish(records, "vindr", root, src.metadata, labels, check_images, skip_bad)
 
 
 def _register() -> None:
     from .data import Layout, _file_named, register_layout
 
-    for name, detect, load, marker, findings, note in (
-            ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS,
-             "NIH ChestX-ray14: Data_Entry_2017.csv (or _v2020) + images_*/images/ or images/, train_val_list.txt / "
-             "test_list.txt, BBox_List_2017.csv"),
-            ("chexpert", _chexpert_marker, load_chexpert, "train.csv / valid.csv", CHEXPERT_FINDINGS,
-             "CheXpert: train.csv / valid.csv (Path, Sex, Age, Frontal/Lateral, AP/PA, 14 observations 1 / 0 / -1 / "
-             "blank)"),
-            ("mimic", _mimic_marker, load_mimic, f"{MIMIC_PREFIX}metadata.csv(.gz)", CHEXPERT_FINDINGS,
-             "MIMIC-CXR-JPG: mimic-cxr-2.0.0-metadata / -chexpert / -split .csv(.gz) + "
-             "files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg"),
-            ("vindr", _vindr_marker, load_vindr, "annotations_train.csv / image_labels_train.csv", VINDR_FINDINGS,
-             "VinDr-CXR: train/ and test/ *.dicom + annotations_*.csv and image_labels_*.csv (or under "
-             "annotations/)")):
-        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), note))
+    for name, detect, load, marker, findings in (
+            ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS),
+            ("chexpert", _chexpert_marker, load_chexpert, "train.csv / valid.csv", CHEXPERT_FINDINGS),
+            ("mimic", _mimic_marker, load_mimic, f"{MIMIC_PREFIX}metadata.csv(.gz)", CHEXPERT_FINDINGS),
+            ("vindr", _vindr_marker, load_vindr, "annotations_train.csv / image_labels_train.csv", VINDR_FINDINGS)):
+        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings)))
 
 
 _register()

@@ -55,11 +55,13 @@ def _read_dicom(source, name: os.PathLike, pixels: bool):
 
 
 def dicom_header(path: os.PathLike) -> dict:
-    """A DICOM file's size and the patient facts a data set keeps (age in years, sex), from its header alone."""
+    """A DICOM file's size and the patient facts a data set keeps (age in years, sex), from its header alone; a
+    size above the pixel limit is refused here, before anything is decoded."""
     ds = _read_dicom(path, path, pixels=False)
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
         raise DataError(f"{path}: the DICOM header has no Rows / Columns (not an image?); replace or remove it")
+    _check_pixels(int(cols), int(rows), path)
     age = str(ds.get("PatientAge", "") or "")
     years = float(age[:-1]) if age[:-1].isdigit() and age.endswith("Y") else float("nan")
     return {"width": int(cols), "height": int(rows), "age": years, "sex": str(ds.get("PatientSex", "") or "")}
@@ -140,7 +142,6 @@ def probe_image(path: os.PathLike) -> Tuple[int, int]:
         return side, side
     if is_dicom(path):
         header = dicom_header(path)
-        _check_pixels(header["width"], header["height"], path)
         return header["width"], header["height"]
     try:
         with _open_header(path, path) as img:
