@@ -137,6 +137,9 @@ class LocConfig(OptimConfig):
     flip: bool = False  # train on horizontally flipped maps too (mirrored targets)
     tta_flip: bool = False  # score maps: the mean of the maps' and the flipped maps' scores (flipped back)
     coords: bool = False  # add each cell's position (x, |x|, y) as input channels: a position prior it learns
+    fold_ensemble: int = 0  # K >= 2: K members per split, each without one of K folds of its training rows
+    rescore: bool = False  # second stage: re-score candidates by logistic regression (needs fold_ensemble >= 2)
+    rescore_c: float = 0.01  # the second stage's inverse L2 strength
     candidates: int = 10  # nodule candidates per image (non-maximum suppression): FROC, predict --overlay
     nms_cells: int = 2  # a candidate suppresses the cells within this many cells of it
 

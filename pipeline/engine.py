@@ -169,7 +169,7 @@ class LocOutcome:
     y: np.ndarray
     presence: np.ndarray
     scores: np.ndarray  # (n, H, W) score maps, first seed
-    results: List[JobResult]
+    fits: List[LocFit]  # one per split
     report: Dict[str, Dict[str, object]]
     froc_curves: Dict[str, Dict[str, list]] = field(default_factory=dict)  # head -> froc_<hit>_curve: [fpi, sens]
 
@@ -220,6 +220,98 @@ def loc_family(data: TrainData, splits: Sequence[Split]):
     return LocFamily(prepare_loc(data.maps, data.table, splits))
 
 
+@dataclass
+class LocFit:
+    """One configuration's localisation head on one split: the mean score maps (logits) of its members, and the
+    scores of the rows a member was validated on and never trained on. One member, or with
+    train.loc.fold_ensemble K, K members, each trained without one of K folds of the split's training rows
+    (patients kept together) and early-stopped on it: the ensemble of the fold models."""
+
+    scores: np.ndarray  # (N, H, W): every row
+    val_rows: np.ndarray
+    val_scores: np.ndarray  # (len(val_rows), H, W)
+    members: List[JobResult]
+    member_splits: List[Split]
+    rescorer: Optional[object] = None  # pipeline.localise.Rescorer (train.loc.rescore)
+
+    def validation(self, rows: np.ndarray) -> np.ndarray:
+        """The score maps of `rows` (each among val_rows) from the member validated on them."""
+        where = {int(r): i for i, r in enumerate(self.val_rows)}
+        return self.val_scores[[where[int(r)] for r in rows]]
+
+    def detect(self, data: "TrainData", lcfg, rows: np.ndarray, validation: bool = False):
+        """Detections (pipeline.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
+        member validated on each row."""
+        from .localise import detect
+
+        scores = self.validation(rows) if validation else self.scores[rows]
+        return detect(scores, lcfg, None if self.rescorer is None else data.maps[rows], self.rescorer)
+
+
+def member_splits(data: TrainData, cfg: Config, lcfg, split: Split) -> List[Split]:
+    """The splits a localisation head's members train on: the split itself, or its training rows (inner
+    validation included) in lcfg.fold_ensemble folds, each member validated on one (its test rows: the split's)."""
+    k = int(lcfg.fold_ensemble)
+    if k < 2:
+        return [split]
+    import copy
+
+    ecfg = copy.deepcopy(cfg.eval)
+    ecfg.protocol, ecfg.folds, ecfg.seeds = "kfold", k, [int(split.key) % (2 ** 31)]
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    inner, _ = make_splits(data.table, rows, ecfg)
+    return [Split(train=s.train, test=split.test, val=s.test, key=split.key * 37 + i + 1)
+            for i, s in enumerate(inner)]
+
+
+def fit_localisation(data: TrainData, cfg: Config, pairs: Sequence[Tuple[object, Split]], desc: str,
+                     progress: Progress = no_progress, keep_state: bool = False) -> List[LocFit]:
+    """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
+    from .localise import LocFamily
+
+    splits: List[Split] = []
+    jobs: List[Job] = []
+    owner: List[int] = []
+    for i, (lcfg, split) in enumerate(pairs):
+        LocFamily.check(lcfg)
+        for member in member_splits(data, cfg, lcfg, split):
+            jobs.append(Job(lcfg, len(splits)))
+            splits.append(member)
+            owner.append(i)
+    with progress(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
+        results = train_jobs(loc_family(data, splits), jobs, keep_state=keep_state, progress=tick,
+                             device=cfg.train.device)
+    fits = []
+    for i in range(len(pairs)):
+        mine = [j for j, o in enumerate(owner) if o == i]
+        scores = results[mine[0]].outputs if len(mine) == 1 else np.mean([results[j].outputs for j in mine], axis=0)
+        val_rows = np.concatenate([splits[j].val for j in mine])
+        val_scores = np.concatenate([results[j].outputs[splits[j].val] for j in mine])
+        fit = LocFit(scores, val_rows, val_scores, [results[j] for j in mine], [splits[j] for j in mine])
+        lcfg, split = pairs[i]
+        if lcfg.rescore:
+            fit.rescorer = _fit_second_stage(data, cfg, lcfg, fit, np.setdiff1d(val_rows, split.val))
+        fits.append(fit)
+    return fits
+
+
+def _fit_second_stage(data: TrainData, cfg: Config, lcfg, fit: LocFit, rows: np.ndarray):
+    """The candidate re-scorer of one split, trained on `rows`: training rows whose first-stage scores come from
+    the member that never trained on them (the split's own inner validation and test rows left out, so its
+    scores there stay honest)."""
+    from .localise import candidate_hits, candidates, fit_rescorer
+
+    cands = candidates(fit.validation(rows), lcfg.candidates, lcfg.nms_cells)
+    hits = candidate_hits(data.table, rows, cands[0], cands[1], cfg.eval.pixel_mm)
+    return fit_rescorer(data.maps[rows], cands, hits, lcfg.rescore_c)
+
+
+def final_loc_config(lcfg, epochs: int):
+    """The train.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
+    for a fold ensemble, whose members early-stop on their own folds."""
+    return lcfg if lcfg.fold_ensemble >= 2 else fixed_epochs(lcfg, epochs)
+
+
 def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
                          presence: Optional[np.ndarray], names: Sequence[SplitName], cfg: Config,
                          cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
@@ -246,18 +338,14 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
 def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
              pooled: OutOfFold, progress: Progress = no_progress) -> LocOutcome:
     """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
-    from .localise import LocFamily, candidates, decode_maps, froc
+    from .localise import froc
 
     lcfg = cfg.train.loc
-    LocFamily.check(lcfg)
-    family = loc_family(data, splits)
-    with progress(len(splits) * lcfg.epochs, "localisation head", rows=_rows_per_epoch(splits)) as tick:
-        results = train_jobs(family, [Job(lcfg, s) for s in range(len(splits))], progress=tick,
-                             device=cfg.train.device)
+    fits = fit_localisation(data, cfg, [(lcfg, s) for s in splits], "localisation head", progress)
     table = data.table
-    oof = OutOfFold.collect(splits, [{"scores": r.outputs} for r in results])
-    x, y, presence = decode_maps(oof.preds["scores"], lcfg.decode)
-    cands = candidates(oof.preds["scores"], lcfg.candidates, lcfg.nms_cells)
+    oof = OutOfFold.collect(splits, [{"scores": f.scores} for f in fits])
+    dets = [asdict(f.detect(data, lcfg, s.test)) for f, s in zip(fits, splits)]
+    x, y, presence, *cands = (np.concatenate([d[k] for d in dets]) for k in ("x", "y", "presence", "cx", "cy", "cs"))
     first = first_seed_mask(oof.split, names)
     report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
     curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
@@ -273,7 +361,7 @@ def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Seque
         pfirst = first_seed_mask(pooled.split, names)
         curves["pooled-regression"] = froc(table, pooled.rows[pfirst], *(c[pfirst] for c in one),
                                            cfg.eval.pixel_mm, cfg.eval.froc_fps, curves=True)
-    return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], results, report,
+    return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], fits, report,
                       {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()})
 
 
@@ -408,16 +496,24 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
     if data.maps is not None:
-        lcfg = fixed_epochs(cfg.train.loc, validated_epochs(cv.loc.results, cfg.train.loc))
-        lfam = loc_family(data, [split])
-        with progress(lcfg.epochs, "refit localisation", rows=float(len(split.train))) as tick:
-            (loc_result,) = train_jobs(lfam, [Job(lcfg, 0)], keep_state=True, progress=tick,
-                                       device=cfg.train.device)
-        tensors.update({f"loc.{k}": v.contiguous().cpu() for k, v in loc_result.state.items()})
-        tensors.update({"loc_mean": lfam.data.mean[0].contiguous().cpu(),
-                        "loc_std": lfam.data.std[0].contiguous().cpu()})
+        import torch
+
+        lcfg = final_loc_config(cfg.train.loc, validated_epochs([m for f in cv.loc.fits for m in f.members],
+                                                                cfg.train.loc))
+        (fit,) = fit_localisation(data, cfg, [(lcfg, split)], "refit localisation", progress, keep_state=True)
+        # the members stacked (each parameter's member slices concatenated, as LocNet holds them), with the
+        # standardisation of each member's training rows
+        for name in fit.members[0].state:
+            tensors[f"loc.{name}"] = torch.cat([m.state[name] for m in fit.members]).contiguous().cpu()
+        from .localise import split_statistics
+
+        means, stds = zip(*(split_statistics(data.maps, s.train) for s in fit.member_splits))
+        tensors.update({"loc_mean": torch.stack(means).contiguous(), "loc_std": torch.stack(stds).contiguous()})
+        if fit.rescorer is not None:
+            tensors.update({f"loc_rescore.{k}": v for k, v in fit.rescorer.tensors().items()})
         spec["localisation"] = {"backbone": data.loc_spec, "channels": int(data.maps.shape[1]),
-                                "grid": list(lfam.data.grid), "hparams": asdict(lcfg)}
+                                "grid": list(data.maps.shape[2:]), "members": len(fit.members),
+                                "hparams": asdict(lcfg)}
     return Refit(tensors, spec)
 
 
@@ -432,12 +528,12 @@ def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], poole
     if loc is None or not sum(len(v) for v in val):
         out["chosen_on"] = "default (no localisation head)" if loc is None else "default (no inner validation rows)"
         return out
-    from .localise import decode_maps, localisation_metrics
+    from .localise import localisation_metrics
 
     rows = np.concatenate(val)
     grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
-    decoded = [decode_maps(r.outputs[v], cfg.train.loc.decode) for r, v in zip(loc.results, val)]
-    hx, hy, hp = (np.concatenate(parts) for parts in zip(*decoded))
+    decoded = [f.detect(data, cfg.train.loc, v, validation=True) for f, v in zip(loc.fits, val)]
+    hx, hy, hp = (np.concatenate([getattr(d, k) for d in decoded]) for k in ("x", "y", "presence"))
     have = {k for k in ("x", "y", "presence") if k in pooled[0]}
     pp = np.concatenate([p["presence"][v] for p, v in zip(pooled, val)]) if "presence" in have else None
     scores = {"localisation": localisation_metrics(data.table, rows, hx, hy, hp, cfg.eval.pixel_mm)}

@@ -10,7 +10,7 @@ of grouped convolutions, as the pooled heads are stacked in pipeline.train.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -53,7 +53,7 @@ class LocNet(nn.Module):
         super().__init__()
         m = len(seeds)
         self.members, self.channels, self.hidden = m, channels, hidden
-        # how a family's outputs() builds the input and scores (LocConfig), set by LocFamily.build
+        # how the input is built and scored (LocConfig), set by build_net
         self.mirror = self.coords = self.tta_flip = False
         self.inp = nn.Conv2d(m * channels, m * hidden, 1, groups=m)
         self.ctx = nn.ModuleList(nn.Conv2d(m * hidden, m * hidden, 3, padding=1, groups=m) for _ in range(context))
@@ -95,6 +95,19 @@ class LocNet(nn.Module):
         return out
 
 
+def build_net(channels: int, cfg: LocConfig, seeds: Sequence[int]) -> LocNet:
+    """Stacked heads (one member per seed) for maps of `channels` channels, their input and scores as cfg says."""
+    net = LocNet(input_channels(channels, cfg.mirror, cfg.coords), cfg.hidden, cfg.context, seeds)
+    net.mirror, net.coords, net.tta_flip = cfg.mirror, cfg.coords, cfg.tta_flip
+    return net
+
+
+def config_of(hparams: Dict[str, object]) -> LocConfig:
+    """The train.loc section a head artefact recorded (its `hparams`; keys of older versions ignored)."""
+    known = {f.name for f in fields(LocConfig)}
+    return LocConfig(**{k: v for k, v in hparams.items() if k in known})
+
+
 @dataclass
 class LocData:
     """Feature maps and nodule targets, standardised per split with that split's training rows only."""
@@ -116,24 +129,27 @@ class LocData:
             setattr(self, name, getattr(self, name).to(device))
 
 
+def split_statistics(maps, rows: np.ndarray) -> tuple:
+    """Each channel's mean and (floored) std over the maps of `rows`: the standardisation of a member trained on
+    them."""
+    part = torch.as_tensor(maps)[torch.from_numpy(np.asarray(rows, dtype=np.int64))].float()
+    return part.mean(dim=(0, 2, 3)), torch.from_numpy(floor_std(part.std(dim=(0, 2, 3)).numpy())).float()
+
+
 def prepare_loc(maps: np.ndarray, table, splits: Sequence[Split]) -> LocData:
     """Maps of every row and the label table (x, y in their coordinate grid, presence) -> LocData."""
     x_frac = table["x"].to_numpy(float) / table["grid_w"].to_numpy(float)
     y_frac = table["y"].to_numpy(float) / table["grid_h"].to_numpy(float)
     presence = table["presence"].to_numpy(float)
     t = torch.from_numpy(np.ascontiguousarray(maps))
-    means, stds = [], []
-    for split in splits:
-        part = t[torch.from_numpy(split.train)].float()
-        means.append(part.mean(dim=(0, 2, 3)))
-        stds.append(torch.from_numpy(floor_std(part.std(dim=(0, 2, 3)).numpy())).float())
+    means, stds = zip(*(split_statistics(t, split.train) for split in splits)) if splits else ((), ())
     h, w = t.shape[2:]
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
-    return LocData(t, torch.stack(means), torch.stack(stds), tensor(x_frac * w - 0.5), tensor(y_frac * h - 0.5),
-                   tensor(presence), list(splits))
+    return LocData(t, torch.stack(list(means)), torch.stack(list(stds)), tensor(x_frac * w - 0.5),
+                   tensor(y_frac * h - 0.5), tensor(presence), list(splits))
 
 
 def _targets(data: LocData, rows: torch.Tensor, sigma: torch.Tensor, flipped: bool = False):
@@ -175,6 +191,15 @@ def head_input(x: torch.Tensor, mirror: bool, coords: bool = False) -> torch.Ten
     return torch.cat([out, grid.expand(*out.shape[:-3], COORD_CHANNELS, h, w)], dim=-3)
 
 
+def member_scores(net: "LocNet", maps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Raw maps (n, C, H, W) -> the mean score map (n, H, W) of a stacked head's members, member m's input
+    standardised with mean[m], std[m] ((M, C))."""
+    x = (maps.float()[:, None] - mean[None, :, :, None, None]) / std[None, :, :, None, None]
+    x = head_input(x, net.mirror, net.coords)
+    n, m, c, h, w = x.shape
+    return net.scores(x.reshape(n, m * c, h, w), net.tta_flip).mean(dim=1)
+
+
 def _inputs(data: LocData, rows: torch.Tensor, split_of: torch.Tensor, mirror: bool, coords: bool) -> torch.Tensor:
     """(M, B) rows -> (B, M*C', H, W): member m sees its rows standardised with its split's statistics."""
     x = data.maps[rows].float()  # (M, B, C, H, W)
@@ -211,6 +236,14 @@ class LocFamily:
         check_optim(cfg, "train.loc")
         if cfg.hidden < 1 or cfg.context < 0 or cfg.sigma <= 0 or cfg.presence_weight < 0:
             raise ConfigError("train.loc: hidden and sigma must be positive, context and presence_weight >= 0")
+        if cfg.fold_ensemble == 1 or cfg.fold_ensemble < 0:
+            raise ConfigError(f"train.loc.fold_ensemble {cfg.fold_ensemble}: 0 (one head per split) or the number "
+                              "of folds K >= 2 (K members per split)")
+        if cfg.rescore and cfg.fold_ensemble < 2:
+            raise ConfigError("train.loc.rescore needs train.loc.fold_ensemble K >= 2: the second stage trains on "
+                              "candidates scored by members that never saw those images")
+        if cfg.rescore_c <= 0:
+            raise ConfigError(f"train.loc.rescore_c {cfg.rescore_c} must be positive")
 
     def stack_key(self, cfg: LocConfig) -> tuple:
         return ("loc", cfg.hidden, cfg.context, cfg.mirror, cfg.flip, cfg.tta_flip, cfg.coords)
@@ -232,10 +265,7 @@ class LocFamily:
         return [1.0, float(cfg.presence_weight)]
 
     def build(self, cfgs, seeds) -> "LocNet":
-        cfg = cfgs[0]
-        net = LocNet(self.channels(cfg), cfg.hidden, cfg.context, seeds)
-        net.mirror, net.coords, net.tta_flip = cfg.mirror, cfg.coords, cfg.tta_flip  # one per stack (stack_key)
-        return net
+        return build_net(self.data.maps.shape[1], cfgs[0], seeds)  # one input layout per stack (stack_key)
 
     def to(self, device: torch.device) -> None:
         self.device = device
@@ -396,6 +426,126 @@ def decode_maps(scores: np.ndarray, method: str = "argmax") -> tuple:
         return (cx + 0.5) / w, (cy + 0.5) / h, presence
     xs, ys, _ = candidates(scores, k=1)  # the peak cell, refined by a soft-argmax over the 3x3 cells around it
     return xs[:, 0], ys[:, 0], presence
+
+
+@dataclass
+class Detections:
+    """The localisation head's word on each image: its answer (x, y as fractions of the image, P(nodule)) and its
+    candidates (cx, cy, logit score; (n, k), best first), from one decoding (detect)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    presence: np.ndarray
+    cx: np.ndarray
+    cy: np.ndarray
+    cs: np.ndarray
+
+    @property
+    def cands(self) -> tuple:
+        return self.cx, self.cy, self.cs
+
+
+#: The second stage's inputs besides the candidate's cell vector: its first-stage logit, that logit minus the
+#: image's best, its rank, and its position (x, y, distance from the centre column).
+RESCORE_BASE = 6
+
+
+def candidate_features(maps: np.ndarray, cands: tuple, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(n, k, RESCORE_BASE + C): what the second stage sees of each candidate of maps (n, C, H, W): the base
+    features and the standardised map vector of the candidate's cell (its neighbourhood in the backbone's view)."""
+    cx, cy, cs = cands
+    n, c, h, w = maps.shape
+    k = cs.shape[1]
+    present = np.isfinite(cs)
+    logit = np.where(present, cs, 0.0)
+    base = np.stack([logit, logit - logit[:, :1], np.broadcast_to(np.arange(k, dtype=float), cs.shape),
+                     np.nan_to_num(cx, nan=0.5), np.nan_to_num(cy, nan=0.5), np.abs(np.nan_to_num(cx, nan=0.5) - 0.5)],
+                    axis=-1)
+    ci = np.clip((np.nan_to_num(cy, nan=0.5) * h).astype(int), 0, h - 1)
+    cj = np.clip((np.nan_to_num(cx, nan=0.5) * w).astype(int), 0, w - 1)
+    vec = (maps[np.arange(n)[:, None], :, ci, cj].astype(np.float64) - mean) / std  # (n, k, C)
+    return np.concatenate([base, vec], axis=-1)
+
+
+def candidate_hits(table, rows: np.ndarray, cx: np.ndarray, cy: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """(n, k): whether each candidate of rows[i] hits a lesion of its image, as FROC counts a hit: inside the
+    lesion's box where the table has boxes, else within its radius."""
+    gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
+    hits = np.zeros(cx.shape, dtype=bool)
+    boxes = box_lesions(table, rows)
+    if boxes is not None:
+        image, lx, ly, half_w, half_h = boxes
+    else:
+        image, lx, ly, radius = lesions(table, rows, pixel_mm)
+    for j, i in enumerate(image):
+        dx, dy = cx[i] * gw[i] - lx[j], cy[i] * gh[i] - ly[j]
+        inside = (np.abs(dx) <= half_w[j]) & (np.abs(dy) <= half_h[j]) if boxes is not None \
+            else np.hypot(dx, dy) <= radius[j]
+        hits[i] |= inside & np.isfinite(cx[i])
+    return hits
+
+
+@dataclass
+class Rescorer:
+    """The second stage: a logistic regression that re-scores each candidate from candidate_features."""
+
+    map_mean: np.ndarray  # (C,) standardisation of the cell vectors (the training rows')
+    map_std: np.ndarray
+    center: np.ndarray  # (F,) standardisation of the features
+    scale: np.ndarray
+    coef: np.ndarray  # (F,)
+    intercept: float
+
+    def __call__(self, maps: np.ndarray, cands: tuple) -> np.ndarray:
+        """Logits (n, k) of the candidates of maps (-inf where there is no candidate)."""
+        f = (candidate_features(maps, cands, self.map_mean, self.map_std) - self.center) / self.scale
+        return np.where(np.isfinite(cands[2]), f @ self.coef + self.intercept, -np.inf)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        arrays = {"map_mean": self.map_mean, "map_std": self.map_std, "center": self.center, "scale": self.scale,
+                  "coef": self.coef, "intercept": np.array([self.intercept])}
+        return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in arrays.items()}
+
+    @classmethod
+    def from_tensors(cls, t: Dict[str, torch.Tensor]) -> "Rescorer":
+        a = {k: v.numpy().astype(np.float64) for k, v in t.items()}
+        return cls(a["map_mean"], a["map_std"], a["center"], a["scale"], a["coef"], float(a["intercept"][0]))
+
+
+def fit_rescorer(maps: np.ndarray, cands: tuple, hits: np.ndarray, c: float) -> Rescorer:
+    """Fit the second stage on candidates of maps (n, C, H, W) and whether each hits a lesion (hits (n, k)): the
+    caller passes rows whose first-stage scores come from a model that never trained on them (a fold ensemble's
+    validation rows), and never test rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    m = maps.astype(np.float32)
+    mean = m.mean(axis=(0, 2, 3)).astype(np.float64)
+    std = floor_std(m.std(axis=(0, 2, 3))).astype(np.float64)
+    f = candidate_features(maps, cands, mean, std)
+    keep = np.isfinite(cands[2])
+    x, y = f[keep], hits[keep].astype(int)
+    center, scale = x.mean(axis=0), floor_std(x.std(axis=0))
+    if len(np.unique(y)) < 2:
+        raise ConfigError(f"train.loc.rescore: the second stage's {len(y)} training candidates are all "
+                          f"{'hits' if y.all() else 'misses'}; raise train.loc.candidates or train on more nodules")
+    clf = LogisticRegression(C=c, max_iter=5000).fit((x - center) / scale, y)
+    return Rescorer(mean, std, center, scale, clf.coef_[0].astype(np.float64), float(clf.intercept_[0]))
+
+
+def detect(scores: np.ndarray, cfg: LocConfig, maps: Optional[np.ndarray] = None,
+           rescorer: Optional[Rescorer] = None) -> Detections:
+    """Score maps (n, H, W) -> Detections: candidates by non-maximum suppression; the answer at the map's peak
+    (cfg.decode) with P(nodule) from its maximum, or, with a second stage (rescorer, on the maps (n, C, H, W)),
+    the candidates re-scored and re-ordered, the answer the best of them and P(nodule) its probability."""
+    cx, cy, cs = candidates(scores, cfg.candidates, cfg.nms_cells)
+    if rescorer is None:
+        x, y, presence = decode_maps(scores, cfg.decode)
+        return Detections(x, y, presence, cx, cy, cs)
+    cs = rescorer(maps, (cx, cy, cs))
+    order = np.argsort(-cs, axis=1, kind="stable")
+    cx, cy, cs = (np.take_along_axis(a, order, axis=1) for a in (cx, cy, cs))
+    presence = 1.0 / (1.0 + np.exp(-np.clip(cs[:, 0], -60, 60)))
+    return Detections(cx[:, 0], cy[:, 0], presence, cx, cy, cs)
 
 
 def loc_metrics(dx_px: np.ndarray, dy_px: np.ndarray, radius_px: np.ndarray, grid: np.ndarray,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -22,7 +22,7 @@ from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.head import read_head
-from pipeline.localise import LocNet, candidates, decode_maps, head_input, input_channels
+from pipeline.localise import LocNet, Rescorer, build_net, config_of, detect, member_scores
 from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.runtime import pick_device
@@ -43,6 +43,7 @@ class Head:
     loc_net: Optional[LocNet] = None
     loc_mean: Optional[torch.Tensor] = None
     loc_std: Optional[torch.Tensor] = None
+    loc_rescorer: Optional[Rescorer] = None  # the second stage (train.loc.rescore)
 
     @property
     def loc(self) -> Optional[Dict[str, object]]:
@@ -50,12 +51,14 @@ class Head:
 
     @torch.no_grad()
     def locate(self, maps: np.ndarray) -> np.ndarray:
-        """Feature maps (n, C, H, W) -> score maps (n, H, W) of the localisation head."""
-        x = (torch.from_numpy(maps).float() - self.loc_mean[None, :, None, None]) / self.loc_std[None, :, None, None]
+        """Feature maps (n, C, H, W) -> score maps (n, H, W) of the localisation head (its members' mean)."""
         self.loc_net.eval()
-        hp = self.loc["hparams"]
-        return self.loc_net.scores(head_input(x, bool(hp.get("mirror")), bool(hp.get("coords"))),
-                                   bool(hp.get("tta_flip")))[:, 0].numpy()
+        return member_scores(self.loc_net, torch.from_numpy(maps), self.loc_mean, self.loc_std).numpy()
+
+    def detect(self, maps: np.ndarray) -> tuple:
+        """Feature maps (n, C, H, W) -> the score maps and their Detections (answer and candidates)."""
+        scores = self.locate(maps)
+        return scores, detect(scores, config_of(self.loc["hparams"]), maps, self.loc_rescorer)
 
     @property
     def features(self) -> List[str]:
@@ -95,11 +98,14 @@ def load_head(run_dir: Path) -> Head:
     if "reference_features" in tensors:
         head.reference = (tensors["reference_features"], tensors["reference_nn"])
     if head.loc:
-        hp = head.loc["hparams"]
-        channels = input_channels(int(head.loc["channels"]), bool(hp.get("mirror")), bool(hp.get("coords")))
-        head.loc_net = LocNet(channels, int(hp["hidden"]), int(hp["context"]), seeds=[0])
+        members = int(head.loc.get("members", 1))  # several: a fold ensemble (train.loc.fold_ensemble)
+        head.loc_net = build_net(int(head.loc["channels"]), config_of(head.loc["hparams"]), seeds=[0] * members)
         head.loc_net.load_state_dict({k[len("loc."):]: v for k, v in tensors.items() if k.startswith("loc.")})
-        head.loc_mean, head.loc_std = tensors["loc_mean"], tensors["loc_std"]
+        # (C,) in a head written before the members were stacked
+        head.loc_mean = tensors["loc_mean"].reshape(members, -1)
+        head.loc_std = tensors["loc_std"].reshape(members, -1)
+        second = {k[len("loc_rescore."):]: v for k, v in tensors.items() if k.startswith("loc_rescore.")}
+        head.loc_rescorer = Rescorer.from_tensors(second) if second else None
     return head
 
 
@@ -200,6 +206,9 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     for i, vec in cached.items():
         features[i] = vec
     scores = np.full((len(files), *head.loc["grid"]), np.nan, dtype=np.float32) if head.loc else None
+    k = int(head.loc["hparams"].get("candidates", 10)) if head.loc else 0
+    found = {name: np.full((len(files),) + ((k,) if name.startswith("c") else ()), np.nan)
+             for name in ("x", "y", "presence", "cx", "cy", "cs")}  # the localisation head's Detections
     errors = [""] * len(files)
     backbones: Dict[str, LoadedBackbone] = {}
     if todo:
@@ -230,12 +239,14 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
                 features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
             if head.loc:
                 lb = next(b for b in backbones.values() if b.group == SPATIAL)
-                scores[rows] = head.locate(extractor.run(lb.key, batch.images[lb.size_key]))
+                scores[rows], det = head.detect(extractor.run(lb.key, batch.images[lb.size_key]))
+                for name, value in asdict(det).items():
+                    found[name][rows] = value
     ok = np.isfinite(features).all(axis=1)
     preds = head.predict(np.nan_to_num(features))
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
     if head.loc:
-        _add_locations(head, table, scores, ok)
+        _add_locations(head, table, found, np.isfinite(scores).all(axis=(1, 2)))
     _add_primary(head, table)
     trained = set(head.spec.get("trained_sha256", []))
     table.insert(3, "in_training_set", [h in trained for h in hashes])
@@ -257,22 +268,21 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         atomic_write_text(json_path, table.to_json(orient="records", indent=1))
         if overlay:
             write_overlays(out.with_name(out.name + "_overlays"), files, table, scores,
-                           _known_positions(cache, hashes) if cache is not None else {}, head.loc["hparams"],
-                           head.spec.get("grid", [np.nan, np.nan]))
+                           _known_positions(cache, hashes) if cache is not None else {},
+                           (found["cx"], found["cy"], found["cs"]), head.spec.get("grid", [np.nan, np.nan]))
     logger.info("predicted %d image(s) (%d from the cache)", len(files), len(cached))
     return PredictResult(table, csv_path, json_path)
 
 
-def _add_locations(head: Head, table: pd.DataFrame, scores: np.ndarray, ok: np.ndarray) -> None:
+def _add_locations(head: Head, table: pd.DataFrame, found: Dict[str, np.ndarray], valid: np.ndarray) -> None:
     """The localisation head's answer, in columns named after it (the secondary answer where it is not primary)."""
     grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
-    valid = np.isfinite(scores).all(axis=(1, 2))
-    x, y, presence = decode_maps(np.nan_to_num(scores), head.loc["hparams"]["decode"])
+    x, y = found["x"], found["y"]
     table["localisation_x"] = np.where(valid, np.round(x * grid_w, 1), np.nan)
     table["localisation_y"] = np.where(valid, np.round(y * grid_h, 1), np.nan)
     table["localisation_x_norm"] = np.where(valid, x, np.nan)
     table["localisation_y_norm"] = np.where(valid, y, np.nan)
-    table["localisation_presence_prob"] = np.where(valid, np.round(presence, 6), np.nan)
+    table["localisation_presence_prob"] = np.where(valid, np.round(found["presence"], 6), np.nan)
 
 
 #: P(nodule) at or above which an image is reported with a nodule (and its attributes).
@@ -347,9 +357,10 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
 
 
 def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores: np.ndarray,
-                   truth: Dict[int, tuple], hp: Dict[str, object], grid: Sequence[float]) -> List[Path]:
+                   truth: Dict[int, tuple], cands: tuple, grid: Sequence[float]) -> List[Path]:
     """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay): what the image's row
-    says (the answer's centre only where nodule_found), the localisation head's candidates beside it."""
+    says (the answer's centre only where nodule_found), the localisation head's candidates (cx, cy, logit;
+    (n, k), best first, re-scored by a second stage where the head has one) beside it."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -366,8 +377,7 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
         row = table.iloc[i]
         found = bool(row.get("nodule_found", False))
         answer = (row["nodule_x"] / grid[0], row["nodule_y"] / grid[1]) if found else None
-        cx, cy, cs = candidates(scores[i:i + 1], hp.get("candidates", 10), hp.get("nms_cells", 2))
-        shown = [(x, y, 1 / (1 + np.exp(-s))) for x, y, s in zip(cx[0], cy[0], cs[0]) if np.isfinite(s)][:5]
+        shown = [(x, y, 1 / (1 + np.exp(-s))) for x, y, s in zip(*(c[i] for c in cands)) if np.isfinite(s)][:5]
         verdict = "nodule found" if found else "no nodule found"
         draw_overlay(ax, read_image(path), scores[i], answer, truth.get(i),
                      f"{path.name}: {verdict}, p = {row.get('nodule_prob', np.nan):.2f}", shown)

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 #: Seconds between heartbeats of a worker's running trials.
 HEARTBEAT_S = 30.0
 #: Methods whose configurations are listed up front and enqueued (the rest name an Optuna sampler).
-LISTED = ("grid", "random")
+LISTED = ("list", "grid", "random")
 SAMPLER_ALIASES = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler"}
 RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
 
@@ -81,7 +81,7 @@ def _sampler(spec: SweepSpec):
     name = SAMPLER_ALIASES.get(spec.method.lower(), spec.method)
     cls = getattr(optuna.samplers, name, None)
     if cls is None:
-        raise ConfigError(f"sweep method '{spec.method}': grid, random, or an Optuna sampler "
+        raise ConfigError(f"sweep method '{spec.method}': list, grid, random, or an Optuna sampler "
                           f"({', '.join(SAMPLER_ALIASES)} or a class name of optuna.samplers)")
     try:
         return cls(seed=spec.seed)

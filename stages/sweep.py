@@ -21,13 +21,13 @@ import pandas as pd
 import yaml
 
 from pipeline.config import Config, build, check_choices, dump_config, load_yaml, set_dotted
-from pipeline.engine import TrainData, inner_val_fraction, load_train_data, loc_family, pooled_family
+from pipeline.engine import (TrainData, final_loc_config, fit_localisation, inner_val_fraction, load_train_data,
+                             pooled_family)
 from pipeline.errors import ConfigError
 from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
                                task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.localise import (FROC_FPS, LocFamily, candidates, decode_maps, froc, loc_metric_directions,
-                               localisation_metrics)
+from pipeline.localise import FROC_FPS, Detections, froc, loc_metric_directions, localisation_metrics
 from pipeline.tasks import metric_direction
 from pipeline.train import Job, Split, fixed_epochs, mean_curve, train_jobs, validated_epochs
 from stages.progress import progress_bars
@@ -44,6 +44,7 @@ class SweepSpec:
     folds: int = 5
     test_fraction: float = 0.2
     params: Dict[str, Any] = field(default_factory=dict)
+    configs: List[Dict[str, Any]] = field(default_factory=list)  # method: list, the configurations themselves
 
 
 @dataclass
@@ -56,6 +57,13 @@ class SweepResult:
 
 def load_sweep(path: Path) -> SweepSpec:
     spec = build(SweepSpec, load_yaml(path) or {}, str(path))
+    if spec.method == "list":
+        if not spec.configs or not all(isinstance(c, dict) for c in spec.configs) or spec.params:
+            raise ConfigError(f"{path}: method list needs 'configs', a list of mappings of config keys to values "
+                              "(each one configuration; {} is the base config), and no 'params'")
+        return spec
+    if spec.configs:
+        raise ConfigError(f"{path}: 'configs' is for method: list; method {spec.method} searches 'params'")
     if not spec.params:
         raise ConfigError(f"{path}: 'params' is empty; list the config keys to search")
     for key, values in spec.params.items():
@@ -68,10 +76,13 @@ def load_sweep(path: Path) -> SweepSpec:
 
 
 def configurations(spec: SweepSpec) -> List[Dict[str, Any]]:
-    """The listed configurations of a grid or random search; other methods search adaptively (a shared study)."""
+    """The listed configurations of a list, grid or random search; other methods search adaptively (a shared
+    study)."""
+    if spec.method == "list":
+        return [dict(c) for c in spec.configs]
     if spec.method not in ("grid", "random"):
         raise ConfigError(f"sweep method '{spec.method}' searches adaptively: run it as a shared study (train-heads "
-                          "--sweep SPEC --study STORAGE); in one process: grid or random")
+                          "--sweep SPEC --study STORAGE); in one process: list, grid or random")
     keys = list(spec.params)
     if spec.method == "grid":
         return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.params[k] for k in keys))]
@@ -179,7 +190,7 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
         validated = Validated(metrics, validated_epochs(mine, config.train), curves)
         if loc_metrics_of is not None:
             validated.metrics["loc_epochs"] = validated_epochs(
-                loc_results[c * len(splits):(c + 1) * len(splits)], config.train.loc)
+                [m for f in loc_results[c * len(splits):(c + 1) * len(splits)] for m in f.members], config.train.loc)
         out.append(validated)
     return out
 
@@ -251,38 +262,31 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
 
 def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split], bars):
     """Train every configuration's localisation head on the validation splits (stacked where shapes agree);
-    returns (config, split) -> {'loc.<metric>': value} on that split's validation rows, and the results."""
-    table = data.table
-    family = loc_family(data, splits)
-    for c in cfgs:
-        LocFamily.check(c.train.loc)
-    jobs = [Job(c.train.loc, s) for c in cfgs for s in range(len(splits))]
-    with bars(sum(j.cfg.epochs for j in jobs), "sweep localisation") as tick:
-        results = train_jobs(family, jobs, progress=tick, device=cfgs[0].train.device)
+    returns (config, split) -> {'loc.<metric>': value} on that split's validation rows, and the fits."""
+    fits = fit_localisation(data, cfgs[0], [(c.train.loc, s) for c in cfgs for s in splits], "sweep localisation",
+                            bars)
 
     def metrics(c: int, s: int) -> Dict[str, float]:
-        return loc_scores(table, splits[s].test, results[c * len(splits) + s].outputs, cfgs[c])
-    return metrics, results
+        return loc_scores(data.table, splits[s].test,
+                          fits[c * len(splits) + s].detect(data, cfgs[c].train.loc, splits[s].test), cfgs[c])
+    return metrics, fits
 
 
-def loc_scores(table, rows: np.ndarray, scores: np.ndarray, cfg: Config) -> Dict[str, float]:
-    """'loc.<metric>' of a localisation head's score maps (every row's) on `rows`: errors, presence, FROC."""
-    lcfg = cfg.train.loc
-    px, py, pp = decode_maps(scores[rows], lcfg.decode)
-    res = localisation_metrics(table, rows, px, py, pp, cfg.eval.pixel_mm)
-    res.update(froc(table, rows, *candidates(scores[rows], lcfg.candidates, lcfg.nms_cells), cfg.eval.pixel_mm,
-                    cfg.eval.froc_fps))
+def loc_scores(table, rows: np.ndarray, det: Detections, cfg: Config) -> Dict[str, float]:
+    """'loc.<metric>' of a localisation head's detections of `rows`: errors, presence, FROC."""
+    res = localisation_metrics(table, rows, det.x, det.y, det.presence, cfg.eval.pixel_mm)
+    res.update(froc(table, rows, *det.cands, cfg.eval.pixel_mm, cfg.eval.froc_fps))
     return {f"loc.{k}": float(v) for k, v in res.items()}
 
 
 def _score_winner_loc(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,
                       spec: SweepSpec) -> Dict[str, float]:
-    """The winner's localisation head retrained on the development rows for its validated epochs, scored once
-    on the test rows."""
+    """The winner's localisation head retrained on the development rows (for its validated epochs, or a fold
+    ensemble on the development rows' folds), scored once on the test rows."""
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    lcfg = fixed_epochs(cfg.train.loc, epochs)
-    (res,) = train_jobs(loc_family(data, [split]), [Job(lcfg, 0)], device=cfg.train.device)
-    return {k[len("loc."):]: v for k, v in loc_scores(data.table, test_rows, res.outputs, cfg).items()}
+    (fit,) = fit_localisation(data, cfg, [(final_loc_config(cfg.train.loc, epochs), split)], "winner localisation")
+    det = fit.detect(data, cfg.train.loc, test_rows)
+    return {k[len("loc."):]: v for k, v in loc_scores(data.table, test_rows, det, cfg).items()}
 
 
 def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,

@@ -303,7 +303,7 @@ def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) ->
         tx, ty = data.table["x"].iloc[r] / gw, data.table["y"].iloc[r] / gh
         err = np.hypot((loc.x[i] - tx) * gw, (loc.y[i] - ty) * gh)
         draw_overlay(ax, image, loc.scores[i], (loc.x[i], loc.y[i]), (tx, ty),
-                     f"{data.table['id'].iloc[r]}: {err:.0f} px", predicted_label="the map's peak")
+                     f"{data.table['id'].iloc[r]}: {err:.0f} px", predicted_label="the head's answer")
     fig.suptitle("Localisation head, out-of-fold: each image scored by the fold model that never saw it",
                  fontsize=10)
     fig.tight_layout()

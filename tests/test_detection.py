@@ -215,3 +215,146 @@ def test_position_channels_train_refit_and_predict(nodule_cache, tmp_path):
     assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
     result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred")
     assert np.isfinite(result.table["localisation_x"]).all()
+
+
+def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows():
+    from types import SimpleNamespace
+
+    from pipeline.engine import member_splits
+    from pipeline.train import Split
+    from tests.helpers import tiny_train_config
+
+    n = 30  # 15 patients with two images each: a patient's images stay in one fold
+    table = pd.DataFrame({"state": ["benign", "malignant", "non-nodule"] * 10,
+                          "patient_id": [f"p{i // 2}" for i in range(n)]})
+    cfg = tiny_train_config(**{"train.loc.fold_ensemble": 3})
+    split = Split(train=np.arange(0, 18), val=np.arange(18, 22), test=np.arange(22, 30), key=4)
+    members = member_splits(SimpleNamespace(table=table), cfg, cfg.train.loc, split)
+    assert len(members) == 3
+    vals = np.concatenate([m.val for m in members])
+    assert np.array_equal(np.sort(vals), np.arange(0, 22))  # every training row validates exactly one member
+    patient = table["patient_id"].to_numpy()
+    for m in members:
+        assert np.array_equal(m.test, split.test)
+        assert not set(m.train) & set(m.val) and not set(m.train) & set(split.test)
+        assert not set(patient[m.train]) & set(patient[m.val])
+        assert np.array_equal(np.sort(np.concatenate([m.train, m.val])), np.arange(0, 22))
+    assert member_splits(SimpleNamespace(table=table), tiny_train_config(), tiny_train_config().train.loc,
+                         split) == [split]
+
+
+def test_stacked_members_score_as_the_mean_of_each_alone():
+    from pipeline.config import LocConfig
+    from pipeline.localise import build_net, member_scores
+
+    cfg = LocConfig(hidden=4, context=1, coords=True, tta_flip=True)
+    stacked = build_net(3, cfg, seeds=[1, 2, 3])
+    maps = torch.randn(2, 3, 5, 6)
+    mean, std = torch.rand(3, 3), torch.rand(3, 3) + 0.5
+    alone = []
+    for m in range(3):
+        net = build_net(3, cfg, seeds=[0])
+        net.load_state_dict(stacked.member_state(m))
+        alone.append(member_scores(net, maps, mean[m:m + 1], std[m:m + 1]))
+    with torch.no_grad():
+        torch.testing.assert_close(member_scores(stacked, maps, mean, std), torch.stack(alone).mean(0))
+
+
+@pytest.mark.slow
+def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, tmp_path):
+    from pipeline.head import read_head
+    from stages.predict import predict
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_train_config
+
+    data, cache = nodule_cache
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
+                               "train.loc.context": 1, "train.loc.fold_ensemble": 3, "eval.bootstrap": 50})
+    summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
+    heat = summary.metrics["localisation"]["heatmap"]
+    pooled = summary.metrics["localisation"]["pooled-regression"]
+    assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
+    spec, tensors = read_head(tmp_path / "run")
+    assert spec["localisation"]["members"] == 3 and tensors["loc_mean"].shape[0] == 3
+    result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred")
+    assert np.isfinite(result.table["localisation_x"]).all()
+
+
+def test_candidate_hits_count_as_froc_does():
+    from pipeline.localise import candidate_hits
+
+    cx, cy, _ = _cands()
+    hits = candidate_hits(_table(), np.arange(3), cx, cy, pixel_mm=0.175)
+    # image 0: 10 px from a 28.6 px radius (hit); image 1: 60 px from a 57.1 px radius (miss); image 2: no lesion
+    assert hits.tolist() == [[True, False], [False, False], [False, False]]
+
+
+def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, monkeypatch):
+    import pipeline.engine as engine
+    from pipeline.engine import fit_localisation, load_train_data
+    from pipeline.train import Split
+    from tests.helpers import tiny_train_config
+
+    _, cache = nodule_cache
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 20, "train.loc.batch_size": 8,
+                               "train.loc.fold_ensemble": 3, "train.loc.rescore": True, "train.loc.context": 1,
+                               "train.tasks": ["presence"]})
+    data = load_train_data(cache, cfg)
+    split = Split(train=np.arange(0, 36), val=np.arange(36, 44), test=np.arange(44, 60), key=3)
+    rows_seen = []
+    second_stage = engine._fit_second_stage
+    monkeypatch.setattr(engine, "_fit_second_stage", lambda d, c, lc, f, rows: rows_seen.extend(rows) or
+                        second_stage(d, c, lc, f, rows))
+
+    def run():
+        (fit,) = fit_localisation(data, cfg, [(cfg.train.loc, split)], "test")
+        return fit, fit.detect(data, cfg.train.loc, split.test)
+
+    fit, det = run()
+    assert fit.rescorer is not None and np.isfinite(fit.rescorer.coef).all()
+    # the test rows' labels scrambled: the second stage and the test rows' detections are unchanged
+    hidden = split.test
+    for column in ("x", "y", "presence", "size_mm", "state"):
+        data.table.loc[hidden, column] = data.table[column].to_numpy()[np.random.default_rng(0).permutation(hidden)]
+    again, det_again = run()
+    np.testing.assert_array_equal(fit.rescorer.coef, again.rescorer.coef)
+    np.testing.assert_array_equal(det.cs, det_again.cs)
+    # the split's inner validation rows (where predict's primary head is chosen) train members but not the second
+    # stage: its training rows are the members' validation rows less those
+    assert set(rows_seen) == set(split.train.tolist())
+    # and the candidates it re-scores are the first stage's, best first
+    assert (np.diff(np.where(np.isfinite(det.cs), det.cs, -1e9), axis=1) <= 0).all()
+
+
+def test_rescoring_needs_a_fold_ensemble():
+    from pipeline.errors import ConfigError
+    from pipeline.localise import LocFamily
+    from tests.helpers import tiny_train_config
+
+    with pytest.raises(ConfigError, match="fold_ensemble K >= 2"):
+        LocFamily.check(tiny_train_config(**{"train.loc.rescore": True}).train.loc)
+
+
+@pytest.mark.slow
+def test_the_second_stage_trains_refits_and_predicts(nodule_cache, tmp_path):
+    from pipeline.head import read_head
+    from stages.predict import predict
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_train_config
+
+    data, cache = nodule_cache
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
+                               "train.loc.context": 1, "train.loc.fold_ensemble": 3, "train.loc.rescore": True,
+                               "eval.bootstrap": 50})
+    summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
+    heat = summary.metrics["localisation"]["heatmap"]
+    pooled = summary.metrics["localisation"]["pooled-regression"]
+    assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
+    assert heat["froc_radius_at_1fp"]["pooled"] > pooled["froc_radius_at_1fp"]["pooled"]
+    _, tensors = read_head(tmp_path / "run")
+    assert "loc_rescore.coef" in tensors
+    result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True,
+                     cache=cache)
+    row = result.table.iloc[0]
+    assert 0 <= row["localisation_presence_prob"] <= 1 and np.isfinite(row["localisation_x"])
+    assert (tmp_path / "pred_overlays" / "JPCLN002.png").exists()

@@ -384,6 +384,20 @@ def test_sweep_file_errors(tmp_path):
     bad.write_text("methd: grid\n")
     with pytest.raises(ConfigError, match="did you mean 'method'"):
         load_sweep(bad)
+    bad.write_text("method: list\nparams:\n  train.hidden: [1, 2]\n")
+    with pytest.raises(ConfigError, match="method list needs 'configs'"):
+        load_sweep(bad)
+    bad.write_text("method: grid\nconfigs:\n  - {train.hidden: 4}\n")
+    with pytest.raises(ConfigError, match="'configs' is for method: list"):
+        load_sweep(bad)
+
+
+def test_a_list_sweep_names_its_configurations(tmp_path):
+    from stages.sweep import configurations
+
+    path = tmp_path / "list.yaml"
+    path.write_text("method: list\nconfigs:\n  - {}\n  - {train.hidden: 8, train.dropout: 0.1}\n")
+    assert configurations(load_sweep(path)) == [{}, {"train.hidden": 8, "train.dropout": 0.1}]
 
 
 def test_train_heads_cli(tiny_cache, tmp_path):
