@@ -136,9 +136,10 @@ class LocConfig(OptimConfig):
     mirror: bool = False  # add left-right difference channels: each cell minus its mirror cell (other lung)
     flip: bool = False  # train on horizontally flipped maps too (mirrored targets)
     tta_flip: bool = False  # score maps: the mean of the maps' and the flipped maps' scores (flipped back)
-    coords: bool = False  # add each cell's position (x, |x|, y) as input channels: a position prior it learns
-    fold_ensemble: int = 0  # K >= 2: K members per split, each without one of K folds of its training rows
-    rescore: bool = False  # second stage: re-score candidates by logistic regression (needs fold_ensemble >= 2)
+    coords: bool = True  # add each cell's position (x, |x|, y) as input channels: a position prior it learns
+    # coords, fold_ensemble 5 and rescore: chosen by configs/loc_second_stage.yaml on JSRT's development folds
+    fold_ensemble: int = 5  # K >= 2: K members per split, each without one of K folds of its training rows; 0: one
+    rescore: bool = True  # second stage: re-score candidates by logistic regression (needs fold_ensemble >= 2)
     rescore_c: float = 0.01  # the second stage's inverse L2 strength
     candidates: int = 10  # nodule candidates per image (non-maximum suppression): FROC, predict --overlay
     nms_cells: int = 2  # a candidate suppresses the cells within this many cells of it

@@ -496,24 +496,15 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
     if data.maps is not None:
-        import torch
-
         lcfg = final_loc_config(cfg.train.loc, validated_epochs([m for f in cv.loc.fits for m in f.members],
                                                                 cfg.train.loc))
         (fit,) = fit_localisation(data, cfg, [(lcfg, split)], "refit localisation", progress, keep_state=True)
-        # the members stacked (each parameter's member slices concatenated, as LocNet holds them), with the
-        # standardisation of each member's training rows
-        for name in fit.members[0].state:
-            tensors[f"loc.{name}"] = torch.cat([m.state[name] for m in fit.members]).contiguous().cpu()
-        from .localise import split_statistics
+        from .localise import export_head
 
-        means, stds = zip(*(split_statistics(data.maps, s.train) for s in fit.member_splits))
-        tensors.update({"loc_mean": torch.stack(means).contiguous(), "loc_std": torch.stack(stds).contiguous()})
-        if fit.rescorer is not None:
-            tensors.update({f"loc_rescore.{k}": v for k, v in fit.rescorer.tensors().items()})
-        spec["localisation"] = {"backbone": data.loc_spec, "channels": int(data.maps.shape[1]),
-                                "grid": list(data.maps.shape[2:]), "members": len(fit.members),
-                                "hparams": asdict(lcfg)}
+        loc_tensors, loc_spec = export_head([m.state for m in fit.members], [s.train for s in fit.member_splits],
+                                            data.maps, lcfg, fit.rescorer)
+        tensors.update(loc_tensors)
+        spec["localisation"] = {"backbone": data.loc_spec, **loc_spec}
     return Refit(tensors, spec)
 
 

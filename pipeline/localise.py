@@ -9,8 +9,9 @@ of grouped convolutions, as the pooled heads are stacked in pipeline.train.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,6 +23,8 @@ from .config import EvalConfig, LocConfig
 from .errors import ConfigError
 from .metrics import roc_auc
 from .train import Batch, Split, check_optim, floor_std
+
+logger = logging.getLogger(__name__)
 
 #: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`; the
 #: FROC sensitivities at the configured levels join them (loc_metric_directions).
@@ -241,7 +244,8 @@ class LocFamily:
                               "of folds K >= 2 (K members per split)")
         if cfg.rescore and cfg.fold_ensemble < 2:
             raise ConfigError("train.loc.rescore needs train.loc.fold_ensemble K >= 2: the second stage trains on "
-                              "candidates scored by members that never saw those images")
+                              "candidates scored by members that never saw those images (one head per split: "
+                              "train.loc.fold_ensemble=0 train.loc.rescore=false)")
         if cfg.rescore_c <= 0:
             raise ConfigError(f"train.loc.rescore_c {cfg.rescore_c} must be positive")
 
@@ -512,10 +516,10 @@ class Rescorer:
         return cls(a["map_mean"], a["map_std"], a["center"], a["scale"], a["coef"], float(a["intercept"][0]))
 
 
-def fit_rescorer(maps: np.ndarray, cands: tuple, hits: np.ndarray, c: float) -> Rescorer:
+def fit_rescorer(maps: np.ndarray, cands: tuple, hits: np.ndarray, c: float) -> Optional[Rescorer]:
     """Fit the second stage on candidates of maps (n, C, H, W) and whether each hits a lesion (hits (n, k)): the
     caller passes rows whose first-stage scores come from a model that never trained on them (a fold ensemble's
-    validation rows), and never test rows."""
+    validation rows), and never test rows. None (with a warning) where the candidates are all hits or misses."""
     from sklearn.linear_model import LogisticRegression
 
     m = maps.astype(np.float32)
@@ -526,8 +530,10 @@ def fit_rescorer(maps: np.ndarray, cands: tuple, hits: np.ndarray, c: float) -> 
     x, y = f[keep], hits[keep].astype(int)
     center, scale = x.mean(axis=0), floor_std(x.std(axis=0))
     if len(np.unique(y)) < 2:
-        raise ConfigError(f"train.loc.rescore: the second stage's {len(y)} training candidates are all "
-                          f"{'hits' if y.all() else 'misses'}; raise train.loc.candidates or train on more nodules")
+        logger.warning("train.loc.rescore: the second stage's %d training candidates are all %s, so it cannot "
+                       "learn; the first stage's scores stand (more nodules or train.loc.candidates would help)",
+                       len(y), "hits" if y.all() else "misses")
+        return None
     clf = LogisticRegression(C=c, max_iter=5000).fit((x - center) / scale, y)
     return Rescorer(mean, std, center, scale, clf.coef_[0].astype(np.float64), float(clf.intercept_[0]))
 
@@ -546,6 +552,56 @@ def detect(scores: np.ndarray, cfg: LocConfig, maps: Optional[np.ndarray] = None
     cx, cy, cs = (np.take_along_axis(a, order, axis=1) for a in (cx, cy, cs))
     presence = 1.0 / (1.0 + np.exp(-np.clip(cs[:, 0], -60, 60)))
     return Detections(cx[:, 0], cy[:, 0], presence, cx, cy, cs)
+
+
+@dataclass
+class LocHead:
+    """A trained localisation head as predict applies it: the stacked members, each member's standardisation,
+    the second stage; written into and read from the head artefact by export_head / load_head alone."""
+
+    cfg: LocConfig
+    net: LocNet
+    mean: torch.Tensor  # (M, C)
+    std: torch.Tensor
+    rescorer: Optional[Rescorer] = None
+
+    @torch.no_grad()
+    def detect(self, maps: np.ndarray) -> tuple:
+        """Feature maps (n, C, H, W) -> the score maps (n, H, W; the members' mean) and their Detections."""
+        self.net.eval()
+        scores = member_scores(self.net, torch.from_numpy(maps), self.mean, self.std).numpy()
+        return scores, detect(scores, self.cfg, maps, self.rescorer)
+
+
+#: Prefixes of the localisation head's tensors in the head artefact (pipeline.head): its stacked members' weights,
+#: and the second stage; `loc_mean` / `loc_std` hold the members' standardisation.
+NET_PREFIX, RESCORE_PREFIX = "loc.", "loc_rescore."
+
+
+def export_head(states: Sequence[Dict[str, torch.Tensor]], train_rows: Sequence[np.ndarray], maps: np.ndarray,
+                cfg: LocConfig, rescorer: Optional[Rescorer]) -> tuple:
+    """(tensors, description) of a trained localisation head for the head artefact: the members' states (M = 1
+    each) stacked as LocNet holds them, each member's standardisation from its training rows of `maps`."""
+    tensors = {NET_PREFIX + name: torch.cat([st[name] for st in states]).contiguous().cpu() for name in states[0]}
+    means, stds = zip(*(split_statistics(maps, rows) for rows in train_rows))
+    tensors.update({"loc_mean": torch.stack(means).contiguous(), "loc_std": torch.stack(stds).contiguous()})
+    if rescorer is not None:
+        tensors.update({RESCORE_PREFIX + k: v for k, v in rescorer.tensors().items()})
+    spec = {"channels": int(maps.shape[1]), "grid": list(maps.shape[2:]), "members": len(states),
+            "hparams": asdict(cfg)}
+    return tensors, spec
+
+
+def load_head(spec: Dict[str, object], tensors: Dict[str, torch.Tensor]) -> LocHead:
+    """The LocHead of an artefact's `localisation` description and tensors (export_head's)."""
+    cfg = config_of(spec["hparams"])
+    members = int(spec.get("members", 1))
+    net = build_net(int(spec["channels"]), cfg, seeds=[0] * members)
+    net.load_state_dict({k[len(NET_PREFIX):]: v for k, v in tensors.items() if k.startswith(NET_PREFIX)})
+    second = {k[len(RESCORE_PREFIX):]: v for k, v in tensors.items() if k.startswith(RESCORE_PREFIX)}
+    # (C,) in a head written before members were stacked
+    return LocHead(cfg, net, tensors["loc_mean"].reshape(members, -1), tensors["loc_std"].reshape(members, -1),
+                   Rescorer.from_tensors(second) if second else None)
 
 
 def loc_metrics(dx_px: np.ndarray, dy_px: np.ndarray, radius_px: np.ndarray, grid: np.ndarray,

@@ -19,7 +19,7 @@ def draw_overlay(ax, image: np.ndarray, scores: np.ndarray, predicted: Optional[
               interpolation="bilinear")
     for k, (x, y, p) in enumerate(candidates):
         ax.plot([x], [y], "o", mfc="none", mec="cyan", ms=9, mew=1.2,
-                label="candidates (cell probability)" if k == 0 else None)
+                label="candidates (probability)" if k == 0 else None)
         ax.annotate(f"{p:.2f}", (x, y), xytext=(4, 4), textcoords="offset points", color="cyan", fontsize=7)
     if predicted is not None:
         ax.plot([predicted[0]], [predicted[1]], "x", color="red", ms=10, mew=2, label=predicted_label)

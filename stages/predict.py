@@ -22,7 +22,8 @@ from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.head import read_head
-from pipeline.localise import LocNet, Rescorer, build_net, config_of, detect, member_scores
+from pipeline.localise import LocHead
+from pipeline.localise import load_head as load_loc_head
 from pipeline.model import Layout, ResMTNet
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.runtime import pick_device
@@ -40,25 +41,11 @@ class Head:
     x_mean: np.ndarray
     x_std: np.ndarray
     layout: Layout
-    loc_net: Optional[LocNet] = None
-    loc_mean: Optional[torch.Tensor] = None
-    loc_std: Optional[torch.Tensor] = None
-    loc_rescorer: Optional[Rescorer] = None  # the second stage (train.loc.rescore)
+    loc_head: Optional[LocHead] = None
 
     @property
     def loc(self) -> Optional[Dict[str, object]]:
         return self.spec.get("localisation")
-
-    @torch.no_grad()
-    def locate(self, maps: np.ndarray) -> np.ndarray:
-        """Feature maps (n, C, H, W) -> score maps (n, H, W) of the localisation head (its members' mean)."""
-        self.loc_net.eval()
-        return member_scores(self.loc_net, torch.from_numpy(maps), self.loc_mean, self.loc_std).numpy()
-
-    def detect(self, maps: np.ndarray) -> tuple:
-        """Feature maps (n, C, H, W) -> the score maps and their Detections (answer and candidates)."""
-        scores = self.locate(maps)
-        return scores, detect(scores, config_of(self.loc["hparams"]), maps, self.loc_rescorer)
 
     @property
     def features(self) -> List[str]:
@@ -98,14 +85,7 @@ def load_head(run_dir: Path) -> Head:
     if "reference_features" in tensors:
         head.reference = (tensors["reference_features"], tensors["reference_nn"])
     if head.loc:
-        members = int(head.loc.get("members", 1))  # several: a fold ensemble (train.loc.fold_ensemble)
-        head.loc_net = build_net(int(head.loc["channels"]), config_of(head.loc["hparams"]), seeds=[0] * members)
-        head.loc_net.load_state_dict({k[len("loc."):]: v for k, v in tensors.items() if k.startswith("loc.")})
-        # (C,) in a head written before the members were stacked
-        head.loc_mean = tensors["loc_mean"].reshape(members, -1)
-        head.loc_std = tensors["loc_std"].reshape(members, -1)
-        second = {k[len("loc_rescore."):]: v for k, v in tensors.items() if k.startswith("loc_rescore.")}
-        head.loc_rescorer = Rescorer.from_tensors(second) if second else None
+        head.loc_head = load_loc_head(head.loc, tensors)
     return head
 
 
@@ -239,7 +219,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
                 features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
             if head.loc:
                 lb = next(b for b in backbones.values() if b.group == SPATIAL)
-                scores[rows], det = head.detect(extractor.run(lb.key, batch.images[lb.size_key]))
+                scores[rows], det = head.loc_head.detect(extractor.run(lb.key, batch.images[lb.size_key]))
                 for name, value in asdict(det).items():
                     found[name][rows] = value
     ok = np.isfinite(features).all(axis=1)

@@ -1,0 +1,81 @@
+"""Detection options on JSRT: the README's table of FROC (0.25-4 FP/image), within-100-px and presence AUC, each
+with its 95% bootstrap CI, one row per option.
+
+    python benchmarks/detection.py --cache lite0.h5 --out runs/detection            # every option (~25 min, 2 cores)
+    python benchmarks/detection.py --cache lite0.h5 --out runs/detection --only per_cell coords
+
+Each option is `train-heads --cache CACHE --features lite0 --set train.loc.enabled=true --set
+'train.tasks=[presence]'` with the BASE keys and then its own `--set`s (5-fold CV, out-of-fold predictions
+pooled), run as a fresh process into OUT/<option>; a finished run (its run.json) is reused. The options of other
+caches (1024 px maps, several stages) are rows of `--extra LABEL=RUN_DIR`. Prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The per-cell head without the options below (the default before the second stage was chosen): every option
+#: is this plus its own keys, so the rows do not move when the defaults do.
+BASE = ["train.loc.coords=false", "train.loc.fold_ensemble=0", "train.loc.rescore=false"]
+OPTIONS = {
+    "per_cell": [],
+    "mirror": ["train.loc.mirror=true"],
+    "flip": ["train.loc.flip=true"],
+    "context": ["train.loc.context=1"],
+    "context_tta": ["train.loc.context=1", "train.loc.tta_flip=true"],
+    "coords": ["train.loc.coords=true"],
+    "fold_ensemble": ["train.loc.fold_ensemble=5"],
+    "rescore": ["train.loc.fold_ensemble=5", "train.loc.rescore=true"],
+    "rescore_coords": ["train.loc.fold_ensemble=5", "train.loc.rescore=true", "train.loc.coords=true"],
+}
+LEVELS = ("0.25", "0.5", "1", "2", "4")
+
+
+def run(cache: Path, out: Path, name: str, features: str) -> Path:
+    target = out / name
+    if (target / "run.json").exists():
+        return target
+    sets = ["train.loc.enabled=true", "train.tasks=[presence]", *BASE, *OPTIONS[name]]  # later keys win
+    cmd = [str(Path(sys.executable).parent / "train-heads"), "--cache", str(cache), "--features", features,
+           "--out", str(target), "--overwrite", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return target
+
+
+def row(label: str, run_dir: Path) -> str:
+    heat = json.loads((run_dir / "metrics.json").read_text())["localisation"]["heatmap"]
+
+    def cell(metric: str) -> str:
+        m = heat[metric]
+        return f"{m['pooled']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
+
+    cells = [cell(f"froc_radius_at_{level}fp") for level in LEVELS] + [cell("within_100px"), cell("presence_auc")]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--features", default="lite0")
+    parser.add_argument("--only", nargs="*", choices=list(OPTIONS), default=list(OPTIONS))
+    parser.add_argument("--extra", nargs="*", default=[], help="LABEL=RUN_DIR rows from runs made elsewhere")
+    args = parser.parse_args()
+    lines = ["| option | " + " | ".join(f"FROC at {level} FP/image" for level in LEVELS)
+             + " | within 100 px | presence AUC |", "| --- " * (len(LEVELS) + 3) + "|"]
+    for name in args.only:
+        label = "per-cell head" if not OPTIONS[name] else "`" + " ".join(OPTIONS[name]) + "`"
+        lines.append(row(label, run(args.cache, args.out, name, args.features)))
+    for item in args.extra:
+        label, _, path = item.rpartition("=")  # a label may hold "=" (a --set), a path does not
+        lines.append(row(label, Path(path)))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
