@@ -117,6 +117,17 @@ class OptimConfig:
     uncertainty_regulariser: str = "kendall"  # uncertainty: kendall (0.5 s) | log1p (log(1 + exp s), Liebel 2018)
     gradnorm_alpha: float = 1.5  # gradnorm: strength of the pull towards equal training rates
 
+    def check(self, where: str) -> None:
+        """The trainer's settings of this section (`where`: its key, train or train.loc), with the key to fix."""
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"{where}.epochs and {where}.batch_size must be positive")
+        if self.lr <= 0 or self.weighting_lr <= 0:
+            raise ConfigError(f"{where}.lr and {where}.weighting_lr must be positive")
+        if self.early_stopping < 0:
+            raise ConfigError(f"{where}.early_stopping {self.early_stopping} must be >= 0 (0 = off)")
+        if self.gradnorm_alpha < 0:
+            raise ConfigError(f"{where}.gradnorm_alpha {self.gradnorm_alpha} must be >= 0")
+
 
 @dataclass
 class LocConfig(OptimConfig):
@@ -144,6 +155,23 @@ class LocConfig(OptimConfig):
     candidates: int = 10  # nodule candidates per image (non-maximum suppression): FROC, predict --overlay
     nms_cells: int = 2  # a candidate suppresses the cells within this many cells of it
 
+    def check(self, where: str = "train.loc") -> None:
+        super().check(where)
+        if self.hidden < 1 or self.context < 0 or self.sigma <= 0 or self.presence_weight < 0:
+            raise ConfigError(f"{where}: hidden and sigma must be positive, context and presence_weight >= 0")
+        if self.candidates < 1 or self.nms_cells < 0:
+            raise ConfigError(f"{where}.candidates ({self.candidates}) must be positive and {where}.nms_cells "
+                              f"({self.nms_cells}) >= 0")
+        if self.fold_ensemble == 1 or self.fold_ensemble < 0:
+            raise ConfigError(f"{where}.fold_ensemble {self.fold_ensemble}: 0 (one head per split) or the number "
+                              "of folds K >= 2 (K members per split)")
+        if self.rescore and self.fold_ensemble < 2:
+            raise ConfigError(f"{where}.rescore needs {where}.fold_ensemble K >= 2: the second stage trains on "
+                              "candidates scored by members that never saw those images (one head per split: "
+                              f"{where}.fold_ensemble=0 {where}.rescore=false)")
+        if self.rescore_c <= 0:
+            raise ConfigError(f"{where}.rescore_c {self.rescore_c} must be positive")
+
 
 @dataclass
 class TrainConfig(OptimConfig):
@@ -162,6 +190,19 @@ class TrainConfig(OptimConfig):
     seed: int = 0  # seeds the heads' initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loc: LocConfig = field(default_factory=LocConfig)
+
+    def check(self, where: str = "train") -> None:
+        super().check(where)
+        if self.hidden < 1 or self.blocks < 0:
+            raise ConfigError(f"{where}.hidden ({self.hidden}) must be positive and {where}.blocks ({self.blocks}) "
+                              ">= 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout {self.dropout} must be in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{where}.label_smoothing {self.label_smoothing} must be in [0, 1)")
+        if any(w < 0 for w in self.lambdas.values()):
+            raise ConfigError(f"{where}.lambdas must be non-negative")
+        self.loc.check(f"{where}.loc")
 
 
 @dataclass
@@ -319,7 +360,8 @@ def parse_set_options(items: typing.Iterable[str]) -> Dict[str, Any]:
     return out
 
 
-#: Keys whose value is one of a fixed set of names: checked when a config is resolved, before anything runs
+#: Keys whose value is one of a fixed set of names: checked when a config is resolved (validate_config), before
+#: anything runs
 #: (a typo in tables.f1 used to give n/a cells, one in eval.size_norm an error after every fold had trained).
 CHOICES: Dict[str, tuple] = {
     "eval.protocol": ("kfold", "holdout", "official", "insample", "contaminated"),
@@ -339,9 +381,10 @@ CHOICES: Dict[str, tuple] = {
 }
 
 
-def check_choices(cfg: Config, where: str = "config") -> Config:
-    """Every CHOICES key of `cfg` holds one of its names (and tables.protocols only protocols); the error
-    suggests the closest valid name."""
+def validate_config(cfg: Config, where: str = "config") -> Config:
+    """A resolved config, checked once before anything runs: every CHOICES key holds one of its names (the error
+    suggests the closest valid name; tables.protocols only protocols), and every section's values are in range
+    (TrainConfig.check, LocConfig.check: each error names the key)."""
     def check(key: str, value: Any, valid: tuple) -> None:
         if value not in valid:
             close = difflib.get_close_matches(str(value), valid, n=1)
@@ -356,6 +399,13 @@ def check_choices(cfg: Config, where: str = "config") -> Config:
         train_size(size, 1, where)
     if cfg.eval.train_size_repeats < 1:
         raise ConfigError(f"{where}: eval.train_size_repeats {cfg.eval.train_size_repeats} must be >= 1")
+    if not cfg.eval.froc_fps or any(not float(fp) > 0 for fp in cfg.eval.froc_fps):
+        raise ConfigError(f"{where}: eval.froc_fps {cfg.eval.froc_fps} must list positive rates of false positives "
+                          "per image (e.g. [0.25, 0.5, 1, 2, 4])")
+    try:
+        cfg.train.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return cfg
 
 
@@ -396,7 +446,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(cfg, key, value)
-    return check_choices(cfg, where)
+    return validate_config(cfg, where)
 
 
 def _field_comments(cls: type) -> Dict[str, str]:

@@ -267,13 +267,10 @@ def member_splits(data: TrainData, cfg: Config, lcfg, split: Split) -> List[Spli
 def fit_localisation(data: TrainData, cfg: Config, pairs: Sequence[Tuple[object, Split]], desc: str,
                      progress: Progress = no_progress, keep_state: bool = False) -> List[LocFit]:
     """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
-    from .localise import LocFamily
-
     splits: List[Split] = []
     jobs: List[Job] = []
     owner: List[int] = []
     for i, (lcfg, split) in enumerate(pairs):
-        LocFamily.check(lcfg)
         for member in member_splits(data, cfg, lcfg, split):
             jobs.append(Job(lcfg, len(splits)))
             splits.append(member)

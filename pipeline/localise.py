@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EvalConfig, LocConfig
-from .errors import ConfigError
 from .metrics import roc_auc
-from .train import Batch, Split, check_optim, floor_std
+from .train import Batch, Split, floor_std
 
 logger = logging.getLogger(__name__)
 
@@ -233,21 +232,6 @@ class LocFamily:
         self.data = data
         self.splits = data.splits
         self.n_rows = data.maps.shape[0]
-
-    @staticmethod
-    def check(cfg: LocConfig) -> None:
-        check_optim(cfg, "train.loc")
-        if cfg.hidden < 1 or cfg.context < 0 or cfg.sigma <= 0 or cfg.presence_weight < 0:
-            raise ConfigError("train.loc: hidden and sigma must be positive, context and presence_weight >= 0")
-        if cfg.fold_ensemble == 1 or cfg.fold_ensemble < 0:
-            raise ConfigError(f"train.loc.fold_ensemble {cfg.fold_ensemble}: 0 (one head per split) or the number "
-                              "of folds K >= 2 (K members per split)")
-        if cfg.rescore and cfg.fold_ensemble < 2:
-            raise ConfigError("train.loc.rescore needs train.loc.fold_ensemble K >= 2: the second stage trains on "
-                              "candidates scored by members that never saw those images (one head per split: "
-                              "train.loc.fold_ensemble=0 train.loc.rescore=false)")
-        if cfg.rescore_c <= 0:
-            raise ConfigError(f"train.loc.rescore_c {cfg.rescore_c} must be positive")
 
     def stack_key(self, cfg: LocConfig) -> tuple:
         return ("loc", cfg.hidden, cfg.context, cfg.mirror, cfg.flip, cfg.tta_flip, cfg.coords)

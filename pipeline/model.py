@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .tasks import TaskSpec
-from .train import Batch, Split, check_optim, floor_std
+from .train import Batch, Split, floor_std
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -216,19 +216,11 @@ class PooledFamily:
         self.task_names = [t.name for t in prep.layout.tasks]
 
     def check(self, cfg) -> None:
-        check_optim(cfg, "train")
-        if cfg.hidden < 1 or cfg.blocks < 0:
-            raise ConfigError(f"train.hidden ({cfg.hidden}) must be positive and train.blocks ({cfg.blocks}) >= 0")
-        if not 0 <= cfg.dropout < 1:
-            raise ConfigError(f"train.dropout {cfg.dropout} must be in [0, 1)")
-        if not 0 <= cfg.label_smoothing < 1:
-            raise ConfigError(f"train.label_smoothing {cfg.label_smoothing} must be in [0, 1)")
+        """What only the data can say (the values were checked when the config was resolved: TrainConfig.check)."""
         unknown = sorted(set(cfg.lambdas) - set(self.task_names))
         if unknown:
             raise ConfigError(f"train.lambdas names task(s) {', '.join(unknown)} that are not trained "
                               f"({', '.join(self.task_names)})")
-        if any(w < 0 for w in cfg.lambdas.values()):
-            raise ConfigError("train.lambdas must be non-negative")
 
     def stack_key(self, cfg) -> tuple:
         return ("pooled", cfg.hidden, cfg.blocks)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
 from .runtime import pick_device
 from .weighting import WEIGHTINGS
 
@@ -96,20 +95,6 @@ class HeadFamily(Protocol):
         """The last parameter every task shares (members on axis 0), for weightings that balance gradients."""
 
     def to(self, device: torch.device) -> None: ...
-
-
-def check_optim(cfg: Any, where: str) -> None:
-    """The trainer's settings of one config section, with the key to fix."""
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"{where}.epochs and {where}.batch_size must be positive")
-    if cfg.lr <= 0 or cfg.weighting_lr <= 0:
-        raise ConfigError(f"{where}.lr and {where}.weighting_lr must be positive")
-    if cfg.early_stopping < 0:
-        raise ConfigError(f"{where}.early_stopping {cfg.early_stopping} must be >= 0 (0 = off)")
-    if cfg.loss_weighting not in WEIGHTINGS:
-        raise ConfigError(f"{where}.loss_weighting '{cfg.loss_weighting}' must be one of {', '.join(WEIGHTINGS)}")
-    if cfg.gradnorm_alpha < 0:
-        raise ConfigError(f"{where}.gradnorm_alpha {cfg.gradnorm_alpha} must be >= 0")
 
 
 def _trainer_key(cfg: Any) -> tuple:

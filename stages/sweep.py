@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, build, check_choices, dump_config, load_yaml, set_dotted
+from pipeline.config import Config, build, validate_config, dump_config, load_yaml, set_dotted
 from pipeline.engine import (TrainData, final_loc_config, fit_localisation, inner_val_fraction, load_train_data,
                              pooled_family)
 from pipeline.errors import ConfigError
@@ -108,7 +108,7 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
         c = copy.deepcopy(cfg)
         for key, value in choice.items():
             set_dotted(c, key, value)
-        out.append(check_choices(c, "sweep"))
+        out.append(validate_config(c, "sweep"))
     return out
 
 

@@ -326,13 +326,24 @@ def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, mon
     assert (np.diff(np.where(np.isfinite(det.cs), det.cs, -1e9), axis=1) <= 0).all()
 
 
-def test_rescoring_needs_a_fold_ensemble():
+def test_rescoring_needs_a_fold_ensemble_and_says_so_before_anything_runs(tmp_path):
+    from click.testing import CliRunner
+
     from pipeline.errors import ConfigError
-    from pipeline.localise import LocFamily
+    from stages.cli import main
     from tests.helpers import tiny_train_config
 
     with pytest.raises(ConfigError, match="fold_ensemble K >= 2"):
-        LocFamily.check(tiny_train_config(**{"train.loc.rescore": True}).train.loc)
+        tiny_train_config(**{"train.loc.rescore": True})
+    # the CLI: one line, before the (here missing) cache is opened; a sweep's bad variant before any training
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(tmp_path / "none.h5"), "--out",
+                                       str(tmp_path / "run"), "--set", "train.loc.fold_ensemble=1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "train.loc.fold_ensemble 1: 0 (one head per split) or the number of folds" in result.output
+    from stages.sweep import config_variants
+
+    with pytest.raises(ConfigError, match="sweep: train.loc.rescore needs"):
+        config_variants(tiny_train_config(), [{"train.loc.rescore": True}])
 
 
 @pytest.mark.slow
