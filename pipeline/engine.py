@@ -467,24 +467,18 @@ class Refit:
 def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_progress) -> Refit:
     """Train the final heads on every usable row for the epoch count validated in the cross-validation
     (median best epoch of its splits; the configured count without early stopping)."""
-    import torch
-
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
     tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
     family = pooled_family(data, [split])
     with progress(tcfg.epochs, "refit", rows=float(len(split.train))) as tick:
         (result,) = train_jobs(family, [Job(tcfg, 0)], keep_state=True, progress=tick, device=cfg.train.device)
-    prep = family.prep
-    tensors = {f"head.{k}": v[0].contiguous().cpu() for k, v in result.state.items()}
-    tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),
-                    "x_std": torch.from_numpy(prep.x_std[0].astype(np.float32))})
-    from .typicality import reference
+    from .localise import export_head as export_loc
+    from .model import export_head as export_pooled
 
-    tensors["reference_features"], tensors["reference_nn"] = reference(prep, data.rows, cfg.train.seed)
+    tensors, pooled_spec = export_pooled(result.state, family.prep, data.rows, tcfg.hidden, tcfg.blocks,
+                                         cfg.train.seed)
     spec: Dict[str, object] = {
-        "in_dim": int(data.features.shape[1]), "hidden": tcfg.hidden, "blocks": tcfg.blocks,
-        "out_dim": prep.layout.out_dim, "tasks": [t.as_dict() for t in data.tasks],
-        "scales": {name: [float(v) for v in s[0]] for name, s in prep.scales.items()},
+        **pooled_spec,
         "train": {k: v for k, v in asdict(tcfg).items() if k != "loc"}, "loss_weights": result.loss_weights,
         "features": data.specs, "trained_rows": int(len(data.rows)),
         "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
@@ -496,10 +490,8 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         lcfg = final_loc_config(cfg.train.loc, validated_epochs([m for f in cv.loc.fits for m in f.members],
                                                                 cfg.train.loc))
         (fit,) = fit_localisation(data, cfg, [(lcfg, split)], "refit localisation", progress, keep_state=True)
-        from .localise import export_head
-
-        loc_tensors, loc_spec = export_head([m.state for m in fit.members], [s.train for s in fit.member_splits],
-                                            data.maps, lcfg, fit.rescorer)
+        loc_tensors, loc_spec = export_loc([m.state for m in fit.members], [s.train for s in fit.member_splits],
+                                           data.maps, lcfg, fit.rescorer)
         tensors.update(loc_tensors)
         spec["localisation"] = {"backbone": data.loc_spec, **loc_spec}
     return Refit(tensors, spec)

@@ -104,10 +104,17 @@ def build_net(channels: int, cfg: LocConfig, seeds: Sequence[int]) -> LocNet:
     return net
 
 
+#: What a head artefact that does not record an option did: it was written before the option existed (off),
+#: whatever today's default is.
+OPTIONS_BEFORE_RECORDED = {"mirror": False, "flip": False, "tta_flip": False, "coords": False, "fold_ensemble": 0,
+                           "rescore": False}
+
+
 def config_of(hparams: Dict[str, object]) -> LocConfig:
-    """The train.loc section a head artefact recorded (its `hparams`; keys of older versions ignored)."""
+    """The train.loc section a head artefact recorded (its `hparams`; keys of other versions ignored, options it
+    does not record off)."""
     known = {f.name for f in fields(LocConfig)}
-    return LocConfig(**{k: v for k, v in hparams.items() if k in known})
+    return LocConfig(**{**OPTIONS_BEFORE_RECORDED, **{k: v for k, v in hparams.items() if k in known}})
 
 
 @dataclass

@@ -298,3 +298,66 @@ def task_losses(out: torch.Tensor, batch: Batch, targets: Dict[str, torch.Tensor
         counts.append(weight.sum(dim=1))
     sums_t, counts_t = torch.stack(sums, dim=1), torch.stack(counts, dim=1)
     return (sums_t, counts_t) if totals else sums_t / counts_t.clamp_min(1.0)
+
+
+@dataclass
+class PooledHead:
+    """The refit Res-MTNet head as predict applies it; written into and read from the head artefact by
+    export_head / load_head alone (pipeline.head owns the envelope)."""
+
+    model: ResMTNet
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    layout: Layout
+    scales: Dict[str, List[float]]
+    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.typicality
+
+    def standardise(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.x_mean) / self.x_std).astype(np.float32)
+
+    @torch.no_grad()
+    def predict(self, features: np.ndarray) -> Dict[str, np.ndarray]:
+        """Every task's decoded predictions for pooled feature rows (n, D)."""
+        self.model.eval()
+        outputs = self.model(torch.from_numpy(self.standardise(features)).unsqueeze(0))[0].numpy()
+        return self.layout.decode(outputs, self.scales)
+
+    def typicality(self, features: np.ndarray) -> np.ndarray:
+        """Percentile of each image's nearest-neighbour distance to the training rows (NaN: an older head)."""
+        from .typicality import percentile
+
+        if self.reference is None:
+            return np.full(len(features), np.nan)
+        return percentile(self.standardise(features), *self.reference)
+
+
+#: The prefix of the Res-MTNet head's weights in the head artefact; x_mean / x_std hold its standardisation.
+HEAD_PREFIX = "head."
+
+
+def export_head(state: Dict[str, torch.Tensor], prep: Prepared, rows: np.ndarray, hidden: int, blocks: int,
+                seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """(tensors, description) of a Res-MTNet head trained on `rows` of `prep`'s only split (member 0 of `state`):
+    its weights, standardisation, the typicality reference, and what rebuilds and decodes it."""
+    from .typicality import reference
+
+    tensors = {HEAD_PREFIX + k: v[0].contiguous().cpu() for k, v in state.items()}
+    tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),
+                    "x_std": torch.from_numpy(prep.x_std[0].astype(np.float32))})
+    tensors["reference_features"], tensors["reference_nn"] = reference(prep, rows, seed)
+    spec = {"in_dim": int(prep.dim), "hidden": hidden, "blocks": blocks, "out_dim": prep.layout.out_dim,
+            "tasks": [t.as_dict() for t in prep.layout.tasks],
+            "scales": {name: [float(v) for v in s[0]] for name, s in prep.scales.items()}}
+    return tensors, spec
+
+
+def load_head(spec: Dict[str, object], tensors: Dict[str, torch.Tensor]) -> PooledHead:
+    """The PooledHead of an artefact's description and tensors (export_head's)."""
+    tasks = [TaskSpec.from_dict(t) for t in spec["tasks"]]
+    model = ResMTNet(spec["in_dim"], spec["hidden"], spec["blocks"], spec["out_dim"], seeds=[0])
+    model.load_state_dict({k[len(HEAD_PREFIX):]: v.unsqueeze(0) for k, v in tensors.items()
+                           if k.startswith(HEAD_PREFIX)})
+    reference = (tensors["reference_features"], tensors["reference_nn"]) if "reference_features" in tensors \
+        else None
+    return PooledHead(model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), Layout.of(tasks), spec["scales"],
+                      reference)

@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cache import FeatureCache
 from pipeline.backbones import create_backbone, parse_spec, spatial_backbone
@@ -24,7 +23,8 @@ from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.head import read_head
 from pipeline.localise import LocHead
 from pipeline.localise import load_head as load_loc_head
-from pipeline.model import Layout, ResMTNet
+from pipeline.model import Layout, PooledHead
+from pipeline.model import load_head as load_pooled_head
 from pipeline.preprocess import Preprocess, provenance_sha256
 from pipeline.runtime import pick_device
 from pipeline.tasks import TaskSpec
@@ -34,13 +34,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Head:
-    """A trained head and everything needed to use it."""
+    """A trained head and everything needed to use it: the artefact's description, the Res-MTNet head and the
+    localisation head (each loaded by its own module from its part of the artefact)."""
 
     spec: Dict[str, object]
-    model: ResMTNet
-    x_mean: np.ndarray
-    x_std: np.ndarray
-    layout: Layout
+    pooled: PooledHead
     loc_head: Optional[LocHead] = None
 
     @property
@@ -51,39 +49,17 @@ class Head:
     def features(self) -> List[str]:
         return list(self.spec["features"])
 
+    @property
+    def layout(self) -> Layout:
+        return self.pooled.layout
+
     def backbone(self, spec: str) -> Dict[str, object]:
         return self.spec["backbones"][spec]
-
-    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.typicality
-
-    def standardise(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.x_mean) / self.x_std).astype(np.float32)
-
-    @torch.no_grad()
-    def predict(self, features: np.ndarray) -> Dict[str, np.ndarray]:
-        x = torch.from_numpy(self.standardise(features))
-        self.model.eval()
-        outputs = self.model(x.unsqueeze(0))[0].numpy()
-        return self.layout.decode(outputs, self.spec["scales"])
-
-    def typicality(self, features: np.ndarray) -> np.ndarray:
-        """Percentile of each image's nearest-neighbour distance to the training rows (NaN: an older head)."""
-        from pipeline.typicality import percentile
-
-        if self.reference is None:
-            return np.full(len(features), np.nan)
-        return percentile(self.standardise(features), *self.reference)
 
 
 def load_head(run_dir: Path) -> Head:
     spec, tensors = read_head(run_dir)
-    tasks = [TaskSpec.from_dict(t) for t in spec["tasks"]]
-    model = ResMTNet(spec["in_dim"], spec["hidden"], spec["blocks"], spec["out_dim"], seeds=[0])
-    state = {k[len("head."):]: v.unsqueeze(0) for k, v in tensors.items() if k.startswith("head.")}
-    model.load_state_dict(state)
-    head = Head(spec, model, tensors["x_mean"].numpy(), tensors["x_std"].numpy(), Layout.of(tasks))
-    if "reference_features" in tensors:
-        head.reference = (tensors["reference_features"], tensors["reference_nn"])
+    head = Head(spec, load_pooled_head(spec, tensors))
     if head.loc:
         head.loc_head = load_loc_head(head.loc, tensors)
     return head
@@ -223,14 +199,14 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
                 for name, value in asdict(det).items():
                     found[name][rows] = value
     ok = np.isfinite(features).all(axis=1)
-    preds = head.predict(np.nan_to_num(features))
+    preds = head.pooled.predict(np.nan_to_num(features))
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
     if head.loc:
         _add_locations(head, table, found, np.isfinite(scores).all(axis=(1, 2)))
     _add_primary(head, table)
     trained = set(head.spec.get("trained_sha256", []))
     table.insert(3, "in_training_set", [h in trained for h in hashes])
-    table.insert(4, "typicality_percentile", np.where(ok, np.round(head.typicality(np.nan_to_num(features)), 1),
+    table.insert(4, "typicality_percentile", np.where(ok, np.round(head.pooled.typicality(np.nan_to_num(features)), 1),
                                                       np.nan))
     answer = [c for c in table.columns if c.startswith("nodule_")]  # the answer first, the heads' outputs after
     table = table[[c for c in table.columns if c not in answer][:6] + answer

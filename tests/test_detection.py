@@ -369,3 +369,11 @@ def test_the_second_stage_trains_refits_and_predicts(nodule_cache, tmp_path):
     row = result.table.iloc[0]
     assert 0 <= row["localisation_presence_prob"] <= 1 and np.isfinite(row["localisation_x"])
     assert (tmp_path / "pred_overlays" / "JPCLN002.png").exists()
+
+
+def test_a_head_written_before_an_option_existed_loads_with_it_off():
+    from pipeline.localise import config_of
+
+    old = config_of({"hidden": 64, "context": 0, "decode": "argmax", "candidates": 10})  # no coords, no ensemble
+    assert (old.coords, old.mirror, old.tta_flip, old.fold_ensemble, old.rescore) == (False, False, False, 0, False)
+    assert config_of({"coords": True, "fold_ensemble": 5, "rescore": True}).rescore
