@@ -17,7 +17,6 @@ from .metrics import bootstrap_counts
 from .tasks import TaskSpec, labelled
 from .train import Split
 
-PROTOCOLS = CHOICES["eval.protocol"]
 CONTROLS = CHOICES["eval.control"]
 #: The first line of every output of a run scored on rows it was trained on.
 INSAMPLE_WARNING = ("WARNING: training-set scores (eval.protocol {protocol}): the head was scored on rows it was "
@@ -137,9 +136,94 @@ def official_split(table: pd.DataFrame, rows: np.ndarray, groups: Optional[np.nd
     return train, test
 
 
+@dataclass
+class SplitContext:
+    """What a protocol splits: the usable rows, their stratification labels and patient groups (None: one image
+    per patient), the table and the eval section."""
+
+    table: pd.DataFrame
+    rows: np.ndarray
+    labels: np.ndarray
+    groups: Optional[np.ndarray]
+    ecfg: EvalConfig
+
+    def groups_of(self, subset: np.ndarray) -> Optional[np.ndarray]:
+        if self.groups is None:
+            return None
+        position = {int(r): i for i, r in enumerate(self.rows)}
+        return self.groups[[position[int(r)] for r in subset]]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol (eval.protocol): its folds of one seed as (train, test) positions into ctx.rows;
+    whether inner validation rows are drawn from the training rows; the training rows a fold also scores (none for
+    an honest protocol) and whether a config scores training rows at all (its outputs then carry
+    INSAMPLE_WARNING)."""
+
+    name: str
+    folds: Callable[[SplitContext, int], List[Tuple[np.ndarray, np.ndarray]]]
+    inner_validation: bool = True
+    also_scored: Callable[[SplitContext, int, int, np.ndarray], np.ndarray] = \
+        lambda ctx, seed, fold, train: np.zeros(0, dtype=np.int64)
+    scores_training_rows: Callable[[EvalConfig], bool] = lambda ecfg: False
+
+
+#: The protocols by name (their names are config.CHOICES['eval.protocol']: a contract test keeps the two equal).
+PROTOCOLS: Dict[str, Protocol] = {}
+
+
+def register_protocol(protocol: Protocol) -> Protocol:
+    PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def _kfold(ctx: SplitContext, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Stratified k folds (eval.folds); a patient's images never in two folds."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    k, rows = ctx.ecfg.folds, ctx.rows
+    if not 2 <= k <= len(rows):
+        raise ConfigError(f"eval.folds {k} must be between 2 and the number of images {len(rows)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small classes: sklearn warns, the folds are still valid
+        if ctx.groups is None:
+            return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(rows, ctx.labels))
+        if k > len(np.unique(ctx.groups)):
+            raise ConfigError(f"eval.folds {k} is more than the {len(np.unique(ctx.groups))} patients")
+        return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(rows, ctx.labels, ctx.groups))
+
+
+def _holdout(ctx: SplitContext, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    if not 0 < ctx.ecfg.holdout_fraction < 1:
+        raise ConfigError(f"eval.holdout_fraction {ctx.ecfg.holdout_fraction} must be in (0, 1)")
+    return [stratified_subset(np.arange(len(ctx.rows)), ctx.labels, ctx.ecfg.holdout_fraction, seed, ctx.groups)]
+
+
+def _seen_rows(ctx: SplitContext, seed: int, fold: int, train: np.ndarray) -> np.ndarray:
+    """contaminated: the share eval.seen_fraction of a fold's training rows that it scores as well."""
+    share = ctx.ecfg.seen_fraction
+    if share <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if share >= 1:
+        return train
+    return stratified_subset(train, stratify_labels(ctx.table, ctx.ecfg.stratify, train), share,
+                             seed * 104729 + fold, ctx.groups_of(train))[1]
+
+
+register_protocol(Protocol("kfold", _kfold))
+register_protocol(Protocol("holdout", _holdout))
+register_protocol(Protocol("official", lambda ctx, seed: [official_split(ctx.table, ctx.rows, ctx.groups)]))
+register_protocol(Protocol("insample", lambda ctx, seed: [(np.arange(len(ctx.rows)), np.arange(len(ctx.rows)))],
+                           inner_validation=False, scores_training_rows=lambda ecfg: True))
+register_protocol(Protocol("contaminated", _kfold, also_scored=_seen_rows,
+                           scores_training_rows=lambda ecfg: ecfg.seen_fraction > 0))
+
+
 def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fraction: float = 0.0
                 ) -> Tuple[List[Split], List[SplitName]]:
-    """The splits of `rows` that eval.protocol names, repeated over eval.seeds; optional inner validation.
+    """The splits of `rows` that eval.protocol names (PROTOCOLS), repeated over eval.seeds; optional inner
+    validation drawn from each fold's training rows (patients kept together).
 
     kfold (stratified) and holdout: test rows never enter training or the inner validation. official: the
     data set's own test list, scored once per seed (official_split). insample: one
@@ -151,58 +235,23 @@ def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fra
         raise ConfigError(f"eval.protocol '{ecfg.protocol}' must be one of {', '.join(PROTOCOLS)}")
     if not 0 <= ecfg.seen_fraction <= 1:
         raise ConfigError(f"eval.seen_fraction {ecfg.seen_fraction} must be in [0, 1]")
+    protocol = PROTOCOLS[ecfg.protocol]
     labels = stratify_labels(table, ecfg.stratify, rows)
     if (labels == "missing").all() and len(labels):
         logger.warning("eval.stratify: column '%s' has no labels here; the splits are not stratified",
                        ecfg.stratify)
-    groups = split_groups(table, rows, ecfg)
-    position = {int(r): i for i, r in enumerate(rows)}
-
-    def groups_of(subset: np.ndarray) -> Optional[np.ndarray]:
-        return None if groups is None else groups[[position[int(r)] for r in subset]]
-
+    ctx = SplitContext(table, rows, labels, split_groups(table, rows, ecfg), ecfg)
     splits, names = [], []
     for seed in ecfg.seeds:
-        if ecfg.protocol == "insample":
-            splits.append(Split(train=np.sort(rows), test=np.sort(rows), key=seed * 1000))
-            names.append(SplitName(seed, 0))
-            continue
-        if ecfg.protocol in ("kfold", "contaminated"):
-            from sklearn.model_selection import StratifiedKFold
-
-            if not 2 <= ecfg.folds <= len(rows):
-                raise ConfigError(f"eval.folds {ecfg.folds} must be between 2 and the number of images {len(rows)}")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # small classes: sklearn warns, the folds are still valid
-                if groups is not None:  # a patient's images never in two folds
-                    from sklearn.model_selection import StratifiedGroupKFold
-
-                    if ecfg.folds > len(np.unique(groups)):
-                        raise ConfigError(f"eval.folds {ecfg.folds} is more than the {len(np.unique(groups))} "
-                                          "patients")
-                    folds = list(StratifiedGroupKFold(ecfg.folds, shuffle=True, random_state=seed)
-                                 .split(rows, labels, groups))
-                else:
-                    folds = list(StratifiedKFold(ecfg.folds, shuffle=True, random_state=seed).split(rows, labels))
-        elif ecfg.protocol == "official":
-            folds = [official_split(table, rows, groups)]
-        else:
-            if not 0 < ecfg.holdout_fraction < 1:
-                raise ConfigError(f"eval.holdout_fraction {ecfg.holdout_fraction} must be in (0, 1)")
-            train, test = stratified_subset(np.arange(len(rows)), labels, ecfg.holdout_fraction, seed, groups)
-            folds = [(train, test)]
-        for fold, (train, test) in enumerate(folds):
+        for fold, (train, test) in enumerate(protocol.folds(ctx, seed)):
             train_rows, test_rows = np.sort(rows[train]), np.sort(rows[test])
             val_rows = np.zeros(0, dtype=np.int64)
-            if val_fraction > 0:
+            if val_fraction > 0 and protocol.inner_validation:
                 inner_labels = stratify_labels(table, ecfg.stratify, train_rows)
                 train_rows, val_rows = stratified_subset(train_rows, inner_labels, val_fraction, seed * 7919 + fold,
-                                                         groups_of(train_rows))
-            if ecfg.protocol == "contaminated" and ecfg.seen_fraction > 0:
-                seen = train_rows
-                if ecfg.seen_fraction < 1:
-                    _, seen = stratified_subset(train_rows, stratify_labels(table, ecfg.stratify, train_rows),
-                                                ecfg.seen_fraction, seed * 104729 + fold, groups_of(train_rows))
+                                                         ctx.groups_of(train_rows))
+            seen = protocol.also_scored(ctx, seed, fold, train_rows)
+            if len(seen):
                 test_rows = np.sort(np.concatenate([test_rows, seen]))
             splits.append(Split(train=train_rows, test=test_rows, val=val_rows, key=seed * 1000 + fold))
             names.append(SplitName(seed, fold))
@@ -211,7 +260,7 @@ def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fra
 
 def scores_training_rows(ecfg: EvalConfig) -> bool:
     """Whether a protocol scores rows the head was trained on (its outputs then carry INSAMPLE_WARNING)."""
-    return ecfg.protocol == "insample" or (ecfg.protocol == "contaminated" and ecfg.seen_fraction > 0)
+    return PROTOCOLS[ecfg.protocol].scores_training_rows(ecfg)
 
 
 def seen_share(splits: Sequence[Split]) -> float:

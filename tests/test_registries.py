@@ -134,6 +134,41 @@ def test_backbone_family_contract(name, tmp_path):
     assert again.params_sha256 == info.params_sha256  # a seeded random init is the same on every run
 
 
+def test_the_protocol_registry_is_the_configs_choice_list():
+    from pipeline.evaluate import PROTOCOLS
+
+    assert tuple(PROTOCOLS) == CHOICES["eval.protocol"]
+
+
+def test_a_new_protocol_is_one_registered_entry():
+    """A toy protocol (every patient's images tested once, leave-one-patient-out in folds of 5 patients) added
+    from here: make_splits runs it, inner validation and patients included, with no other change."""
+    import dataclasses
+
+    from pipeline.evaluate import PROTOCOLS, Protocol, register_protocol
+
+    def by_patient(ctx, seed):
+        patients = np.unique(ctx.groups)
+        return [(np.flatnonzero(~np.isin(ctx.groups, part)), np.flatnonzero(np.isin(ctx.groups, part)))
+                for part in np.array_split(patients, len(patients) // 5)]
+
+    register_protocol(Protocol("toy-by-patient", by_patient))
+    try:
+        n = 40
+        table = pd.DataFrame({"id": [f"i{i}" for i in range(n)], "state": ["a", "b"] * (n // 2),
+                              "patient_id": [f"p{i // 2}" for i in range(n)]})
+        ecfg = dataclasses.replace(load_config(None, {}).eval, protocol="toy-by-patient")
+        splits, _ = make_splits(table, np.arange(n), ecfg, val_fraction=0.2)
+        assert len(splits) == 4 and sorted(np.concatenate([s.test for s in splits]).tolist()) == list(range(n))
+        patient = table["patient_id"].to_numpy()
+        for split in splits:
+            assert len(split.val) and not set(patient[split.train]) & set(patient[split.test])
+            assert not set(patient[split.train]) & set(patient[split.val])
+        assert not scores_training_rows(ecfg)
+    finally:
+        del PROTOCOLS["toy-by-patient"]
+
+
 @pytest.mark.parametrize("protocol", CHOICES["eval.protocol"])
 def test_protocol_contract(protocol):
     """Every protocol splits a table with patients and an official split: test rows never train unless the
