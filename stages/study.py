@@ -177,8 +177,11 @@ def retry_stale(shared: Study, grace_s: float) -> int:
             shared.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker failed it first, or it finished meanwhile
-        shared.study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items()
-                                                             if k == "choice"} | {"retry_of": trial.number})
+        # a queued trial's params as queued: a worker killed between taking a trial and suggesting its config
+        # leaves it without params, and a retry without them went to the sampler (a random configuration)
+        params = trial.system_attrs.get("fixed_params") or trial.params
+        shared.study.enqueue_trial(params, user_attrs={k: v for k, v in trial.user_attrs.items()
+                                                       if k == "choice"} | {"retry_of": trial.number})
         logger.warning("trial %d of worker %s: %s; queued again", trial.number, worker,
                        "its process is gone" if dead else f"no heartbeat for {grace_s:.0f} s")
         requeued += 1

@@ -162,3 +162,23 @@ def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, 
     assert len(pd.read_csv(tmp_path / "done" / "ranking.csv")) == 3
     again = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage])
     assert again.exit_code == 0 and "worker: 0 trial(s)" in again.output  # the budget is spent
+
+
+def test_a_trial_killed_before_it_suggested_its_config_is_retried_with_that_config(tmp_path):
+    """The race the kill test met now and then: a worker dies after taking a queued trial and before suggesting
+    its configuration; the retry must carry the queued configuration, not go to the sampler."""
+    import socket
+
+    from stages.study import open_study, retry_stale
+    from stages.sweep import load_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    shared = open_study(str(tmp_path / "study.log"), "race", load_sweep(sweep), 1, ["held-out"])
+    taken = shared.study.ask()  # the first queued trial (configuration 0), no suggest yet
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    taken.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    assert retry_stale(shared, grace_s=600) == 1
+    retry = [t for t in _trials(tmp_path / "study.log", "race") if t.user_attrs.get("retry_of") == taken.number]
+    assert len(retry) == 1 and retry[0].system_attrs["fixed_params"] == {"config": 0}
