@@ -394,3 +394,44 @@ def test_the_localisation_head_trains_and_is_scored_on_box_annotations(tmp_path)
     assert "ci95" in heat["froc_box_at_4fp"]
     # chance: the pooled regression's one guess per image (about the mean position) lands in no box
     assert heat["froc_box_at_4fp"]["pooled"] > 0.1 > pooled["froc_box_at_4fp"]["pooled"]
+
+
+def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
+    """A toy layout registered from here (as a user adds one in pipeline/datasets.py): images sorted into one folder
+    per finding, marked by a `classes.txt`. extract-features recognises and caches it, train-heads trains on its
+    finding."""
+    import shutil
+
+    from pipeline.data import LAYOUTS, Layout, Source, _finish, _record, register_layout
+    from stages.extract import extract_features
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_config, tiny_train_config
+
+    root = tmp_path / "folders"
+    for i, image in enumerate(sorted((synthetic_master / "images").glob("*.png"))):
+        (root / ("opacity" if i % 2 else "clear")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, root / ("opacity" if i % 2 else "clear") / image.name)
+    (root / "classes.txt").write_text("clear\nopacity\n")
+
+    def detect(path):
+        return path / "classes.txt" if (path / "classes.txt").is_file() else None
+
+    def load(src, maps, check, skip):
+        records = []
+        for name in src.metadata.read_text().split():
+            for image in sorted((src.root / name).glob("*.png")):
+                rec = _record(image.stem, image, maps, str(image), grid=None)
+                rec["finding"] = name
+                records.append(rec)
+        return _finish(records, Source("folders", src.root, src.metadata), check, skip)
+
+    register_layout(Layout("folders", detect, load, "classes.txt"))
+    try:
+        cache = tmp_path / "c.h5"
+        extract_features(root, cache, tiny_config(), progress=False)
+        summary = train_heads(cache, tmp_path / "run", tiny_train_config(**{"train.tasks": ["finding"]}),
+                              progress=False)
+        finding = summary.metrics["models"]["res-mtnet"]["overall"]["finding"]
+        assert finding["accuracy"]["n"] == 24
+    finally:
+        del LAYOUTS["folders"]

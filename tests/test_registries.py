@@ -189,3 +189,100 @@ def test_protocol_contract(protocol):
             assert not set(patient[split.train]) & set(patient[split.test])
     if protocol == "official":
         assert all(set(s.test) == set(range(30, n)) for s in splits)
+
+
+class _ToyNet(torch.nn.Module):
+    """Two strided convolutions, global average pooling: 8 features, maps at strides 4 and 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, stride=4, padding=1),
+                                           torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)])
+
+    def maps(self, x):
+        out = []
+        for conv in self.stages:
+            x = torch.relu(conv(x))
+            out.append(x)
+        return out
+
+    def forward(self, x):
+        return self.maps(x)[-1].mean(dim=(2, 3))
+
+
+class _ToyStage(torch.nn.Module):
+    def __init__(self, net, stage):
+        super().__init__()
+        self.net, self.stage = net, stage
+
+    def forward(self, x):
+        return self.net.maps(x)[self.stage]
+
+
+def test_a_new_backbone_family_is_one_registered_class(synthetic_master, tmp_path):
+    """A toy family registered from here (as a user adds one in pipeline/backbones.py): extract-features caches its
+    features and maps, train-heads trains on them, predict rebuilds it from the recorded facts."""
+    from pipeline.backbones import BackboneRecord, BackboneSpec, Family, WeightsLocation, register_family
+    from stages.extract import extract_features
+    from stages.predict import predict
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_config, tiny_train_config
+
+    @register_family
+    class ToyFamily(Family):
+        name = "toy"
+
+        def parse(self, rest, name):
+            return BackboneSpec("toy", rest or "conv8", "")
+
+        def build(self, spec, mode, path):
+            record = BackboneRecord("toy", spec.arch, feature_dim=8, input_size=64)
+            return _ToyNet(), dict(feature_dim=8, input_size=64, mean=record.mean, std=record.std,
+                                   interpolation=record.interpolation, weights_id="")
+
+        def spatial(self, pooled, spec, stage):
+            return _ToyStage(pooled.model, stage)
+
+        def location(self, spec):
+            return WeightsLocation(spec.spec, "none published", "", None)
+
+    try:
+        cache = tmp_path / "c.h5"
+        extract_features(synthetic_master, cache, tiny_config(**{
+            "extract.backbones": ["toy:conv8"], "extract.fused": {}, "extract.spatial.enabled": True,
+            "extract.spatial.image_size": 64, "extract.spatial.stage": -1}), progress=False)
+        summary = train_heads(cache, tmp_path / "run", tiny_train_config(**{
+            "train.features": ["toy:conv8"], "train.loc.enabled": True, "train.loc.epochs": 3}), progress=False)
+        assert summary.metrics["meta"]["features"] == ["toy:conv8"]
+        result = predict(tmp_path / "run", [synthetic_master / "images" / "JPCLN001.png"], tmp_path / "pred")
+        assert np.isfinite(result.table["nodule_prob"]).all() and np.isfinite(result.table["localisation_x"]).all()
+    finally:
+        del FAMILIES["toy"]
+
+
+def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
+    """A toy kind registered from here (as a user adds one in pipeline/tasks.py): a regression trained with an L1
+    loss. train-heads trains, scores and reports it, and predict decodes it, with no other change."""
+    from pipeline.tasks import Regression
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_train_config
+
+    class L1Regression(Regression):
+        name = "l1"
+
+        def loss(self, logits, target, smoothing):
+            mask = ~torch.isnan(target)
+            return (logits.squeeze(-1) - torch.nan_to_num(target)).abs(), mask
+
+    KINDS["l1"] = L1Regression()
+    try:
+        summary = train_heads(tiny_cache, tmp_path / "run", tiny_train_config(**{
+            "train.tasks": ["state", "size"], "train.task_kinds": {"size": "l1"}}), progress=False)
+        size = summary.metrics["models"]["res-mtnet"]["overall"]["size"]
+        assert {"mse", "mae"} <= set(size) and np.isfinite(size["mae"]["pooled"])
+        from pipeline.head import read_head
+
+        spec, _ = read_head(tmp_path / "run")
+        assert [t["kind"] for t in spec["tasks"] if t["name"] == "size"] == ["l1"]
+    finally:
+        del KINDS["l1"]
