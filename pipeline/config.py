@@ -11,7 +11,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -374,11 +374,31 @@ CHOICES: Dict[str, tuple] = {
     "train.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.decode": ("argmax", "softargmax"),
-    # the names of pipeline.weighting.WEIGHTINGS (a contract test keeps the two equal): no torch import here
+    # the built-in names of pipeline.weighting.WEIGHTINGS: no torch import for them (REGISTRIES for the others)
     "train.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
     "train.loc.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
     "extract.interpolation": ("bilinear", "bicubic", "nearest"),
 }
+
+
+#: CHOICES keys whose names are a registry's: a name outside the built-ins above is looked up in the registry (its
+#: module imported only then), so an entry registered by a plugin, or added to the registry alone, is valid too.
+REGISTRIES: Dict[str, Tuple[str, str]] = {
+    "eval.protocol": ("pipeline.evaluate", "PROTOCOLS"),
+    "tables.protocols": ("pipeline.evaluate", "PROTOCOLS"),
+    "train.loss_weighting": ("pipeline.weighting", "WEIGHTINGS"),
+    "train.loc.loss_weighting": ("pipeline.weighting", "WEIGHTINGS"),
+}
+
+
+def valid_choices(key: str, builtin: tuple) -> tuple:
+    """The names a CHOICES key accepts: its built-ins, and every entry of its registry (REGISTRIES)."""
+    if key not in REGISTRIES:
+        return builtin
+    import importlib
+
+    module, name = REGISTRIES[key]
+    return tuple(dict.fromkeys(builtin + tuple(getattr(importlib.import_module(module), name))))
 
 
 def validate_config(cfg: Config, where: str = "config") -> Config:
@@ -386,6 +406,8 @@ def validate_config(cfg: Config, where: str = "config") -> Config:
     suggests the closest valid name; tables.protocols only protocols), and every section's values are in range
     (TrainConfig.check, LocConfig.check: each error names the key)."""
     def check(key: str, value: Any, valid: tuple) -> None:
+        if value not in valid:
+            valid = valid_choices(key, valid)
         if value not in valid:
             close = difflib.get_close_matches(str(value), valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -169,7 +169,8 @@ class Protocol:
     scores_training_rows: Callable[[EvalConfig], bool] = lambda ecfg: False
 
 
-#: The protocols by name (their names are config.CHOICES['eval.protocol']: a contract test keeps the two equal).
+#: The protocols by name (config.CHOICES['eval.protocol'] lists the built-ins, so validating them imports nothing;
+#: config.REGISTRIES makes every registered name valid).
 PROTOCOLS: Dict[str, Protocol] = {}
 
 
