@@ -300,6 +300,11 @@ def _fit_second_stage(data: TrainData, cfg: Config, lcfg, fit: LocFit, rows: np.
 
     cands = candidates(fit.validation(rows), lcfg.candidates, lcfg.nms_cells)
     hits = candidate_hits(data.table, rows, cands[0], cands[1], cfg.eval.pixel_mm)
+    with_lesion = np.isfinite(data.table["x"].to_numpy(float)[rows]) if "x" in data.table else np.zeros(len(rows), bool)
+    # the first stage's recall bounds what any re-scoring can reach: said per split
+    logger.info("second stage: %d candidates of %d images, %d hits; %d of %d images with a lesion have a hit among "
+                "their %d candidates", int(np.isfinite(cands[2]).sum()), len(rows), int(hits.sum()),
+                int((hits.any(axis=1) & with_lesion).sum()), int(with_lesion.sum()), lcfg.candidates)
     return fit_rescorer(data.maps[rows], cands, hits, lcfg.rescore_c)
 
 
