@@ -340,14 +340,14 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
 def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
              pooled: OutOfFold, progress: Progress = no_progress) -> LocOutcome:
     """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
-    from .localise import froc
+    from .localise import Detections, froc
 
     lcfg = cfg.train.loc
     fits = fit_localisation(data, cfg, [(lcfg, s) for s in splits], "localisation head", progress)
     table = data.table
     oof = OutOfFold.collect(splits, [{"scores": f.scores} for f in fits])
-    dets = [asdict(f.detect(data, lcfg, s.test)) for f, s in zip(fits, splits)]
-    x, y, presence, *cands = (np.concatenate([d[k] for d in dets]) for k in ("x", "y", "presence", "cx", "cy", "cs"))
+    det = Detections.concat([f.detect(data, lcfg, s.test) for f, s in zip(fits, splits)])
+    x, y, presence, cands = det.x, det.y, det.presence, det.cands
     first = first_seed_mask(oof.split, names)
     report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
     curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
@@ -513,12 +513,12 @@ def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], poole
     if loc is None or not sum(len(v) for v in val):
         out["chosen_on"] = "default (no localisation head)" if loc is None else "default (no inner validation rows)"
         return out
-    from .localise import localisation_metrics
+    from .localise import Detections, localisation_metrics
 
     rows = np.concatenate(val)
     grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
-    decoded = [f.detect(data, cfg.train.loc, v, validation=True) for f, v in zip(loc.fits, val)]
-    hx, hy, hp = (np.concatenate([getattr(d, k) for d in decoded]) for k in ("x", "y", "presence"))
+    decoded = Detections.concat([f.detect(data, cfg.train.loc, v, validation=True) for f, v in zip(loc.fits, val)])
+    hx, hy, hp = decoded.x, decoded.y, decoded.presence
     have = {k for k in ("x", "y", "presence") if k in pooled[0]}
     pp = np.concatenate([p["presence"][v] for p, v in zip(pooled, val)]) if "presence" in have else None
     scores = {"localisation": localisation_metrics(data.table, rows, hx, hy, hp, cfg.eval.pixel_mm)}

@@ -344,6 +344,29 @@ def box_lesions(table, rows: np.ndarray) -> Optional[tuple]:
     return tuple(np.array(col, dtype=int if k == 0 else float) for k, col in enumerate(zip(*out)))
 
 
+def lesion_hits(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, pixel_mm: float,
+                lesion_list: Optional[tuple] = None) -> tuple:
+    """(image of each lesion (index into rows), {kind of hit: (lesions, k) whether each candidate of the lesion's
+    image hits it}) for candidates cand_* (n, k) of `rows` (fractions of the grid): within the lesion's radius
+    ('radius'), within 100 px of the grid ('100px'), and inside its box ('box') where the table has lesion boxes
+    (box_lesions: then they are the lesions, a radius half a box's shorter side); `lesion_list` (as `lesions`
+    returns) replaces the table's lesions."""
+    gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
+    boxes = box_lesions(table, rows) if lesion_list is None else None
+    if boxes is not None:
+        image, lx, ly, half_w, half_h = boxes
+        radius = np.minimum(half_w, half_h)
+    else:
+        image, lx, ly, radius = lesions(table, rows, pixel_mm) if lesion_list is None else lesion_list
+    dx = cand_x[image] * gw[image, None] - lx[:, None]
+    dy = cand_y[image] * gh[image, None] - ly[:, None]
+    dist = np.hypot(dx, dy)
+    kinds = {"radius": dist <= radius[:, None], "100px": dist <= 100.0}
+    if boxes is not None:
+        kinds["box"] = (np.abs(dx) <= half_w[:, None]) & (np.abs(dy) <= half_h[:, None])
+    return image, kinds
+
+
 def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_score: np.ndarray,
          pixel_mm: float, fps=FROC_FPS, weights: Optional[np.ndarray] = None,
          curves: bool = False, lesion_list: Optional[tuple] = None) -> Dict[str, np.ndarray]:
@@ -362,25 +385,13 @@ def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_s
     lesions, a radius is half a box's shorter side, and a third kind of hit counts: inside the box ('box').
     """
     n, k = cand_x.shape
-    gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
-    boxes = box_lesions(table, rows) if lesion_list is None else None
-    if boxes is not None:
-        image, lx, ly, half_w, half_h = boxes
-        radius = np.minimum(half_w, half_h)
-    else:
-        image, lx, ly, radius = lesions(table, rows, pixel_mm) if lesion_list is None else lesion_list
+    image, kinds = lesion_hits(table, rows, cand_x, cand_y, pixel_mm, lesion_list)
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     score = np.where(np.isfinite(cand_score), cand_score, -np.inf)
     present = np.isfinite(score)  # (n, k): a candidate at all
-    dx = cand_x[image] * gw[image, None] - lx[:, None]
-    dy = cand_y[image] * gh[image, None] - ly[:, None]
-    dist = np.hypot(dx, dy)
     n_images = w.sum(axis=-1)
     n_lesions = w[..., image].sum(axis=-1)
     out: Dict[str, np.ndarray] = {}
-    kinds = {"radius": dist <= radius[:, None], "100px": dist <= 100.0}
-    if boxes is not None:
-        kinds["box"] = (np.abs(dx) <= half_w[:, None]) & (np.abs(dy) <= half_h[:, None])
     for hit_name, inside in kinds.items():
         hits = inside & present[image]  # (lesions, k)
         found_at = np.where(hits, score[image], -np.inf).max(axis=1) if k else np.full(len(image), -np.inf)
@@ -439,6 +450,19 @@ class Detections:
     def cands(self) -> tuple:
         return self.cx, self.cy, self.cs
 
+    @classmethod
+    def empty(cls, n: int, k: int) -> "Detections":
+        """n images without detections yet (NaN), to fill batch by batch (put)."""
+        return cls(*(np.full(n, np.nan) for _ in range(3)), *(np.full((n, k), np.nan) for _ in range(3)))
+
+    def put(self, rows: np.ndarray, part: "Detections") -> None:
+        for f in fields(self):
+            getattr(self, f.name)[rows] = getattr(part, f.name)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Detections"]) -> "Detections":
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
 
 #: The second stage's inputs besides the candidate's cell vector: its first-stage logit, that logit minus the
 #: image's best, its rank, and its position (x, y, distance from the centre column).
@@ -463,20 +487,11 @@ def candidate_features(maps: np.ndarray, cands: tuple, mean: np.ndarray, std: np
 
 
 def candidate_hits(table, rows: np.ndarray, cx: np.ndarray, cy: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """(n, k): whether each candidate of rows[i] hits a lesion of its image, as FROC counts a hit: inside the
-    lesion's box where the table has boxes, else within its radius."""
-    gw, gh = table["grid_w"].to_numpy(float)[rows], table["grid_h"].to_numpy(float)[rows]
+    """(n, k): whether each candidate of rows[i] hits a lesion of its image, as FROC counts a hit (lesion_hits):
+    inside the lesion's box where the table has boxes, else within its radius."""
+    image, kinds = lesion_hits(table, rows, cx, cy, pixel_mm)
     hits = np.zeros(cx.shape, dtype=bool)
-    boxes = box_lesions(table, rows)
-    if boxes is not None:
-        image, lx, ly, half_w, half_h = boxes
-    else:
-        image, lx, ly, radius = lesions(table, rows, pixel_mm)
-    for j, i in enumerate(image):
-        dx, dy = cx[i] * gw[i] - lx[j], cy[i] * gh[i] - ly[j]
-        inside = (np.abs(dx) <= half_w[j]) & (np.abs(dy) <= half_h[j]) if boxes is not None \
-            else np.hypot(dx, dy) <= radius[j]
-        hits[i] |= inside & np.isfinite(cx[i])
+    np.logical_or.at(hits, image, kinds["box"] if "box" in kinds else kinds["radius"])
     return hits
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -21,7 +21,7 @@ from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.head import read_head
-from pipeline.localise import LocHead
+from pipeline.localise import Detections, LocHead
 from pipeline.localise import load_head as load_loc_head
 from pipeline.model import Layout, PooledHead
 from pipeline.model import load_head as load_pooled_head
@@ -162,9 +162,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     for i, vec in cached.items():
         features[i] = vec
     scores = np.full((len(files), *head.loc["grid"]), np.nan, dtype=np.float32) if head.loc else None
-    k = int(head.loc["hparams"].get("candidates", 10)) if head.loc else 0
-    found = {name: np.full((len(files),) + ((k,) if name.startswith("c") else ()), np.nan)
-             for name in ("x", "y", "presence", "cx", "cy", "cs")}  # the localisation head's Detections
+    # the localisation head's answer and candidates of every image, filled batch by batch
+    found = Detections.empty(len(files), head.loc_head.cfg.candidates) if head.loc else None
     errors = [""] * len(files)
     backbones: Dict[str, LoadedBackbone] = {}
     if todo:
@@ -196,8 +195,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
             if head.loc:
                 lb = next(b for b in backbones.values() if b.group == SPATIAL)
                 scores[rows], det = head.loc_head.detect(extractor.run(lb.key, batch.images[lb.size_key]))
-                for name, value in asdict(det).items():
-                    found[name][rows] = value
+                found.put(rows, det)
     ok = np.isfinite(features).all(axis=1)
     preds = head.pooled.predict(np.nan_to_num(features))
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
@@ -225,20 +223,20 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         if overlay:
             write_overlays(out.with_name(out.name + "_overlays"), files, table, scores,
                            _known_positions(cache, hashes) if cache is not None else {},
-                           (found["cx"], found["cy"], found["cs"]), head.spec.get("grid", [np.nan, np.nan]))
+                           found.cands, head.spec.get("grid", [np.nan, np.nan]))
     logger.info("predicted %d image(s) (%d from the cache)", len(files), len(cached))
     return PredictResult(table, csv_path, json_path)
 
 
-def _add_locations(head: Head, table: pd.DataFrame, found: Dict[str, np.ndarray], valid: np.ndarray) -> None:
+def _add_locations(head: Head, table: pd.DataFrame, found: Detections, valid: np.ndarray) -> None:
     """The localisation head's answer, in columns named after it (the secondary answer where it is not primary)."""
     grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
-    x, y = found["x"], found["y"]
+    x, y = found.x, found.y
     table["localisation_x"] = np.where(valid, np.round(x * grid_w, 1), np.nan)
     table["localisation_y"] = np.where(valid, np.round(y * grid_h, 1), np.nan)
     table["localisation_x_norm"] = np.where(valid, x, np.nan)
     table["localisation_y_norm"] = np.where(valid, y, np.nan)
-    table["localisation_presence_prob"] = np.where(valid, np.round(found["presence"], 6), np.nan)
+    table["localisation_presence_prob"] = np.where(valid, np.round(found.presence, 6), np.nan)
 
 
 #: P(nodule) at or above which an image is reported with a nodule (and its attributes).
