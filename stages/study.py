@@ -13,8 +13,9 @@ STORAGE`), and `resmtnet sweep-finish` to rank it, score the winner once on the 
   each one's validation mean of `rank_by`, with every validation metric and the validated epochs as attributes.
 * Faults: a trial's worker (host:pid) and a heartbeat (refreshed every HEARTBEAT_S while it trains) are in its
   attributes. A running trial whose worker process is gone (same host) or whose heartbeat is older than the
-  grace period is marked failed and enqueued again, once, by the next worker that looks; a late result of a
-  failed trial is refused by the study, so no trial counts twice.
+  grace period is marked failed and enqueued again, once, by the next worker that looks; so is one that never got
+  its worker's name (killed between taking it and naming itself) after UNCLAIMED_S, and a worker waits for such a
+  trial before it stops. A late result of a failed trial is refused by the study, so no trial counts twice.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between heartbeats of a worker's running trials.
 HEARTBEAT_S = 30.0
+#: Seconds a running trial may lack its worker's name (set right after the ask, milliseconds later) before it
+#: counts as orphaned: a worker killed between the two leaves it so, with no pid to check and no heartbeat.
+UNCLAIMED_S = 30.0
 #: Methods whose configurations are listed up front and enqueued (the rest name an Optuna sampler).
 LISTED = ("list", "grid", "random")
 SAMPLER_ALIASES = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler"}
@@ -167,11 +171,11 @@ def retry_stale(shared: Study, grace_s: float) -> int:
     requeued = 0
     for trial in shared.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
-        beat = float(trial.user_attrs.get("heartbeat", trial.datetime_start.timestamp() if trial.datetime_start
-                                          else time.time()))
+        beat = float(trial.user_attrs.get("heartbeat", _started(trial)))
         name, _, pid = worker.rpartition(":")
         dead = name == host and pid.isdigit() and not process_running(int(pid))
-        if not dead and time.time() - beat < grace_s:
+        orphan = not worker and time.time() - _started(trial) >= UNCLAIMED_S
+        if not dead and not orphan and time.time() - beat < grace_s:
             continue
         try:
             shared.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -180,12 +184,28 @@ def retry_stale(shared: Study, grace_s: float) -> int:
         # a queued trial's params as queued: a worker killed between taking a trial and suggesting its config
         # leaves it without params, and a retry without them went to the sampler (a random configuration)
         params = trial.system_attrs.get("fixed_params") or trial.params
+        if not params:  # a sampler's proposal never made: the budget it held is free again
+            continue
         shared.study.enqueue_trial(params, user_attrs={k: v for k, v in trial.user_attrs.items()
                                                        if k == "choice"} | {"retry_of": trial.number})
-        logger.warning("trial %d of worker %s: %s; queued again", trial.number, worker,
-                       "its process is gone" if dead else f"no heartbeat for {grace_s:.0f} s")
+        logger.warning("trial %d of worker %s: %s; queued again", trial.number, worker or "(unnamed)",
+                       "its process is gone" if dead else "its worker died before naming itself" if orphan
+                       else f"no heartbeat for {grace_s:.0f} s")
         requeued += 1
     return requeued
+
+
+def _started(trial) -> float:
+    return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
+def unclaimed_wait(shared: Study) -> float:
+    """Seconds until the youngest running trial without its worker's name counts as orphaned (0: none is left).
+    A worker waits that out before it stops, so a trial whose worker died right after taking it is retried."""
+    optuna = _optuna()
+    running = shared.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    ages = [time.time() - _started(t) for t in running if not t.user_attrs.get("worker")]
+    return max(0.0, UNCLAIMED_S - min(ages)) if ages else 0.0
 
 
 def _queued(study, number: int) -> bool:
@@ -275,7 +295,11 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
         retry_stale(shared, grace_s)
         taken = _take(shared, batch if trials is None else min(batch, trials - done), spec.trials)
         if not taken:
-            break
+            wait = unclaimed_wait(shared)
+            if not wait:
+                break
+            time.sleep(min(wait, 1.0) + 0.01)  # a live worker names its trial within milliseconds
+            continue
         choices = [_choice(shared, t) for t in taken]
         cfgs = config_variants(cfg, choices)
         validated = validate_configs(data, cfgs, splits, spec, _beating(bars, taken), cfg.train.device, norms)

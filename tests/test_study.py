@@ -182,3 +182,26 @@ def test_a_trial_killed_before_it_suggested_its_config_is_retried_with_that_conf
     assert retry_stale(shared, grace_s=600) == 1
     retry = [t for t in _trials(tmp_path / "study.log", "race") if t.user_attrs.get("retry_of") == taken.number]
     assert len(retry) == 1 and retry[0].system_attrs["fixed_params"] == {"config": 0}
+
+
+def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_worker(tiny_cache, tmp_path,
+                                                                                      monkeypatch):
+    """The race the kill test met later: a worker dies between taking a queued trial and writing its name on it
+    (no pid to check, no heartbeat); the next worker waits until it counts as orphaned and trains it."""
+    import stages.study
+
+    monkeypatch.setattr(stages.study, "UNCLAIMED_S", 1.0)
+    sweep = tmp_path / "orphan.yaml"
+    sweep.write_text("method: grid\nseed: 0\nrank_by: state.accuracy\nfolds: 2\ntest_fraction: 0.25\n"
+                     "params:\n  train.hidden: [16, 32]\n")
+    storage = tmp_path / "study.log"
+    args = ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--study", str(storage),
+            "--no-progress", *COMMON, "--set", "train.epochs=3", "--trials", "1"]
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0  # creates the study, trains configuration 0
+    orphan = optuna.load_study(study_name="orphan", storage=_open(storage)).ask()  # configuration 1, never named
+    result = runner.invoke(main, args[:-2])
+    assert result.exit_code == 0, result.output
+    trials = _trials(storage, "orphan")
+    assert sorted(t.params["config"] for t in trials if t.state.name == "COMPLETE") == [0, 1]
+    assert next(t for t in trials if t.number == orphan.number).state.name == "FAIL"
