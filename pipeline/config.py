@@ -190,6 +190,7 @@ class TrainConfig(OptimConfig):
     seed: int = 0  # seeds the heads' initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loc: LocConfig = field(default_factory=LocConfig)
+    heads: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # head families beyond train.loc: name -> settings
 
     def check(self, where: str = "train") -> None:
         super().check(where)
@@ -426,6 +427,11 @@ def validate_config(cfg: Config, where: str = "config") -> Config:
                           "per image (e.g. [0.25, 0.5, 1, 2, 4])")
     try:
         cfg.train.check()
+        if cfg.train.heads:  # families beyond the built-in: their names and settings, through their registry
+            from .heads import enabled_heads
+
+            for plugin, section in enabled_heads(cfg):
+                plugin.check(section, f"train.heads.{plugin.name}")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cfg

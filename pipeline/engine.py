@@ -1,30 +1,31 @@
 """Stage two's engine: cached features and labels in, cross-validated heads and a refit head out.
 
-`load_train_data` reads what a config asks for from a cache (features, declared tasks, spatial maps);
-`cross_validate` trains the Res-MTNet head (and the localisation head when enabled) on every split of the
-protocol through the one stacked trainer (pipeline.train), beside the baselines on the same splits, and
-summarises every model with one summariser; `refit` trains the final heads on all rows for the validated
-epoch count. train-heads, sweeps and the paper's tables all run through here.
+`load_train_data` reads what a config asks for from a cache (features, declared tasks, and what each enabled
+head family needs); `cross_validate` trains the Res-MTNet head on every split of the protocol through the one
+stacked trainer (pipeline.train), beside the baselines on the same splits, then every enabled head family
+(pipeline.heads) on the same splits, and summarises every model with one summariser; `refit` trains the final
+heads on all rows for the validated epoch count. train-heads, sweeps and the paper's tables all run through here.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from cache import GROUPS, FeatureCache
+from cache import FeatureCache
 
 from .config import CHOICES, Config
 from .data import task_groups
-from .errors import CacheError, ConfigError
-from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, first_seed_mask, make_splits,
-                       regression_norms, size_bins, summarise, summarise_metrics)
+from .errors import ConfigError
+from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, make_splits, regression_norms,
+                       size_bins, summarise)
+from .heads import enabled_heads
 from .labels import load_label_maps
 from .tasks import TaskSpec, encode_targets, resolve_tasks
 from .train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
@@ -58,24 +59,7 @@ class TrainData:
     provenance: Dict[str, Dict[str, object]]
     cache_attrs: Dict[str, object]
     hashes: List[str] = field(default_factory=list)  # content sha256 of each row's image
-    maps: Optional[np.ndarray] = None  # (N, C, H, W) spatial maps for the localisation head
-    loc_spec: str = ""
-    loc_provenance: Dict[str, object] = field(default_factory=dict)
-
-
-def _load_maps(cache: FeatureCache, cfg: Config, specs: Sequence[str]) -> Tuple[np.ndarray, str, Dict]:
-    """The spatial maps the localisation head trains on (train.loc.backbone, or the first feature backbone
-    that has maps)."""
-    present = cache.entries(GROUPS.spatial)
-    wanted = cfg.train.loc.backbone
-    if wanted:
-        spec = cache.resolve(wanted, GROUPS.spatial)
-    else:
-        spec = next((s for s in specs if s in present), None) or next(iter(present), None)
-        if spec is None:
-            raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
-                             + cache.add_command([specs[0]], spatial=True))
-    return cache.spatial(spec).astype(np.float16, copy=False), spec, present[spec].attrs
+    heads: Dict[str, Any] = field(default_factory=dict)  # enabled head family -> what it read (HeadPlugin.load)
 
 
 #: Working memory stage two needs beside the feature matrix (per-split targets and statistics, the stacked
@@ -139,7 +123,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         provenance = {s: cache.backbones[s].attrs for s in specs}
         attrs = dict(cache.attrs)
         hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")]
-        maps, loc_spec, loc_provenance = _load_maps(cache, cfg, specs) if tcfg.loc.enabled else (None, "", {})
+        heads = {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)}
     groups = {**task_groups(str(attrs.get("data_layout", ""))), **tcfg.task_groups}
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
                           where=f"cache {cache_path}", groups=groups, uncertain=cfg.data.uncertain)
@@ -149,29 +133,11 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
     rows = keep_views(table, rows, cfg.data.views, f"cache {cache_path}")
     features = control_features(features, cfg.eval, cfg.train.seed)
-    if maps is not None and cfg.eval.control == "noise":
-        maps = np.random.default_rng(cfg.train.seed + 7778).standard_normal(maps.shape).astype(np.float16)
-    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, hashes, maps, loc_spec,
-                     loc_provenance)
+    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, hashes, heads)
 
 
 # --------------------------------------------------------------------------------------------------
 # cross-validation
-
-
-@dataclass
-class LocOutcome:
-    """Out-of-fold results of the localisation head, and its metrics beside the pooled regression's."""
-
-    rows: np.ndarray
-    split: np.ndarray
-    x: np.ndarray  # fractions of the grid
-    y: np.ndarray
-    presence: np.ndarray
-    scores: np.ndarray  # (n, H, W) score maps, first seed
-    fits: List[LocFit]  # one per split
-    report: Dict[str, Dict[str, object]]
-    froc_curves: Dict[str, Dict[str, list]] = field(default_factory=dict)  # head -> froc_<hit>_curve: [fpi, sens]
 
 
 @dataclass
@@ -181,7 +147,7 @@ class CVResult:
     results: List[JobResult]
     oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
-    loc: Optional[LocOutcome] = None
+    heads: Dict[str, Any] = field(default_factory=dict)  # head family -> its out-of-fold outcome
     efficiency: Dict[str, object] = field(default_factory=dict)  # label efficiency: size -> its scores
     primary: Dict[str, object] = field(default_factory=dict)  # which head answers in predict (primary_answers)
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
@@ -199,7 +165,7 @@ class CVResult:
 
 def inner_val_fraction(cfg: Config) -> float:
     """The share of training rows held out for early stopping (none in-sample: every row trains)."""
-    heads = [cfg.train] + ([cfg.train.loc] if cfg.train.loc.enabled else [])
+    heads = [cfg.train] + [section for _, section in enabled_heads(cfg)]
     if cfg.eval.protocol == "insample" or not any(h.early_stopping for h in heads):
         return 0.0
     if not 0 < cfg.train.val_fraction < 1:
@@ -212,159 +178,6 @@ def pooled_family(data: TrainData, splits: Sequence[Split]):
     from .model import PooledFamily, prepare
 
     return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
-
-
-def loc_family(data: TrainData, splits: Sequence[Split]):
-    from .localise import LocFamily, prepare_loc
-
-    return LocFamily(prepare_loc(data.maps, data.table, splits))
-
-
-@dataclass
-class LocFit:
-    """One configuration's localisation head on one split: the mean score maps (logits) of its members, and the
-    scores of the rows a member was validated on and never trained on. One member, or with
-    train.loc.fold_ensemble K, K members, each trained without one of K folds of the split's training rows
-    (patients kept together) and early-stopped on it: the ensemble of the fold models."""
-
-    scores: np.ndarray  # (N, H, W): every row
-    val_rows: np.ndarray
-    val_scores: np.ndarray  # (len(val_rows), H, W)
-    members: List[JobResult]
-    member_splits: List[Split]
-    rescorer: Optional[object] = None  # pipeline.localise.Rescorer (train.loc.rescore)
-
-    def validation(self, rows: np.ndarray) -> np.ndarray:
-        """The score maps of `rows` (each among val_rows) from the member validated on them."""
-        where = {int(r): i for i, r in enumerate(self.val_rows)}
-        return self.val_scores[[where[int(r)] for r in rows]]
-
-    def detect(self, data: "TrainData", lcfg, rows: np.ndarray, validation: bool = False):
-        """Detections (pipeline.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
-        member validated on each row."""
-        from .localise import detect
-
-        scores = self.validation(rows) if validation else self.scores[rows]
-        return detect(scores, lcfg, None if self.rescorer is None else data.maps[rows], self.rescorer)
-
-
-def member_splits(data: TrainData, cfg: Config, lcfg, split: Split) -> List[Split]:
-    """The splits a localisation head's members train on: the split itself, or its training rows (inner
-    validation included) in lcfg.fold_ensemble folds, each member validated on one (its test rows: the split's)."""
-    k = int(lcfg.fold_ensemble)
-    if k < 2:
-        return [split]
-    import copy
-
-    ecfg = copy.deepcopy(cfg.eval)
-    ecfg.protocol, ecfg.folds, ecfg.seeds = "kfold", k, [int(split.key) % (2 ** 31)]
-    rows = np.sort(np.concatenate([split.train, split.val]))
-    inner, _ = make_splits(data.table, rows, ecfg)
-    return [Split(train=s.train, test=split.test, val=s.test, key=split.key * 37 + i + 1)
-            for i, s in enumerate(inner)]
-
-
-def fit_localisation(data: TrainData, cfg: Config, pairs: Sequence[Tuple[object, Split]], desc: str,
-                     progress: Progress = no_progress, keep_state: bool = False) -> List[LocFit]:
-    """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
-    splits: List[Split] = []
-    jobs: List[Job] = []
-    owner: List[int] = []
-    for i, (lcfg, split) in enumerate(pairs):
-        for member in member_splits(data, cfg, lcfg, split):
-            jobs.append(Job(lcfg, len(splits)))
-            splits.append(member)
-            owner.append(i)
-    with progress(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
-        results = train_jobs(loc_family(data, splits), jobs, keep_state=keep_state, progress=tick,
-                             device=cfg.train.device)
-    fits = []
-    for i in range(len(pairs)):
-        mine = [j for j, o in enumerate(owner) if o == i]
-        scores = results[mine[0]].outputs if len(mine) == 1 else np.mean([results[j].outputs for j in mine], axis=0)
-        val_rows = np.concatenate([splits[j].val for j in mine])
-        val_scores = np.concatenate([results[j].outputs[splits[j].val] for j in mine])
-        fit = LocFit(scores, val_rows, val_scores, [results[j] for j in mine], [splits[j] for j in mine])
-        lcfg, split = pairs[i]
-        if lcfg.rescore:
-            fit.rescorer = _fit_second_stage(data, cfg, lcfg, fit, np.setdiff1d(val_rows, split.val))
-        fits.append(fit)
-    return fits
-
-
-def _fit_second_stage(data: TrainData, cfg: Config, lcfg, fit: LocFit, rows: np.ndarray):
-    """The candidate re-scorer of one split, trained on `rows`: training rows whose first-stage scores come from
-    the member that never trained on them (the split's own inner validation and test rows left out, so its
-    scores there stay honest)."""
-    from .localise import candidate_hits, candidates, fit_rescorer
-
-    cands = candidates(fit.validation(rows), lcfg.candidates, lcfg.nms_cells)
-    hits = candidate_hits(data.table, rows, cands[0], cands[1], cfg.eval.pixel_mm)
-    with_lesion = np.isfinite(data.table["x"].to_numpy(float)[rows]) if "x" in data.table else np.zeros(len(rows), bool)
-    # the first stage's recall bounds what any re-scoring can reach: said per split
-    logger.info("second stage: %d candidates of %d images, %d hits; %d of %d images with a lesion have a hit among "
-                "their %d candidates", int(np.isfinite(cands[2]).sum()), len(rows), int(hits.sum()),
-                int((hits.any(axis=1) & with_lesion).sum()), int(with_lesion.sum()), lcfg.candidates)
-    return fit_rescorer(data.maps[rows], cands, hits, lcfg.rescore_c)
-
-
-def final_loc_config(lcfg, epochs: int):
-    """The train.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
-    for a fold ensemble, whose members early-stop on their own folds."""
-    return lcfg if lcfg.fold_ensemble >= 2 else fixed_epochs(lcfg, epochs)
-
-
-def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
-                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg: Config,
-                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
-                         ) -> Dict[str, Dict[str, object]]:
-    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, and the
-    FROC sensitivities of the candidates (cx, cy, score), each (n, k)."""
-    from .localise import froc, localisation_metrics, nodule_errors
-
-    def metrics_of(sel, weights):
-        out = localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
-                                   cfg.eval.pixel_mm, weights)
-        if cands is not None:
-            out.update(froc(table, rows[sel], *(c[sel] for c in cands), cfg.eval.pixel_mm, cfg.eval.froc_fps,
-                            weights))
-        return out
-
-    def count(sel):
-        return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
-
-    return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
-                             cfg.train.seed, count)
-
-
-def localise(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
-             pooled: OutOfFold, progress: Progress = no_progress) -> LocOutcome:
-    """Cross-validate the localisation head on the same splits as the pooled heads and compare the two."""
-    from .localise import Detections, froc
-
-    lcfg = cfg.train.loc
-    fits = fit_localisation(data, cfg, [(lcfg, s) for s in splits], "localisation head", progress)
-    table = data.table
-    oof = OutOfFold.collect(splits, [{"scores": f.scores} for f in fits])
-    det = Detections.concat([f.detect(data, lcfg, s.test) for f, s in zip(fits, splits)])
-    x, y, presence, cands = det.x, det.y, det.presence, det.cands
-    first = first_seed_mask(oof.split, names)
-    report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
-    curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
-                              cfg.eval.froc_fps, curves=True)}
-    if "x" in pooled.preds and "y" in pooled.preds:
-        px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
-        py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
-        pp = pooled.preds.get("presence")
-        # the pooled head gives one candidate per image, scored by its presence probability
-        one = (px[:, None], py[:, None], (pp if pp is not None else np.ones(len(px)))[:, None])
-        report["pooled-regression"] = localisation_summary(table, pooled.rows, pooled.split, px, py, pp, names,
-                                                           cfg, one)
-        pfirst = first_seed_mask(pooled.split, names)
-        curves["pooled-regression"] = froc(table, pooled.rows[pfirst], *(c[pfirst] for c in one),
-                                           cfg.eval.pixel_mm, cfg.eval.froc_fps, curves=True)
-    return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], fits, report,
-                      {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()})
 
 
 def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:
@@ -393,9 +206,10 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
         logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
                        "lambda * %.3g); lower train.uncertainty_min_log_var to let it rise further",
                        cfg.train.loss_weighting, ", ".join(bound), 0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
-    if data.maps is not None:
-        cv.loc = localise(data, cfg, splits, names, oof[MODEL_NAME], progress)
-    cv.primary = primary_answers(data, cfg, splits, per_split, cv.loc)
+    plugins = enabled_heads(cfg)
+    for plugin, _ in plugins:
+        cv.heads[plugin.name] = plugin.cross_validate(data, cfg, splits, names, oof[MODEL_NAME], progress)
+    cv.primary = primary_answers(data, cfg, splits, per_split, [(p, cv.heads[p.name]) for p, _ in plugins])
     clock = time.perf_counter()
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
@@ -477,71 +291,44 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     family = pooled_family(data, [split])
     with progress(tcfg.epochs, "refit", rows=float(len(split.train))) as tick:
         (result,) = train_jobs(family, [Job(tcfg, 0)], keep_state=True, progress=tick, device=cfg.train.device)
-    from .localise import export_head as export_loc
     from .model import export_head as export_pooled
 
     tensors, pooled_spec = export_pooled(result.state, family.prep, data.rows, tcfg.hidden, tcfg.blocks,
                                          cfg.train.seed)
     spec: Dict[str, object] = {
         **pooled_spec,
-        "train": {k: v for k, v in asdict(tcfg).items() if k != "loc"}, "loss_weights": result.loss_weights,
+        # the pooled head's own settings: the head families' sections (train.loc, train.heads) are in their parts
+        "train": {k: v for k, v in asdict(tcfg).items() if k != "heads" and not is_dataclass(getattr(tcfg, k))},
+        "loss_weights": result.loss_weights,
         "features": data.specs, "trained_rows": int(len(data.rows)),
         "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
         "primary": cv.primary,
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
-    if data.maps is not None:
-        lcfg = final_loc_config(cfg.train.loc, validated_epochs([m for f in cv.loc.fits for m in f.members],
-                                                                cfg.train.loc))
-        (fit,) = fit_localisation(data, cfg, [(lcfg, split)], "refit localisation", progress, keep_state=True)
-        loc_tensors, loc_spec = export_loc([m.state for m in fit.members], [s.train for s in fit.member_splits],
-                                           data.maps, lcfg, fit.rescorer)
-        tensors.update(loc_tensors)
-        spec["localisation"] = {"backbone": data.loc_spec, **loc_spec}
+    for plugin, _ in enabled_heads(cfg):
+        part_tensors, spec[plugin.artefact] = plugin.refit(data, cfg, cv.heads[plugin.name], split, progress)
+        tensors.update(part_tensors)
     return Refit(tensors, spec)
 
 
 def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], pooled: Sequence[Dict[str, np.ndarray]],
-                    loc: Optional[LocOutcome]) -> Dict[str, object]:
-    """Which head answers "is there a nodule" and "where" in predict, chosen on the inner validation rows of
-    every split (never on test folds): the localisation head where it finds more nodules within 100 px
-    (position) or has the higher presence AUC (presence) there than the pooled Res-MTNet head; the pooled head
-    otherwise, and without a localisation head or inner validation rows."""
+                    outcomes: Sequence[Tuple[Any, Any]]) -> Dict[str, object]:
+    """Which head answers "is there a nodule" (presence) and "where" (position) in predict: the pooled Res-MTNet
+    head, unless a head family (HeadPlugin.choose, given its out-of-fold outcome) does better on the inner
+    validation rows of every split (never on test folds); the pooled head without inner validation rows."""
     out: Dict[str, object] = {"position": "pooled", "presence": "pooled"}
-    val = [s.val for s in splits]
-    if loc is None or not sum(len(v) for v in val):
-        out["chosen_on"] = "default (no localisation head)" if loc is None else "default (no inner validation rows)"
+    n_val = sum(len(s.val) for s in splits)
+    if not outcomes or not n_val:
+        out["chosen_on"] = "default (no other head)" if not outcomes else "default (no inner validation rows)"
         return out
-    from .localise import Detections, localisation_metrics
-
-    rows = np.concatenate(val)
-    grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
-    decoded = Detections.concat([f.detect(data, cfg.train.loc, v, validation=True) for f, v in zip(loc.fits, val)])
-    hx, hy, hp = decoded.x, decoded.y, decoded.presence
-    have = {k for k in ("x", "y", "presence") if k in pooled[0]}
-    pp = np.concatenate([p["presence"][v] for p, v in zip(pooled, val)]) if "presence" in have else None
-    scores = {"localisation": localisation_metrics(data.table, rows, hx, hy, hp, cfg.eval.pixel_mm)}
-    if {"x", "y"} <= have:
-        px = np.concatenate([p["x"][v] for p, v in zip(pooled, val)]) / grid_w
-        py = np.concatenate([p["y"][v] for p, v in zip(pooled, val)]) / grid_h
-        scores["pooled"] = localisation_metrics(data.table, rows, px, py, pp, cfg.eval.pixel_mm)
-    elif pp is not None:
-        pres = data.table["presence"].to_numpy(float)[rows]
-        known = np.isfinite(pres)
-        from .metrics import roc_auc
-
-        scores["pooled"] = {"presence_auc": roc_auc(pres[known], pp[known]) if known.any() else np.nan}
-
-    def value(head: str, metric: str) -> float:
-        v = float(scores.get(head, {}).get(metric, np.nan))
-        return v if v == v else -1.0
-
-    if value("localisation", "within_100px") > value("pooled", "within_100px"):
-        out["position"] = "localisation"
-    if value("localisation", "presence_auc") > value("pooled", "presence_auc"):
-        out["presence"] = "localisation"
-    out["chosen_on"] = f"inner validation rows ({len(rows)} images over {len(splits)} splits)"
-    out["validation"] = {head: {m: float(v) for m, v in res.items() if m in ("within_100px", "presence_auc")}
-                         for head, res in scores.items()}
+    validation: Dict[str, object] = {}
+    for plugin, outcome in outcomes:
+        choice = dict(plugin.choose(data, cfg, splits, pooled, outcome))
+        validation.update(choice.pop("validation", {}))
+        for role, head in choice.items():  # the first family that beats the pooled head takes the role
+            if out.get(role) == "pooled":
+                out[role] = head
+    out["chosen_on"] = f"inner validation rows ({n_val} images over {len(splits)} splits)"
+    out["validation"] = validation
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -21,8 +21,7 @@ from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.head import read_head
-from pipeline.localise import Detections, LocHead
-from pipeline.localise import load_head as load_loc_head
+from pipeline.heads import Applied, head_families
 from pipeline.model import Layout, PooledHead
 from pipeline.model import load_head as load_pooled_head
 from pipeline.preprocess import Preprocess, provenance_sha256
@@ -35,15 +34,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Head:
     """A trained head and everything needed to use it: the artefact's description, the Res-MTNet head and the
-    localisation head (each loaded by its own module from its part of the artefact)."""
+    other head families' parts (each loaded by its own module from its part of the artefact)."""
 
     spec: Dict[str, object]
     pooled: PooledHead
-    loc_head: Optional[LocHead] = None
-
-    @property
-    def loc(self) -> Optional[Dict[str, object]]:
-        return self.spec.get("localisation")
+    others: Dict[str, Applied] = field(default_factory=dict)  # answer name (artefact key) -> loaded part
+    answers: Dict[str, Dict[str, tuple]] = field(default_factory=dict)  # answer name -> role -> its columns
 
     @property
     def features(self) -> List[str]:
@@ -60,8 +56,10 @@ class Head:
 def load_head(run_dir: Path) -> Head:
     spec, tensors = read_head(run_dir)
     head = Head(spec, load_pooled_head(spec, tensors))
-    if head.loc:
-        head.loc_head = load_loc_head(head.loc, tensors)
+    for plugin in head_families().values():
+        if plugin.artefact in spec:
+            head.others[plugin.artefact] = plugin.load_head(spec[plugin.artefact], tensors)
+            head.answers[plugin.artefact] = dict(plugin.answers)
     return head
 
 
@@ -143,17 +141,19 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
             batch_size: int = 16, num_workers: Optional[int] = 0, skip_bad: bool = False,
             overlay: bool = False) -> PredictResult:
     """Predict every task for each image; writes OUT.csv and OUT.json when `out` is given, and with
-    `overlay` (a head with a localisation head) a PNG per image in OUT_overlays/."""
+    `overlay` (a head with a part that scores maps) a PNG per image in OUT_overlays/."""
     head = load_head(run_dir)
     weights = dict(weights or {})
+    extra = {name: a for name, a in head.others.items() if a.backbone is not None}  # parts with their own backbone
     if "" in weights:  # a weights file without NAME=: only unambiguous for a head on one backbone
-        specs = sorted(set(head.features) | ({str(head.loc["backbone"])} if head.loc else set()))
+        specs = sorted(set(head.features) | {a.backbone[0] for a in extra.values()})
         if len(specs) != 1:
             raise PipelineError(f"--weights {weights['']}: this head uses {len(specs)} backbones "
                                 f"({', '.join(specs)}); name one: --weights NAME=FILE")
         weights[specs[0]] = weights.pop("")
-    if overlay and not head.loc:
-        raise PipelineError(f"--overlay needs a localisation head; {run_dir} was trained without train.loc")
+    if overlay and not extra:
+        raise PipelineError(f"--overlay needs a head with a part that scores maps (train-heads --set "
+                            f"train.loc.enabled=true); {run_dir} has none")
     files = list_images(images)
     hashes = [sha256_file(p) for p in files]
     cached = _from_cache(cache, head, hashes) if cache is not None else {}
@@ -161,22 +161,23 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     features = np.full((len(files), int(head.spec["in_dim"])), np.nan, dtype=np.float32)
     for i, vec in cached.items():
         features[i] = vec
-    scores = np.full((len(files), *head.loc["grid"]), np.nan, dtype=np.float32) if head.loc else None
-    # the localisation head's answer and candidates of every image, filled batch by batch
-    found = Detections.empty(len(files), head.loc_head.cfg.candidates) if head.loc else None
+    for applied in head.others.values():
+        applied.start(len(files))
     errors = [""] * len(files)
     backbones: Dict[str, LoadedBackbone] = {}
     if todo:
         for spec in head.features:
             lb = _rebuild_backbone(head.backbone(spec), spec, weights or {})
             backbones[lb.key] = lb
-    if head.loc:
-        lb = _rebuild_backbone(head.loc["provenance"], str(head.loc["backbone"]), weights or {})
+    key_of: Dict[str, str] = {}  # a part with its own backbone -> that backbone's entry
+    for name, applied in extra.items():
+        lb = _rebuild_backbone(applied.backbone[1], applied.backbone[0], weights or {})
         backbones[lb.key] = lb
-    needed = list(range(len(files))) if head.loc else todo
+        key_of[name] = lb.key
+    needed = list(range(len(files))) if extra else todo
     if needed:
         extractor = Extractor(backbones, pick_device(device, "--device"))
-        pooled = [k for k, lb in backbones.items() if lb.group == POOLED]
+        pooled = [k for k, lb in backbones.items() if lb.group == POOLED and k not in key_of.values()]
         sizes = sorted({lb.size_key for lb in backbones.values()})
         batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
         loader = make_loader([str(p) for p in files], batches, sizes, num_workers, pin_memory=extractor.cuda)
@@ -192,15 +193,15 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
             if pooled and compute.any():
                 parts = [extractor.run(k, batch.images[backbones[k].size_key]) for k in pooled]
                 features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
-            if head.loc:
-                lb = next(b for b in backbones.values() if b.group == SPATIAL)
-                scores[rows], det = head.loc_head.detect(extractor.run(lb.key, batch.images[lb.size_key]))
-                found.put(rows, det)
+            for name, key in key_of.items():
+                head.others[name].take(rows, extractor.run(key, batch.images[backbones[key].size_key]))
     ok = np.isfinite(features).all(axis=1)
     preds = head.pooled.predict(np.nan_to_num(features))
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
-    if head.loc:
-        _add_locations(head, table, found, np.isfinite(scores).all(axis=(1, 2)))
+    grid = head.spec.get("grid", [np.nan, np.nan])
+    for applied in head.others.values():
+        for column, values in applied.columns(np.nan_to_num(features), ok, grid).items():
+            table[column] = values
     _add_primary(head, table)
     trained = set(head.spec.get("trained_sha256", []))
     table.insert(3, "in_training_set", [h in trained for h in hashes])
@@ -221,22 +222,10 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         atomic_write_text(csv_path, table.to_csv(index=False))
         atomic_write_text(json_path, table.to_json(orient="records", indent=1))
         if overlay:
-            write_overlays(out.with_name(out.name + "_overlays"), files, table, scores,
-                           _known_positions(cache, hashes) if cache is not None else {},
-                           found.cands, head.spec.get("grid", [np.nan, np.nan]))
+            write_overlays(out.with_name(out.name + "_overlays"), files, table, next(iter(extra.values())),
+                           _known_positions(cache, hashes) if cache is not None else {}, grid)
     logger.info("predicted %d image(s) (%d from the cache)", len(files), len(cached))
     return PredictResult(table, csv_path, json_path)
-
-
-def _add_locations(head: Head, table: pd.DataFrame, found: Detections, valid: np.ndarray) -> None:
-    """The localisation head's answer, in columns named after it (the secondary answer where it is not primary)."""
-    grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
-    x, y = found.x, found.y
-    table["localisation_x"] = np.where(valid, np.round(x * grid_w, 1), np.nan)
-    table["localisation_y"] = np.where(valid, np.round(y * grid_h, 1), np.nan)
-    table["localisation_x_norm"] = np.where(valid, x, np.nan)
-    table["localisation_y_norm"] = np.where(valid, y, np.nan)
-    table["localisation_presence_prob"] = np.where(valid, np.round(found.presence, 6), np.nan)
 
 
 #: P(nodule) at or above which an image is reported with a nodule (and its attributes).
@@ -265,12 +254,12 @@ def _add_primary(head: Head, table: pd.DataFrame) -> None:
     chosen for position), its lobe (the pooled head's most probable lobe on that side) and the pooled head's
     nodule attributes, which are left empty otherwise."""
     primary = head.spec.get("primary", {})
-    sources = {"pooled": (f"{POOLED_PREFIX}x", f"{POOLED_PREFIX}y", f"{POOLED_PREFIX}presence_prob"),
-               "localisation": ("localisation_x", "localisation_y", "localisation_presence_prob")}
-    prob_col = sources[primary.get("presence", "pooled")][2]
+    sources = {"pooled": {"position": (f"{POOLED_PREFIX}x", f"{POOLED_PREFIX}y"),
+                          "presence": (f"{POOLED_PREFIX}presence_prob",)}, **head.answers}
+    (prob_col,) = sources[primary.get("presence", "pooled")]["presence"]
     if prob_col not in table:
         return
-    x_col, y_col, _ = sources[primary.get("position", "pooled")]
+    x_col, y_col = sources[primary.get("position", "pooled")]["position"]
     found = (table[prob_col] >= PRESENCE_THRESHOLD).to_numpy(dtype=bool)
     table["nodule_prob"] = table[prob_col]
     table["nodule_found"] = found
@@ -310,11 +299,11 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
     return out
 
 
-def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores: np.ndarray,
-                   truth: Dict[int, tuple], cands: tuple, grid: Sequence[float]) -> List[Path]:
+def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, maps: Applied,
+                   truth: Dict[int, tuple], grid: Sequence[float]) -> List[Path]:
     """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay): what the image's row
-    says (the answer's centre only where nodule_found), the localisation head's candidates (cx, cy, logit;
-    (n, k), best first, re-scored by a second stage where the head has one) beside it."""
+    says (the answer's centre only where nodule_found), the score map and candidates of the head part `maps`
+    (Applied.overlay: best first, re-scored by a second stage where the head has one) beside it."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -325,15 +314,16 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, scores:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for i, path in enumerate(files):
-        if not np.isfinite(scores[i]).all():
+        drawn = maps.overlay(i)
+        if drawn is None:
             continue
+        scores, shown = drawn
         fig, ax = plt.subplots(figsize=(5, 5))
         row = table.iloc[i]
         found = bool(row.get("nodule_found", False))
         answer = (row["nodule_x"] / grid[0], row["nodule_y"] / grid[1]) if found else None
-        shown = [(x, y, 1 / (1 + np.exp(-s))) for x, y, s in zip(*(c[i] for c in cands)) if np.isfinite(s)][:5]
         verdict = "nodule found" if found else "no nodule found"
-        draw_overlay(ax, read_image(path), scores[i], answer, truth.get(i),
+        draw_overlay(ax, read_image(path), scores, answer, truth.get(i),
                      f"{path.name}: {verdict}, p = {row.get('nodule_prob', np.nan):.2f}", shown)
         fig.tight_layout()
         target = folder / f"{path.stem}.png"

@@ -274,7 +274,7 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     spec = load_sweep(sweep_path)
     name = study_name or sweep_path.stem
     data = load_train_data(cache, cfg)
-    direction = rank_direction(data, spec.rank_by, str(sweep_path), cfg.eval.froc_fps)
+    direction = rank_direction(data, cfg, spec.rank_by, str(sweep_path))
     ids = data.table["id"].astype(str).to_numpy()
     proposed = sorted(ids[development_split(data, cfg, spec)[1]])  # the held-out ids, if this worker creates it
     shared = open_study(storage_url, name, spec, direction, proposed)
@@ -348,7 +348,7 @@ def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, ou
         raise ConfigError(f"no study '{study_name}' in {storage_url}") from None
     spec = build(SweepSpec, study.user_attrs["sweep"], f"study {study_name}")
     data = load_train_data(cache, cfg)
-    direction = rank_direction(data, spec.rank_by, f"study {study_name}", cfg.eval.froc_fps)
+    direction = rank_direction(data, cfg, spec.rank_by, f"study {study_name}")
     dev_rows, test_rows = split_rows(data, list(study.user_attrs["held_out_ids"]), storage_url)
     rows, seen, choices = [], set(), {}
     for trial in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),

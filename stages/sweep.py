@@ -21,13 +21,12 @@ import pandas as pd
 import yaml
 
 from pipeline.config import Config, build, validate_config, dump_config, load_yaml, set_dotted
-from pipeline.engine import (TrainData, final_loc_config, fit_localisation, inner_val_fraction, load_train_data,
-                             pooled_family)
+from pipeline.engine import TrainData, inner_val_fraction, load_train_data, pooled_family
 from pipeline.errors import ConfigError
 from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
                                task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.localise import FROC_FPS, Detections, froc, loc_metric_directions, localisation_metrics
+from pipeline.heads import enabled_heads, head_families
 from pipeline.tasks import metric_direction
 from pipeline.train import Job, Split, fixed_epochs, mean_curve, train_jobs, validated_epochs
 from stages.progress import progress_bars
@@ -112,19 +111,20 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
     return out
 
 
-def rank_direction(data: TrainData, rank_by: str, where: str, froc_fps=FROC_FPS) -> int:
-    """+1 where a higher `rank_by` (task.metric or loc.metric, FROC at the run's eval.froc_fps levels) is better,
-    -1 for errors: from the task's kind."""
+def rank_direction(data: TrainData, cfg: Config, rank_by: str, where: str) -> int:
+    """+1 where a higher `rank_by` is better, -1 for errors: a task's metric (<task>.<metric>, from the task's
+    kind) or an enabled head family's (<family>.<metric>, e.g. loc.froc_radius_at_2fp at eval.froc_fps' levels)."""
     task_name, _, metric = rank_by.partition(".")
     tasks = {t.name: t for t in data.tasks}
-    if task_name == "loc" and data.maps is not None:
-        valid = loc_metric_directions(froc_fps)
+    families = head_families()
+    if task_name in families and task_name in data.heads:
+        valid = families[task_name].metric_directions(cfg)
         if metric not in valid:
-            raise ConfigError(f"{where}: rank_by '{rank_by}': valid loc metrics: {', '.join(valid)}")
+            raise ConfigError(f"{where}: rank_by '{rank_by}': valid {task_name} metrics: {', '.join(valid)}")
         return valid[metric]
     if task_name not in tasks or not metric:
-        raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task "
-                          f"({', '.join(tasks)}{', loc' if data.maps is not None else ''})")
+        raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task or head family "
+                          f"({', '.join([*tasks, *data.heads])})")
     try:
         return metric_direction(tasks[task_name], metric)
     except ConfigError as exc:
@@ -170,8 +170,8 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
     jobs = [Job(c.train, s) for c in cfgs for s in range(len(splits))]
     with bars(sum(j.cfg.epochs for j in jobs), f"sweep {len(cfgs)} configs") as tick:
         results = train_jobs(family, jobs, progress=tick, device=device)
-    loc_metrics_of, loc_results = _sweep_localisation(data, cfgs, splits, bars) if data.maps is not None \
-        else (None, [])
+    # every enabled head family, each configuration on each fold: (metrics of (c, s), validated epochs of c)
+    families = [(plugin, *plugin.validate(data, cfgs, splits, bars)) for plugin, _ in enabled_heads(cfgs[0])]
     out = []
     for c, config in enumerate(cfgs):
         per_fold = []
@@ -179,8 +179,8 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
         for s, (split, res) in enumerate(zip(splits, mine)):
             scores = _task_scores(data, family.prep.decode(res.outputs[split.test], s), split.test, norms)
             fold_metrics = {f"{task}.{k}": v for task, m in scores.items() for k, v in m.items()}
-            if loc_metrics_of is not None:
-                fold_metrics.update(loc_metrics_of(c, s))
+            for _, metrics_of, _ in families:
+                fold_metrics.update(metrics_of(c, s))
             per_fold.append(fold_metrics)
         frame = pd.DataFrame(per_fold)
         metrics = {f"val_{col}": float(frame[col].mean()) for col in frame.columns}
@@ -188,9 +188,8 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
             else float("nan")
         curves = {k: mean_curve(mine, k) for k in ("train_loss", "val_loss")}  # [] where a curve is absent
         validated = Validated(metrics, validated_epochs(mine, config.train), curves)
-        if loc_metrics_of is not None:
-            validated.metrics["loc_epochs"] = validated_epochs(
-                [m for f in loc_results[c * len(splits):(c + 1) * len(splits)] for m in f.members], config.train.loc)
+        for plugin, _, epochs_of in families:
+            validated.metrics[f"{plugin.name}_epochs"] = epochs_of(c)
         out.append(validated)
     return out
 
@@ -211,8 +210,9 @@ def score_winner(data: TrainData, cfg: Config, row: pd.Series, dev_rows: np.ndar
     """The winner retrained on the development rows for its validated epochs, scored once on the test rows."""
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     test = _score_winner(data, cfg, int(row["epochs"]), dev_rows, test_rows, norms, spec)
-    if data.maps is not None:
-        test["loc"] = _score_winner_loc(data, cfg, int(row["loc_epochs"]), dev_rows, test_rows, spec)
+    split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
+    for plugin, _ in enabled_heads(cfg):
+        test[plugin.name] = plugin.score_winner(data, cfg, int(row[f"{plugin.name}_epochs"]), split)
     return test
 
 
@@ -241,7 +241,7 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     bars = progress_bars(progress)
     spec = load_sweep(sweep_path)
     data = load_train_data(cache, cfg)
-    direction = rank_direction(data, spec.rank_by, str(sweep_path), cfg.eval.froc_fps)
+    direction = rank_direction(data, cfg, spec.rank_by, str(sweep_path))
     configs = configurations(spec)
     cfgs = config_variants(cfg, configs)
     dev_rows, test_rows = development_split(data, cfg, spec)
@@ -258,35 +258,6 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
                 seconds, spec.rank_by, ranking.iloc[0][f"val_{spec.rank_by}"])
     return SweepResult(ranking, len(configs), seconds, winner_test)
-
-
-def _sweep_localisation(data: TrainData, cfgs: List[Config], splits: List[Split], bars):
-    """Train every configuration's localisation head on the validation splits (stacked where shapes agree);
-    returns (config, split) -> {'loc.<metric>': value} on that split's validation rows, and the fits."""
-    fits = fit_localisation(data, cfgs[0], [(c.train.loc, s) for c in cfgs for s in splits], "sweep localisation",
-                            bars)
-
-    def metrics(c: int, s: int) -> Dict[str, float]:
-        return loc_scores(data.table, splits[s].test,
-                          fits[c * len(splits) + s].detect(data, cfgs[c].train.loc, splits[s].test), cfgs[c])
-    return metrics, fits
-
-
-def loc_scores(table, rows: np.ndarray, det: Detections, cfg: Config) -> Dict[str, float]:
-    """'loc.<metric>' of a localisation head's detections of `rows`: errors, presence, FROC."""
-    res = localisation_metrics(table, rows, det.x, det.y, det.presence, cfg.eval.pixel_mm)
-    res.update(froc(table, rows, *det.cands, cfg.eval.pixel_mm, cfg.eval.froc_fps))
-    return {f"loc.{k}": float(v) for k, v in res.items()}
-
-
-def _score_winner_loc(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,
-                      spec: SweepSpec) -> Dict[str, float]:
-    """The winner's localisation head retrained on the development rows (for its validated epochs, or a fold
-    ensemble on the development rows' folds), scored once on the test rows."""
-    split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    (fit,) = fit_localisation(data, cfg, [(final_loc_config(cfg.train.loc, epochs), split)], "winner localisation")
-    det = fit.detect(data, cfg.train.loc, test_rows)
-    return {k[len("loc."):]: v for k, v in loc_scores(data.table, test_rows, det, cfg).items()}
 
 
 def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,

@@ -18,12 +18,12 @@ import pandas as pd
 
 from pipeline import __version__
 from pipeline.config import Config, dump_config
-from pipeline.engine import MODEL_NAME, CVResult, LocOutcome, Refit, TrainData, cross_validate, load_train_data, refit
-from pipeline.errors import PipelineError
+from pipeline.engine import MODEL_NAME, CVResult, Refit, TrainData, cross_validate, load_train_data, refit
 from pipeline.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, first_seed_mask, patient_summary,
                                scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.head import write_head
+from pipeline.heads import head_families
 from pipeline.reporting import format_entry
 from pipeline.train import mean_curve
 from stages.progress import progress_bars
@@ -52,12 +52,9 @@ def _jsonable(value):
 
 def head_files(data: TrainData, head: Refit) -> Dict[str, object]:
     """The head's JSON description: the engine's spec plus the backbones' provenance."""
-    spec = {"tool_version": __version__, **head.spec,
-            "backbones": {s: _jsonable(a) for s, a in data.provenance.items()},
-            "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")}
-    if "localisation" in spec:
-        spec["localisation"] = {**spec["localisation"], "provenance": _jsonable(data.loc_provenance)}
-    return spec
+    return _jsonable({"tool_version": __version__, **head.spec,
+                      "backbones": dict(data.provenance),
+                      "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")})
 
 
 def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
@@ -78,11 +75,8 @@ def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
         assert np.array_equal(other.rows, oof.rows)  # the same splits, in the same order
         for task in data.tasks:
             frame.update({f"{model}_{k}": v for k, v in task.impl.columns(task, None, other.preds[task.name]).items()})
-    if cv.loc is not None:
-        assert np.array_equal(cv.loc.rows, oof.rows)
-        frame["localisation_x"] = np.round(cv.loc.x * data.table["grid_w"].to_numpy(float)[oof.rows], 1)
-        frame["localisation_y"] = np.round(cv.loc.y * data.table["grid_h"].to_numpy(float)[oof.rows], 1)
-        frame["localisation_presence_prob"] = np.round(cv.loc.presence, 6)
+    for name, outcome in cv.heads.items():
+        frame.update(head_families()[name].oof_columns(data, outcome, oof.rows))
     return pd.DataFrame(frame)
 
 
@@ -164,14 +158,8 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         for size, entry in cv.efficiency.items():
             cells = [format_entry(entry["metrics"].get(t, {}).get(m)) for t, m in cols]
             lines.append(f"| {size} | {entry['patients']:.0f} | {entry['images']:.0f} | " + " | ".join(cells) + " |")
-    if cv.loc is not None:
-        heads = list(cv.loc.report)
-        lines += ["", f"Localisation ({data.loc_spec} maps, {cfg.train.loc.decode}; errors in pixels of the "
-                  "coordinate grid, nodule images only):", "",
-                  "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-        for metric in cv.loc.report["heatmap"]:
-            cells = [format_entry(cv.loc.report[h].get(metric)) for h in heads]
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    for name, outcome in cv.heads.items():
+        lines += head_families()[name].report_lines(data, cfg, outcome)
     return "\n".join(lines) + "\n"
 
 
@@ -214,9 +202,8 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
         written.append(f"confusion_{task}.png")
     if cv.efficiency:
         written += _efficiency_plot(folder, data, cv, plt)
-    if cv.loc is not None:
-        written += _gallery(folder, data, cv.loc, plt)
-        written += _froc_plot(folder, cv.loc, plt)
+    for name, outcome in cv.heads.items():
+        written += head_families()[name].plots(folder, data, outcome, plt)
     return written
 
 
@@ -251,65 +238,6 @@ def _efficiency_plot(folder: Path, data: TrainData, cv: CVResult, plt) -> List[s
     fig.savefig(folder / "label_efficiency.png", dpi=110)
     plt.close(fig)
     return ["label_efficiency.png"]
-
-
-def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
-    """FROC curves of the localisation head's candidates and of the pooled head's single position."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, hit, title in zip(axes, ("radius", "100px"), ("hit: within the nodule's radius", "hit: within 100 px")):
-        for head, curves in loc.froc_curves.items():
-            fpi, sens = curves.get(f"froc_{hit}_curve", ([], []))
-            ax.step(fpi, sens, where="post", label=head)
-        ax.set_xscale("log", base=2)  # FROC's usual axis: each tick doubles the false positives
-        ticks = [2.0 ** k for k in range(-4, 4)]
-        ax.set_xlim(ticks[0], ticks[-1])
-        ax.set_xticks(ticks, ["1/16", "1/8"] + [f"{t:g}" for t in ticks[2:]])
-        ax.minorticks_off()
-        ax.set_xlabel("false positives per image")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    axes[0].set_ylabel("sensitivity (nodules found)")
-    fig.suptitle("FROC of the out-of-fold nodule candidates", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(folder / "froc.png", dpi=110)
-    plt.close(fig)
-    return ["froc.png"]
-
-
-def _gallery(folder: Path, data: TrainData, loc: LocOutcome, plt, n: int = 8) -> List[str]:
-    """Out-of-fold examples of the localisation head, drawn by the one overlay routine."""
-    from pipeline.images import read_image
-    from pipeline.plots import draw_overlay
-
-    root = Path(str(data.cache_attrs.get("data_root", "")))
-    relpaths = data.table.get("relpath")
-    first_rows = loc.rows[:len(loc.scores)]
-    nodules = [i for i, r in enumerate(first_rows) if np.isfinite(data.table["x"].iloc[r])]
-    # evenly spread over the rows, not the first few: JSRT lists its most obvious nodules first
-    nodules = [nodules[int(k)] for k in np.unique(np.linspace(0, len(nodules) - 1, min(n, len(nodules))).round())]
-    if not nodules or relpaths is None:
-        return []
-    fig, axes = plt.subplots(2, (len(nodules) + 1) // 2, figsize=(3 * ((len(nodules) + 1) // 2), 6.2), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), nodules):
-        r = first_rows[i]
-        try:
-            image = read_image(root / relpaths.iloc[r])
-        except PipelineError:
-            return []
-        gw, gh = data.table["grid_w"].iloc[r], data.table["grid_h"].iloc[r]
-        tx, ty = data.table["x"].iloc[r] / gw, data.table["y"].iloc[r] / gh
-        err = np.hypot((loc.x[i] - tx) * gw, (loc.y[i] - ty) * gh)
-        draw_overlay(ax, image, loc.scores[i], (loc.x[i], loc.y[i]), (tx, ty),
-                     f"{data.table['id'].iloc[r]}: {err:.0f} px", predicted_label="the head's answer")
-    fig.suptitle("Localisation head, out-of-fold: each image scored by the fold model that never saw it",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(folder / "localisation_gallery.png", dpi=100)
-    plt.close(fig)
-    return ["localisation_gallery.png"]
 
 
 @dataclass
@@ -369,7 +297,8 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
             "loss_weights": cv.loss_weights(data.tasks),
             "loss_weights_at_bound": cv.weights_at_bound(data.tasks),
             "models": cv.reports,
-            **({"localisation": {**cv.loc.report, "froc_curves": cv.loc.froc_curves}} if cv.loc is not None else {}),
+            **{head_families()[name].artefact: head_families()[name].metrics(outcome)
+               for name, outcome in cv.heads.items()},
             **({"label_efficiency": cv.efficiency} if cv.efficiency else {}),
         }
         (tmp / "config.yaml").write_text(dump_config(cfg))

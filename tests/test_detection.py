@@ -194,10 +194,13 @@ def test_a_sweep_can_rank_on_a_custom_froc_level():
 
     from stages.sweep import rank_direction
 
-    data = SimpleNamespace(tasks=[], maps=np.zeros((1, 1, 2, 2)))
-    assert rank_direction(data, "loc.froc_radius_at_3fp", "sweep.yaml", froc_fps=[1.0, 3.0]) == 1
+    from tests.helpers import tiny_train_config
+
+    data = SimpleNamespace(tasks=[], heads={"loc": None})
+    cfg = tiny_train_config(**{"eval.froc_fps": [1.0, 3.0]})
+    assert rank_direction(data, cfg, "loc.froc_radius_at_3fp", "sweep.yaml") == 1
     with pytest.raises(Exception, match="valid loc metrics: .*froc_radius_at_3fp"):
-        rank_direction(data, "loc.froc_radius_at_8fp", "sweep.yaml", froc_fps=[1.0, 3.0])
+        rank_direction(data, cfg, "loc.froc_radius_at_8fp", "sweep.yaml")
 
 
 @pytest.mark.slow
@@ -220,7 +223,7 @@ def test_position_channels_train_refit_and_predict(nodule_cache, tmp_path):
 def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows():
     from types import SimpleNamespace
 
-    from pipeline.engine import member_splits
+    from pipeline.loc_head import member_splits
     from pipeline.train import Split
     from tests.helpers import tiny_train_config
 
@@ -290,8 +293,9 @@ def test_candidate_hits_count_as_froc_does():
 
 
 def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, monkeypatch):
-    import pipeline.engine as engine
-    from pipeline.engine import fit_localisation, load_train_data
+    import pipeline.loc_head as loc_head
+    from pipeline.engine import load_train_data
+    from pipeline.loc_head import fit_localisation
     from pipeline.train import Split
     from tests.helpers import tiny_train_config
 
@@ -302,8 +306,8 @@ def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, mon
     data = load_train_data(cache, cfg)
     split = Split(train=np.arange(0, 36), val=np.arange(36, 44), test=np.arange(44, 60), key=3)
     rows_seen = []
-    second_stage = engine._fit_second_stage
-    monkeypatch.setattr(engine, "_fit_second_stage", lambda d, c, lc, f, rows: rows_seen.extend(rows) or
+    second_stage = loc_head.fit_second_stage
+    monkeypatch.setattr(loc_head, "fit_second_stage", lambda d, c, lc, f, rows: rows_seen.extend(rows) or
                         second_stage(d, c, lc, f, rows))
 
     def run():

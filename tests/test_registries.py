@@ -307,3 +307,160 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
         assert [t["kind"] for t in spec["tasks"] if t["name"] == "size"] == ["l1"]
     finally:
         del KINDS["l1"]
+
+
+def test_every_head_family_keeps_the_contract():
+    """Every registered head family (the built-in localisation head, and any plugin): a name and an artefact key,
+    off by default, answers only roles predict knows, metric directions of +1 or -1."""
+    from pipeline.heads import HeadPlugin, head_families
+
+    cfg = load_config(None)
+    for name, plugin in head_families().items():
+        assert isinstance(plugin, HeadPlugin) and plugin.name == name and plugin.artefact
+        assert plugin.section(cfg) is None, f"head family {name} must be off unless the config enables it"
+        assert set(plugin.answers) <= {"position", "presence"}
+        assert all(len(c) == (2 if role == "position" else 1) for role, c in plugin.answers.items())
+        assert set(plugin.metric_directions(cfg).values()) <= {1, -1}
+
+
+def _probe_family():
+    """A toy head family, as a user adds one in one file: a logistic-regression probe of `presence` on the pooled
+    vector, trained per split beside Res-MTNet, answering presence where it beats it on inner validation rows."""
+    from dataclasses import dataclass
+
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.evaluate import OutOfFold
+    from pipeline.heads import Applied, HeadPlugin
+    from pipeline.metrics import roc_auc
+
+    @dataclass
+    class ProbeSettings:
+        enabled: bool = True
+        c: float = 1.0
+
+        def check(self, where):
+            if self.c <= 0:
+                raise ConfigError(f"{where}.c {self.c} must be positive")
+
+    def fit(data, rows, c):
+        y = data.table["presence"].to_numpy(float)[rows]
+        known = np.isfinite(y)
+        return LogisticRegression(C=c, max_iter=2000).fit(data.features[rows][known], y[known])
+
+    def auc(data, rows, p):
+        y = data.table["presence"].to_numpy(float)[rows]
+        return float(roc_auc(y[np.isfinite(y)], p[np.isfinite(y)]))
+
+    class ProbeApplied(Applied):
+        def __init__(self, tensors):
+            self.coef, self.intercept = tensors["probe.coef"].numpy(), float(tensors["probe.intercept"])
+
+        def columns(self, features, ok, grid):
+            p = 1 / (1 + np.exp(-(features @ self.coef + self.intercept)))
+            return {"probe_presence_prob": np.where(ok, p, np.nan)}
+
+    class Probe(HeadPlugin):
+        name, artefact, settings = "probe", "probe", ProbeSettings
+        answers = {"presence": ("probe_presence_prob",)}
+
+        def cross_validate(self, data, cfg, splits, names, pooled, progress):
+            c = self.section(cfg).c
+            per_split = [{"p": fit(data, s.train, c).predict_proba(data.features)[:, 1]} for s in splits]
+            return OutOfFold.collect(splits, per_split), per_split
+
+        def choose(self, data, cfg, splits, pooled, outcome):
+            rows = np.concatenate([s.val for s in splits])
+            mine = auc(data, rows, np.concatenate([p["p"][s.val] for p, s in zip(outcome[1], splits)]))
+            theirs = auc(data, rows, np.concatenate([p["presence"][s.val] for p, s in zip(pooled, splits)]))
+            return {**({"presence": "probe"} if mine > theirs else {}),
+                    "validation": {"probe": {"presence_auc": mine}, "pooled": {"presence_auc": theirs}}}
+
+        def refit(self, data, cfg, outcome, split, progress):
+            model = fit(data, split.train, self.section(cfg).c)
+            return ({"probe.coef": torch.from_numpy(model.coef_[0].astype(np.float32)),
+                     "probe.intercept": torch.tensor(float(model.intercept_[0]))}, {"c": self.section(cfg).c})
+
+        def load_head(self, spec, tensors):
+            return ProbeApplied(tensors)
+
+        def metric_directions(self, cfg):
+            return {"auc": 1}
+
+        def validate(self, data, cfgs, splits, progress):
+            fits = [[fit(data, s.train, self.section(c).c) for s in splits] for c in cfgs]
+            return (lambda c, s: {"probe.auc": auc(data, splits[s].test,
+                                                   fits[c][s].predict_proba(data.features[splits[s].test])[:, 1])},
+                    lambda c: 0)
+
+        def score_winner(self, data, cfg, epochs, split):
+            model = fit(data, split.train, self.section(cfg).c)
+            return {"auc": auc(data, split.test, model.predict_proba(data.features[split.test])[:, 1])}
+
+        def oof_columns(self, data, outcome, rows):
+            return {"probe_presence_prob": outcome[0].preds["p"]}
+
+        def report_lines(self, data, cfg, outcome):
+            return ["", f"Linear probe of presence: AUC {auc(data, outcome[0].rows, outcome[0].preds['p']):.3f}"]
+
+        def metrics(self, outcome):
+            return {"n": int(len(outcome[0].rows))}
+
+    return Probe()
+
+
+@pytest.fixture()
+def probe_family():
+    from pipeline.heads import HEADS, register_head
+
+    yield register_head(_probe_family())
+    HEADS.pop("probe")
+
+
+def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master, tmp_path, probe_family):
+    """A toy head family registered from here (as a user adds one file): train-heads cross-validates, reports,
+    exports it and lets it answer presence; a sweep ranks on its metric; predict applies it; its settings are
+    checked when the config is resolved. Nothing else names it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from stages.cli import main
+    from tests.helpers import TINY
+
+    common = ["--cache", str(tiny_cache), "--set", f"train.features=[{TINY[1]}]", "--set",
+              "train.tasks=[state, presence]", "--set", "train.epochs=4",
+              "--set", "eval.folds=3", "--set", "train.heads.probe.c=0.5", "--no-progress"]
+    runner = CliRunner()
+    result = runner.invoke(main, ["train-heads", *common, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert "Linear probe of presence: AUC" in (run / "report.md").read_text()
+    assert json.loads((run / "metrics.json").read_text())["probe"]["n"] > 0
+    assert "probe_presence_prob" in pd.read_csv(run / "predictions.csv")
+    spec = json.loads((run / "model" / "head.json").read_text())
+    assert spec["probe"] == {"c": 0.5} and set(spec["primary"]["validation"]) == {"probe", "pooled"}
+    assert spec["primary"]["presence"] in ("probe", "pooled")
+
+    images = sorted(synthetic_master.glob("**/*.png"))[:2]
+    predicted = runner.invoke(main, ["predict", "--model", str(run), "--images", str(images[0]), "--images",
+                                     str(images[1]), "--out", str(tmp_path / "p")])
+    assert predicted.exit_code == 0, predicted.output
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert table["probe_presence_prob"].between(0, 1).all()
+    if spec["primary"]["presence"] == "probe":
+        assert (table["nodule_prob"] == table["probe_presence_prob"]).all()
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("method: grid\nrank_by: probe.auc\nfolds: 2\ntest_fraction: 0.25\n"
+                     "params:\n  train.heads.probe.c: [0.01, 1.0]\n")
+    swept = runner.invoke(main, ["train-heads", *common, "--sweep", str(sweep), "--out", str(tmp_path / "sweep")])
+    assert swept.exit_code == 0, swept.output
+    ranking = pd.read_csv(tmp_path / "sweep" / "ranking.csv")
+    assert ranking["val_probe.auc"].is_monotonic_decreasing and "auc" in json.loads(
+        (tmp_path / "sweep" / "winner.json").read_text())["test"]["probe"]
+
+    bad = runner.invoke(main, ["train-heads", *common, "--set", "train.heads.probe.c=-1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "train.heads.probe.c -1" in bad.output and "Traceback" not in bad.output
+    typo = runner.invoke(main, ["train-heads", *common, "--set", "train.heads.prob.c=1", "--out", str(tmp_path / "y")])
+    assert typo.exit_code != 0 and "did you mean probe" in typo.output

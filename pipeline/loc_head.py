@@ -1,0 +1,420 @@
+"""The localisation head as a head family (pipeline.heads): its maps read from the cache, its cross-validation on
+the engine's splits (one head per split, or a fold ensemble, and the candidates' second stage), the choice of
+which head answers an image's position and presence, its final head, its sweep metrics ('loc.<metric>'), its
+train-heads outputs and its part of predict. The net, the candidates, FROC and the metrics are pipeline.localise.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from cache import GROUPS
+
+from .errors import CacheError, PipelineError
+from .evaluate import OutOfFold, SplitName, first_seed_mask, make_splits, summarise_metrics
+from .heads import Applied, HeadPlugin, register_head
+from .localise import (FROC_FPS, Detections, candidate_hits, candidates, detect, export_head, fit_rescorer, froc,
+                       load_head, loc_metric_directions, localisation_metrics, nodule_errors)
+from .reporting import format_entry
+from .train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
+
+logger = logging.getLogger(__name__)
+
+#: This family's name in the registry, in sweeps' metrics ('loc.<metric>') and its answer's name.
+NAME, ANSWER = "loc", "localisation"
+
+
+@dataclass
+class LocInputs:
+    """What the localisation head reads from a cache: one backbone's spatial maps and their provenance."""
+
+    maps: np.ndarray  # (N, C, H, W) float16
+    spec: str
+    provenance: Dict[str, object]
+
+
+def _maps(data) -> np.ndarray:
+    return data.heads[NAME].maps
+
+
+@dataclass
+class LocFit:
+    """One configuration's localisation head on one split: the mean score maps (logits) of its members, and the
+    scores of the rows a member was validated on and never trained on. One member, or with
+    train.loc.fold_ensemble K, K members, each trained without one of K folds of the split's training rows
+    (patients kept together) and early-stopped on it: the ensemble of the fold models."""
+
+    scores: np.ndarray  # (N, H, W): every row
+    val_rows: np.ndarray
+    val_scores: np.ndarray  # (len(val_rows), H, W)
+    members: List[JobResult]
+    member_splits: List[Split]
+    rescorer: Optional[object] = None  # pipeline.localise.Rescorer (train.loc.rescore)
+
+    def validation(self, rows: np.ndarray) -> np.ndarray:
+        """The score maps of `rows` (each among val_rows) from the member validated on them."""
+        where = {int(r): i for i, r in enumerate(self.val_rows)}
+        return self.val_scores[[where[int(r)] for r in rows]]
+
+    def detect(self, data, lcfg, rows: np.ndarray, validation: bool = False) -> Detections:
+        """Detections (pipeline.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
+        member validated on each row."""
+        scores = self.validation(rows) if validation else self.scores[rows]
+        return detect(scores, lcfg, None if self.rescorer is None else _maps(data)[rows], self.rescorer)
+
+
+@dataclass
+class LocOutcome:
+    """Out-of-fold results of the localisation head, and its metrics beside the pooled regression's."""
+
+    rows: np.ndarray
+    split: np.ndarray
+    x: np.ndarray  # fractions of the grid
+    y: np.ndarray
+    presence: np.ndarray
+    scores: np.ndarray  # (n, H, W) score maps, first seed
+    fits: List[LocFit]  # one per split
+    report: Dict[str, Dict[str, object]]
+    froc_curves: Dict[str, Dict[str, list]] = field(default_factory=dict)  # head -> froc_<hit>_curve: [fpi, sens]
+
+
+def member_splits(data, cfg, lcfg, split: Split) -> List[Split]:
+    """The splits a localisation head's members train on: the split itself, or its training rows (inner
+    validation included) in lcfg.fold_ensemble folds, each member validated on one (its test rows: the split's)."""
+    k = int(lcfg.fold_ensemble)
+    if k < 2:
+        return [split]
+    ecfg = copy.deepcopy(cfg.eval)
+    ecfg.protocol, ecfg.folds, ecfg.seeds = "kfold", k, [int(split.key) % (2 ** 31)]
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    inner, _ = make_splits(data.table, rows, ecfg)
+    return [Split(train=s.train, test=split.test, val=s.test, key=split.key * 37 + i + 1)
+            for i, s in enumerate(inner)]
+
+
+def _rows_per_epoch(splits: Sequence[Split]) -> float:
+    return float(np.mean([len(s.train) for s in splits])) if splits else 0.0
+
+
+def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str, progress=None,
+                     keep_state: bool = False) -> List[LocFit]:
+    """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
+    from .engine import no_progress
+    from .localise import LocFamily, prepare_loc
+
+    splits: List[Split] = []
+    jobs: List[Job] = []
+    owner: List[int] = []
+    for i, (lcfg, split) in enumerate(pairs):
+        for member in member_splits(data, cfg, lcfg, split):
+            jobs.append(Job(lcfg, len(splits)))
+            splits.append(member)
+            owner.append(i)
+    with (progress or no_progress)(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
+        results = train_jobs(LocFamily(prepare_loc(_maps(data), data.table, splits)), jobs, keep_state=keep_state,
+                             progress=tick, device=cfg.train.device)
+    fits = []
+    for i in range(len(pairs)):
+        mine = [j for j, o in enumerate(owner) if o == i]
+        scores = results[mine[0]].outputs if len(mine) == 1 else np.mean([results[j].outputs for j in mine], axis=0)
+        val_rows = np.concatenate([splits[j].val for j in mine])
+        val_scores = np.concatenate([results[j].outputs[splits[j].val] for j in mine])
+        fit = LocFit(scores, val_rows, val_scores, [results[j] for j in mine], [splits[j] for j in mine])
+        lcfg, split = pairs[i]
+        if lcfg.rescore:
+            fit.rescorer = fit_second_stage(data, cfg, lcfg, fit, np.setdiff1d(val_rows, split.val))
+        fits.append(fit)
+    return fits
+
+
+def fit_second_stage(data, cfg, lcfg, fit: LocFit, rows: np.ndarray):
+    """The candidate re-scorer of one split, trained on `rows`: training rows whose first-stage scores come from
+    the member that never trained on them (the split's own inner validation and test rows left out, so its
+    scores there stay honest)."""
+    cands = candidates(fit.validation(rows), lcfg.candidates, lcfg.nms_cells)
+    hits = candidate_hits(data.table, rows, cands[0], cands[1], cfg.eval.pixel_mm)
+    with_lesion = np.isfinite(data.table["x"].to_numpy(float)[rows]) if "x" in data.table else np.zeros(len(rows), bool)
+    # the first stage's recall bounds what any re-scoring can reach: said per split
+    logger.info("second stage: %d candidates of %d images, %d hits; %d of %d images with a lesion have a hit among "
+                "their %d candidates", int(np.isfinite(cands[2]).sum()), len(rows), int(hits.sum()),
+                int((hits.any(axis=1) & with_lesion).sum()), int(with_lesion.sum()), lcfg.candidates)
+    return fit_rescorer(_maps(data)[rows], cands, hits, lcfg.rescore_c)
+
+
+def final_loc_config(lcfg, epochs: int):
+    """The train.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
+    for a fold ensemble, whose members early-stop on their own folds."""
+    return lcfg if lcfg.fold_ensemble >= 2 else fixed_epochs(lcfg, epochs)
+
+
+def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
+                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg,
+                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+                         ) -> Dict[str, Dict[str, object]]:
+    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, and the
+    FROC sensitivities of the candidates (cx, cy, score), each (n, k)."""
+    def metrics_of(sel, weights):
+        out = localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
+                                   cfg.eval.pixel_mm, weights)
+        if cands is not None:
+            out.update(froc(table, rows[sel], *(c[sel] for c in cands), cfg.eval.pixel_mm, cfg.eval.froc_fps,
+                            weights))
+        return out
+
+    def count(sel):
+        return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
+
+    return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
+                             cfg.train.seed, count)
+
+
+def loc_scores(table, rows: np.ndarray, det: Detections, cfg) -> Dict[str, float]:
+    """metric -> value of a localisation head's detections of `rows`: errors, presence, FROC."""
+    res = localisation_metrics(table, rows, det.x, det.y, det.presence, cfg.eval.pixel_mm)
+    res.update(froc(table, rows, *det.cands, cfg.eval.pixel_mm, cfg.eval.froc_fps))
+    return {k: float(v) for k, v in res.items()}
+
+
+class LocApplied(Applied):
+    """The localisation head in predict: runs on its backbone's maps, answers position and presence."""
+
+    def __init__(self, spec: Dict[str, Any], tensors: Dict[str, Any]):
+        self.head = load_head(spec, tensors)
+        self.grid = tuple(spec["grid"])
+        self.backbone = (str(spec["backbone"]), dict(spec["provenance"]))
+
+    def start(self, n: int) -> None:
+        self.scores = np.full((n, *self.grid), np.nan, dtype=np.float32)
+        self.found = Detections.empty(n, self.head.cfg.candidates)
+
+    def take(self, rows: np.ndarray, outputs: np.ndarray) -> None:
+        self.scores[rows], det = self.head.detect(outputs)
+        self.found.put(rows, det)
+
+    def columns(self, features: np.ndarray, ok: np.ndarray, grid: Sequence[float]) -> Dict[str, np.ndarray]:
+        valid = np.isfinite(self.scores).all(axis=(1, 2))
+        x, y = self.found.x, self.found.y
+        return {f"{ANSWER}_x": np.where(valid, np.round(x * grid[0], 1), np.nan),
+                f"{ANSWER}_y": np.where(valid, np.round(y * grid[1], 1), np.nan),
+                f"{ANSWER}_x_norm": np.where(valid, x, np.nan), f"{ANSWER}_y_norm": np.where(valid, y, np.nan),
+                f"{ANSWER}_presence_prob": np.where(valid, np.round(self.found.presence, 6), np.nan)}
+
+    def overlay(self, i: int):
+        if not np.isfinite(self.scores[i]).all():
+            return None
+        shown = [(x, y, 1 / (1 + np.exp(-s))) for x, y, s in zip(*(c[i] for c in self.found.cands))
+                 if np.isfinite(s)][:5]
+        return self.scores[i], shown
+
+
+class LocPlugin(HeadPlugin):
+    """The localisation head (train.loc): a per-cell nodule score over a cached feature map."""
+
+    name, artefact = NAME, ANSWER
+    answers = {"position": (f"{ANSWER}_x", f"{ANSWER}_y"), "presence": (f"{ANSWER}_presence_prob",)}
+
+    def section(self, cfg):
+        return cfg.train.loc if cfg.train.loc.enabled else None
+
+    def load(self, cache, cfg, specs: Sequence[str]) -> LocInputs:
+        """The maps of train.loc.backbone, or of the first feature backbone that has maps (eval.control noise:
+        Gaussian noise of their shape)."""
+        present = cache.entries(GROUPS.spatial)
+        wanted = cfg.train.loc.backbone
+        if wanted:
+            spec = cache.resolve(wanted, GROUPS.spatial)
+        else:
+            spec = next((s for s in specs if s in present), None) or next(iter(present), None)
+            if spec is None:
+                raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
+                                 + cache.add_command([specs[0]], spatial=True))
+        maps = cache.spatial(spec).astype(np.float16, copy=False)
+        if cfg.eval.control == "noise":
+            maps = np.random.default_rng(cfg.train.seed + 7778).standard_normal(maps.shape).astype(np.float16)
+        return LocInputs(maps, spec, dict(present[spec].attrs))
+
+    def cross_validate(self, data, cfg, splits, names, pooled, progress) -> LocOutcome:
+        """The localisation head on the same splits as the pooled heads, and the two compared."""
+        lcfg = cfg.train.loc
+        fits = fit_localisation(data, cfg, [(lcfg, s) for s in splits], "localisation head", progress)
+        table = data.table
+        oof = OutOfFold.collect(splits, [{"scores": f.scores} for f in fits])
+        det = Detections.concat([f.detect(data, lcfg, s.test) for f, s in zip(fits, splits)])
+        x, y, presence, cands = det.x, det.y, det.presence, det.cands
+        first = first_seed_mask(oof.split, names)
+        report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
+        curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
+                                  cfg.eval.froc_fps, curves=True)}
+        if "x" in pooled.preds and "y" in pooled.preds:
+            px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
+            py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
+            pp = pooled.preds.get("presence")
+            # the pooled head gives one candidate per image, scored by its presence probability
+            one = (px[:, None], py[:, None], (pp if pp is not None else np.ones(len(px)))[:, None])
+            report["pooled-regression"] = localisation_summary(table, pooled.rows, pooled.split, px, py, pp, names,
+                                                               cfg, one)
+            pfirst = first_seed_mask(pooled.split, names)
+            curves["pooled-regression"] = froc(table, pooled.rows[pfirst], *(c[pfirst] for c in one),
+                                               cfg.eval.pixel_mm, cfg.eval.froc_fps, curves=True)
+        return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], fits, report,
+                          {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()})
+
+    def choose(self, data, cfg, splits, pooled, outcome: LocOutcome) -> Dict[str, Any]:
+        """The localisation head answers position where it finds more nodules within 100 px, presence where it
+        has the higher presence AUC than the pooled head, on the splits' inner validation rows."""
+        from .metrics import roc_auc
+
+        val = [s.val for s in splits]
+        rows = np.concatenate(val)
+        grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
+        decoded = Detections.concat([f.detect(data, cfg.train.loc, v, validation=True)
+                                     for f, v in zip(outcome.fits, val)])
+        have = {k for k in ("x", "y", "presence") if k in pooled[0]}
+        pp = np.concatenate([p["presence"][v] for p, v in zip(pooled, val)]) if "presence" in have else None
+        scores = {ANSWER: localisation_metrics(data.table, rows, decoded.x, decoded.y, decoded.presence,
+                                               cfg.eval.pixel_mm)}
+        if {"x", "y"} <= have:
+            px = np.concatenate([p["x"][v] for p, v in zip(pooled, val)]) / grid_w
+            py = np.concatenate([p["y"][v] for p, v in zip(pooled, val)]) / grid_h
+            scores["pooled"] = localisation_metrics(data.table, rows, px, py, pp, cfg.eval.pixel_mm)
+        elif pp is not None:
+            pres = data.table["presence"].to_numpy(float)[rows]
+            known = np.isfinite(pres)
+            scores["pooled"] = {"presence_auc": roc_auc(pres[known], pp[known]) if known.any() else np.nan}
+
+        def value(head: str, metric: str) -> float:
+            v = float(scores.get(head, {}).get(metric, np.nan))
+            return v if v == v else -1.0
+
+        out: Dict[str, Any] = {}
+        if value(ANSWER, "within_100px") > value("pooled", "within_100px"):
+            out["position"] = ANSWER
+        if value(ANSWER, "presence_auc") > value("pooled", "presence_auc"):
+            out["presence"] = ANSWER
+        out["validation"] = {head: {m: float(v) for m, v in res.items() if m in ("within_100px", "presence_auc")}
+                             for head, res in scores.items()}
+        return out
+
+    def refit(self, data, cfg, outcome: LocOutcome, split: Split, progress):
+        inputs = data.heads[NAME]
+        lcfg = final_loc_config(cfg.train.loc, validated_epochs([m for f in outcome.fits for m in f.members],
+                                                                cfg.train.loc))
+        (fit,) = fit_localisation(data, cfg, [(lcfg, split)], "refit localisation", progress, keep_state=True)
+        tensors, spec = export_head([m.state for m in fit.members], [s.train for s in fit.member_splits],
+                                    inputs.maps, lcfg, fit.rescorer)
+        return tensors, {"backbone": inputs.spec, **spec, "provenance": inputs.provenance}
+
+    def load_head(self, spec, tensors) -> LocApplied:
+        return LocApplied(spec, tensors)
+
+    def metric_directions(self, cfg) -> Dict[str, int]:
+        return loc_metric_directions(cfg.eval.froc_fps if cfg is not None else FROC_FPS)
+
+    def validate(self, data, cfgs, splits, progress):
+        fits = fit_localisation(data, cfgs[0], [(c.train.loc, s) for c in cfgs for s in splits],
+                                "sweep localisation", progress)
+
+        def metrics(c: int, s: int) -> Dict[str, float]:
+            det = fits[c * len(splits) + s].detect(data, cfgs[c].train.loc, splits[s].test)
+            return {f"{NAME}.{k}": v for k, v in loc_scores(data.table, splits[s].test, det, cfgs[c]).items()}
+
+        def epochs(c: int) -> int:
+            return validated_epochs([m for f in fits[c * len(splits):(c + 1) * len(splits)] for m in f.members],
+                                    cfgs[c].train.loc)
+        return metrics, epochs
+
+    def score_winner(self, data, cfg, epochs: int, split: Split) -> Dict[str, float]:
+        """Retrained on the development rows (for its validated epochs, or a fold ensemble on their folds)."""
+        (fit,) = fit_localisation(data, cfg, [(final_loc_config(cfg.train.loc, epochs), split)],
+                                  "winner localisation")
+        return loc_scores(data.table, split.test, fit.detect(data, cfg.train.loc, split.test), cfg)
+
+    def oof_columns(self, data, outcome: LocOutcome, rows: np.ndarray) -> Dict[str, np.ndarray]:
+        assert np.array_equal(outcome.rows, rows)  # the same splits, in the same order
+        return {f"{ANSWER}_x": np.round(outcome.x * data.table["grid_w"].to_numpy(float)[rows], 1),
+                f"{ANSWER}_y": np.round(outcome.y * data.table["grid_h"].to_numpy(float)[rows], 1),
+                f"{ANSWER}_presence_prob": np.round(outcome.presence, 6)}
+
+    def report_lines(self, data, cfg, outcome: LocOutcome) -> List[str]:
+        heads = list(outcome.report)
+        lines = ["", f"Localisation ({data.heads[NAME].spec} maps, {cfg.train.loc.decode}; errors in pixels of the "
+                 "coordinate grid, nodule images only):", "",
+                 "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for metric in outcome.report["heatmap"]:
+            cells = [format_entry(outcome.report[h].get(metric)) for h in heads]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        return lines
+
+    def metrics(self, outcome: LocOutcome) -> Dict[str, Any]:
+        return {**outcome.report, "froc_curves": outcome.froc_curves}
+
+    def plots(self, folder: Path, data, outcome: LocOutcome, plt) -> List[str]:
+        return _gallery(folder, data, outcome, plt) + _froc_plot(folder, outcome, plt)
+
+
+def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
+    """FROC curves of the localisation head's candidates and of the pooled head's single position."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, hit, title in zip(axes, ("radius", "100px"), ("hit: within the nodule's radius", "hit: within 100 px")):
+        for head, curves in loc.froc_curves.items():
+            fpi, sens = curves.get(f"froc_{hit}_curve", ([], []))
+            ax.step(fpi, sens, where="post", label=head)
+        ax.set_xscale("log", base=2)  # FROC's usual axis: each tick doubles the false positives
+        ticks = [2.0 ** k for k in range(-4, 4)]
+        ax.set_xlim(ticks[0], ticks[-1])
+        ax.set_xticks(ticks, ["1/16", "1/8"] + [f"{t:g}" for t in ticks[2:]])
+        ax.minorticks_off()
+        ax.set_xlabel("false positives per image")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("sensitivity (nodules found)")
+    fig.suptitle("FROC of the out-of-fold nodule candidates", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(folder / "froc.png", dpi=110)
+    plt.close(fig)
+    return ["froc.png"]
+
+
+def _gallery(folder: Path, data, loc: LocOutcome, plt, n: int = 8) -> List[str]:
+    """Out-of-fold examples of the localisation head, drawn by the one overlay routine."""
+    from .images import read_image
+    from .plots import draw_overlay
+
+    root = Path(str(data.cache_attrs.get("data_root", "")))
+    relpaths = data.table.get("relpath")
+    first_rows = loc.rows[:len(loc.scores)]
+    nodules = [i for i, r in enumerate(first_rows) if np.isfinite(data.table["x"].iloc[r])]
+    # evenly spread over the rows, not the first few: JSRT lists its most obvious nodules first
+    nodules = [nodules[int(k)] for k in np.unique(np.linspace(0, len(nodules) - 1, min(n, len(nodules))).round())]
+    if not nodules or relpaths is None:
+        return []
+    fig, axes = plt.subplots(2, (len(nodules) + 1) // 2, figsize=(3 * ((len(nodules) + 1) // 2), 6.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), nodules):
+        r = first_rows[i]
+        try:
+            image = read_image(root / relpaths.iloc[r])
+        except PipelineError:
+            return []
+        gw, gh = data.table["grid_w"].iloc[r], data.table["grid_h"].iloc[r]
+        tx, ty = data.table["x"].iloc[r] / gw, data.table["y"].iloc[r] / gh
+        err = np.hypot((loc.x[i] - tx) * gw, (loc.y[i] - ty) * gh)
+        draw_overlay(ax, image, loc.scores[i], (loc.x[i], loc.y[i]), (tx, ty),
+                     f"{data.table['id'].iloc[r]}: {err:.0f} px", predicted_label="the head's answer")
+    fig.suptitle("Localisation head, out-of-fold: each image scored by the fold model that never saw it",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "localisation_gallery.png", dpi=100)
+    plt.close(fig)
+    return ["localisation_gallery.png"]
+
+
+register_head(LocPlugin())
