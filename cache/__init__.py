@@ -23,11 +23,11 @@ from .journal import BatchRecord, Journal, JournalPlan, discard
 from .lock import cache_lock, close_inherited_locks
 from .merge import find_shards, merge_shards
 from .reader import CachedFeatures, FeatureCache, match_spec
-from .schema import GROUPS, ids_sha256, image_set_sha256, labels_sha256
+from .schema import GROUPS, EntryKey, ids_sha256, image_set_sha256, labels_sha256
 from .writer import CacheContent, ImageTable, NewArray, write_cache
 
-__all__ = ["BatchRecord", "CachedFeatures", "CacheUpdate", "FeatureCache", "GROUPS", "ImageTable", "Journal",
-           "NewArray", "close_inherited_locks", "find_shards", "labels_match", "match_spec", "merge_shards",
+__all__ = ["BatchRecord", "CachedFeatures", "CacheUpdate", "EntryKey", "FeatureCache", "GROUPS", "ImageTable",
+           "Journal", "NewArray", "close_inherited_locks", "find_shards", "labels_match", "match_spec", "merge_shards",
            "shard_path", "sidecar_config_path", "ids_sha256"]
 
 

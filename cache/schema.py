@@ -106,6 +106,25 @@ def strings(values: Iterable[object]) -> List[str]:
     return ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values]
 
 
+class EntryKey(str):
+    """A cached entry's key, 'group/spec' (features/densenet161, spatial/lite0): built and split here alone. A str,
+    so journals and logs hold it as text, as they always have."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, group: str, spec: str) -> "EntryKey":
+        return cls(f"{group}/{spec}")
+
+    @property
+    def group(self) -> str:
+        return self.split("/", 1)[0]
+
+    @property
+    def spec(self) -> str:
+        return self.split("/", 1)[1]
+
+
 def entry_name(spec: str) -> str:
     """The HDF5 name of a backbone's dataset: its spec, with '/' (which HDF5 reads as a group, and Hugging Face
     ids hold) and '%' percent-encoded; specs without them (every spec before schema 1's hf: family) are

@@ -14,9 +14,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torch import nn
+from cache import EntryKey
 
 from .backbones import BackboneInfo, check_offline_weights, create_backbone, spatial_backbone
 from .config import SpatialConfig
@@ -127,9 +128,9 @@ class LoadedBackbone:
     stage: Union[int, List[int], None] = None  # spatial: the stage, or the stages, of the maps
 
     @property
-    def key(self) -> str:
+    def key(self) -> EntryKey:
         """Where its output lives in the cache: features/<spec> or spatial/<spec>."""
-        return f"{self.group}/{self.info.spec}"
+        return EntryKey.of(self.group, self.info.spec)
 
     @property
     def name(self) -> str:

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from cache import (GROUPS, BatchRecord, CacheUpdate, FeatureCache, ImageTable, Journal, NewArray, labels_match,
-                   shard_path)
+from cache import (GROUPS, BatchRecord, CacheUpdate, EntryKey, FeatureCache, ImageTable, Journal, NewArray,
+                   labels_match, shard_path)
 from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.data import FILE_COLUMNS, load_dataset
@@ -101,7 +101,7 @@ class Images:
 class Existing:
     """What an existing cache file means for this run."""
 
-    pending: Dict[str, LoadedBackbone]
+    pending: Dict[EntryKey, LoadedBackbone]
     up_to_date: List[str] = field(default_factory=list)
     keep: Dict[str, List[str]] = field(default_factory=dict)
     hashes: Optional[np.ndarray] = None
@@ -156,7 +156,7 @@ def _compare(out_path: Path, now: Images, labels: Dict[str, np.ndarray], backbon
         state = Existing(pending={}, hashes=_check_images(old, now), bad=old.bad,
                          error=old.image_column("error").astype(object))
         state.labels_changed = not labels_match(old, labels)
-        cached = {f"{group}/{spec}": entry for group in (GROUPS.features, GROUPS.spatial)
+        cached = {EntryKey.of(group, spec): entry for group in (GROUPS.features, GROUPS.spatial)
                   for spec, entry in old.entries(group).items()}
         for key, lb in backbones.items():
             reusable = old.made_as(lb.info.spec, lb.provenance, lb.group)
@@ -169,9 +169,9 @@ def _compare(out_path: Path, now: Images, labels: Dict[str, np.ndarray], backbon
                                  "another --cache")
             else:
                 state.up_to_date.append(lb.name)
-        state.keep = {group: [k.split("/", 1)[1] for k in cached if k.startswith(group + "/") and
-                              k not in state.pending] for group in (GROUPS.features, GROUPS.spatial)}
-        available = {k.split("/", 1)[1] for k in cached if k.startswith(GROUPS.features + "/")} | \
+        state.keep = {group: [k.spec for k in cached if k.group == group and k not in state.pending]
+                      for group in (GROUPS.features, GROUPS.spatial)}
+        available = {k.spec for k in cached if k.group == GROUPS.features} | \
             {lb.info.spec for lb in state.pending.values() if lb.group == GROUPS.features}
         present = set(old.fused_names())
         state.fused_missing = any(name not in present and set(members) <= available

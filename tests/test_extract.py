@@ -273,3 +273,11 @@ def test_progress_files_are_packed_into_segments_and_resume_from_them(synthetic_
     path = tmp_path / "c.h5"
     extract_features(synthetic_master, path, tiny_config(), progress=False)  # 6 batches: packed as it goes
     assert_same_cache(path, reference)
+
+
+def test_an_entry_key_is_built_and_split_in_one_place_even_for_specs_with_slashes():
+    from cache import GROUPS, EntryKey
+
+    key = EntryKey.of(GROUPS.spatial, "hf:microsoft/rad-dino")
+    assert key == "spatial/hf:microsoft/rad-dino" and (key.group, key.spec) == ("spatial", "hf:microsoft/rad-dino")
+    assert {key: 1}["spatial/hf:microsoft/rad-dino"] == 1  # as text in journals and logs
