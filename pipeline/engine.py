@@ -180,15 +180,25 @@ def pooled_family(data: TrainData, splits: Sequence[Split]):
     return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
 
 
+def fit_pooled(data: TrainData, sections: Sequence, splits: Sequence[Split], desc: str,
+               progress: Progress = no_progress, keep_state: bool = False, device: str = "auto"):
+    """Every train section (one configuration's `train`) trained on every split as one stack: (the family, its
+    results config-major: sections[c] on splits[s] at c * len(splits) + s). Cross-validation, label efficiency,
+    the refit and sweeps all train the Res-MTNet head through here."""
+    family = pooled_family(data, splits)
+    for section in sections:
+        family.check(section)
+    jobs = [Job(section, s) for section in sections for s in range(len(splits))]
+    with progress(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
+        results = train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)
+    return family, results
+
+
 def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:
     """Train one configuration on every split; evaluate it and the baselines on the same splits."""
     splits, names = make_splits(data.table, data.rows, cfg.eval, inner_val_fraction(cfg))
-    family = pooled_family(data, splits)
-    family.check(cfg.train)
     clock = time.perf_counter()
-    with progress(len(splits) * cfg.train.epochs, "train-heads", rows=_rows_per_epoch(splits)) as tick:
-        results = train_jobs(family, [Job(cfg.train, s) for s in range(len(splits))], progress=tick,
-                             device=cfg.train.device)
+    family, results = fit_pooled(data, [cfg.train], splits, "train-heads", progress, device=cfg.train.device)
     timings = {"train": time.perf_counter() - clock,
                "train_row_epochs": float(sum(len(r.history["train_loss"]) * len(s.train)
                                              for r, s in zip(results, splits)))}
@@ -248,10 +258,7 @@ def label_efficiency(data: TrainData, cfg: Config, splits: Sequence[Split], name
                 rows = split.train[np.array([p in chosen for p in g.tolist()], dtype=bool)]
                 jobs.append(Split(train=rows, test=split.test, val=split.val, key=split.key))
                 where.append((str(size), repeat, s, len(chosen)))
-    family = pooled_family(data, jobs)
-    with progress(len(jobs) * cfg.train.epochs, "label efficiency", rows=_rows_per_epoch(jobs)) as tick:
-        results = train_jobs(family, [Job(cfg.train, i) for i in range(len(jobs))], progress=tick,
-                             device=cfg.train.device)
+    family, results = fit_pooled(data, [cfg.train], jobs, "label efficiency", progress, device=cfg.train.device)
     out: Dict[str, object] = {}
     for size in dict.fromkeys(str(x) for x in cfg.eval.train_sizes):
         entry: Dict[str, object] = {"repeats": {}}
@@ -288,9 +295,8 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     (median best epoch of its splits; the configured count without early stopping)."""
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
     tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
-    family = pooled_family(data, [split])
-    with progress(tcfg.epochs, "refit", rows=float(len(split.train))) as tick:
-        (result,) = train_jobs(family, [Job(tcfg, 0)], keep_state=True, progress=tick, device=cfg.train.device)
+    family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,
+                                   device=cfg.train.device)
     from .model import export_head as export_pooled
 
     tensors, pooled_spec = export_pooled(result.state, family.prep, data.rows, tcfg.hidden, tcfg.blocks,

@@ -21,14 +21,14 @@ import pandas as pd
 import yaml
 
 from pipeline.config import Config, build, validate_config, dump_config, load_yaml, set_dotted
-from pipeline.engine import TrainData, inner_val_fraction, load_train_data, pooled_family
+from pipeline.engine import TrainData, fit_pooled, inner_val_fraction, load_train_data
 from pipeline.errors import ConfigError
 from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
                                task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
 from pipeline.heads import enabled_heads, head_families
 from pipeline.tasks import metric_direction
-from pipeline.train import Job, Split, fixed_epochs, mean_curve, train_jobs, validated_epochs
+from pipeline.train import Split, fixed_epochs, mean_curve, validated_epochs
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -164,12 +164,8 @@ class Validated:
 def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], spec: SweepSpec, bars,
                      device: str, norms: Dict[str, np.ndarray]) -> List[Validated]:
     """Train every configuration on every fold as one stack and score each on its folds' validation rows."""
-    family = pooled_family(data, splits)
-    for c in cfgs:
-        family.check(c.train)
-    jobs = [Job(c.train, s) for c in cfgs for s in range(len(splits))]
-    with bars(sum(j.cfg.epochs for j in jobs), f"sweep {len(cfgs)} configs") as tick:
-        results = train_jobs(family, jobs, progress=tick, device=device)
+    family, results = fit_pooled(data, [c.train for c in cfgs], splits, f"sweep {len(cfgs)} configs", bars,
+                                 device=device)
     # every enabled head family, each configuration on each fold: (metrics of (c, s), validated epochs of c)
     families = [(plugin, *plugin.validate(data, cfgs, splits, bars)) for plugin, _ in enabled_heads(cfgs[0])]
     out = []
@@ -264,9 +260,8 @@ def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarra
                   norms: Dict[str, np.ndarray], spec: SweepSpec) -> Dict[str, Dict[str, float]]:
     """The winner retrained on all development rows for its validated epoch count, scored once on the test rows."""
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    tcfg = fixed_epochs(cfg.train, epochs)
-    family = pooled_family(data, [split])
-    (res,) = train_jobs(family, [Job(tcfg, 0)], device=cfg.train.device)
+    family, (res,) = fit_pooled(data, [fixed_epochs(cfg.train, epochs)], [split], "winner",
+                                device=cfg.train.device)
     return _task_scores(data, family.prep.decode(res.outputs[test_rows], 0), test_rows, norms)
 
 
