@@ -21,7 +21,7 @@ LINKS = 50_000
 def write_copy(out: Path, images: int) -> Path:
     """NIH's Data_Entry_2017.csv, the two split lists and `images` 16 x 16 PNGs (hard links to a few files written
     once: a file system allows some 65,000 links to one file)."""
-    from pipeline.datasets import NIH_FINDINGS
+    from pipeline.data.datasets import NIH_FINDINGS
 
     folder = out / "images_001" / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=Path("nih-bench"))
     args = parser.parse_args()
-    from pipeline.data import load_dataset
+    from pipeline.data.table import load_dataset
 
     root = write_copy(args.out, args.images)
     result = {"images": args.images}

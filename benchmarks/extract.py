@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load_dataset  # noqa: E402
-from pipeline.extraction import Extractor, load_backbones  # noqa: E402
+from pipeline.data.table import load_dataset  # noqa: E402
+from pipeline.features.extraction import Extractor, load_backbones  # noqa: E402
 from pipeline.runtime import pick_device  # noqa: E402
 from stages.extract import extract_features, weights_by_name  # noqa: E402
 
@@ -96,7 +96,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(res
 
 
 def memory(args) -> dict:
-    from pipeline.synthetic import make_synthetic
+    from pipeline.data.synthetic import make_synthetic
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,8 @@ def stage_one(data: Path, cache: Path, cfg, repeats: int) -> dict:
     """Extraction loop and whole command against the forward bound, interleaved; medians and ratios."""
     import torch
 
-    from pipeline.data import load_dataset
-    from pipeline.extraction import Extractor, load_backbones
+    from pipeline.data.table import load_dataset
+    from pipeline.features.extraction import Extractor, load_backbones
     from pipeline.runtime import pick_device
     from stages.extract import extract_features, weights_by_name
 
@@ -67,7 +67,7 @@ def stage_one(data: Path, cache: Path, cfg, repeats: int) -> dict:
 
 
 def stage_two(cache: Path, cfg, sweep: Path, n_configs, repeats: int) -> dict:
-    from pipeline.engine import cross_validate, load_train_data
+    from pipeline.evaluation.engine import cross_validate, load_train_data
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from train import sweep_times  # benchmarks/train.py: the same sweep measurement as on the CPU
@@ -102,7 +102,7 @@ def main() -> None:
               "torch": torch.__version__, "cores": runtime.available_cores()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
-            from pipeline.synthetic import make_synthetic
+            from pipeline.data.synthetic import make_synthetic
 
             data = make_synthetic(Path(tmp) / "data", n_images=24, image_size=64, seed=0)
             tiny = ["timm:test_efficientnet", "timm:test_resnet"]

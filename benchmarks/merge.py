@@ -3,7 +3,7 @@
     python benchmarks/merge.py                                  # 64 shards x ~1,500 rows x 4768 (96,000 rows)
     python benchmarks/merge.py --shards 8 --rows 12000 --dim 512
 
-Writes the shard files a sharded extraction would (`pipeline.synthetic.write_feature_cache` with a shard:
+Writes the shard files a sharded extraction would (`pipeline.data.synthetic.write_feature_cache` with a shard:
 the batches b with b % shards == index, through the cache's public writer), then times
 `extract-features merge` as a fresh process: seconds, peak resident memory (its own rusage) against the
 merged matrix's size (flat: the rows are streamed), and checks the merged features equal a single-process
@@ -35,7 +35,7 @@ def main() -> None:
     import numpy as np
 
     from cache import FeatureCache, shard_path
-    from pipeline.synthetic import write_feature_cache
+    from pipeline.data.synthetic import write_feature_cache
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="resmtnet-merge-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python benchmarks/scale.py --rows 10000 30000 100000            # D = 4768, configs/large.yaml, 2 epochs
     python benchmarks/scale.py --rows 3000 --dim 512 --epochs 1     # a quick look
 
-Each cache is written through the cache's public writer (`pipeline.synthetic.write_feature_cache`: a real
+Each cache is written through the cache's public writer (`pipeline.data.synthetic.write_feature_cache`: a real
 cache with the paper's label columns), then `train-heads --config large` runs as a fresh process with a fixed
 epoch count (early stopping off, so sizes compare). Per N: peak resident memory of that process (its own
 rusage) against the feature matrix's size and the bound of 1.5 x the matrix + 1.5 GiB, the command's seconds,
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run")
     args = parser.parse_args()
 
-    from pipeline.synthetic import write_feature_cache
+    from pipeline.data.synthetic import write_feature_cache
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="resmtnet-scale-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     python benchmarks/study.py --rows 5000 --dim 1024 --configs 8
 
-Writes a synthetic cache (pipeline.synthetic.write_feature_cache), then runs the same 8-configuration grid
+Writes a synthetic cache (pipeline.data.synthetic.write_feature_cache), then runs the same 8-configuration grid
 through a journal-file study twice: one worker with --batch K (all K configurations x folds trained as one
 stack), and K worker processes one after another with --trials 1 --batch 1 (as a SLURM array of one trial per
 task would). Prints one JSON line with both wall times (process start included) and their ratio.
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("study-bench"))
     args = parser.parse_args()
-    from pipeline.synthetic import write_feature_cache
+    from pipeline.data.synthetic import write_feature_cache
 
     args.out.mkdir(parents=True, exist_ok=True)
     cache = write_feature_cache(args.out / "c.h5", args.rows, args.dim, seed=0)

@@ -129,7 +129,7 @@ def main() -> None:
 
     runtime.configure(None)
     from pipeline.config import load_config, parse_set_options
-    from pipeline.engine import cross_validate, load_train_data
+    from pipeline.evaluation.engine import cross_validate, load_train_data
 
     cfg = load_config("paper", parse_set_options(args.sets))
     data = load_train_data(cache, cfg)
@@ -146,9 +146,9 @@ def main() -> None:
 
 def sweep_times(data, cfg, sweep: Path, n_configs) -> dict:
     """Configurations x 5 folds stacked, against one configuration at a time (its folds stacked)."""
-    from pipeline.engine import pooled_family
-    from pipeline.evaluate import make_splits
-    from pipeline.train import Job, train_jobs
+    from pipeline.evaluation.engine import pooled_family
+    from pipeline.evaluation.evaluate import make_splits
+    from pipeline.heads.train import Job, train_jobs
     from stages.sweep import config_variants, configurations, load_sweep
 
     choices = configurations(load_sweep(sweep))[:n_configs]

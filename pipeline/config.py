@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 def config_dir() -> Path:
@@ -375,7 +375,7 @@ CHOICES: Dict[str, tuple] = {
     "train.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.decode": ("argmax", "softargmax"),
-    # the built-in names of pipeline.weighting.WEIGHTINGS: no torch import for them (REGISTRIES for the others)
+    # the built-in names of pipeline.heads.weighting.WEIGHTINGS: no torch import for them (REGISTRIES for the others)
     "train.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
     "train.loc.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
     "extract.interpolation": ("bilinear", "bicubic", "nearest"),
@@ -385,10 +385,10 @@ CHOICES: Dict[str, tuple] = {
 #: CHOICES keys whose names are a registry's: a name outside the built-ins above is looked up in the registry (its
 #: module imported only then), so an entry registered by a plugin, or added to the registry alone, is valid too.
 REGISTRIES: Dict[str, Tuple[str, str]] = {
-    "eval.protocol": ("pipeline.evaluate", "PROTOCOLS"),
-    "tables.protocols": ("pipeline.evaluate", "PROTOCOLS"),
-    "train.loss_weighting": ("pipeline.weighting", "WEIGHTINGS"),
-    "train.loc.loss_weighting": ("pipeline.weighting", "WEIGHTINGS"),
+    "eval.protocol": ("pipeline.evaluation.evaluate", "PROTOCOLS"),
+    "tables.protocols": ("pipeline.evaluation.evaluate", "PROTOCOLS"),
+    "train.loss_weighting": ("pipeline.heads.weighting", "WEIGHTINGS"),
+    "train.loc.loss_weighting": ("pipeline.heads.weighting", "WEIGHTINGS"),
 }
 
 
@@ -428,7 +428,7 @@ def validate_config(cfg: Config, where: str = "config") -> Config:
     try:
         cfg.train.check()
         if cfg.train.heads:  # families beyond the built-in: their names and settings, through their registry
-            from .heads import enabled_heads
+            from pipeline.heads.plugin import enabled_heads
 
             for plugin, section in enabled_heads(cfg):
                 plugin.check(section, f"train.heads.{plugin.name}")

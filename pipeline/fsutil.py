@@ -89,7 +89,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 @contextlib.contextmanager
 def staged_dir(out: PathLike, overwrite: bool) -> Iterator[Path]:
     """A temporary folder renamed to `out` on success (replacing it only with `overwrite`)."""
-    from .errors import PipelineError
+    from pipeline.errors import PipelineError
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -1,6 +1,6 @@
 """The registered backbones by name: data only (no torch), so that readers of a cache can resolve names.
 
-pipeline.backbones builds them; cache.reader resolves the names a user types ('densenet161') to the specs
+pipeline.features.backbones builds them; cache.reader resolves the names a user types ('densenet161') to the specs
 the cache stores ('timm:densenet161.tv_in1k') without importing torch or any model library.
 """
 from __future__ import annotations

@@ -98,7 +98,7 @@ def configure(threads: Optional[int] = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; never open a window
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # pipeline.images refuses images above its own, lower limit from the header
+    Image.MAX_IMAGE_PIXELS = None  # pipeline.data.images refuses images above its own, lower limit from the header
     import torch
 
     torch.set_num_threads(n)
@@ -141,7 +141,7 @@ def pick_device(name: str = "auto", key: str = "device"):
     clear error naming the config key."""
     import torch
 
-    from .errors import ConfigError
+    from pipeline.errors import ConfigError
 
     if name == "auto":
         if torch.cuda.is_available():

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

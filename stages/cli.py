@@ -120,11 +120,11 @@ def main() -> None:
 def synthetic_cmd(out: Path, layout: str, n_images: int, image_size: int, seed: int) -> None:
     """Write a synthetic data set: JSRT's Kaggle layout with known nodules, or a field data set's format."""
     if layout == "kaggle":
-        from pipeline.synthetic import make_synthetic
+        from pipeline.data.synthetic import make_synthetic
 
         path = make_synthetic(out, n_images=n_images, image_size=image_size, seed=seed)
     else:
-        from pipeline.synthetic_datasets import write_layout
+        from pipeline.data.synthetic_datasets import write_layout
 
         path = write_layout(layout, out, patients=max(1, n_images // 3), per_patient=min(3, n_images),
                             size=image_size, seed=seed)
@@ -164,7 +164,7 @@ def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool)
     Run it once on a machine with network (a login node); compute nodes with the same HF_HOME and TORCH_HOME
     then run with HF_HUB_OFFLINE=1.
     """
-    from pipeline.backbones import fetch_weights
+    from pipeline.features.backbones import fetch_weights
 
     cfg = load_config(config_path)
     names = list(backbones) or list(dict.fromkeys(cfg.extract.backbones + cfg.tables.resmtnet + cfg.tables.backbones))
@@ -187,7 +187,7 @@ def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool)
 def inspect_data_cmd(data: Path, labels: Optional[Path]) -> None:
     """Load a data set and print every label column (kind, counts, missing) and its patients (checks every row
     and image header)."""
-    from pipeline.data import describe, load_dataset
+    from pipeline.data.table import describe, load_dataset
 
     table = load_dataset(data, labels=str(labels) if labels else None)
     for line in describe(table):

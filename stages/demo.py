@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict
 
 from pipeline.config import load_config
-from pipeline.synthetic import make_synthetic
+from pipeline.data.synthetic import make_synthetic
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.tables import reproduce_tables

@@ -21,9 +21,9 @@ from cache import (GROUPS, BatchRecord, CacheUpdate, EntryKey, FeatureCache, Ima
                    labels_match, shard_path)
 from pipeline import __version__
 from pipeline.config import Config, dump_config
-from pipeline.data import FILE_COLUMNS, load_dataset
+from pipeline.data.table import FILE_COLUMNS, load_dataset
 from pipeline.errors import CacheError, ConfigError
-from pipeline.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, read_error
+from pipeline.features.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, read_error
 from pipeline.fsutil import sha256_file
 from pipeline.runtime import pick_device
 from stages.progress import progress as progress_bar
@@ -334,7 +334,7 @@ def _relpath(path: Path, root: Path) -> str:
 
 
 def _resolve_all(members: Sequence[str]) -> List[str]:
-    from pipeline.backbones import parse_spec
+    from pipeline.features.backbones import parse_spec
 
     return [parse_spec(m).spec for m in members]
 

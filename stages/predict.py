@@ -15,18 +15,18 @@ import numpy as np
 import pandas as pd
 
 from cache import FeatureCache
-from pipeline.backbones import create_backbone, parse_spec, spatial_backbone
-from pipeline.data import IMAGE_SUFFIXES
+from pipeline.data.table import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
-from pipeline.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
+from pipeline.features.backbones import create_backbone, parse_spec, spatial_backbone
+from pipeline.features.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
+from pipeline.features.preprocess import Preprocess, provenance_sha256
 from pipeline.fsutil import atomic_write_text, sha256_file
-from pipeline.head import read_head
-from pipeline.heads import Applied, head_families
-from pipeline.model import Layout, PooledHead
-from pipeline.model import load_head as load_pooled_head
-from pipeline.preprocess import Preprocess, provenance_sha256
+from pipeline.heads.artefact import read_head
+from pipeline.heads.model import Layout, PooledHead
+from pipeline.heads.model import load_head as load_pooled_head
+from pipeline.heads.plugin import Applied, head_families
+from pipeline.heads.tasks import TaskSpec
 from pipeline.runtime import pick_device
-from pipeline.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -301,15 +301,15 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
 
 def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, maps: Applied,
                    truth: Dict[int, tuple], grid: Sequence[float]) -> List[Path]:
-    """One PNG per image, drawn by the one overlay routine (pipeline.plots.draw_overlay): what the image's row
-    says (the answer's centre only where nodule_found), the score map and candidates of the head part `maps`
+    """One PNG per image, drawn by the one overlay routine (pipeline.evaluation.plots.draw_overlay): what the image's
+    row says (the answer's centre only where nodule_found), the score map and candidates of the head part `maps`
     (Applied.overlay: best first, re-scored by a second stage where the head has one) beside it."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PipelineError("--overlay needs matplotlib: pip install -e '.[plots]'") from None
-    from pipeline.images import read_image
-    from pipeline.plots import draw_overlay
+    from pipeline.data.images import read_image
+    from pipeline.evaluation.plots import draw_overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -347,7 +347,7 @@ def _column(task: TaskSpec, key: str) -> str:
 
 def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],
            from_cache: List[bool]) -> pd.DataFrame:
-    from pipeline.images import probe_image
+    from pipeline.data.images import probe_image
 
     grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
     names = {t.name for t in head.layout.tasks}

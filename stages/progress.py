@@ -50,7 +50,7 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch",
 
 
 def progress_bars(enabled: bool):
-    """A pipeline.engine.Progress for the stage-two loops: bar(total, description) yields tick(n)."""
+    """A pipeline.evaluation.engine.Progress for the stage-two loops: bar(total, description) yields tick(n)."""
     def bar(total: int, desc: str, rows: float = 0.0):
         return progress(total, desc, enabled, rows=rows)
     return bar

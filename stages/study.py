@@ -33,11 +33,11 @@ import numpy as np
 
 from cache import ids_sha256
 from pipeline.config import Config
-from pipeline.engine import load_train_data
 from pipeline.errors import ConfigError
-from pipeline.evaluate import regression_norms
+from pipeline.evaluation.engine import load_train_data
+from pipeline.evaluation.evaluate import regression_norms
 from pipeline.fsutil import process_running
-from pipeline.head import WINNER
+from pipeline.heads.artefact import WINNER
 from stages.progress import progress_bars
 from stages.sweep import (SweepSpec, config_variants, configurations, development_split, load_sweep, rank_direction,
                           sweep_splits, validate_configs)

@@ -21,14 +21,14 @@ import pandas as pd
 import yaml
 
 from pipeline.config import Config, build, validate_config, dump_config, load_yaml, set_dotted
-from pipeline.engine import TrainData, fit_pooled, inner_val_fraction, load_train_data
 from pipeline.errors import ConfigError
-from pipeline.evaluate import (make_splits, regression_norms, split_groups, stratified_subset, stratify_labels,
-                               task_metrics)
+from pipeline.evaluation.engine import TrainData, fit_pooled, inner_val_fraction, load_train_data
+from pipeline.evaluation.evaluate import (make_splits, regression_norms, split_groups, stratified_subset,
+                                          stratify_labels, task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.heads import enabled_heads, head_families
-from pipeline.tasks import metric_direction
-from pipeline.train import Split, fixed_epochs, mean_curve, validated_epochs
+from pipeline.heads.plugin import enabled_heads, head_families
+from pipeline.heads.tasks import metric_direction
+from pipeline.heads.train import Split, fixed_epochs, mean_curve, validated_epochs
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)

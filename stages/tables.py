@@ -20,9 +20,9 @@ import pandas as pd
 
 from cache import FeatureCache
 from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
-from pipeline.engine import MODEL_NAME, cross_validate, load_train_data
 from pipeline.errors import CacheError
-from pipeline.evaluate import scores_training_rows, size_bin_labels
+from pipeline.evaluation.engine import MODEL_NAME, cross_validate, load_train_data
+from pipeline.evaluation.evaluate import scores_training_rows, size_bin_labels
 from pipeline.fsutil import staged_dir
 from pipeline.reporting import format_entry, format_number
 from stages.progress import progress_bars

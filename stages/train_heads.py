@@ -1,6 +1,6 @@
 """Stage two, `train-heads`: Res-MTNet on cached features, evaluated with cross-validation beside baselines.
 
-The engine (pipeline.engine) trains and scores; this module writes the run folder. Every output goes into a
+The engine (pipeline.evaluation.engine) trains and scores; this module writes the run folder. Every output goes into a
 temporary folder next to RUN_DIR that is renamed into place at the end, so a killed run never leaves a
 RUN_DIR that looks complete; `run.json` is the last file written.
 """
@@ -18,14 +18,14 @@ import pandas as pd
 
 from pipeline import __version__
 from pipeline.config import Config, dump_config
-from pipeline.engine import MODEL_NAME, CVResult, Refit, TrainData, cross_validate, load_train_data, refit
-from pipeline.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, first_seed_mask, patient_summary,
-                               scores_training_rows, seen_share)
+from pipeline.evaluation.engine import MODEL_NAME, CVResult, Refit, TrainData, cross_validate, load_train_data, refit
+from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, first_seed_mask, patient_summary,
+                                          scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.head import write_head
-from pipeline.heads import head_families
+from pipeline.heads.artefact import write_head
+from pipeline.heads.plugin import head_families
+from pipeline.heads.train import mean_curve
 from pipeline.reporting import format_entry
-from pipeline.train import mean_curve
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)

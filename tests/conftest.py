@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synthetic import make_synthetic
+from pipeline.data.synthetic import make_synthetic
 
 SHARED_JSRT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsrt"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.reader import FeatureCache
-from pipeline.extraction import load_backbones
+from pipeline.features.extraction import load_backbones
 from stages.extract import weights_by_name
 from stages.train_heads import train_heads
 from tests.helpers import TINY, tiny_config, tiny_train_config
@@ -45,3 +45,19 @@ def test_reading_and_merging_caches_needs_no_torch():
                                                             fixture=str(FIXTURE))],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cache_package_imports_only_the_librarys_shared_base():
+    """The layout's rule: cache/ (the file format) sits beside the library's base (config, errors, fsutil, ...)
+    and imports nothing from its sub-packages (data, features, heads, evaluation), which import it."""
+    import ast
+
+    base = {"pipeline", "pipeline.config", "pipeline.errors", "pipeline.fsutil", "pipeline.registry",
+            "pipeline.runtime", "pipeline.reporting", "pipeline.tracking"}
+    repo = Path(__file__).resolve().parents[1]
+    for path in sorted((repo / "cache").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                assert not name.startswith("pipeline") or name in base, f"{path.name} imports {name}"

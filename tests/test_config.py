@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import dump_config, load_config, parse_set_options, set_dotted
+from pipeline.data.labels import load_label_maps
 from pipeline.errors import ConfigError
-from pipeline.labels import load_label_maps
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.data import JSRT_GRID, load_dataset
+from pipeline.data.images import decode_image, read_image
+from pipeline.data.table import JSRT_GRID, load_dataset
 from pipeline.errors import DataError
-from pipeline.images import decode_image, read_image
 from tests.conftest import SHARED_JSRT
 
 META = "jsrt_metadata.csv"

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.data import LAYOUTS, detect_layout, load_dataset
-from pipeline.datasets import CHEXPERT_FINDINGS, NIH_FINDINGS
+from pipeline.data.datasets import CHEXPERT_FINDINGS, NIH_FINDINGS
+from pipeline.data.synthetic import make_synthetic
+from pipeline.data.synthetic_datasets import WRITERS, write_dicom, write_layout
+from pipeline.data.table import LAYOUTS, detect_layout, load_dataset
 from pipeline.errors import ConfigError, DataError
-from pipeline.synthetic import make_synthetic
-from pipeline.synthetic_datasets import WRITERS, write_dicom, write_layout
 from stages.cli import main
 from tests.helpers import TINY
 
@@ -41,7 +41,7 @@ def _jsrt(out):
     return out
 
 
-#: A synthetic copy of every registered layout: a new layout brings its generator (pipeline.synthetic_datasets)
+#: A synthetic copy of every registered layout: a new layout brings its generator (pipeline.data.synthetic_datasets)
 SYNTHETIC = {"kaggle": _kaggle, "jsrt": _jsrt, "manifest": _manifest,
              **{name: (lambda out, name=name: write_layout(name, out, patients=4, per_patient=2, size=32))
                 for name in WRITERS}}
@@ -142,7 +142,7 @@ def test_vindr_majority_of_readers_and_dicom_headers(tmp_path):
 
 
 def test_dicom_modality_lut_window_and_monochrome1(tmp_path):
-    from pipeline.images import probe_image, read_image
+    from pipeline.data.images import probe_image, read_image
 
     ramp = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))  # 8 x 64, stored 0..4032
     plain = read_image(write_dicom(tmp_path / "plain.dcm", ramp))
@@ -179,7 +179,7 @@ def test_a_damaged_dicom_is_one_line_and_skip_bad_skips_it(tmp_path):
 
 
 def _task(**kw):
-    from pipeline.tasks import TaskSpec
+    from pipeline.heads.tasks import TaskSpec
 
     return TaskSpec("findings", "multilabel", kw.pop("column", ""), ("A", "B"), **kw)
 
@@ -343,7 +343,7 @@ def test_synthetic_layouts_from_the_cli_and_inspect_data_shows_the_findings(tmp_
 
 
 def test_nih_and_vindr_boxes_become_localisation_targets(tmp_path):
-    from pipeline.datasets import merge_readers
+    from pipeline.data.datasets import merge_readers
 
     nih = load_dataset(write_layout("nih", tmp_path / "nih", patients=6, per_patient=3, size=64))
     entries = pd.read_csv(tmp_path / "nih" / "BBox_List_2017.csv", header=None, skiprows=1)
@@ -364,7 +364,7 @@ def test_nih_and_vindr_boxes_become_localisation_targets(tmp_path):
 
 
 def test_froc_counts_a_candidate_inside_a_box_as_a_box_hit():
-    from pipeline.localise import froc
+    from pipeline.heads.localise import froc
 
     table = pd.DataFrame({"grid_w": [100.0, 100.0], "grid_h": [100.0, 100.0], "x": [50.0, np.nan],
                           "y": [50.0, np.nan], "size_mm": [np.nan, np.nan],
@@ -397,12 +397,12 @@ def test_the_localisation_head_trains_and_is_scored_on_box_annotations(tmp_path)
 
 
 def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
-    """A toy layout registered from here (as a user adds one in pipeline/datasets.py): images sorted into one folder
-    per finding, marked by a `classes.txt`. extract-features recognises and caches it, train-heads trains on its
+    """A toy layout registered from here (as a user adds one in pipeline/data/datasets.py): images sorted into one
+    folder per finding, marked by a `classes.txt`. extract-features recognises and caches it, train-heads trains on its
     finding."""
     import shutil
 
-    from pipeline.data import LAYOUTS, Layout, Source, _finish, _record, register_layout
+    from pipeline.data.table import LAYOUTS, Layout, Source, _finish, _record, register_layout
     from stages.extract import extract_features
     from stages.train_heads import train_heads
     from tests.helpers import tiny_config, tiny_train_config

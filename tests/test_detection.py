@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.localise import (COORD_CHANNELS, LocData, LocNet, _targets, candidates, froc, head_input,
-                               input_channels)
+from pipeline.heads.localise import (COORD_CHANNELS, LocData, LocNet, _targets, candidates, froc, head_input,
+                                     input_channels)
 
 
 def _table():
@@ -175,7 +175,7 @@ def test_froc_with_ties_is_a_threshold_sweep_whatever_the_row_order():
 
 
 def test_froc_counts_several_lesions_of_one_image():
-    from pipeline.localise import lesions
+    from pipeline.heads.localise import lesions
 
     table = _table()
     image, x, y, radius = lesions(table, np.arange(3), 0.175)
@@ -223,8 +223,8 @@ def test_position_channels_train_refit_and_predict(nodule_cache, tmp_path):
 def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows():
     from types import SimpleNamespace
 
-    from pipeline.loc_head import member_splits
-    from pipeline.train import Split
+    from pipeline.heads.loc_head import member_splits
+    from pipeline.heads.train import Split
     from tests.helpers import tiny_train_config
 
     n = 30  # 15 patients with two images each: a patient's images stay in one fold
@@ -248,7 +248,7 @@ def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows()
 
 def test_stacked_members_score_as_the_mean_of_each_alone():
     from pipeline.config import LocConfig
-    from pipeline.localise import build_net, member_scores
+    from pipeline.heads.localise import build_net, member_scores
 
     cfg = LocConfig(hidden=4, context=1, coords=True, tta_flip=True)
     stacked = build_net(3, cfg, seeds=[1, 2, 3])
@@ -265,7 +265,7 @@ def test_stacked_members_score_as_the_mean_of_each_alone():
 
 @pytest.mark.slow
 def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, tmp_path):
-    from pipeline.head import read_head
+    from pipeline.heads.artefact import read_head
     from stages.predict import predict
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
@@ -284,7 +284,7 @@ def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, tmp_path):
 
 
 def test_candidate_hits_count_as_froc_does():
-    from pipeline.localise import candidate_hits
+    from pipeline.heads.localise import candidate_hits
 
     cx, cy, _ = _cands()
     hits = candidate_hits(_table(), np.arange(3), cx, cy, pixel_mm=0.175)
@@ -293,10 +293,10 @@ def test_candidate_hits_count_as_froc_does():
 
 
 def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, monkeypatch):
-    import pipeline.loc_head as loc_head
-    from pipeline.engine import load_train_data
-    from pipeline.loc_head import fit_localisation
-    from pipeline.train import Split
+    import pipeline.heads.loc_head as loc_head
+    from pipeline.evaluation.engine import load_train_data
+    from pipeline.heads.loc_head import fit_localisation
+    from pipeline.heads.train import Split
     from tests.helpers import tiny_train_config
 
     _, cache = nodule_cache
@@ -352,7 +352,7 @@ def test_rescoring_needs_a_fold_ensemble_and_says_so_before_anything_runs(tmp_pa
 
 @pytest.mark.slow
 def test_the_second_stage_trains_refits_and_predicts(nodule_cache, tmp_path):
-    from pipeline.head import read_head
+    from pipeline.heads.artefact import read_head
     from stages.predict import predict
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
@@ -376,7 +376,7 @@ def test_the_second_stage_trains_refits_and_predicts(nodule_cache, tmp_path):
 
 
 def test_a_head_written_before_an_option_existed_loads_with_it_off():
-    from pipeline.localise import config_of
+    from pipeline.heads.localise import config_of
 
     old = config_of({"hidden": 64, "context": 0, "decode": "argmax", "candidates": 10})  # no coords, no ensemble
     assert (old.coords, old.mirror, old.tta_flip, old.fold_ensemble, old.rescore) == (False, False, False, 0, False)

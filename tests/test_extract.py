@@ -17,11 +17,11 @@ from cache.journal import journal_dir
 from cache.lock import cache_lock
 from cache.merge import find_shards, merge_shards
 from cache.reader import FeatureCache
-from pipeline.backbones import create_backbone
-from pipeline.data import load_dataset
+from pipeline.data.images import read_image, resize
+from pipeline.data.table import load_dataset
 from pipeline.errors import BackboneError, CacheError, DataError
-from pipeline.images import read_image, resize
-from pipeline.preprocess import normalise
+from pipeline.features.backbones import create_backbone
+from pipeline.features.preprocess import normalise
 from stages.extract import extract_features, shard_from_env
 from tests.helpers import TINY, assert_same_cache, tiny_config
 
@@ -59,7 +59,7 @@ def test_cache_holds_features_labels_and_provenance(synthetic_master, reference)
 
 
 def _pre(path):
-    from pipeline.preprocess import Preprocess
+    from pipeline.features.preprocess import Preprocess
 
     with FeatureCache(path) as c:
         p = c.backbones["timm:test_efficientnet.r160_in1k"].attrs["preprocess"]

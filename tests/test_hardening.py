@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache.reader import CachedFeatures, FeatureCache
-from pipeline.backbones import create_backbone
 from pipeline.config import load_config
 from pipeline.errors import BackboneError, CacheError, ConfigError
+from pipeline.features.backbones import create_backbone
 from stages.cli import main
 from stages.extract import extract_features
 from tests.helpers import TINY, assert_same_cache, tiny_config

@@ -1,4 +1,4 @@
-"""A backbone family is one class (pipeline/backbones.py): Hugging Face transformers models, end to end on a
+"""A backbone family is one class (pipeline/features/backbones.py): Hugging Face transformers models, end to end on a
 tiny random DINOv2 saved as a local folder (no network)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cache import FeatureCache
-from pipeline.backbones import FAMILIES, create_backbone, spatial_backbone
+from pipeline.features.backbones import FAMILIES, create_backbone, spatial_backbone
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.train_heads import train_heads

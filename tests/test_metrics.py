@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline.metrics import accuracy, average_precision, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc
+from pipeline.evaluation.metrics import (accuracy, average_precision, bootstrap_counts, confusion, f1_scores, mae, mse,
+                                         roc_auc)
 
 
 @pytest.fixture(params=[0, 1, 2])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cache.reader import FeatureCache
-from pipeline.backbones import REGISTRY, TORCHVISION, create_backbone, parse_spec
+from pipeline.features.backbones import REGISTRY, TORCHVISION, create_backbone, parse_spec
 from stages.extract import extract_features
 from tests.helpers import tiny_config
 
@@ -37,7 +37,7 @@ def _features_of(model, spec: str, size: int) -> np.ndarray:
     """What the library's model with these tensors gives as features: its classifier removed, eval mode."""
     parsed = parse_spec(spec)
     if parsed.library == "torchvision":
-        from pipeline.backbones import _set_module
+        from pipeline.features.backbones import _set_module
 
         _set_module(model, TORCHVISION[parsed.arch].head, torch.nn.Identity())
     else:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.engine import cross_validate, load_train_data
+from pipeline.evaluation.engine import cross_validate, load_train_data
 from stages.cli import main
 from stages.tables import reproduce_tables
 from stages.train_heads import train_heads
@@ -94,7 +94,7 @@ def test_patients_are_never_split_and_one_image_per_patient_keeps_todays_folds()
     import pandas as pd
 
     from pipeline.config import load_config
-    from pipeline.evaluate import make_splits
+    from pipeline.evaluation.evaluate import make_splits
 
     rng = np.random.default_rng(0)
     patients = np.repeat([f"p{i:02d}" for i in range(15)], 4)

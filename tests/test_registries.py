@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.backbones import FAMILIES, create_backbone, spatial_backbone
 from pipeline.config import CHOICES, OptimConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.evaluate import make_splits, scores_training_rows
-from pipeline.tasks import KINDS, TaskSpec
-from pipeline.weighting import WEIGHTINGS
+from pipeline.evaluation.evaluate import make_splits, scores_training_rows
+from pipeline.features.backbones import FAMILIES, create_backbone, spatial_backbone
+from pipeline.heads.tasks import KINDS, TaskSpec
+from pipeline.heads.weighting import WEIGHTINGS
 
 #: A task of each kind over a toy label column (values for 8 rows, one missing).
 KIND_EXAMPLES = {
@@ -26,7 +26,7 @@ KIND_EXAMPLES = {
 
 
 class _Linear:
-    """A stand-in for pipeline.linear's fits: probabilities and values that follow the row index."""
+    """A stand-in for pipeline.evaluation.linear's fits: probabilities and values that follow the row index."""
 
     def __init__(self, n: int):
         self.n = n
@@ -82,9 +82,9 @@ def test_the_config_checks_weightings_by_the_registry_names():
 
 
 def test_a_new_loss_weighting_is_one_registered_class(tiny_cache, tmp_path):
-    """A toy weighting registered from here (as a user adds one in pipeline/weighting.py): equal weights whatever
+    """A toy weighting registered from here (as a user adds one in pipeline/heads/weighting.py): equal weights whatever
     the lambdas. The config accepts its name (from the registry, not from config.CHOICES) and train-heads runs it."""
-    from pipeline.weighting import Weighting
+    from pipeline.heads.weighting import Weighting
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
 
@@ -158,7 +158,7 @@ def test_backbone_family_contract(name, tmp_path):
 
 
 def test_the_protocol_registry_holds_the_configs_built_in_names():
-    from pipeline.evaluate import PROTOCOLS
+    from pipeline.evaluation.evaluate import PROTOCOLS
 
     assert set(CHOICES["eval.protocol"]) <= set(PROTOCOLS)
 
@@ -166,7 +166,7 @@ def test_the_protocol_registry_holds_the_configs_built_in_names():
 def test_a_new_protocol_is_one_registered_entry():
     """A toy protocol (every patient's images tested once, leave-one-patient-out in folds of 5 patients) added
     from here: make_splits runs it, inner validation and patients included, with no other change."""
-    from pipeline.evaluate import PROTOCOLS, Protocol, register_protocol
+    from pipeline.evaluation.evaluate import PROTOCOLS, Protocol, register_protocol
 
     def by_patient(ctx, seed):
         patients = np.unique(ctx.groups)
@@ -241,9 +241,9 @@ class _ToyStage(torch.nn.Module):
 
 
 def test_a_new_backbone_family_is_one_registered_class(synthetic_master, tmp_path):
-    """A toy family registered from here (as a user adds one in pipeline/backbones.py): extract-features caches its
-    features and maps, train-heads trains on them, predict rebuilds it from the recorded facts."""
-    from pipeline.backbones import BackboneRecord, BackboneSpec, Family, WeightsLocation, register_family
+    """A toy family registered from here (as a user adds one in pipeline/features/backbones.py): extract-features
+    caches its features and maps, train-heads trains on them, predict rebuilds it from the recorded facts."""
+    from pipeline.features.backbones import BackboneRecord, BackboneSpec, Family, WeightsLocation, register_family
     from stages.extract import extract_features
     from stages.predict import predict
     from stages.train_heads import train_heads
@@ -282,9 +282,9 @@ def test_a_new_backbone_family_is_one_registered_class(synthetic_master, tmp_pat
 
 
 def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
-    """A toy kind registered from here (as a user adds one in pipeline/tasks.py): a regression trained with an L1
+    """A toy kind registered from here (as a user adds one in pipeline/heads/tasks.py): a regression trained with an L1
     loss. train-heads trains, scores and reports it, and predict decodes it, with no other change."""
-    from pipeline.tasks import Regression
+    from pipeline.heads.tasks import Regression
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
 
@@ -301,7 +301,7 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
             "train.tasks": ["state", "size"], "train.task_kinds": {"size": "l1"}}), progress=False)
         size = summary.metrics["models"]["res-mtnet"]["overall"]["size"]
         assert {"mse", "mae"} <= set(size) and np.isfinite(size["mae"]["pooled"])
-        from pipeline.head import read_head
+        from pipeline.heads.artefact import read_head
 
         spec, _ = read_head(tmp_path / "run")
         assert [t["kind"] for t in spec["tasks"] if t["name"] == "size"] == ["l1"]
@@ -312,7 +312,7 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
 def test_every_head_family_keeps_the_contract():
     """Every registered head family (the built-in localisation head, and any plugin): a name and an artefact key,
     off by default, answers only roles predict knows, metric directions of +1 or -1."""
-    from pipeline.heads import HeadPlugin, head_families
+    from pipeline.heads.plugin import HeadPlugin, head_families
 
     cfg = load_config(None)
     for name, plugin in head_families().items():
@@ -330,9 +330,9 @@ def _probe_family():
 
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.evaluate import OutOfFold
-    from pipeline.heads import Applied, HeadPlugin
-    from pipeline.metrics import roc_auc
+    from pipeline.evaluation.evaluate import OutOfFold
+    from pipeline.heads.plugin import Applied, HeadPlugin
+    from pipeline.evaluation.metrics import roc_auc
 
     @dataclass
     class ProbeSettings:
@@ -411,7 +411,7 @@ def _probe_family():
 
 @pytest.fixture()
 def probe_family():
-    from pipeline.heads import HEADS, register_head
+    from pipeline.heads.plugin import HEADS, register_head
 
     yield register_head(_probe_family())
     HEADS.pop("probe")

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.config import load_config
+from pipeline.data.synthetic import write_feature_cache
 from pipeline.errors import CacheError, ConfigError
-from pipeline.synthetic import write_feature_cache
 from stages.cli import main
 
 SPEC = "synthetic:features"
@@ -49,18 +49,18 @@ def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path, monkeypatch
     predictions kept (rows x outputs): one more copy of the matrix (29 MiB) anywhere would exceed it (the old
     data path made 10, and float64 ones). (Below D rows the row-space fit's temporaries are O(D^2), within the
     fixed allowance.)"""
-    import pipeline.linear
-    import pipeline.metrics
-    import pipeline.model
-    import pipeline.train
-    from pipeline.engine import cross_validate, load_train_data
+    import pipeline.evaluation.linear
+    import pipeline.evaluation.metrics
+    import pipeline.heads.model
+    import pipeline.heads.train
+    from pipeline.evaluation.engine import cross_validate, load_train_data
 
     n, d = 5000, 1536
     cache = write_feature_cache(tmp_path / "w.h5", n, d, seed=2, spec=SPEC)
     allowance = 1 << 20
-    for module, name in ((pipeline.model, "BLOCK_BYTES"), (pipeline.linear, "PRIMAL_BLOCK_BYTES"),
-                         (pipeline.linear, "DENSE_BYTES"), (pipeline.metrics, "BOOTSTRAP_BYTES"),
-                         (pipeline.train, "EVAL_BYTES")):
+    for module, name in ((pipeline.heads.model, "BLOCK_BYTES"), (pipeline.evaluation.linear, "PRIMAL_BLOCK_BYTES"),
+                         (pipeline.evaluation.linear, "DENSE_BYTES"), (pipeline.evaluation.metrics, "BOOTSTRAP_BYTES"),
+                         (pipeline.heads.train, "EVAL_BYTES")):
         monkeypatch.setattr(module, name, allowance)
     cfg = _config(**{"train.tasks": ["state", "presence", "x"]})  # one task of each kind
     _warm_up()
@@ -82,8 +82,8 @@ def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path, monkeypatch
 
 
 def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache):
-    from pipeline.engine import load_train_data, pooled_family
-    from pipeline.evaluate import make_splits
+    from pipeline.evaluation.engine import load_train_data, pooled_family
+    from pipeline.evaluation.evaluate import make_splits
 
     cfg = _config(**{"train.feature_dtype": "float16"})
     data = load_train_data(wide_cache, cfg)
@@ -101,7 +101,7 @@ def test_an_over_large_request_stops_with_one_line(wide_cache, monkeypatch, tmp_
     import pipeline.runtime
 
     monkeypatch.setattr(pipeline.runtime, "available_memory", lambda: 1 << 30)  # as a 1 GiB job allocation
-    monkeypatch.setattr("pipeline.engine.WORKING_BYTES", 1 << 30)
+    monkeypatch.setattr("pipeline.evaluation.engine.WORKING_BYTES", 1 << 30)
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(wide_cache), "--features", SPEC,
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
@@ -132,14 +132,14 @@ def test_large_config_trains_end_to_end(wide_cache, tmp_path):
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert "batch_size: 512" in text and "lr: 0.0004" in text
     with pytest.raises(ConfigError, match="train.feature_dtype 'float8' must be one of float32, float16"):
-        from pipeline.engine import load_train_data
+        from pipeline.evaluation.engine import load_train_data
 
         load_train_data(wide_cache, _config(**{"train.feature_dtype": "float8"}))
     assert CacheError  # imported for the damaged-cache test's error class
 
 
 def test_data_views_keep_only_those_views(wide_cache):
-    from pipeline.engine import load_train_data
+    from pipeline.evaluation.engine import load_train_data
 
     everything = load_train_data(wide_cache, _config())
     frontal = load_train_data(wide_cache, _config(**{"data.views": ["pa", "AP"]}))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data import load_dataset
-from pipeline.images import read_image
-from pipeline.synthetic import make_synthetic
+from pipeline.data.images import read_image
+from pipeline.data.synthetic import make_synthetic
+from pipeline.data.table import load_dataset
 
 
 def test_same_seed_same_bytes(tmp_path):

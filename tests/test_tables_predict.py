@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pipeline.data.synthetic import make_synthetic
 from pipeline.errors import BackboneError, CacheError, PipelineError
-from pipeline.synthetic import make_synthetic
 from stages.cli import main
 from stages.extract import extract_features
 from stages.predict import predict
@@ -102,7 +102,7 @@ def test_predict_new_images_and_reuse_the_cache(trained_run, tiny_cache, synthet
 def test_predict_refuses_other_weights_and_a_non_run(trained_run, synthetic_master, tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline.backbones import create_backbone
+    from pipeline.features.backbones import create_backbone
 
     image = synthetic_master / "images" / "JPCLN001.png"
     other, _ = create_backbone("timm:test_resnet", weights="none", seed=5)
@@ -129,7 +129,7 @@ def test_the_head_artefact_has_one_owner_and_checks_its_version(trained_run, tmp
     import json
     import shutil
 
-    from pipeline.head import HEAD_VERSION, read_head
+    from pipeline.heads.artefact import HEAD_VERSION, read_head
 
     spec, tensors = read_head(trained_run)
     assert spec["format"] == "resmtnet-head" and spec["version"] == HEAD_VERSION and "head.w_in" in tensors
@@ -144,8 +144,8 @@ def test_the_head_artefact_has_one_owner_and_checks_its_version(trained_run, tmp
 def test_a_new_preprocessing_option_with_its_default_keeps_every_cache_valid():
     from dataclasses import dataclass
 
-    from pipeline.backbones import create_backbone
-    from pipeline.preprocess import Preprocess, provenance_sha256
+    from pipeline.features.backbones import create_backbone
+    from pipeline.features.preprocess import Preprocess, provenance_sha256
 
     _, info = create_backbone(TINY[0], weights="none")
     pre = Preprocess(64, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -162,8 +162,8 @@ def test_a_new_preprocessing_option_with_its_default_keeps_every_cache_valid():
 
 
 def test_a_random_init_is_rebuilt_from_its_recorded_seed_not_from_a_display_string():
-    from pipeline.backbones import create_backbone
-    from pipeline.preprocess import make_preprocess
+    from pipeline.features.backbones import create_backbone
+    from pipeline.features.preprocess import make_preprocess
     from stages.predict import _rebuild_backbone
 
     module, info = create_backbone(TINY[1], weights="none", seed=3)

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data.labels import load_label_maps
 from pipeline.errors import ConfigError
-from pipeline.labels import load_label_maps
-from pipeline.tasks import KINDS, infer_kind, metric_direction, resolve_tasks
+from pipeline.heads.tasks import KINDS, infer_kind, metric_direction, resolve_tasks
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.train_heads import train_heads
@@ -90,8 +90,8 @@ def test_an_extra_label_column_trains_as_a_task_end_to_end(smoker_cache, synthet
 
 
 def test_normalised_errors_divide_by_the_grid_only_for_the_papers_position_and_size():
-    from pipeline.evaluate import regression_norms
-    from pipeline.tasks import TaskSpec
+    from pipeline.evaluation.evaluate import regression_norms
+    from pipeline.heads.tasks import TaskSpec
 
     table = pd.DataFrame({"x": [100.0, 300.0], "size_mm": [10.0, 30.0], "age": [30.0, 80.0],
                           "grid_w": [2048.0, 2048.0], "grid_h": [2048.0, 2048.0]})

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.engine import cross_validate, load_train_data, pooled_family
 from pipeline.errors import CacheError, ConfigError
-from pipeline.evaluate import make_splits
-from pipeline.model import ResMTNet, prepare, task_losses
-from pipeline.tasks import TaskSpec, encode_targets
-from pipeline.train import Batch, Job, Split, train_jobs
-from pipeline.weighting import Uncertainty, Weighting
+from pipeline.evaluation.engine import cross_validate, load_train_data, pooled_family
+from pipeline.evaluation.evaluate import make_splits
+from pipeline.heads.model import ResMTNet, prepare, task_losses
+from pipeline.heads.tasks import TaskSpec, encode_targets
+from pipeline.heads.train import Batch, Job, Split, train_jobs
+from pipeline.heads.weighting import Uncertainty, Weighting
 from stages.cli import main
 from stages.sweep import development_split, load_sweep, run_sweep
 from stages.train_heads import train_heads
@@ -103,7 +103,7 @@ def test_uncertainty_optimum_up_weights_small_losses():
 
 
 def test_gradnorm_balances_gradient_norms_and_keeps_the_weights_summing_to_t():
-    from pipeline.weighting import GradNorm
+    from pipeline.heads.weighting import GradNorm
 
     shared = torch.nn.Parameter(torch.ones(1, 3))
     w = GradNorm(torch.ones(1, 2), SimpleNamespace(gradnorm_alpha=0.0))
@@ -259,7 +259,7 @@ def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
     the row-space fit give the same predictions; both equal scikit-learn on the standardised matrix."""
     from sklearn.linear_model import Ridge
 
-    from pipeline.linear import Primal, RowSpace
+    from pipeline.evaluation.linear import Primal, RowSpace
 
     x, prep, rows, y3, reg = _linear_problem(n, d, fit)
     primal, row_space = Primal(prep, 0, rows, tol=1e-12, max_iter=20000), RowSpace.of(prep, 0, rows, tol=1e-12)
@@ -280,14 +280,14 @@ def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
 
 
 def test_baselines_choose_row_space_below_d_rows_and_primal_above(monkeypatch):
-    import pipeline.linear
-    from pipeline.linear import linear_fit
+    import pipeline.evaluation.linear
+    from pipeline.evaluation.linear import linear_fit
 
     _, prep, rows, _, _ = _linear_problem(60, 300, 40)
     assert linear_fit(prep, 0, rows).name == "row-space"
     _, prep, rows, _, _ = _linear_problem(400, 30, 300)
     assert linear_fit(prep, 0, rows).name == "dense"
-    monkeypatch.setattr(pipeline.linear, "DENSE_BYTES", 1000)  # as a matrix too large to copy
+    monkeypatch.setattr(pipeline.evaluation.linear, "DENSE_BYTES", 1000)  # as a matrix too large to copy
     assert linear_fit(prep, 0, rows).name == "streamed"
 
 
@@ -415,7 +415,7 @@ def test_train_heads_cli(tiny_cache, tmp_path):
 def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
     """A column non-zero in one training row (value 0.01) and large in a test row: its std is floored at a
     share of the features' typical std, so the test row's standardised value stays bounded (it was ~3000)."""
-    from pipeline.train import STD_FLOOR
+    from pipeline.heads.train import STD_FLOOR
 
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(41, 16)).astype(np.float32)
@@ -434,7 +434,7 @@ def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
 
 
 def test_regression_predictions_stay_within_the_training_targets_range():
-    from pipeline.model import Layout
+    from pipeline.heads.model import Layout
 
     task = TASKS[2]
     scale = task.impl.scale(np.array([40.0, 60.0, 90.0, np.nan]), np.arange(4))
@@ -446,7 +446,7 @@ def test_regression_predictions_stay_within_the_training_targets_range():
 
 
 def test_typicality_percentile_of_training_typical_and_far_images():
-    from pipeline.typicality import percentile, reference
+    from pipeline.heads.typicality import percentile, reference
 
     rng = np.random.default_rng(0)
     train = rng.normal(size=(300, 8)).astype(np.float32)

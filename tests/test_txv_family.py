@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cache import FeatureCache
-from pipeline.backbones import create_backbone, spatial_backbone, weights_location
 from pipeline.errors import BackboneError
+from pipeline.features.backbones import create_backbone, spatial_backbone, weights_location
 from stages.extract import extract_features
 from tests.helpers import tiny_config
 

@@ -47,7 +47,7 @@ def one_error_line(result, *needles):
         assert needle in errors[0], errors[0]
 
 
-def test_1_train_heads_after_skip_bad_leaves_the_bad_image_out(synthetic_dir, tmp_path):
+def test_train_heads_after_skip_bad_leaves_the_bad_image_out(synthetic_dir, tmp_path):
     image = synthetic_dir / "images" / "JPCLN005.png"
     image.write_bytes(image.read_bytes()[:200])  # header intact, pixels truncated
     assert extract(synthetic_dir, tmp_path / "c.h5", "--skip-bad").exit_code == 0
@@ -57,7 +57,7 @@ def test_1_train_heads_after_skip_bad_leaves_the_bad_image_out(synthetic_dir, tm
     assert metrics["meta"]["n_used"] == 23 and metrics["meta"]["n_images"] == 24
 
 
-def test_2_unwritable_outputs_are_one_error_line_naming_the_path(tiny_cache, synthetic_master, tmp_path):
+def test_unwritable_outputs_are_one_error_line_naming_the_path(tiny_cache, synthetic_master, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     for out in ("/proc/x", blocker / "run"):
@@ -72,8 +72,8 @@ def test_2_unwritable_outputs_are_one_error_line_naming_the_path(tiny_cache, syn
         one_error_line(run("predict", "--model", run_dir, "--images", image, "--out", out), str(out.parent))
 
 
-def test_3_timm_models_with_a_pre_logits_layer_extract(synthetic_master, tmp_path):
-    from pipeline.backbones import create_backbone
+def test_timm_models_with_a_pre_logits_layer_extract(synthetic_master, tmp_path):
+    from pipeline.features.backbones import create_backbone
 
     for spec in ("timm:mobilenetv3_small_050", "timm:vit_tiny_patch16_224", "timm:resnet10t"):
         module, info = create_backbone(spec, weights="none")
@@ -95,7 +95,7 @@ HOLDER = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from cache.lock import cache_lock
-from pipeline.extraction import _worker_init
+from pipeline.features.extraction import _worker_init
 with cache_lock({cache!r}):
     child = os.fork()
     if child == 0:  # a DataLoader worker: forked while the lock is held
@@ -109,7 +109,7 @@ with cache_lock({cache!r}):
 
 
 @pytest.mark.parametrize("close", [True, False])
-def test_4_a_killed_writer_does_not_leave_its_lock_to_its_workers(tmp_path, close):
+def test_a_killed_writer_does_not_leave_its_lock_to_its_workers(tmp_path, close):
     from cache.lock import cache_lock
     from pipeline.errors import CacheError
 
@@ -133,7 +133,7 @@ def test_4_a_killed_writer_does_not_leave_its_lock_to_its_workers(tmp_path, clos
         os.kill(child, signal.SIGKILL)
 
 
-def test_5_skip_bad_covers_a_png_that_is_not_an_image(synthetic_dir, tmp_path):
+def test_skip_bad_covers_a_png_that_is_not_an_image(synthetic_dir, tmp_path):
     (synthetic_dir / "images" / "JPCLN007.png").write_bytes(b"this is not a PNG at all" * 10)
     one_error_line(extract(synthetic_dir, tmp_path / "c.h5"), "JPCLN007.png", "--skip-bad")
     result = extract(synthetic_dir, tmp_path / "c.h5", "--skip-bad")
@@ -142,10 +142,10 @@ def test_5_skip_bad_covers_a_png_that_is_not_an_image(synthetic_dir, tmp_path):
         assert c.bad.sum() == 1 and c.ids[int(np.flatnonzero(c.bad)[0])] == "JPCLN007"
 
 
-def test_6_printed_commands_carry_the_weights_file_and_messages_are_whole_words(synthetic_master, tmp_path):
+def test_printed_commands_carry_the_weights_file_and_messages_are_whole_words(synthetic_master, tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline.backbones import _download_error, create_backbone
+    from pipeline.features.backbones import _download_error, create_backbone
 
     module, _ = create_backbone(TINY[0], weights="none", seed=3)
     weights = tmp_path / "tiny.safetensors"
@@ -178,7 +178,7 @@ def loc_run(tmp_path_factory, synthetic_master):
     return cache, folder / "run"
 
 
-def test_7_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodules(
+def test_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodules(
         loc_run, synthetic_master, tmp_path):
     cache, run_dir = loc_run
     images = [synthetic_master / "images" / "JPCLN001.png", synthetic_master / "images" / "JPCNN001.png"]
@@ -203,7 +203,7 @@ def test_7_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodu
             assert all(not pd.isna(row[c]) for c in ("pooled_lobe", "pooled_x", "nodule_x", "nodule_lobe"))
             # the answer's lobe lies on the side of the answer's position (patient's left: image right)
             assert row["nodule_lobe"][0] == ("L" if row["nodule_x"] > 1024 else "R")
-    from pipeline.synthetic import make_synthetic
+    from pipeline.data.synthetic import make_synthetic
     from stages.predict import predict
 
     other = make_synthetic(tmp_path / "new", n_images=1, image_size=64, seed=77)
@@ -211,9 +211,9 @@ def test_7_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodu
     assert not fresh["in_training_set"].any()
 
 
-def test_7_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, monkeypatch):
+def test_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, monkeypatch):
     """found => the answer's centre is drawn where the row puts it; not found => no centre at all."""
-    import pipeline.plots
+    import pipeline.evaluation.plots
     import stages.predict
     from stages.predict import predict
 
@@ -223,7 +223,7 @@ def test_7_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, 
     # a threshold between the images' probabilities: some found, some not, whatever the tiny head learnt
     monkeypatch.setattr(stages.predict, "PRESENCE_THRESHOLD", float(np.median(probs)))
     drawn = []
-    monkeypatch.setattr(pipeline.plots, "draw_overlay", lambda ax, image, scores, predicted, *a, **k:
+    monkeypatch.setattr(pipeline.evaluation.plots, "draw_overlay", lambda ax, image, scores, predicted, *a, **k:
                         drawn.append(predicted))
     table = predict(run_dir, images, tmp_path / "p", overlay=True).table
     assert 0 < table["nodule_found"].sum() < len(table)
@@ -235,10 +235,10 @@ def test_7_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, 
             assert answer is None
 
 
-def test_7_overlays_always_have_a_legend():
+def test_overlays_always_have_a_legend():
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import draw_overlay
+    from pipeline.evaluation.plots import draw_overlay
 
     fig, ax = plt.subplots()
     draw_overlay(ax, np.zeros((8, 8)), np.zeros((4, 4)), (0.5, 0.5), None, "no truth known")
@@ -246,7 +246,7 @@ def test_7_overlays_always_have_a_legend():
     plt.close(fig)
 
 
-def test_8_predict_weights_without_a_name_and_paper_takes_several(loc_run, tiny_cache, synthetic_master, tmp_path):
+def test_predict_weights_without_a_name_and_paper_takes_several(loc_run, tiny_cache, synthetic_master, tmp_path):
     _, run_dir = loc_run
     image = synthetic_master / "images" / "JPCLN001.png"
     one_error_line(run("predict", "--model", run_dir, "--images", image, "--weights", tmp_path / "w.safetensors"),
@@ -255,7 +255,7 @@ def test_8_predict_weights_without_a_name_and_paper_takes_several(loc_run, tiny_
     one_error_line(result, "missing")  # the data folder is the problem, not the two --weights
 
 
-def test_9_help_everywhere_and_every_config_key_listed():
+def test_help_everywhere_and_every_config_key_listed():
     for command in (cli.train_heads_main, cli.predict_main, cli.reproduce_tables_main, cli.extract_features_main):
         result = CliRunner().invoke(command, ["-h"])
         assert result.exit_code == 0 and result.output.startswith("Usage:"), result.output
@@ -268,9 +268,9 @@ def test_9_help_everywhere_and_every_config_key_listed():
     assert all("#" in line for line in listing.splitlines() if not line.startswith("tables.backbones"))
 
 
-def test_10_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
+def test_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
         tiny_cache, synthetic_master, tmp_path, caplog, monkeypatch):
-    from pipeline.localise import decode_maps
+    from pipeline.heads.localise import decode_maps
     from stages import progress
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
@@ -287,7 +287,7 @@ def test_10_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
         decode_maps(np.full((1, 3, 3), -1e4), "argmax")
 
 
-def test_11_12_report_says_random_weights_rmse_and_predictions_compare_models(loc_run):
+def test_report_says_random_weights_rmse_and_predictions_compare_models(loc_run):
     _, run_dir = loc_run
     report = (run_dir / "report.md").read_text()
     assert "Random-init backbones" in report and "| x | rmse |" in report

@@ -10,7 +10,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from pipeline.errors import DataError
 
 #: Larger images are refused before decoding (a 20000 x 20000 image would need 1.6 GB as float32).
 MAX_PIXELS = 64_000_000

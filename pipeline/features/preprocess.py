@@ -8,9 +8,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo
-from .errors import ConfigError
-from .images import INTERPOLATIONS
+from pipeline.data.images import INTERPOLATIONS
+from pipeline.errors import ConfigError
+from pipeline.features.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 A job is one head configuration (a config dataclass: `TrainConfig` or `LocConfig`) trained on one split.
 Jobs whose shapes and optimiser settings agree are stacked into one module (M members on a leading axis or
 as groups of a grouped convolution) and trained together with batched products and one fused Adam step;
-members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.model,
-pipeline.localise): how to build M members, their per-task losses on a batch, their outputs for every row.
+members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.heads.model,
+pipeline.heads.localise): how to build M members, their per-task losses on a batch, their outputs for every row.
 
 Random numbers (batch order, dropout masks) come from one generator per split and initial weights from the
 split's key, so a job trains the same alone or in a stack, and configurations are compared on common random
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import pick_device
-from .weighting import WEIGHTINGS
+from pipeline.heads.weighting import WEIGHTINGS
+from pipeline.runtime import pick_device
 
 logger = logging.getLogger(__name__)
 

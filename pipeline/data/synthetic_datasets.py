@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .datasets import CHEXPERT_FINDINGS, VINDR_FINDINGS
-from .synthetic import FIELD_MM, draw_nodule_params, render
+from pipeline.data.datasets import CHEXPERT_FINDINGS, VINDR_FINDINGS
+from pipeline.data.synthetic import FIELD_MM, draw_nodule_params, render
 
 #: How many of a layout's findings leave a mark in the image (the rest are label noise).
 MARKED = 3

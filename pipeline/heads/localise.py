@@ -5,7 +5,7 @@ real JSRT features the pooled regression is no better than the mean). This head 
 convolution scores each cell (optionally after 3x3 convolutions for context), the target is a Gaussian
 around the nodule's cell (cross-entropy over cells), x and y are read from the score map's peak, and the
 presence of a nodule from the map's maximum (BCE). Members (configurations x folds) are stacked as groups
-of grouped convolutions, as the pooled heads are stacked in pipeline.train.
+of grouped convolutions, as the pooled heads are stacked in pipeline.heads.train.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EvalConfig, LocConfig
-from .metrics import roc_auc
-from .train import Batch, Split, floor_std
+from pipeline.config import EvalConfig, LocConfig
+from pipeline.evaluation.metrics import roc_auc
+from pipeline.heads.train import Batch, Split, floor_std
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def loc_losses(scores: torch.Tensor, target: torch.Tensor, has: torch.Tensor, pr
 
 
 class LocFamily:
-    """Localisation heads for the stacked trainer (pipeline.train.HeadFamily): two losses, cells and presence."""
+    """Localisation heads for the stacked trainer (pipeline.heads.train.HeadFamily): two losses, cells and presence."""
 
     def __init__(self, data: LocData):
         self.data = data
@@ -324,7 +324,7 @@ def lesions(table, rows: np.ndarray, pixel_mm: float) -> tuple:
     return nod, x[nod], y[nod], radius
 
 
-#: The label column of lesion boxes ('x0,y0,x1,y1;...' in grid pixels; pipeline.datasets.nodule_targets).
+#: The label column of lesion boxes ('x0,y0,x1,y1;...' in grid pixels; pipeline.data.datasets.nodule_targets).
 BOX_COLUMN = "nodule_boxes"
 
 
@@ -579,8 +579,8 @@ class LocHead:
         return scores, detect(scores, self.cfg, maps, self.rescorer)
 
 
-#: Prefixes of the localisation head's tensors in the head artefact (pipeline.head): its stacked members' weights,
-#: and the second stage; `loc_mean` / `loc_std` hold the members' standardisation.
+#: Prefixes of the localisation head's tensors in the head artefact (pipeline.heads.artefact): its stacked members'
+#: weights, and the second stage; `loc_mean` / `loc_std` hold the members' standardisation.
 NET_PREFIX, RESCORE_PREFIX = "loc.", "loc_rescore."
 
 

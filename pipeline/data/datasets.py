@@ -1,7 +1,7 @@
-"""The field's chest X-ray data sets as layouts of `pipeline.data`: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG and
+"""The field's chest X-ray data sets as layouts of `pipeline.data.table`: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG and
 VinDr-CXR, read from their published file and column names.
 
-Every layout adds to the normalised table (pipeline.data): `patient_id` (text; splits keep a patient's images
+Every layout adds to the normalised table (pipeline.data.table): `patient_id` (text; splits keep a patient's images
 together), `view` (PA, AP, LATERAL, ...: data.views), `split` (train / validate / test: the data set's official
 split, eval.protocol official), one numeric column per finding (1 positive, 0 negative, -1 uncertain as
 CheXpert writes it, NaN unmentioned) declared as the layout's multi-label task `findings`, and `age` / `sex`
@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from .errors import DataError
-from .labels import LabelMaps
+from pipeline.data.labels import LabelMaps
+from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ def _keep_present(records: List[dict], source: str) -> List[dict]:
 
 def _finish(records: List[dict], layout: str, root: Path, meta: Path, labels: LabelMaps, check_images: bool,
             skip_bad: bool) -> pd.DataFrame:
-    """The common table through pipeline.data's record checks: each record's JSRT columns empty, its own
+    """The common table through pipeline.data.table's record checks: each record's JSRT columns empty, its own
     columns (patient_id, view, split, findings, ...) kept as given."""
-    from .data import Source, _finish as finish_table, _record
+    from pipeline.data.table import Source, _finish as finish_table, _record
 
     rows = []
     for i, rec in enumerate(records):
@@ -176,7 +176,7 @@ def _nih_age(text: str) -> float:
 
 
 def _nih_images(root: Path) -> Dict[str, Path]:
-    from .data import _index_images
+    from pipeline.data.table import _index_images
 
     found: Dict[str, Path] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("images")):
@@ -185,7 +185,7 @@ def _nih_images(root: Path) -> Dict[str, Path]:
 
 
 def _nih_boxes(root: Path) -> Dict[str, List[Box]]:
-    from .data import _find_case_insensitive, _read_csv_rows
+    from pipeline.data.table import _find_case_insensitive, _read_csv_rows
 
     path = _find_case_insensitive(root, NIH_BOXES)
     if path is None:
@@ -204,7 +204,7 @@ def _nih_boxes(root: Path) -> Dict[str, List[Box]]:
 
 
 def _nih_splits(root: Path) -> Dict[str, str]:
-    from .data import _find_case_insensitive
+    from pipeline.data.table import _find_case_insensitive
 
     split: Dict[str, str] = {}
     for name, value in NIH_SPLITS.items():
@@ -215,7 +215,7 @@ def _nih_splits(root: Path) -> Dict[str, str]:
 
 
 def load_nih(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    from .data import _read_csv_rows, clean_id
+    from pipeline.data.table import _read_csv_rows, clean_id
 
     rows = _read_csv_rows(src.metadata, len(NIH_COLUMNS))
     header = [c.strip() for c in rows[0]]
@@ -253,7 +253,7 @@ def load_nih(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False)
 
 
 def _chexpert_marker(path: Path) -> Optional[Path]:
-    from .data import _find_case_insensitive
+    from pipeline.data.table import _find_case_insensitive
 
     candidates = [path] if path.is_file() else [p for p in (_find_case_insensitive(path, n) for n in CHEXPERT_FILES)
                                                 if p is not None]
@@ -281,7 +281,7 @@ def _chexpert_image(root: Path, rel: str) -> Path:
 
 
 def load_chexpert(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    from .data import _find_case_insensitive
+    from pipeline.data.table import _find_case_insensitive
 
     records = []
     for name, split in CHEXPERT_FILES.items():
@@ -312,7 +312,7 @@ def load_chexpert(src, labels: LabelMaps, check_images: bool, skip_bad: bool = F
 
 
 def _mimic_table(root: Path, which: str) -> Optional[Path]:
-    from .data import _find_case_insensitive
+    from pipeline.data.table import _find_case_insensitive
 
     for suffix in (".csv", ".csv.gz"):
         found = _find_case_insensitive(root, f"{MIMIC_PREFIX}{which}{suffix}")
@@ -362,7 +362,7 @@ def load_mimic(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
 
 
 def _vindr_file(root: Path, name: str) -> Optional[Path]:
-    from .data import _find_case_insensitive
+    from pipeline.data.table import _find_case_insensitive
 
     for folder in (root, root / "annotations"):
         if folder.is_dir():
@@ -400,7 +400,7 @@ def _majority(votes: pd.DataFrame, key: str, columns: Sequence[str]) -> pd.DataF
 
 
 def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    from .images import dicom_header
+    from pipeline.data.images import dicom_header
 
     root = src.metadata.parent.parent if src.metadata.parent.name.lower() == "annotations" else src.metadata.parent
     records = []
@@ -457,7 +457,7 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
 
 
 def _register() -> None:
-    from .data import Layout, _file_named, register_layout
+    from pipeline.data.table import Layout, _file_named, register_layout
 
     for name, detect, load, marker, findings in (
             ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS),

@@ -1,7 +1,7 @@
-"""The localisation head as a head family (pipeline.heads): its maps read from the cache, its cross-validation on
+"""The localisation head as a head family (pipeline.heads.plugin): its maps read from the cache, its cross-validation on
 the engine's splits (one head per split, or a fold ensemble, and the candidates' second stage), the choice of
 which head answers an image's position and presence, its final head, its sweep metrics ('loc.<metric>'), its
-train-heads outputs and its part of predict. The net, the candidates, FROC and the metrics are pipeline.localise.
+train-heads outputs and its part of predict. The net, the candidates, FROC and the metrics are pipeline.heads.localise.
 """
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import pandas as pd
 
 from cache import GROUPS
 
-from .errors import CacheError, PipelineError
-from .evaluate import OutOfFold, SplitName, first_seed_mask, make_splits, summarise_metrics
-from .heads import Applied, HeadPlugin, register_head
-from .localise import (FROC_FPS, Detections, candidate_hits, candidates, detect, export_head, fit_rescorer, froc,
-                       load_head, loc_metric_directions, localisation_metrics, nodule_errors)
-from .reporting import format_entry
-from .train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
+from pipeline.errors import CacheError, PipelineError
+from pipeline.evaluation.evaluate import OutOfFold, SplitName, first_seed_mask, make_splits, summarise_metrics
+from pipeline.heads.localise import (FROC_FPS, Detections, candidate_hits, candidates, detect, export_head,
+                                     fit_rescorer, froc, load_head, loc_metric_directions, localisation_metrics,
+                                     nodule_errors)
+from pipeline.heads.plugin import Applied, HeadPlugin, register_head
+from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
+from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class LocFit:
     val_scores: np.ndarray  # (len(val_rows), H, W)
     members: List[JobResult]
     member_splits: List[Split]
-    rescorer: Optional[object] = None  # pipeline.localise.Rescorer (train.loc.rescore)
+    rescorer: Optional[object] = None  # pipeline.heads.localise.Rescorer (train.loc.rescore)
 
     def validation(self, rows: np.ndarray) -> np.ndarray:
         """The score maps of `rows` (each among val_rows) from the member validated on them."""
@@ -63,7 +64,7 @@ class LocFit:
         return self.val_scores[[where[int(r)] for r in rows]]
 
     def detect(self, data, lcfg, rows: np.ndarray, validation: bool = False) -> Detections:
-        """Detections (pipeline.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
+        """Detections (pipeline.heads.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
         member validated on each row."""
         scores = self.validation(rows) if validation else self.scores[rows]
         return detect(scores, lcfg, None if self.rescorer is None else _maps(data)[rows], self.rescorer)
@@ -105,8 +106,8 @@ def _rows_per_epoch(splits: Sequence[Split]) -> float:
 def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str, progress=None,
                      keep_state: bool = False) -> List[LocFit]:
     """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
-    from .engine import no_progress
-    from .localise import LocFamily, prepare_loc
+    from pipeline.evaluation.engine import no_progress
+    from pipeline.heads.localise import LocFamily, prepare_loc
 
     splits: List[Split] = []
     jobs: List[Job] = []
@@ -268,7 +269,7 @@ class LocPlugin(HeadPlugin):
     def choose(self, data, cfg, splits, pooled, outcome: LocOutcome) -> Dict[str, Any]:
         """The localisation head answers position where it finds more nodules within 100 px, presence where it
         has the higher presence AUC than the pooled head, on the splits' inner validation rows."""
-        from .metrics import roc_auc
+        from pipeline.evaluation.metrics import roc_auc
 
         val = [s.val for s in splits]
         rows = np.concatenate(val)
@@ -384,8 +385,8 @@ def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
 
 def _gallery(folder: Path, data, loc: LocOutcome, plt, n: int = 8) -> List[str]:
     """Out-of-fold examples of the localisation head, drawn by the one overlay routine."""
-    from .images import read_image
-    from .plots import draw_overlay
+    from pipeline.data.images import read_image
+    from pipeline.evaluation.plots import draw_overlay
 
     root = Path(str(data.cache_attrs.get("data_root", "")))
     relpaths = data.table.get("relpath")

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
-from .errors import BackboneError
-from .fsutil import sha256_file
-from .registry import ALIASES, REGISTRY
+from pipeline.errors import BackboneError
+from pipeline.fsutil import sha256_file
+from pipeline.registry import ALIASES, REGISTRY
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache import EntryKey
 
-from .backbones import BackboneInfo, check_offline_weights, create_backbone, spatial_backbone
-from .config import SpatialConfig
-from .errors import ConfigError, DataError, PipelineError
-from .images import decode_image, resize
-from .preprocess import Preprocess, make_preprocess, normalise, provenance_sha256
+from pipeline.config import SpatialConfig
+from pipeline.data.images import decode_image, resize
+from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.features.backbones import BackboneInfo, check_offline_weights, create_backbone, spatial_backbone
+from pipeline.features.preprocess import Preprocess, make_preprocess, normalise, provenance_sha256
 
 logger = logging.getLogger(__name__)
 

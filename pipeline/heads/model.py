@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .tasks import TaskSpec
-from .train import Batch, Split, floor_std
+from pipeline.errors import ConfigError
+from pipeline.heads.tasks import TaskSpec
+from pipeline.heads.train import Batch, Split, floor_std
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _drop(h: torch.Tensor, uniform: torch.Tensor, p: torch.Tensor) -> torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------
-# the pooled-feature head family (what pipeline.train trains)
+# the pooled-feature head family (what pipeline.heads.train trains)
 
 
 @dataclass
@@ -208,7 +208,7 @@ def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequenc
 
 
 class PooledFamily:
-    """Res-MTNet heads on pooled vectors, for the stacked trainer (pipeline.train.HeadFamily)."""
+    """Res-MTNet heads on pooled vectors, for the stacked trainer (pipeline.heads.train.HeadFamily)."""
 
     def __init__(self, prep: Prepared):
         self.prep = prep
@@ -303,14 +303,14 @@ def task_losses(out: torch.Tensor, batch: Batch, targets: Dict[str, torch.Tensor
 @dataclass
 class PooledHead:
     """The refit Res-MTNet head as predict applies it; written into and read from the head artefact by
-    export_head / load_head alone (pipeline.head owns the envelope)."""
+    export_head / load_head alone (pipeline.heads.artefact owns the envelope)."""
 
     model: ResMTNet
     x_mean: np.ndarray
     x_std: np.ndarray
     layout: Layout
     scales: Dict[str, List[float]]
-    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.typicality
+    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.heads.typicality
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.x_mean) / self.x_std).astype(np.float32)
@@ -324,7 +324,7 @@ class PooledHead:
 
     def typicality(self, features: np.ndarray) -> np.ndarray:
         """Percentile of each image's nearest-neighbour distance to the training rows (NaN: an older head)."""
-        from .typicality import percentile
+        from pipeline.heads.typicality import percentile
 
         if self.reference is None:
             return np.full(len(features), np.nan)
@@ -339,7 +339,7 @@ def export_head(state: Dict[str, torch.Tensor], prep: Prepared, rows: np.ndarray
                 seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """(tensors, description) of a Res-MTNet head trained on `rows` of `prep`'s only split (member 0 of `state`):
     its weights, standardisation, the typicality reference, and what rebuilds and decodes it."""
-    from .typicality import reference
+    from pipeline.heads.typicality import reference
 
     tensors = {HEAD_PREFIX + k: v[0].contiguous().cpu() for k, v in state.items()}
     tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Dict, Tuple
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 HEAD_FORMAT, HEAD_VERSION = "resmtnet-head", 2
 TENSORS, SPEC = "head.safetensors", "head.json"

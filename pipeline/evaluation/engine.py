@@ -2,8 +2,8 @@
 
 `load_train_data` reads what a config asks for from a cache (features, declared tasks, and what each enabled
 head family needs); `cross_validate` trains the Res-MTNet head on every split of the protocol through the one
-stacked trainer (pipeline.train), beside the baselines on the same splits, then every enabled head family
-(pipeline.heads) on the same splits, and summarises every model with one summariser; `refit` trains the final
+stacked trainer (pipeline.heads.train), beside the baselines on the same splits, then every enabled head family
+(pipeline.heads.plugin) on the same splits, and summarises every model with one summariser; `refit` trains the final
 heads on all rows for the validated epoch count. train-heads, sweeps and the paper's tables all run through here.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ import pandas as pd
 
 from cache import FeatureCache
 
-from .config import CHOICES, Config
-from .data import task_groups
-from .errors import ConfigError
-from .evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, make_splits, regression_norms,
-                       size_bins, summarise)
-from .heads import enabled_heads
-from .labels import load_label_maps
-from .tasks import TaskSpec, encode_targets, resolve_tasks
-from .train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
+from pipeline.config import CHOICES, Config
+from pipeline.data.labels import load_label_maps
+from pipeline.data.table import task_groups
+from pipeline.errors import ConfigError
+from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, make_splits,
+                                          regression_norms, size_bins, summarise)
+from pipeline.heads.plugin import enabled_heads
+from pipeline.heads.tasks import TaskSpec, encode_targets, resolve_tasks
+from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ FEATURE_DTYPES = {name: np.dtype(name).type for name in CHOICES["train.feature_d
 def check_memory(n: int, d: int, dtype: str, where: str) -> None:
     """Stop before reading a feature matrix that, with stage two's working memory, does not fit in what this
     process may allocate (the cgroup's limit included): one line with the size and the settings that help."""
-    from .runtime import available_memory
+    from pipeline.runtime import available_memory
 
     matrix = n * d * np.dtype(FEATURE_DTYPES[dtype]).itemsize
     free = available_memory()
@@ -175,7 +175,7 @@ def inner_val_fraction(cfg: Config) -> float:
 
 def pooled_family(data: TrainData, splits: Sequence[Split]):
     """The Res-MTNet family on these splits (features standardised per split on its training rows)."""
-    from .model import PooledFamily, prepare
+    from pipeline.heads.model import PooledFamily, prepare
 
     return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
 
@@ -242,8 +242,8 @@ def label_efficiency(data: TrainData, cfg: Config, splits: Sequence[Split], name
     inner validation rows, the same test rows), scored as the full run is. Per size: the mean patients and
     images trained on, every metric (the first repeat's pooled estimate with its CI, summarise) and each
     repeat's pooled value."""
-    from .config import train_size
-    from .evaluate import split_groups
+    from pipeline.config import train_size
+    from pipeline.evaluation.evaluate import split_groups
 
     groups = split_groups(data.table, data.rows, cfg.eval)
     group_of = dict(zip(data.rows.tolist(), groups)) if groups is not None else {}
@@ -297,7 +297,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
     family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,
                                    device=cfg.train.device)
-    from .model import export_head as export_pooled
+    from pipeline.heads.model import export_head as export_pooled
 
     tensors, pooled_spec = export_pooled(result.state, family.prep, data.rows, tcfg.hidden, tcfg.blocks,
                                          cfg.train.seed)

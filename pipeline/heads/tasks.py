@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
-from .labels import LabelMaps
-from .metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc
+from pipeline.data.labels import LabelMaps
+from pipeline.errors import ConfigError
+from pipeline.evaluation.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc
 
 if TYPE_CHECKING:  # torch is imported by the methods that train, not by code that only reads labels
     import torch
@@ -148,8 +148,8 @@ class Kind:
 
     def baseline(self, which: str, y: np.ndarray, linear, mask: np.ndarray, n: int, task: TaskSpec,
                  c: float, alpha: float) -> np.ndarray:
-        """'majority' (prior / mean) or 'linear' (logistic / ridge, fitted by `linear`, a pipeline.linear model,
-        on its fitting rows where `mask`, labels `y`) predictions for all n rows."""
+        """'majority' (prior / mean) or 'linear' (logistic / ridge, fitted by `linear`, a pipeline.evaluation.linear
+        model, on its fitting rows where `mask`, labels `y`) predictions for all n rows."""
         raise NotImplementedError
 
     def columns(self, task: TaskSpec, y: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, object]:
@@ -585,7 +585,7 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
                             norm=spec.norm if spec else "range")
         tasks.append(spec)
     if missing:
-        from .data import FILE_COLUMNS
+        from pipeline.data.table import FILE_COLUMNS
 
         label_columns = [c for c in table.columns if c not in FILE_COLUMNS and c not in ("relpath", "grid_w", "grid_h")
                          and len(_known(table[c]))]

@@ -34,9 +34,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import pandas as pd
 
-from .errors import DataError
-from .images import is_raw, probe_image
-from .labels import LabelMaps, load_label_maps, normalise_text
+from pipeline.data.images import is_raw, probe_image
+from pipeline.data.labels import LabelMaps, load_label_maps, normalise_text
+from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ def _load_manifest_layout(src: Source, maps: LabelMaps, check: bool, skip: bool)
 
 # the field's data sets register themselves between the JSRT layouts and the generic manifest (a manifest.csv
 # next to a data set's own files is not what names it)
-from . import datasets  # noqa: E402,F401  (registers nih, chexpert, mimic, vindr)
+from pipeline.data import datasets  # noqa: E402,F401  (registers nih, chexpert, mimic, vindr)
 
 register_layout(Layout("manifest", _detect_manifest, _load_manifest_layout, MANIFEST_NAME))
 
@@ -552,8 +552,8 @@ def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, No
 def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[str]:
     """inspect-data's lines: every label column with the kind a task on it would have, its counts (classes, or
     the range of a number) and missing values; the patients and images per patient where a column says."""
-    from .errors import ConfigError
-    from .tasks import infer_kind
+    from pipeline.errors import ConfigError
+    from pipeline.heads.tasks import infer_kind
 
     lines = [f"{len(table)} images ({table.attrs.get('layout', '?')} layout) from {table.attrs.get('root', '?')}"]
     skip = set(FILE_COLUMNS) | {"relpath", "grid_w", "grid_h", patient_column}

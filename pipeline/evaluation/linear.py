@@ -41,7 +41,7 @@ class RowSpace:
     def of(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4) -> "RowSpace":
         """The orthonormal basis V = X^T U S^-1 from the n x n Gram matrix X X^T = U S^2 U^T (an eigenproblem of
         size n instead of an SVD of the n x D matrix); every row's coordinates V^T x, in blocks."""
-        from .model import block_rows
+        from pipeline.heads.model import block_rows
 
         x_fit = prep.standardised(s, fit, np.float64)
         eigval, eigvec = np.linalg.eigh(x_fit @ x_fit.T)

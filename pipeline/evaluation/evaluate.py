@@ -11,11 +11,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .config import CHOICES, EvalConfig
-from .errors import ConfigError
-from .metrics import bootstrap_counts
-from .tasks import TaskSpec, labelled
-from .train import Split
+from pipeline.config import CHOICES, EvalConfig
+from pipeline.errors import ConfigError
+from pipeline.evaluation.metrics import bootstrap_counts
+from pipeline.heads.tasks import TaskSpec, labelled
+from pipeline.heads.train import Split
 
 CONTROLS = CHOICES["eval.control"]
 #: The first line of every output of a run scored on rows it was trained on.
@@ -420,9 +420,9 @@ def size_bins(sizes: np.ndarray, edges: Sequence[float]) -> Dict[str, np.ndarray
 def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
                          which: str, c: float = 1.0, alpha: float = 1.0) -> List[Dict[str, np.ndarray]]:
     """Per split, predictions for every row: 'majority' (class prior / mean) or 'linear' (logistic / ridge on
-    the split's standardised features: pipeline.linear), fitted on the split's training rows (inner validation
-    rows included). `prep`: the pooled head's model.Prepared (features held once, per-split statistics)."""
-    from .linear import linear_fit
+    the split's standardised features: pipeline.evaluation.linear), fitted on the split's training rows (inner
+    validation rows included). `prep`: the pooled head's model.Prepared (features held once, per-split statistics)."""
+    from pipeline.evaluation.linear import linear_fit
 
     n = prep.features.shape[0]
     results = []

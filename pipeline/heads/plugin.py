@@ -7,7 +7,7 @@ its validation metrics ('<name>.<metric>') and its winner's test scores; train-h
 columns, report lines, metrics and plots; predict for its loaded part of the head artefact (`Applied`). None of
 them names a family: a new one is one file that subclasses HeadPlugin and calls `register_head`.
 
-The built-in family is the localisation head (`pipeline.loc_head`, name 'loc', settings in train.loc). A
+The built-in family is the localisation head (`pipeline.heads.loc_head`, name 'loc', settings in train.loc). A
 family registered elsewhere reads its settings from `train.heads.<name>` (a mapping of its own keys).
 This module imports no torch: the config validates family names through it.
 """
@@ -19,12 +19,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 #: name -> the registered head families (the built-ins are imported on first use: `head_families`).
 HEADS: Dict[str, "HeadPlugin"] = {}
 #: Modules whose import registers the built-in families.
-BUILTIN_MODULES = ("pipeline.loc_head",)
+BUILTIN_MODULES = ("pipeline.heads.loc_head",)
 
 
 class Applied:
@@ -64,7 +64,7 @@ class HeadPlugin:
 
     def section(self, cfg) -> Optional[Any]:
         """Its config section when the family is enabled in `cfg`, else None."""
-        from .config import build
+        from pipeline.config import build
 
         raw = cfg.train.heads.get(self.name)
         if raw is None:

@@ -14,8 +14,8 @@ from typing import List, Tuple
 import numpy as np
 from PIL import Image
 
-from .data import JSRT_GRID, KAGGLE_COLUMNS, KAGGLE_METADATA
-from .fsutil import atomic_output
+from pipeline.data.table import JSRT_GRID, KAGGLE_COLUMNS, KAGGLE_METADATA
+from pipeline.fsutil import atomic_output
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .config import config_dir, load_yaml
-from .errors import ConfigError, DataError
+from pipeline.config import config_dir, load_yaml
+from pipeline.errors import ConfigError, DataError
 
 FIELDS = ("state", "lobe", "diagnosis", "sex")
 
