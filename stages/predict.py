@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -17,50 +17,16 @@ import pandas as pd
 from cache import FeatureCache
 from pipeline.data.table import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
-from pipeline.features.backbones import create_backbone, parse_spec, spatial_backbone
-from pipeline.features.extraction import POOLED, SPATIAL, Extractor, LoadedBackbone, make_loader, read_error
-from pipeline.features.preprocess import Preprocess, provenance_sha256
+from pipeline.features.backbones import create_backbone, parse_spec
+from pipeline.features.extraction import POOLED, Extractor, LoadedBackbone, make_loader, read_error
+from pipeline.features.preprocess import Preprocess
 from pipeline.fsutil import atomic_write_text, sha256_file
-from pipeline.heads.artefact import read_head
-from pipeline.heads.model import Layout, PooledHead
-from pipeline.heads.model import load_head as load_pooled_head
-from pipeline.heads.plugin import Applied, head_families
+from pipeline.heads.artefact import TrainedHead, load_trained_head
+from pipeline.heads.plugin import Applied
 from pipeline.heads.tasks import TaskSpec
 from pipeline.runtime import pick_device
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Head:
-    """A trained head and everything needed to use it: the artefact's description, the Res-MTNet head and the
-    other head families' parts (each loaded by its own module from its part of the artefact)."""
-
-    spec: Dict[str, object]
-    pooled: PooledHead
-    others: Dict[str, Applied] = field(default_factory=dict)  # answer name (artefact key) -> loaded part
-    answers: Dict[str, Dict[str, tuple]] = field(default_factory=dict)  # answer name -> role -> its columns
-
-    @property
-    def features(self) -> List[str]:
-        return list(self.spec["features"])
-
-    @property
-    def layout(self) -> Layout:
-        return self.pooled.layout
-
-    def backbone(self, spec: str) -> Dict[str, object]:
-        return self.spec["backbones"][spec]
-
-
-def load_head(run_dir: Path) -> Head:
-    spec, tensors = read_head(run_dir)
-    head = Head(spec, load_pooled_head(spec, tensors))
-    for plugin in head_families().values():
-        if plugin.artefact in spec:
-            head.others[plugin.artefact] = plugin.load_head(spec[plugin.artefact], tensors)
-            head.answers[plugin.artefact] = dict(plugin.answers)
-    return head
 
 
 def list_images(paths: Sequence[Path]) -> List[Path]:
@@ -100,13 +66,10 @@ def _rebuild_backbone(facts: Dict[str, object], spec: str, weights: Dict[str, st
         raise BackboneError(f"refusing {spec} with weights {info.weights_id}: they differ from the weights the head "
                             f"was trained on ({facts.get('weights_id')}, params {str(facts.get('params_sha256'))[:12]} "
                             f"vs {info.params_sha256[:12]}); pass --weights {spec}=FILE with the original weights")
-    pre = Preprocess.from_dict(facts["preprocess"])
     stage = facts.get("stage")
-    if stage is None:
-        return LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
-    stage = [int(s) for s in stage] if isinstance(stage, list) else int(stage)
-    spatial = spatial_backbone(module, info.spec, stage)
-    return LoadedBackbone(spatial, info, pre, provenance_sha256(info, pre, {"stage": stage}), SPATIAL, stage)
+    if stage is not None:
+        stage = [int(s) for s in stage] if isinstance(stage, list) else int(stage)
+    return LoadedBackbone.of(module, info, Preprocess.from_dict(facts["preprocess"]), stage)
 
 
 def _rows_by_hash(cache: FeatureCache) -> Dict[str, int]:
@@ -114,7 +77,7 @@ def _rows_by_hash(cache: FeatureCache) -> Dict[str, int]:
     return {h.decode(): i for i, h in enumerate(cache.image_column("sha256"))}
 
 
-def _from_cache(cache: Path, head: Head, hashes: List[str]) -> Dict[int, np.ndarray]:
+def _from_cache(cache: Path, head: TrainedHead, hashes: List[str]) -> Dict[int, np.ndarray]:
     """Features of the images that a matching cache already holds (image index -> fused vector)."""
     with FeatureCache(cache) as c:
         for spec in head.features:
@@ -142,7 +105,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
             overlay: bool = False) -> PredictResult:
     """Predict every task for each image; writes OUT.csv and OUT.json when `out` is given, and with
     `overlay` (a head with a part that scores maps) a PNG per image in OUT_overlays/."""
-    head = load_head(run_dir)
+    head = load_trained_head(run_dir)
     weights = dict(weights or {})
     extra = {name: a for name, a in head.others.items() if a.backbone is not None}  # parts with their own backbone
     if "" in weights:  # a weights file without NAME=: only unambiguous for a head on one backbone
@@ -248,7 +211,7 @@ def _lobe_on_side(table: pd.DataFrame, classes: Sequence[str], x_norm: np.ndarra
     return out
 
 
-def _add_primary(head: Head, table: pd.DataFrame) -> None:
+def _add_primary(head: TrainedHead, table: pd.DataFrame) -> None:
     """One answer per image, from one decision rule: P(nodule) from the head chosen on inner validation rows
     for presence (head.json 'primary'); found where P >= PRESENCE_THRESHOLD; only then a position (from the head
     chosen for position), its lobe (the pooled head's most probable lobe on that side) and the pooled head's
@@ -345,7 +308,7 @@ def _column(task: TaskSpec, key: str) -> str:
     return POOLED_PREFIX + key
 
 
-def _table(head: Head, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],
+def _table(head: TrainedHead, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],
            from_cache: List[bool]) -> pd.DataFrame:
     from pipeline.data.images import probe_image
 

@@ -18,10 +18,10 @@ import pandas as pd
 
 from pipeline import __version__
 from pipeline.config import Config, dump_config
-from pipeline.evaluation.engine import MODEL_NAME, CVResult, Refit, TrainData, cross_validate, load_train_data, refit
+from pipeline.evaluation.engine import MODEL_NAME, CVResult, TrainData, cross_validate, load_train_data, refit
 from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, first_seed_mask, patient_summary,
                                           scores_training_rows, seen_share)
-from pipeline.fsutil import atomic_write_text, staged_dir
+from pipeline.fsutil import atomic_write_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
 from pipeline.heads.plugin import head_families
 from pipeline.heads.train import mean_curve
@@ -38,23 +38,6 @@ def warning_line(cfg: Config, cv: CVResult) -> Optional[str]:
     return (INSAMPLE_WARNING.format(protocol=cfg.eval.protocol) + f" {seen_share(cv.splits):.0%} of the scored "
             "rows were training rows of their split; the bootstrap CIs treat an image scored in several splits as "
             "independent and are not valid here.")
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def head_files(data: TrainData, head: Refit) -> Dict[str, object]:
-    """The head's JSON description: the engine's spec plus the backbones' provenance."""
-    return _jsonable({"tool_version": __version__, **head.spec,
-                      "backbones": dict(data.provenance),
-                      "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")})
 
 
 def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
@@ -289,7 +272,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                      "seen_share": seen_share(cv.splits),
                      "tasks": [t.as_dict() for t in data.tasks], "splits": [n.__dict__ for n in cv.names],
                      "seconds": seconds, "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256"),
-                     "backbones": {s: {k: _jsonable(v) for k, v in a.items() if k in
+                     "backbones": {s: {k: jsonable(v) for k, v in a.items() if k in
                                        ("weights", "weights_id", "params_sha256", "preprocess")}
                                    for s, a in data.provenance.items()},
                      "best_epochs": best_epochs, "timings": cv.timings,
@@ -302,14 +285,14 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
             **({"label_efficiency": cv.efficiency} if cv.efficiency else {}),
         }
         (tmp / "config.yaml").write_text(dump_config(cfg))
-        (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=True))
+        (tmp / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1, allow_nan=True))
         predictions_frame(data, cv).to_csv(tmp / "predictions.csv", index=False)
         confusions = confusion_frames(data, cv)
         (tmp / "confusion").mkdir()
         for task, frame in confusions.items():
             frame.to_csv(tmp / "confusion" / f"{task}.csv")
         if head is not None:
-            write_head(tmp / "model", head.tensors, head_files(data, head))
+            write_head(tmp / "model", head.tensors, head.spec)
             (tmp / "model" / "config.yaml").write_text(dump_config(cfg))
         write_plots(tmp / "plots", data, cv, confusions)
         (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds, best_epochs))

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cache import FeatureCache
-
+from pipeline import __version__
 from pipeline.config import CHOICES, Config
 from pipeline.data.labels import load_label_maps
 from pipeline.data.table import task_groups
@@ -284,7 +284,8 @@ def label_efficiency(data: TrainData, cfg: Config, splits: Sequence[Split], name
 
 @dataclass
 class Refit:
-    """Heads trained on every usable row (what predict uses), with what is needed to apply them."""
+    """Heads trained on every usable row (what predict uses): the artefact's tensors and its whole description
+    (pipeline.heads.artefact writes both)."""
 
     tensors: Dict[str, object]
     spec: Dict[str, object]
@@ -302,7 +303,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     tensors, pooled_spec = export_pooled(result.state, family.prep, data.rows, tcfg.hidden, tcfg.blocks,
                                          cfg.train.seed)
     spec: Dict[str, object] = {
-        **pooled_spec,
+        "tool_version": __version__, **pooled_spec,
         # the pooled head's own settings: the head families' sections (train.loc, train.heads) are in their parts
         "train": {k: v for k, v in asdict(tcfg).items() if k != "heads" and not is_dataclass(getattr(tcfg, k))},
         "loss_weights": result.loss_weights,
@@ -315,6 +316,7 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     for plugin, _ in enabled_heads(cfg):
         part_tensors, spec[plugin.artefact] = plugin.refit(data, cfg, cv.heads[plugin.name], split, progress)
         tensors.update(part_tensors)
+    spec.update(backbones=dict(data.provenance), cache_image_set_sha256=data.cache_attrs.get("image_set_sha256"))
     return Refit(tensors, spec)
 
 

@@ -127,6 +127,16 @@ class LoadedBackbone:
     group: str = POOLED
     stage: Union[int, List[int], None] = None  # spatial: the stage, or the stages, of the maps
 
+    @classmethod
+    def of(cls, module: nn.Module, info: BackboneInfo, pre: Preprocess,
+           stage: Union[int, List[int], None] = None) -> "LoadedBackbone":
+        """The backbone's pooled entry, or (`stage`) the entry of that stage's maps (or those stages'), with its
+        provenance: the one place an entry's provenance is computed, for stage one and for predict."""
+        if stage is None:
+            return cls(module, info, pre, provenance_sha256(info, pre))
+        return cls(spatial_backbone(module, info.spec, stage), info, pre,
+                   provenance_sha256(info, pre, {"stage": stage}), SPATIAL, stage)
+
     @property
     def key(self) -> EntryKey:
         """Where its output lives in the cache: features/<spec> or spatial/<spec>."""
@@ -164,16 +174,14 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
     for name in names:
         module, info = create_backbone(name, weights=weights[name], seed=seed)
         pre = make_preprocess(info, image_size, interpolation, normalize)
-        pooled = LoadedBackbone(module, info, pre, provenance_sha256(info, pre))
+        pooled = LoadedBackbone.of(module, info, pre)
         if pooled.key in out:
             raise ConfigError(f"backbone '{name}' is requested twice (as {info.spec})")
         out[pooled.key] = pooled
         if spatial is not None and spatial.enabled and (not spatial.backbones or name in spatial.backbones):
             spre = make_preprocess(info, spatial.image_size, interpolation, normalize)
             stage = list(spatial.stages) if len(spatial.stages) > 1 else (spatial.stages or [spatial.stage])[0]
-            smodule = spatial_backbone(module, info.spec, stage)
-            prov = provenance_sha256(info, spre, {"stage": stage})
-            entry = LoadedBackbone(smodule, info, spre, prov, SPATIAL, stage)
+            entry = LoadedBackbone.of(module, info, spre, stage)
             out[entry.key] = entry
     return out
 

@@ -1,17 +1,21 @@
 """The trained-head artefact: RUN_DIR/model/head.safetensors (tensors) + head.json (what they mean).
 
-One owner for the format: train-heads writes it with `write_head`, predict reads it with `read_head`. The
-JSON records the format and its version (checked on read), the task specs, the target scales, the Res-MTNet
-shapes, the localisation head's settings, the backbones' provenance and the training images' content hashes.
-Nothing is pickled: tensors are safetensors, the rest JSON.
+One owner for the format: train-heads writes it with `write_head`, predict reads it whole with
+`load_trained_head` (the envelope checked by `read_head`, the Res-MTNet part loaded by pipeline.heads.model,
+every head family's part by its plugin). The JSON records the format and its version (checked on read), the task
+specs, the target scales, the Res-MTNet shapes, each head family's part under its key (the localisation head's
+settings and maps' provenance), the backbones' provenance (weights, seed, preprocessing as fields) and the
+training images' content hashes. Nothing is pickled: tensors are safetensors, the rest JSON.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 from pipeline.errors import PipelineError
+from pipeline.fsutil import jsonable
 
 HEAD_FORMAT, HEAD_VERSION = "resmtnet-head", 2
 TENSORS, SPEC = "head.safetensors", "head.json"
@@ -27,7 +31,8 @@ def write_head(folder: Path, tensors: Dict[str, object], spec: Dict[str, object]
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / TENSORS))
-    (folder / SPEC).write_text(json.dumps({"format": HEAD_FORMAT, "version": HEAD_VERSION, **spec}, indent=1))
+    (folder / SPEC).write_text(json.dumps(jsonable({"format": HEAD_FORMAT, "version": HEAD_VERSION, **spec}),
+                                          indent=1))
 
 
 def read_head(run_dir: Path) -> Tuple[Dict[str, object], Dict[str, object]]:
@@ -53,3 +58,40 @@ def read_head(run_dir: Path) -> Tuple[Dict[str, object], Dict[str, object]]:
         raise PipelineError(f"{folder / SPEC} is a head of format version {spec.get('version')}; this code reads "
                             f"version {HEAD_VERSION}: retrain it with train-heads (the feature cache is still valid)")
     return spec, tensors
+
+
+@dataclass
+class TrainedHead:
+    """A trained head as predict uses it: the artefact's description, the Res-MTNet head (pipeline.heads.model's
+    PooledHead) and every head family's part (pipeline.heads.plugin's Applied), each loaded by its own module."""
+
+    spec: Dict[str, Any]
+    pooled: Any
+    others: Dict[str, Any] = field(default_factory=dict)  # answer name (artefact key) -> loaded part
+    answers: Dict[str, Dict[str, tuple]] = field(default_factory=dict)  # answer name -> role -> its columns
+
+    @property
+    def features(self) -> List[str]:
+        return list(self.spec["features"])
+
+    @property
+    def layout(self):
+        return self.pooled.layout
+
+    def backbone(self, spec: str) -> Dict[str, Any]:
+        """The provenance facts of a pooled-feature backbone the head was trained on."""
+        return self.spec["backbones"][spec]
+
+
+def load_trained_head(run_dir: Path) -> TrainedHead:
+    """The head of a train-heads run (or a sweep's winner), every part loaded."""
+    from pipeline.heads.model import load_head as load_pooled
+    from pipeline.heads.plugin import head_families
+
+    spec, tensors = read_head(run_dir)
+    head = TrainedHead(spec, load_pooled(spec, tensors))
+    for plugin in head_families().values():
+        if plugin.artefact in spec:
+            head.others[plugin.artefact] = plugin.load_head(spec[plugin.artefact], tensors)
+            head.answers[plugin.artefact] = dict(plugin.answers)
+    return head
