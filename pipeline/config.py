@@ -389,6 +389,7 @@ REGISTRIES: Dict[str, Tuple[str, str]] = {
     "tables.protocols": ("pipeline.evaluation.evaluate", "PROTOCOLS"),
     "train.loss_weighting": ("pipeline.heads.weighting", "WEIGHTINGS"),
     "train.loc.loss_weighting": ("pipeline.heads.weighting", "WEIGHTINGS"),
+    "train.task_kinds": ("pipeline.heads.tasks", "KINDS"),  # each value
 }
 
 
@@ -418,6 +419,8 @@ def validate_config(cfg: Config, where: str = "config") -> Config:
         check(key, get_dotted(cfg, key), valid)
     for protocol in cfg.tables.protocols:
         check("tables.protocols", protocol, CHOICES["eval.protocol"])
+    for task, kind in cfg.train.task_kinds.items():
+        check(f"train.task_kinds.{task}", kind, valid_choices("train.task_kinds", ()))
     for size in cfg.eval.train_sizes:
         train_size(size, 1, where)
     if cfg.eval.train_size_repeats < 1:

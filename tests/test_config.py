@@ -84,3 +84,5 @@ def test_every_choice_is_checked_when_the_config_is_resolved():
         assert load_config(None, {key: valid[-1]})  # every valid name is accepted
     with pytest.raises(ConfigError, match="tables.protocols 'kfolds' must be one of"):
         load_config(None, {"tables.protocols": ["kfold", "kfolds"]})
+    with pytest.raises(ConfigError, match="train.task_kinds.size 'regresion' must be one of .*mean 'regression'"):
+        load_config(None, {"train.task_kinds": {"size": "regresion"}})  # a kind, through its registry
