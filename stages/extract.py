@@ -23,7 +23,7 @@ from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.data.table import FILE_COLUMNS, load_dataset
 from pipeline.errors import CacheError, ConfigError
-from pipeline.features.extraction import Extractor, LoadedBackbone, load_backbones, make_loader, read_error
+from pipeline.features.extraction import Extractor, LoadedBackbone, load_backbones
 from pipeline.fsutil import sha256_file
 from pipeline.runtime import pick_device
 from stages.progress import progress as progress_bar
@@ -300,13 +300,11 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
     if len(todo) < len(batches):
         logger.info("resuming: %d of %d batches were already done", len(batches) - len(todo), len(batches))
     n_todo = sum(len(batches[b]) for b in todo)
-    loader = make_loader(all_paths, [batches[b] for b in todo], sorted({lb.size_key for lb in pending.values()}),
-                         num_workers, pin_memory=extractor.cuda)
+    passes = extractor.passes(all_paths, [batches[b] for b in todo], num_workers, skip_bad)
     started = time.perf_counter()
     desc = f"extract {next(iter(pending))}" if len(pending) == 1 else f"extract {len(pending)} backbones"
     with progress_bar(n_todo, desc, progress, unit="img") as tick:
-        for b, batch in zip(todo, loader):
-            read_error(batch, skip_bad)
+        for b, batch in zip(todo, passes):
             good = batch.good
             old = journal.load(b) if len(todo[b]) < len(pending) else None
             record = BatchRecord(rows=batch.rows, sha256=batch.sha256, size_bytes=batch.size_bytes,

@@ -18,7 +18,7 @@ from cache import FeatureCache
 from pipeline.data.table import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.features.backbones import create_backbone, parse_spec
-from pipeline.features.extraction import POOLED, Extractor, LoadedBackbone, make_loader, read_error
+from pipeline.features.extraction import POOLED, Extractor, LoadedBackbone
 from pipeline.features.preprocess import Preprocess
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.heads.artefact import TrainedHead, load_trained_head
@@ -141,11 +141,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     if needed:
         extractor = Extractor(backbones, pick_device(device, "--device"))
         pooled = [k for k, lb in backbones.items() if lb.group == POOLED and k not in key_of.values()]
-        sizes = sorted({lb.size_key for lb in backbones.values()})
         batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
-        loader = make_loader([str(p) for p in files], batches, sizes, num_workers, pin_memory=extractor.cuda)
-        for batch in loader:
-            read_error(batch, skip_bad)
+        for batch in extractor.passes([str(p) for p in files], batches, num_workers, skip_bad):
             good = batch.good
             for r, e in zip(batch.rows, batch.errors):
                 errors[r] = e

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -217,6 +217,16 @@ class Extractor:
             probe = torch.zeros(1, 1, lb.pre.image_size, lb.pre.image_size)
             self._shapes[key] = tuple(self.run(key, probe).shape[1:])
         return self._shapes[key]
+
+    def passes(self, paths: Sequence[str], batches: Sequence[Sequence[int]], num_workers: Optional[int],
+               skip_bad: bool) -> Iterator[ImageBatch]:
+        """The batches (indices into `paths`) decoded by loader workers at every size its backbones need, in
+        order, for stage one and predict alike; an unreadable image stops with its one-line error unless
+        `skip_bad` (then the batch says which images were bad)."""
+        sizes = sorted({lb.size_key for lb in self.backbones.values()})
+        for batch in make_loader(paths, batches, sizes, num_workers, pin_memory=self.cuda):
+            read_error(batch, skip_bad)
+            yield batch
 
     @property
     def precision(self) -> str:
