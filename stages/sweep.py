@@ -26,7 +26,7 @@ from pipeline.evaluation.engine import TrainData, fit_pooled, inner_val_fraction
 from pipeline.evaluation.evaluate import (make_splits, regression_norms, split_groups, stratified_subset,
                                           stratify_labels, task_metrics)
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.heads.plugin import enabled_heads, head_families
+from pipeline.heads.plugin import head_families, loaded_heads
 from pipeline.heads.tasks import metric_direction
 from pipeline.heads.train import Split, fixed_epochs, mean_curve, validated_epochs
 from stages.progress import progress_bars
@@ -167,7 +167,7 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
     family, results = fit_pooled(data, [c.train for c in cfgs], splits, f"sweep {len(cfgs)} configs", bars,
                                  device=device)
     # every enabled head family, each configuration on each fold: (metrics of (c, s), validated epochs of c)
-    families = [(plugin, *plugin.validate(data, cfgs, splits, bars)) for plugin, _ in enabled_heads(cfgs[0])]
+    families = [(plugin, *plugin.validate(data, cfgs, splits, bars)) for plugin in loaded_heads(data)]
     out = []
     for c, config in enumerate(cfgs):
         per_fold = []
@@ -207,7 +207,7 @@ def score_winner(data: TrainData, cfg: Config, row: pd.Series, dev_rows: np.ndar
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     test = _score_winner(data, cfg, int(row["epochs"]), dev_rows, test_rows, norms, spec)
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    for plugin, _ in enabled_heads(cfg):
+    for plugin in loaded_heads(data):
         test[plugin.name] = plugin.score_winner(data, cfg, int(row[f"{plugin.name}_epochs"]), split)
     return test
 

@@ -145,6 +145,13 @@ def head_families() -> Dict[str, HeadPlugin]:
     return HEADS
 
 
+def loaded_heads(data) -> List[HeadPlugin]:
+    """The families whose inputs the engine's TrainData holds (those enabled in the config it was loaded with):
+    a sweep trains them for every configuration, whatever a configuration's own enabled flag says."""
+    families = head_families()
+    return [families[name] for name in data.heads]
+
+
 def enabled_heads(cfg) -> List[Tuple[HeadPlugin, Any]]:
     """(family, its section) of every family enabled in `cfg`, in registration order."""
     families = head_families()
