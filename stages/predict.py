@@ -18,7 +18,7 @@ from cache import FeatureCache
 from pipeline.data.table import IMAGE_SUFFIXES
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError
 from pipeline.features.backbones import create_backbone, parse_spec
-from pipeline.features.extraction import POOLED, Extractor, LoadedBackbone
+from pipeline.features.extraction import Extractor, LoadedBackbone
 from pipeline.features.preprocess import Preprocess
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.heads.artefact import TrainedHead, load_trained_head
@@ -128,19 +128,20 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         applied.start(len(files))
     errors = [""] * len(files)
     backbones: Dict[str, LoadedBackbone] = {}
+    pooled: List[str] = []  # the entries whose vectors, side by side, are the head's features
     if todo:
         for spec in head.features:
-            lb = _rebuild_backbone(head.backbone(spec), spec, weights or {})
+            lb = _rebuild_backbone(head.backbone(spec), spec, weights)
             backbones[lb.key] = lb
+            pooled.append(lb.key)
     key_of: Dict[str, str] = {}  # a part with its own backbone -> that backbone's entry
     for name, applied in extra.items():
-        lb = _rebuild_backbone(applied.backbone[1], applied.backbone[0], weights or {})
+        lb = _rebuild_backbone(applied.backbone[1], applied.backbone[0], weights)
         backbones[lb.key] = lb
         key_of[name] = lb.key
     needed = list(range(len(files))) if extra else todo
     if needed:
         extractor = Extractor(backbones, pick_device(device, "--device"))
-        pooled = [k for k, lb in backbones.items() if lb.group == POOLED and k not in key_of.values()]
         batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
         for batch in extractor.passes([str(p) for p in files], batches, num_workers, skip_bad):
             good = batch.good
@@ -156,16 +157,17 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
             for name, key in key_of.items():
                 head.others[name].take(rows, extractor.run(key, batch.images[backbones[key].size_key]))
     ok = np.isfinite(features).all(axis=1)
-    preds = head.pooled.predict(np.nan_to_num(features))
+    features = np.nan_to_num(features)  # the unreadable images' rows: zeros, their answers masked by `ok`
+    preds = head.pooled.predict(features)
     table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
     grid = head.spec.get("grid", [np.nan, np.nan])
     for applied in head.others.values():
-        for column, values in applied.columns(np.nan_to_num(features), ok, grid).items():
+        for column, values in applied.columns(features, ok, grid).items():
             table[column] = values
     _add_primary(head, table)
     trained = set(head.spec.get("trained_sha256", []))
     table.insert(3, "in_training_set", [h in trained for h in hashes])
-    table.insert(4, "typicality_percentile", np.where(ok, np.round(head.pooled.typicality(np.nan_to_num(features)), 1),
+    table.insert(4, "typicality_percentile", np.where(ok, np.round(head.pooled.typicality(features), 1),
                                                       np.nan))
     answer = [c for c in table.columns if c.startswith("nodule_")]  # the answer first, the heads' outputs after
     table = table[[c for c in table.columns if c not in answer][:6] + answer

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, build, validate_config, dump_config, load_yaml, set_dotted
+from pipeline.config import Config, build, dump_config, load_yaml, set_dotted, validate_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, fit_pooled, inner_val_fraction, load_train_data
 from pipeline.evaluation.evaluate import (make_splits, regression_norms, split_groups, stratified_subset,
@@ -116,9 +116,8 @@ def rank_direction(data: TrainData, cfg: Config, rank_by: str, where: str) -> in
     kind) or an enabled head family's (<family>.<metric>, e.g. loc.froc_radius_at_2fp at eval.froc_fps' levels)."""
     task_name, _, metric = rank_by.partition(".")
     tasks = {t.name: t for t in data.tasks}
-    families = head_families()
-    if task_name in families and task_name in data.heads:
-        valid = families[task_name].metric_directions(cfg)
+    if task_name in data.heads:  # a head family whose inputs were loaded
+        valid = head_families()[task_name].metric_directions(cfg)
         if metric not in valid:
             raise ConfigError(f"{where}: rank_by '{rank_by}': valid {task_name} metrics: {', '.join(valid)}")
         return valid[metric]
@@ -205,8 +204,8 @@ def score_winner(data: TrainData, cfg: Config, row: pd.Series, dev_rows: np.ndar
                  spec: SweepSpec) -> Dict[str, Dict[str, float]]:
     """The winner retrained on the development rows for its validated epochs, scored once on the test rows."""
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
-    test = _score_winner(data, cfg, int(row["epochs"]), dev_rows, test_rows, norms, spec)
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
+    test = _score_winner(data, cfg, int(row["epochs"]), split, norms)
     for plugin in loaded_heads(data):
         test[plugin.name] = plugin.score_winner(data, cfg, int(row[f"{plugin.name}_epochs"]), split)
     return test
@@ -256,13 +255,13 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     return SweepResult(ranking, len(configs), seconds, winner_test)
 
 
-def _score_winner(data: TrainData, cfg: Config, epochs: int, dev_rows: np.ndarray, test_rows: np.ndarray,
-                  norms: Dict[str, np.ndarray], spec: SweepSpec) -> Dict[str, Dict[str, float]]:
-    """The winner retrained on all development rows for its validated epoch count, scored once on the test rows."""
-    split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
+def _score_winner(data: TrainData, cfg: Config, epochs: int, split: Split,
+                  norms: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """The winner retrained on split.train (the development rows) for its validated epoch count, scored once on
+    split.test."""
     family, (res,) = fit_pooled(data, [fixed_epochs(cfg.train, epochs)], [split], "winner",
                                 device=cfg.train.device)
-    return _task_scores(data, family.prep.decode(res.outputs[test_rows], 0), test_rows, norms)
+    return _task_scores(data, family.prep.decode(res.outputs[split.test], 0), split.test, norms)
 
 
 def _task_scores(data: TrainData, preds: Dict[str, np.ndarray], rows: np.ndarray,

@@ -23,7 +23,6 @@ from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, firs
                                           scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
-from pipeline.heads.plugin import head_families
 from pipeline.heads.train import mean_curve
 from pipeline.reporting import format_entry
 from stages.progress import progress_bars
@@ -58,8 +57,8 @@ def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
         assert np.array_equal(other.rows, oof.rows)  # the same splits, in the same order
         for task in data.tasks:
             frame.update({f"{model}_{k}": v for k, v in task.impl.columns(task, None, other.preds[task.name]).items()})
-    for name, outcome in cv.heads.items():
-        frame.update(head_families()[name].oof_columns(data, outcome, oof.rows))
+    for plugin, outcome in cv.families():
+        frame.update(plugin.oof_columns(data, outcome, oof.rows))
     return pd.DataFrame(frame)
 
 
@@ -141,8 +140,8 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float, 
         for size, entry in cv.efficiency.items():
             cells = [format_entry(entry["metrics"].get(t, {}).get(m)) for t, m in cols]
             lines.append(f"| {size} | {entry['patients']:.0f} | {entry['images']:.0f} | " + " | ".join(cells) + " |")
-    for name, outcome in cv.heads.items():
-        lines += head_families()[name].report_lines(data, cfg, outcome)
+    for plugin, outcome in cv.families():
+        lines += plugin.report_lines(data, cfg, outcome)
     return "\n".join(lines) + "\n"
 
 
@@ -185,8 +184,8 @@ def write_plots(folder: Path, data: TrainData, cv: CVResult, confusions: Dict[st
         written.append(f"confusion_{task}.png")
     if cv.efficiency:
         written += _efficiency_plot(folder, data, cv, plt)
-    for name, outcome in cv.heads.items():
-        written += head_families()[name].plots(folder, data, outcome, plt)
+    for plugin, outcome in cv.families():
+        written += plugin.plots(folder, data, outcome, plt)
     return written
 
 
@@ -280,8 +279,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
             "loss_weights": cv.loss_weights(data.tasks),
             "loss_weights_at_bound": cv.weights_at_bound(data.tasks),
             "models": cv.reports,
-            **{head_families()[name].artefact: head_families()[name].metrics(outcome)
-               for name, outcome in cv.heads.items()},
+            **{plugin.artefact: plugin.metrics(outcome) for plugin, outcome in cv.families()},
             **({"label_efficiency": cv.efficiency} if cv.efficiency else {}),
         }
         (tmp / "config.yaml").write_text(dump_config(cfg))

@@ -376,19 +376,16 @@ def test_sweep_ranks_on_validation_folds_only(tiny_cache, tmp_path):
     np.testing.assert_array_equal(again.ranking["val_state.accuracy"], ranking["val_state.accuracy"])
 
 
-def test_sweep_file_errors(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("method: grid\nparams:\n  train.hidden: {min: 1, max: 4}\n", "needs min and max and method: random"),
+    ("methd: grid\n", "did you mean 'method'"),
+    ("method: list\nparams:\n  train.hidden: [1, 2]\n", "method list needs 'configs'"),
+    ("method: grid\nconfigs:\n  - {train.hidden: 4}\n", "'configs' is for method: list"),
+])
+def test_sweep_file_errors(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: grid\nparams:\n  train.hidden: {min: 1, max: 4}\n")
-    with pytest.raises(ConfigError, match="needs min and max and method: random"):
-        load_sweep(bad)
-    bad.write_text("methd: grid\n")
-    with pytest.raises(ConfigError, match="did you mean 'method'"):
-        load_sweep(bad)
-    bad.write_text("method: list\nparams:\n  train.hidden: [1, 2]\n")
-    with pytest.raises(ConfigError, match="method list needs 'configs'"):
-        load_sweep(bad)
-    bad.write_text("method: grid\nconfigs:\n  - {train.hidden: 4}\n")
-    with pytest.raises(ConfigError, match="'configs' is for method: list"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_sweep(bad)
 
 

@@ -26,7 +26,7 @@ from pipeline.data.table import task_groups
 from pipeline.errors import ConfigError
 from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, make_splits,
                                           regression_norms, size_bins, summarise)
-from pipeline.heads.plugin import enabled_heads
+from pipeline.heads.plugin import enabled_heads, head_families
 from pipeline.heads.tasks import TaskSpec, encode_targets, resolve_tasks
 from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
 
@@ -152,6 +152,11 @@ class CVResult:
     primary: Dict[str, object] = field(default_factory=dict)  # which head answers in predict (primary_answers)
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
 
+    def families(self) -> List[Tuple[Any, Any]]:
+        """(head family, its out-of-fold outcome) of every family that cross-validated, in training order."""
+        registry = head_families()
+        return [(registry[name], outcome) for name, outcome in self.heads.items()]
+
     def loss_weights(self, tasks: Sequence[TaskSpec]) -> Dict[str, float]:
         """Each task's final loss weight, mean over the splits."""
         weights = np.mean([r.loss_weights for r in self.results], axis=0)
@@ -180,6 +185,14 @@ def pooled_family(data: TrainData, splits: Sequence[Split]):
     return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
 
 
+def run_jobs(family, jobs: Sequence[Job], splits: Sequence[Split], desc: str, progress: Progress = no_progress,
+             keep_state: bool = False, device: str = "auto") -> List[JobResult]:
+    """The stacked trainer on `jobs` (over `splits`) behind one progress bar of their epochs: every head family's
+    training goes through here."""
+    with progress(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
+        return train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)
+
+
 def fit_pooled(data: TrainData, sections: Sequence, splits: Sequence[Split], desc: str,
                progress: Progress = no_progress, keep_state: bool = False, device: str = "auto"):
     """Every train section (one configuration's `train`) trained on every split as one stack: (the family, its
@@ -189,9 +202,7 @@ def fit_pooled(data: TrainData, sections: Sequence, splits: Sequence[Split], des
     for section in sections:
         family.check(section)
     jobs = [Job(section, s) for section in sections for s in range(len(splits))]
-    with progress(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
-        results = train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)
-    return family, results
+    return family, run_jobs(family, jobs, splits, desc, progress, keep_state, device)
 
 
 def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:
@@ -216,10 +227,9 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
         logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
                        "lambda * %.3g); lower train.uncertainty_min_log_var to let it rise further",
                        cfg.train.loss_weighting, ", ".join(bound), 0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
-    plugins = enabled_heads(cfg)
-    for plugin, _ in plugins:
+    for plugin, _ in enabled_heads(cfg):
         cv.heads[plugin.name] = plugin.cross_validate(data, cfg, splits, names, oof[MODEL_NAME], progress)
-    cv.primary = primary_answers(data, cfg, splits, per_split, [(p, cv.heads[p.name]) for p, _ in plugins])
+    cv.primary = primary_answers(data, cfg, splits, per_split, cv.families())
     clock = time.perf_counter()
     norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
@@ -313,8 +323,8 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
     }
-    for plugin, _ in enabled_heads(cfg):
-        part_tensors, spec[plugin.artefact] = plugin.refit(data, cfg, cv.heads[plugin.name], split, progress)
+    for plugin, outcome in cv.families():
+        part_tensors, spec[plugin.artefact] = plugin.refit(data, cfg, outcome, split, progress)
         tensors.update(part_tensors)
     spec.update(backbones=dict(data.provenance), cache_image_set_sha256=data.cache_attrs.get("image_set_sha256"))
     return Refit(tensors, spec)

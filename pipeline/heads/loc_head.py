@@ -18,11 +18,12 @@ from cache import GROUPS
 
 from pipeline.errors import CacheError, PipelineError
 from pipeline.evaluation.evaluate import OutOfFold, SplitName, first_seed_mask, make_splits, summarise_metrics
-from pipeline.heads.localise import (FROC_FPS, Detections, candidate_hits, candidates, detect, export_head,
-                                     fit_rescorer, froc, load_head, loc_metric_directions, localisation_metrics,
-                                     nodule_errors)
+from pipeline.evaluation.engine import Progress, no_progress, run_jobs
+from pipeline.heads.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
+                                     export_head, fit_rescorer, froc, load_head, loc_metric_directions,
+                                     localisation_metrics, nodule_errors, prepare_loc)
 from pipeline.heads.plugin import Applied, HeadPlugin, register_head
-from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
+from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, validated_epochs
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
@@ -99,16 +100,9 @@ def member_splits(data, cfg, lcfg, split: Split) -> List[Split]:
             for i, s in enumerate(inner)]
 
 
-def _rows_per_epoch(splits: Sequence[Split]) -> float:
-    return float(np.mean([len(s.train) for s in splits])) if splits else 0.0
-
-
-def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str, progress=None,
+def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str, progress: Progress = no_progress,
                      keep_state: bool = False) -> List[LocFit]:
     """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
-    from pipeline.evaluation.engine import no_progress
-    from pipeline.heads.localise import LocFamily, prepare_loc
-
     splits: List[Split] = []
     jobs: List[Job] = []
     owner: List[int] = []
@@ -117,9 +111,8 @@ def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str
             jobs.append(Job(lcfg, len(splits)))
             splits.append(member)
             owner.append(i)
-    with (progress or no_progress)(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
-        results = train_jobs(LocFamily(prepare_loc(_maps(data), data.table, splits)), jobs, keep_state=keep_state,
-                             progress=tick, device=cfg.train.device)
+    results = run_jobs(LocFamily(prepare_loc(_maps(data), data.table, splits)), jobs, splits, desc, progress,
+                       keep_state, cfg.train.device)
     fits = []
     for i in range(len(pairs)):
         mine = [j for j, o in enumerate(owner) if o == i]

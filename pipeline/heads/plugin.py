@@ -42,7 +42,7 @@ class Applied:
 
     def columns(self, features: np.ndarray, ok: np.ndarray, grid: Sequence[float]) -> Dict[str, np.ndarray]:
         """Its predict columns for every image (NaN where it has no answer), from what it took and the pooled
-        features (rows `ok` are finite)."""
+        features (NaN-free: the rows not `ok`, unreadable images, are zeros)."""
         raise NotImplementedError
 
     def overlay(self, i: int) -> Optional[Tuple[np.ndarray, list]]:
