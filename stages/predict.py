@@ -23,7 +23,6 @@ from pipeline.features.preprocess import Preprocess
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.heads.artefact import TrainedHead, load_trained_head
 from pipeline.heads.plugin import Applied
-from pipeline.heads.tasks import TaskSpec
 from pipeline.runtime import pick_device
 
 logger = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     `overlay` (a head with a part that scores maps) a PNG per image in OUT_overlays/."""
     head = load_trained_head(run_dir)
     weights = dict(weights or {})
-    extra = {name: a for name, a in head.others.items() if a.backbone is not None}  # parts with their own backbone
+    extra = {name: a for name, a in head.parts.items() if a.backbone is not None}  # parts with their own backbone
     if "" in weights:  # a weights file without NAME=: only unambiguous for a head on one backbone
         specs = sorted(set(head.features) | {a.backbone[0] for a in extra.values()})
         if len(specs) != 1:
@@ -124,7 +123,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     features = np.full((len(files), int(head.spec["in_dim"])), np.nan, dtype=np.float32)
     for i, vec in cached.items():
         features[i] = vec
-    for applied in head.others.values():
+    for applied in head.parts.values():
         applied.start(len(files))
     errors = [""] * len(files)
     backbones: Dict[str, LoadedBackbone] = {}
@@ -155,23 +154,22 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
                 parts = [extractor.run(k, batch.images[backbones[k].size_key]) for k in pooled]
                 features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
             for name, key in key_of.items():
-                head.others[name].take(rows, extractor.run(key, batch.images[backbones[key].size_key]))
+                head.parts[name].take(rows, extractor.run(key, batch.images[backbones[key].size_key]))
     ok = np.isfinite(features).all(axis=1)
     features = np.nan_to_num(features)  # the unreadable images' rows: zeros, their answers masked by `ok`
-    preds = head.pooled.predict(features)
-    table = _table(head, files, preds, ok, errors, [i in cached for i in range(len(files))])
+    table = _image_table(files, ok, errors, [i in cached for i in range(len(files))])
     grid = head.spec.get("grid", [np.nan, np.nan])
-    for applied in head.others.values():
+    for applied in head.parts.values():
         for column, values in applied.columns(features, ok, grid).items():
             table[column] = values
-    _add_primary(head, table)
     trained = set(head.spec.get("trained_sha256", []))
-    table.insert(3, "in_training_set", [h in trained for h in hashes])
-    table.insert(4, "typicality_percentile", np.where(ok, np.round(head.pooled.typicality(features), 1),
-                                                      np.nan))
-    answer = [c for c in table.columns if c.startswith("nodule_")]  # the answer first, the heads' outputs after
-    table = table[[c for c in table.columns if c not in answer][:6] + answer
-                  + [c for c in table.columns if c not in answer][6:]]
+    table["in_training_set"] = [h in trained for h in hashes]
+    _add_answer(head, table)
+    # the image's own columns and how far to trust its answers first, then the answer, then the heads' outputs
+    own = ["image", "id", "from_cache", "in_training_set",
+           *[c for a in head.parts.values() for c in a.leading if c in table], "error"]
+    answer = [c for c in table.columns if c.startswith("nodule_")]
+    table = table[own + answer + [c for c in table.columns if c not in own and c not in answer]]
     if table["in_training_set"].any():
         logger.warning("%d of %d image(s) were in the head's training set (same content): their predictions are "
                        "training-set answers, far better than on new images (column in_training_set)",
@@ -194,58 +192,31 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
 PRESENCE_THRESHOLD = 0.5
 
 
-def _lobe_on_side(table: pd.DataFrame, classes: Sequence[str], x_norm: np.ndarray) -> List[Optional[str]]:
-    """The most probable lobe of the pooled head among those on the side of the answer's position: in a PA
-    chest X-ray the patient's right lung (classes R*) is on the image's left (x < 1/2), the left lung (L*) on
-    its right; None where there is no position."""
-    probs = table[[f"{POOLED_PREFIX}lobe_p_{c}" for c in classes]].to_numpy(dtype=float)
-    out: List[Optional[str]] = []
-    for p, x in zip(probs, x_norm):
-        if not np.isfinite(x) or not np.isfinite(p).all():
-            out.append(None)
-            continue
-        side = "L" if x > 0.5 else "R"
-        allowed = [k for k, c in enumerate(classes) if c.upper().startswith(side)] or list(range(len(classes)))
-        out.append(classes[max(allowed, key=lambda k: p[k])])
-    return out
-
-
-def _add_primary(head: TrainedHead, table: pd.DataFrame) -> None:
+def _add_answer(head: TrainedHead, table: pd.DataFrame) -> None:
     """One answer per image, from one decision rule: P(nodule) from the head chosen on inner validation rows
-    for presence (head.json 'primary'); found where P >= PRESENCE_THRESHOLD; only then a position (from the head
-    chosen for position), its lobe (the pooled head's most probable lobe on that side) and the pooled head's
-    nodule attributes, which are left empty otherwise."""
+    for presence (head.json 'primary'; the reference head by default); found where P >= PRESENCE_THRESHOLD; only
+    then a position (from the head chosen for position); then each head part finishes its columns
+    (Applied.finish: the lobe on the answer's side, nodule attributes emptied where none is found)."""
     primary = head.spec.get("primary", {})
-    sources = {"pooled": {"position": (f"{POOLED_PREFIX}x", f"{POOLED_PREFIX}y"),
-                          "presence": (f"{POOLED_PREFIX}presence_prob",)}, **head.answers}
-    (prob_col,) = sources[primary.get("presence", "pooled")]["presence"]
-    if prob_col not in table:
-        return
-    x_col, y_col = sources[primary.get("position", "pooled")]["position"]
-    found = (table[prob_col] >= PRESENCE_THRESHOLD).to_numpy(dtype=bool)
-    table["nodule_prob"] = table[prob_col]
-    table["nodule_found"] = found
-    table["nodule_prob_from"] = primary.get("presence", "pooled")
-    if x_col in table and y_col in table:
-        grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
-        x = np.where(found, table[x_col].to_numpy(dtype=float), np.nan)
-        y = np.where(found, table[y_col].to_numpy(dtype=float), np.nan)
-        table["nodule_x"], table["nodule_y"] = x, y
-        size = {c: table[c].to_numpy(dtype=float) if c in table else np.full(len(table), np.nan)
-                for c in ("image_width", "image_height")}
-        table["nodule_x_image"] = x / grid_w * size["image_width"]
-        table["nodule_y_image"] = y / grid_h * size["image_height"]
-        table["nodule_position_from"] = primary.get("position", "pooled")
-        lobe = next((t for t in head.layout.tasks if t.name == "lobe" and t.kind == "multiclass"), None)
-        if lobe is not None:
-            table["nodule_lobe"] = _lobe_on_side(table, lobe.classes, x / grid_w)
-    columns = [f"{POOLED_PREFIX}{c}" for c in ("x", "y", "x_norm", "y_norm", "x_image", "y_image")]
-    columns += [_column(t, f"{t.name}_pred") for t in head.layout.tasks if t.nodule_attribute]
-    for col in columns:
-        if col in table:  # empty in the CSV: NaN for numbers, None for class names
-            numeric = pd.api.types.is_numeric_dtype(table[col])
-            table[col] = (table[col].where(found, np.nan) if numeric
-                          else table[col].astype(object).where(found, None))
+    found = x_norm = None
+    presence = head.answers.get(primary.get("presence", head.default), {}).get("presence")
+    if presence and presence[0] in table:
+        found = (table[presence[0]] >= PRESENCE_THRESHOLD).to_numpy(dtype=bool)
+        table["nodule_prob"] = table[presence[0]]
+        table["nodule_found"] = found
+        table["nodule_prob_from"] = primary.get("presence", head.default)
+        x_col, y_col = head.answers.get(primary.get("position", head.default), {}).get("position", ("", ""))
+        if x_col in table and y_col in table:
+            grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
+            x = np.where(found, table[x_col].to_numpy(dtype=float), np.nan)
+            y = np.where(found, table[y_col].to_numpy(dtype=float), np.nan)
+            table["nodule_x"], table["nodule_y"] = x, y
+            table["nodule_x_image"] = x / grid_w * table["image_width"].to_numpy(dtype=float)
+            table["nodule_y_image"] = y / grid_h * table["image_height"].to_numpy(dtype=float)
+            table["nodule_position_from"] = primary.get("position", head.default)
+            x_norm = x / grid_w
+    for applied in head.parts.values():
+        applied.finish(table, found, x_norm)
 
 
 def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
@@ -295,38 +266,11 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, maps: A
     return written
 
 
-#: The secondary answers of the pooled Res-MTNet head are marked by this prefix (pooled_state, pooled_x, ...).
-POOLED_PREFIX = "pooled_"
-
-
-def _column(task: TaskSpec, key: str) -> str:
-    """predict's column names of the pooled head: the class or value under the task's name (size as size_mm),
-    P(...) as is, all marked as the pooled head's (secondary) answers."""
-    if key == f"{task.name}_pred":
-        key = task.column if task.impl.measures else task.name
-    return POOLED_PREFIX + key
-
-
-def _table(head: TrainedHead, files: List[Path], preds: Dict[str, np.ndarray], ok: np.ndarray, errors: List[str],
-           from_cache: List[bool]) -> pd.DataFrame:
+def _image_table(files: List[Path], ok: np.ndarray, errors: List[str], from_cache: List[bool]) -> pd.DataFrame:
+    """The images' own columns: path, id, whether their features came from a cache, the error that made one
+    unreadable, and their sizes."""
     from pipeline.data.images import probe_image
 
-    grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
-    names = {t.name for t in head.layout.tasks}
-    rows = []
-    for i, path in enumerate(files):
-        row: Dict[str, object] = {"image": str(path), "id": path.stem, "from_cache": from_cache[i],
-                                  "error": errors[i]}
-        if ok[i]:
-            row["image_width"], row["image_height"] = probe_image(path)
-            for task in head.layout.tasks:
-                cols = task.impl.columns(task, None, preds[task.name][i:i + 1])
-                row.update({_column(task, k): (v[0].item() if hasattr(v[0], "item") else v[0])
-                            for k, v in cols.items()})
-            row.update({POOLED_PREFIX + k: bool(v[i]) for k, v in preds.items() if k not in names})  # _clipped
-            if "x" in names and "y" in names:
-                x_norm, y_norm = row["pooled_x"] / grid_w, row["pooled_y"] / grid_h
-                row["pooled_x_norm"], row["pooled_y_norm"] = x_norm, y_norm
-                row["pooled_x_image"], row["pooled_y_image"] = x_norm * row["image_width"], y_norm * row["image_height"]
-        rows.append(row)
-    return pd.DataFrame(rows)
+    sizes = [probe_image(path) if ok[i] else (np.nan, np.nan) for i, path in enumerate(files)]
+    return pd.DataFrame({"image": [str(p) for p in files], "id": [p.stem for p in files], "from_cache": from_cache,
+                         "error": errors, "image_width": [w for w, _ in sizes], "image_height": [h for _, h in sizes]})

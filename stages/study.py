@@ -35,9 +35,9 @@ from cache import ids_sha256
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import load_train_data
-from pipeline.evaluation.evaluate import regression_norms
 from pipeline.fsutil import process_running
 from pipeline.heads.artefact import WINNER
+from pipeline.heads.plugin import loaded_heads
 from stages.progress import progress_bars
 from stages.sweep import (SweepSpec, config_variants, configurations, development_split, load_sweep, rank_direction,
                           sweep_splits, validate_configs)
@@ -282,7 +282,6 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     seen = ids_sha256(sorted(ids[dev_rows]))
     every = config_variants(cfg, shared.configs) if shared.configs else [cfg]
     splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, every)
-    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
     tracker = None
     if track:
         from pipeline.config import to_dict
@@ -302,9 +301,9 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
             continue
         choices = [_choice(shared, t) for t in taken]
         cfgs = config_variants(cfg, choices)
-        validated = validate_configs(data, cfgs, splits, spec, _beating(bars, taken), cfg.train.device, norms)
+        validated = validate_configs(data, cfgs, splits, spec, _beating(bars, taken))
         for trial, choice, trial_cfg, v in zip(taken, choices, cfgs, validated):
-            attrs = {**v.metrics, "epochs": v.epochs, "choice": json.dumps(choice), "development_ids_sha256": seen}
+            attrs = {**v.metrics, "choice": json.dumps(choice), "development_ids_sha256": seen}
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             try:
@@ -338,7 +337,7 @@ def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, ou
     outputs (ranking.csv, winner.json, winner.yaml) and, with `train_winner`, the winner trained by train-heads on
     every image into OUT/winner (what predict --model OUT uses)."""
     from pipeline.config import build
-    from stages.sweep import rank, score_winner, write_sweep
+    from stages.sweep import rank, score_winner, winner_epochs, write_sweep
 
     optuna = _optuna()
     storage = open_storage(storage_url)
@@ -351,6 +350,7 @@ def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, ou
     direction = rank_direction(data, cfg, spec.rank_by, f"study {study_name}")
     dev_rows, test_rows = split_rows(data, list(study.user_attrs["held_out_ids"]), storage_url)
     rows, seen, choices = [], set(), {}
+    epoch_keys = {plugin.epochs_key for plugin in loaded_heads(data)}
     for trial in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
                         key=lambda t: t.number):
         key = trial.params.get("config", trial.user_attrs.get("choice"))
@@ -360,14 +360,15 @@ def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, ou
         index = trial.params.get("config", trial.number)
         choices[index] = json.loads(trial.user_attrs["choice"])
         rows.append({"config": index, "trial": trial.number, **choices[index],
-                     **{k: v for k, v in trial.user_attrs.items() if k.startswith("val_") or k.endswith("epochs")}})
+                     **{k: v for k, v in trial.user_attrs.items() if k.startswith("val_") or k in epoch_keys}})
     if not rows:
         raise ConfigError(f"study {study_name} in {storage_url} has no completed trial yet; run workers first")
     ranking = rank(rows, spec, direction, f"study {study_name}")
     choice = choices[int(ranking.iloc[0]["config"])]
     (winner_cfg,) = config_variants(cfg, [choice])
     test = score_winner(data, winner_cfg, ranking.iloc[0], dev_rows, test_rows, spec)
-    write_sweep(out, overwrite, ranking, spec, cfg, winner_cfg, choice, test, len(dev_rows), len(test_rows),
+    write_sweep(out, overwrite, ranking, spec, cfg, winner_cfg, choice, test, winner_epochs(data, ranking.iloc[0]),
+                len(dev_rows), len(test_rows),
                 {"study": study_name, "storage": storage_url, "completed_trials": len(rows)})
     model = None
     if train_winner:

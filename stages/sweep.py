@@ -22,13 +22,11 @@ import yaml
 
 from pipeline.config import Config, build, dump_config, load_yaml, set_dotted, validate_config
 from pipeline.errors import ConfigError
-from pipeline.evaluation.engine import TrainData, fit_pooled, inner_val_fraction, load_train_data
-from pipeline.evaluation.evaluate import (make_splits, regression_norms, split_groups, stratified_subset,
-                                          stratify_labels, task_metrics)
+from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
+from pipeline.evaluation.evaluate import make_splits, split_groups, stratified_subset, stratify_labels
 from pipeline.fsutil import atomic_write_text, staged_dir
-from pipeline.heads.plugin import head_families, loaded_heads
-from pipeline.heads.tasks import metric_direction
-from pipeline.heads.train import Split, fixed_epochs, mean_curve, validated_epochs
+from pipeline.heads.plugin import Validation, loaded_heads
+from pipeline.heads.train import Split
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -112,22 +110,20 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
 
 
 def rank_direction(data: TrainData, cfg: Config, rank_by: str, where: str) -> int:
-    """+1 where a higher `rank_by` is better, -1 for errors: a task's metric (<task>.<metric>, from the task's
-    kind) or an enabled head family's (<family>.<metric>, e.g. loc.froc_radius_at_2fp at eval.froc_fps' levels)."""
-    task_name, _, metric = rank_by.partition(".")
-    tasks = {t.name: t for t in data.tasks}
-    if task_name in data.heads:  # a head family whose inputs were loaded
-        valid = head_families()[task_name].metric_directions(cfg)
-        if metric not in valid:
-            raise ConfigError(f"{where}: rank_by '{rank_by}': valid {task_name} metrics: {', '.join(valid)}")
-        return valid[metric]
-    if task_name not in tasks or not metric:
-        raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task or head family "
-                          f"({', '.join([*tasks, *data.heads])})")
-    try:
-        return metric_direction(tasks[task_name], metric)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: rank_by '{rank_by}': {exc}") from None
+    """+1 where a higher `rank_by` is better, -1 for errors: a metric of a head family whose inputs were loaded
+    (the reference's '<task>.<metric>', from the task's kind; another family's '<family>.<metric>', e.g.
+    loc.froc_radius_at_2fp at eval.froc_fps' levels). A family's own name is looked up before the tasks."""
+    families = sorted(loaded_heads(data), key=lambda p: p.reference)
+    for plugin in families:
+        try:
+            direction = plugin.rank_direction(data, cfg, rank_by)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if direction is not None:
+            return direction
+    named = [t.name for t in data.tasks] + [p.name for p in families if not p.reference]
+    raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task or head family "
+                      f"({', '.join(named)})")
 
 
 def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np.ndarray, np.ndarray]:
@@ -153,39 +149,35 @@ def sweep_splits(data: TrainData, cfg: Config, spec: SweepSpec, dev_rows: np.nda
 
 @dataclass
 class Validated:
-    """One configuration's cross-validation: its mean validation metrics, their spread, its epochs."""
+    """One configuration's cross-validation: its mean validation metrics and their spread, each head family's
+    validated epochs (what the winner is retrained for) and mean learning curves."""
 
-    metrics: Dict[str, float]  # 'val_<task>.<metric>' (mean over folds) and 'val_<rank_by>_std'
-    epochs: int  # validated epoch count (what the winner is retrained for)
-    curves: Dict[str, List[float]]  # train_loss, val_loss per epoch, mean over folds
+    metrics: Dict[str, float]  # 'val_<metric>' (mean over folds), 'val_<rank_by>_std', '<epochs_key>' per family
+    curves: Dict[str, List[float]]  # per epoch, mean over folds (the reference's train_loss, val_loss, ...)
 
 
-def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], spec: SweepSpec, bars,
-                     device: str, norms: Dict[str, np.ndarray]) -> List[Validated]:
-    """Train every configuration on every fold as one stack and score each on its folds' validation rows."""
-    family, results = fit_pooled(data, [c.train for c in cfgs], splits, f"sweep {len(cfgs)} configs", bars,
-                                 device=device)
-    # every enabled head family, each configuration on each fold: (metrics of (c, s), validated epochs of c)
-    families = [(plugin, *plugin.validate(data, cfgs, splits, bars)) for plugin in loaded_heads(data)]
+def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], spec: SweepSpec,
+                     bars) -> List[Validated]:
+    """Train every configuration on every fold (each head family whose inputs were loaded, all configurations x
+    folds as one stack) and score each on its folds' validation rows."""
+    families = [(plugin, Validation(*plugin.validate(data, cfgs, splits, bars))) for plugin in loaded_heads(data)]
     out = []
-    for c, config in enumerate(cfgs):
+    for c in range(len(cfgs)):
         per_fold = []
-        mine = results[c * len(splits):(c + 1) * len(splits)]
-        for s, (split, res) in enumerate(zip(splits, mine)):
-            scores = _task_scores(data, family.prep.decode(res.outputs[split.test], s), split.test, norms)
-            fold_metrics = {f"{task}.{k}": v for task, m in scores.items() for k, v in m.items()}
-            for _, metrics_of, _ in families:
-                fold_metrics.update(metrics_of(c, s))
+        for s in range(len(splits)):
+            fold_metrics: Dict[str, float] = {}
+            for _, validation in families:
+                fold_metrics.update(validation.metrics(c, s))
             per_fold.append(fold_metrics)
         frame = pd.DataFrame(per_fold)
         metrics = {f"val_{col}": float(frame[col].mean()) for col in frame.columns}
         metrics[f"val_{spec.rank_by}_std"] = float(frame[spec.rank_by].std(ddof=1)) if spec.rank_by in frame \
             else float("nan")
-        curves = {k: mean_curve(mine, k) for k in ("train_loss", "val_loss")}  # [] where a curve is absent
-        validated = Validated(metrics, validated_epochs(mine, config.train), curves)
-        for plugin, _, epochs_of in families:
-            validated.metrics[f"{plugin.name}_epochs"] = epochs_of(c)
-        out.append(validated)
+        curves: Dict[str, List[float]] = {}
+        for plugin, validation in families:
+            metrics[plugin.epochs_key] = validation.epochs(c)
+            plugin.place(curves, validation.curves(c), key=plugin.name)
+        out.append(Validated(metrics, curves))
     return out
 
 
@@ -201,18 +193,23 @@ def rank(rows: List[Dict[str, Any]], spec: SweepSpec, direction: int, where: str
 
 
 def score_winner(data: TrainData, cfg: Config, row: pd.Series, dev_rows: np.ndarray, test_rows: np.ndarray,
-                 spec: SweepSpec) -> Dict[str, Dict[str, float]]:
-    """The winner retrained on the development rows for its validated epochs, scored once on the test rows."""
-    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+                 spec: SweepSpec) -> Dict[str, Any]:
+    """The winner retrained on the development rows (each head family for its validated epochs), scored once on
+    the test rows: the reference's task -> metric -> value, and each other family's under its name."""
     split = Split(train=dev_rows, test=test_rows, key=spec.seed * 1000 + 998)
-    test = _score_winner(data, cfg, int(row["epochs"]), split, norms)
+    test: Dict[str, Any] = {}
     for plugin in loaded_heads(data):
-        test[plugin.name] = plugin.score_winner(data, cfg, int(row[f"{plugin.name}_epochs"]), split)
+        plugin.place(test, plugin.score_winner(data, cfg, int(row[plugin.epochs_key]), split), key=plugin.name)
     return test
 
 
+def winner_epochs(data: TrainData, row: pd.Series) -> Dict[str, int]:
+    """The winner's validated epochs, per head family (its epochs_key)."""
+    return {p.epochs_key: int(row[p.epochs_key]) for p in loaded_heads(data)}
+
+
 def write_sweep(out: Path, overwrite: bool, ranking: pd.DataFrame, spec: SweepSpec, cfg: Config, winner_cfg: Config,
-                choice: Dict[str, Any], test: Dict[str, Dict[str, float]], n_dev: int, n_test: int,
+                choice: Dict[str, Any], test: Dict[str, Any], epochs: Dict[str, int], n_dev: int, n_test: int,
                 run: Dict[str, Any]) -> None:
     """ranking.csv, winner.json, winner.yaml (the winner's whole config: train-heads --config it), the sweep spec
     and the base config, then run.json."""
@@ -224,7 +221,7 @@ def write_sweep(out: Path, overwrite: bool, ranking: pd.DataFrame, spec: SweepSp
         (tmp / "winner.yaml").write_text(dump_config(winner_cfg))
         (tmp / "winner.json").write_text(json.dumps({
             "config": choice, "rank_by": spec.rank_by, "validation": float(ranking.iloc[0][key]),
-            "epochs": int(ranking.iloc[0]["epochs"]), "test": test, "n_dev": n_dev, "n_test": n_test,
+            "epochs": epochs, "test": test, "n_dev": n_dev, "n_test": n_test,
             "note": "ranked on validation folds of the development rows (epochs chosen on inner validation rows "
                     "of their training part); the test rows were scored once, after the ranking"}, indent=1))
         atomic_write_text(tmp / "run.json", json.dumps({"complete": True, **run}))
@@ -241,35 +238,15 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
     cfgs = config_variants(cfg, configs)
     dev_rows, test_rows = development_split(data, cfg, spec)
     splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, cfgs)
-    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
-    validated = validate_configs(data, cfgs, splits, spec, bars, cfg.train.device, norms)
-    ranking = rank([{"config": c, **choice, **v.metrics, "epochs": v.epochs}
+    validated = validate_configs(data, cfgs, splits, spec, bars)
+    ranking = rank([{"config": c, **choice, **v.metrics}
                     for c, (choice, v) in enumerate(zip(configs, validated))], spec, direction, str(sweep_path))
     winner = int(ranking.iloc[0]["config"])
     winner_test = score_winner(data, cfgs[winner], ranking.iloc[0], dev_rows, test_rows, spec)
     seconds = time.perf_counter() - started
-    write_sweep(out, overwrite, ranking, spec, cfg, cfgs[winner], configs[winner], winner_test, len(dev_rows),
-                len(test_rows), {"seconds": seconds, "configs": len(configs)})
+    write_sweep(out, overwrite, ranking, spec, cfg, cfgs[winner], configs[winner], winner_test,
+                winner_epochs(data, ranking.iloc[0]), len(dev_rows), len(test_rows),
+                {"seconds": seconds, "configs": len(configs)})
     logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
                 seconds, spec.rank_by, ranking.iloc[0][f"val_{spec.rank_by}"])
     return SweepResult(ranking, len(configs), seconds, winner_test)
-
-
-def _score_winner(data: TrainData, cfg: Config, epochs: int, split: Split,
-                  norms: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
-    """The winner retrained on split.train (the development rows) for its validated epoch count, scored once on
-    split.test."""
-    family, (res,) = fit_pooled(data, [fixed_epochs(cfg.train, epochs)], [split], "winner",
-                                device=cfg.train.device)
-    return _task_scores(data, family.prep.decode(res.outputs[split.test], 0), split.test, norms)
-
-
-def _task_scores(data: TrainData, preds: Dict[str, np.ndarray], rows: np.ndarray,
-                 norms: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
-    """task -> metric -> value of predictions for `rows` (in that order)."""
-    out: Dict[str, Dict[str, float]] = {}
-    for task in data.tasks:
-        m = task_metrics(task, data.targets[task.name][rows], preds[task.name],
-                         None if task.name not in norms else norms[task.name][rows])
-        out[task.name] = {k: float(v) for k, v in m.items()}
-    return out

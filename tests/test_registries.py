@@ -310,14 +310,20 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
 
 
 def test_every_head_family_keeps_the_contract():
-    """Every registered head family (the built-in localisation head, and any plugin): a name and an artefact key,
-    off by default, answers only roles predict knows, metric directions of +1 or -1."""
+    """Every registered head family (the built-in Res-MTNet and localisation heads, and any plugin): a name and an
+    artefact key, one reference (listed first, always trained), the others off by default, answers only roles
+    predict knows, metric directions of +1 or -1."""
     from pipeline.heads.plugin import HeadPlugin, head_families
 
     cfg = load_config(None)
-    for name, plugin in head_families().items():
+    families = head_families()
+    assert [name for name, p in families.items() if p.reference] == list(families)[:1]
+    for name, plugin in families.items():
         assert isinstance(plugin, HeadPlugin) and plugin.name == name and plugin.artefact
-        assert plugin.section(cfg) is None, f"head family {name} must be off unless the config enables it"
+        if plugin.reference:
+            assert plugin.section(cfg) is not None and plugin.epochs_key == "epochs"
+        else:
+            assert plugin.section(cfg) is None, f"head family {name} must be off unless the config enables it"
         assert set(plugin.answers) <= {"position", "presence"}
         assert all(len(c) == (2 if role == "position" else 1) for role, c in plugin.answers.items())
         assert set(plugin.metric_directions(cfg).values()) <= {1, -1}
@@ -364,17 +370,18 @@ def _probe_family():
         name, artefact, settings = "probe", "probe", ProbeSettings
         answers = {"presence": ("probe_presence_prob",)}
 
-        def cross_validate(self, data, cfg, splits, names, pooled, progress):
+        def cross_validate(self, data, cfg, splits, names, reference, progress):
             c = self.section(cfg).c
             per_split = [{"p": fit(data, s.train, c).predict_proba(data.features)[:, 1]} for s in splits]
             return OutOfFold.collect(splits, per_split), per_split
 
-        def choose(self, data, cfg, splits, pooled, outcome):
+        def choose(self, data, cfg, splits, reference, outcome):
             rows = np.concatenate([s.val for s in splits])
             mine = auc(data, rows, np.concatenate([p["p"][s.val] for p, s in zip(outcome[1], splits)]))
-            theirs = auc(data, rows, np.concatenate([p["presence"][s.val] for p, s in zip(pooled, splits)]))
+            theirs = auc(data, rows, np.concatenate([p["presence"][s.val]
+                                                     for p, s in zip(reference.per_split, splits)]))
             return {**({"presence": "probe"} if mine > theirs else {}),
-                    "validation": {"probe": {"presence_auc": mine}, "pooled": {"presence_auc": theirs}}}
+                    "validation": {"probe": {"presence_auc": mine}, reference.answer: {"presence_auc": theirs}}}
 
         def refit(self, data, cfg, outcome, split, progress):
             model = fit(data, split.train, self.section(cfg).c)

@@ -82,7 +82,8 @@ def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path, monkeypatch
 
 
 def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache):
-    from pipeline.evaluation.engine import load_train_data, pooled_family
+    from pipeline.evaluation.engine import load_train_data
+    from pipeline.heads.resmtnet_head import pooled_family
     from pipeline.evaluation.evaluate import make_splits
 
     cfg = _config(**{"train.feature_dtype": "float16"})

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.errors import CacheError, ConfigError
-from pipeline.evaluation.engine import cross_validate, load_train_data, pooled_family
+from pipeline.evaluation.engine import cross_validate, load_train_data
+from pipeline.heads.resmtnet_head import pooled_family
 from pipeline.evaluation.evaluate import make_splits
 from pipeline.heads.model import ResMTNet, prepare, task_losses
 from pipeline.heads.tasks import TaskSpec, encode_targets
@@ -209,13 +210,13 @@ def test_early_stopping_keeps_the_state_of_the_best_validation_epoch(tiny_cache)
 @pytest.mark.parametrize("scheme", ["uncertainty", "dwa", "gradnorm"])
 def test_loss_weighting_moves_the_weights_and_changes_the_result(tiny_cache, scheme):
     fixed_cfg = tiny_train_config(**{"train.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False})
-    fixed = cross_validate(load_train_data(tiny_cache, fixed_cfg), fixed_cfg)
+    fixed = cross_validate(load_train_data(tiny_cache, fixed_cfg), fixed_cfg).heads["res-mtnet"]
     cfg = tiny_train_config(**{"train.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False,
                                "train.loss_weighting": scheme})
     data = load_train_data(tiny_cache, cfg)
-    learnt = cross_validate(data, cfg)
-    assert fixed.loss_weights(data.tasks) == {t.name: 1.0 for t in data.tasks}
-    weights = np.array(list(learnt.loss_weights(data.tasks).values()))
+    learnt = cross_validate(data, cfg).heads["res-mtnet"]
+    assert fixed.loss_weights() == {t.name: 1.0 for t in data.tasks}
+    weights = np.array(list(learnt.loss_weights().values()))
     # Kendall's weight at s = 0 is 1/2; DWA's start at 1 and move with the ratio of successive epoch losses,
     # which is close to 1 for every task at the paper's lr, so they move less
     start, moved = (0.5, 0.05) if scheme == "uncertainty" else (1.0, 0.01)
@@ -234,12 +235,12 @@ def test_uncertainty_weights_of_small_losses_move_above_one_half(tiny_cache):
             "train.early_stopping": 0, "train.weighting_lr": 0.05, "train.lr": 1e-3}
     fixed_cfg = tiny_train_config(**base)
     data = load_train_data(tiny_cache, fixed_cfg)
-    fixed = cross_validate(data, fixed_cfg)
+    fixed = cross_validate(data, fixed_cfg).heads["res-mtnet"]
     cfg = tiny_train_config(**base, **{"train.loss_weighting": "uncertainty"})
-    learnt = cross_validate(data, cfg)
+    learnt = cross_validate(data, cfg).heads["res-mtnet"]
     final = np.array([r.history["train_loss"][-1] for r in fixed.results])
     assert (final < 2.0).all()
-    weights = learnt.loss_weights(data.tasks)
+    weights = learnt.loss_weights()
     assert min(weights.values()) > 0.55, weights
     assert not np.allclose(learnt.results[0].outputs, fixed.results[0].outputs)
 

@@ -1,19 +1,19 @@
 """Stage two's engine: cached features and labels in, cross-validated heads and a refit head out.
 
 `load_train_data` reads what a config asks for from a cache (features, declared tasks, and what each enabled
-head family needs); `cross_validate` trains the Res-MTNet head on every split of the protocol through the one
-stacked trainer (pipeline.heads.train), beside the baselines on the same splits, then every enabled head family
-(pipeline.heads.plugin) on the same splits, and summarises every model with one summariser; `refit` trains the final
-heads on all rows for the validated epoch count. train-heads, sweeps and the paper's tables all run through here.
+head family needs); `cross_validate` makes the protocol's splits and has every enabled head family
+(pipeline.heads.plugin: the reference, Res-MTNet, first) cross-validate on them, then chooses which head answers
+in predict; `refit` has each train its final head on all rows and assembles the artefact's description.
+train-heads, sweeps and the paper's tables all run through here; `run_jobs` is every family's way to the one
+stacked trainer (pipeline.heads.train).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -24,15 +24,13 @@ from pipeline.config import CHOICES, Config
 from pipeline.data.labels import load_label_maps
 from pipeline.data.table import task_groups
 from pipeline.errors import ConfigError
-from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, control_features, make_splits,
-                                          regression_norms, size_bins, summarise)
-from pipeline.heads.plugin import enabled_heads, head_families
+from pipeline.evaluation.evaluate import OutOfFold, SplitName, control_features, make_splits
+from pipeline.heads.plugin import TaskPredictions, enabled_heads, head_families
 from pipeline.heads.tasks import TaskSpec, encode_targets, resolve_tasks
-from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, train_jobs, validated_epochs
+from pipeline.heads.train import Job, JobResult, Split, train_jobs
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "res-mtnet"
 #: progress(total, description, rows=rows per unit) -> a context manager yielding tick(n); stages pass a bar.
 Progress = Callable[..., ContextManager[Callable[[int], None]]]
 
@@ -144,11 +142,9 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
 class CVResult:
     splits: List[Split]
     names: List[SplitName]
-    results: List[JobResult]
-    oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
-    reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
-    heads: Dict[str, Any] = field(default_factory=dict)  # head family -> its out-of-fold outcome
-    efficiency: Dict[str, object] = field(default_factory=dict)  # label efficiency: size -> its scores
+    heads: Dict[str, Any] = field(default_factory=dict)  # head family -> its out-of-fold outcome, in training order
+    reports: Dict[str, Dict[str, object]] = field(default_factory=dict)  # model -> its report of the tasks
+    reference: Optional[TaskPredictions] = None  # the reference family's out-of-fold task predictions
     primary: Dict[str, object] = field(default_factory=dict)  # which head answers in predict (primary_answers)
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
 
@@ -157,32 +153,18 @@ class CVResult:
         registry = head_families()
         return [(registry[name], outcome) for name, outcome in self.heads.items()]
 
-    def loss_weights(self, tasks: Sequence[TaskSpec]) -> Dict[str, float]:
-        """Each task's final loss weight, mean over the splits."""
-        weights = np.mean([r.loss_weights for r in self.results], axis=0)
-        return {t.name: float(w) for t, w in zip(tasks, weights)}
-
-    def weights_at_bound(self, tasks: Sequence[TaskSpec]) -> List[str]:
-        """Tasks whose loss weight sat at its weighting's bound in any split (it says less than it seems)."""
-        return [t.name for k, t in enumerate(tasks)
-                if any(k < len(r.weights_at_bound) and r.weights_at_bound[k] for r in self.results)]
+    def test_rows(self) -> OutOfFold:
+        """Every split's test rows in the splits' order (`rows`, `split`): the rows of every out-of-fold output."""
+        return OutOfFold.collect(self.splits, [{} for _ in self.splits])
 
 
 def inner_val_fraction(cfg: Config) -> float:
     """The share of training rows held out for early stopping (none in-sample: every row trains)."""
-    heads = [cfg.train] + [section for _, section in enabled_heads(cfg)]
-    if cfg.eval.protocol == "insample" or not any(h.early_stopping for h in heads):
+    if cfg.eval.protocol == "insample" or not any(getattr(h, "early_stopping", 0) for _, h in enabled_heads(cfg)):
         return 0.0
     if not 0 < cfg.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction {cfg.train.val_fraction} must be in (0, 1) with early stopping")
     return cfg.train.val_fraction
-
-
-def pooled_family(data: TrainData, splits: Sequence[Split]):
-    """The Res-MTNet family on these splits (features standardised per split on its training rows)."""
-    from pipeline.heads.model import PooledFamily, prepare
-
-    return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
 
 
 def run_jobs(family, jobs: Sequence[Job], splits: Sequence[Split], desc: str, progress: Progress = no_progress,
@@ -193,99 +175,20 @@ def run_jobs(family, jobs: Sequence[Job], splits: Sequence[Split], desc: str, pr
         return train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)
 
 
-def fit_pooled(data: TrainData, sections: Sequence, splits: Sequence[Split], desc: str,
-               progress: Progress = no_progress, keep_state: bool = False, device: str = "auto"):
-    """Every train section (one configuration's `train`) trained on every split as one stack: (the family, its
-    results config-major: sections[c] on splits[s] at c * len(splits) + s). Cross-validation, label efficiency,
-    the refit and sweeps all train the Res-MTNet head through here."""
-    family = pooled_family(data, splits)
-    for section in sections:
-        family.check(section)
-    jobs = [Job(section, s) for section in sections for s in range(len(splits))]
-    return family, run_jobs(family, jobs, splits, desc, progress, keep_state, device)
-
-
 def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:
-    """Train one configuration on every split; evaluate it and the baselines on the same splits."""
+    """Every enabled head family cross-validated on the protocol's splits (the reference first: the others are
+    given its out-of-fold predictions), then the choice of the head that answers in predict."""
     splits, names = make_splits(data.table, data.rows, cfg.eval, inner_val_fraction(cfg))
-    clock = time.perf_counter()
-    family, results = fit_pooled(data, [cfg.train], splits, "train-heads", progress, device=cfg.train.device)
-    timings = {"train": time.perf_counter() - clock,
-               "train_row_epochs": float(sum(len(r.history["train_loss"]) * len(s.train)
-                                             for r, s in zip(results, splits)))}
-    clock = time.perf_counter()
-    prep = family.prep
-    per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
-    oof = {MODEL_NAME: OutOfFold.collect(splits, per_split)}
-    if cfg.eval.baselines:
-        for which in ("linear", "majority"):
-            oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets, which))
-    timings["baselines"] = time.perf_counter() - clock
-    cv = CVResult(splits, names, results, oof, timings=timings)
-    bound = cv.weights_at_bound(data.tasks)
-    if bound:
-        logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
-                       "lambda * %.3g); lower train.uncertainty_min_log_var to let it rise further",
-                       cfg.train.loss_weighting, ", ".join(bound), 0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
+    cv = CVResult(splits, names)
     for plugin, _ in enabled_heads(cfg):
-        cv.heads[plugin.name] = plugin.cross_validate(data, cfg, splits, names, oof[MODEL_NAME], progress)
-    cv.primary = primary_answers(data, cfg, splits, per_split, cv.families())
-    clock = time.perf_counter()
-    norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
-    bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
-        if "size_mm" in data.table else {}
-    for model, preds in oof.items():
-        cv.reports[model] = {
-            "overall": summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap, cfg.train.seed),
-            "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
-                                           cfg.train.seed, subset=rows) for label, rows in bins.items()},
-        }
-    cv.timings["summaries"] = time.perf_counter() - clock
-    if cfg.eval.train_sizes:
-        cv.efficiency = label_efficiency(data, cfg, splits, names, norms, progress)
+        outcome = plugin.cross_validate(data, cfg, splits, names, cv.reference, progress)
+        cv.heads[plugin.name] = outcome
+        if plugin.reference and cv.reference is None:
+            cv.reference = plugin.task_predictions(outcome)
+        cv.reports.update(plugin.task_reports(outcome))
+        cv.timings.update(getattr(outcome, "timings", {}))
+    cv.primary = primary_answers(data, cfg, splits, cv.reference, cv.families())
     return cv
-
-
-def label_efficiency(data: TrainData, cfg: Config, splits: Sequence[Split], names: Sequence[SplitName],
-                     norms: Dict[str, np.ndarray], progress: Progress = no_progress) -> Dict[str, object]:
-    """eval.train_sizes: the head trained on nested subsets of each split's training patients (the same
-    inner validation rows, the same test rows), scored as the full run is. Per size: the mean patients and
-    images trained on, every metric (the first repeat's pooled estimate with its CI, summarise) and each
-    repeat's pooled value."""
-    from pipeline.config import train_size
-    from pipeline.evaluation.evaluate import split_groups
-
-    groups = split_groups(data.table, data.rows, cfg.eval)
-    group_of = dict(zip(data.rows.tolist(), groups)) if groups is not None else {}
-    jobs, where = [], []
-    for s, split in enumerate(splits):
-        g = np.array([group_of.get(r, r) for r in split.train.tolist()], dtype=object)
-        patients = np.array(sorted(set(g.tolist()), key=str), dtype=object)
-        for repeat in range(cfg.eval.train_size_repeats):
-            order = np.random.default_rng([cfg.train.seed, s, repeat]).permutation(len(patients))
-            for size in cfg.eval.train_sizes:  # nested: every size is a prefix of one order of the patients
-                chosen = set(patients[order[:train_size(size, len(patients))]].tolist())
-                rows = split.train[np.array([p in chosen for p in g.tolist()], dtype=bool)]
-                jobs.append(Split(train=rows, test=split.test, val=split.val, key=split.key))
-                where.append((str(size), repeat, s, len(chosen)))
-    family, results = fit_pooled(data, [cfg.train], jobs, "label efficiency", progress, device=cfg.train.device)
-    out: Dict[str, object] = {}
-    for size in dict.fromkeys(str(x) for x in cfg.eval.train_sizes):
-        entry: Dict[str, object] = {"repeats": {}}
-        for repeat in range(cfg.eval.train_size_repeats):
-            idx = [i for i, w in enumerate(where) if w[0] == size and w[1] == repeat]
-            oof = OutOfFold.collect([jobs[i] for i in idx], [family.prep.decode(results[i].outputs, i) for i in idx])
-            split_names = [names[where[i][2]] for i in idx]
-            report = summarise(oof, data.tasks, data.targets, norms, split_names,
-                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed)
-            if repeat == 0:
-                entry.update(patients=float(np.mean([where[i][3] for i in idx])),
-                             images=float(np.mean([len(jobs[i].train) for i in idx])), metrics=report)
-            for task, metrics in report.items():
-                for metric, value in metrics.items():
-                    entry["repeats"].setdefault(f"{task}.{metric}", []).append(value["pooled"])
-        out[size] = entry
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,50 +205,48 @@ class Refit:
 
 
 def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_progress) -> Refit:
-    """Train the final heads on every usable row for the epoch count validated in the cross-validation
-    (median best epoch of its splits; the configured count without early stopping)."""
+    """Every family that cross-validated trains its final head on every usable row (for the epochs its
+    cross-validation validated); the description adds what the features, the training rows and the coordinate
+    grid were."""
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
-    tcfg = fixed_epochs(cfg.train, validated_epochs(cv.results, cfg.train))
-    family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,
-                                   device=cfg.train.device)
-    from pipeline.heads.model import export_head as export_pooled
-
-    tensors, pooled_spec = export_pooled(result.state, family.prep, data.rows, tcfg.hidden, tcfg.blocks,
-                                         cfg.train.seed)
-    spec: Dict[str, object] = {
-        "tool_version": __version__, **pooled_spec,
-        # the pooled head's own settings: the head families' sections (train.loc, train.heads) are in their parts
-        "train": {k: v for k, v in asdict(tcfg).items() if k != "heads" and not is_dataclass(getattr(tcfg, k))},
-        "loss_weights": result.loss_weights,
+    tensors: Dict[str, object] = {}
+    spec: Dict[str, object] = {"tool_version": __version__}
+    for plugin, outcome in cv.families():
+        part_tensors, part = plugin.refit(data, cfg, outcome, split, progress)
+        clash = set(part_tensors) & set(tensors)
+        if clash:
+            raise RuntimeError(f"head family {plugin.name}: tensors {', '.join(sorted(clash))} already written")
+        tensors.update(part_tensors)
+        plugin.place(spec, part)
+    spec.update({
         "features": data.specs, "trained_rows": int(len(data.rows)),
         "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
         "primary": cv.primary,
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
-    }
-    for plugin, outcome in cv.families():
-        part_tensors, spec[plugin.artefact] = plugin.refit(data, cfg, outcome, split, progress)
-        tensors.update(part_tensors)
-    spec.update(backbones=dict(data.provenance), cache_image_set_sha256=data.cache_attrs.get("image_set_sha256"))
+        "backbones": dict(data.provenance), "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")})
     return Refit(tensors, spec)
 
 
-def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], pooled: Sequence[Dict[str, np.ndarray]],
+def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], reference: Optional[TaskPredictions],
                     outcomes: Sequence[Tuple[Any, Any]]) -> Dict[str, object]:
-    """Which head answers "is there a nodule" (presence) and "where" (position) in predict: the pooled Res-MTNet
-    head, unless a head family (HeadPlugin.choose, given its out-of-fold outcome) does better on the inner
-    validation rows of every split (never on test folds); the pooled head without inner validation rows."""
-    out: Dict[str, object] = {"position": "pooled", "presence": "pooled"}
+    """Which head answers "is there a nodule" (presence) and "where" (position) in predict: the reference
+    family, unless another family (HeadPlugin.choose, given its out-of-fold outcome) does better on the inner
+    validation rows of every split (never on test folds); the reference without inner validation rows."""
+    if reference is None:
+        return {"chosen_on": "no reference head"}
+    out: Dict[str, object] = {"position": reference.answer, "presence": reference.answer}
+    others = [(p, o) for p, o in outcomes if not p.reference]
     n_val = sum(len(s.val) for s in splits)
-    if not outcomes or not n_val:
-        out["chosen_on"] = "default (no other head)" if not outcomes else "default (no inner validation rows)"
+    if not others or not n_val:
+        out["chosen_on"] = "default (no other head)" if not others else "default (no inner validation rows)"
         return out
     validation: Dict[str, object] = {}
-    for plugin, outcome in outcomes:
-        choice = dict(plugin.choose(data, cfg, splits, pooled, outcome))
+    for plugin, outcome in others:
+        choice = dict(plugin.choose(data, cfg, splits, reference, outcome))
         validation.update(choice.pop("validation", {}))
-        for role, head in choice.items():  # the first family that beats the pooled head takes the role
-            if out.get(role) == "pooled":
+        for role, head in choice.items():  # the first family that beats the reference takes the role
+            if out.get(role) == reference.answer:
                 out[role] = head
     out["chosen_on"] = f"inner validation rows ({n_val} images over {len(splits)} splits)"
     out["validation"] = validation

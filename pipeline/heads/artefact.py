@@ -1,11 +1,12 @@
 """The trained-head artefact: RUN_DIR/model/head.safetensors (tensors) + head.json (what they mean).
 
 One owner for the format: train-heads writes it with `write_head`, predict reads it whole with
-`load_trained_head` (the envelope checked by `read_head`, the Res-MTNet part loaded by pipeline.heads.model,
-every head family's part by its plugin). The JSON records the format and its version (checked on read), the task
-specs, the target scales, the Res-MTNet shapes, each head family's part under its key (the localisation head's
-settings and maps' provenance), the backbones' provenance (weights, seed, preprocessing as fields) and the
-training images' content hashes. Nothing is pickled: tensors are safetensors, the rest JSON.
+`load_trained_head` (the envelope checked by `read_head`, every head family's part loaded by its plugin). The JSON
+records the format and its version (checked on read), the reference family's part at the top level (Res-MTNet: the
+task specs, the target scales, its shapes and settings), each other family's part under its key (the localisation
+head's settings and maps' provenance), which head answers (`primary`), the backbones' provenance (weights, seed,
+preprocessing as fields) and the training images' content hashes. Nothing is pickled: tensors are safetensors, the
+rest JSON.
 """
 from __future__ import annotations
 
@@ -62,21 +63,17 @@ def read_head(run_dir: Path) -> Tuple[Dict[str, object], Dict[str, object]]:
 
 @dataclass
 class TrainedHead:
-    """A trained head as predict uses it: the artefact's description, the Res-MTNet head (pipeline.heads.model's
-    PooledHead) and every head family's part (pipeline.heads.plugin's Applied), each loaded by its own module."""
+    """A trained head as predict uses it: the artefact's description and every head family's part
+    (pipeline.heads.plugin's Applied), each loaded by its own plugin."""
 
     spec: Dict[str, Any]
-    pooled: Any
-    others: Dict[str, Any] = field(default_factory=dict)  # answer name (artefact key) -> loaded part
+    parts: Dict[str, Any] = field(default_factory=dict)  # answer name (artefact key) -> loaded part, reference first
     answers: Dict[str, Dict[str, tuple]] = field(default_factory=dict)  # answer name -> role -> its columns
+    default: str = ""  # the reference's answer name: who answers where head.json's primary does not say
 
     @property
     def features(self) -> List[str]:
         return list(self.spec["features"])
-
-    @property
-    def layout(self):
-        return self.pooled.layout
 
     def backbone(self, spec: str) -> Dict[str, Any]:
         """The provenance facts of a pooled-feature backbone the head was trained on."""
@@ -84,14 +81,16 @@ class TrainedHead:
 
 
 def load_trained_head(run_dir: Path) -> TrainedHead:
-    """The head of a train-heads run (or a sweep's winner), every part loaded."""
-    from pipeline.heads.model import load_head as load_pooled
+    """The head of a train-heads run (or a sweep's winner), every family's part loaded."""
     from pipeline.heads.plugin import head_families
 
     spec, tensors = read_head(run_dir)
-    head = TrainedHead(spec, load_pooled(spec, tensors))
+    head = TrainedHead(spec)
     for plugin in head_families().values():
-        if plugin.artefact in spec:
-            head.others[plugin.artefact] = plugin.load_head(spec[plugin.artefact], tensors)
+        part = plugin.part(spec)
+        if part is not None:
+            head.parts[plugin.artefact] = plugin.load_head(part, tensors)
             head.answers[plugin.artefact] = dict(plugin.answers)
+            if plugin.reference:
+                head.default = plugin.artefact
     return head

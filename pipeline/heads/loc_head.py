@@ -22,7 +22,7 @@ from pipeline.evaluation.engine import Progress, no_progress, run_jobs
 from pipeline.heads.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
                                      export_head, fit_rescorer, froc, load_head, loc_metric_directions,
                                      localisation_metrics, nodule_errors, prepare_loc)
-from pipeline.heads.plugin import Applied, HeadPlugin, register_head
+from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
 from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, validated_epochs
 from pipeline.reporting import format_entry
 
@@ -233,8 +233,8 @@ class LocPlugin(HeadPlugin):
             maps = np.random.default_rng(cfg.train.seed + 7778).standard_normal(maps.shape).astype(np.float16)
         return LocInputs(maps, spec, dict(present[spec].attrs))
 
-    def cross_validate(self, data, cfg, splits, names, pooled, progress) -> LocOutcome:
-        """The localisation head on the same splits as the pooled heads, and the two compared."""
+    def cross_validate(self, data, cfg, splits, names, reference, progress) -> LocOutcome:
+        """The localisation head on the engine's splits, and compared with the reference's regressed position."""
         lcfg = cfg.train.loc
         fits = fit_localisation(data, cfg, [(lcfg, s) for s in splits], "localisation head", progress)
         table = data.table
@@ -245,11 +245,12 @@ class LocPlugin(HeadPlugin):
         report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
         curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
                                   cfg.eval.froc_fps, curves=True)}
-        if "x" in pooled.preds and "y" in pooled.preds:
+        pooled = reference.oof if reference is not None else None
+        if pooled is not None and "x" in pooled.preds and "y" in pooled.preds:
             px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
             py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
             pp = pooled.preds.get("presence")
-            # the pooled head gives one candidate per image, scored by its presence probability
+            # the reference gives one candidate per image, scored by its presence probability
             one = (px[:, None], py[:, None], (pp if pp is not None else np.ones(len(px)))[:, None])
             report["pooled-regression"] = localisation_summary(table, pooled.rows, pooled.split, px, py, pp, names,
                                                                cfg, one)
@@ -259,9 +260,9 @@ class LocPlugin(HeadPlugin):
         return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], fits, report,
                           {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()})
 
-    def choose(self, data, cfg, splits, pooled, outcome: LocOutcome) -> Dict[str, Any]:
+    def choose(self, data, cfg, splits, reference, outcome: LocOutcome) -> Dict[str, Any]:
         """The localisation head answers position where it finds more nodules within 100 px, presence where it
-        has the higher presence AUC than the pooled head, on the splits' inner validation rows."""
+        has the higher presence AUC than the reference, on the splits' inner validation rows."""
         from pipeline.evaluation.metrics import roc_auc
 
         val = [s.val for s in splits]
@@ -269,6 +270,7 @@ class LocPlugin(HeadPlugin):
         grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
         decoded = Detections.concat([f.detect(data, cfg.train.loc, v, validation=True)
                                      for f, v in zip(outcome.fits, val)])
+        pooled, theirs = reference.per_split, reference.answer
         have = {k for k in ("x", "y", "presence") if k in pooled[0]}
         pp = np.concatenate([p["presence"][v] for p, v in zip(pooled, val)]) if "presence" in have else None
         scores = {ANSWER: localisation_metrics(data.table, rows, decoded.x, decoded.y, decoded.presence,
@@ -276,20 +278,20 @@ class LocPlugin(HeadPlugin):
         if {"x", "y"} <= have:
             px = np.concatenate([p["x"][v] for p, v in zip(pooled, val)]) / grid_w
             py = np.concatenate([p["y"][v] for p, v in zip(pooled, val)]) / grid_h
-            scores["pooled"] = localisation_metrics(data.table, rows, px, py, pp, cfg.eval.pixel_mm)
+            scores[theirs] = localisation_metrics(data.table, rows, px, py, pp, cfg.eval.pixel_mm)
         elif pp is not None:
             pres = data.table["presence"].to_numpy(float)[rows]
             known = np.isfinite(pres)
-            scores["pooled"] = {"presence_auc": roc_auc(pres[known], pp[known]) if known.any() else np.nan}
+            scores[theirs] = {"presence_auc": roc_auc(pres[known], pp[known]) if known.any() else np.nan}
 
         def value(head: str, metric: str) -> float:
             v = float(scores.get(head, {}).get(metric, np.nan))
             return v if v == v else -1.0
 
         out: Dict[str, Any] = {}
-        if value(ANSWER, "within_100px") > value("pooled", "within_100px"):
+        if value(ANSWER, "within_100px") > value(theirs, "within_100px"):
             out["position"] = ANSWER
-        if value(ANSWER, "presence_auc") > value("pooled", "presence_auc"):
+        if value(ANSWER, "presence_auc") > value(theirs, "presence_auc"):
             out["presence"] = ANSWER
         out["validation"] = {head: {m: float(v) for m, v in res.items() if m in ("within_100px", "presence_auc")}
                              for head, res in scores.items()}
@@ -321,7 +323,7 @@ class LocPlugin(HeadPlugin):
         def epochs(c: int) -> int:
             return validated_epochs([m for f in fits[c * len(splits):(c + 1) * len(splits)] for m in f.members],
                                     cfgs[c].train.loc)
-        return metrics, epochs
+        return Validation(metrics, epochs)
 
     def score_winner(self, data, cfg, epochs: int, split: Split) -> Dict[str, float]:
         """Retrained on the development rows (for its validated epochs, or a fold ensemble on their folds)."""

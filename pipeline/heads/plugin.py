@@ -1,21 +1,27 @@
-"""Head families beside the pooled Res-MTNet head, as plugins: one `HeadPlugin` per family, registered by name.
+"""Stage two's head families as plugins: one `HeadPlugin` per family, registered by name.
 
-The engine trains the pooled Res-MTNet head on every split and then, for each enabled family, asks it to read
-what it needs from the cache, cross-validate on the same splits, say whether it answers an image's question
-better than the pooled head (on inner validation rows only), and train its final head; the sweep asks it for
-its validation metrics ('<name>.<metric>') and its winner's test scores; train-heads for its predictions
-columns, report lines, metrics and plots; predict for its loaded part of the head artefact (`Applied`). None of
-them names a family: a new one is one file that subclasses HeadPlugin and calls `register_head`.
+The engine asks every enabled family, in order, to read what it needs from the cache, cross-validate on the
+engine's splits, say whether it answers an image's question better than the reference (on inner validation rows
+only) and train its final head; the sweep asks it for its validation metrics and its winner's test scores;
+train-heads for its predictions columns, files, report lines, metrics and plots; predict for its loaded part of the
+head artefact (`Applied`). None of them names a family: a new one is one file that subclasses HeadPlugin and calls
+`register_head`.
 
-The built-in family is the localisation head (`pipeline.heads.loc_head`, name 'loc', settings in train.loc). A
-family registered elsewhere reads its settings from `train.heads.<name>` (a mapping of its own keys).
-This module imports no torch: the config validates family names through it.
+The reference family predicts the run's declared tasks (the built-in one is the paper's Res-MTNet head,
+`pipeline.heads.resmtnet_head`, settings in train): it is trained first, the other families compare with its
+out-of-fold predictions, its answers are predict's default, its task reports are the paper's tables' rows, and
+its parts of the outputs sit at their top level (head.json, metrics.json, unprefixed sweep metrics
+'<task>.<metric>'), as they did before it was a plugin. Another built-in family is the localisation head
+(`pipeline.heads.loc_head`, name 'loc', settings in train.loc). A family registered elsewhere reads its settings
+from `train.heads.<name>` (a mapping of its own keys). This module imports no torch: the config validates family
+names through it.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,7 +30,29 @@ from pipeline.errors import ConfigError
 #: name -> the registered head families (the built-ins are imported on first use: `head_families`).
 HEADS: Dict[str, "HeadPlugin"] = {}
 #: Modules whose import registers the built-in families.
-BUILTIN_MODULES = ("pipeline.heads.loc_head",)
+BUILTIN_MODULES = ("pipeline.heads.resmtnet_head", "pipeline.heads.loc_head")
+
+
+@dataclass
+class TaskPredictions:
+    """The reference family's out-of-fold predictions of the declared tasks, what the other families compare
+    with: `oof` (pipeline.evaluation.evaluate.OutOfFold: the splits' test rows) and `per_split[s][task]`, split
+    s's predictions of every row (its inner validation rows included). `model`: its name in the task reports;
+    `answer`: its name in head.json's primary."""
+
+    model: str
+    answer: str
+    oof: Any
+    per_split: List[Dict[str, np.ndarray]] = field(default_factory=list)
+
+
+class Validation(NamedTuple):
+    """A family's sweep validation (HeadPlugin.validate): metrics(c, s) of configuration c on split s's validation
+    rows, as the sweep ranks them; epochs(c), its validated epoch count; curves(c), its mean learning curves."""
+
+    metrics: Callable[[int, int], Dict[str, float]]
+    epochs: Callable[[int], int]
+    curves: Callable[[int], Dict[str, List[float]]] = lambda c: {}
 
 
 class Applied:
@@ -33,6 +61,8 @@ class Applied:
     #: (backbone spec, its provenance facts) of an extra backbone it runs on (predict rebuilds it), or None: the
     #: pooled features alone
     backbone: Optional[Tuple[str, Dict[str, Any]]] = None
+    #: its columns that say how far to trust an image's answers: placed with the image's own, before the answer
+    leading: Tuple[str, ...] = ()
 
     def start(self, n: int) -> None:
         """Before the images: room for n of them."""
@@ -45,22 +75,47 @@ class Applied:
         features (NaN-free: the rows not `ok`, unreadable images, are zeros)."""
         raise NotImplementedError
 
+    def finish(self, table, found: np.ndarray, x_norm: Optional[np.ndarray]) -> None:
+        """After the answer is chosen (`found`: a nodule is reported; `x_norm`: the answer's x as a fraction of the
+        grid, None without a position): it may add answer columns and empty its columns that describe a nodule
+        where none is found. `table`: predict's frame, the image sizes included."""
+
     def overlay(self, i: int) -> Optional[Tuple[np.ndarray, list]]:
         """(score map, candidates to draw [(x, y, p)]) of image i for predict --overlay; None: nothing to draw."""
         return None
 
 
 class HeadPlugin:
-    """A head family trained beside the pooled Res-MTNet head on the same splits (see the module's docstring).
+    """A head family trained on the engine's splits (see the module's docstring).
 
     `data` is the engine's TrainData: `data.heads[self.name]` holds what `load` returned. A family that answers
     an image's position or presence names its predict columns in `answers` and chooses in `choose`."""
 
     name: str = ""  # registry name; its sweep metrics are '<name>.<metric>', its config section train.heads.<name>
-    artefact: str = ""  # its key in head.json and the prefix of its predictions columns
+    artefact: str = ""  # its key in head.json and metrics.json, its answer's name, its predict columns' prefix
     settings: Optional[type] = None  # the dataclass of its train.heads.<name> section (families outside config)
     #: role -> its predict columns: {'position': (x, y), 'presence': (prob,)}; its answer name is `artefact`
     answers: Dict[str, Tuple[str, ...]] = {}
+    #: the family that predicts the declared tasks (one: Res-MTNet): trained first, compared with, at the top level
+    reference: bool = False
+
+    @property
+    def epochs_key(self) -> str:
+        """Its validated epochs' column in a sweep's ranking."""
+        return "epochs" if self.reference else f"{self.name}_epochs"
+
+    def place(self, out: Dict[str, Any], part: Dict[str, Any], key: str = "") -> None:
+        """Put its part of an output (head.json, metrics.json, a winner's test scores) into `out`: under `key` (its
+        `artefact` by default), or (the reference) at the top level; a key another family took is a bug."""
+        entries = part if self.reference else {key or self.artefact: part}
+        taken = set(entries) & set(out)
+        if taken:
+            raise RuntimeError(f"head family {self.name}: {', '.join(sorted(taken))} already written by another")
+        out.update(entries)
+
+    def part(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Its part of a head.json (what `refit` wrote), None when the head has none."""
+        return spec if self.reference else spec.get(self.artefact)
 
     def section(self, cfg) -> Optional[Any]:
         """Its config section when the family is enabled in `cfg`, else None."""
@@ -82,13 +137,23 @@ class HeadPlugin:
         """What it trains on, read from the open FeatureCache (`specs`: the pooled features' backbones)."""
         return None
 
-    def cross_validate(self, data, cfg, splits, names, pooled, progress) -> Any:
-        """Its out-of-fold outcome on the engine's splits (`pooled`: the Res-MTNet head's OutOfFold)."""
+    def cross_validate(self, data, cfg, splits, names, reference: Optional[TaskPredictions], progress) -> Any:
+        """Its out-of-fold outcome on the engine's splits (`reference`: the reference family's predictions; None
+        for the reference itself). An outcome with a `timings` mapping (part -> seconds) has it in metrics.json."""
         raise NotImplementedError
 
-    def choose(self, data, cfg, splits, pooled: Sequence[Dict[str, np.ndarray]], outcome) -> Dict[str, Any]:
-        """The roles it takes from the pooled head ({'position': self.artefact, ...}) and the validation scores
-        behind the choice, judged on the splits' inner validation rows only; {}: none."""
+    def task_predictions(self, outcome) -> TaskPredictions:
+        """The reference family's out-of-fold predictions of the declared tasks."""
+        raise NotImplementedError
+
+    def task_reports(self, outcome) -> Dict[str, Dict[str, Any]]:
+        """model -> its report of the declared tasks ({'overall': task -> metric -> entry, 'size_bins': ...})."""
+        return {}
+
+    def choose(self, data, cfg, splits, reference: TaskPredictions, outcome) -> Dict[str, Any]:
+        """The roles it takes from the reference ({'position': self.artefact, ...}) and the validation scores
+        behind the choice (head -> metric -> value, as 'validation'), judged on the splits' inner validation rows
+        only (the reference's predictions there: reference.per_split); {}: none."""
         return {}
 
     def refit(self, data, cfg, outcome, split, progress) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -96,7 +161,7 @@ class HeadPlugin:
         raise NotImplementedError
 
     def load_head(self, spec: Dict[str, Any], tensors: Dict[str, Any]) -> Applied:
-        """Its part of a trained head (what `refit` wrote), for predict."""
+        """Its part of a trained head (what `part` finds), for predict."""
         raise NotImplementedError
 
     # sweeps
@@ -104,26 +169,45 @@ class HeadPlugin:
         """metric -> +1 (higher is better) or -1: what a sweep may rank by as '<name>.<metric>'."""
         return {}
 
-    def validate(self, data, cfgs: Sequence[Any], splits, progress
-                 ) -> Tuple[Callable[[int, int], Dict[str, float]], Callable[[int], int]]:
-        """Every configuration trained on every validation split: (metrics of config c on split s's validation
-        rows as {'<name>.<metric>': value}, validated epochs of config c)."""
+    def rank_direction(self, data, cfg, rank_by: str) -> Optional[int]:
+        """+1 or -1 for a sweep's `rank_by` among its metrics, None when it is not one of its own; a ConfigError
+        for an unknown metric under its name."""
+        prefix, _, metric = rank_by.partition(".")
+        if prefix != self.name:
+            return None
+        valid = self.metric_directions(cfg)
+        if metric not in valid:
+            raise ConfigError(f"rank_by '{rank_by}': valid {self.name} metrics: {', '.join(valid)}")
+        return valid[metric]
+
+    def validate(self, data, cfgs: Sequence[Any], splits, progress) -> Validation:
+        """Every configuration trained on every validation split: Validation(metrics of config c on split s's
+        validation rows as {'<name>.<metric>': value}, validated epochs of config c[, mean learning curves])."""
         raise NotImplementedError
 
-    def score_winner(self, data, cfg, epochs: int, split) -> Dict[str, float]:
+    def score_winner(self, data, cfg, epochs: int, split) -> Dict[str, Any]:
         """Trained on split.train (for its validated `epochs`), scored once on split.test: metric -> value."""
         raise NotImplementedError
 
     # train-heads' outputs
     def oof_columns(self, data, outcome, rows: np.ndarray) -> Dict[str, np.ndarray]:
-        """Its out-of-fold predictions of `rows` (the pooled head's rows, in that order) for predictions.csv."""
+        """Its out-of-fold predictions of `rows` (every split's test rows, in the splits' order) for
+        predictions.csv."""
         return {}
+
+    def files(self, folder, data, outcome) -> List[str]:
+        """Its own files in the run folder (e.g. confusion matrices)."""
+        return []
 
     def report_lines(self, data, cfg, outcome) -> List[str]:
         return []
 
     def metrics(self, outcome) -> Dict[str, Any]:
-        """Its section of metrics.json (key: `artefact`)."""
+        """Its part of metrics.json (a 'meta' entry of the reference is merged into metrics.json's meta)."""
+        return {}
+
+    def curves(self, outcome) -> Dict[str, List[float]]:
+        """Its learning curves (mean over splits) for a tracked run."""
         return {}
 
     def plots(self, folder, data, outcome, plt) -> List[str]:
@@ -139,10 +223,10 @@ def register_head(plugin: HeadPlugin) -> HeadPlugin:
 
 
 def head_families() -> Dict[str, HeadPlugin]:
-    """Every registered family, the built-ins included."""
+    """Every registered family, the built-ins included; the reference first, then in registration order."""
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
-    return HEADS
+    return dict(sorted(HEADS.items(), key=lambda item: not item[1].reference))
 
 
 def loaded_heads(data) -> List[HeadPlugin]:

@@ -1,0 +1,512 @@
+"""The paper's Res-MTNet head as the reference head family (pipeline.heads.plugin): its training on the engine's
+splits (every configuration x split as one stack: cross-validation, label efficiency, the refit and sweeps), the
+baselines on the same splits, the one summary of every model, its final head, its sweep metrics ('<task>.<metric>'),
+its train-heads outputs (predictions, confusion matrices, report tables, metrics, plots) and its part of predict.
+The net and its trainer family are pipeline.heads.model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import ConfigError
+from pipeline.evaluation.engine import Progress, no_progress, run_jobs
+from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, first_seed_mask,
+                                          regression_norms, size_bins, split_groups, summarise, task_metrics)
+from pipeline.heads.plugin import Applied, HeadPlugin, TaskPredictions, Validation, register_head
+from pipeline.heads.tasks import TaskSpec, metric_direction
+from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, mean_curve, validated_epochs
+from pipeline.reporting import format_entry
+
+logger = logging.getLogger(__name__)
+
+#: This family's name (its model's name in reports) and its answer's name, the prefix of its predict columns.
+NAME, ANSWER = "res-mtnet", "pooled"
+PREFIX = f"{ANSWER}_"
+BASELINES = ("linear", "majority")
+
+
+def pooled_family(data, splits: Sequence[Split]):
+    """The Res-MTNet trainer family on these splits (features standardised per split on its training rows)."""
+    from pipeline.heads.model import PooledFamily, prepare
+
+    return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
+
+
+def fit_pooled(data, sections: Sequence, splits: Sequence[Split], desc: str, progress: Progress = no_progress,
+               keep_state: bool = False, device: str = "auto"):
+    """Every train section (one configuration's `train`) trained on every split as one stack: (the family, its
+    results config-major: sections[c] on splits[s] at c * len(splits) + s)."""
+    family = pooled_family(data, splits)
+    for section in sections:
+        family.check(section)
+    jobs = [Job(section, s) for section in sections for s in range(len(splits))]
+    return family, run_jobs(family, jobs, splits, desc, progress, keep_state, device)
+
+
+@dataclass
+class ResMTNetOutcome:
+    """The Res-MTNet head's cross-validation: its training results per split, the out-of-fold predictions of it and
+    the baselines on the same splits, their reports, label efficiency and where the time went."""
+
+    results: List[JobResult]
+    tasks: List[TaskSpec]
+    names: List[SplitName]
+    oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
+    per_split: List[Dict[str, np.ndarray]]  # split s's predictions of every row
+    reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    efficiency: Dict[str, object] = field(default_factory=dict)  # label efficiency: size -> its scores
+    timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
+    refit_epochs: Optional[int] = None  # set by the refit
+
+    @property
+    def best_epochs(self) -> List[int]:
+        return [r.best_epoch for r in self.results]
+
+    def loss_weights(self) -> Dict[str, float]:
+        """Each task's final loss weight, mean over the splits."""
+        weights = np.mean([r.loss_weights for r in self.results], axis=0)
+        return {t.name: float(w) for t, w in zip(self.tasks, weights)}
+
+    def weights_at_bound(self) -> List[str]:
+        """Tasks whose loss weight sat at its weighting's bound in any split (it says less than it seems)."""
+        return [t.name for k, t in enumerate(self.tasks)
+                if any(k < len(r.weights_at_bound) and r.weights_at_bound[k] for r in self.results)]
+
+
+def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitName], norms: Dict[str, np.ndarray],
+                     progress: Progress = no_progress) -> Dict[str, object]:
+    """eval.train_sizes: the head trained on nested subsets of each split's training patients (the same
+    inner validation rows, the same test rows), scored as the full run is. Per size: the mean patients and
+    images trained on, every metric (the first repeat's pooled estimate with its CI, summarise) and each
+    repeat's pooled value."""
+    from pipeline.config import train_size
+
+    groups = split_groups(data.table, data.rows, cfg.eval)
+    group_of = dict(zip(data.rows.tolist(), groups)) if groups is not None else {}
+    jobs, where = [], []
+    for s, split in enumerate(splits):
+        g = np.array([group_of.get(r, r) for r in split.train.tolist()], dtype=object)
+        patients = np.array(sorted(set(g.tolist()), key=str), dtype=object)
+        for repeat in range(cfg.eval.train_size_repeats):
+            order = np.random.default_rng([cfg.train.seed, s, repeat]).permutation(len(patients))
+            for size in cfg.eval.train_sizes:  # nested: every size is a prefix of one order of the patients
+                chosen = set(patients[order[:train_size(size, len(patients))]].tolist())
+                rows = split.train[np.array([p in chosen for p in g.tolist()], dtype=bool)]
+                jobs.append(Split(train=rows, test=split.test, val=split.val, key=split.key))
+                where.append((str(size), repeat, s, len(chosen)))
+    family, results = fit_pooled(data, [cfg.train], jobs, "label efficiency", progress, device=cfg.train.device)
+    out: Dict[str, object] = {}
+    for size in dict.fromkeys(str(x) for x in cfg.eval.train_sizes):
+        entry: Dict[str, object] = {"repeats": {}}
+        for repeat in range(cfg.eval.train_size_repeats):
+            idx = [i for i, w in enumerate(where) if w[0] == size and w[1] == repeat]
+            oof = OutOfFold.collect([jobs[i] for i in idx], [family.prep.decode(results[i].outputs, i) for i in idx])
+            split_names = [names[where[i][2]] for i in idx]
+            report = summarise(oof, data.tasks, data.targets, norms, split_names,
+                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed)
+            if repeat == 0:
+                entry.update(patients=float(np.mean([where[i][3] for i in idx])),
+                             images=float(np.mean([len(jobs[i].train) for i in idx])), metrics=report)
+            for task, metrics in report.items():
+                for metric, value in metrics.items():
+                    entry["repeats"].setdefault(f"{task}.{metric}", []).append(value["pooled"])
+        out[size] = entry
+    return out
+
+
+def task_scores(data, preds: Dict[str, np.ndarray], rows: np.ndarray,
+                norms: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """task -> metric -> value of predictions for `rows` (in that order)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for task in data.tasks:
+        m = task_metrics(task, data.targets[task.name][rows], preds[task.name],
+                         None if task.name not in norms else norms[task.name][rows])
+        out[task.name] = {k: float(v) for k, v in m.items()}
+    return out
+
+
+def confusion_frames(data, outcome: ResMTNetOutcome) -> Dict[str, pd.DataFrame]:
+    """Confusion matrices (first seed's out-of-fold predictions) of every classification task."""
+    oof = outcome.oof[NAME]
+    first = first_seed_mask(oof.split, outcome.names)
+    out = {}
+    for task in data.tasks:
+        if not task.impl.confusion:
+            continue
+        classes = task.classes or ("0", "1")
+        y = data.targets[task.name][oof.rows][first]
+        p = oof.preds[task.name][first]
+        pred = p.argmax(axis=1) if p.ndim == 2 else (p > 0.5).astype(int)
+        k = len(classes)
+        cm = np.zeros((k, k), dtype=np.int64)
+        known = task.impl.labelled(y)
+        np.add.at(cm, (y[known].astype(int), pred[known]), 1)
+        out[task.name] = pd.DataFrame(cm, index=[f"true_{c}" for c in classes], columns=[f"pred_{c}" for c in classes])
+    return out
+
+
+def _masked(values, ok: np.ndarray) -> np.ndarray:
+    """A predict column with nothing where an image was unreadable (NaN for numbers, None otherwise); floats as
+    float64, as the CSV has always written them."""
+    v = np.asarray(values)
+    if v.dtype.kind == "f":
+        v = v.astype(np.float64)
+    if ok.all():
+        return v
+    if v.dtype.kind in "fiu":
+        return np.where(ok, v, np.nan)
+    out = v.astype(object)
+    out[~ok] = None
+    return out
+
+
+def _column(task: TaskSpec, key: str) -> str:
+    """predict's column names of the head: the class or value under the task's name (size as size_mm), P(...) as
+    is, all marked as this head's (secondary) answers."""
+    if key == f"{task.name}_pred":
+        key = task.column if task.impl.measures else task.name
+    return PREFIX + key
+
+
+class PooledApplied(Applied):
+    """The Res-MTNet head in predict: every task from the pooled features, and how typical an image is."""
+
+    leading = ("typicality_percentile",)
+
+    def __init__(self, spec: Dict[str, Any], tensors: Dict[str, Any]):
+        from pipeline.heads.model import load_head
+
+        self.head = load_head(spec, tensors)
+        self.tasks = self.head.layout.tasks
+
+    def columns(self, features: np.ndarray, ok: np.ndarray, grid: Sequence[float]) -> Dict[str, np.ndarray]:
+        preds = self.head.predict(features)
+        names = {t.name for t in self.tasks}
+        out = {"typicality_percentile": np.where(ok, np.round(self.head.typicality(features), 1), np.nan)}
+        for task in self.tasks:
+            out.update({_column(task, k): _masked(v, ok)
+                        for k, v in task.impl.columns(task, None, preds[task.name]).items()})
+        out.update({PREFIX + k: _masked(v, ok) for k, v in preds.items() if k not in names})  # <task>_clipped
+        if {"x", "y"} <= names:
+            out[f"{PREFIX}x_norm"] = out[f"{PREFIX}x"] / grid[0]
+            out[f"{PREFIX}y_norm"] = out[f"{PREFIX}y"] / grid[1]
+        return out
+
+    def finish(self, table: pd.DataFrame, found: Optional[np.ndarray], x_norm: Optional[np.ndarray]) -> None:
+        """Its position in the image's own pixels; where an answer was given, the lobe on the answer's side and its
+        nodule attributes emptied where no nodule is found."""
+        if f"{PREFIX}x_norm" in table:
+            size = {c: table[c].to_numpy(dtype=float) if c in table else np.full(len(table), np.nan)
+                    for c in ("image_width", "image_height")}
+            table[f"{PREFIX}x_image"] = table[f"{PREFIX}x_norm"] * size["image_width"]
+            table[f"{PREFIX}y_image"] = table[f"{PREFIX}y_norm"] * size["image_height"]
+        if found is None:
+            return
+        lobe = next((t for t in self.tasks if t.name == "lobe" and t.kind == "multiclass"), None)
+        if lobe is not None and x_norm is not None:
+            table["nodule_lobe"] = self._lobe_on_side(table, lobe.classes, x_norm)
+        columns = [f"{PREFIX}{c}" for c in ("x", "y", "x_norm", "y_norm", "x_image", "y_image")]
+        columns += [_column(t, f"{t.name}_pred") for t in self.tasks if t.nodule_attribute]
+        for col in columns:
+            if col in table:  # empty in the CSV: NaN for numbers, None for class names
+                numeric = pd.api.types.is_numeric_dtype(table[col])
+                table[col] = (table[col].where(found, np.nan) if numeric
+                              else table[col].astype(object).where(found, None))
+
+    @staticmethod
+    def _lobe_on_side(table: pd.DataFrame, classes: Sequence[str], x_norm: np.ndarray) -> List[Optional[str]]:
+        """The head's most probable lobe among those on the side of the answer's position: in a PA chest X-ray
+        the patient's right lung (classes R*) is on the image's left (x < 1/2), the left lung (L*) on its right;
+        None where there is no position."""
+        probs = table[[f"{PREFIX}lobe_p_{c}" for c in classes]].to_numpy(dtype=float)
+        out: List[Optional[str]] = []
+        for p, x in zip(probs, x_norm):
+            if not np.isfinite(x) or not np.isfinite(p).all():
+                out.append(None)
+                continue
+            side = "L" if x > 0.5 else "R"
+            allowed = [k for k, c in enumerate(classes) if c.upper().startswith(side)] or list(range(len(classes)))
+            out.append(classes[max(allowed, key=lambda k: p[k])])
+        return out
+
+
+class ResMTNetPlugin(HeadPlugin):
+    """The paper's head (train): shared FC, residual blocks, one output per declared task, on the pooled vector."""
+
+    name, artefact, reference = NAME, ANSWER, True
+    answers = {"position": (f"{PREFIX}x", f"{PREFIX}y"), "presence": (f"{PREFIX}presence_prob",)}
+
+    def section(self, cfg):
+        return cfg.train  # always trained: it is the run's reference
+
+    def check(self, section, where: str) -> None:
+        """Nothing beyond the config's own check of `train` (pipeline.config.validate_config)."""
+
+    def cross_validate(self, data, cfg, splits, names, reference, progress) -> ResMTNetOutcome:
+        """The head on every split, the baselines on the same splits, and every model summarised by the one
+        summariser (overall and per nodule-size bin); label efficiency with eval.train_sizes."""
+        clock = time.perf_counter()
+        family, results = fit_pooled(data, [cfg.train], splits, "train-heads", progress, device=cfg.train.device)
+        timings = {"train": time.perf_counter() - clock,
+                   "train_row_epochs": float(sum(len(r.history["train_loss"]) * len(s.train)
+                                                 for r, s in zip(results, splits)))}
+        clock = time.perf_counter()
+        prep = family.prep
+        per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
+        oof = {NAME: OutOfFold.collect(splits, per_split)}
+        if cfg.eval.baselines:
+            for which in BASELINES:
+                oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets,
+                                                                            which))
+        timings["baselines"] = time.perf_counter() - clock
+        outcome = ResMTNetOutcome(results, list(data.tasks), list(names), oof, per_split, timings=timings)
+        bound = outcome.weights_at_bound()
+        if bound:
+            logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
+                           "lambda * %.3g); lower train.uncertainty_min_log_var to let it rise further",
+                           cfg.train.loss_weighting, ", ".join(bound),
+                           0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
+        clock = time.perf_counter()
+        norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+        bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
+            if "size_mm" in data.table else {}
+        for model, preds in oof.items():
+            outcome.reports[model] = {
+                "overall": summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
+                                     cfg.train.seed),
+                "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
+                                               cfg.train.seed, subset=rows) for label, rows in bins.items()},
+            }
+        timings["summaries"] = time.perf_counter() - clock
+        if cfg.eval.train_sizes:
+            outcome.efficiency = label_efficiency(data, cfg, splits, names, norms, progress)
+        return outcome
+
+    def task_predictions(self, outcome: ResMTNetOutcome) -> TaskPredictions:
+        return TaskPredictions(NAME, ANSWER, outcome.oof[NAME], outcome.per_split)
+
+    def task_reports(self, outcome: ResMTNetOutcome) -> Dict[str, Dict[str, Any]]:
+        return outcome.reports
+
+    def refit(self, data, cfg, outcome: ResMTNetOutcome, split: Split, progress):
+        """The final head for the epoch count validated in the cross-validation (median best epoch of its
+        splits; the configured count without early stopping)."""
+        from pipeline.heads.model import export_head
+
+        tcfg = fixed_epochs(cfg.train, validated_epochs(outcome.results, cfg.train))
+        family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,
+                                       device=cfg.train.device)
+        outcome.refit_epochs = tcfg.epochs
+        tensors, spec = export_head(result.state, family.prep, split.train, tcfg.hidden, tcfg.blocks, cfg.train.seed)
+        # its own settings: the other families' sections (train.loc, train.heads) are in their parts
+        spec["train"] = {k: v for k, v in asdict(tcfg).items() if k != "heads" and not is_dataclass(getattr(tcfg, k))}
+        spec["loss_weights"] = result.loss_weights
+        return tensors, spec
+
+    def part(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        return spec if "tasks" in spec else None
+
+    def load_head(self, spec, tensors) -> PooledApplied:
+        return PooledApplied(spec, tensors)
+
+    def rank_direction(self, data, cfg, rank_by: str) -> Optional[int]:
+        """A declared task's metric, <task>.<metric> (its direction from the task's kind)."""
+        task_name, _, metric = rank_by.partition(".")
+        tasks = {t.name: t for t in data.tasks}
+        if task_name not in tasks or not metric:
+            return None
+        try:
+            return metric_direction(tasks[task_name], metric)
+        except ConfigError as exc:
+            raise ConfigError(f"rank_by '{rank_by}': {exc}") from None
+
+    def validate(self, data, cfgs, splits, progress) -> Validation:
+        family, results = fit_pooled(data, [c.train for c in cfgs], splits, f"sweep {len(cfgs)} configs", progress,
+                                     device=cfgs[0].train.device)
+        norms = regression_norms(data.table, data.tasks, cfgs[0].eval.size_norm)
+        n = len(splits)
+
+        def metrics(c: int, s: int) -> Dict[str, float]:
+            test = splits[s].test
+            scores = task_scores(data, family.prep.decode(results[c * n + s].outputs[test], s), test, norms)
+            return {f"{task}.{k}": v for task, m in scores.items() for k, v in m.items()}
+
+        def mine(c: int) -> List[JobResult]:
+            return results[c * n:(c + 1) * n]
+
+        return Validation(metrics, lambda c: validated_epochs(mine(c), cfgs[c].train),
+                          lambda c: {k: mean_curve(mine(c), k) for k in ("train_loss", "val_loss")})
+
+    def score_winner(self, data, cfg, epochs: int, split: Split) -> Dict[str, Dict[str, float]]:
+        family, (res,) = fit_pooled(data, [fixed_epochs(cfg.train, epochs)], [split], "winner",
+                                    device=cfg.train.device)
+        norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
+        return task_scores(data, family.prep.decode(res.outputs[split.test], 0), split.test, norms)
+
+    def oof_columns(self, data, outcome: ResMTNetOutcome, rows: np.ndarray) -> Dict[str, np.ndarray]:
+        """Its predictions beside the targets, its clipping flags, then the baselines' predictions of the same
+        rows (to compare models image by image)."""
+        oof = outcome.oof[NAME]
+        assert np.array_equal(oof.rows, rows)  # the same splits, in the same order
+        out: Dict[str, np.ndarray] = {}
+        for task in data.tasks:
+            out.update(task.impl.columns(task, data.targets[task.name][rows], oof.preds[task.name]))
+        names = {t.name for t in data.tasks}
+        out.update({k: v for k, v in oof.preds.items() if k not in names})  # the kinds' flags: <task>_clipped
+        for model, other in outcome.oof.items():
+            if model == NAME:
+                continue
+            assert np.array_equal(other.rows, rows)
+            for task in data.tasks:
+                columns = task.impl.columns(task, None, other.preds[task.name])
+                out.update({f"{model}_{k}": v for k, v in columns.items()})
+        return out
+
+    def files(self, folder: Path, data, outcome: ResMTNetOutcome) -> List[str]:
+        (folder / "confusion").mkdir()
+        written = []
+        for task, frame in confusion_frames(data, outcome).items():
+            frame.to_csv(folder / "confusion" / f"{task}.csv")
+            written.append(f"confusion/{task}.csv")
+        return written
+
+    def report_lines(self, data, cfg, outcome: ResMTNetOutcome) -> List[str]:
+        t = cfg.train
+        epochs = outcome.best_epochs
+        stopping = (f"epochs chosen on inner validation rows ({t.val_fraction:.0%} of each training fold, patience "
+                    f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
+                    if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
+        weights = outcome.loss_weights()
+        bound = outcome.weights_at_bound()
+        reports = outcome.reports
+        models = list(reports)
+        lines = [
+            f"Head: hidden {t.hidden}, {t.blocks} residual block(s), dropout {t.dropout}, label smoothing "
+            f"{t.label_smoothing}, Adam lr {t.lr}, batch {t.batch_size}; {stopping}. Loss weighting "
+            f"{t.loss_weighting}: " + ", ".join(f"{k} {v:.3g}" for k, v in weights.items())
+            + (f" (at the scheme's bound: {', '.join(bound)})" if bound else "") + ".", "",
+            "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+        for task in data.tasks:
+            detail = {f"{prefix}{c}" for prefix in task.impl.per_class for c in task.classes}
+            for metric in reports[NAME]["overall"].get(task.name, {}):
+                if metric in detail:
+                    continue
+                cells = [format_entry(reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
+                lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
+        for task in (t for t in data.tasks if t.impl.per_class):
+            target = data.targets[task.name][data.rows]
+            heads = [f"{prefix.rstrip('_')} {m}" for prefix in task.impl.per_class for m in models]
+            lines += ["", f"Per finding ({task.name}; labelled images and positives over all images):", "",
+                      "| finding | labelled | positives | " + " | ".join(heads) + " |", "|---|---|---|"
+                      + "---|" * len(heads)]
+            for k, finding in enumerate(task.classes):
+                known = ~np.isnan(target[:, k])
+                cells = [format_entry(reports[m]["overall"].get(task.name, {}).get(f"{prefix}{finding}"))
+                         for prefix in task.impl.per_class for m in models]
+                lines.append(f"| {finding} | {int(known.sum())} | {int((target[known, k] == 1).sum())} | "
+                             + " | ".join(cells) + " |")
+        if outcome.efficiency:
+            first = {t.name: next(iter(reports[NAME]["overall"].get(t.name, {})), None) for t in data.tasks}
+            cols = [(t, m) for t, m in first.items() if m]
+            lines += ["", "Label efficiency (eval.train_sizes): the head trained on nested subsets of each split's "
+                      "training patients, scored on the same test rows:", "",
+                      "| training patients | patients (mean) | images (mean) | "
+                      + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+            for size, entry in outcome.efficiency.items():
+                cells = [format_entry(entry["metrics"].get(t, {}).get(m)) for t, m in cols]
+                lines.append(f"| {size} | {entry['patients']:.0f} | {entry['images']:.0f} | " + " | ".join(cells)
+                             + " |")
+        return lines
+
+    def metrics(self, outcome: ResMTNetOutcome) -> Dict[str, Any]:
+        return {"meta": {"best_epochs": outcome.best_epochs, "timings": outcome.timings,
+                         "refit_epochs": outcome.refit_epochs},
+                "loss_weights": outcome.loss_weights(), "loss_weights_at_bound": outcome.weights_at_bound(),
+                "models": outcome.reports, **({"label_efficiency": outcome.efficiency} if outcome.efficiency else {})}
+
+    def curves(self, outcome: ResMTNetOutcome) -> Dict[str, List[float]]:
+        return {key: mean_curve(outcome.results, key) for key in ("train_loss", "val_loss")}  # [] where absent
+
+    def plots(self, folder: Path, data, outcome: ResMTNetOutcome, plt) -> List[str]:
+        written = [_learning_curves(folder, outcome, plt)]
+        for task, frame in confusion_frames(data, outcome).items():
+            written.append(_confusion_plot(folder, task, frame, plt))
+        if outcome.efficiency:
+            written += _efficiency_plot(folder, data, outcome, plt)
+        return written
+
+
+def _learning_curves(folder: Path, outcome: ResMTNetOutcome, plt) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style, label in (("train_loss", "-", "training loss"), ("val_loss", ":", "inner validation loss")):
+        mean = mean_curve(outcome.results, key)
+        if mean:
+            ax.plot(np.arange(1, len(mean) + 1), mean, style, label=f"{label} (mean of splits)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted multi-task loss")
+    ax.set_title(f"Res-MTNet head: learning curves ({len(outcome.results)} splits)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curves.png", dpi=110)
+    plt.close(fig)
+    return "learning_curves.png"
+
+
+def _confusion_plot(folder: Path, task: str, frame: pd.DataFrame, plt) -> str:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(frame), 1 + 0.6 * len(frame)))
+    ax.imshow(frame.to_numpy(), cmap="Blues")
+    labels = [c.replace("true_", "") for c in frame.index]
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), v in np.ndenumerate(frame.to_numpy()):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(task)
+    fig.tight_layout()
+    fig.savefig(folder / f"confusion_{task}.png", dpi=110)
+    plt.close(fig)
+    return f"confusion_{task}.png"
+
+
+def _efficiency_plot(folder: Path, data, outcome: ResMTNetOutcome, plt) -> List[str]:
+    """One panel per task: its first metric against the training patients (first repeat, 95% CI)."""
+    sizes = list(outcome.efficiency.values())
+    patients = [e["patients"] for e in sizes]
+    panels = []
+    for task in data.tasks:
+        metric = next(iter(outcome.reports[NAME]["overall"].get(task.name, {})), None)
+        entries = [e["metrics"].get(task.name, {}).get(metric) or {} for e in sizes]
+        if metric is not None and all("pooled" in e for e in entries):
+            panels.append((task.name, metric, entries))
+    if not panels:
+        return []
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    for ax, (task, metric, entries) in zip(axes.ravel(), panels):
+        value = np.array([e["pooled"] for e in entries])
+        low = np.array([e.get("ci95", [v, v])[0] for e, v in zip(entries, value)])
+        high = np.array([e.get("ci95", [v, v])[1] for e, v in zip(entries, value)])
+        ax.errorbar(patients, value, yerr=[value - low, high - value], marker="o", capsize=3)
+        ax.set_xscale("log")
+        ax.set_title(f"{task} {metric}", fontsize=9)
+        ax.set_xlabel("training patients per split", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Label efficiency: the same test rows, nested training subsets (95% bootstrap CIs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "label_efficiency.png", dpi=110)
+    plt.close(fig)
+    return ["label_efficiency.png"]
+
+
+register_head(ResMTNetPlugin())
