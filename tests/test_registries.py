@@ -329,6 +329,36 @@ def test_every_head_family_keeps_the_contract():
         assert set(plugin.metric_directions(cfg).values()) <= {1, -1}
 
 
+#: The modules that must work for any head family: they loop over the registry and never name one.
+FAMILY_BLIND = ("pipeline/evaluation/engine.py", "stages/sweep.py", "stages/study.py", "stages/train_heads.py",
+                "stages/predict.py", "stages/tables.py")
+#: Words of these modules that are not a family: the paper's row of the fused features (configs/paper_tables.yaml).
+NOT_A_FAMILY = {"stages/tables.py": {"res-mtnet"}}
+
+
+@pytest.mark.parametrize("path", FAMILY_BLIND)
+def test_the_engine_and_the_stages_name_no_head_family(path):
+    """No identifier or string of the engine and the stages is a registered family's name, a family's section
+    (cfg.train.loc), its sweep metric ('loc.x') or its predict column ('pooled_x', 'localisation_x'); comments,
+    docstrings and words inside messages aside."""
+    import ast
+    from pathlib import Path
+
+    from pipeline.heads.plugin import head_families
+
+    families = head_families().values()
+    names = {p.name for p in families} | {p.name.replace("-", "_") for p in families}
+    prefixes = tuple(f"{p.name}." for p in families) + tuple(f"{p.artefact}_" for p in families)
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for node in ast.walk(ast.parse((root / path).read_text())):
+        word = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute)
+                else node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None)
+        if word is not None and word not in NOT_A_FAMILY.get(path, ()) and (word in names or word.startswith(prefixes)):
+            found.append(f"{path}:{node.lineno} {word!r}")
+    assert not found, found
+
+
 def _probe_family():
     """A toy head family, as a user adds one in one file: a logistic-regression probe of `presence` on the pooled
     vector, trained per split beside Res-MTNet, answering presence where it beats it on inner validation rows."""
