@@ -166,8 +166,8 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
         per_fold = []
         for s in range(len(splits)):
             fold_metrics: Dict[str, float] = {}
-            for _, validation in families:
-                fold_metrics.update(validation.metrics(c, s))
+            for plugin, validation in families:
+                fold_metrics.update({plugin.qualified(k): v for k, v in validation.metrics(c, s).items()})
             per_fold.append(fold_metrics)
         frame = pd.DataFrame(per_fold)
         metrics = {f"val_{col}": float(frame[col].mean()) for col in frame.columns}
@@ -176,7 +176,7 @@ def validate_configs(data: TrainData, cfgs: List[Config], splits: List[Split], s
         curves: Dict[str, List[float]] = {}
         for plugin, validation in families:
             metrics[plugin.epochs_key] = validation.epochs(c)
-            plugin.place(curves, validation.curves(c), key=plugin.name)
+            curves.update({plugin.qualified(k): v for k, v in validation.curves(c).items()})
         out.append(Validated(metrics, curves))
     return out
 

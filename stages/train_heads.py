@@ -111,7 +111,7 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
                 metrics[f"{name}.ci_low"], metrics[f"{name}.ci_high"] = low, high
     curves: Dict[str, List[float]] = {}
     for plugin, outcome in cv.families():
-        plugin.place(curves, plugin.curves(outcome), key=plugin.name)
+        curves.update({plugin.qualified(k): v for k, v in plugin.curves(outcome).items()})
     return Tracker(target).log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
                                    [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
                                    tags={"resmtnet.kind": "train-heads", "resmtnet.out": str(out)})

@@ -426,8 +426,8 @@ def _probe_family():
 
         def validate(self, data, cfgs, splits, progress):
             fits = [[fit(data, s.train, self.section(c).c) for s in splits] for c in cfgs]
-            return (lambda c, s: {"probe.auc": auc(data, splits[s].test,
-                                                   fits[c][s].predict_proba(data.features[splits[s].test])[:, 1])},
+            return (lambda c, s: {"auc": auc(data, splits[s].test,
+                                             fits[c][s].predict_proba(data.features[splits[s].test])[:, 1])},
                     lambda c: 0)
 
         def score_winner(self, data, cfg, epochs, split):

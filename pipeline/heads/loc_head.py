@@ -318,7 +318,7 @@ class LocPlugin(HeadPlugin):
 
         def metrics(c: int, s: int) -> Dict[str, float]:
             det = fits[c * len(splits) + s].detect(data, cfgs[c].train.loc, splits[s].test)
-            return {f"{NAME}.{k}": v for k, v in loc_scores(data.table, splits[s].test, det, cfgs[c]).items()}
+            return loc_scores(data.table, splits[s].test, det, cfgs[c])
 
         def epochs(c: int) -> int:
             return validated_epochs([m for f in fits[c * len(splits):(c + 1) * len(splits)] for m in f.members],

@@ -48,7 +48,8 @@ class TaskPredictions:
 
 class Validation(NamedTuple):
     """A family's sweep validation (HeadPlugin.validate): metrics(c, s) of configuration c on split s's validation
-    rows, as the sweep ranks them; epochs(c), its validated epoch count; curves(c), its mean learning curves."""
+    rows (metric -> value; the sweep ranks them as HeadPlugin.qualified names: '<name>.<metric>'); epochs(c), its
+    validated epoch count; curves(c), its mean learning curves."""
 
     metrics: Callable[[int, int], Dict[str, float]]
     epochs: Callable[[int], int]
@@ -103,6 +104,10 @@ class HeadPlugin:
     def epochs_key(self) -> str:
         """Its validated epochs' column in a sweep's ranking."""
         return "epochs" if self.reference else f"{self.name}_epochs"
+
+    def qualified(self, key: str) -> str:
+        """Its name for one of its metrics or curves in a flat namespace: '<name>.<key>' (the reference's as is)."""
+        return key if self.reference else f"{self.name}.{key}"
 
     def place(self, out: Dict[str, Any], part: Dict[str, Any], key: str = "") -> None:
         """Put its part of an output (head.json, metrics.json, a winner's test scores) into `out`: under `key` (its
@@ -182,7 +187,7 @@ class HeadPlugin:
 
     def validate(self, data, cfgs: Sequence[Any], splits, progress) -> Validation:
         """Every configuration trained on every validation split: Validation(metrics of config c on split s's
-        validation rows as {'<name>.<metric>': value}, validated epochs of config c[, mean learning curves])."""
+        validation rows as {metric: value}, validated epochs of config c[, mean learning curves])."""
         raise NotImplementedError
 
     def score_winner(self, data, cfg, epochs: int, split) -> Dict[str, Any]:
