@@ -183,7 +183,7 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
     for plugin, _ in enabled_heads(cfg):
         outcome = plugin.cross_validate(data, cfg, splits, names, cv.reference, progress)
         cv.heads[plugin.name] = outcome
-        if plugin.reference and cv.reference is None:
+        if plugin.reference:  # one registered family is (tests/test_registries.py), listed first
             cv.reference = plugin.task_predictions(outcome)
         cv.reports.update(plugin.task_reports(outcome))
         cv.timings.update(getattr(outcome, "timings", {}))
@@ -228,13 +228,11 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     return Refit(tensors, spec)
 
 
-def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], reference: Optional[TaskPredictions],
+def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], reference: TaskPredictions,
                     outcomes: Sequence[Tuple[Any, Any]]) -> Dict[str, object]:
     """Which head answers "is there a nodule" (presence) and "where" (position) in predict: the reference
     family, unless another family (HeadPlugin.choose, given its out-of-fold outcome) does better on the inner
     validation rows of every split (never on test folds); the reference without inner validation rows."""
-    if reference is None:
-        return {"chosen_on": "no reference head"}
     out: Dict[str, object] = {"position": reference.answer, "presence": reference.answer}
     others = [(p, o) for p, o in outcomes if not p.reference]
     n_val = sum(len(s.val) for s in splits)
