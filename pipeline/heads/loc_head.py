@@ -245,8 +245,8 @@ class LocPlugin(HeadPlugin):
         report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
         curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
                                   cfg.eval.froc_fps, curves=True)}
-        pooled = reference.oof if reference is not None else None
-        if pooled is not None and "x" in pooled.preds and "y" in pooled.preds:
+        pooled = reference.oof  # the reference is trained first (HeadPlugin.reference)
+        if "x" in pooled.preds and "y" in pooled.preds:
             px = pooled.preds["x"] / table["grid_w"].to_numpy(float)[pooled.rows]
             py = pooled.preds["y"] / table["grid_h"].to_numpy(float)[pooled.rows]
             pp = pooled.preds.get("presence")

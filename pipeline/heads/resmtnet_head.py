@@ -53,15 +53,16 @@ def fit_pooled(data, sections: Sequence, splits: Sequence[Split], desc: str, pro
 @dataclass
 class ResMTNetOutcome:
     """The Res-MTNet head's cross-validation: its training results per split, the out-of-fold predictions of it and
-    the baselines on the same splits, their reports, label efficiency and where the time went."""
+    the baselines on the same splits, their reports, label efficiency, its confusion matrices and where the time
+    went."""
 
     results: List[JobResult]
     tasks: List[TaskSpec]
-    names: List[SplitName]
     oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
     per_split: List[Dict[str, np.ndarray]]  # split s's predictions of every row
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
     efficiency: Dict[str, object] = field(default_factory=dict)  # label efficiency: size -> its scores
+    confusions: Dict[str, pd.DataFrame] = field(default_factory=dict)  # classification task -> confusion_frames'
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
     refit_epochs: Optional[int] = None  # set by the refit
 
@@ -132,10 +133,9 @@ def task_scores(data, preds: Dict[str, np.ndarray], rows: np.ndarray,
     return out
 
 
-def confusion_frames(data, outcome: ResMTNetOutcome) -> Dict[str, pd.DataFrame]:
+def confusion_frames(data, oof: OutOfFold, names: Sequence[SplitName]) -> Dict[str, pd.DataFrame]:
     """Confusion matrices (first seed's out-of-fold predictions) of every classification task."""
-    oof = outcome.oof[NAME]
-    first = first_seed_mask(oof.split, outcome.names)
+    first = first_seed_mask(oof.split, names)
     out = {}
     for task in data.tasks:
         if not task.impl.confusion:
@@ -266,7 +266,7 @@ class ResMTNetPlugin(HeadPlugin):
                 oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets,
                                                                             which))
         timings["baselines"] = time.perf_counter() - clock
-        outcome = ResMTNetOutcome(results, list(data.tasks), list(names), oof, per_split, timings=timings)
+        outcome = ResMTNetOutcome(results, list(data.tasks), oof, per_split, timings=timings)
         bound = outcome.weights_at_bound()
         if bound:
             logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
@@ -285,6 +285,7 @@ class ResMTNetPlugin(HeadPlugin):
                                                cfg.train.seed, subset=rows) for label, rows in bins.items()},
             }
         timings["summaries"] = time.perf_counter() - clock
+        outcome.confusions = confusion_frames(data, oof[NAME], names)
         if cfg.eval.train_sizes:
             outcome.efficiency = label_efficiency(data, cfg, splits, names, norms, progress)
         return outcome
@@ -372,7 +373,7 @@ class ResMTNetPlugin(HeadPlugin):
     def files(self, folder: Path, data, outcome: ResMTNetOutcome) -> List[str]:
         (folder / "confusion").mkdir()
         written = []
-        for task, frame in confusion_frames(data, outcome).items():
+        for task, frame in outcome.confusions.items():
             frame.to_csv(folder / "confusion" / f"{task}.csv")
             written.append(f"confusion/{task}.csv")
         return written
@@ -436,7 +437,7 @@ class ResMTNetPlugin(HeadPlugin):
 
     def plots(self, folder: Path, data, outcome: ResMTNetOutcome, plt) -> List[str]:
         written = [_learning_curves(folder, outcome, plt)]
-        for task, frame in confusion_frames(data, outcome).items():
+        for task, frame in outcome.confusions.items():
             written.append(_confusion_plot(folder, task, frame, plt))
         if outcome.efficiency:
             written += _efficiency_plot(folder, data, outcome, plt)
