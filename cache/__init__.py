@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_text, remove_dead_temporaries
 
 from .journal import BatchRecord, Journal, JournalPlan, discard
 from .lock import cache_lock, close_inherited_locks
@@ -28,7 +28,7 @@ from .writer import CacheContent, ImageTable, NewArray, write_cache
 
 __all__ = ["BatchRecord", "CachedFeatures", "CacheUpdate", "EntryKey", "FeatureCache", "GROUPS", "ImageTable",
            "Journal", "NewArray", "close_inherited_locks", "find_shards", "labels_match", "match_spec", "merge_shards",
-           "shard_path", "sidecar_config_path", "ids_sha256"]
+           "shard_path", "sidecar_config_path", "ids_sha256", "labels_sha256"]
 
 
 def shard_path(cache: Path, index: int, count: int) -> Path:
@@ -57,6 +57,7 @@ class CacheUpdate:
     def __enter__(self) -> "CacheUpdate":
         self._lock = cache_lock(self.path)
         self._lock.__enter__()
+        remove_dead_temporaries(self.path)  # even a run with nothing to write removes a killed writer's file
         return self
 
     def __exit__(self, *exc) -> Optional[bool]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: Loose batch files packed into one segment file (bounds the number of progress files of a long run).
 SEGMENT_BATCHES = 64
+#: What reading a truncated or overwritten progress file raises (np.load of a .npz is a zip file's read).
+_DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 _FIELDS = ("rows", "sha256", "size_bytes", "mtime_ns", "bad", "error")
 
 
@@ -105,7 +108,7 @@ class Journal:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     out.update({int(i): path for i in data["batches"]})
-            except (OSError, ValueError, KeyError) as exc:
+            except _DAMAGED as exc:
                 logger.warning("ignoring damaged progress file %s (%s)", path, exc)
         self._index = out
         return out
@@ -134,7 +137,7 @@ class Journal:
             return record
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError) as exc:  # unreadable: recompute this batch
+        except _DAMAGED as exc:  # unreadable: recompute this batch
             logger.warning("ignoring damaged progress file %s (%s)", path, exc)
             return None
 

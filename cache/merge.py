@@ -40,7 +40,7 @@ def merge_shards(shards: Sequence[Path], out: Path) -> Path:
             raise CacheError(f"need all {count} shards exactly once, got indices {indices} "
                              f"from {', '.join(p.name for p in shards)}")
         for c in opened[1:]:
-            for key in ("ids_sha256", "n_images", "num_shards", "config"):
+            for key in ("ids_sha256", "n_images", "num_shards", "config", "dataset_labels_sha256"):
                 if c.attrs.get(key) != first.attrs.get(key):
                     raise CacheError(f"shard {c.path.name} does not belong with {first.path.name}: its {key} differs "
                                      "(another data set or configuration)")
@@ -76,7 +76,8 @@ def merge_shards(shards: Sequence[Path], out: Path) -> Path:
         fused = {k: [match_spec(m, present) or m for m in v]  # a member not extracted: no fused array
                  for k, v in config.get("extract", {}).get("fused", {}).items()}
         root_attrs = {k: v for k, v in first.attrs.items()
-                      if k not in ("format", "schema_version", "complete", "shard_index", "num_shards", "updated_utc")}
+                      if k not in ("format", "schema_version", "complete", "shard_index", "num_shards", "updated_utc",
+                                   "dataset_labels_sha256")}
         root_attrs.update(image_set_sha256=image_set_sha256(ids, [h.decode() for h in sha]),
                           labels_sha256=labels_sha256(labels))
         write_cache(out, CacheContent(root_attrs=root_attrs, images=images, labels=labels, new=new, fused=fused))

@@ -3,7 +3,7 @@
     /                        attrs: format, schema_version, complete, created_utc, tool_version, packages,
                                     data_root, data_layout, n_images, ids_sha256, image_set_sha256,
                                     labels_sha256, config (resolved YAML); shard files add shard_index,
-                                    num_shards
+                                    num_shards, dataset_labels_sha256 (the whole data set's labels)
     /images/{id,relpath}     (N,) utf-8 strings
     /images/sha256           (N,) 64-byte ASCII: content hash of each image file
     /images/{size_bytes,mtime_ns}  (N,) int64: the file's stat when it was read (fast staleness check)

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import h5py
 import numpy as np
 
-from pipeline.fsutil import fsync_dir, temp_sibling
+from pipeline.fsutil import fsync_dir, remove_dead_temporaries, temp_sibling
 
 from .schema import FORMAT, GROUPS, SCHEMA_VERSION, STR, chunk_rows, entry_name, strings, write_attrs
 
@@ -118,6 +118,7 @@ def write_cache(path: Path, content: CacheContent) -> None:
     """Write a complete cache to a temporary file next to `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path)  # a killed writer's file, as large as the cache
     tmp = temp_sibling(path)
     n_rows = len(content.images)
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -31,13 +32,29 @@ def process_running(pid: str) -> bool:
     return True
 
 
+def _dead_siblings(path: Path, kind: str) -> Iterator[Path]:
+    """The `.NAME.KIND-PID` siblings of `path` whose process no longer runs on this machine."""
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+        if not process_running(sibling.name.rsplit("-", 1)[1]):
+            yield sibling
+
+
 def remove_stale_staging(out: Path) -> None:
     """Remove the temporary folders (.NAME.partial-PID, .NAME.old-PID) that killed runs (kill -9, a lost node)
     left next to `out`; a live process's folder stays."""
     for kind in ("partial", "old"):
-        for folder in out.parent.glob(f".{out.name}.{kind}-*"):
-            if folder.is_dir() and not process_running(folder.name.rsplit("-", 1)[1]):
+        for folder in _dead_siblings(out, kind):
+            if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_dead_temporaries(path: PathLike) -> None:
+    """Remove the temporary files (`temp_sibling`: .NAME.tmp-PID) that killed writers of `path` left next to it,
+    which can be as large as the file itself; a live process's stays."""
+    for file in _dead_siblings(Path(path), "tmp"):
+        if file.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
 
 
 def fsync_dir(path: PathLike) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cache import (GROUPS, BatchRecord, CacheUpdate, EntryKey, FeatureCache, ImageTable, Journal, NewArray,
-                   labels_match, shard_path)
+                   labels_match, labels_sha256, shard_path)
 from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.data.table import FILE_COLUMNS, load_dataset
@@ -259,6 +259,8 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
                             rows=rows if num_shards > 1 else None)
         facts = {"tool_version": __version__, "packages": package_versions(), "data_root": str(root),
                  "data_layout": table.attrs["layout"]}
+        if num_shards > 1:  # the whole data set's labels: a shard of another data set with the same ids is refused
+            facts["dataset_labels_sha256"] = labels_sha256(label_columns(table))
         update.commit(facts=facts, all_ids=all_ids, images=images, labels=labels, new=new_arrays, keep=state.keep,
                       fused=fused, config_yaml=dump_config(cfg), shard=(shard_index, num_shards))
     summary.computed = [lb.name for lb in state.pending.values()]
