@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,35 @@ def test_every_layout_is_detected_and_loads_from_its_synthetic_copy(name, tmp_pa
     if name in WRITERS:  # the field's data sets: patients (VinDr publishes none), views, official split
         assert set(table["split"].dropna()) <= {"train", "validate", "test"} and table["split"].notna().any()
         assert table["age"].notna().any() == (name != "mimic")  # MIMIC-CXR-JPG has no age or sex
+
+
+def _published_split(name, root):
+    """Image file -> the official split, read from the data set's own split files with pandas (not the loader)."""
+    if name == "nih":
+        return {root / folder / "images" / line: split for list_name, split in
+                (("train_val_list.txt", "train"), ("test_list.txt", "test"))
+                for line in (root / list_name).read_text().split()
+                for folder in [p.parent.parent.name for p in root.glob(f"images_*/images/{line}")]}
+    if name == "chexpert":
+        return {root.parent / path: split for file, split in (("train.csv", "train"), ("valid.csv", "validate"))
+                for path in pd.read_csv(root / file)["Path"]}
+    if name == "mimic":
+        table = pd.read_csv(root / "mimic-cxr-2.0.0-split.csv.gz", dtype=str)
+        return {next(root.glob(f"files/*/p{r.subject_id}/s{r.study_id}/{r.dicom_id}.jpg")): r.split
+                for r in table.itertuples()}
+    return {path: split for split in ("train", "test") for path in (root / split).glob("*.dicom")}  # vindr
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_the_official_split_equals_the_data_sets_own_split_files(name, tmp_path):
+    """The oracle is the published split file (NIH's lists, CheXpert's valid.csv, MIMIC's split table, VinDr's
+    test/ folder), read here without the loader: swapping two list names in the loader turns this red."""
+    root = write_layout(name, tmp_path / name, patients=8, per_patient=2, size=32)
+    expected = {str(path.resolve()): split for path, split in _published_split(name, root).items()}
+    table = load_dataset(root)
+    held_out = "validate" if name == "chexpert" else "test"
+    assert len(expected) == len(table) and set(expected.values()) >= {"train", held_out}
+    assert {str(Path(p).resolve()): s for p, s in zip(table["image"], table["split"])} == expected
 
 
 def test_nih_published_format(tmp_path, caplog):
@@ -294,14 +324,12 @@ def nih_cache(tmp_path_factory):
 
 
 def test_the_official_protocol_scores_the_test_list_once(nih_cache, tmp_path):
-    from cache import FeatureCache
-
     result = _train(nih_cache, tmp_path / "run", "--set", "train.tasks=[findings]", "--set", "eval.protocol=official",
                     "--set", "eval.seeds=[0, 1]")
     assert result.exit_code == 0, result.output
-    with FeatureCache(nih_cache) as cache:
-        table = cache.labels()
-    test_ids = set(table.loc[table["split"] == "test", "id"])
+    # the oracle: NIH's own test_list.txt, not the loader's split column
+    test_ids = {Path(line).stem for line in (nih_cache.parent / "data" / "test_list.txt").read_text().split()}
+    assert 0 < len(test_ids) < 36
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str})
     for seed, part in predictions.groupby("seed"):
         assert set(part["id"]) == test_ids and part["id"].is_unique
