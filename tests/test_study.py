@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -33,9 +32,23 @@ COMMON = ["--set", f"train.features=[{TINY[1]}]", "--set", "train.tasks=[state, 
           "train.epochs=60", "--set", "train.early_stopping=0"]
 
 
-def _worker(cache, sweep, storage, *extra):
+#: A worker that kills itself (SIGKILL) once it has taken and named its first batch of trials, before training
+#: them: deterministic, unlike killing a worker from outside on a timer.
+SELF_KILLING = """
+import os, signal, sys
+import stages.study
+from stages.cli import main
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+stages.study.validate_configs = die
+sys.exit(main())
+"""
+
+
+def _worker(cache, sweep, storage, *extra, code="import sys; from stages.cli import main; sys.exit(main())"):
     """A worker process, as a user (or a SLURM array task) starts it."""
-    code = "import sys; from stages.cli import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, "train-heads", "--cache", str(cache), "--sweep", str(sweep),
                              "--study", str(storage), "--no-progress", *COMMON, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -49,37 +62,34 @@ def _trials(storage, name="sweep"):
 
 
 @pytest.mark.slow
-def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(tiny_cache, tmp_path):
+def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(synthetic_master, tiny_cache,
+                                                                               tmp_path):
     sweep, storage = tmp_path / "sweep.yaml", tmp_path / "study.log"
     sweep.write_text(SWEEP)
-    first, second = _worker(tiny_cache, sweep, storage, "--batch", "2"), _worker(tiny_cache, sweep, storage,
-                                                                                 "--batch", "2")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill the second worker once it has trials running
-        if storage.exists():
-            try:
-                running = [t for t in _trials(storage) if t.state.name == "RUNNING"
-                           and t.user_attrs.get("worker", "").endswith(f":{second.pid}")]
-            except KeyError:  # the study is being created
-                running = []
-            if running:
-                break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the second worker never started a trial")
-    second.send_signal(signal.SIGKILL)
-    second.wait()
-    assert first.wait(timeout=300) == 0, first.stdout.read()
-    third = _worker(tiny_cache, sweep, storage, "--batch", "3")  # picks up what the killed worker left
-    assert third.wait(timeout=300) == 0, third.stdout.read()
+    workers = []
+    try:
+        killed = _worker(tiny_cache, sweep, storage, "--batch", "2", code=SELF_KILLING)
+        workers.append(killed)
+        assert killed.wait(timeout=300) == -signal.SIGKILL, killed.stdout.read()
+        running = [t for t in _trials(storage) if t.state.name == "RUNNING"]
+        assert [t.params["config"] for t in running] == [0, 1]  # taken and named, never told
+        # two workers at once share the rest and retry what the killed one had taken
+        workers += [_worker(tiny_cache, sweep, storage, "--batch", "2") for _ in range(2)]
+        for worker in workers[1:]:
+            assert worker.wait(timeout=300) == 0, worker.stdout.read()
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
     trials = _trials(storage)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert sorted(t.params["config"] for t in complete) == list(range(8))  # every configuration exactly once
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert failed and all(t.user_attrs["worker"].endswith(f":{second.pid}") for t in failed
-                          if "worker" in t.user_attrs)
-    assert {t.user_attrs["retry_of"] for t in complete if "retry_of" in t.user_attrs} <= {t.number for t in failed}
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
+    assert all(t.user_attrs["worker"].endswith(f":{killed.pid}") for t in failed)
+    assert {t.user_attrs["retry_of"] for t in complete if "retry_of" in t.user_attrs} == {t.number for t in failed}
 
     # the held-out rows: fixed in the study, never in any trial's development rows
     study = optuna.load_study(study_name="sweep", storage=_open(storage))
@@ -108,9 +118,23 @@ def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(t
     winner = json.loads((tmp_path / "finished" / "winner.json").read_text())
     assert winner["n_test"] == 6 and winner["n_dev"] == len(development) and "accuracy" in winner["test"]["state"]
     assert json.loads((tmp_path / "in-process" / "winner.json").read_text())["test"] == winner["test"]
-    predicted = runner.invoke(main, ["predict", "--model", str(tmp_path / "finished"), "--images",
-                                     str(tmp_path), "--out", str(tmp_path / "p.csv")])
-    assert "holds no trained head" not in predicted.output
+
+    # the deliverable: the finished study's model answers for a real image as the in-process winner trained by
+    # the command that sweep's winner.yaml is for
+    trained = runner.invoke(main, ["train-heads", "--cache", str(tiny_cache), "--config",
+                                   str(tmp_path / "in-process" / "winner.yaml"), "--out", str(tmp_path / "winner")])
+    assert trained.exit_code == 0, trained.output
+    images = sorted((synthetic_master / "images").glob("*.png"))[:2]
+    answers = []
+    for model in (tmp_path / "finished", tmp_path / "winner"):
+        out = tmp_path / f"{model.name}.csv"
+        predicted = runner.invoke(main, ["predict", "--model", str(model), "--images", *map(str, images), "--out",
+                                         str(out)])
+        assert predicted.exit_code == 0, predicted.output
+        answers.append(pd.read_csv(out))
+    assert len(answers[0]) == 2 and "pooled_state" in answers[0]
+    pd.testing.assert_frame_equal(answers[0].drop(columns=["model"], errors="ignore"),
+                                  answers[1].drop(columns=["model"], errors="ignore"))
 
 
 def _open(storage):
