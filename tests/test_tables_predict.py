@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -45,6 +46,30 @@ def test_tables_have_the_papers_shape_and_every_cell_comes_from_a_run(tiny_cache
         assert (tmp_path / "t" / name).exists()
     assert "Random-init backbones" in (tmp_path / "t" / "tables.md").read_text()
 
+    # One cell of each table equals the metric recomputed with scikit-learn from the out-of-fold predictions of a
+    # separate train-heads run on the same features (the Res-MTNet row: the fused vector)
+    from sklearn.metrics import accuracy_score, mean_squared_error
+
+    separate = tables_config(**{"train.features": TINY, "eval.baselines": False, "eval.bootstrap": 0})
+    run = train_heads(tiny_cache, tmp_path / "run", separate, progress=False)
+    pred = pd.read_csv(run.out / "predictions.csv").merge(_labels(tiny_cache), on="id")
+    grid = pred["grid_w"]
+
+    def ours(cell):
+        return float(re.match(NUM, cell).group())
+
+    def x_mse(rows):
+        return mean_squared_error(pred["x_true"][rows] / grid[rows], pred["x_pred"][rows] / grid[rows])
+
+    assert ours(t1.loc["res-mtnet", "State Acc"]) == round(accuracy_score(pred["state_true"], pred["state_pred"]), 3)
+    nodules = pred["x_true"].notna()
+    assert ours(t2.loc["res-mtnet", "x MSE"]) == pytest.approx(x_mse(nodules), abs=5e-4)
+    in_bin = (pred["size_true"] >= 20) & (pred["size_true"] < 30)
+    assert in_bin.sum() >= 3
+    assert ours(t3.loc["20-30", "Subtlety Acc"]) == round(accuracy_score(pred["subtlety_true"][in_bin],
+                                                                         pred["subtlety_pred"][in_bin]), 3)
+    assert ours(t4.loc["20-30", "x MSE"]) == pytest.approx(x_mse(in_bin), abs=5e-4)
+
     # Other data, other numbers: nothing in the tables is a constant.
     other = make_synthetic(tmp_path / "other", n_images=24, image_size=64, seed=11)
     other_cache = tmp_path / "other.h5"
@@ -52,6 +77,13 @@ def test_tables_have_the_papers_shape_and_every_cell_comes_from_a_run(tiny_cache
     again = reproduce_tables(other_cache, tmp_path / "t2", tables_config(), progress=False)
     changed = (again.tables["table1"] != t1).to_numpy().mean()
     assert changed > 0.8
+
+
+def _labels(cache):
+    from cache import FeatureCache
+
+    with FeatureCache(cache) as c:
+        return c.labels()[["id", "grid_w"]]
 
 
 def test_missing_backbone_names_the_command_that_adds_it(tiny_cache, tmp_path):
