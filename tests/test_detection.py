@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -381,3 +382,96 @@ def test_a_head_written_before_an_option_existed_loads_with_it_off():
     old = config_of({"hidden": 64, "context": 0, "decode": "argmax", "candidates": 10})  # no coords, no ensemble
     assert (old.coords, old.mirror, old.tta_flip, old.fold_ensemble, old.rescore) == (False, False, False, 0, False)
     assert config_of({"coords": True, "fold_ensemble": 5, "rescore": True}).rescore
+
+
+def _brute_froc(lesions, candidates, n_images, levels, hit):
+    """FROC by its definition, threshold by threshold: `lesions[i]` image i's lesions, `candidates[i]` its
+    (x, y, score) in grid pixels. At threshold t a lesion is found when a candidate scored >= t hits it; a
+    candidate scored >= t that hits no lesion of its image is a false positive."""
+    n_lesions = sum(len(image) for image in lesions)
+    points = []
+    for t in sorted({c[2] for image in candidates for c in image}, reverse=True):
+        found = fps = 0
+        for i, image in enumerate(candidates):
+            above = [c for c in image if c[2] >= t]
+            found += sum(any(hit(lesion, c) for c in above) for lesion in lesions[i])
+            fps += sum(not any(hit(lesion, c) for lesion in lesions[i]) for c in above)
+        points.append((fps / n_images, found / n_lesions))
+    return {level: max([s for f, s in points if f <= level], default=0.0) for level in levels}
+
+
+@pytest.mark.parametrize("boxes", [False, True], ids=["jsrt-radius", "boxes-several-per-image"])
+def test_froc_equals_a_brute_force_with_ties_missing_candidates_and_several_lesions(boxes):
+    rng = np.random.default_rng(7 + boxes)
+    n, k, grid, pixel_mm, levels = 14, 5, 2048.0, 0.175, [0.125, 0.5, 1.0, 2.0, 4.0]
+    lesions, rows = [], []
+    for i in range(n):
+        count = int(rng.integers(0, 4)) if boxes else int(rng.random() < 0.7)
+        mine = []
+        for _ in range(count):
+            cx, cy = rng.uniform(300, 1700, 2)
+            w, h = rng.uniform(60, 300, 2)
+            mine.append({"x0": cx - w / 2, "y0": cy - h / 2, "x1": cx + w / 2, "y1": cy + h / 2,
+                         "size_mm": w * pixel_mm})
+        lesions.append(mine)
+        first = mine[0] if mine else None
+        rows.append({"grid_w": grid, "grid_h": grid,
+                     "x": (first["x0"] + first["x1"]) / 2 if first else np.nan,
+                     "y": (first["y0"] + first["y1"]) / 2 if first else np.nan,
+                     "size_mm": first["size_mm"] if first else np.nan,
+                     **({"nodule_boxes": ";".join(f"{m['x0']},{m['y0']},{m['x1']},{m['y1']}" for m in mine) or None}
+                        if boxes else {})})
+    table = pd.DataFrame(rows)
+    cx, cy = rng.uniform(0, 1, (n, k)), rng.uniform(0, 1, (n, k))
+    for i, mine in enumerate(lesions):  # some candidates near a lesion: inside, at its edge, 100 px off
+        for j, lesion in enumerate(mine[:k]):
+            offset = rng.choice([0.0, 0.45, 0.55, 1.2]) * (lesion["x1"] - lesion["x0"])
+            cx[i, j] = ((lesion["x0"] + lesion["x1"]) / 2 + offset) / grid
+            cy[i, j] = (lesion["y0"] + lesion["y1"]) / 2 / grid
+    score = np.round(rng.uniform(0, 1, (n, k)), 1)  # ties
+    score[rng.random((n, k)) < 0.15] = np.nan  # absent candidates
+    candidates = [[(cx[i, j] * grid, cy[i, j] * grid, score[i, j]) for j in range(k) if np.isfinite(score[i, j])]
+                  for i in range(n)]
+    # a lesion's radius: JSRT's half nodule size; a box's half shorter side
+    lesions = [[{**m, "r": min(m["x1"] - m["x0"], m["y1"] - m["y0"]) / 2 if boxes else m["size_mm"] / 2 / pixel_mm}
+                for m in mine] for mine in lesions]
+
+    def centre_distance(lesion, c):
+        return math.hypot(c[0] - (lesion["x0"] + lesion["x1"]) / 2, c[1] - (lesion["y0"] + lesion["y1"]) / 2)
+
+    rules = {"radius": lambda lesion, c: centre_distance(lesion, c) <= lesion["r"],
+             "100px": lambda lesion, c: centre_distance(lesion, c) <= 100.0}
+    if boxes:
+        rules["box"] = lambda lesion, c: lesion["x0"] <= c[0] <= lesion["x1"] and lesion["y0"] <= c[1] <= lesion["y1"]
+    got = froc(table, np.arange(n), cx, cy, score, pixel_mm, fps=levels)
+    assert {name.split("_")[1] for name in got} == set(rules)
+    for kind, hit in rules.items():
+        expected = _brute_froc(lesions, candidates, n, levels, hit)
+        for level in levels:
+            assert got[f"froc_{kind}_at_{level:g}fp"] == pytest.approx(expected[level], abs=1e-12), (kind, level)
+    assert 0 < got["froc_radius_at_4fp"] < 1  # the case exercises hits and misses
+
+
+def test_a_localisation_member_trains_the_same_alone_or_stacked(nodule_cache):
+    """The stacked trainer runs every configuration x split of the localisation head as one grouped network: a
+    member trained beside others (another configuration, other splits) equals it trained alone."""
+    import dataclasses
+
+    from pipeline.evaluation.engine import load_train_data
+    from pipeline.evaluation.evaluate import make_splits
+    from pipeline.heads.loc_head import _maps
+    from pipeline.heads.localise import LocFamily, prepare_loc
+    from pipeline.heads.train import Job, train_jobs
+    from tests.helpers import tiny_train_config
+
+    _, cache = nodule_cache
+    cfg = tiny_train_config(**{"train.loc.enabled": True})
+    data = load_train_data(cache, cfg)
+    splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
+    one = dataclasses.replace(cfg.train.loc, epochs=8, early_stopping=3, batch_size=8, hidden=8)
+    other = dataclasses.replace(one, hidden=8, lr=3e-3, presence_weight=0.5, early_stopping=6)
+    family = LocFamily(prepare_loc(_maps(data), data.table, splits))
+    stacked = train_jobs(family, [Job(one, 0), Job(other, 1), Job(one, 2), Job(other, 2)])
+    alone = train_jobs(family, [Job(one, 2)])
+    np.testing.assert_allclose(stacked[2].outputs, alone[0].outputs, rtol=1e-4, atol=1e-5)
+    assert stacked[2].best_epoch == alone[0].best_epoch
