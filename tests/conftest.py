@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,28 @@ SHARED_JSRT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 
 # Keep torch on few threads: the suite runs on 2 cores and spawns DataLoader workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """The suite runs offline: a connection to anything but this machine fails the test that makes it (a
+    backbone or data set fetched from a hub, say); local sockets (loopback, Unix) stay usable."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"a test tried to reach {address[0]}:{address[1]}; the suite must run offline")
+
+    def connect(sock, address):
+        guard(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        guard(sock, address)
+        return real_connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from typing import Dict
 
 import h5py
 import numpy as np
+import pytest
 
 from pipeline.config import Config, load_config
 
@@ -12,6 +13,12 @@ from pipeline.config import Config, load_config
 VOLATILE = {"created_utc", "updated_utc", "written_utc"}
 
 TINY = ["timm:test_efficientnet", "timm:test_resnet"]
+
+
+def needs(module: str, extra: str):
+    """The optional module a test needs, or a skip of that test alone where its extra is not installed (make test
+    installs every extra, so nothing skips there)."""
+    return pytest.importorskip(module, reason=f"the {extra} extra (pip install -e '.[{extra}]'); make test has it")
 
 
 def tiny_config(**overrides) -> Config:

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.heads.localise import (COORD_CHANNELS, LocData, LocNet, _targets, candidates, froc, head_input,
                                      input_channels)
 
@@ -200,7 +201,7 @@ def test_a_sweep_can_rank_on_a_custom_froc_level():
     data = SimpleNamespace(tasks=[], heads={"loc": None})
     cfg = tiny_train_config(**{"eval.froc_fps": [1.0, 3.0]})
     assert rank_direction(data, cfg, "loc.froc_radius_at_3fp", "sweep.yaml") == 1
-    with pytest.raises(Exception, match="valid loc metrics: .*froc_radius_at_3fp"):
+    with pytest.raises(ConfigError, match="valid loc metrics: .*froc_radius_at_3fp"):
         rank_direction(data, cfg, "loc.froc_radius_at_8fp", "sweep.yaml")
 
 
@@ -334,7 +335,6 @@ def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, mon
 def test_rescoring_needs_a_fold_ensemble_and_says_so_before_anything_runs(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.errors import ConfigError
     from stages.cli import main
     from tests.helpers import tiny_train_config
 

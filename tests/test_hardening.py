@@ -240,3 +240,16 @@ def test_same_inputs_same_cache_bit_for_bit(synthetic_master, tiny_cache, tmp_pa
     path = tmp_path / "again.h5"
     extract_features(synthetic_master, path, tiny_config(), progress=False)
     assert_same_cache(path, tiny_cache)
+
+
+def test_the_suite_cannot_reach_the_network():
+    """conftest's guard: a connection out fails (the suite runs offline); loopback stays usable."""
+    import socket
+
+    with pytest.raises(OSError, match="the suite must run offline"):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)  # TEST-NET-1: never routed
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    with server, socket.create_connection(server.getsockname(), timeout=1):
+        pass

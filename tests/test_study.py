@@ -14,9 +14,15 @@ import pytest
 from click.testing import CliRunner
 
 from stages.cli import main
-from tests.helpers import TINY
+from tests.helpers import TINY, needs
 
-optuna = pytest.importorskip("optuna", reason="the study extra (pip install -e '.[study]'); make test has it")
+
+@pytest.fixture(autouse=True)
+def _study_extra(request):
+    """Optuna (the study extra) for every test here but the tracked-run one, which needs MLflow alone."""
+    if "mlflow_store" not in request.node.name:
+        needs("optuna", "study")
+
 
 SWEEP = """method: grid
 seed: 0
@@ -58,6 +64,8 @@ def _worker(cache, sweep, storage, *extra, code="import sys; from stages.cli imp
 def _trials(storage, name="sweep"):
     from stages.study import open_storage
 
+    import optuna
+
     return optuna.load_study(study_name=name, storage=open_storage(str(storage))).get_trials(deepcopy=False)
 
 
@@ -92,6 +100,8 @@ def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(s
     assert {t.user_attrs["retry_of"] for t in complete if "retry_of" in t.user_attrs} == {t.number for t in failed}
 
     # the held-out rows: fixed in the study, never in any trial's development rows
+    import optuna
+
     study = optuna.load_study(study_name="sweep", storage=_open(storage))
     held_out = study.user_attrs["held_out_ids"]
     from cache import FeatureCache
@@ -144,7 +154,7 @@ def _open(storage):
 
 
 def test_a_run_is_tracked_in_a_local_mlflow_store_and_read_back(tiny_cache, tmp_path):
-    mlflow = pytest.importorskip("mlflow", reason="the track extra (pip install -e '.[track]'); make test has it")
+    mlflow = needs("mlflow", "track")
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--out", str(tmp_path / "run"),
                                        "--track", str(tmp_path / "mlruns"), *COMMON, "--set", "train.epochs=4",
                                        "--set", "train.early_stopping=5", "--set", "eval.folds=2"])
@@ -173,7 +183,7 @@ def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, 
     trials = _trials(storage, "tpe")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert all(0 <= t.params["train.dropout"] <= 0.5 for t in trials)
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = needs("mlflow", "track")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
     assert len(runs) == 3 and {r.data.tags["resmtnet.kind"] for r in runs} == {"trial"}
@@ -223,6 +233,8 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_w
             "--no-progress", *COMMON, "--set", "train.epochs=3", "--trials", "1"]
     runner = CliRunner()
     assert runner.invoke(main, args).exit_code == 0  # creates the study, trains configuration 0
+    import optuna
+
     orphan = optuna.load_study(study_name="orphan", storage=_open(storage)).ask()  # configuration 1, never named
     result = runner.invoke(main, args[:-2])
     assert result.exit_code == 0, result.output

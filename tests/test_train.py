@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.evaluation.engine import cross_validate, load_train_data
 from pipeline.heads.resmtnet_head import pooled_family
 from pipeline.evaluation.evaluate import make_splits
@@ -314,7 +314,7 @@ def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_pa
     assert first.metrics["meta"]["n_used"] == 24
     predictions = (tmp_path / "a" / "predictions.csv").read_text().splitlines()
     assert len(predictions) == 25 and "state_p_malignant" in predictions[0]
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(PipelineError, match=r"output folder .* already exists; pass --overwrite"):
         train_heads(tiny_cache, tmp_path / "a", cfg, progress=False)
 
 
