@@ -20,8 +20,8 @@ import pandas as pd
 from pipeline import __version__
 from pipeline.config import Config, dump_config
 from pipeline.evaluation.engine import CVResult, TrainData, cross_validate, load_train_data, refit
-from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_summary, scores_training_rows,
-                                          seen_share)
+from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
+                                          scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
 from stages.progress import progress_bars
@@ -65,7 +65,8 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) 
         f"Protocol: {cfg.eval.protocol}"
         + (f" (seen_fraction {cfg.eval.seen_fraction})" if cfg.eval.protocol == "contaminated" else "")
         + f", {len(cv.splits) // max(len(cfg.eval.seeds), 1)} split(s) x seeds {cfg.eval.seeds}. Each cell: the "
-        "estimate on the pooled out-of-fold predictions of the first seed [its 95% bootstrap CI over images]; "
+        "estimate on the pooled out-of-fold predictions of the first seed [its 95% bootstrap CI over "
+        f"{'images' if patient_groups(data.table, cfg.eval) is None else 'patients'}]; "
         "then the mean ± std of the per-split values (their spread, not the estimate's uncertainty).",
         *([patients] if patients else []), f"Wall time {seconds:.1f} s."]
     for plugin, outcome in cv.families():

@@ -303,6 +303,7 @@ def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
     assert "| findings | auc_macro |" in report and "| findings | auc_Cardiomegaly |" not in report
     assert "| finding | labelled | positives | auc res-mtnet | auc linear | auc majority | ap res-mtnet |" in report
     assert report.count("\n| Cardiomegaly | ") == 1  # one row per finding, in the per-finding table
+    assert f"95% bootstrap CI over {'images' if name == 'vindr' else 'patients'}]" in report  # patients resampled
     # the folds recomputed from this run's predictions: every patient's images are held out in one fold (VinDr
     # publishes no patient ids: each image is its own patient)
     from cache import FeatureCache
@@ -351,6 +352,24 @@ def test_the_official_protocol_scores_the_test_list_once(nih_cache, tmp_path):
     for seed, part in predictions.groupby("seed"):
         assert set(part["id"]) == test_ids and part["id"].is_unique
     assert "Protocol: official" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_every_interval_of_a_data_set_with_patients_resamples_patients(nih_cache, tmp_path, monkeypatch):
+    """Every bootstrap of the run (the head's, the baselines', each size bin's) draws whole patients: 12 patients
+    of 3 images each, so every resample counts each patient's images together."""
+    import pipeline.evaluation.evaluate as evaluate
+
+    drawn = []
+    real = evaluate.bootstrap_counts
+
+    def recording(n, resamples, seed, groups=None):
+        drawn.append(groups)
+        return real(n, resamples, seed, groups=groups)
+
+    monkeypatch.setattr(evaluate, "bootstrap_counts", recording)
+    result = _train(nih_cache, tmp_path / "run", "--set", "train.tasks=[findings]")
+    assert result.exit_code == 0, result.output
+    assert drawn and all(g is not None and len(np.unique(g)) == 12 and len(g) == 36 for g in drawn)
 
 
 def test_views_filter_and_task_groups_declare_findings(nih_cache, tmp_path):

@@ -73,3 +73,45 @@ def test_vectorised_bootstrap_equals_one_by_one(data):
     np.testing.assert_allclose(together, one_by_one)
     score = rng.random(len(y))
     np.testing.assert_allclose(roc_auc(y > 1, score, counts), [roc_auc(y > 1, score, r) for r in counts])
+
+
+def test_grouped_bootstrap_with_one_row_per_group_is_the_plain_bootstrap():
+    plain = np.concatenate(list(bootstrap_counts(30, 9, seed=4)))
+    grouped = np.concatenate(list(bootstrap_counts(30, 9, seed=4, groups=np.arange(30))))
+    np.testing.assert_array_equal(grouped, plain)
+    groups = np.repeat(np.arange(10), 3)
+    counts = np.concatenate(list(bootstrap_counts(30, 9, seed=4, groups=groups, max_bytes=8 * 30 * 2)))
+    assert (counts.sum(axis=1) == 30).all()  # 10 patients drawn, 3 images each
+    assert (counts.reshape(9, 10, 3) == counts.reshape(9, 10, 3)[:, :, :1]).all()  # a patient's images together
+
+
+def test_patient_bootstrap_covers_the_true_auroc_with_correlated_images():
+    """60 patients x 3 images that share the patient's label and level: resampling images gives intervals too
+    narrow (nominal 95%, about 75% coverage in the issue's simulation); resampling patients covers the true
+    AUROC about 95% of the time. Fixed seed: 300 simulated studies, 300 resamples each."""
+    from pipeline.evaluation.evaluate import summarise_metrics
+
+    rng = np.random.default_rng(0)
+    per = 3
+
+    def study(patients):
+        label = rng.random(patients) < 0.4
+        level = rng.normal(0.0, 1.0, patients) + 0.7 * label  # the patient's own level, shared by its images
+        y = np.repeat(label, per).astype(float)
+        score = np.repeat(level, per) + rng.normal(0.0, 0.4, patients * per)
+        return y, score, np.repeat(np.arange(patients), per)
+
+    y, score, _ = study(40000)
+    truth = skm.roc_auc_score(y, score)
+    covered = {"images": 0, "patients": 0}
+    runs = 300
+    for run in range(runs):
+        y, score, patient = study(60)
+        everything = np.ones(len(y), dtype=bool)
+        for kind, groups in (("images", None), ("patients", patient)):
+            entry = summarise_metrics(lambda sel, w: {"auc": roc_auc(y[sel], score[sel], w)},
+                                      np.zeros(len(y), dtype=int), 1, everything, 300, run, lambda sel: len(y),
+                                      groups)["auc"]
+            covered[kind] += entry["ci95"][0] <= truth <= entry["ci95"][1]
+    assert covered["images"] / runs < 0.85
+    assert 0.90 <= covered["patients"] / runs <= 0.98

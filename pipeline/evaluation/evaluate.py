@@ -45,6 +45,12 @@ def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.nd
     return np.array(["missing" if v is None or v != v else str(v) for v in table[column].to_numpy()[rows]])
 
 
+def patient_groups(table: pd.DataFrame, ecfg: EvalConfig) -> Optional[np.ndarray]:
+    """The patient of every table row where splits keep patients together (split_groups over all rows), else
+    None: what the bootstrap resamples, so that its intervals respect the same dependence the splits do."""
+    return split_groups(table, np.arange(len(table)), ecfg)
+
+
 def split_groups(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig) -> Optional[np.ndarray]:
     """The patient of each row when splits must keep a patient's images together (eval.group: 'auto' uses the
     `patient_id` column when there is one, 'none' never groups, any other value names the column); None where
@@ -340,19 +346,23 @@ class OutOfFold:
 
 def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
                       split: np.ndarray, n_splits: int, pooled: np.ndarray, bootstrap: int, seed: int,
-                      count: Callable[[np.ndarray], int]) -> Dict[str, Dict[str, object]]:
+                      count: Callable[[np.ndarray], int], groups: Optional[np.ndarray] = None
+                      ) -> Dict[str, Dict[str, object]]:
     """metric -> {pooled, ci95, n, folds, fold_mean, fold_std}: the headline is the value on the `pooled` entries
     (the first seed's out-of-fold predictions) with its percentile bootstrap CI; the per-split values and
     their mean ± std describe the spread over splits (they are not the estimate the CI belongs to).
 
     metrics_of(selection, weights) scores the selected entries (weights (R, n_selected) for resamples);
-    count(selection) is the number of entries a metric is computed on. Every model and head uses this one.
+    count(selection) is the number of entries a metric is computed on; `groups` (one per entry: the patient, as
+    split_groups gives it) makes the bootstrap resample patients, not images. Every model and head uses this one.
     """
     per_split = [metrics_of(split == s, None) for s in range(n_splits)]
     whole = metrics_of(pooled, None)
     boot: Dict[str, np.ndarray] = {}
     if bootstrap and pooled.any():
-        blocks = [metrics_of(pooled, counts) for counts in bootstrap_counts(int(pooled.sum()), bootstrap, seed)]
+        codes = None if groups is None else pd.factorize(np.asarray(groups)[pooled])[0]
+        blocks = [metrics_of(pooled, counts)
+                  for counts in bootstrap_counts(int(pooled.sum()), bootstrap, seed, groups=codes)]
         boot = {k: np.concatenate([np.atleast_1d(b[k]) for b in blocks]) for k in blocks[0]}
     out: Dict[str, Dict[str, object]] = {}
     for name, value in whole.items():
@@ -379,9 +389,10 @@ def first_seed_mask(split: np.ndarray, names: Sequence[SplitName]) -> np.ndarray
 
 def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
               norms: Dict[str, np.ndarray], names: Sequence[SplitName], bootstrap: int, seed: int,
-              subset: Optional[np.ndarray] = None) -> Dict[str, Dict[str, Dict[str, object]]]:
+              subset: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None
+              ) -> Dict[str, Dict[str, Dict[str, object]]]:
     """task -> metric -> entry (summarise_metrics) of one model's out-of-fold predictions; `subset` keeps
-    only some rows (a size bin)."""
+    only some rows (a size bin); `groups` (one per table row, patient_groups) resamples patients."""
     keep = np.ones(len(oof.rows), dtype=bool) if subset is None else np.isin(oof.rows, subset)
     out: Dict[str, Dict[str, Dict[str, object]]] = {}
     for task in tasks:
@@ -394,7 +405,8 @@ def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.n
                 task_metrics(task, y_all[sel & keep], p_all[sel & keep],
                              None if norm_all is None else norm_all[sel & keep], w),
             oof.split, len(names), first_seed_mask(oof.split, names) & keep, bootstrap, seed,
-            lambda sel, task=task, y_all=y_all: int(labelled(task, y_all[sel]).sum()))
+            lambda sel, task=task, y_all=y_all: int(labelled(task, y_all[sel]).sum()),
+            None if groups is None else groups[oof.rows])
         if metrics:
             out[task.name] = metrics
     return out

@@ -97,10 +97,18 @@ def mae(y, pred, weights=None):
 BOOTSTRAP_BYTES = 8 << 20
 
 
-def bootstrap_counts(n: int, resamples: int, seed: int, max_bytes: int = BOOTSTRAP_BYTES) -> Iterator[np.ndarray]:
+def bootstrap_counts(n: int, resamples: int, seed: int, max_bytes: int = BOOTSTRAP_BYTES,
+                     groups: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
     """Blocks (r, n) of the counts of each row in R resamples with replacement, at most `max_bytes` each; the
-    blocks of one seed, stacked, are the same R resamples whatever the block size (one random stream)."""
+    blocks of one seed, stacked, are the same R resamples whatever the block size (one random stream).
+
+    `groups` (n,) integer codes 0..G-1 (the patient of each row) resample whole groups: G draws of a group with
+    replacement, every row of a group counted as often as its group was drawn (the cluster bootstrap), so rows
+    that are not independent (several images of one patient) do not narrow the interval. With one row per group,
+    in order, these are the plain resamples."""
     rng = np.random.default_rng(seed)
     per = max(1, max_bytes // (8 * max(n, 1)))
+    units = n if groups is None else int(groups.max()) + 1 if len(groups) else 0
     for start in range(0, resamples, per):
-        yield rng.multinomial(n, np.full(n, 1.0 / n), size=min(per, resamples - start)).astype(np.float64)
+        counts = rng.multinomial(units, np.full(units, 1.0 / max(units, 1)), size=min(per, resamples - start))
+        yield (counts if groups is None else counts[:, groups]).astype(np.float64)

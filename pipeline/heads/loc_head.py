@@ -17,7 +17,8 @@ import pandas as pd
 from cache import GROUPS
 
 from pipeline.errors import CacheError, PipelineError
-from pipeline.evaluation.evaluate import OutOfFold, SplitName, first_seed_mask, make_splits, summarise_metrics
+from pipeline.evaluation.evaluate import (OutOfFold, SplitName, first_seed_mask, make_splits, patient_groups,
+                                          summarise_metrics)
 from pipeline.evaluation.engine import Progress, no_progress, run_jobs
 from pipeline.heads.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
                                      export_head, fit_rescorer, froc, load_head, loc_metric_directions,
@@ -164,8 +165,9 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
     def count(sel):
         return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
 
+    patients = patient_groups(table, cfg.eval)
     return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
-                             cfg.train.seed, count)
+                             cfg.train.seed, count, None if patients is None else patients[rows])
 
 
 def loc_scores(table, rows: np.ndarray, det: Detections, cfg) -> Dict[str, float]:

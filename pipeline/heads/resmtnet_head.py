@@ -18,7 +18,8 @@ import pandas as pd
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import Progress, no_progress, run_jobs
 from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, first_seed_mask,
-                                          regression_norms, size_bins, split_groups, summarise, task_metrics)
+                                          patient_groups, regression_norms, size_bins, split_groups, summarise,
+                                          task_metrics)
 from pipeline.heads.plugin import Applied, HeadPlugin, TaskPredictions, Validation, register_head
 from pipeline.heads.tasks import TaskSpec, metric_direction
 from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, mean_curve, validated_epochs
@@ -91,6 +92,7 @@ def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitNa
 
     groups = split_groups(data.table, data.rows, cfg.eval)
     group_of = dict(zip(data.rows.tolist(), groups)) if groups is not None else {}
+    patients_of = patient_groups(data.table, cfg.eval)
     jobs, where = [], []
     for s, split in enumerate(splits):
         g = np.array([group_of.get(r, r) for r in split.train.tolist()], dtype=object)
@@ -111,7 +113,7 @@ def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitNa
             oof = OutOfFold.collect([jobs[i] for i in idx], [family.prep.decode(results[i].outputs, i) for i in idx])
             split_names = [names[where[i][2]] for i in idx]
             report = summarise(oof, data.tasks, data.targets, norms, split_names,
-                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed)
+                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed, groups=patients_of)
             if repeat == 0:
                 entry.update(patients=float(np.mean([where[i][3] for i in idx])),
                              images=float(np.mean([len(jobs[i].train) for i in idx])), metrics=report)
@@ -277,12 +279,14 @@ class ResMTNetPlugin(HeadPlugin):
         norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
         bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
             if "size_mm" in data.table else {}
+        patients = patient_groups(data.table, cfg.eval)
         for model, preds in oof.items():
             outcome.reports[model] = {
                 "overall": summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
-                                     cfg.train.seed),
+                                     cfg.train.seed, groups=patients),
                 "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
-                                               cfg.train.seed, subset=rows) for label, rows in bins.items()},
+                                               cfg.train.seed, subset=rows, groups=patients)
+                              for label, rows in bins.items()},
             }
         timings["summaries"] = time.perf_counter() - clock
         outcome.confusions = confusion_frames(data, oof[NAME], names)
