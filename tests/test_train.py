@@ -299,7 +299,9 @@ def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_pa
     for name in ("config.yaml", "metrics.json", "predictions.csv", "report.md", "run.json",
                  "model/head.safetensors", "model/head.json", "confusion/state.csv", "plots/learning_curves.png"):
         assert (tmp_path / "a" / name).exists(), name
-    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    text = (tmp_path / "a" / "metrics.json").read_text()
+    a = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds a bare {name}: not JSON"))
+    assert "null" in text  # the undefined values (a constant baseline's spread, say) are null
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["models"] == b["models"]  # same seed, same metrics to the last digit (CPU)
     assert set(a["models"]) == {"res-mtnet", "linear", "majority"}
@@ -456,3 +458,20 @@ def test_typicality_percentile_of_training_typical_and_far_images():
     assert p[0] == 0.0  # a reference row itself
     assert 5 < p[1] < 100  # another draw from the training distribution: somewhere in the middle
     assert p[2] == 100.0  # far from every training row
+
+
+def test_a_small_split_trains_the_same_alone_or_stacked_with_larger_ones(tiny_cache):
+    """Label efficiency stacks subsets of different sizes: a 12-row job beside a full split must not keep taking
+    Adam steps on batches without rows (it did: best epoch 5 alone vs 2 stacked, outputs 0.145 apart)."""
+    from pipeline.heads.train import Split
+
+    cfg = tiny_train_config(**{"train.early_stopping": 3, "train.epochs": 15})
+    data = load_train_data(tiny_cache, cfg)
+    splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
+    small = Split(train=splits[0].train[:4], test=splits[0].test, val=splits[0].val, key=splits[0].key)
+    family = pooled_family(data, [*splits, small])
+    one = dataclasses.replace(cfg.train, hidden=16, batch_size=2, dropout=0.0)
+    stacked = train_jobs(family, [Job(one, 0), Job(one, len(splits)), Job(one, 1)])
+    alone = train_jobs(family, [Job(one, len(splits))])
+    np.testing.assert_allclose(stacked[1].outputs, alone[0].outputs, rtol=1e-5, atol=1e-6)
+    assert stacked[1].best_epoch == alone[0].best_epoch

@@ -112,7 +112,10 @@ def train_jobs(family: HeadFamily, jobs: Sequence[Job], *, keep_state: bool = Fa
     results: List[Optional[JobResult]] = [None] * len(jobs)
     groups: Dict[tuple, List[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault((family.stack_key(job.cfg), _trainer_key(job.cfg)), []).append(i)
+        # members of one stack take the same optimiser steps: a split with fewer batches per epoch would keep
+        # stepping (Adam's momentum, weight decay) on batches without rows, so it stacks only with its own kind
+        steps = math.ceil(len(family.splits[job.split].train) / job.cfg.batch_size)
+        groups.setdefault((family.stack_key(job.cfg), _trainer_key(job.cfg), steps), []).append(i)
     for members in groups.values():
         cfg0 = jobs[members[0]].cfg
         size = max(1, STACK_BYTES // max(family.member_bytes(cfg0), 1))
