@@ -475,3 +475,20 @@ def test_a_localisation_member_trains_the_same_alone_or_stacked(nodule_cache):
     alone = train_jobs(family, [Job(one, 2)])
     np.testing.assert_allclose(stacked[2].outputs, alone[0].outputs, rtol=1e-4, atol=1e-5)
     assert stacked[2].best_epoch == alone[0].best_epoch
+
+
+def test_froc_leaves_out_positives_whose_lesions_are_not_drawn():
+    """NIH boxes 164 of its 11,207 Nodule / Mass images: an unboxed positive's correct detection is not a false
+    positive, nor is the image in the per-image denominator (toy case: sensitivity at 0.2 FP/image was 0)."""
+    table = pd.DataFrame({"grid_w": [1000.0] * 4, "grid_h": [1000.0] * 4, "presence": [1.0, 1.0, 0.0, 0.0],
+                          "x": [500.0, np.nan, np.nan, np.nan], "y": [500.0, np.nan, np.nan, np.nan],
+                          "size_mm": [np.nan] * 4, "nodule_boxes": ["480,480,520,520", None, None, None]})
+    cx = np.array([[0.5], [0.3], [0.1], [0.1]])  # the boxed nodule found; the unboxed positive's best score
+    cy = np.array([[0.5], [0.3], [0.1], [0.1]])
+    score = np.array([[0.8], [0.9], [0.1], [0.2]])
+    res = froc(table, np.arange(4), cx, cy, score, pixel_mm=1.0, fps=[0.2, 1.0])
+    assert res["froc_box_at_0.2fp"] == 1.0  # no false positive before the nodule's hit (it was 1 of 4 images)
+    from pipeline.heads.localise import lesions_drawn
+
+    assert lesions_drawn(table, np.arange(4)).tolist() == [True, False, True, True]
+    assert lesions_drawn(table.drop(columns="presence"), np.arange(4)).all()  # no presence labels: all count

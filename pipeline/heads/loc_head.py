@@ -21,7 +21,7 @@ from pipeline.evaluation.evaluate import (OutOfFold, SplitName, first_seed_mask,
                                           summarise_metrics)
 from pipeline.evaluation.engine import Progress, no_progress, run_jobs
 from pipeline.heads.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
-                                     export_head, fit_rescorer, froc, load_head, loc_metric_directions,
+                                     export_head, fit_rescorer, froc, lesions_drawn, load_head, loc_metric_directions,
                                      localisation_metrics, nodule_errors, prepare_loc)
 from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
 from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, validated_epochs
@@ -347,6 +347,11 @@ class LocPlugin(HeadPlugin):
         for metric in outcome.report["heatmap"]:
             cells = [format_entry(outcome.report[h].get(metric)) for h in heads]
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        drawn = lesions_drawn(data.table, data.rows)
+        if not drawn.all():
+            lines += ["", f"FROC scores the {int(drawn.sum())} images whose lesions are all drawn (boxed or located "
+                          f"positives, and negatives); {int((~drawn).sum())} positives without a box are left out "
+                          "(a detection there would count as a false positive)."]
         return lines
 
     def metrics(self, outcome: LocOutcome) -> Dict[str, Any]:

@@ -344,6 +344,21 @@ def box_lesions(table, rows: np.ndarray) -> Optional[tuple]:
     return tuple(np.array(col, dtype=int if k == 0 else float) for k, col in enumerate(zip(*out)))
 
 
+def lesions_drawn(table, rows: np.ndarray) -> np.ndarray:
+    """Whether all of each image's lesions are drawn, so FROC can score it: a negative (presence 0) or an image
+    with a lesion box or centre. A positive without one is left out (NIH labels 11,207 images Nodule or Mass and
+    boxes 164): a correct detection there would count as a false positive and the image in the denominator.
+    Without a presence column every image counts."""
+    if "presence" not in table:
+        return np.ones(len(rows), dtype=bool)
+    located = np.zeros(len(rows), dtype=bool)
+    if "x" in table and "y" in table:
+        located |= np.isfinite(table["x"].to_numpy(float)[rows]) & np.isfinite(table["y"].to_numpy(float)[rows])
+    if BOX_COLUMN in table:
+        located |= np.array([isinstance(t, str) and bool(t) for t in table[BOX_COLUMN].to_numpy()[rows]], dtype=bool)
+    return located | (table["presence"].to_numpy(float)[rows] == 0)
+
+
 def lesion_hits(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, pixel_mm: float,
                 lesion_list: Optional[tuple] = None) -> tuple:
     """(image of each lesion (index into rows), {kind of hit: (lesions, k) whether each candidate of the lesion's
@@ -383,10 +398,11 @@ def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_s
     false positives per image and sensitivity. `lesion_list` (as `lesions` returns) replaces the table's one
     lesion per row, for images with several. Where the table has lesion boxes (box_lesions), they are the
     lesions, a radius is half a box's shorter side, and a third kind of hit counts: inside the box ('box').
+    Only images whose lesions are all drawn count (lesions_drawn: a positive without a box or centre weighs 0).
     """
     n, k = cand_x.shape
     image, kinds = lesion_hits(table, rows, cand_x, cand_y, pixel_mm, lesion_list)
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    w = (np.ones(n) if weights is None else np.asarray(weights, dtype=float)) * lesions_drawn(table, rows)
     score = np.where(np.isfinite(cand_score), cand_score, -np.inf)
     present = np.isfinite(score)  # (n, k): a candidate at all
     n_images = w.sum(axis=-1)
