@@ -11,7 +11,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -403,17 +403,19 @@ def valid_choices(key: str, builtin: tuple) -> tuple:
     return tuple(dict.fromkeys(builtin + tuple(getattr(importlib.import_module(module), name))))
 
 
-def validate_config(cfg: Config, where: str = "config") -> Config:
+def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = ()) -> Config:
     """A resolved config, checked once before anything runs: every CHOICES key holds one of its names (the error
     suggests the closest valid name; tables.protocols only protocols), and every section's values are in range
-    (TrainConfig.check, LocConfig.check: each error names the key)."""
+    (TrainConfig.check, LocConfig.check: each error names the key). `where` names the file; a key in `given` came
+    from the command line (a flag or --set), and its error says so."""
     def check(key: str, value: Any, valid: tuple) -> None:
         if value not in valid:
             valid = valid_choices(key, valid)
         if value not in valid:
             close = difflib.get_close_matches(str(value), valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: {key} '{value}' must be one of {', '.join(valid)}{hint}")
+            origin = ("", " (given on the command line)") if key in given else (f"{where}: ", "")
+            raise ConfigError(f"{origin[0]}{key} '{value}' must be one of {', '.join(valid)}{hint}{origin[1]}")
 
     for key, valid in CHOICES.items():
         check(key, get_dotted(cfg, key), valid)
@@ -474,10 +476,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             raise ConfigError(f"{resolved}: the top level must be a mapping of sections")
         data, where = loaded, str(resolved)
     cfg = build(Config, data, where)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(cfg, key, value)
-    return validate_config(cfg, where)
+    given = [key for key, value in (overrides or {}).items() if value is not None]
+    for key in given:
+        set_dotted(cfg, key, overrides[key])
+    return validate_config(cfg, where, given)
 
 
 def _field_comments(cls: type) -> Dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -136,3 +138,16 @@ def jsonable(value):
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
         return value.item()
     return value
+
+
+def json_text(value, indent: int = 1) -> str:
+    """Strict JSON of a result (metrics.json, winner.json): numpy scalars as numbers, NaN and infinities as null
+    (bare NaN is not JSON: jq, JavaScript and most parsers refuse the file)."""
+    def strict(v):
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [strict(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.dumps(strict(jsonable(value)), indent=indent, allow_nan=False, default=str)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import click
 
 from pipeline import __version__
-from pipeline.config import PAPER_BACKBONES, load_config, parse_set_options
+from pipeline.config import CHOICES, PAPER_BACKBONES, load_config, parse_set_options
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 @click.group("extract-features", cls=SafeGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", type=click.Path(path_type=Path),
-              help="Data folder (Kaggle/JSRT layout) or manifest CSV. [required]")
+              help="Data folder (JSRT, NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, VinDr-CXR layouts) or manifest CSV. "
+                   "[required]")
 @click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write. [required]")
 @click.option("--backbone", "backbones", multiple=True,
               help="Backbone name or spec (repeat for several); default: the config's (paper: "
@@ -313,8 +314,10 @@ main.add_command(extract_features_cmd)
 @click.option("--folds", type=int, default=None, help="Cross-validation folds (eval.folds) [default: 5].")
 @click.option("--seed", "seeds", type=int, multiple=True, help="CV seed (repeat for repeated CV).")
 @click.option("--protocol", default=None,
-              help="kfold (default), holdout, insample (training-set scores) or contaminated (eval.protocol).")
-@click.option("--loss-weighting", default=None, help="fixed (default), uncertainty or dwa (train.loss_weighting).")
+              help=f"{', '.join(CHOICES['eval.protocol'])} (eval.protocol; kfold by default; official: the data "
+                   "set's own test list; insample: training-set scores).")
+@click.option("--loss-weighting", default=None,
+              help=f"{', '.join(CHOICES['train.loss_weighting'])} (train.loss_weighting; fixed by default).")
 @click.option("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -373,6 +376,9 @@ def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features
     if summary.warning:
         click.echo(summary.warning)
     click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")
+    if summary.tracked:
+        click.echo(f"tracked in MLflow: {summary.tracked} (mlflow ui --backend-store-uri "
+                   f"{summary.tracked.rsplit(' in ', 1)[1]})")
 
 
 @main.command("sweep-finish")
@@ -404,8 +410,8 @@ def sweep_finish_cmd(cache: Path, storage: str, study_name: str, out: Path, conf
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the tables.")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
 @click.option("--protocols", default=None, metavar="P1,P2",
-              help="Comma-separated eval protocols, one column group each in Tables 1-2: kfold, holdout, insample, "
-                   "contaminated (tables.protocols) [default: kfold].")
+              help="Comma-separated eval protocols, one column group each in Tables 1-2: "
+                   f"{', '.join(CHOICES['eval.protocol'])} (tables.protocols) [default: kfold].")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -170,6 +170,10 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
            *[c for a in head.parts.values() for c in a.leading if c in table], "error"]
     answer = [c for c in table.columns if c.startswith("nodule_")]
     table = table[own + answer + [c for c in table.columns if c not in own and c not in answer]]
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        logger.warning("%d unreadable image(s) skipped (no answers; column error): %s", len(bad),
+                       "; ".join(f"{files[i]} ({errors[i]})" for i in bad[:5]) + (" ..." if len(bad) > 5 else ""))
     if table["in_training_set"].any():
         logger.warning("%d of %d image(s) were in the head's training set (same content): their predictions are "
                        "training-set answers, far better than on new images (column in_training_set)",

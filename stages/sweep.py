@@ -24,7 +24,7 @@ from pipeline.config import Config, build, dump_config, load_yaml, set_dotted, v
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
 from pipeline.evaluation.evaluate import make_splits, split_groups, stratified_subset, stratify_labels
-from pipeline.fsutil import atomic_write_text, staged_dir
+from pipeline.fsutil import atomic_write_text, json_text, staged_dir
 from pipeline.heads.plugin import Validation, loaded_heads
 from pipeline.heads.train import Split
 from stages.progress import progress_bars
@@ -219,11 +219,11 @@ def write_sweep(out: Path, overwrite: bool, ranking: pd.DataFrame, spec: SweepSp
         (tmp / "sweep.yaml").write_text(yaml.safe_dump(spec.__dict__, sort_keys=False))
         (tmp / "config.yaml").write_text(dump_config(cfg))
         (tmp / "winner.yaml").write_text(dump_config(winner_cfg))
-        (tmp / "winner.json").write_text(json.dumps({
+        (tmp / "winner.json").write_text(json_text({
             "config": choice, "rank_by": spec.rank_by, "validation": float(ranking.iloc[0][key]),
             "epochs": epochs, "test": test, "n_dev": n_dev, "n_test": n_test,
             "note": "ranked on validation folds of the development rows (epochs chosen on inner validation rows "
-                    "of their training part); the test rows were scored once, after the ranking"}, indent=1))
+                    "of their training part); the test rows were scored once, after the ranking"}))
         atomic_write_text(tmp / "run.json", json.dumps({"complete": True, **run}))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
 from pipeline.errors import CacheError
 from pipeline.evaluation.engine import cross_validate, load_train_data
 from pipeline.evaluation.evaluate import scores_training_rows, size_bin_labels
-from pipeline.fsutil import staged_dir
+from pipeline.fsutil import json_text, staged_dir
 from pipeline.reporting import format_entry, format_number
 from stages.progress import progress_bars
 
@@ -187,8 +186,7 @@ def reproduce_tables(cache: Path, out: Path, cfg: Config, *, overwrite: bool = F
         for key, frame in tables.items():
             frame.to_csv(tmp / f"{key}.csv")
         (tmp / "tables.md").write_text(tables_markdown(tables, provenance, cfg, seconds, protocols))
-        (tmp / "runs.json").write_text(json.dumps({"reports": by_protocol, "provenance": provenance}, indent=1,
-                                                  default=str))
+        (tmp / "runs.json").write_text(json_text({"reports": by_protocol, "provenance": provenance}))
         (tmp / "config.yaml").write_text(dump_config(cfg))
     return TablesResult(Path(out), tables, seconds)
 

@@ -22,7 +22,7 @@ from pipeline.config import Config, dump_config
 from pipeline.evaluation.engine import CVResult, TrainData, cross_validate, load_train_data, refit
 from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
                                           scores_training_rows, seen_share)
-from pipeline.fsutil import atomic_write_text, jsonable, staged_dir
+from pipeline.fsutil import atomic_write_text, json_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
 from stages.progress import progress_bars
 
@@ -94,11 +94,13 @@ class TrainSummary:
     seconds: float
     metrics: Dict[str, object]
     warning: Optional[str] = None
+    tracked: Optional[str] = None  # where --track logged the run: "run ID in URI"
 
 
 def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
     """Log a finished run to MLflow: the resolved config, the learning curves (mean over splits), every
-    headline metric of every model with its CI bounds, and the run's outputs as artefacts."""
+    headline metric of every model with its CI bounds, and the run's outputs as artefacts. Returns where it went
+    ("run ID in URI")."""
     from pipeline.config import to_dict
     from pipeline.tracking import Tracker, flatten
 
@@ -113,9 +115,11 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
     curves: Dict[str, List[float]] = {}
     for plugin, outcome in cv.families():
         curves.update({plugin.qualified(k): v for k, v in plugin.curves(outcome).items()})
-    return Tracker(target).log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
-                                   [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
-                                   tags={"resmtnet.kind": "train-heads", "resmtnet.out": str(out)})
+    tracker = Tracker(target)
+    rid = tracker.log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
+                          [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
+                          tags={"resmtnet.kind": "train-heads", "resmtnet.out": str(out)})
+    return f"run {rid} in {tracker.uri}"
 
 
 def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True,
@@ -145,7 +149,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
                 meta.update(part.pop("meta", {}))
             plugin.place(metrics, part)
         (tmp / "config.yaml").write_text(dump_config(cfg))
-        (tmp / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1, allow_nan=True))
+        (tmp / "metrics.json").write_text(json_text(metrics))
         predictions_frame(data, cv).to_csv(tmp / "predictions.csv", index=False)
         for plugin, outcome in cv.families():
             plugin.files(tmp, data, outcome)
@@ -158,6 +162,5 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
         atomic_write_text(tmp / "run.json", json.dumps(run))
     logger.debug("train-heads: %d images, %d splits, %.1f s; results in %s", len(data.rows), len(cv.splits),
                  seconds, out)
-    if track:
-        track_run(track, Path(out), cfg, cv)
-    return TrainSummary(Path(out), seconds, metrics, warning)
+    tracked = track_run(track, Path(out), cfg, cv) if track else None
+    return TrainSummary(Path(out), seconds, metrics, warning, tracked)

@@ -126,7 +126,8 @@ def test_predict_skip_bad_answers_for_the_good_images_and_names_the_bad_one(trai
                                         str(tmp_path / "refused")])
     assert refused.exit_code != 0 and "broken.png" in refused.output and "--skip-bad" in refused.output
     assert not (tmp_path / "refused.csv").exists()
-    _invoke("predict", "--model", trained, "--images", folder, "--out", tmp_path / "p", "--skip-bad")
+    skipped = _invoke("predict", "--model", trained, "--images", folder, "--out", tmp_path / "p", "--skip-bad")
+    assert f"1 unreadable image(s) skipped (no answers; column error): {bad} (" in skipped.output
     answer = pd.read_csv(tmp_path / "p.csv")
     assert len(answer) == 3
     broken = answer[answer["image"].astype(str).str.endswith("broken.png")]

@@ -86,3 +86,16 @@ def test_every_choice_is_checked_when_the_config_is_resolved():
         load_config(None, {"tables.protocols": ["kfold", "kfolds"]})
     with pytest.raises(ConfigError, match="train.task_kinds.size 'regresion' must be one of .*mean 'regression'"):
         load_config(None, {"train.task_kinds": {"size": "regresion"}})  # a kind, through its registry
+
+
+def test_a_bad_value_from_the_command_line_is_not_blamed_on_the_config_file():
+    with pytest.raises(ConfigError) as caught:
+        load_config("paper", {"train.loss_weighting": "gradnrom"})
+    message = str(caught.value)
+    assert "paper.yaml" not in message and message.endswith("(did you mean 'gradnorm'?) (given on the command line)")
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    helps = CliRunner().invoke(main, ["train-heads", "--help"]).output
+    assert "official" in helps and "gradnorm" in helps  # the CLI's choices come from the config's

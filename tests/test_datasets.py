@@ -211,6 +211,18 @@ def test_a_damaged_dicom_is_one_line_and_skip_bad_skips_it(tmp_path):
         assert cache.bad.sum() == 1 and len(cache.ids) == 4
 
 
+def test_a_truncated_dicom_says_damaged_not_install_the_installed_extra(tmp_path):
+    needs("pydicom", "dicom")
+    from pipeline.data.images import read_image
+
+    path = write_dicom(tmp_path / "x.dcm", np.full((64, 64), 100, dtype=np.uint16))
+    path.write_bytes(path.read_bytes()[:-3000])  # pixel data cut short
+    with pytest.raises(DataError, match=r"x.dcm: cannot decode .* damaged or truncated: replace it or pass "
+                                        r"--skip-bad$") as caught:
+        read_image(path)
+    assert "pip install" not in str(caught.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # the multilabel kind
 

@@ -115,3 +115,10 @@ def test_patient_bootstrap_covers_the_true_auroc_with_correlated_images():
             covered[kind] += entry["ci95"][0] <= truth <= entry["ci95"][1]
     assert covered["images"] / runs < 0.85
     assert 0.90 <= covered["patients"] / runs <= 0.98
+
+
+def test_auc_of_an_empty_or_one_class_subset_is_nan_not_an_error():
+    empty = np.zeros(0)
+    assert np.isnan(roc_auc(empty, empty)) and roc_auc(empty, empty, np.zeros((3, 0))).shape == (3,)
+    assert np.isnan(roc_auc(np.ones(4), np.arange(4.0)))
+    assert np.isnan(average_precision(empty, empty))

@@ -161,6 +161,8 @@ def test_a_run_is_tracked_in_a_local_mlflow_store_and_read_back(tiny_cache, tmp_
     assert result.exit_code == 0, result.output
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert f"tracked in MLflow: run {run.info.run_id} in {uri} (mlflow ui --backend-store-uri {uri})" in result.output
     assert run.data.params["train.epochs"] == "4" and run.data.params["eval.folds"] == "2"
     assert run.data.tags["resmtnet.kind"] == "train-heads"
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 4

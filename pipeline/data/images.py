@@ -67,6 +67,16 @@ def dicom_header(path: os.PathLike) -> dict:
     return {"width": int(cols), "height": int(rows), "age": years, "sex": str(ds.get("PatientSex", "") or "")}
 
 
+def _decoder_available(ds) -> bool:
+    """Whether pydicom has a working decoder for the file's transfer syntax (else a plug-in is missing)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(ds.file_meta.TransferSyntaxUID).is_available)
+    except (AttributeError, NotImplementedError, ValueError):  # no file meta, or a syntax pydicom never decodes
+        return False
+
+
 def decode_dicom(data: bytes, name: str) -> np.ndarray:
     """A DICOM image as grey float32 in [0, 1], in the order DICOM defines (PS3.3 C.11): the stored values
     through the Modality LUT (Rescale Slope / Intercept), then the VOI LUT, or else the first Window Center /
@@ -79,8 +89,9 @@ def decode_dicom(data: bytes, name: str) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as exc:  # missing decoder plug-in, truncated pixel data, ...
-        raise DataError(f"{name}: cannot decode the DICOM pixel data ({type(exc).__name__}: {exc}); for "
-                        "compressed files install the extra: pip install 'resmtnet-pipeline[dicom]'") from None
+        fix = ("its decoder is missing: install the extra: pip install 'resmtnet-pipeline[dicom]'"
+               if not _decoder_available(ds) else "the file is damaged or truncated: replace it or pass --skip-bad")
+        raise DataError(f"{name}: cannot decode the DICOM pixel data ({type(exc).__name__}: {exc}); {fix}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         stored = stored[0]
     if stored.ndim == 3:  # colour: as PIL's L conversion

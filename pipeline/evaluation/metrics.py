@@ -47,8 +47,10 @@ def f1_scores(y, pred, n_classes, weights=None) -> Dict[str, np.ndarray]:
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
-    """Area under the ROC curve (ties count one half); NaN where only one class is present."""
+    """Area under the ROC curve (ties count one half); NaN where only one class (or no row) is present."""
     w = _weights(len(y), weights)
+    if not len(y):  # a subset without rows (say, no malignant or benign nodule among a manifest's few images)
+        return np.full(w.shape[:-1], np.nan)
     order = np.argsort(score, kind="mergesort")
     s, pos = score[order], (y[order] > 0.5)
     wpos = np.where(pos, w[..., order], 0.0)
