@@ -23,7 +23,8 @@ import yaml
 from pipeline.config import Config, build, dump_config, load_yaml, set_dotted, validate_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
-from pipeline.evaluation.evaluate import make_splits, split_groups, stratified_subset, stratify_labels
+from pipeline.evaluation.evaluate import (make_splits, official_split, split_groups, stratified_subset,
+                                          stratify_labels)
 from pipeline.fsutil import atomic_write_text, json_text, staged_dir
 from pipeline.heads.plugin import Validation, loaded_heads
 from pipeline.heads.train import Split
@@ -127,10 +128,17 @@ def rank_direction(data: TrainData, cfg: Config, rank_by: str, where: str) -> in
 
 
 def development_split(data: TrainData, cfg: Config, spec: SweepSpec) -> Tuple[np.ndarray, np.ndarray]:
-    """(development rows, test rows): the test rows are held out of the whole sweep."""
+    """(development rows, test rows): the test rows are held out of the whole sweep. With eval.protocol official
+    they are the data set's own test list (official_split), never a stratified draw: an official test image must
+    not serve as a development row."""
+    groups = split_groups(data.table, data.rows, cfg.eval)
+    if cfg.eval.protocol == "official":
+        train, test = official_split(data.table, data.rows, groups)
+        logger.info("sweep: the held-out rows are the data set's own test list (%d images; test_fraction unused)",
+                    len(test))
+        return data.rows[train], data.rows[test]
     labels = stratify_labels(data.table, cfg.eval.stratify, data.rows)
-    dev_idx, test_idx = stratified_subset(np.arange(len(data.rows)), labels, spec.test_fraction, spec.seed,
-                                          split_groups(data.table, data.rows, cfg.eval))
+    dev_idx, test_idx = stratified_subset(np.arange(len(data.rows)), labels, spec.test_fraction, spec.seed, groups)
     return data.rows[dev_idx], data.rows[test_idx]
 
 

@@ -366,6 +366,32 @@ def test_the_official_protocol_scores_the_test_list_once(nih_cache, tmp_path):
     assert "Protocol: official" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_sweeps_and_studies_hold_out_the_official_test_list(nih_cache, tmp_path):
+    """With eval.protocol official the sweep's held-out rows are NIH's test_list.txt (they were a random 20% of
+    patients: official test images served as development rows), in-process and in a shared study alike."""
+    needs("optuna", "study")
+    import optuna
+
+    from stages.study import open_storage
+
+    test_ids = {Path(line).stem for line in (nih_cache.parent / "data" / "test_list.txt").read_text().split()}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("method: grid\nseed: 0\nrank_by: findings.auc_macro\nfolds: 2\ntest_fraction: 0.2\n"
+                     "params:\n  train.hidden: [16, 32]\n")
+    official = ["--set", "train.tasks=[findings]", "--set", "eval.protocol=official"]
+    result = _train(nih_cache, tmp_path / "sweep", "--sweep", str(sweep), *official)
+    assert result.exit_code == 0, result.output
+    winner = json.loads((tmp_path / "sweep" / "winner.json").read_text())
+    assert winner["n_test"] == len(test_ids) and winner["n_dev"] == 36 - len(test_ids)
+    storage = tmp_path / "study.log"
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(nih_cache), "--sweep", str(sweep), "--study",
+                                       str(storage), "--no-progress", "--set", f"train.features=[{TINY[1]}]", "--set",
+                                       "train.epochs=3", *official])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="sweep", storage=open_storage(str(storage)))
+    assert set(study.user_attrs["held_out_ids"]) == test_ids
+
+
 def test_every_interval_of_a_data_set_with_patients_resamples_patients(nih_cache, tmp_path, monkeypatch):
     """Every bootstrap of the run (the head's, the baselines', each size bin's) draws whole patients: 12 patients
     of 3 images each, so every resample counts each patient's images together."""
