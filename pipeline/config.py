@@ -475,6 +475,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{resolved}: the top level must be a mapping of sections")
         data, where = loaded, str(resolved)
+    return config_from(data, where, overrides)
+
+
+def config_from(data: Dict[str, Any], where: str, overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """A validated Config from a mapping (a YAML file's, or the config stored with a study) and dotted overrides."""
     cfg = build(Config, data, where)
     given = [key for key, value in (overrides or {}).items() if value is not None]
     for key in given:

@@ -356,8 +356,7 @@ def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features
         done = run_worker(cache, cfg, sweep_path, storage, study_name, trials, batch, grace, track,
                           progress=not no_progress)
         click.echo(f"worker: {done.trials} trial(s) of study {done.study} in {done.seconds:.1f} s; when every "
-                   f"worker is done: resmtnet sweep-finish --cache {cache} --study {storage} --study-name "
-                   f"{done.study} --out OUT")
+                   f"worker is done: resmtnet sweep-finish --study {storage} --study-name {done.study} --out OUT")
         return
     if out is None:
         raise click.UsageError("Missing option '--out' (the run folder to write).")
@@ -382,23 +381,27 @@ def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features
 
 
 @main.command("sweep-finish")
-@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The workers' cache.")
+@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The workers' cache [default: the one the study was started on].")
 @click.option("--study", "storage", required=True, metavar="STORAGE", help="The study's storage (as the workers').")
-@click.option("--study-name", required=True, help="The study's name (the sweep file's name by default).")
+@click.option("--study-name", default=None, help="The study's name [default: the storage's only study].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
-@click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (as the workers').")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (as the workers).")
+@click.option("--config", "config_path", default=None,
+              help="YAML config [default: the workers', stored in the study]; another setup is refused.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (of the workers' config); a change to their setup is refused.")
 @click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
-def sweep_finish_cmd(cache: Path, storage: str, study_name: str, out: Path, config_path: str, sets: Tuple[str, ...],
-                     no_winner: bool, overwrite: bool, no_progress: bool) -> None:
+def sweep_finish_cmd(cache: Optional[Path], storage: str, study_name: Optional[str], out: Path,
+                     config_path: Optional[str], sets: Tuple[str, ...], no_winner: bool, overwrite: bool,
+                     no_progress: bool) -> None:
     """Rank a shared study's trials, score the winner once on the held-out rows, train it for predict."""
     from stages.study import finish_study
 
-    cfg = load_config(config_path, _overrides([], sets))
-    done = finish_study(cache, cfg, storage, study_name, out, overwrite=overwrite, train_winner=not no_winner,
+    done = finish_study(storage, out, cache=cache, config=config_path, overrides=_overrides([], sets),
+                        study_name=study_name, overwrite=overwrite, train_winner=not no_winner,
                         progress=not no_progress)
     click.echo(f"{done.completed} configuration(s) ranked: {done.ranking_path}; winner {done.winner}")
     if done.model is not None:

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from cache import ids_sha256
-from pipeline.config import Config
+from pipeline.config import Config, dump_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import load_train_data
 from pipeline.fsutil import process_running
@@ -52,6 +52,8 @@ UNCLAIMED_S = 30.0
 #: Methods whose configurations are listed up front and enqueued (the rest name an Optuna sampler).
 LISTED = ("list", "grid", "random")
 SAMPLER_ALIASES = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler"}
+#: Seconds a worker waits for a busy SQLite study database before it fails.
+SQLITE_BUSY_S = 60.0
 RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+", "oracle://", "mssql")
 
 
@@ -66,16 +68,66 @@ def _optuna():
 
 def open_storage(url: str):
     """An Optuna storage: a database URL (sqlite:///study.db, postgresql://...) as RDB storage, anything else a
-    journal file on a shared file system (study.log, or journal:PATH)."""
+    journal file on a shared file system (study.log, or journal:PATH). Workers started at once (a SLURM array's
+    first tasks) open a fresh SQLite file one at a time (Optuna creates its tables on open: two at once race, 'table
+    studies already exists') and wait up to a minute for a busy database; a storage that cannot be opened is one
+    error naming it."""
     optuna = _optuna()
     if url.startswith(RDB_SCHEMES):
-        return optuna.storages.RDBStorage(url)
+        sqlite = url.startswith("sqlite:///")
+        kwargs = {"engine_kwargs": {"connect_args": {"timeout": SQLITE_BUSY_S}}} if sqlite else {}
+        try:
+            with _file_lock(Path(url[len("sqlite:///"):] + ".lock")) if sqlite else contextlib.nullcontext():
+                return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:  # SQLAlchemy's errors (a bad URL, a locked or unreachable database, ...)
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--study {url}: cannot open the storage ({detail})") from None
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(url[len("journal:"):] if url.startswith("journal:") else url).expanduser()
     if not path.parent.is_dir():
         raise ConfigError(f"--study {url}: the folder {path.parent} does not exist")
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on `path` (created), released on exit or when the process dies."""
+    import fcntl
+
+    if not path.parent.is_dir():
+        raise ConfigError(f"--study: the folder {path.parent} does not exist")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def setup_of(cfg: Config) -> Dict[str, str]:
+    """The settings a trial's result depends on (data, train and eval; not the device), flattened: every worker of
+    a study and its sweep-finish must share them."""
+    from pipeline.config import to_dict
+    from pipeline.tracking import flatten
+
+    flat = flatten({k: v for k, v in to_dict(cfg).items() if k in ("data", "train", "eval")})
+    flat.pop("train.device", None)
+    return flat
+
+
+def _same_setup(stored_yaml: str, cfg: Config, what: str, fix: str) -> None:
+    """Refuse `cfg` where its setup differs from the study's stored config, naming the keys."""
+    import yaml
+
+    from pipeline.config import config_from
+
+    theirs, ours = setup_of(config_from(yaml.safe_load(stored_yaml) or {}, what)), setup_of(cfg)
+    differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}: {theirs.get(k)} there, {ours.get(k)} here" for k in differ[:4])
+        raise ConfigError(f"{what} was run with other settings ({shown}{', ...' if len(differ) > 4 else ''}); "
+                          f"{fix}")
 
 
 def _sampler(spec: SweepSpec):
@@ -108,8 +160,9 @@ class Study:
 
 
 def open_study(storage_url: str, name: str, spec: SweepSpec, direction: int, held_out_ids: List[str],
-               wait_s: float = 120.0) -> Study:
-    """Create the study (and fix its split and queue) or load it; a loaded study's sweep must be this one."""
+               wait_s: float = 120.0, cfg: Optional[Config] = None, cache: Optional[Path] = None) -> Study:
+    """Create the study (and fix its split and queue, and store the creator's config and cache for sweep-finish)
+    or load it; a loaded study's sweep, and the settings its trials depend on, must be this worker's."""
     optuna = _optuna()
     storage = open_storage(storage_url)
     configs = configurations(spec) if spec.method in LISTED else []
@@ -119,6 +172,9 @@ def open_study(storage_url: str, name: str, spec: SweepSpec, direction: int, hel
                                     direction="maximize" if direction > 0 else "minimize")
         study.set_user_attr("sweep", sweep)
         study.set_user_attr("held_out_ids", held_out_ids)
+        if cfg is not None:
+            study.set_user_attr("config", dump_config(cfg))
+            study.set_user_attr("cache", str(Path(cache).resolve()) if cache is not None else "")
         for index, choice in enumerate(configs):
             study.enqueue_trial({"config": index}, user_attrs={"choice": json.dumps(choice)})
         study.set_user_attr("ready", True)
@@ -135,6 +191,9 @@ def open_study(storage_url: str, name: str, spec: SweepSpec, direction: int, hel
         if study.user_attrs.get("sweep") != sweep:
             raise ConfigError(f"study {name} in {storage_url} was created from another sweep spec; use that spec "
                               "or another --study-name") from None
+        if cfg is not None and study.user_attrs.get("config"):
+            _same_setup(study.user_attrs["config"], cfg, f"study {name} in {storage_url}",
+                        "give every worker the same --config and --set, or another --study-name")
     return Study(study, spec, list(study.user_attrs["held_out_ids"]), configs)
 
 
@@ -277,7 +336,7 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     direction = rank_direction(data, cfg, spec.rank_by, str(sweep_path))
     ids = data.table["id"].astype(str).to_numpy()
     proposed = sorted(ids[development_split(data, cfg, spec)[1]])  # the held-out ids, if this worker creates it
-    shared = open_study(storage_url, name, spec, direction, proposed)
+    shared = open_study(storage_url, name, spec, direction, proposed, cfg=cfg, cache=cache)
     dev_rows, test_rows = split_rows(data, shared.held_out, storage_url)
     seen = ids_sha256(sorted(ids[dev_rows]))
     every = config_variants(cfg, shared.configs) if shared.configs else [cfg]
@@ -330,21 +389,43 @@ class FinishSummary:
     model: Optional[Path]
 
 
-def finish_study(cache: Path, cfg: Config, storage_url: str, study_name: str, out: Path, *, overwrite: bool = False,
-                 train_winner: bool = True, progress: bool = True) -> FinishSummary:
+def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, config: Optional[str] = None,
+                 overrides: Optional[Dict[str, Any]] = None, study_name: Optional[str] = None,
+                 overwrite: bool = False, train_winner: bool = True, progress: bool = True) -> FinishSummary:
     """Rank the study's completed trials (a configuration counted once: its first completed trial), retrain the
     winner on the development rows for its validated epochs and score the held-out rows once; write the sweep's
     outputs (ranking.csv, winner.json, winner.yaml) and, with `train_winner`, the winner trained by train-heads on
-    every image into OUT/winner (what predict --model OUT uses)."""
-    from pipeline.config import build
+    every image into OUT/winner (what predict --model OUT uses). The cache, the config and the study's name default
+    to the workers' (stored in the study; the name where the storage holds one study); `config` (a YAML file) or
+    `overrides` (on the workers' config) that change a setting the trials depend on are refused, so the test
+    scores always belong to the ranked setup."""
+    import yaml
+
+    from pipeline.config import build, config_from, load_config
     from stages.sweep import rank, score_winner, winner_epochs, write_sweep
 
     optuna = _optuna()
     storage = open_storage(storage_url)
+    if study_name is None:
+        names = optuna.get_all_study_names(storage)
+        if len(names) != 1:
+            raise ConfigError(f"{storage_url} holds {len(names)} studies ({', '.join(names) or 'none'}); name one "
+                              "with --study-name")
+        study_name = names[0]
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise ConfigError(f"no study '{study_name}' in {storage_url}") from None
+    stored = study.user_attrs.get("config")
+    where = f"study {study_name} in {storage_url}"
+    if config is None and not stored:
+        raise ConfigError(f"{where} holds no config (its workers predate that): pass their --config and --set")
+    cfg = load_config(config, overrides) if config else config_from(yaml.safe_load(stored) or {}, where, overrides)
+    if stored:
+        _same_setup(stored, cfg, where, "leave out --config and --set to finish with the workers' own settings")
+    cache = cache or (Path(study.user_attrs["cache"]) if study.user_attrs.get("cache") else None)
+    if cache is None:
+        raise ConfigError(f"{where} does not name its cache: pass the workers' --cache")
     spec = build(SweepSpec, study.user_attrs["sweep"], f"study {study_name}")
     data = load_train_data(cache, cfg)
     direction = rank_direction(data, cfg, spec.rank_by, f"study {study_name}")

@@ -114,8 +114,14 @@ def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(s
     assert {t.user_attrs["development_ids_sha256"] for t in complete} == {expected}
 
     runner = CliRunner()
-    finish = runner.invoke(main, ["sweep-finish", "--cache", str(tiny_cache), "--study", str(storage), "--study-name",
-                                  "sweep", "--out", str(tmp_path / "finished"), *COMMON])
+    # the command the workers print: the study holds their cache and settings
+    assert f"resmtnet sweep-finish --study {storage} --study-name sweep --out OUT" in workers[1].stdout.read()
+    contradicting = runner.invoke(main, ["sweep-finish", "--study", str(storage), "--out", str(tmp_path / "other"),
+                                         "--set", "train.tasks=[state]"])
+    assert contradicting.exit_code == 1 and not (tmp_path / "other").exists()
+    assert "was run with other settings (train.tasks: ['state', 'presence'] there, ['state'] here)" in \
+        contradicting.output
+    finish = runner.invoke(main, ["sweep-finish", "--study", str(storage), "--out", str(tmp_path / "finished")])
     assert finish.exit_code == 0, finish.output
     alone = runner.invoke(main, ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--out",
                                  str(tmp_path / "in-process"), *COMMON])
@@ -243,3 +249,35 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_w
     trials = _trials(storage, "orphan")
     assert sorted(t.params["config"] for t in trials if t.state.name == "COMPLETE") == [0, 1]
     assert next(t for t in trials if t.number == orphan.number).state.name == "FAIL"
+
+
+@pytest.mark.slow
+def test_four_workers_started_together_on_a_fresh_sqlite_file_all_finish(tiny_cache, tmp_path):
+    """A SLURM array's first tasks: Optuna creates its tables when a storage opens, and two at once raced
+    ('table studies already exists'); the storage is now opened under a lock, with a busy timeout."""
+    sweep = tmp_path / "four.yaml"
+    sweep.write_text("method: grid\nseed: 0\nrank_by: state.accuracy\nfolds: 2\ntest_fraction: 0.25\n"
+                     "params:\n  train.hidden: [8, 16, 24, 32]\n")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    workers = []
+    try:
+        workers = [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set", "train.epochs=3") for _ in range(4)]
+        for worker in workers:
+            assert worker.wait(timeout=240) == 0, worker.stdout.read()
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert sorted(t.params["config"] for t in _trials(storage, "four") if t.state.name == "COMPLETE") == [0, 1, 2, 3]
+
+
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_it(tiny_cache, tmp_path):
+    bad = f"sqlite:///{tmp_path / 'not-a-db.db'}"
+    (tmp_path / "not-a-db.db").write_text("this is not a database\n" * 100)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(SWEEP)
+    result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--study",
+                                       bad, "--no-progress", *COMMON])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: --study {bad}: cannot open the storage (" in result.output
