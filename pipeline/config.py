@@ -68,6 +68,7 @@ class DataConfig:
     labels: Optional[str] = None  # label maps; None = configs/labels.yaml
     views: List[str] = field(default_factory=list)  # stage two keeps only these views (a 'view' column); [] = all
     uncertain: str = "ignore"  # multilabel: an uncertain finding (-1, CheXpert): ignore (masked) | ones | zeros
+    blank: str = "auto"  # multilabel: a blank finding cell: negative | missing | auto (negative on CheXpert, MIMIC)
 
 
 @dataclass
@@ -367,6 +368,7 @@ def parse_set_options(items: typing.Iterable[str]) -> Dict[str, Any]:
 CHOICES: Dict[str, tuple] = {
     "eval.protocol": ("kfold", "holdout", "official", "insample", "contaminated"),
     "data.uncertain": ("ignore", "ones", "zeros"),
+    "data.blank": ("auto", "negative", "missing"),
     "eval.control": ("none", "noise"),
     "eval.size_norm": ("grid", "range"),
     "tables.f1": ("f1_weighted", "f1_macro"),

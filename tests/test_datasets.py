@@ -244,6 +244,39 @@ def test_uncertain_labels_follow_the_policy(policy, expected):
     assert task.impl.labelled(y).tolist() == [True, True, policy != "ignore"]
 
 
+@pytest.mark.parametrize("uncertain", ["ignore", "ones"])
+def test_blank_cells_are_negative_or_missing_apart_from_the_uncertain_policy(uncertain):
+    table = pd.DataFrame({"A": [1.0, -1.0, np.nan], "B": [np.nan, 0.0, -1.0]})
+    for blank, filled in (("missing", np.nan), ("negative", 0.0)):
+        task = _task(uncertain=uncertain, blank=blank)
+        y = task.impl.encode(task, task.impl.values(task, table), None)
+        expected_uncertain = np.nan if uncertain == "ignore" else 1.0
+        assert np.array_equal(y, [[1.0, filled], [expected_uncertain, 0.0], [filled, expected_uncertain]],
+                              equal_nan=True)
+
+
+def test_chexpert_and_mimic_read_blanks_as_negatives_by_default(tmp_path):
+    """Irvin et al.'s U-Ones / U-Zeros (which the README cites) read a blank as a negative: data.blank auto does so
+    on CheXpert and MIMIC-CXR; `missing` masks them; NIH has no blank cells."""
+    from stages.extract import extract_features
+    from pipeline.evaluation.engine import load_train_data
+    from tests.helpers import tiny_config, tiny_train_config
+
+    root = write_layout("chexpert", tmp_path / "x", patients=4, per_patient=3, size=32)
+    extract_features(root, tmp_path / "c.h5", tiny_config(**{"extract.backbones": [TINY[1]], "extract.image_size": 32,
+                                                             "extract.fused": {}}), progress=False)
+    blanks = pd.read_csv(root / "train.csv")[list(CHEXPERT_FINDINGS)].isna().to_numpy().sum() + \
+        pd.read_csv(root / "valid.csv")[list(CHEXPERT_FINDINGS)].isna().to_numpy().sum()
+    unlabelled = {}
+    for blank in ("auto", "negative", "missing"):
+        cfg = tiny_train_config(**{"train.features": [TINY[1]], "train.tasks": ["findings"], "data.blank": blank})
+        unlabelled[blank] = int(np.isnan(load_train_data(tmp_path / "c.h5", cfg).targets["findings"]).sum())
+    uncertain = int((pd.read_csv(root / "train.csv")[list(CHEXPERT_FINDINGS)] == -1).to_numpy().sum() +
+                    (pd.read_csv(root / "valid.csv")[list(CHEXPERT_FINDINGS)] == -1).to_numpy().sum())
+    assert blanks > 0 and unlabelled["auto"] == unlabelled["negative"] == uncertain  # U-Ignore masks -1 alone
+    assert unlabelled["missing"] == uncertain + blanks
+
+
 def test_a_pipe_separated_column_and_bad_values():
     task = _task(column="findings")
     y = task.impl.encode(task, pd.Series(["A|B", "", "B", None]), None)

@@ -459,12 +459,15 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
 def _register() -> None:
     from pipeline.data.table import Layout, _file_named, register_layout
 
-    for name, detect, load, marker, findings in (
-            ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS),
-            ("chexpert", _chexpert_marker, load_chexpert, "train.csv / valid.csv", CHEXPERT_FINDINGS),
-            ("mimic", _mimic_marker, load_mimic, f"{MIMIC_PREFIX}metadata.csv(.gz)", CHEXPERT_FINDINGS),
-            ("vindr", _vindr_marker, load_vindr, "annotations_train.csv / image_labels_train.csv", VINDR_FINDINGS)):
-        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings)))
+    # CheXpert's labeller (and MIMIC-CXR's CheXpert labels) leave a finding the report does not mention blank:
+    # Irvin et al.'s U-Ones / U-Zeros read those as negatives
+    for name, detect, load, marker, findings, blank in (
+            ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS, "missing"),
+            ("chexpert", _chexpert_marker, load_chexpert, "train.csv / valid.csv", CHEXPERT_FINDINGS, "negative"),
+            ("mimic", _mimic_marker, load_mimic, f"{MIMIC_PREFIX}metadata.csv(.gz)", CHEXPERT_FINDINGS, "negative"),
+            ("vindr", _vindr_marker, load_vindr, "annotations_train.csv / image_labels_train.csv", VINDR_FINDINGS,
+             "missing")):
+        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), blank))
 
 
 _register()

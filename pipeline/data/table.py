@@ -447,7 +447,9 @@ class Layout:
 
     `detect(path)` gets the folder (or a CSV file) the user named and returns the metadata file that marks the
     layout (`marker` names it, for errors), or None; `load(source, maps, check_images, skip_bad)` returns the
-    table. `findings` are the label columns of the layout's multi-label task `findings` (train.tasks: [findings]).
+    table. `findings` are the label columns of the layout's multi-label task `findings` (train.tasks: [findings]);
+    `blank` what a blank finding cell means under data.blank: auto ('negative' where the data set's labeller leaves
+    unmentioned findings blank, as CheXpert's; 'missing' where a blank says nothing).
     """
 
     name: str
@@ -455,6 +457,7 @@ class Layout:
     load: Callable[[Source, LabelMaps, bool, bool], pd.DataFrame]
     marker: str
     findings: Tuple[str, ...] = ()
+    blank: str = "missing"
 
 
 #: Layouts in detection order (the first whose marker file is found wins).
@@ -466,6 +469,12 @@ def register_layout(layout: Layout) -> Layout:
         raise ValueError(f"layout '{layout.name}' is registered twice")
     LAYOUTS[layout.name] = layout
     return layout
+
+
+def blank_meaning(layout: str, policy: str) -> str:
+    """What a blank finding cell is (data.blank): the policy, or with 'auto' the layout's convention."""
+    entry = LAYOUTS.get(layout)
+    return policy if policy != "auto" else entry.blank if entry is not None else "missing"
 
 
 def task_groups(layout: str) -> Dict[str, Tuple[str, ...]]:

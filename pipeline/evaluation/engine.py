@@ -22,7 +22,7 @@ from cache import FeatureCache
 from pipeline import __version__
 from pipeline.config import CHOICES, Config
 from pipeline.data.labels import load_label_maps
-from pipeline.data.table import task_groups
+from pipeline.data.table import blank_meaning, task_groups
 from pipeline.errors import ConfigError
 from pipeline.evaluation.evaluate import OutOfFold, SplitName, control_features, make_splits
 from pipeline.heads.plugin import TaskPredictions, enabled_heads, head_families
@@ -124,7 +124,8 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         heads = {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)}
     groups = {**task_groups(str(attrs.get("data_layout", ""))), **tcfg.task_groups}
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
-                          where=f"cache {cache_path}", groups=groups, uncertain=cfg.data.uncertain)
+                          where=f"cache {cache_path}", groups=groups, uncertain=cfg.data.uncertain,
+                          blank=blank_meaning(str(attrs.get("data_layout", "")), cfg.data.blank))
     targets = encode_targets(table, tasks)
     rows = np.flatnonzero(~bad & finite_rows(features))
     if len(rows) < len(table):

@@ -52,6 +52,7 @@ class TaskSpec:
     # y), size (as eval.size_norm says: the paper's size), range (the labels' range in the data set)
     norm: str = "range"
     uncertain: str = "ignore"  # multilabel: CheXpert's uncertain label (-1) is ignored (masked), ones or zeros
+    blank: str = "missing"  # multilabel: a blank finding cell is missing (masked) or negative (CheXpert's reading)
 
     @property
     def impl(self) -> "Kind":
@@ -394,6 +395,7 @@ class Multilabel(Kind):
                         out[row, index[name.strip()]] = 1.0
             return out
         out = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+        blank = np.isnan(out)  # nothing said (a bad cell is caught below)
         cells = values.to_numpy()
         text = np.isnan(out) & ~np.array([[_missing(v) for v in row] for row in cells], dtype=bool).reshape(out.shape)
         bad = text | (~np.isnan(out) & ~np.isin(out, [0.0, 1.0, UNCERTAIN_VALUE]))
@@ -405,6 +407,8 @@ class Multilabel(Kind):
             raise ConfigError(f"task '{task.name}': uncertain policy '{task.uncertain}' must be one of "
                               f"{', '.join(UNCERTAIN)}")
         out[out == UNCERTAIN_VALUE] = UNCERTAIN[task.uncertain]
+        if task.blank == "negative":
+            out[blank] = 0.0
         return out
 
     def labelled(self, target):
@@ -531,7 +535,8 @@ def infer_kind(values: pd.Series) -> Tuple[str, Tuple[str, ...]]:
 
 def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, non_nodule: str = "mask",
                   kinds: Optional[Mapping[str, str]] = None, where: str = "the data",
-                  groups: Optional[Mapping[str, Sequence[str]]] = None, uncertain: str = "ignore") -> List[TaskSpec]:
+                  groups: Optional[Mapping[str, Sequence[str]]] = None, uncertain: str = "ignore",
+                  blank: str = "missing") -> List[TaskSpec]:
     """The TaskSpecs of `names`: built-in tasks as defined, a name of `groups` as a multilabel task over those
     finding columns (a layout's `findings`, train.task_groups), any other label column by its inferred kind
     (or train.task_kinds: 'multilabel' reads a column of '|'-separated names).
@@ -555,7 +560,7 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
         if name in groups:
             present = tuple(c for c in groups[name] if c in table and len(_known(table[c])))
             if present:
-                tasks.append(TaskSpec(name, "multilabel", "", present, uncertain=uncertain))
+                tasks.append(TaskSpec(name, "multilabel", "", present, uncertain=uncertain, blank=blank))
             else:
                 missing.append(f"{name} (finding columns {', '.join(groups[name])})")
             continue
@@ -567,7 +572,7 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
         if kinds.get(name) == "multilabel":
             classes = tuple(sorted({part.strip() for v in _known(table[column])
                                     for part in str(v).split(MULTILABEL_SEPARATOR) if part.strip()}))
-            spec = TaskSpec(name, "multilabel", column, classes, uncertain=uncertain)
+            spec = TaskSpec(name, "multilabel", column, classes, uncertain=uncertain, blank=blank)
         elif spec is None or (name in kinds and kinds[name] != spec.kind):
             kind, classes = infer_kind(table[column])
             if name in kinds and kinds[name] != kind:
