@@ -475,3 +475,49 @@ def test_a_small_split_trains_the_same_alone_or_stacked_with_larger_ones(tiny_ca
     alone = train_jobs(family, [Job(one, len(splits))])
     np.testing.assert_allclose(stacked[1].outputs, alone[0].outputs, rtol=1e-5, atol=1e-6)
     assert stacked[1].best_epoch == alone[0].best_epoch
+
+
+def test_gradnorm_balances_the_last_residual_block_alone():
+    """With several residual blocks stacked in one tensor, GradNorm's 'last shared layer' is the last block's output
+    layer, not every block's weights together."""
+    import torch
+
+    from pipeline.config import OptimConfig
+    from pipeline.heads.model import PooledFamily, ResMTNet
+    from pipeline.heads.weighting import GradNorm
+
+    model = ResMTNet(in_dim=6, hidden=5, blocks=3, out_dim=2, seeds=[0, 1])
+    x = torch.randn(2, 8, 6)
+    out = model(x)
+    per_task = torch.stack([out[..., 0].pow(2).mean(dim=1), (out[..., 1] - 1).pow(2).mean(dim=1)], dim=1)
+    shared = PooledFamily.shared_parameter(None, model)
+    weighting = GradNorm(torch.ones(2, 2), OptimConfig(loss_weighting="gradnorm"))
+    weighting(per_task, shared)
+    for k in range(2):
+        (g,) = torch.autograd.grad(per_task[:, k].sum(), model.w_b, retain_graph=True)
+        torch.testing.assert_close(weighting.last_norms[:, k], g[:, -1].reshape(2, -1).norm(dim=1))
+        assert not torch.allclose(weighting.last_norms[:, k], g.reshape(2, -1).norm(dim=1))  # not every block's
+
+
+def test_uncertainty_weights_flag_an_unconverged_weight_and_an_optimum_past_the_bound():
+    """JSRT's sex and age: Kendall's weights stood at 2.6 and 1.96 when early stopping ended training, against
+    optima of 11 and 5 at their losses (the sex optimum past the bound of 10.04), and nothing said so."""
+    import torch
+
+    from pipeline.config import OptimConfig
+    from pipeline.heads.weighting import Uncertainty
+
+    w = Uncertainty(torch.ones(1, 3), OptimConfig(loss_weighting="uncertainty", uncertainty_min_log_var=-3.0))
+    losses = torch.tensor([[0.045, 0.1, 1.0]])  # optima 0.5 / L: 11.1 (past 0.5 e^3 = 10.04), 5, 0.5
+    with torch.no_grad():
+        w.log_vars.copy_(torch.log(0.5 / torch.tensor([[2.6, 1.96, 0.55]])))  # weights 2.6, 1.96, 0.55
+    w.end_epoch(losses)
+    torch.testing.assert_close(w.optimum(), torch.log(losses))
+    assert w.unconverged().tolist() == [[True, True, False]]  # 0.55 is within 1.5x of 0.5
+    assert w.at_bound().tolist() == [[True, False, False]]  # not held at the floor, but its optimum lies past it
+    log1p = Uncertainty(torch.ones(1, 1), OptimConfig(loss_weighting="uncertainty", uncertainty_regulariser="log1p"))
+    log1p.end_epoch(torch.tensor([[0.3]]))
+    s = log1p.optimum().requires_grad_()
+    objective = 0.5 * torch.exp(-s) * 0.3 + torch.nn.functional.softplus(s)
+    (grad,) = torch.autograd.grad(objective.sum(), s)
+    assert abs(float(grad)) < 1e-5  # the stated optimum is the objective's stationary point

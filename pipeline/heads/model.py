@@ -281,8 +281,9 @@ class PooledFamily:
     def export(self, model: ResMTNet, m: int) -> Dict[str, torch.Tensor]:
         return model.member_state(m)
 
-    def shared_parameter(self, model: ResMTNet) -> torch.Tensor:
-        return model.w_b if model.blocks else model.w_in  # the last residual block's output layer
+    def shared_parameter(self, model: ResMTNet):
+        # the last residual block's output layer: w_b stacks every block's, so name its last block's part
+        return (model.w_b, (slice(None), -1)) if model.blocks else model.w_in
 
 
 def task_losses(out: torch.Tensor, batch: Batch, targets: Dict[str, torch.Tensor], layout: Layout,

@@ -77,9 +77,16 @@ class ResMTNetOutcome:
         return {t.name: float(w) for t, w in zip(self.tasks, weights)}
 
     def weights_at_bound(self) -> List[str]:
-        """Tasks whose loss weight sat at its weighting's bound in any split (it says less than it seems)."""
+        """Tasks whose loss weight sat at (or its optimum beyond) its weighting's bound in any split."""
+        return self._flagged("weights_at_bound")
+
+    def weights_unconverged(self) -> List[str]:
+        """Tasks whose learnt loss weight was still far from its optimum when training stopped, in any split."""
+        return self._flagged("weights_unconverged")
+
+    def _flagged(self, field_name: str) -> List[str]:
         return [t.name for k, t in enumerate(self.tasks)
-                if any(k < len(r.weights_at_bound) and r.weights_at_bound[k] for r in self.results)]
+                if any(k < len(getattr(r, field_name)) and getattr(r, field_name)[k] for r in self.results)]
 
 
 def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitName], norms: Dict[str, np.ndarray],
@@ -271,10 +278,15 @@ class ResMTNetPlugin(HeadPlugin):
         outcome = ResMTNetOutcome(results, list(data.tasks), oof, per_split, timings=timings)
         bound = outcome.weights_at_bound()
         if bound:
-            logger.warning("%s weighting: the weight of %s sat at its bound in some split (a weight of at most "
-                           "lambda * %.3g); lower train.uncertainty_min_log_var to let it rise further",
-                           cfg.train.loss_weighting, ", ".join(bound),
+            logger.warning("%s weighting: the weight of %s sat at (or its optimum beyond) its bound in some split "
+                           "(a weight of at most lambda * %.3g); lower train.uncertainty_min_log_var to let it rise "
+                           "further", cfg.train.loss_weighting, ", ".join(bound),
                            0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
+        far = outcome.weights_unconverged()
+        if far:
+            logger.warning("%s weighting: the weight of %s was still over 1.5x from its optimum when training "
+                           "stopped (the weights are unconverged); raise train.weighting_lr or the patience",
+                           cfg.train.loss_weighting, ", ".join(far))
         clock = time.perf_counter()
         norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
         bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
@@ -389,14 +401,15 @@ class ResMTNetPlugin(HeadPlugin):
                     f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
                     if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
         weights = outcome.loss_weights()
-        bound = outcome.weights_at_bound()
+        bound, far = outcome.weights_at_bound(), outcome.weights_unconverged()
         reports = outcome.reports
         models = list(reports)
         lines = [
             f"Head: hidden {t.hidden}, {t.blocks} residual block(s), dropout {t.dropout}, label smoothing "
             f"{t.label_smoothing}, Adam lr {t.lr}, batch {t.batch_size}; {stopping}. Loss weighting "
             f"{t.loss_weighting}: " + ", ".join(f"{k} {v:.3g}" for k, v in weights.items())
-            + (f" (at the scheme's bound: {', '.join(bound)})" if bound else "") + ".", "",
+            + (f" (at the scheme's bound: {', '.join(bound)})" if bound else "")
+            + (f" (unconverged, still over 1.5x from their optimum: {', '.join(far)})" if far else "") + ".", "",
             "| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
         for task in data.tasks:
             detail = {f"{prefix}{c}" for prefix in task.impl.per_class for c in task.classes}
@@ -434,6 +447,7 @@ class ResMTNetPlugin(HeadPlugin):
         return {"meta": {"best_epochs": outcome.best_epochs, "timings": outcome.timings,
                          "refit_epochs": outcome.refit_epochs},
                 "loss_weights": outcome.loss_weights(), "loss_weights_at_bound": outcome.weights_at_bound(),
+                "loss_weights_unconverged": outcome.weights_unconverged(),
                 "models": outcome.reports, **({"label_efficiency": outcome.efficiency} if outcome.efficiency else {})}
 
     def curves(self, outcome: ResMTNetOutcome) -> Dict[str, List[float]]:

@@ -57,6 +57,7 @@ class JobResult:
     best_epoch: int  # 0-based epoch of the kept state (the last one without early stopping)
     loss_weights: List[float]  # the final multiplier of each task loss
     weights_at_bound: List[bool] = field(default_factory=list)  # a weight held at its scheme's bound
+    weights_unconverged: List[bool] = field(default_factory=list)  # a learnt weight still far from its optimum
     state: Optional[Dict[str, torch.Tensor]] = None
 
 
@@ -91,8 +92,9 @@ class HeadFamily(Protocol):
 
     def export(self, model: nn.Module, m: int) -> Dict[str, torch.Tensor]: ...
 
-    def shared_parameter(self, model: nn.Module) -> torch.Tensor:
-        """The last parameter every task shares (members on axis 0), for weightings that balance gradients."""
+    def shared_parameter(self, model: nn.Module):
+        """The last parameter every task shares (members on axis 0), for weightings that balance gradients; or
+        (parameter, index) where only a part of it is that layer (several blocks stacked in one tensor)."""
 
     def to(self, device: torch.device) -> None: ...
 
@@ -167,6 +169,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     best = {k: v.detach().clone() for k, v in model.state_dict().items()} if stopping else None
     best_weights = weighting.weights().detach().clone()
     best_bound = weighting.at_bound().detach().cpu().clone()
+    best_far = weighting.unconverged().detach().cpu().clone()
     best_loss = torch.full((members,), math.inf, device=device)
     best_epoch = torch.full((members,), cfg.epochs - 1, dtype=torch.long, device=device)
     since_best = torch.zeros(members, dtype=torch.long, device=device)
@@ -194,7 +197,9 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             loss.sum().backward()  # members are independent: the sum's gradient is each member's own
             optimiser.step()
             weighting.after_step()
-            epoch_loss += loss.detach() / n_steps
+            # the curve's training loss is the quantity the validation loss is: the configured lambdas' weighted
+            # sum of the task losses (a learnt weighting's own objective, which can go negative, is not)
+            epoch_loss += (lambdas.to(device) * per_task.detach()).sum(dim=1) / n_steps
             epoch_tasks = epoch_tasks + per_task.detach() / n_steps
         weighting.end_epoch(epoch_tasks)
         history["train_loss"].append(epoch_loss.tolist())
@@ -215,6 +220,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
                 _copy_members(best[name], value, improved, members)
             best_weights[improved.cpu()] = weighting.weights().detach()[improved.cpu()].cpu()
             best_bound[improved.cpu()] = weighting.at_bound().detach()[improved.cpu()].cpu()
+            best_far[improved.cpu()] = weighting.unconverged().detach()[improved.cpu()].cpu()
         if progress is not None:
             progress(members)
         if stopping and bool((since_best >= cfg.early_stopping).all()):
@@ -224,6 +230,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     else:
         best_weights = weighting.weights().detach().cpu()
         best_bound = weighting.at_bound().detach().cpu()
+        best_far = weighting.unconverged().detach().cpu()
 
     model.eval()
     with torch.no_grad():
@@ -234,6 +241,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
         results.append(JobResult(outputs=outputs[m].numpy(), history=hist, best_epoch=int(best_epoch[m]),
                                  loss_weights=[float(w) for w in best_weights[m]],
                                  weights_at_bound=[bool(b) for b in best_bound[m]],
+                                 weights_unconverged=[bool(b) for b in best_far[m]],
                                  state=family.export(model, m) if keep_state else None))
     return results
 

@@ -38,6 +38,10 @@ class Weighting(nn.Module):
         """(M, T) whether a task's weight is held at a bound of the scheme (so it says less than it seems)."""
         return torch.zeros_like(self.lambdas, dtype=torch.bool)
 
+    def unconverged(self) -> torch.Tensor:
+        """(M, T) whether a learnt weight is still far (over 1.5x) from the optimum the last epoch's losses set."""
+        return torch.zeros_like(self.lambdas, dtype=torch.bool)
+
     def after_step(self) -> None:
         """Called after every optimiser step."""
 
@@ -52,8 +56,10 @@ class Uncertainty(Weighting):
     positive). The optimum weight 0.5 exp(-s_k) is 0.5 / L_k for 'kendall' (2.5 for a loss of 0.2): tasks can be
     up-weighted as well as down-weighted. s_k is kept >= train.uncertainty_min_log_var (projected after each
     step) so that a task being memorised (L_k -> 0) cannot drive its weight, and with 'kendall' the total loss,
-    without bound; a weight is therefore at most lambda_k * 0.5 exp(-min_log_var), and tasks held there are
-    reported (`at_bound`).
+    without bound; a weight is therefore at most lambda_k * 0.5 exp(-min_log_var), and tasks held there, or whose
+    optimum at the last epoch's loss lies beyond it, are reported (`at_bound`). s_k moves by about
+    train.weighting_lr per step, so early stopping can end training before it reaches its optimum: `unconverged`
+    says so.
     """
 
     name = "uncertainty"
@@ -63,6 +69,7 @@ class Uncertainty(Weighting):
         self.floor = float(getattr(cfg, "uncertainty_min_log_var", -3.0))
         self.regulariser = str(getattr(cfg, "uncertainty_regulariser", "kendall"))
         self.log_vars = nn.Parameter(torch.zeros_like(lambdas))
+        self.register_buffer("recent", torch.full_like(lambdas, float("nan")))  # the last epoch's mean losses
 
     def forward(self, per_task: torch.Tensor, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = self.log_vars
@@ -72,12 +79,29 @@ class Uncertainty(Weighting):
     def weights(self) -> torch.Tensor:
         return self.lambdas * 0.5 * torch.exp(-self.log_vars.detach())
 
+    def optimum(self) -> torch.Tensor:
+        """(M, T) the log-variance s_k that minimises the objective at the last epoch's loss L_k: log L_k
+        ('kendall'); for 'log1p', exp(-s) = (sqrt(L^2 / 4 + 2 L) - L / 2) / L. NaN before an epoch or without loss."""
+        loss = self.recent.clamp_min(1e-12)
+        if self.regulariser == "log1p":
+            return -torch.log((torch.sqrt(loss ** 2 / 4 + 2 * loss) - loss / 2) / loss)
+        return torch.log(loss)
+
     def at_bound(self) -> torch.Tensor:
-        return self.log_vars.detach() <= self.floor + 1e-4
+        s = self.log_vars.detach()
+        return (s <= self.floor + 1e-4) | (self.optimum() < self.floor)  # held there, or would be
+
+    def unconverged(self) -> torch.Tensor:
+        gap = (self.log_vars.detach() - self.optimum().clamp_min(self.floor)).abs()
+        return gap > torch.log(torch.tensor(1.5))
 
     @torch.no_grad()
     def after_step(self) -> None:
         self.log_vars.clamp_(min=self.floor)
+
+    @torch.no_grad()
+    def end_epoch(self, mean_losses: torch.Tensor) -> None:
+        self.recent.copy_(mean_losses)
 
 
 class DynamicWeightAverage(Weighting):
@@ -132,10 +156,14 @@ class GradNorm(Weighting):
         m, t = per_task.shape
         with torch.no_grad():
             self.initial.copy_(torch.where(torch.isnan(self.initial), per_task.detach(), self.initial))
+        # `shared` is the parameter, or (parameter, index of the last shared layer's part of it): a head whose
+        # residual blocks are stacked in one tensor names the last block alone
+        param, part = shared if isinstance(shared, tuple) else (shared, ...)
         norms = []
         for k in range(t):
-            (g,) = torch.autograd.grad(per_task[:, k].sum(), shared, retain_graph=True, allow_unused=True)
-            norms.append(torch.zeros(m, device=per_task.device) if g is None else g.reshape(m, -1).norm(dim=1))
+            (g,) = torch.autograd.grad(per_task[:, k].sum(), param, retain_graph=True, allow_unused=True)
+            norms.append(torch.zeros(m, device=per_task.device) if g is None else g[part].reshape(m, -1).norm(dim=1))
+        self.last_norms = torch.stack(norms, dim=1).detach()  # (M, T), the balanced quantity (diagnostics)
         grad_norm = self.w * torch.stack(norms, dim=1)  # (M, T); differentiable in w only
         with torch.no_grad():
             relative = torch.where(self.initial > 1e-12, per_task / self.initial.clamp_min(1e-12),
