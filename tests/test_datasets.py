@@ -277,6 +277,14 @@ def test_chexpert_and_mimic_read_blanks_as_negatives_by_default(tmp_path):
     assert unlabelled["missing"] == uncertain + blanks
 
 
+def test_a_finding_without_a_negative_has_no_ap_and_stays_out_of_the_macro():
+    y = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0], [0.0, np.nan]])
+    p = np.array([[0.9, 0.2], [0.1, 0.3], [0.6, 0.8], [0.4, 0.5]])
+    res = _task().impl.evaluate(_task(), y, p, None, None)
+    assert np.isnan(res["ap_B"]) and np.isnan(res["auc_B"])  # AP would be 1 whatever the scores
+    assert res["ap_macro"] == res["ap_A"] == 1.0
+
+
 def test_a_pipe_separated_column_and_bad_values():
     task = _task(column="findings")
     y = task.impl.encode(task, pd.Series(["A|B", "", "B", None]), None)
@@ -396,7 +404,11 @@ def test_the_official_protocol_scores_the_test_list_once(nih_cache, tmp_path):
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str})
     for seed, part in predictions.groupby("seed"):
         assert set(part["id"]) == test_ids and part["id"].is_unique
-    assert "Protocol: official" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Protocol: official" in report
+    assert f"labelled images and positives among the {len(test_ids)} scored images" in report
+    for line in (ln for ln in report.splitlines() if ln.startswith("| Nodule | ")):
+        assert int(line.split("|")[2]) <= len(test_ids)  # counted over the scored test list, not all 36 images
 
 
 def test_sweeps_and_studies_hold_out_the_official_test_list(nih_cache, tmp_path):

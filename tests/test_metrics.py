@@ -110,7 +110,7 @@ def test_patient_bootstrap_covers_the_true_auroc_with_correlated_images():
         everything = np.ones(len(y), dtype=bool)
         for kind, groups in (("images", None), ("patients", patient)):
             entry = summarise_metrics(lambda sel, w: {"auc": roc_auc(y[sel], score[sel], w)},
-                                      np.zeros(len(y), dtype=int), 1, everything, 300, run, lambda sel: len(y),
+                                      np.zeros(len(y), dtype=int), 1, everything, 300, run, lambda sel, metric: len(y),
                                       groups)["auc"]
             covered[kind] += entry["ci95"][0] <= truth <= entry["ci95"][1]
     assert covered["images"] / runs < 0.85

@@ -304,6 +304,15 @@ def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_pa
     assert "null" in text  # the undefined values (a constant baseline's spread, say) are null
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["models"] == b["models"]  # same seed, same metrics to the last digit (CPU)
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert f"best epochs {a['meta']['best_epochs']}" in report  # counted from 1 in both
+    from cache import FeatureCache
+
+    with FeatureCache(tiny_cache) as cache:
+        states = cache.labels()["state"]
+    pair = a["models"]["res-mtnet"]["overall"]["state"]["auc_malignancy"]
+    assert pair["n"] == int(states.isin(["malignant", "benign"]).sum()) < a["models"]["res-mtnet"]["overall"][
+        "state"]["accuracy"]["n"]  # the malignant-vs-benign AUC counts its own rows
     assert set(a["models"]) == {"res-mtnet", "linear", "majority"}
     state = a["models"]["res-mtnet"]["overall"]["state"]["accuracy"]
     assert len(state["folds"]) == 3 and len(state["ci95"]) == 2 and 0 <= state["fold_mean"] <= 1

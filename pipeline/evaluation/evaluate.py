@@ -346,15 +346,16 @@ class OutOfFold:
 
 def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
                       split: np.ndarray, n_splits: int, pooled: np.ndarray, bootstrap: int, seed: int,
-                      count: Callable[[np.ndarray], int], groups: Optional[np.ndarray] = None
+                      count: Callable[[np.ndarray, str], int], groups: Optional[np.ndarray] = None
                       ) -> Dict[str, Dict[str, object]]:
     """metric -> {pooled, ci95, n, folds, fold_mean, fold_std}: the headline is the value on the `pooled` entries
     (the first seed's out-of-fold predictions) with its percentile bootstrap CI; the per-split values and
     their mean ± std describe the spread over splits (they are not the estimate the CI belongs to).
 
     metrics_of(selection, weights) scores the selected entries (weights (R, n_selected) for resamples);
-    count(selection) is the number of entries a metric is computed on; `groups` (one per entry: the patient, as
-    split_groups gives it) makes the bootstrap resample patients, not images. Every model and head uses this one.
+    count(selection, metric) is the number of entries the metric is computed on; `groups` (one per entry: the
+    patient, as split_groups gives it) makes the bootstrap resample patients, not images. Every model and head uses
+    this one.
     """
     per_split = [metrics_of(split == s, None) for s in range(n_splits)]
     whole = metrics_of(pooled, None)
@@ -369,7 +370,7 @@ def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], D
         fold_values = np.array([float(m.get(name, np.nan)) for m in per_split], dtype=float)
         finite = fold_values[np.isfinite(fold_values)]
         entry: Dict[str, object] = {
-            "pooled": float(value), "n": count(pooled), "folds": fold_values.tolist(),
+            "pooled": float(value), "n": count(pooled, name), "folds": fold_values.tolist(),
             "fold_mean": float(finite.mean()) if len(finite) else float("nan"),
             "fold_std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
         }
@@ -405,7 +406,8 @@ def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.n
                 task_metrics(task, y_all[sel & keep], p_all[sel & keep],
                              None if norm_all is None else norm_all[sel & keep], w),
             oof.split, len(names), first_seed_mask(oof.split, names) & keep, bootstrap, seed,
-            lambda sel, task=task, y_all=y_all: int(labelled(task, y_all[sel]).sum()),
+            lambda sel, metric, task=task, y_all=y_all: int(
+                task.impl.metric_rows(task, y_all[sel]).get(metric, labelled(task, y_all[sel])).sum()),
             None if groups is None else groups[oof.rows])
         if metrics:
             out[task.name] = metrics

@@ -162,7 +162,7 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
                             weights))
         return out
 
-    def count(sel):
+    def count(sel, metric):
         return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
 
     patients = patient_groups(table, cfg.eval)

@@ -69,7 +69,8 @@ class ResMTNetOutcome:
 
     @property
     def best_epochs(self) -> List[int]:
-        return [r.best_epoch for r in self.results]
+        """Each split's chosen epoch, counted from 1 (as report.md and the learning curves show them)."""
+        return [r.best_epoch + 1 for r in self.results]
 
     def loss_weights(self) -> Dict[str, float]:
         """Each task's final loss weight, mean over the splits."""
@@ -398,7 +399,7 @@ class ResMTNetPlugin(HeadPlugin):
         t = cfg.train
         epochs = outcome.best_epochs
         stopping = (f"epochs chosen on inner validation rows ({t.val_fraction:.0%} of each training fold, patience "
-                    f"{t.early_stopping}, at most {t.epochs}): best epochs {[e + 1 for e in epochs]}"
+                    f"{t.early_stopping}, at most {t.epochs}): best epochs {epochs}"
                     if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
         weights = outcome.loss_weights()
         bound, far = outcome.weights_at_bound(), outcome.weights_unconverged()
@@ -418,10 +419,12 @@ class ResMTNetPlugin(HeadPlugin):
                     continue
                 cells = [format_entry(reports[m]["overall"].get(task.name, {}).get(metric)) for m in models]
                 lines.append(f"| {task.name} | {metric} | " + " | ".join(cells) + " |")
+        scored = np.unique(outcome.oof[NAME].rows)  # every image with k-fold, the test list with official
         for task in (t for t in data.tasks if t.impl.per_class):
-            target = data.targets[task.name][data.rows]
+            target = data.targets[task.name][scored]
             heads = [f"{prefix.rstrip('_')} {m}" for prefix in task.impl.per_class for m in models]
-            lines += ["", f"Per finding ({task.name}; labelled images and positives over all images):", "",
+            lines += ["", f"Per finding ({task.name}; labelled images and positives among the {len(scored)} scored "
+                      "images):", "",
                       "| finding | labelled | positives | " + " | ".join(heads) + " |", "|---|---|---|"
                       + "---|" * len(heads)]
             for k, finding in enumerate(task.classes):

@@ -111,6 +111,14 @@ class Kind:
             out[task.pair_auc[0]] = 1
         return out
 
+    def metric_rows(self, task: TaskSpec, target: np.ndarray) -> Dict[str, np.ndarray]:
+        """Metrics computed on fewer rows than the task's labelled ones, with those rows (a mask): each metric's
+        `n` counts them."""
+        if not task.pair_auc or not set(task.pair_auc[1:]) <= set(task.classes):
+            return {}
+        pair = [task.classes.index(task.pair_auc[1]), task.classes.index(task.pair_auc[2])]
+        return {task.pair_auc[0]: np.isin(target, pair)}
+
     def values(self, task: TaskSpec, table: pd.DataFrame):
         """The label values the task encodes from a table (its column)."""
         if task.column not in table:
@@ -426,6 +434,11 @@ class Multilabel(Kind):
     def decode(self, z, *scale):
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
+    def metric_rows(self, task, target):
+        known = ~np.isnan(target)
+        return {f"{prefix}{finding}": known[:, k] for k, finding in enumerate(task.classes)
+                for prefix in ("auc_", "ap_")}
+
     def evaluate(self, task, y, pred, norm, weights):
         per: Dict[str, np.ndarray] = {}
         nan = np.full(weights.shape[:-1], np.nan) if weights is not None else np.float64(np.nan)
@@ -435,6 +448,10 @@ class Multilabel(Kind):
             w = None if weights is None else weights[..., known]
             auc, ap = (roc_auc(y[known, k], pred[known, k], w), average_precision(y[known, k], pred[known, k], w)) \
                 if known.any() else (nan, nan)
+            # AP of a finding without a negative is 1 whatever the scores: undefined, as its AUROC, and out of ap_macro
+            negative = (y[known, k] == 0).astype(float)
+            weighted = negative.sum() if w is None else w @ negative
+            ap = np.where(np.asarray(weighted) > 0, ap, np.nan)
             per[f"auc_{finding}"], per[f"ap_{finding}"] = auc, ap
             aucs.append(auc)
             aps.append(ap)
