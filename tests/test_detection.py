@@ -265,23 +265,33 @@ def test_stacked_members_score_as_the_mean_of_each_alone():
         torch.testing.assert_close(member_scores(stacked, maps, mean, std), torch.stack(alone).mean(0))
 
 
-@pytest.mark.slow
-def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, tmp_path):
-    from pipeline.heads.artefact import read_head
-    from stages.predict import predict
+@pytest.fixture(scope="module")
+def ensemble_run(nodule_cache, tmp_path_factory):
+    """One run of a fold ensemble of 3 with the second stage (its two tests share it): the summary and run folder."""
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
 
-    data, cache = nodule_cache
+    _, cache = nodule_cache
     cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
-                               "train.loc.context": 1, "train.loc.fold_ensemble": 3, "eval.bootstrap": 50})
-    summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
+                               "train.loc.context": 1, "train.loc.fold_ensemble": 3, "train.loc.rescore": True,
+                               "eval.bootstrap": 50})
+    out = tmp_path_factory.mktemp("ensemble") / "run"
+    return train_heads(cache, out, cfg, progress=False), out
+
+
+@pytest.mark.slow
+def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, ensemble_run, tmp_path):
+    from pipeline.heads.artefact import read_head
+    from stages.predict import predict
+
+    data, _ = nodule_cache
+    summary, run = ensemble_run
     heat = summary.metrics["localisation"]["heatmap"]
     pooled = summary.metrics["localisation"]["pooled-regression"]
     assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
-    spec, tensors = read_head(tmp_path / "run")
+    spec, tensors = read_head(run)
     assert spec["localisation"]["members"] == 3 and tensors["loc_mean"].shape[0] == 3
-    result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred")
+    result = predict(run, [data / "images" / "JPCLN002.png"], tmp_path / "pred")
     assert np.isfinite(result.table["localisation_x"]).all()
 
 
@@ -352,24 +362,19 @@ def test_rescoring_needs_a_fold_ensemble_and_says_so_before_anything_runs(tmp_pa
 
 
 @pytest.mark.slow
-def test_the_second_stage_trains_refits_and_predicts(nodule_cache, tmp_path):
+def test_the_second_stage_trains_refits_and_predicts(nodule_cache, ensemble_run, tmp_path):
     from pipeline.heads.artefact import read_head
     from stages.predict import predict
-    from stages.train_heads import train_heads
-    from tests.helpers import tiny_train_config
 
     data, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
-                               "train.loc.context": 1, "train.loc.fold_ensemble": 3, "train.loc.rescore": True,
-                               "eval.bootstrap": 50})
-    summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
+    summary, run = ensemble_run
     heat = summary.metrics["localisation"]["heatmap"]
     pooled = summary.metrics["localisation"]["pooled-regression"]
     assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
     assert heat["froc_radius_at_1fp"]["pooled"] > pooled["froc_radius_at_1fp"]["pooled"]
-    _, tensors = read_head(tmp_path / "run")
+    _, tensors = read_head(run)
     assert "loc_rescore.coef" in tensors
-    result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True,
+    result = predict(run, [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True,
                      cache=cache)
     row = result.table.iloc[0]
     assert 0 <= row["localisation_presence_prob"] <= 1 and np.isfinite(row["localisation_x"])

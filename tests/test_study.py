@@ -261,7 +261,7 @@ def test_four_workers_started_together_on_a_fresh_sqlite_file_all_finish(tiny_ca
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     workers = []
     try:
-        workers = [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set", "train.epochs=3") for _ in range(4)]
+        workers = [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set", "train.epochs=1") for _ in range(4)]
         for worker in workers:
             assert worker.wait(timeout=240) == 0, worker.stdout.read()
     finally:
