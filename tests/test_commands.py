@@ -134,3 +134,18 @@ def test_predict_skip_bad_answers_for_the_good_images_and_names_the_bad_one(trai
     good = answer.drop(broken.index)
     assert len(broken) == 1 and good["pooled_state"].notna().all() and broken["pooled_state"].isna().all()
     assert json.loads((tmp_path / "p.json").read_text())
+
+
+def test_predict_warns_for_an_image_unlike_every_training_image(trained, synthetic_master, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(sorted((synthetic_master / "images").glob("*.png"))[0], folder / "chest.png")
+    noise = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    result = _invoke("predict", "--model", trained, "--images", folder, "--out", tmp_path / "p")
+    answer = pd.read_csv(tmp_path / "p.csv").set_index("id")
+    assert answer.loc["noise", "typicality_percentile"] >= 99 > answer.loc["chest", "typicality_percentile"]
+    assert f"{folder / 'noise.png'}: typicality percentile" in result.output
+    assert f"{folder / 'chest.png'}: typicality percentile" not in result.output

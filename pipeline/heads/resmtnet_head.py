@@ -185,6 +185,10 @@ def _column(task: TaskSpec, key: str) -> str:
     return PREFIX + key
 
 
+#: predict warns for an image whose typicality percentile is at least this (unlike every training image)
+ATYPICAL = 99.0
+
+
 class PooledApplied(Applied):
     """The Res-MTNet head in predict: every task from the pooled features, and how typical an image is."""
 
@@ -211,7 +215,12 @@ class PooledApplied(Applied):
 
     def finish(self, table: pd.DataFrame, found: Optional[np.ndarray], x_norm: Optional[np.ndarray]) -> None:
         """Its position in the image's own pixels; where an answer was given, the lobe on the answer's side and its
-        nodule attributes emptied where no nodule is found."""
+        nodule attributes emptied where no nodule is found; a warning per image unlike every training image."""
+        typicality = table["typicality_percentile"].to_numpy(dtype=float)
+        for image, value in zip(table["image"].to_numpy()[typicality >= ATYPICAL], typicality[typicality >= ATYPICAL]):
+            logger.warning("%s: typicality percentile %g: farther from the training images than %g%% of them are "
+                           "from one another; its answers extrapolate (another kind of image, or of data set?)",
+                           image, value, ATYPICAL)
         if f"{PREFIX}x_norm" in table:
             size = {c: table[c].to_numpy(dtype=float) if c in table else np.full(len(table), np.nan)
                     for c in ("image_width", "image_height")}
