@@ -285,6 +285,26 @@ def test_a_finding_without_a_negative_has_no_ap_and_stays_out_of_the_macro():
     assert res["ap_macro"] == res["ap_A"] == 1.0
 
 
+def test_the_majority_baseline_is_a_constant_scorer_auroc_one_half_when_folds_are_pooled():
+    """Each fold's training prevalence as the score made the pooled folds rank one another: the test folds richer
+    in a finding are those whose training rows are poorer in it (0.373 [0.280, 0.468] on an issue's run)."""
+    from pipeline.evaluation.metrics import roc_auc
+
+    task = _task()
+    y = np.zeros((40, 2))
+    y[:, 0] = np.r_[np.ones(8), np.zeros(2), np.ones(2), np.zeros(8), np.ones(4), np.zeros(16)]  # unequal folds
+    y[:, 1] = np.arange(40) % 3 == 0
+    folds = np.repeat(np.arange(4), 10)
+    pooled = np.zeros_like(y)
+    for f in range(4):
+        train = folds != f
+        pooled[folds == f] = task.impl.baseline("majority", y[train], None, train, 10, task, 1.0, 1.0)
+    for k in range(2):
+        assert roc_auc(y[:, k], pooled[:, k]) == 0.5
+        prevalence = np.concatenate([np.full(10, y[folds != f, k].mean()) for f in range(4)])
+        assert roc_auc(y[:, k], prevalence) != 0.5  # what the per-fold prevalence scored
+
+
 def test_a_pipe_separated_column_and_bad_values():
     task = _task(column="findings")
     y = task.impl.encode(task, pd.Series(["A|B", "", "B", None]), None)

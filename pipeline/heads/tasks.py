@@ -470,8 +470,15 @@ class Multilabel(Kind):
             labels = y[known, k]
             if not len(labels):
                 continue
-            if which == "majority" or len(np.unique(labels)) < 2:
-                out[:, k] = labels.mean()  # the prevalence: one score for all rows (AUROC 0.5)
+            if which == "majority":
+                # the majority answer, 0 or 1: the same constant in every fold unless a finding's prevalence
+                # straddles 1/2, so the pooled folds score it as the constant it is (AUROC 0.5, AP the
+                # prevalence); each fold's own prevalence as the score made pooled folds rank one another
+                # (the test folds richer in a finding are those whose training rows are poorer in it: 0.373)
+                out[:, k] = float(labels.mean() > 0.5)
+                continue
+            if len(np.unique(labels)) < 2:
+                out[:, k] = labels.mean()
                 continue
             fit = mask.copy()
             fit[mask] = known
