@@ -2,6 +2,7 @@
 worker processes started at once, one killed mid-batch, the ranking equal to the in-process sweep's."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,6 +62,20 @@ def _worker(cache, sweep, storage, *extra, code="import sys; from stages.cli imp
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@contextlib.contextmanager
+def _reaped():
+    """A list for the worker processes a test starts; those still running on the way out are killed, so a failing
+    test leaves none behind."""
+    workers = []
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
 def _trials(storage, name="sweep"):
     from stages.study import open_storage
 
@@ -74,8 +89,7 @@ def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(s
                                                                                tmp_path):
     sweep, storage = tmp_path / "sweep.yaml", tmp_path / "study.log"
     sweep.write_text(SWEEP)
-    workers = []
-    try:
+    with _reaped() as workers:
         killed = _worker(tiny_cache, sweep, storage, "--batch", "2", code=SELF_KILLING)
         workers.append(killed)
         assert killed.wait(timeout=300) == -signal.SIGKILL, killed.stdout.read()
@@ -85,11 +99,6 @@ def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(s
         workers += [_worker(tiny_cache, sweep, storage, "--batch", "2") for _ in range(2)]
         for worker in workers[1:]:
             assert worker.wait(timeout=300) == 0, worker.stdout.read()
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
 
     trials = _trials(storage)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -259,16 +268,10 @@ def test_four_workers_started_together_on_a_fresh_sqlite_file_all_finish(tiny_ca
     sweep.write_text("method: grid\nseed: 0\nrank_by: state.accuracy\nfolds: 2\ntest_fraction: 0.25\n"
                      "params:\n  train.hidden: [8, 16, 24, 32]\n")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    workers = []
-    try:
-        workers = [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set", "train.epochs=1") for _ in range(4)]
+    with _reaped() as workers:
+        workers += [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set", "train.epochs=1") for _ in range(4)]
         for worker in workers:
             assert worker.wait(timeout=240) == 0, worker.stdout.read()
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
     assert sorted(t.params["config"] for t in _trials(storage, "four") if t.state.name == "COMPLETE") == [0, 1, 2, 3]
 
 
