@@ -194,6 +194,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
 
 #: P(nodule) at or above which an image is reported with a nodule (and its attributes).
 PRESENCE_THRESHOLD = 0.5
+#: below this presence AUC (or with a CI reaching 0.5) predict warns that the answering head is near chance
+NEAR_CHANCE_AUC = 0.6
 
 
 def _add_answer(head: TrainedHead, table: pd.DataFrame) -> None:
@@ -202,6 +204,13 @@ def _add_answer(head: TrainedHead, table: pd.DataFrame) -> None:
     then a position (from the head chosen for position); then each head part finishes its columns
     (Applied.finish: the lobe on the answer's side, nodule attributes emptied where none is found)."""
     primary = head.spec.get("primary", {})
+    evidence = primary.get("presence_auc") or {}
+    low = (evidence.get("ci95") or [evidence.get("value")])[0]
+    if low is not None and low == low and (low <= 0.5 or evidence["value"] < NEAR_CHANCE_AUC):
+        logger.warning("the head answering 'nodule or not' scored presence AUC %.3g%s (%s) in training: near chance, "
+                       "so its nodule_prob is close to a guess", evidence["value"],
+                       f" [{evidence['ci95'][0]:.3g}, {evidence['ci95'][1]:.3g}]" if evidence.get("ci95") else "",
+                       evidence["on"])
     found = x_norm = None
     presence = head.answers.get(primary.get("presence", head.default), {}).get("presence")
     if presence and presence[0] in table:

@@ -189,7 +189,20 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
         cv.reports.update(plugin.task_reports(outcome))
         cv.timings.update(getattr(outcome, "timings", {}))
     cv.primary = primary_answers(data, cfg, splits, cv.reference, cv.families())
+    cv.primary["presence_auc"] = presence_evidence(cv)
     return cv
+
+
+def presence_evidence(cv: CVResult) -> Optional[Dict[str, object]]:
+    """How well the head that answers presence in predict did here: the reference's out-of-fold AUC with its CI,
+    or the inner-validation AUC another family was chosen on; None without a presence task. Predict warns when it
+    is near chance."""
+    head = cv.primary.get("presence")
+    if head == cv.reference.answer:
+        entry = cv.reports.get(cv.reference.model, {}).get("overall", {}).get("presence", {}).get("auc")
+        return None if not entry else {"value": entry["pooled"], "ci95": entry.get("ci95"), "on": "out-of-fold"}
+    value = cv.primary.get("validation", {}).get(head, {}).get("presence_auc")
+    return None if value is None else {"value": value, "ci95": None, "on": "inner validation"}
 
 
 # --------------------------------------------------------------------------------------------------
