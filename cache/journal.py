@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 SEGMENT_BATCHES = 64
 #: What reading a truncated or overwritten progress file raises (np.load of a .npz is a zip file's read).
 _DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
-_FIELDS = ("rows", "sha256", "size_bytes", "mtime_ns", "bad", "error")
+_FIELDS = ("rows", "sha256", "pixels", "size_bytes", "mtime_ns", "bad", "error")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class BatchRecord:
 
     rows: np.ndarray
     sha256: np.ndarray  # S64
+    pixels: np.ndarray  # S64: the decoded images' pixel hashes (a progress file without them is recomputed)
     size_bytes: np.ndarray
     mtime_ns: np.ndarray
     bad: np.ndarray

@@ -63,7 +63,9 @@ def merge_shards(shards: Sequence[Path], out: Path) -> Path:
         sha = gather("sha256")
         images = ImageTable(ids=ids, relpaths=[str(p) for p in gather("relpath")], sha256=sha,
                             size_bytes=gather("size_bytes"), mtime_ns=gather("mtime_ns"), width=gather("width"),
-                            height=gather("height"), bad=gather("bad"), error=[str(e) for e in gather("error")])
+                            height=gather("height"), bad=gather("bad"), error=[str(e) for e in gather("error")],
+                            pixels=np.concatenate([c.pixel_hashes for c in opened])[order]
+                            if all(c.pixel_hashes is not None for c in opened) else None)
         new: List[NewArray] = []
         for group in (GROUPS.features, GROUPS.spatial):
             for spec, entry in first.entries(group).items():

@@ -134,6 +134,12 @@ class FeatureCache:
         return ds.asstr()[...] if ds.dtype.kind == "O" else ds[...]
 
     @property
+    def pixel_hashes(self) -> Optional[np.ndarray]:
+        """Each row's decoded-image hash (S64, b'' where unreadable), or None in a cache written before them."""
+        g = self._f[GROUPS.images]
+        return g["pixels_sha256"][...] if "pixels_sha256" in g else None
+
+    @property
     def bad(self) -> np.ndarray:
         return self._f[GROUPS.images]["bad"][...]
 

@@ -10,6 +10,7 @@
     /images/{width,height}   (N,) float64: stored image size
     /images/{bad,error}      (N,) bool / utf-8: images that could not be read (--skip-bad)
     /images/row              shard files only: each row's index in the full data set
+    /images/pixels_sha256    (N,) 64-byte ASCII: hash of each decoded image (pixel_sha256; caches before it: none)
     /labels/<column>         (N,) float64 (NaN = missing) or utf-8 ('' = missing); attr kind
     /features/<spec>         (N, D) float32, chunked; attrs: backbone facts, preprocessing, provenance_sha256,
                              precision, complete

@@ -41,6 +41,7 @@ class ImageTable:
     bad: np.ndarray
     error: List[str]
     rows: Optional[np.ndarray] = None  # shard files: index of each row in the full data set
+    pixels: Optional[np.ndarray] = None  # S64 pixel hashes of the decoded images (caches before them: none)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,6 +83,8 @@ def _write_images(f: h5py.File, images: ImageTable) -> None:
     g.create_dataset("error", data=np.array(images.error, dtype=object), dtype=STR)
     if images.rows is not None:
         g.create_dataset("row", data=np.asarray(images.rows, dtype=np.int64))
+    if images.pixels is not None:
+        g.create_dataset("pixels_sha256", data=np.asarray(images.pixels, dtype="S64"))
 
 
 def _write_labels(f: h5py.File, labels: Dict[str, np.ndarray]) -> None:

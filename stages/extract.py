@@ -105,6 +105,7 @@ class Existing:
     up_to_date: List[str] = field(default_factory=list)
     keep: Dict[str, List[str]] = field(default_factory=dict)
     hashes: Optional[np.ndarray] = None
+    pixels: Optional[np.ndarray] = None
     bad: Optional[np.ndarray] = None
     error: Optional[np.ndarray] = None
     labels_changed: bool = True
@@ -153,7 +154,7 @@ def _compare(out_path: Path, now: Images, labels: Dict[str, np.ndarray], backbon
         if old.is_shard != sharded:
             raise CacheError(f"{out_path} is {'a shard file' if old.is_shard else 'not a shard file'}; "
                              "use another --cache (shards are joined with extract-features merge)")
-        state = Existing(pending={}, hashes=_check_images(old, now), bad=old.bad,
+        state = Existing(pending={}, hashes=_check_images(old, now), pixels=old.pixel_hashes, bad=old.bad,
                          error=old.image_column("error").astype(object))
         state.labels_changed = not labels_match(old, labels)
         cached = {EntryKey.of(group, spec): entry for group in (GROUPS.features, GROUPS.spatial)
@@ -236,9 +237,9 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
             journal = update.journal(all_ids, batch_size, (shard_index, num_shards))
             extractor = Extractor(state.pending, pick_device(ecfg.device, "extract.device"), ecfg.amp,
                                   ecfg.channels_last)
-            sha, bad, error = _compute(journal, extractor, table["image"].tolist(), position,
-                                       {b: all_batches[b] for b in mine}, now, ecfg.num_workers, skip_bad,
-                                       progress, summary)
+            sha, pixels, bad, error = _compute(journal, extractor, table["image"].tolist(), position,
+                                               {b: all_batches[b] for b in mine}, now, ecfg.num_workers, skip_bad,
+                                               progress, summary)
             if state.hashes is not None and not np.array_equal(state.hashes[~bad], sha[~bad]):
                 raise CacheError(f"images changed while {out_path} was being extended; rerun with --rebuild")
             for key, lb in state.pending.items():
@@ -247,7 +248,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
                                            _filler(journal, mine, all_batches, position, key)))
         else:
             logger.info("updating the labels and fused arrays of %s (features unchanged)", out_path)
-            sha, bad, error = state.hashes, state.bad, state.error
+            sha, pixels, bad, error = state.hashes, state.pixels, state.bad, state.error
         summary.n_bad = int(bad.sum())
         if summary.n_bad:
             logger.warning("%d unreadable image(s) recorded as bad (features NaN), e.g. %s", summary.n_bad,
@@ -256,7 +257,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
         images = ImageTable(ids=now.ids, relpaths=[_relpath(p, root) for p in paths], sha256=sha,
                             size_bytes=now.size, mtime_ns=now.mtime, width=table["width"].to_numpy()[rows],
                             height=table["height"].to_numpy()[rows], bad=bad, error=[str(e) for e in error],
-                            rows=rows if num_shards > 1 else None)
+                            rows=rows if num_shards > 1 else None, pixels=pixels)
         facts = {"tool_version": __version__, "packages": package_versions(), "data_root": str(root),
                  "data_layout": table.attrs["layout"]}
         if num_shards > 1:  # the whole data set's labels: a shard of another data set with the same ids is refused
@@ -271,19 +272,21 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
 
 def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], position: np.ndarray,
              batches: Dict[int, np.ndarray], now: Images, num_workers: Optional[int], skip_bad: bool,
-             progress: bool, summary: ExtractSummary) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the pending backbones over every batch the journal lacks; returns (sha256, bad, error) per row."""
+             progress: bool, summary: ExtractSummary) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the pending backbones over every batch the journal lacks; returns (sha256, pixel hashes, bad, error)
+    per row."""
     found = journal.open()
     pending = extractor.backbones
     provenance = {s: f"{lb.provenance}:{extractor.precision}" for s, lb in pending.items()}
     n_rows = len(now.ids)
     sha = np.empty(n_rows, dtype="S64")
+    pixels = np.empty(n_rows, dtype="S64")
     bad = np.zeros(n_rows, dtype=bool)
     error = np.array([""] * n_rows, dtype=object)
 
     def remember(rec: BatchRecord) -> None:
         at = position[rec.rows]
-        sha[at], bad[at], error[at] = rec.sha256, rec.bad, rec.error
+        sha[at], pixels[at], bad[at], error[at] = rec.sha256, rec.pixels, rec.bad, rec.error
 
     todo: Dict[int, List[str]] = {}
     for b, batch_rows in batches.items():
@@ -309,8 +312,9 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
         for b, batch in zip(todo, passes):
             good = batch.good
             old = journal.load(b) if len(todo[b]) < len(pending) else None
-            record = BatchRecord(rows=batch.rows, sha256=batch.sha256, size_bytes=batch.size_bytes,
-                                 mtime_ns=batch.mtime_ns, bad=~good, error=np.array(batch.errors, dtype=str))
+            record = BatchRecord(rows=batch.rows, sha256=batch.sha256, pixels=batch.pixels,
+                                 size_bytes=batch.size_bytes, mtime_ns=batch.mtime_ns, bad=~good,
+                                 error=np.array(batch.errors, dtype=str))
             if old is not None:
                 record.features = {s: v for s, v in old.features.items() if s in pending and s not in todo[b]}
             for key in todo[b]:
@@ -324,7 +328,7 @@ def _compute(journal: Journal, extractor: Extractor, all_paths: List[str], posit
             tick(len(batch.rows))
     summary.seconds = time.perf_counter() - started
     summary.n_computed_images = n_todo
-    return sha, bad, error
+    return sha, pixels, bad, error
 
 
 def _relpath(path: Path, root: Path) -> str:

@@ -126,6 +126,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     for applied in head.parts.values():
         applied.start(len(files))
     errors = [""] * len(files)
+    pixels = [""] * len(files)  # decoded-image hashes of the images decoded here
     backbones: Dict[str, LoadedBackbone] = {}
     pooled: List[str] = []  # the entries whose vectors, side by side, are the head's features
     if todo:
@@ -144,8 +145,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
         for batch in extractor.passes([str(p) for p in files], batches, num_workers, skip_bad):
             good = batch.good
-            for r, e in zip(batch.rows, batch.errors):
-                errors[r] = e
+            for r, e, p in zip(batch.rows, batch.errors, batch.pixels):
+                errors[r], pixels[r] = e, p.decode()
             if not good.any():
                 continue
             rows = batch.rows[good]
@@ -163,7 +164,8 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         for column, values in applied.columns(features, ok, grid).items():
             table[column] = values
     trained = set(head.spec.get("trained_sha256", []))
-    table["in_training_set"] = [h in trained for h in hashes]
+    trained_pixels = set(head.spec.get("trained_pixels_sha256", []))
+    table["in_training_set"] = [h in trained or (p != "" and p in trained_pixels) for h, p in zip(hashes, pixels)]
     _add_answer(head, table)
     # the image's own columns and how far to trust its answers first, then the answer, then the heads' outputs
     own = ["image", "id", "from_cache", "in_training_set",

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from stages.cli import main
-from tests.helpers import TINY, assert_same_cache
+from tests.helpers import TINY, assert_same_cache, needs
 
 #: The paper's settings shrunk to the tiny backbones (what `--config` takes as a file).
 TINY_PAPER = {"extract": {"backbones": TINY, "weights": "none", "image_size": 64, "batch_size": 8, "num_workers": 0,
@@ -168,3 +168,24 @@ def test_predict_says_when_the_answering_head_was_near_chance(trained, synthetic
     (good / "model" / "head.json").write_text(json.dumps(spec))
     result = _invoke("predict", "--model", good, "--images", image, "--out", tmp_path / "q")
     assert ("near chance" in result.output) != near
+
+
+def test_a_dicom_copy_of_a_training_image_is_in_the_training_set(trained, synthetic_master, tmp_path):
+    """Training membership was judged by file bytes alone: a DICOM copy of a training PNG was 'not in training'
+    while its typicality was 0. The decoded pixels count too."""
+    needs("pydicom", "dicom")
+    from PIL import Image
+
+    from pipeline.data.synthetic import make_synthetic
+    from pipeline.data.synthetic_datasets import write_dicom
+
+    png = sorted((synthetic_master / "images").glob("*.png"))[0]
+    folder = tmp_path / "new"
+    stored = np.asarray(Image.open(png), dtype=np.uint16)
+    write_dicom(folder / "copy.dcm", stored, window=(128, 256))  # the window maps stored v to v / 255, as the PNG
+    other = sorted((make_synthetic(tmp_path / "other", n_images=2, image_size=64, seed=42) / "images").glob("*.png"))
+    shutil.copy(other[0], folder / "unseen.png")
+    _invoke("predict", "--model", trained, "--images", folder, "--out", tmp_path / "p")
+    answer = pd.read_csv(tmp_path / "p.csv").set_index("id")
+    assert bool(answer.loc["copy", "in_training_set"]) and not bool(answer.loc["unseen", "in_training_set"])
+    assert answer.loc["copy", "typicality_percentile"] == 0.0

@@ -278,7 +278,8 @@ def test_progress_files_are_packed_into_segments_and_resume_from_them(synthetic_
     records = {}
     for b in range(5):
         rows = np.arange(4 * b, 4 * b + 4)
-        records[b] = BatchRecord(rows=rows, sha256=np.array([b"x" * 64] * 4, dtype="S64"), size_bytes=rows * 10,
+        records[b] = BatchRecord(rows=rows, sha256=np.array([b"x" * 64] * 4, dtype="S64"),
+                                 pixels=np.array([b"p" * 64] * 4, dtype="S64"), size_bytes=rows * 10,
                                  mtime_ns=rows, bad=np.zeros(4, bool), error=np.array([""] * 4),
                                  features={"spec": ("prov", np.full((4, 3), float(b), dtype=np.float32))})
         journal.write(b, records[b])

@@ -1,6 +1,7 @@
 """Reading radiographs: PNG/JPEG/TIFF of any bit depth, JSRT's raw 12-bit .IMG and DICOM, as float32 in [0, 1]."""
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -210,6 +211,14 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             img = img.convert("L")
         arr = np.asarray(img, dtype=np.float32) / 255.0
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """The content hash of a decoded image (its values at 8 bits, and its shape): equal for the same picture stored
+    as PNG, DICOM or another file, where the files' own hashes differ."""
+    digest = hashlib.sha256(str(pixels.shape).encode())
+    digest.update(np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8).tobytes())
+    return digest.hexdigest()
 
 
 def read_image(path: os.PathLike) -> np.ndarray:

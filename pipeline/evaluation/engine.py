@@ -58,6 +58,7 @@ class TrainData:
     cache_attrs: Dict[str, object]
     hashes: List[str] = field(default_factory=list)  # content sha256 of each row's image
     heads: Dict[str, Any] = field(default_factory=dict)  # enabled head family -> what it read (HeadPlugin.load)
+    pixel_hashes: List[str] = field(default_factory=list)  # each row's decoded-image hash ([]: an older cache)
 
 
 #: Working memory stage two needs beside the feature matrix (per-split targets and statistics, the stacked
@@ -121,6 +122,8 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         provenance = {s: cache.backbones[s].attrs for s in specs}
         attrs = dict(cache.attrs)
         hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")]
+        pixels = cache.pixel_hashes
+        pixel_hashes = [] if pixels is None else [h.decode() for h in pixels]
         heads = {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)}
     groups = {**task_groups(str(attrs.get("data_layout", ""))), **tcfg.task_groups}
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
@@ -132,7 +135,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
     rows = keep_views(table, rows, cfg.data.views, f"cache {cache_path}")
     features = control_features(features, cfg.eval, cfg.train.seed)
-    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, hashes, heads)
+    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, hashes, heads, pixel_hashes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +238,8 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     spec.update({
         "features": data.specs, "trained_rows": int(len(data.rows)),
         "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
+        # the decoded images too: a DICOM (or re-encoded) copy of a training image is a training image
+        "trained_pixels_sha256": [data.pixel_hashes[r] for r in data.rows] if data.pixel_hashes else [],
         "primary": cv.primary,
         # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
         "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from cache import EntryKey
 
 from pipeline.config import SpatialConfig
-from pipeline.data.images import decode_image, resize
+from pipeline.data.images import decode_image, pixel_sha256, resize
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.features.backbones import BackboneInfo, check_offline_weights, create_backbone, spatial_backbone
 from pipeline.features.preprocess import Preprocess, make_preprocess, normalise, provenance_sha256
@@ -33,6 +33,7 @@ class ImageItem:
     row: int
     images: Dict[Tuple[int, str], np.ndarray]  # (size, interpolation) -> (S, S) float32
     sha256: str
+    pixels: str  # pixel_sha256 of the decoded image ('' when unreadable)
     size_bytes: int
     mtime_ns: int
     error: str  # '' when the image was read
@@ -55,20 +56,21 @@ class ImageFiles(Dataset):
             with open(path, "rb") as handle:
                 data = handle.read()
         except OSError as exc:
-            return ImageItem(row, {}, "", -1, -1, f"{path}: cannot read image ({exc.strerror or exc})")
+            return ImageItem(row, {}, "", "", -1, -1, f"{path}: cannot read image ({exc.strerror or exc})")
         digest = hashlib.sha256(data).hexdigest()
         try:
             pixels = decode_image(data, path)
             images = {(s, interp): resize(pixels, s, interp) for s, interp in self.sizes}
         except PipelineError as exc:
-            return ImageItem(row, {}, digest, st.st_size, st.st_mtime_ns, str(exc))
-        return ImageItem(row, images, digest, st.st_size, st.st_mtime_ns, "")
+            return ImageItem(row, {}, digest, "", st.st_size, st.st_mtime_ns, str(exc))
+        return ImageItem(row, images, digest, pixel_sha256(pixels), st.st_size, st.st_mtime_ns, "")
 
 
 @dataclass
 class ImageBatch:
     rows: np.ndarray
     sha256: np.ndarray
+    pixels: np.ndarray  # S64: pixel_sha256 of each row ('' when unreadable)
     size_bytes: np.ndarray
     mtime_ns: np.ndarray
     errors: List[str]
@@ -85,6 +87,7 @@ def collate(items: List[ImageItem]) -> ImageBatch:
     return ImageBatch(
         rows=np.array([it.row for it in items], dtype=np.int64),
         sha256=np.array([it.sha256 for it in items], dtype="S64"),
+        pixels=np.array([it.pixels for it in items], dtype="S64"),
         size_bytes=np.array([it.size_bytes for it in items], dtype=np.int64),
         mtime_ns=np.array([it.mtime_ns for it in items], dtype=np.int64),
         errors=[it.error for it in items],
