@@ -384,8 +384,8 @@ def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
     with FeatureCache(tmp_path / "c.h5") as cache:
         table = cache.labels()
     patients = dict(zip(table["id"].astype(str), table["patient_id"].astype(str) if name != "vindr" else table["id"]))
-    held_out = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str})
-    held_out = held_out.assign(patient=held_out["id"].map(patients))
+    held_out = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str}, usecols=["id", "seed", "fold"])
+    held_out["patient"] = held_out["id"].map(patients)
     assert held_out["patient"].notna().all() and held_out.groupby("seed")["id"].apply(lambda ids: ids.is_unique).all()
     assert (held_out.groupby(["seed", "patient"])["fold"].nunique() == 1).all()
     assert held_out.groupby("seed")["fold"].nunique().min() == 3
