@@ -524,6 +524,8 @@ def test_uncertainty_weights_flag_an_unconverged_weight_and_an_optimum_past_the_
     torch.testing.assert_close(w.optimum(), torch.log(losses))
     assert w.unconverged().tolist() == [[True, True, False]]  # 0.55 is within 1.5x of 0.5
     assert w.at_bound().tolist() == [[True, False, False]]  # not held at the floor, but its optimum lies past it
+    w.end_epoch(torch.tensor([[0.045, 0.1, 0.0]]))  # a task without labels in the split: nothing to converge to
+    assert w.unconverged().tolist() == [[True, True, False]] and w.at_bound().tolist() == [[True, False, False]]
     log1p = Uncertainty(torch.ones(1, 1), OptimConfig(loss_weighting="uncertainty", uncertainty_regulariser="log1p"))
     log1p.end_epoch(torch.tensor([[0.3]]))
     s = log1p.optimum().requires_grad_()

@@ -81,8 +81,9 @@ class Uncertainty(Weighting):
 
     def optimum(self) -> torch.Tensor:
         """(M, T) the log-variance s_k that minimises the objective at the last epoch's loss L_k: log L_k
-        ('kendall'); for 'log1p', exp(-s) = (sqrt(L^2 / 4 + 2 L) - L / 2) / L. NaN before an epoch or without loss."""
-        loss = self.recent.clamp_min(1e-12)
+        ('kendall'); for 'log1p', exp(-s) = (sqrt(L^2 / 4 + 2 L) - L / 2) / L. NaN before an epoch, and for a task
+        without loss (no labels in the split: its weight has nothing to converge to)."""
+        loss = torch.where(self.recent > 0, self.recent, torch.full_like(self.recent, float("nan")))
         if self.regulariser == "log1p":
             return -torch.log((torch.sqrt(loss ** 2 / 4 + 2 * loss) - loss / 2) / loss)
         return torch.log(loss)
