@@ -61,11 +61,11 @@ def merge_shards(shards: Sequence[Path], out: Path) -> Path:
         label_names = [c for c in tables[0].columns if c not in ("id", "width", "height", "relpath")]
         labels = {name: np.concatenate([t[name].to_numpy() for t in tables])[order] for name in label_names}
         sha = gather("sha256")
+        pixels = [c.pixel_hashes for c in opened]  # none in shards written before them
         images = ImageTable(ids=ids, relpaths=[str(p) for p in gather("relpath")], sha256=sha,
                             size_bytes=gather("size_bytes"), mtime_ns=gather("mtime_ns"), width=gather("width"),
                             height=gather("height"), bad=gather("bad"), error=[str(e) for e in gather("error")],
-                            pixels=np.concatenate([c.pixel_hashes for c in opened])[order]
-                            if all(c.pixel_hashes is not None for c in opened) else None)
+                            pixels=np.concatenate(pixels)[order] if all(p is not None for p in pixels) else None)
         new: List[NewArray] = []
         for group in (GROUPS.features, GROUPS.spatial):
             for spec, entry in first.entries(group).items():

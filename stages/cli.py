@@ -376,8 +376,8 @@ def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features
         click.echo(summary.warning)
     click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")
     if summary.tracked:
-        click.echo(f"tracked in MLflow: {summary.tracked} (mlflow ui --backend-store-uri "
-                   f"{summary.tracked.rsplit(' in ', 1)[1]})")
+        run_id, uri = summary.tracked
+        click.echo(f"tracked in MLflow: run {run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
 
 
 @main.command("sweep-finish")

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -94,13 +94,13 @@ class TrainSummary:
     seconds: float
     metrics: Dict[str, object]
     warning: Optional[str] = None
-    tracked: Optional[str] = None  # where --track logged the run: "run ID in URI"
+    tracked: Optional[Tuple[str, str]] = None  # where --track logged the run: (run id, tracking URI)
 
 
-def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
+def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> Tuple[str, str]:
     """Log a finished run to MLflow: the resolved config, the learning curves (mean over splits), every
-    headline metric of every model with its CI bounds, and the run's outputs as artefacts. Returns where it went
-    ("run ID in URI")."""
+    headline metric of every model with its CI bounds, and the run's outputs as artefacts. Returns where it went:
+    (run id, tracking URI)."""
     from pipeline.config import to_dict
     from pipeline.tracking import Tracker, flatten
 
@@ -119,7 +119,7 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> str:
     rid = tracker.log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
                           [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
                           tags={"resmtnet.kind": "train-heads", "resmtnet.out": str(out)})
-    return f"run {rid} in {tracker.uri}"
+    return rid, tracker.uri
 
 
 def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True,

@@ -217,7 +217,8 @@ class PooledApplied(Applied):
         """Its position in the image's own pixels; where an answer was given, the lobe on the answer's side and its
         nodule attributes emptied where no nodule is found; a warning per image unlike every training image."""
         typicality = table["typicality_percentile"].to_numpy(dtype=float)
-        for image, value in zip(table["image"].to_numpy()[typicality >= ATYPICAL], typicality[typicality >= ATYPICAL]):
+        far = typicality >= ATYPICAL
+        for image, value in zip(table["image"].to_numpy()[far], typicality[far]):
             logger.warning("%s: typicality percentile %g: farther from the training images than %g%% of them are "
                            "from one another; its answers extrapolate (another kind of image, or of data set?)",
                            image, value, ATYPICAL)

@@ -167,9 +167,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
         logger.debug("early stopping off: a split has no inner validation rows")
     members = len(jobs)
     best = {k: v.detach().clone() for k, v in model.state_dict().items()} if stopping else None
-    best_weights = weighting.weights().detach().clone()
-    best_bound = weighting.at_bound().detach().cpu().clone()
-    best_far = weighting.unconverged().detach().cpu().clone()
+    kept = _weighting_state(weighting)
     best_loss = torch.full((members,), math.inf, device=device)
     best_epoch = torch.full((members,), cfg.epochs - 1, dtype=torch.long, device=device)
     since_best = torch.zeros(members, dtype=torch.long, device=device)
@@ -218,9 +216,9 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             since_best = torch.where(improved, torch.zeros_like(since_best), since_best + active.long())
             for name, value in model.state_dict().items():
                 _copy_members(best[name], value, improved, members)
-            best_weights[improved.cpu()] = weighting.weights().detach()[improved.cpu()].cpu()
-            best_bound[improved.cpu()] = weighting.at_bound().detach()[improved.cpu()].cpu()
-            best_far[improved.cpu()] = weighting.unconverged().detach()[improved.cpu()].cpu()
+            now = _weighting_state(weighting)
+            for key, value in kept.items():
+                value[improved.cpu()] = now[key][improved.cpu()]
         if progress is not None:
             progress(members)
         if stopping and bool((since_best >= cfg.early_stopping).all()):
@@ -228,9 +226,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     if stopping:
         model.load_state_dict(best)
     else:
-        best_weights = weighting.weights().detach().cpu()
-        best_bound = weighting.at_bound().detach().cpu()
-        best_far = weighting.unconverged().detach().cpu()
+        kept = _weighting_state(weighting)
 
     model.eval()
     with torch.no_grad():
@@ -239,11 +235,19 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     for m in range(members):
         hist = {k: [row[m] for row in v] for k, v in history.items() if v}
         results.append(JobResult(outputs=outputs[m].numpy(), history=hist, best_epoch=int(best_epoch[m]),
-                                 loss_weights=[float(w) for w in best_weights[m]],
-                                 weights_at_bound=[bool(b) for b in best_bound[m]],
-                                 weights_unconverged=[bool(b) for b in best_far[m]],
+                                 loss_weights=[float(w) for w in kept["weights"][m]],
+                                 weights_at_bound=[bool(b) for b in kept["at_bound"][m]],
+                                 weights_unconverged=[bool(b) for b in kept["unconverged"][m]],
                                  state=family.export(model, m) if keep_state else None))
     return results
+
+
+def _weighting_state(weighting) -> Dict[str, torch.Tensor]:
+    """What a run reports of its loss weighting (kept from the best epoch): the (M, T) weights and whether each sits
+    at its bound or is unconverged, as CPU copies."""
+    return {"weights": weighting.weights().detach().cpu().clone(),
+            "at_bound": weighting.at_bound().detach().cpu().clone(),
+            "unconverged": weighting.unconverged().detach().cpu().clone()}
 
 
 def _copy_members(dst: torch.Tensor, src: torch.Tensor, which: torch.Tensor, members: int) -> None:

@@ -164,8 +164,9 @@ class GradNorm(Weighting):
         for k in range(t):
             (g,) = torch.autograd.grad(per_task[:, k].sum(), param, retain_graph=True, allow_unused=True)
             norms.append(torch.zeros(m, device=per_task.device) if g is None else g[part].reshape(m, -1).norm(dim=1))
-        self.last_norms = torch.stack(norms, dim=1).detach()  # (M, T), the balanced quantity (diagnostics)
-        grad_norm = self.w * torch.stack(norms, dim=1)  # (M, T); differentiable in w only
+        stacked = torch.stack(norms, dim=1)
+        self.last_norms = stacked.detach()  # (M, T), the balanced quantity (diagnostics)
+        grad_norm = self.w * stacked  # (M, T); differentiable in w only
         with torch.no_grad():
             relative = torch.where(self.initial > 1e-12, per_task / self.initial.clamp_min(1e-12),
                                    torch.ones_like(per_task))
