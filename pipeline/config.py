@@ -215,7 +215,7 @@ class EvalConfig:
     folds: int = 5  # k of k-fold cross-validation
     seeds: List[int] = field(default_factory=lambda: [0])  # one repetition of the protocol per seed
     holdout_fraction: float = 0.2  # holdout: the test share
-    stratify: str = "state"  # label column the splits are stratified on
+    stratify: str = "auto"  # label column the splits are stratified on; auto: the data set's own (JSRT: state)
     group: str = "auto"  # patients never split: auto (the patient_id column if any) | none | a column name
     bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
     size_bins: List[float] = field(default_factory=lambda: [10.0, 20.0, 30.0])  # mm edges

@@ -110,9 +110,11 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the data set into.")
 @click.option("--layout", default="kaggle", show_default=True,
-              type=click.Choice(["kaggle", "nih", "chexpert", "mimic", "vindr"]),
+              type=click.Choice(["kaggle", "nih", "chexpert", "mimic", "vindr", "vinbigdata", "rsna", "siim",
+                                 "padchest"]),
               help="kaggle: JSRT-format radiographs with known nodules; the others: a copy of that data set's "
-                   "published format (3 images per patient, findings; vindr needs the dicom extra).")
+                   "published format (3 images per patient, findings; vindr, vinbigdata, rsna and siim write DICOM: "
+                   "the dicom extra).")
 @click.option("-n", "--n-images", default=60, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=16))
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -23,8 +23,9 @@ from tests.helpers import TINY, needs
 
 
 def write_layout(name, out, **kwargs):
-    """A synthetic copy of layout `name`; VinDr's images are DICOM files (the dicom extra)."""
-    if name == "vindr":
+    """A synthetic copy of layout `name`; VinDr's, VinBigData's, RSNA's and SIIM's images are DICOM files (the dicom
+    extra)."""
+    if name in ("vindr", "vinbigdata", "rsna", "siim"):
         needs("pydicom", "dicom")
     return write_synthetic_layout(name, out, **kwargs)
 
@@ -63,8 +64,9 @@ def test_every_layout_is_detected_and_loads_from_its_synthetic_copy(name, tmp_pa
     assert len(table) and table["id"].is_unique and all(table["width"] > 0)
     for finding in LAYOUTS[name].findings:
         assert finding in table and set(table[finding].dropna()) <= {0.0, 1.0, -1.0}
-    if name in WRITERS:  # the field's data sets: patients (VinDr publishes none), views, official split
+    if LAYOUTS[name].official:  # a data set's own split
         assert set(table["split"].dropna()) <= {"train", "validate", "test"} and table["split"].notna().any()
+    if name in WRITERS:
         assert table["age"].notna().any() == (name != "mimic")  # MIMIC-CXR-JPG has no age or sex
 
 
@@ -85,7 +87,7 @@ def _published_split(name, root):
     return {path: split for split in ("train", "test") for path in (root / split).glob("*.dicom")}  # vindr
 
 
-@pytest.mark.parametrize("name", list(WRITERS))
+@pytest.mark.parametrize("name", [name for name in WRITERS if LAYOUTS[name].official])
 def test_the_official_split_equals_the_data_sets_own_split_files(name, tmp_path):
     """The oracle is the published split file (NIH's lists, CheXpert's valid.csv, MIMIC's split table, VinDr's
     test/ folder), read here without the loader: swapping two list names in the loader turns this red."""
@@ -373,17 +375,21 @@ def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
     assert "ci95" in findings["auc_macro"] and "auc_micro" in findings
     assert any(k.startswith("auc_") and k not in ("auc_macro", "auc_micro") for k in findings)
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "| findings | auc_macro |" in report and "| findings | auc_Cardiomegaly |" not in report
+    first = LAYOUTS[name].findings[0]
+    assert "| findings | auc_macro |" in report and f"| findings | auc_{first} |" not in report
     assert "| finding | labelled | positives | auc res-mtnet | auc linear | auc majority | ap res-mtnet |" in report
-    assert report.count("\n| Cardiomegaly | ") == 1  # one row per finding, in the per-finding table
-    assert f"95% bootstrap CI over {'images' if name == 'vindr' else 'patients'}]" in report  # patients resampled
+    assert report.count(f"\n| {first} | ") == 1  # one row per finding, in the per-finding table
+    # patients resampled where a patient has several images (VinDr publishes no patients, RSNA and SIIM one image each)
+    one_image_each = name in ("vindr", "vinbigdata", "rsna", "siim")
+    assert f"95% bootstrap CI over {'images' if one_image_each else 'patients'}]" in report
     # the folds recomputed from this run's predictions: every patient's images are held out in one fold (VinDr
     # publishes no patient ids: each image is its own patient)
     from cache import FeatureCache
 
     with FeatureCache(tmp_path / "c.h5") as cache:
         table = cache.labels()
-    patients = dict(zip(table["id"].astype(str), table["patient_id"].astype(str) if name != "vindr" else table["id"]))
+    own = table["patient_id"].astype(str) if "patient_id" in table else table["id"]
+    patients = dict(zip(table["id"].astype(str), own))
     held_out = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"id": str}, usecols=["id", "seed", "fold"])
     held_out["patient"] = held_out["id"].map(patients)
     assert held_out["patient"].notna().all() and held_out.groupby("seed")["id"].apply(lambda ids: ids.is_unique).all()
@@ -391,7 +397,7 @@ def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
     assert held_out.groupby("seed")["fold"].nunique().min() == 3
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert any(c.startswith("findings_") and c.endswith("_prob") for c in predictions.columns)
-    images = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".dicom"))[:2]
+    images = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".dicom", ".dcm"))[:2]
     folder = tmp_path / "new"
     folder.mkdir()
     for image in images:
@@ -492,6 +498,8 @@ def test_views_filter_and_task_groups_declare_findings(nih_cache, tmp_path):
 
 
 def test_synthetic_layouts_from_the_cli_and_inspect_data_shows_the_findings(tmp_path):
+    choices = next(p for p in main.commands["synthetic"].params if p.name == "layout").type.choices
+    assert list(choices) == ["kaggle", *WRITERS]  # the CLI offers every writer (a list, so --help stays fast)
     runner = CliRunner()
     result = runner.invoke(main, ["synthetic", "--out", str(tmp_path / "nih"), "--layout", "nih", "-n", "9",
                                   "--image-size", "32"])
@@ -602,3 +610,117 @@ def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
         assert finding["accuracy"]["n"] == 24
     finally:
         del LAYOUTS["folders"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the releases people download (pipeline.data.releases) and errors that name the fix
+
+
+def _kaggle_rle2mask(rle: str, width: int, height: int) -> np.ndarray:
+    """The SIIM challenge's own decoder (mask_functions.rle2mask, then transposed as its kernels do): the oracle."""
+    mask = np.zeros(width * height, dtype=bool)
+    array = [int(x) for x in rle.split()]
+    position = 0
+    for start, length in zip(array[0::2], array[1::2]):
+        position += start
+        mask[position:position + length] = True
+        position += length
+    return mask.reshape(width, height).T
+
+
+def test_siim_run_lengths_decode_to_the_masks_bounding_box():
+    from pipeline.data.releases import rle_box
+    from pipeline.data.synthetic_datasets import rle_encode
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = np.zeros((64, 64), dtype=bool)
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = rng.integers(0, 60, 2)
+            mask[y0:y0 + rng.integers(1, 20), x0:x0 + rng.integers(1, 20)] = True
+        text = rle_encode(mask)
+        decoded = _kaggle_rle2mask(text, 64, 64)
+        assert (decoded == mask).all()  # the writer encodes as the challenge decodes
+        ys, xs = np.nonzero(decoded)
+        assert rle_box(text, height=64) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+@pytest.mark.parametrize("name", ["vinbigdata", "rsna", "siim"])
+def test_the_releases_boxes_are_froc_targets(name, tmp_path):
+    """A candidate at each lesion box's centre is a box hit for every lesion; one in a far corner hits none."""
+    from pipeline.heads.localise import froc
+
+    table = load_dataset(write_layout(name, tmp_path / name, patients=8, per_patient=3, size=32))
+    lesions = table[table["nodule_boxes"].notna()].reset_index(drop=True)
+    assert len(lesions) and (lesions["presence"] == 1).all() and (table["presence"].dropna() == 0).any()
+    rows = np.arange(len(lesions))
+    boxes = [np.array([float(v) for v in text.split(";")[0].split(",")]) for text in lesions["nodule_boxes"]]
+    cx = np.array([[(b[0] + b[2]) / 2 / w] for b, w in zip(boxes, lesions["grid_w"])])
+    cy = np.array([[(b[1] + b[3]) / 2 / h] for b, h in zip(boxes, lesions["grid_h"])])
+    single = lesions["nodule_boxes"].str.count(";").eq(0).to_numpy()  # SIIM: a second mask on some images
+    hit = froc(lesions, rows[single], cx[single], cy[single], np.ones((single.sum(), 1)), pixel_mm=1.0, fps=[1.0])
+    assert hit["froc_box_at_1fp"] == 1.0
+    miss = froc(lesions, rows[single], np.full((single.sum(), 1), 0.999), np.full((single.sum(), 1), 0.999),
+                np.ones((single.sum(), 1)), pixel_mm=1.0, fps=[1.0])
+    assert miss["froc_box_at_1fp"] == 0.0
+
+
+def test_a_missing_column_names_the_column_and_the_file(tmp_path):
+    root = write_layout("chexpert", tmp_path / "x", patients=2, per_patient=1, size=32)
+    table = pd.read_csv(root / "train.csv")
+    table.drop(columns=["Sex"]).to_csv(root / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"train.csv: missing column\(s\) Sex; is this the published file\?"):
+        load_dataset(root)
+    nih = write_layout("nih", tmp_path / "nih", patients=2, per_patient=1, size=32)
+    lines = (nih / "Data_Entry_2017.csv").read_text().splitlines()
+    (nih / "Data_Entry_2017.csv").write_text("\n".join([lines[0].replace("Patient ID", "Patient")] + lines[1:]))
+    with pytest.raises(DataError, match=r"Data_Entry_2017.csv: missing column\(s\) Patient ID; is this"):
+        load_dataset(nih)
+
+
+def test_a_data_set_one_folder_down_is_found_and_several_are_named(tmp_path, caplog):
+    root = write_layout("chexpert", tmp_path / "download", patients=2, per_patient=1, size=32)
+    assert root.name == "CheXpert-v1.0-small"
+    source = detect_layout(tmp_path / "download")  # the folder above CheXpert-v1.0-small/
+    assert (source.layout, source.root) == ("chexpert", root.resolve())
+    write_layout("nih", tmp_path / "download" / "nih", patients=2, per_patient=1, size=32)
+    with pytest.raises(DataError, match=r"holds several data sets \(CheXpert-v1.0-small/ \(chexpert\), nih/ \(nih\)\)"):
+        detect_layout(tmp_path / "download")
+
+
+def test_the_official_protocol_without_its_split_file_names_it(tmp_path):
+    from pipeline.evaluation.evaluate import official_split
+
+    table = pd.DataFrame({"split": ["train"] * 4})
+    table.attrs["layout"] = "chexpert"
+    with pytest.raises(ConfigError, match=r"4 training and 0 validate images here; chexpert's official split comes "
+                                          r"from valid.csv .*Or use eval.protocol: kfold"):
+        official_split(table, np.arange(4), None)
+    table.attrs["layout"] = "padchest"
+    with pytest.raises(ConfigError, match=r"which the padchest layout does not publish \(nih, chexpert, mimic, "
+                                          r"vindr do.*use eval.protocol: kfold"):
+        official_split(table, np.arange(4), None)
+
+
+def test_stratify_auto_uses_the_data_sets_own_column_silently(caplog):
+    from pipeline.config import load_config
+    from pipeline.evaluation.evaluate import make_splits, stratify_labels
+
+    table = pd.DataFrame({"Nodule": [0.0, 1.0] * 10, "state": [None] * 20})
+    table.attrs["layout"] = "nih"
+    assert stratify_labels(table, "auto", np.arange(20)).tolist() == ["0.0", "1.0"] * 10
+    cfg = load_config(None, {"eval.folds": 2})
+    assert cfg.eval.stratify == "auto"
+    splits, _ = make_splits(table, np.arange(20), cfg.eval)
+    assert "eval.stratify" not in caplog.text
+    assert all(table["Nodule"].iloc[s.test].sum() == 5 for s in splits)  # stratified: 5 of the 10 nodules each
+    table.attrs["layout"] = "kaggle"
+    assert stratify_labels(table, "auto", np.arange(3)).tolist() == ["missing"] * 3  # JSRT: state
+
+
+def test_a_partial_nih_download_names_the_folders_it_looked_in(tmp_path, caplog):
+    root = write_layout("nih", tmp_path / "nih", patients=2, per_patient=2, size=32)
+    gone = next(root.glob("images_*/images/*.png"))
+    gone.unlink()
+    load_dataset(root)
+    assert f"first: {gone.name} (looked for in images_001/, images_002/)" in caplog.text

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
-import re
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from pipeline.data.labels import LabelMaps
@@ -108,10 +109,13 @@ def column_name(finding: str) -> str:
     return finding.replace("/", "_")
 
 
-def read_table(path: Path, where: str = "") -> pd.DataFrame:
-    """A published CSV (or .csv.gz) as text cells ('' = empty), with a one-line error for a damaged file."""
+def read_table(path: Path, where: str = "", columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """A published CSV (or .csv.gz) as text cells ('' = empty), only `columns` where given (a missing one is
+    named by _require), with a one-line error for a damaged file."""
+    wanted = None if columns is None else {c.lower() for c in columns}
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, index_col=False,
+                            usecols=None if wanted is None else (lambda c: str(c).strip().lower() in wanted))
     except (OSError, ValueError, pd.errors.ParserError, EOFError) as exc:
         raise DataError(f"{path}: cannot read the table ({exc}){where}") from None
     table.columns = [str(c).strip() for c in table.columns]
@@ -124,83 +128,180 @@ def _require(table: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; is this the published file?")
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
+_EMPTY = ("", "?", "nan", "na", "n/a", "none", "null")
 
 
-def _keep_present(records: List[dict], source: str) -> List[dict]:
-    present = [r for r in records if Path(r["image"]).is_file()]
-    if not present:
-        raise DataError(f"{source}: none of the {len(records)} listed images is on disk (first: "
-                        f"{records[0]['image'] if records else '?'}); unpack the images next to the metadata")
-    if len(present) < len(records):
-        first = next(r["image"] for r in records if not Path(r["image"]).is_file())
+def _numbers(values: pd.Series, field: str, ids: pd.Series, meta: Path) -> pd.Series:
+    """Numeric cells (empty = missing); any other text names its image."""
+    text = values.astype(str).str.strip()
+    empty = text.str.lower().isin(_EMPTY)
+    numbers = pd.to_numeric(text.where(~empty), errors="coerce")
+    bad = (numbers.isna() & ~empty).to_numpy()
+    if bad.any():
+        i = int(bad.argmax())
+        raise DataError(f"{meta}: image {ids.iloc[i]}: {field} '{text.iloc[i]}' is not a number; fix the value or "
+                        "leave it empty")
+    return numbers.astype(float)
+
+
+def _ids(names: pd.Series, meta: Path, first_row: int = 2) -> pd.Series:
+    """Image ids from published file names (extension dropped), checked as pipeline.data.table.clean_id checks
+    one: an empty id or a path separator names its row."""
+    from pipeline.data.table import _ID_EXTENSION, clean_id
+
+    ids = names.str.strip().str.replace(_ID_EXTENSION, "", regex=True)
+    bad = ((ids == "") | ids.str.contains(r"[/\\\x00]") | ids.isin((".", ".."))).to_numpy()
+    if bad.any():
+        i = int(bad.argmax())
+        clean_id(names.iloc[i], f"{meta}: row {i + first_row}")
+    return ids
+
+
+def _keep_present(frame: pd.DataFrame, image: pd.Series, expected: pd.Series, source: object) -> pd.DataFrame:
+    """The rows whose image is on disk (`image`: its path, NaN where absent), with `image` set; a partial download
+    (NIH ships 12 archives) warns once naming the first absent image where it was looked for (`expected`); none
+    on disk is an error."""
+    present = image.notna().to_numpy()
+    if not present.any():
+        raise DataError(f"{source}: none of the {len(frame)} listed images is on disk (first: "
+                        f"{expected.iloc[0] if len(expected) else '?'}); unpack the images next to the metadata")
+    if not present.all():
         logger.warning("%s: %d of %d listed images are not on disk (first: %s); they are left out",
-                       source, len(records) - len(present), len(records), first)
-    return present
+                       source, int((~present).sum()), len(frame), expected.iloc[int((~present).argmax())])
+    return frame.loc[present].assign(image=image[present].astype(str)).reset_index(drop=True)
 
 
-def _finish(records: List[dict], layout: str, root: Path, meta: Path, labels: LabelMaps, check_images: bool,
+def _finish(frame: pd.DataFrame, layout: str, root: Path, meta: Path, labels: LabelMaps, check_images: bool,
             skip_bad: bool) -> pd.DataFrame:
-    """The common table through pipeline.data.table's record checks: each record's JSRT columns empty, its own
-    columns (patient_id, view, split, findings, ...) kept as given."""
-    from pipeline.data.table import Source, _finish as finish_table, _record
+    """The normalised table (pipeline.data.table.finish_frame) from a layout's frame: age as a number, sex through
+    the label maps (a value other than M / F / male / female, VinDr's 'O', is missing)."""
+    from pipeline.data.table import Source, finish_frame
 
-    rows = []
-    for i, rec in enumerate(records):
-        where = f"{meta}: image {rec['id']}"
-        sex = rec.pop("sex", None)
-        base = _record(rec.pop("id"), Path(rec.pop("image")), labels, where, grid=None, age=rec.pop("age", None),
-                       sex=sex if str(sex).strip().lower() in ("m", "f", "male", "female") else None,
-                       x=rec.pop("x", None), y=rec.pop("y", None), presence=rec.pop("presence", None))
-        base.update(rec)
-        rows.append(base)
-    return finish_table(rows, Source(layout, root, meta), check_images, skip_bad)
+    if "age" in frame and frame["age"].dtype == object:
+        frame["age"] = _numbers(frame["age"].fillna(""), "age", frame["id"], meta)
+    if "sex" in frame:
+        key = frame["sex"].fillna("").astype(str).str.strip().str.lower()
+        known = {k: labels.map("sex", k, str(meta)) for k in set(key) & {"m", "f", "male", "female"}}
+        frame["sex"] = key.map(known)
+    return finish_frame(frame, Source(layout, root, meta), check_images, skip_bad)
+
+
+def _image_paths(folders: Sequence[Path], recursive: bool = False) -> Dict[str, str]:
+    """Lower-cased stem -> path of the images in `folders` (one walk each; the first folder wins a stem)."""
+    from pipeline.data.table import scan_images
+
+    found: Dict[str, str] = {}
+    for folder in reversed(list(folders)):
+        found.update(scan_images(folder, recursive))
+    return found
+
+
+def _relative_images(root: Path) -> set:
+    """The posix paths, relative to `root`, of every image file below it (one walk)."""
+    from pipeline.data.table import IMAGE_SUFFIXES
+
+    found = set()
+    for top, _, files in os.walk(root):
+        rel = os.path.relpath(top, root).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        found.update(prefix + name for name in files if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+    return found
+
+
+CORNERS = ("x_min", "y_min", "x_max", "y_max")
+
+
+def _box_frame(image=(), finding=(), corners=((), (), (), ()), reader=None) -> pd.DataFrame:
+    """Published boxes as one frame: image, finding, x_min, y_min, x_max, y_max (numbers), reader."""
+    frame = pd.DataFrame({"image": np.asarray(image, dtype=object), "finding": np.asarray(finding, dtype=object)})
+    for name, values in zip(CORNERS, corners):
+        frame[name] = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce").to_numpy(float)
+    frame["reader"] = "consensus" if reader is None else np.asarray(reader, dtype=object)
+    return frame
+
+
+def _attach_boxes(frame: pd.DataFrame, boxes: pd.DataFrame, layout: str, presence: pd.Series,
+                  readers: Optional[pd.Series] = None) -> pd.DataFrame:
+    """`boxes` (every box as published, by image id), and the localisation targets of the layout's lesion
+    findings (nodule_targets): readers' boxes merged by the majority rule where `readers` counts each image's
+    readers, else every box a lesion. Only the images in `frame` are visited."""
+    boxes = boxes[boxes["image"].isin(set(frame["id"]))]
+    coords = [np.char.mod("%g", boxes[c].to_numpy()) for c in CORNERS]
+    text = boxes["finding"] + ":" + pd.Series([",".join(t) for t in zip(*coords)], index=boxes.index, dtype=object)
+    frame["boxes"] = frame["id"].map(text.groupby(boxes["image"], sort=False).agg(";".join))
+    columns: Dict[str, dict] = {"nodule_boxes": {}, "x": {}, "y": {}}
+    lesions = boxes[boxes["finding"].isin(NODULE_FINDINGS[layout])]
+    for image, group in lesions.groupby("image", sort=False):
+        drawn = list(zip(group["finding"], *(group[c] for c in CORNERS)))
+        kept = drawn if readers is None else merge_readers(drawn, list(group["reader"]), int(readers.get(image, 1)))
+        for key, value in nodule_targets(kept, 1.0).items():
+            if key in columns:
+                columns[key][image] = value
+    for key, values in columns.items():
+        frame[key] = frame["id"].map(values)
+    frame["presence"] = np.where(frame["nodule_boxes"].notna(), 1.0, presence.to_numpy(dtype=float))
+    return frame
+
+
+def _dicom_facts(frame: pd.DataFrame, check_images: bool, facts: Sequence[str] = ("width", "height", "age", "sex")
+                 ) -> pd.DataFrame:
+    """Facts only the DICOM headers hold (age, sex, view, patient_id), read with each image's size (one read per
+    file, with check_images); a column the table already fills keeps its value. An unreadable file is reported
+    when the table's images are probed."""
+    from pipeline.data.images import dicom_header
+
+    if not check_images:
+        return frame
+    values: Dict[str, list] = {k: [] for k in facts}
+    for path in frame["image"]:
+        try:
+            header = dicom_header(path)
+        except DataError:
+            header = {}
+        for k in facts:
+            values[k].append(header.get(k, math.nan if k in ("width", "height", "age") else None))
+    for k in facts:
+        read = pd.Series(values[k], index=frame.index, dtype=float if k in ("width", "height", "age") else object)
+        frame[k] = frame[k].where(frame[k].notna() & (frame[k] != ""), read) if k in frame else read
+    return frame
+
+
+def _findings(frame: pd.DataFrame, names: Sequence[str], values: pd.DataFrame) -> pd.DataFrame:
+    """One float column per finding (column_name) from `values` (by published name, aligned with `frame`), NaN
+    where it has none."""
+    for f in names:
+        frame[column_name(f)] = values[f].to_numpy(dtype=float) if f in values else math.nan
+    return frame
 
 
 # --------------------------------------------------------------------------------------------------
 # NIH ChestX-ray14
 
 
-def _nih_age(text: str) -> float:
+def _nih_age(text: pd.Series) -> pd.Series:
     """'58' or the first release's '058Y' in years; months / days ('003M') are under a year."""
-    text = text.strip().upper()
-    match = re.fullmatch(r"(\d+)([YMD]?)", text)
-    if not match:
-        return math.nan
-    value = float(match.group(1))
-    return {"": value, "Y": value, "M": value / 12, "D": value / 365}[match.group(2)]
+    parts = text.str.strip().str.upper().str.extract(r"^(\d+)([YMD]?)$")
+    return pd.to_numeric(parts[0]) / parts[1].map({"": 1, "Y": 1, "M": 12, "D": 365})
 
 
-def _nih_images(root: Path) -> Dict[str, Path]:
-    from pipeline.data.table import _index_images
-
-    found: Dict[str, Path] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("images")):
-        found.update(_index_images(folder, recursive=True))
-    return found
-
-
-def _nih_boxes(root: Path) -> Dict[str, List[Box]]:
-    from pipeline.data.table import _find_case_insensitive, _read_csv_rows
+def _nih_boxes(root: Path) -> pd.DataFrame:
+    from pipeline.data.table import _find_case_insensitive
 
     path = _find_case_insensitive(root, NIH_BOXES)
     if path is None:
-        return {}
-    boxes: Dict[str, List[Box]] = {}
+        return _box_frame()
     # the header 'Bbox [x,y,w,h]' is split by its own commas, and rows end in empty cells
-    for n, row in enumerate(_read_csv_rows(path, 6)[1:]):
-        cells = [c.strip() for c in row]
-        if len(cells) < 6:
-            raise DataError(f"{path}: row {n + 2} has {len(cells)} fields, expected image, finding, x, y, w, h")
-        x, y, w, h = (_number(c) for c in cells[2:6])
-        if not all(map(math.isfinite, (x, y, w, h))):
-            raise DataError(f"{path}: row {n + 2}: box '{','.join(cells[2:6])}' is not four numbers")
-        boxes.setdefault(Path(cells[0]).stem, []).append((cells[1], x, y, x + w, y + h))
-    return boxes
+    try:
+        table = pd.read_csv(path, header=None, skiprows=1, usecols=range(6), dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot read the boxes ({exc}); expected image, finding, x, y, w, h per row") from None
+    x, y, w, h = (pd.to_numeric(table[k].str.strip(), errors="coerce") for k in range(2, 6))
+    bad = ~np.isfinite(np.column_stack([x, y, w, h]).astype(float)).all(axis=1)
+    if bad.any():
+        i = int(bad.argmax())
+        raise DataError(f"{path}: row {i + 2}: box '{','.join(table.iloc[i, 2:6])}' is not four numbers")
+    ids = table[0].str.strip().str.replace(r"\.png$", "", regex=True, case=False)
+    return _box_frame(ids, table[1].str.strip(), [x, y, x + w, y + h])
 
 
 def _nih_splits(root: Path) -> Dict[str, str]:
@@ -215,96 +316,96 @@ def _nih_splits(root: Path) -> Dict[str, str]:
 
 
 def load_nih(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    from pipeline.data.table import _read_csv_rows, clean_id
-
-    rows = _read_csv_rows(src.metadata, len(NIH_COLUMNS))
-    header = [c.strip() for c in rows[0]]
-    if tuple(header[:len(NIH_COLUMNS)]) != NIH_COLUMNS:
-        raise DataError(f"{src.metadata}: expected the columns {', '.join(NIH_COLUMNS)} first, got "
-                        f"{', '.join(header[:len(NIH_COLUMNS)])}")
-    images, boxes, split = _nih_images(src.root), _nih_boxes(src.root), _nih_splits(src.root)
-    records = []
-    for n, row in enumerate(rows[1:]):
-        where = f"{src.metadata}: row {n + 2}"
-        if len(row) < len(NIH_COLUMNS):
-            raise DataError(f"{where}: has {len(row)} fields, expected at least {len(NIH_COLUMNS)}")
-        name, found, follow_up, patient, age, sex, view = (c.strip() for c in row[:len(NIH_COLUMNS)])
-        ident = clean_id(name, where)
-        names = [f.strip() for f in found.split("|") if f.strip()]
-        unknown = [f for f in names if f not in NIH_FINDINGS and f != NIH_NO_FINDING]
-        if unknown:
-            raise DataError(f"{where}: finding '{unknown[0]}' is not one of ChestX-ray14's "
-                            f"{', '.join(NIH_FINDINGS)} or '{NIH_NO_FINDING}'")
-        drawn = boxes.get(ident, [])
-        rec = {"id": ident, "image": str(images.get(ident.lower(), src.root / "images" / name)),
-               "age": _nih_age(age), "sex": sex, "patient_id": patient.lstrip("0") or "0", "view": view.upper(),
-               "split": split.get(ident), "follow_up": _number(follow_up),
-               "boxes": format_boxes(drawn),
-               **nodule_targets([b for b in drawn if b[0] in NODULE_FINDINGS["nih"]],
-                                float(any(f in names for f in NODULE_FINDINGS["nih"])) if names else math.nan)}
-        rec.update({column_name(f): float(f in names) if names else math.nan for f in NIH_FINDINGS})
-        records.append(rec)
-    return _finish(_keep_present(records, str(src.metadata)), "nih", src.root, src.metadata, labels, check_images,
-                   skip_bad)
+    table = read_table(src.metadata, columns=NIH_COLUMNS)
+    _require(table, NIH_COLUMNS, src.metadata)
+    table = table.assign(id=_ids(table["Image Index"], src.metadata), row=np.arange(2, len(table) + 2))
+    folders = sorted(p for p in src.root.iterdir() if p.is_dir() and p.name.lower().startswith("images"))
+    image = table["id"].str.lower().map(_image_paths(folders, recursive=True))
+    looked = ", ".join(str(p.relative_to(src.root)) + "/" for p in folders) or "no images*/ folder"
+    table = _keep_present(table, image, table["Image Index"].str.strip() + f" (looked for in {looked})", src.root)
+    found = table["Finding Labels"].str.replace(r"\s*\|\s*", "|", regex=True).str.strip()
+    dummies = found.str.get_dummies("|")
+    unknown = [c for c in dummies.columns if c not in NIH_FINDINGS and c != NIH_NO_FINDING]
+    if unknown:
+        row = table["row"].iloc[int(dummies[unknown[0]].to_numpy().argmax())]
+        raise DataError(f"{src.metadata}: row {row}: finding '{unknown[0]}' is not one of ChestX-ray14's "
+                        f"{', '.join(NIH_FINDINGS)} or '{NIH_NO_FINDING}'")
+    said = (found != "").to_numpy()
+    frame = pd.DataFrame({"id": table["id"], "image": table["image"], "age": _nih_age(table["Patient Age"]),
+                          "sex": table["Patient Gender"],
+                          "patient_id": table["Patient ID"].str.strip().str.lstrip("0").replace("", "0"),
+                          "view": table["View Position"].str.strip().str.upper(),
+                          "split": table["id"].map(_nih_splits(src.root)),
+                          "follow_up": pd.to_numeric(table["Follow-up #"].str.strip(), errors="coerce")})
+    values = dummies.reindex(columns=list(NIH_FINDINGS), fill_value=0).astype(float)
+    _findings(frame, NIH_FINDINGS, values.where(pd.Series(said, index=values.index), axis=0))
+    lesion = dummies.reindex(columns=list(NODULE_FINDINGS["nih"]), fill_value=0).any(axis=1).astype(float)
+    frame = _attach_boxes(frame, _nih_boxes(src.root), "nih", lesion.where(said))
+    return _finish(frame, "nih", src.root, src.metadata, labels, check_images, skip_bad)
 
 
 # --------------------------------------------------------------------------------------------------
 # CheXpert
 
 
+def _header(path: Path) -> List[str]:
+    """The column names of a CSV's first line ([] when it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return [c.strip() for c in handle.readline().split(",")]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _chexpert_marker(path: Path) -> Optional[Path]:
+    """train.csv / valid.csv whose header has CheXpert's `Path` column (a missing other column is named when the
+    table is read)."""
     from pipeline.data.table import _find_case_insensitive
 
     candidates = [path] if path.is_file() else [p for p in (_find_case_insensitive(path, n) for n in CHEXPERT_FILES)
                                                 if p is not None]
     for candidate in candidates:
-        if candidate.name.lower() not in CHEXPERT_FILES:
-            continue
-        try:
-            with open(candidate, encoding="utf-8-sig") as handle:
-                header = [c.strip() for c in handle.readline().split(",")]
-        except (OSError, UnicodeDecodeError):
-            continue
-        if all(c in header for c in CHEXPERT_COLUMNS):
+        if candidate.name.lower() in CHEXPERT_FILES and "Path" in _header(candidate):
             return candidate
     return None
 
 
-def _chexpert_image(root: Path, rel: str) -> Path:
-    """CheXpert's paths start with the archive's folder ('CheXpert-v1.0-small/train/...'): relative to the
-    folder above the data folder; also accepted relative to the data folder, with or without that prefix."""
-    parts = Path(rel).parts
-    for candidate in (root.parent / rel, root / rel, root.joinpath(*parts[1:]) if len(parts) > 1 else root / rel):
-        if candidate.is_file():
-            return candidate
-    return root.parent / rel
-
-
 def load_chexpert(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
+    """CheXpert's paths start with the archive's folder ('CheXpert-v1.0-small/train/...'): read relative to the
+    folder above the data folder; also accepted relative to the data folder, with or without that prefix."""
     from pipeline.data.table import _find_case_insensitive
 
-    records = []
+    parts = []
     for name, split in CHEXPERT_FILES.items():
         path = _find_case_insensitive(src.root, name)
         if path is None:
             continue
-        table = read_table(path)
+        table = read_table(path, columns=CHEXPERT_COLUMNS + CHEXPERT_FINDINGS)
         _require(table, CHEXPERT_COLUMNS + CHEXPERT_FINDINGS, path)
-        for n, cells in enumerate(table.to_dict("records")):
-            rel = cells["Path"]
-            patient = re.search(r"patient(\d+)", rel)
-            study = re.search(r"study(\d+)", rel)
-            if patient is None or study is None:
-                raise DataError(f"{path}: row {n + 2}: path '{rel}' names no patientNNNNN/studyN folder")
-            frontal = cells["Frontal/Lateral"].strip().lower() == "frontal"
-            rec = {"id": f"patient{patient.group(1)}_study{study.group(1)}_{Path(rel).stem}",
-                   "image": str(_chexpert_image(src.root, rel)), "age": cells["Age"], "sex": cells["Sex"],
-                   "patient_id": f"patient{patient.group(1)}", "study_id": f"study{study.group(1)}",
-                   "view": (cells["AP/PA"].strip().upper() or "FRONTAL") if frontal else "LATERAL", "split": split}
-            rec.update({column_name(f): _number(cells[f]) for f in CHEXPERT_FINDINGS})
-            records.append(rec)
-    return _finish(_keep_present(records, str(src.root)), "chexpert", src.root, src.metadata, labels, check_images,
-                   skip_bad)
+        rel = table["Path"].str.strip()
+        patient, study = rel.str.extract(r"patient(\d+)")[0], rel.str.extract(r"study(\d+)")[0]
+        bad = (patient.isna() | study.isna()).to_numpy()
+        if bad.any():
+            i = int(bad.argmax())
+            raise DataError(f"{path}: row {i + 2}: path '{rel.iloc[i]}' names no patientNNNNN/studyN folder")
+        parts.append(table.assign(split=split, rel=rel, patient="patient" + patient, study="study" + study))
+    table = pd.concat(parts, ignore_index=True)
+    on_disk = _relative_images(src.root)
+    inner = table["rel"].str.split("/", n=1).str[1].fillna("")
+    image = pd.Series(np.where(inner.isin(on_disk), str(src.root) + "/" + inner,
+                               np.where(table["rel"].isin(on_disk), str(src.root) + "/" + table["rel"], None)),
+                      dtype=object)
+    table = _keep_present(table, image, str(src.root.parent) + "/" + table["rel"], src.root)
+    stem = table["rel"].str.rsplit("/", n=1).str[-1].str.replace(r"\.[^.]*$", "", regex=True)
+    frontal = table["Frontal/Lateral"].str.strip().str.lower() == "frontal"
+    view = table["AP/PA"].str.strip().str.upper().replace("", "FRONTAL")
+    frame = pd.DataFrame({"id": table["patient"] + "_" + table["study"] + "_" + stem, "image": table["image"],
+                          "age": table["Age"], "sex": table["Sex"], "patient_id": table["patient"],
+                          "study_id": table["study"], "view": view.where(frontal, "LATERAL"),
+                          "split": table["split"]})
+    values = table[list(CHEXPERT_FINDINGS)].apply(lambda c: pd.to_numeric(c.str.strip(), errors="coerce"))
+    _findings(frame, CHEXPERT_FINDINGS, values)
+    return _finish(frame, "chexpert", src.root, src.metadata, labels, check_images, skip_bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,37 +429,38 @@ def _mimic_marker(path: Path) -> Optional[Path]:
 
 
 def load_mimic(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    meta = read_table(src.metadata)
-    _require(meta, ("dicom_id", "subject_id", "study_id", "ViewPosition"), src.metadata)
-    findings: Dict[str, Dict[str, float]] = {}
-    chexpert = _mimic_table(src.root, "chexpert")
-    if chexpert is not None:
-        table = read_table(chexpert)
-        _require(table, ("subject_id", "study_id") + CHEXPERT_FINDINGS, chexpert)
-        for cells in table.to_dict("records"):
-            findings[cells["study_id"]] = {column_name(f): _number(cells[f]) for f in CHEXPERT_FINDINGS}
-    split: Dict[str, str] = {}
+    columns = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+    meta = read_table(src.metadata, columns=columns)
+    _require(meta, columns, src.metadata)
+    rel = ("p" + meta["subject_id"].str[:2] + "/p" + meta["subject_id"] + "/s" + meta["study_id"] + "/"
+           + meta["dicom_id"] + ".jpg")
+    files = str(src.root / "files") + "/"
+    image = pd.Series(np.where(rel.isin(_relative_images(src.root / "files")), files + rel, None), dtype=object)
+    meta = _keep_present(meta, image, files + rel, src.metadata)
+    view = meta["ViewPosition"].str.strip().str.upper()
+    frame = pd.DataFrame({"id": meta["dicom_id"], "image": meta["image"], "patient_id": meta["subject_id"],
+                          "study_id": meta["study_id"], "view": view.where(view != ""), "split": None})
     split_path = _mimic_table(src.root, "split")
     if split_path is not None:
-        table = read_table(split_path)
+        table = read_table(split_path, columns=("dicom_id", "split"))
         _require(table, ("dicom_id", "split"), split_path)
-        split = dict(zip(table["dicom_id"], table["split"]))
-    files = src.root / "files"
-    empty = {column_name(f): math.nan for f in CHEXPERT_FINDINGS}
-    records = []
-    for cells in meta.to_dict("records"):
-        subject, study, dicom = cells["subject_id"], cells["study_id"], cells["dicom_id"]
-        rec = {"id": dicom, "image": str(files / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"),
-               "patient_id": subject, "study_id": study, "view": cells["ViewPosition"].strip().upper() or None,
-               "split": split.get(dicom) or None}
-        rec.update(findings.get(study, empty))
-        records.append(rec)
-    return _finish(_keep_present(records, str(src.metadata)), "mimic", src.root, src.metadata, labels, check_images,
-                   skip_bad)
+        split = frame["id"].map(table.drop_duplicates("dicom_id").set_index("dicom_id")["split"])
+        frame["split"] = split.where(split.fillna("") != "")
+    chexpert = _mimic_table(src.root, "chexpert")
+    values = pd.DataFrame(index=frame.index)
+    if chexpert is not None:
+        table = read_table(chexpert, columns=("subject_id", "study_id") + CHEXPERT_FINDINGS)
+        _require(table, ("subject_id", "study_id") + CHEXPERT_FINDINGS, chexpert)
+        table = table[table["study_id"].isin(set(frame["study_id"]))].drop_duplicates("study_id", keep="last")
+        per_study = table.set_index("study_id")[list(CHEXPERT_FINDINGS)].apply(
+            lambda c: pd.to_numeric(c.str.strip(), errors="coerce"))
+        values = per_study.reindex(frame["study_id"]).reset_index(drop=True)
+    _findings(frame, CHEXPERT_FINDINGS, values)
+    return _finish(frame, "mimic", src.root, src.metadata, labels, check_images, skip_bad)
 
 
 # --------------------------------------------------------------------------------------------------
-# VinDr-CXR
+# VinDr-CXR (and its Kaggle copy, VinBigData: pipeline.data.releases)
 
 
 def _vindr_file(root: Path, name: str) -> Optional[Path]:
@@ -399,61 +501,56 @@ def _majority(votes: pd.DataFrame, key: str, columns: Sequence[str]) -> pd.DataF
     return (grouped.sum() * 2 > grouped.count()).astype(float)
 
 
-def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    from pipeline.data.images import dicom_header
+def read_readings(root: Path, folder: str, box_path: Optional[Path], label_path: Optional[Path],
+                  findings: Sequence[str], layout: str) -> pd.DataFrame:
+    """The images of one VinDr folder (train/, test/) with their findings by the majority of readers (from the
+    image-label table, else from the box table's class names) and their boxes (_attach_boxes, readers merged)."""
+    boxes, readers, per_image = _box_frame(), pd.Series(dtype=float), None
+    if box_path is not None:
+        table = _readers(read_table(box_path))
+        _require(table, ("image_id", "class_name") + CORNERS, box_path)
+        readers = table.groupby("image_id")["rad_id"].nunique()
+        drawn = table[(table[list(CORNERS)] != "").all(axis=1)]
+        boxes = _box_frame(drawn["image_id"], drawn["class_name"], [drawn[c] for c in CORNERS], drawn["rad_id"])
+        boxes = boxes[np.isfinite(boxes[list(CORNERS)].to_numpy()).all(axis=1)]
+        if label_path is None:  # findings from the boxes' class names, by the same majority rule
+            votes = pd.crosstab([table["image_id"], table["rad_id"]], table["class_name"]).clip(upper=1).reset_index()
+            per_image = _majority(votes, "image_id", [c for c in votes.columns if c not in ("image_id", "rad_id")])
+            per_image = per_image.reindex(columns=list(findings), fill_value=0.0)  # a class no reader named: 0
+    if label_path is not None:
+        table = _readers(read_table(label_path))
+        _require(table, ("image_id",), label_path)
+        per_image = _majority(table, "image_id", [c for c in table.columns if c not in ("image_id", "rad_id")])
+    ids = pd.Series(per_image.index, dtype=object)
+    image = ids.str.lower().map(_image_paths([root / folder]))
+    frame = _keep_present(pd.DataFrame({"id": ids}), image, str(root / folder) + "/" + ids + ".dicom", root)
+    values = per_image.reindex(frame["id"]).reset_index(drop=True)
+    _findings(frame, findings, values)
+    frame["split"] = folder
+    lesion = NODULE_FINDINGS[layout][0]
+    presence = values[lesion] if lesion in values else pd.Series(math.nan, index=frame.index)
+    return _attach_boxes(frame, boxes, layout, presence, readers)
 
+
+def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
     root = src.metadata.parent.parent if src.metadata.parent.name.lower() == "annotations" else src.metadata.parent
-    records = []
+    parts, missing = [], []
     for split in VINDR_SPLITS:
         label_path = _vindr_file(root, f"image_labels_{split}.csv")
         box_path = _vindr_file(root, f"annotations_{split}.csv")
-        if label_path is None and box_path is None:
-            continue
-        boxes: Dict[str, List[Box]] = {}
-        drawn_by: Dict[str, List[str]] = {}
-        readers: Dict[str, int] = {}
-        per_image: Optional[pd.DataFrame] = None
-        if box_path is not None:
-            table = read_table(box_path)
-            table = _readers(table)
-            _require(table, ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max"), box_path)
-            readers = table.groupby("image_id")["rad_id"].nunique().to_dict()
-            for cells in table.to_dict("records"):
-                corners = [_number(cells[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
-                if all(map(math.isfinite, corners)):
-                    boxes.setdefault(cells["image_id"], []).append((cells["class_name"], *corners))
-                    drawn_by.setdefault(cells["image_id"], []).append(cells["rad_id"])
-            if label_path is None:  # findings from the boxes' class names, by the same majority rule
-                votes = pd.crosstab([table["image_id"], table["rad_id"]], table["class_name"]).clip(upper=1)
-                votes = votes.reset_index()
-                names = [c for c in votes.columns if c not in ("image_id", "rad_id")]
-                per_image = _majority(votes, "image_id", names)
-        if label_path is not None:
-            table = read_table(label_path)
-            table = _readers(table)
-            _require(table, ("image_id",), label_path)
-            names = [c for c in table.columns if c not in ("image_id", "rad_id")]
-            per_image = _majority(table, "image_id", names)
-        for image_id, votes in per_image.iterrows():
-            path = next((root / split / f"{image_id}{s}" for s in (".dicom", ".dcm")
-                         if (root / split / f"{image_id}{s}").is_file()), root / split / f"{image_id}.dicom")
-            mine = [(b, r) for b, r in zip(boxes.get(image_id, []), drawn_by.get(image_id, []))
-                    if b[0] in NODULE_FINDINGS["vindr"]]
-            lesions = merge_readers([b for b, _ in mine], [r for _, r in mine], readers.get(image_id, 1))
-            finding = NODULE_FINDINGS["vindr"][0]
-            rec = {"id": image_id, "image": str(path), "split": split, "boxes": format_boxes(boxes.get(image_id, [])),
-                   **nodule_targets(lesions, float(votes[finding]) if finding in votes.index else math.nan)}
-            rec.update({column_name(f): float(votes[f]) if f in votes.index else math.nan for f in VINDR_FINDINGS})
-            records.append(rec)
-    records = _keep_present(records, str(root))
-    if check_images:  # age and sex are in the DICOM headers only; the size comes with them (one read per file)
-        for rec in records:
+        if label_path is not None or box_path is not None:
             try:
-                header = dicom_header(rec["image"])
-            except DataError:
-                continue  # reported (or skipped with --skip-bad) when the table's images are probed
-            rec.update({k: header[k] for k in ("width", "height", "age", "sex")})
-    return _finish(records, "vindr", root, src.metadata, labels, check_images, skip_bad)
+                parts.append(read_readings(root, split, box_path, label_path, VINDR_FINDINGS, "vindr"))
+            except DataError as exc:  # the other folder may hold the images (a partial download)
+                if "is on disk" not in str(exc):
+                    raise
+                missing.append(str(exc))
+    if not parts:
+        raise DataError(missing[0] if missing else f"{root}: no annotations_train.csv / image_labels_train.csv")
+    for text in missing:
+        logger.warning("%s", text)
+    frame = _dicom_facts(pd.concat(parts, ignore_index=True), check_images)
+    return _finish(frame, "vindr", root, src.metadata, labels, check_images, skip_bad)
 
 
 def _register() -> None:
@@ -461,13 +558,20 @@ def _register() -> None:
 
     # CheXpert's labeller (and MIMIC-CXR's CheXpert labels) leave a finding the report does not mention blank:
     # Irvin et al.'s U-Ones / U-Zeros read those as negatives
-    for name, detect, load, marker, findings, blank in (
-            ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS, "missing"),
-            ("chexpert", _chexpert_marker, load_chexpert, "train.csv / valid.csv", CHEXPERT_FINDINGS, "negative"),
-            ("mimic", _mimic_marker, load_mimic, f"{MIMIC_PREFIX}metadata.csv(.gz)", CHEXPERT_FINDINGS, "negative"),
+    for name, detect, load, marker, findings, blank, official, stratify in (
+            ("nih", _file_named(*NIH_ENTRY), load_nih, NIH_ENTRY[1], NIH_FINDINGS, "missing",
+             " / ".join(NIH_SPLITS), "Nodule"),
+            ("chexpert", _chexpert_marker, load_chexpert, "train.csv / valid.csv", CHEXPERT_FINDINGS, "negative",
+             "valid.csv (scored) beside train.csv", "Lung Lesion"),
+            ("mimic", _mimic_marker, load_mimic, f"{MIMIC_PREFIX}metadata.csv(.gz)", CHEXPERT_FINDINGS, "negative",
+             f"{MIMIC_PREFIX}split.csv.gz", "Lung Lesion"),
             ("vindr", _vindr_marker, load_vindr, "annotations_train.csv / image_labels_train.csv", VINDR_FINDINGS,
-             "missing")):
-        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), blank))
+             "missing", "the train/ and test/ folders with their annotations", "Nodule_Mass")):
+        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), blank, official,
+                               stratify))
+    from pipeline.data import releases
+
+    releases.register(register_layout, Layout)
 
 
 _register()

@@ -55,17 +55,34 @@ def _read_dicom(source, name: os.PathLike, pixels: bool):
                         "or pass --skip-bad") from None
 
 
+#: DICOM's age string (PS3.5 AS: '058Y', '003M') in years; RSNA's files hold a bare number ('51').
+_AGE_UNITS = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
+
+
+def _header_text(ds, keyword: str) -> str:
+    """A header element's text as stored, unvalidated: a value that breaks its VR (RSNA's ages) is read without a
+    warning per file."""
+    element = ds.get_item(keyword)
+    value = getattr(element, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "ignore")
+    return str(value or "").strip()
+
+
 def dicom_header(path: os.PathLike) -> dict:
-    """A DICOM file's size and the patient facts a data set keeps (age in years, sex), from its header alone; a
-    size above the pixel limit is refused here, before anything is decoded."""
+    """A DICOM file's size and the facts a data set keeps (age in years, sex, view, patient), from its header
+    alone; a size above the pixel limit is refused here, before anything is decoded."""
     ds = _read_dicom(path, path, pixels=False)
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
         raise DataError(f"{path}: the DICOM header has no Rows / Columns (not an image?); replace or remove it")
     _check_pixels(int(cols), int(rows), path)
-    age = str(ds.get("PatientAge", "") or "")
-    years = float(age[:-1]) if age[:-1].isdigit() and age.endswith("Y") else float("nan")
-    return {"width": int(cols), "height": int(rows), "age": years, "sex": str(ds.get("PatientSex", "") or "")}
+    age = _header_text(ds, "PatientAge").upper()
+    number, unit = (age[:-1], age[-1]) if age[-1:].isalpha() and age[-1:] in _AGE_UNITS else (age, "")
+    return {"width": int(cols), "height": int(rows),
+            "age": float(number) / _AGE_UNITS[unit] if number.isdigit() else float("nan"),
+            "sex": _header_text(ds, "PatientSex"), "view": _header_text(ds, "ViewPosition").upper() or None,
+            "patient_id": _header_text(ds, "PatientID") or None}
 
 
 def _decoder_available(ds) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.datasets import CHEXPERT_FINDINGS, VINDR_FINDINGS
+from pipeline.data.releases import PADCHEST_FINDINGS, SIIM_SIZE, VINBIG_FINDINGS
 from pipeline.data.synthetic import FIELD_MM, draw_nodule_params, render
 
 #: How many of a layout's findings leave a mark in the image (the rest are label noise).
@@ -47,8 +48,9 @@ def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
 
 def write_dicom(path: Path, stored: np.ndarray, *, monochrome1: bool = False, slope: float = 1.0,
                 intercept: float = 0.0, window: Sequence[float] = (), age: str = "", sex: str = "",
-                bits: int = 12) -> Path:
+                bits: int = 12, view: str = "", patient: str = "") -> Path:
     """An uncompressed DICOM file of 16-bit stored values (as pydicom writes one; needs the dicom extra)."""
+    from pydicom import config
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -68,10 +70,10 @@ def write_dicom(path: Path, stored: np.ndarray, *, monochrome1: bool = False, sl
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
     if window:
         ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
-    if age:
-        ds.PatientAge = age
-    if sex:
-        ds.PatientSex = sex
+    for keyword, value in (("PatientAge", age), ("PatientSex", sex), ("ViewPosition", view), ("PatientID", patient)):
+        if value:
+            with config.disable_value_validation():  # RSNA's ages ('51') break the AS representation
+                setattr(ds, keyword, value)
     ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -224,8 +226,135 @@ def write_vindr(out: Path, patients: int = 8, per_patient: int = 3, size: int = 
     return out
 
 
+def _dicom_image(rng: np.random.Generator, size: int, marks: Sequence[bool]) -> Tuple[np.ndarray, Optional[tuple]]:
+    """A 12-bit stored image and its nodule's box."""
+    pixels, box = _pixels(rng, size, marks)
+    return (pixels * 4095).round().astype(np.uint16), box
+
+
+def write_vinbigdata(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """Kaggle's VinBigData: train.csv (image_id, class_name, class_id, rad_id, x_min, y_min, x_max, y_max; a row per
+    reader and finding, 'No finding' rows (class 14) without a box), three readers per image, train/ and test/
+    DICOMs (test/ without labels). One image per patient, as VinDr publishes no patient ids."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    n = patients * per_patient
+    for i in range(n):
+        image_id = rng.bytes(16).hex()
+        truth = _draw(rng, VINBIG_FINDINGS[:-1], 0.15)
+        stored, box = _dicom_image(rng, size, [f in truth for f in ("Nodule/Mass", "Pleural effusion", "Cardiomegaly")])
+        folder = "test" if i >= n * 7 // 8 else "train"
+        write_dicom(out / folder / f"{image_id}.dicom", stored, age=f"{int(rng.integers(20, 80)):03d}Y",
+                    sex=str(rng.choice(["M", "F"])))
+        if folder == "test":
+            continue
+        for reader in ("R8", "R9", "R10"):
+            said = [f for f in truth if rng.random() < 0.85 or f == "Nodule/Mass"] or ["No finding"]
+            for finding in said:
+                corners = ["", "", "", ""] if finding == "No finding" else [2.0, 2.0, 8.0, 8.0]
+                if finding == "Nodule/Mass":
+                    corners = [round(v + rng.normal(0, 0.3), 2) for v in box]
+                rows.append([image_id, finding, VINBIG_FINDINGS.index(finding), reader, *corners])
+    _write_csv(out / "train.csv", ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max",
+                                   "y_max"], rows)
+    return out
+
+
+def write_rsna(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """RSNA Pneumonia Detection (stage 2): stage_2_train_labels.csv (patientId,x,y,width,height,Target; a row per
+    box, Target 0 rows empty), stage_2_detailed_class_info.csv (patientId,class) and
+    stage_2_train_images/<patientId>.dcm with age ('51', as RSNA writes it), sex and ViewPosition; one image per
+    patient (`patients * per_patient` of them); the pneumonia boxes are the drawn nodules' boxes."""
+    rng = np.random.default_rng(seed)
+    labels, classes = [], []
+    for i in range(patients * per_patient):
+        patient = "-".join(rng.bytes(k).hex() for k in (4, 2, 2, 2, 6))
+        opacity = rng.random() < 0.4
+        stored, box = _dicom_image(rng, size, [opacity])
+        write_dicom(out / "stage_2_train_images" / f"{patient}.dcm", stored, age=str(int(rng.integers(20, 80))),
+                    sex=str(rng.choice(["M", "F"])), view=str(rng.choice(["PA", "AP"])), patient=patient)
+        if opacity:
+            labels.append([patient, box[0], box[1], round(box[2] - box[0], 2), round(box[3] - box[1], 2), 1])
+            classes.append([patient, "Lung Opacity"])
+        else:
+            labels.append([patient, "", "", "", "", 0])
+            classes.append([patient, str(rng.choice(["Normal", "No Lung Opacity / Not Normal"]))])
+    _write_csv(out / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], labels)
+    _write_csv(out / "stage_2_detailed_class_info.csv", ["patientId", "class"], classes)
+    return out
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """The SIIM challenge's relative run-length encoding of a mask (its mask_functions.mask2rle): runs over the
+    pixels numbered down each column, each start counted from the previous run's end."""
+    flat = np.concatenate([[0], mask.T.reshape(-1).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(flat))
+    starts, ends = edges[0::2], edges[1::2]
+    relative = starts - np.concatenate([[0], ends[:-1]])
+    return " ".join(f"{a} {b}" for a, b in zip(relative, ends - starts))
+
+
+def write_siim(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """SIIM-ACR Pneumothorax: train-rle.csv (header 'ImageId, EncodedPixels', -1 for none, a row per mask) over the
+    challenge's 1024 x 1024 grid, DICOMs (`size` px upscaled to 1024) under dicom-images-train/<study>/<series>/;
+    the pneumothorax mask is the drawn nodule's box (a second mask on some images). One image per patient."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    scale = SIIM_SIZE // size
+    for i in range(patients * per_patient):
+        image_id = f"1.2.276.0.7230010.3.1.4.8323329.{1000 + i}.1517875{i:03d}.{int(rng.integers(1e5, 1e6))}"
+        present = rng.random() < 0.4
+        stored, box = _dicom_image(rng, size, [present])
+        big = np.kron(stored, np.ones((scale, scale), dtype=np.uint16))
+        write_dicom(out / "dicom-images-train" / f"1.2.276.0.{i}.1" / f"1.2.276.0.{i}.2" / f"{image_id}.dcm", big,
+                    age=f"{int(rng.integers(20, 80)):03d}Y", sex=str(rng.choice(["M", "F"])), view="PA",
+                    patient=f"{rng.bytes(8).hex()}")
+        if not present:
+            rows.append([image_id, "-1"])
+            continue
+        masks = [tuple(int(round(v * scale)) for v in box)]
+        if i % 2:
+            masks.append((10, 20, 40, 90))
+        for x0, y0, x1, y1 in masks:
+            mask = np.zeros((SIIM_SIZE, SIIM_SIZE), dtype=bool)
+            mask[y0:y1, x0:x1] = True
+            rows.append([image_id, rle_encode(mask)])
+    _write_csv(out / "train-rle.csv", (), rows, raw_header="ImageId, EncodedPixels")
+    return out
+
+
+def write_padchest(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """PadChest: PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz (an unnamed index column first, the
+    published columns, Labels as a Python-list string) and 16-bit PNGs in numbered folders (ImageDir)."""
+    rng = np.random.default_rng(seed)
+    header = ["", "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
+              "PatientSex_DICOM", "ViewPosition_DICOM", "Projection", "MethodProjection", "Labels", "Localizations"]
+    rows = []
+    for p in range(patients):
+        patient = rng.bytes(16).hex()
+        born = int(rng.integers(1930, 1990))
+        for k in range(per_patient):
+            said = _draw(rng, PADCHEST_FINDINGS[:8], 0.3)
+            marks = [f in said for f in ("nodule", "pleural effusion", "cardiomegaly")]
+            said = sorted(set(said) | ({"nodule"} if marks[0] else set())) or ["normal"]
+            pixels, _ = _pixels(rng, size, marks)
+            image_id = f"{rng.bytes(16).hex()}.png"
+            folder = str(len(rows) % 3)
+            target = out / folder / image_id
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((pixels * 65535).round().astype(np.uint16)).save(target)
+            lateral = k == per_patient - 1 and per_patient > 2
+            rows.append([len(rows), image_id, folder, f"20{10 + k:02d}0{1 + p % 9}15", rng.bytes(8).hex(), patient,
+                         f"{born}.0", str(rng.choice(["M", "F"])), "['LATERAL']" if lateral else "['POSTEROANTERIOR']",
+                         "L" if lateral else "PA", "Manual review of DICOM fields",
+                         "[" + ", ".join(f"'{f}'" for f in said) + "]", "[]"])
+    _write_csv(out / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz", header, rows, gz=True)
+    return out
+
+
 WRITERS: Dict[str, Callable[..., Path]] = {"nih": write_nih, "chexpert": write_chexpert, "mimic": write_mimic,
-                                           "vindr": write_vindr}
+                                           "vindr": write_vindr, "vinbigdata": write_vinbigdata, "rsna": write_rsna,
+                                           "siim": write_siim, "padchest": write_padchest}
 
 
 def write_layout(name: str, out: Path, **kwargs) -> Path:

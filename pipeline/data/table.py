@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+import numpy as np
 import pandas as pd
 
 from pipeline.data.images import is_raw, probe_image
@@ -113,16 +114,25 @@ def _inside(root: Path, path: Path, where: str) -> Path:
     return resolved
 
 
-def _index_images(folder: Path, recursive: bool = False) -> Dict[str, Path]:
-    """Map lower-cased file stem -> path for the image files in a folder (case-insensitive lookup)."""
-    found: Dict[str, Path] = {}
+def scan_images(folder: Path, recursive: bool = False) -> Dict[str, str]:
+    """One walk of a folder: lower-cased file stem -> path of every image file in it (below it with
+    `recursive`); the first of two files with one stem wins. Plain strings: a download of 377,000 files."""
+    found: Dict[str, str] = {}
     if not folder.is_dir():
         return found
-    entries = folder.rglob("*") if recursive else folder.iterdir()
-    for path in entries:
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-            found.setdefault(path.stem.lower(), path)
+    walk = os.walk(folder) if recursive else [(str(folder), [], [e.name for e in os.scandir(folder) if e.is_file()])]
+    for top, dirs, files in walk:
+        dirs.sort()
+        for name in sorted(files):
+            stem, dot, suffix = name.rpartition(".")
+            if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES and not name.startswith("."):
+                found.setdefault(stem.lower(), os.path.join(top, name))
     return found
+
+
+def _index_images(folder: Path, recursive: bool = False) -> Dict[str, Path]:
+    """Map lower-cased file stem -> path for the image files in a folder (case-insensitive lookup)."""
+    return {stem: Path(path) for stem, path in scan_images(folder, recursive).items()}
 
 
 def _read_text(path: Path) -> str:
@@ -192,8 +202,8 @@ def _record(ident: str, image: Path, labels: LabelMaps, where: str, *, grid: Opt
         "diagnosis_text": _text(diagnosis),
         "grid_w": grid[0] if grid else math.nan,
         "grid_h": grid[1] if grid else math.nan,
+        "_where": where,  # names the record in finish_frame's errors
     }
-    _check_ranges(rec, where)
     return rec
 
 
@@ -215,56 +225,71 @@ def _class_or_map(labels: LabelMaps, field: str, value: object, where: str) -> O
     return labels.map(field, value, where)
 
 
-def _check_ranges(rec: dict, where: str) -> None:
-    s = rec["subtlety"]
-    if not math.isnan(s) and not 1 <= s <= 5:
-        raise DataError(f"{where}: subtlety {s:g} is outside 1-5")
-    size = rec["size_mm"]
-    if not math.isnan(size) and size <= 0:
-        raise DataError(f"{where}: size {size:g} mm must be positive")
-    age = rec["age"]
-    if not math.isnan(age) and not 0 <= age <= 130:
-        raise DataError(f"{where}: age {age:g} is outside 0-130")
-    for axis, grid in (("x", "grid_w"), ("y", "grid_h")):
-        value, limit = rec[axis], rec[grid]
-        if math.isnan(value):
-            continue
-        if value < 0 or (not math.isnan(limit) and value >= limit):
-            raise DataError(f"{where}: {axis} {value:g} is outside the {limit:g}-pixel coordinate grid")
+#: The table's value rules: (column, offending rows of a frame, message of one value).
+_RULES = (
+    ("subtlety", lambda f: ~f["subtlety"].between(1, 5) & f["subtlety"].notna(), "subtlety {v:g} is outside 1-5"),
+    ("size_mm", lambda f: f["size_mm"] <= 0, "size {v:g} mm must be positive"),
+    ("age", lambda f: ~f["age"].between(0, 130) & f["age"].notna(), "age {v:g} is outside 0-130"),
+    ("x", lambda f: (f["x"] < 0) | (f["x"] >= f["grid_w"]), "x {v:g} is outside the {grid_w:g}-pixel coordinate grid"),
+    ("y", lambda f: (f["y"] < 0) | (f["y"] >= f["grid_h"]), "y {v:g} is outside the {grid_h:g}-pixel coordinate grid"),
+)
+
+
+def _check_ranges(frame: pd.DataFrame, meta: Path) -> None:
+    """Every value rule over every row at once; the first offending row is named (its `_where`, else its id)."""
+    for column, offends, message in _RULES:
+        bad = offends(frame).to_numpy()
+        if bad.any():
+            row = frame.iloc[int(bad.argmax())]
+            where = row["_where"] if isinstance(row.get("_where"), str) else f"{meta}: image {row['id']}"
+            raise DataError(f"{where}: " + message.format(v=row[column], grid_w=row["grid_w"], grid_h=row["grid_h"]))
 
 
 def _finish(records: List[dict], source: Source, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    if not records:
+    """The table of a layout that builds one record per image (_record)."""
+    return finish_frame(pd.DataFrame.from_records(records), source, check_images, skip_bad)
+
+
+def finish_frame(frame: pd.DataFrame, source: Source, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
+    """The normalised table from a layout's frame (a row per image; any of COLUMNS it lacks are missing): unique
+    ids, each image's size from its header (unless the layout read it), the coordinate grid, the value rules."""
+    if frame.empty:
         raise DataError(f"{source.metadata}: no images listed; nothing to load")
-    seen: Dict[str, int] = {}
-    for i, rec in enumerate(records):
-        if rec["id"] in seen:
-            raise DataError(f"{source.metadata}: duplicate image id '{rec['id']}' (entries "
-                            f"{seen[rec['id']] + 1} and {i + 1}); ids must be unique")
-        seen[rec["id"]] = i
-    for rec in records:
-        if check_images and "width" not in rec:  # a layout that read the image's header has set its size
+    frame = frame.reset_index(drop=True)
+    repeated = frame["id"].duplicated(keep=False).to_numpy()
+    if repeated.any():
+        first = frame["id"].iloc[int(repeated.argmax())]
+        entries = np.flatnonzero(frame["id"].to_numpy() == first)[:2] + 1
+        raise DataError(f"{source.metadata}: duplicate image id '{first}' (entries {entries[0]} and {entries[1]}); "
+                        "ids must be unique")
+    for col in COLUMNS:
+        if col not in frame:
+            frame[col] = None if col in TEXT_COLUMNS else math.nan
+    for col in NUMERIC_COLUMNS:
+        frame[col] = frame[col].astype("float64")
+    if not check_images:
+        frame["width"] = frame["height"] = math.nan
+    else:  # a layout that read the image's header has set its size
+        width, height = frame["width"].to_numpy(copy=True), frame["height"].to_numpy(copy=True)
+        images = frame["image"].to_numpy()
+        for i in np.flatnonzero(np.isnan(width)):
             try:
-                rec["width"], rec["height"] = probe_image(rec["image"])
+                width[i], height[i] = probe_image(images[i])
             except DataError as exc:
                 if not skip_bad:
                     raise DataError(f"{exc}, or pass --skip-bad to record it as unreadable") from None
                 logger.warning("%s (kept as unreadable: --skip-bad)", exc)
-                rec["width"], rec["height"] = 0, 0
-                continue
-        elif not check_images:
-            rec["width"], rec["height"] = math.nan, math.nan
-        if math.isnan(rec["grid_w"]):  # no separate coordinate grid: coordinates are in image pixels
-            rec["grid_w"], rec["grid_h"] = rec["width"], rec["height"]
-            _check_ranges(rec, f"{source.metadata}: image {rec['id']}")
-    table = pd.DataFrame.from_records(records)
-    extra = [c for c in table.columns if c not in COLUMNS]
-    table = table[list(COLUMNS) + extra]
-    for col in NUMERIC_COLUMNS:
-        table[col] = table[col].astype("float64")
+                width[i], height[i] = 0, 0
+        frame["width"], frame["height"] = width, height
+    # no separate coordinate grid: coordinates are in image pixels (an unreadable image has none)
+    own = frame["grid_w"].isna() & (frame["width"] > 0)
+    frame.loc[own, "grid_w"] = frame.loc[own, "width"]
+    frame.loc[own, "grid_h"] = frame.loc[own, "height"]
+    _check_ranges(frame, source.metadata)
+    extra = [c for c in frame.columns if c not in COLUMNS and c != "_where"]
+    table = frame[list(COLUMNS) + extra].copy()
     for col in TEXT_COLUMNS:
-        table[col] = pd.Series([v if isinstance(v, str) else None for v in table[col]], dtype=object,
-                               index=table.index)
+        table[col] = table[col].astype(object).where(table[col].notna(), None)
     table.attrs.update(layout=source.layout, root=str(source.root), metadata=str(source.metadata))
     logger.info("loaded %d images (%s layout) from %s", len(table), source.layout, source.root)
     return table
@@ -449,7 +474,9 @@ class Layout:
     layout (`marker` names it, for errors), or None; `load(source, maps, check_images, skip_bad)` returns the
     table. `findings` are the label columns of the layout's multi-label task `findings` (train.tasks: [findings]);
     `blank` what a blank finding cell means under data.blank: auto ('negative' where the data set's labeller leaves
-    unmentioned findings blank, as CheXpert's; 'missing' where a blank says nothing).
+    unmentioned findings blank, as CheXpert's; 'missing' where a blank says nothing). `official` names where the
+    data set's own split comes from ('' where it publishes none: eval.protocol official refuses it), `stratify`
+    the column eval.stratify 'auto' stratifies the folds on (default: the first finding, else JSRT's state).
     """
 
     name: str
@@ -458,6 +485,8 @@ class Layout:
     marker: str
     findings: Tuple[str, ...] = ()
     blank: str = "missing"
+    official: str = ""
+    stratify: str = ""
 
 
 #: Layouts in detection order (the first whose marker file is found wins).
@@ -475,6 +504,20 @@ def blank_meaning(layout: str, policy: str) -> str:
     """What a blank finding cell is (data.blank): the policy, or with 'auto' the layout's convention."""
     entry = LAYOUTS.get(layout)
     return policy if policy != "auto" else entry.blank if entry is not None else "missing"
+
+
+def stratify_column(layout: str) -> str:
+    """The column eval.stratify 'auto' names for a layout: its own choice, its first finding, else 'state'."""
+    entry = LAYOUTS.get(layout)
+    if entry is None:
+        return "state"
+    return entry.stratify or (entry.findings[0] if entry.findings else "state")
+
+
+def official_source(layout: str) -> str:
+    """Where a layout's official split comes from ('' where the data set publishes none)."""
+    entry = LAYOUTS.get(layout)
+    return entry.official if entry is not None else ""
 
 
 def task_groups(layout: str) -> Dict[str, Tuple[str, ...]]:
@@ -535,12 +578,28 @@ def detect_layout(path: Union[str, os.PathLike]) -> Source:
         raise DataError(f"{path}: expected a data folder or a manifest .csv")
     if path.is_dir() and not any(path.iterdir()):
         raise DataError(f"{path}: the data folder is empty")
+    found = _detect(path)
+    if found is not None:
+        return found
+    # a download's own folder one level down (the folder above CheXpert-v1.0-small/, an archive unpacked in place)
+    below = [s for s in (_detect(p) for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith("."))
+             if s is not None] if path.is_dir() else []
+    if len(below) == 1:
+        logger.info("%s: reading the %s data set in %s", path, below[0].layout, below[0].root)
+        return below[0]
+    if below:
+        raise DataError(f"{path}: holds several data sets ({', '.join(f'{s.root.name}/ ({s.layout})' for s in below)});"
+                        " name one of those folders as --data")
+    markers = ", ".join(f"{layout.marker} ({name})" for name, layout in LAYOUTS.items())
+    raise DataError(f"{path}: no {markers} found, here or one folder down; see README 'Data'")
+
+
+def _detect(path: Path) -> Optional[Source]:
     for layout in LAYOUTS.values():
         marker = layout.detect(path)
         if marker is not None:
             return Source(layout.name, marker.parent, marker)
-    markers = ", ".join(f"{layout.marker} ({name})" for name, layout in LAYOUTS.items())
-    raise DataError(f"{path}: no {markers} found; see README 'Data'")
+    return None
 
 
 def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, None] = None,

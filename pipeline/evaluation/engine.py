@@ -118,6 +118,7 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
                      f"cache {cache_path}")
         features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype])
         table = cache.labels()
+        table.attrs["layout"] = str(cache.attrs.get("data_layout", ""))  # eval.stratify auto, eval.protocol official
         bad = cache.bad
         provenance = {s: cache.backbones[s].attrs for s in specs}
         attrs = dict(cache.attrs)

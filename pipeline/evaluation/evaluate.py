@@ -40,6 +40,14 @@ PATIENT_COLUMN = "patient_id"
 
 
 def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:
+    """The class of each row that folds are stratified on (eval.stratify; 'auto': the data set's own column,
+    pipeline.data.table.stratify_column, or none where the table lacks it)."""
+    if column == "auto":
+        from pipeline.data.table import stratify_column
+
+        column = stratify_column(str(table.attrs.get("layout", "")))
+        if column not in table:
+            return np.full(len(rows), "missing")
     if column not in table:
         raise ConfigError(f"eval.stratify: no column '{column}' in the labels")
     return np.array(["missing" if v is None or v != v else str(v) for v in table[column].to_numpy()[rows]])
@@ -117,17 +125,25 @@ def official_split(table: pd.DataFrame, rows: np.ndarray, groups: Optional[np.nd
     """(train, test) positions in `rows` of the data set's own split: its test list is scored (CheXpert, which
     publishes no test labels: its validation list), every other listed row trains (inner validation is drawn
     from them); rows in no list are left out."""
-    if SPLIT_COLUMN not in table:
-        raise ConfigError("eval.protocol official needs the data set's own split: the nih, chexpert, mimic and vindr "
-                          "layouts have one, a manifest a 'split' column of train / validate / test")
+    from pipeline.data.table import LAYOUTS, official_source
+
+    layout = str(table.attrs.get("layout", ""))
+    source = official_source(layout)
+    if SPLIT_COLUMN not in table or (layout in LAYOUTS and layout != "manifest" and not source):
+        having = ", ".join(name for name, entry in LAYOUTS.items() if entry.official)
+        raise ConfigError(f"eval.protocol official needs the data set's own split, which the {layout or 'cached'} "
+                          f"layout does not publish ({having} do; a manifest a 'split' column of train / validate / "
+                          "test); use eval.protocol: kfold")
     split = np.array([str(v).strip().lower() if isinstance(v, str) else ""
                       for v in table[SPLIT_COLUMN].to_numpy()[rows]])
     scored = "test" if (split == "test").any() else "validate"
     test = np.flatnonzero(split == scored)
     train = np.flatnonzero((split != scored) & (split != ""))
     if not len(test) or not len(train):
-        raise ConfigError(f"eval.protocol official: the '{SPLIT_COLUMN}' column has {len(train)} training and "
-                          f"{len(test)} {scored} images here; both are needed")
+        where = (f"{layout}'s official split comes from {source}: is it there?" if source else
+                 f"the '{SPLIT_COLUMN}' column needs both")
+        raise ConfigError(f"eval.protocol official: {len(train)} training and {len(test)} {scored} images here; "
+                          f"{where} Or use eval.protocol: kfold")
     if scored != "test":
         logger.warning("eval.protocol official: no test list in this data set; scoring its %s list (%d images)",
                        scored, len(test))
@@ -244,7 +260,7 @@ def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fra
         raise ConfigError(f"eval.seen_fraction {ecfg.seen_fraction} must be in [0, 1]")
     protocol = PROTOCOLS[ecfg.protocol]
     labels = stratify_labels(table, ecfg.stratify, rows)
-    if (labels == "missing").all() and len(labels):
+    if (labels == "missing").all() and len(labels) and ecfg.stratify != "auto":
         logger.warning("eval.stratify: column '%s' has no labels here; the splits are not stratified",
                        ecfg.stratify)
     ctx = SplitContext(table, rows, labels, split_groups(table, rows, ecfg), ecfg)
