@@ -9,6 +9,9 @@ PAPER ?= paper-output
 WEIGHTS ?= imagenet
 PROTOCOLS ?= kfold
 PYTEST_ARGS ?=
+# The suite in two processes of one thread each (tiny models run no faster on two threads; two files at once do):
+# 4 min 14-31 s instead of 7 min 45 s on 2 cores. WORKERS=1 runs it in one process.
+WORKERS ?= 2
 
 .PHONY: test demo paper venv lint clean
 
@@ -24,7 +27,8 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(if $(filter-out 1,$(WORKERS)),OMP_NUM_THREADS=1) $(BIN)/python -m pytest -q \
+		$(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/resmtnet demo --out $(DEMO)

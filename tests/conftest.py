@@ -12,7 +12,8 @@ from pipeline.data.synthetic import make_synthetic
 
 SHARED_JSRT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsrt"
 
-# Keep torch on few threads: the suite runs on 2 cores and spawns DataLoader workers.
+# Keep torch on few threads: the suite runs on 2 cores and spawns DataLoader workers (make test runs two pytest
+# workers with OMP_NUM_THREADS=1 from its environment).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
