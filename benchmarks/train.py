@@ -4,6 +4,7 @@
     python benchmarks/train.py --cache CACHE.h5 --compare ../base            # ... beside another checkout
     python benchmarks/train.py --cache CACHE.h5 --sweep configs/sweep.yaml --configs 8
     python benchmarks/train.py --step                                      # where one training step goes
+    python benchmarks/train.py --answers [--compare ../base]               # how fast errors and inspect-data answer
 
 "command": `train-heads` from start to exit (a fresh process: imports, reading the cache, 5-fold CV with
 baselines and bootstrap CIs, refit, plots, report), median of --repeats. "concurrent": two such commands
@@ -13,7 +14,9 @@ worktree of an earlier commit: `git worktree add ../base HEAD~1`) runs the same 
 this checkout's, so both are timed under the same load. "cv": one cross-validation run in-process (no
 imports, no refit, no files). The sweep part trains configurations x 5 folds stacked against one
 configuration at a time. --step times one training step of 5 stacked members (batch 32, 4768 -> 512, the
-paper cache's shapes) against its weight-gradient product alone. Every figure is printed as JSON at the end.
+paper cache's shapes) against its weight-gradient product alone. --answers times fresh `resmtnet` processes
+that should answer at once: --help, a cache that does not exist, a config key that does not exist, and
+inspect-data on 24 synthetic images (medians of --repeats). Every figure is printed as JSON at the end.
 """
 from __future__ import annotations
 
@@ -53,6 +56,29 @@ def concurrent_time(code: Path, cache: Path, folder: Path, extra=()) -> float:
     return time.perf_counter() - started
 
 
+def answer_times(code: Path, repeats: int) -> dict:
+    """Median seconds of the answers that need no model: fresh processes of the code in `code`."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    with tempfile.TemporaryDirectory() as tmp:
+        from pipeline.data.synthetic import make_synthetic
+
+        data = make_synthetic(Path(tmp) / "jsrt", n_images=24, image_size=64, seed=0)
+        Path(tmp, "c.h5").touch()  # a cache path that exists: the config is what is wrong
+        cases = {"help": ["--help"], "missing_cache": ["train-heads", "--cache", f"{tmp}/no.h5", "--out", tmp],
+                 "bad_config_key": ["train-heads", "--cache", f"{tmp}/c.h5", "--out", tmp, "--set", "train.nope=1"],
+                 "inspect_data_24": ["inspect-data", str(data)]}
+        times = {}
+        for name, args in cases.items():
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                subprocess.run([sys.executable, "-c", "from stages.cli import main; main()", *args], env=env, cwd=code,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                runs.append(time.perf_counter() - started)
+            times[name] = round(statistics.median(runs), 3)
+    return times
+
+
 def step_times(repeats: int = 50) -> dict:
     """Milliseconds of one stacked training step (forward, backward, fused Adam) against its parts."""
     from pipeline import runtime
@@ -90,6 +116,7 @@ def step_times(repeats: int = 50) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", action="store_true", help="only time one training step and its parts")
+    parser.add_argument("--answers", action="store_true", help="only time the answers that need no model")
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--compare", type=Path, default=None, help="another checkout to time the same way")
     parser.add_argument("--repeats", type=int, default=3)
@@ -99,6 +126,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.step:
         print(json.dumps(step_times(), indent=2))
+        return
+    if args.answers:
+        codes = {"this": REPO} | ({"compare": args.compare.resolve()} if args.compare else {})
+        print(json.dumps({name: answer_times(code, args.repeats) for name, code in codes.items()}, indent=2))
         return
     if args.cache is None:
         parser.error("--cache is required (except with --step)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -53,14 +53,23 @@ def match_spec(name: str, specs) -> Optional[str]:
     return untagged[0] if len(untagged) == 1 else None
 
 
+#: Rows of a feature matrix read at once (a progress tick each; the read goes straight into the result).
+READ_BLOCK_BYTES = 256 << 20
+
+
+def require_cache(path) -> Path:
+    """The path of a cache that exists, else the one-line error that says how to make it."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"cache {path} does not exist; create it with extract-features --data DIR --cache {path}")
+    return path
+
+
 class FeatureCache:
     """Read-only view of a cache file. Use as a context manager, or call close()."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise CacheError(f"cache {self.path} does not exist; create it with extract-features --data DIR "
-                             f"--cache {self.path}")
+        self.path = require_cache(path)
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
@@ -200,9 +209,11 @@ class FeatureCache:
         return (f"extract-features --data {self.attrs.get('data_root', 'DATA')} --cache {self.path} {backbones}"
                 f"{weights_flags}{' --spatial' if spatial else ''}")
 
-    def features(self, names: Sequence[str], dtype=np.float32) -> np.ndarray:
+    def features(self, names: Sequence[str], dtype=np.float32,
+                 progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
         """The named backbones' features side by side, (N, sum D) in `dtype` (float32, or float16 to halve the
-        memory), in the order given: HDF5 reads (and converts) straight into one array, no second copy."""
+        memory), in the order given: HDF5 reads (and converts) straight into one array, no second copy, in
+        blocks of rows (`progress(rows)` after each)."""
         if self.is_shard:
             raise CacheError(f"{self.path} is shard {self.attrs.get('shard_index')} of "
                              f"{self.attrs.get('num_shards')}; join the shards with: extract-features merge "
@@ -215,8 +226,12 @@ class FeatureCache:
         col = 0
         for ds in sets:
             width = int(ds.shape[1])
-            if n:
-                ds.read_direct(out, np.s_[:, :], np.s_[:, col:col + width])
+            step = max(1, READ_BLOCK_BYTES // (4 * width))
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                ds.read_direct(out, np.s_[start:stop, :], np.s_[start:stop, col:col + width])
+                if progress is not None:
+                    progress(stop - start)
             col += width
         return out
 

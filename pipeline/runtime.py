@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -84,7 +85,8 @@ def resolve_threads(threads: Optional[int] = None) -> int:
 def configure(threads: Optional[int] = None) -> int:
     """Set threads (torch and BLAS), passive waiting, the plot backend and the allocator; returns the threads.
 
-    Called once by each command before it imports torch; later calls only log the count already set.
+    Called once by each command before it imports torch (which then starts with that count); later calls only
+    return the count already set.
     """
     global _CONFIGURED
     if _CONFIGURED is not None:
@@ -99,15 +101,17 @@ def configure(threads: Optional[int] = None) -> int:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # pipeline.data.images refuses images above its own, lower limit from the header
-    import torch
+    # torch and numpy's BLAS read those variables when they start: a command does not import them before it needs
+    # them (an error in its arguments answers at once); a process that already has them (a test, a notebook) is told
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    if "numpy" in sys.modules:
+        try:
+            from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(n)  # numpy's BLAS, already loaded with its own count
-    except ImportError:
-        pass
+            threadpool_limits(n)
+        except ImportError:
+            pass
     _keep_freed_memory()
     _CONFIGURED = n
     logger.debug("threads: %d", n)

@@ -182,7 +182,7 @@ def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool)
 
 
 @main.command("inspect-data")
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Label maps YAML (default configs/labels.yaml).")
 @logging_options
@@ -220,7 +220,7 @@ def _split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]
 
 @click.group("extract-features", cls=SafeGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", type=click.Path(path_type=Path),
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Data folder (JSRT, NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, VinDr-CXR layouts) or manifest CSV. "
                    "[required]")
 @click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), help="The HDF5 cache to write. [required]")
@@ -266,8 +266,9 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
         return
     if data is None or cache is None:
         raise click.UsageError("--data and --cache are required")
-    from stages.extract import extract_features, shard_from_env
+    from pipeline.data.table import detect_layout
 
+    detect_layout(data)  # a wrong --data answers before torch and the backbones load
     default_weights, per_backbone = _split_weights(weights)
     pairs = [("extract.backbones", list(backbones) or None), ("extract.weights", default_weights),
              ("extract.image_size", image_size), ("extract.batch_size", batch_size),
@@ -278,6 +279,8 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
     cfg = load_config(config_path, _overrides(pairs, sets))
     if (shard_index is None) != (num_shards is None):
         raise click.UsageError("--shard-index and --num-shards go together")
+    from stages.extract import extract_features, shard_from_env
+
     shard = (shard_index, num_shards) if num_shards is not None else shard_from_env()
     summary = extract_features(data, cache, cfg, rebuild=rebuild, skip_bad=skip_bad, shard=shard,
                                progress=not no_progress)
@@ -305,7 +308,8 @@ main.add_command(extract_features_cmd)
 
 
 @main.command("train-heads")
-@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature cache (.h5).")
+@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Feature cache (.h5).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder to write (not with --study: a worker writes to the study).")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
@@ -411,7 +415,8 @@ def sweep_finish_cmd(cache: Optional[Path], storage: str, study_name: Optional[s
 
 
 @main.command("reproduce-tables")
-@click.option("--cache", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature cache (.h5).")
+@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Feature cache (.h5).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the tables.")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
 @click.option("--protocols", default=None, metavar="P1,P2",
@@ -447,9 +452,11 @@ def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, protocols: Op
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--skip-bad", is_flag=True, help="Report unreadable images in the output instead of failing.")
 @click.option("--overlay", is_flag=True, help="Write OUT_overlays/<image>.png: heat map and nodule (needs train.loc).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
 def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path, ...], out: Path,
-                cache: Optional[Path], weights: Tuple[str, ...], device: str, skip_bad: bool, overlay: bool) -> None:
+                cache: Optional[Path], weights: Tuple[str, ...], device: str, skip_bad: bool, overlay: bool,
+                no_progress: bool) -> None:
     """Apply a trained head to new chest X-rays: every task's prediction per image."""
     from stages.predict import predict
 
@@ -457,12 +464,12 @@ def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path
     if default is not None:
         per_backbone[""] = default  # a bare FILE: predict checks that the head has one backbone
     result = predict(run_dir, list(images) + list(more_images), out, weights=per_backbone, cache=cache,
-                     device=device, skip_bad=skip_bad, overlay=overlay)
+                     device=device, skip_bad=skip_bad, overlay=overlay, progress=not no_progress)
     click.echo(f"{len(result.table)} image(s): {result.csv}, {result.json}")
 
 
 @main.command("paper")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="The JSRT data folder.")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="The JSRT data folder.")
 @click.option("--out", default="paper-output", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--weights", multiple=True, help="imagenet (default, online), none, or NAME=FILE (repeat for several).")
 @click.option("--config", "config_path", default="paper", show_default=True)

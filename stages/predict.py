@@ -24,6 +24,7 @@ from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.heads.artefact import TrainedHead, load_trained_head
 from pipeline.heads.plugin import Applied
 from pipeline.runtime import pick_device
+from stages.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,10 @@ class PredictResult:
 def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *,
             weights: Optional[Dict[str, str]] = None, cache: Optional[Path] = None, device: str = "auto",
             batch_size: int = 16, num_workers: Optional[int] = 0, skip_bad: bool = False,
-            overlay: bool = False) -> PredictResult:
+            overlay: bool = False, progress: bool = False) -> PredictResult:
     """Predict every task for each image; writes OUT.csv and OUT.json when `out` is given, and with
-    `overlay` (a head with a part that scores maps) a PNG per image in OUT_overlays/."""
+    `overlay` (a head with a part that scores maps) a PNG per image in OUT_overlays/. `progress`: a bar (a line
+    every half minute off a terminal) over the images run through the backbones."""
     head = load_trained_head(run_dir)
     weights = dict(weights or {})
     extra = {name: a for name, a in head.parts.items() if a.backbone is not None}  # parts with their own backbone
@@ -143,19 +145,21 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     if needed:
         extractor = Extractor(backbones, pick_device(device, "--device"))
         batches = [needed[s:s + batch_size] for s in range(0, len(needed), batch_size)]
-        for batch in extractor.passes([str(p) for p in files], batches, num_workers, skip_bad):
-            good = batch.good
-            for r, e, p in zip(batch.rows, batch.errors, batch.pixels):
-                errors[r], pixels[r] = e, p.decode()
-            if not good.any():
-                continue
-            rows = batch.rows[good]
-            compute = np.array([r not in cached for r in rows])
-            if pooled and compute.any():
-                parts = [extractor.run(k, batch.images[backbones[k].size_key]) for k in pooled]
-                features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
-            for name, key in key_of.items():
-                head.parts[name].take(rows, extractor.run(key, batch.images[backbones[key].size_key]))
+        with progress_bar(len(needed), "predict", progress, unit="image") as tick:
+            for batch in extractor.passes([str(p) for p in files], batches, num_workers, skip_bad):
+                tick(len(batch.rows))
+                good = batch.good
+                for r, e, p in zip(batch.rows, batch.errors, batch.pixels):
+                    errors[r], pixels[r] = e, p.decode()
+                if not good.any():
+                    continue
+                rows = batch.rows[good]
+                compute = np.array([r not in cached for r in rows])
+                if pooled and compute.any():
+                    parts = [extractor.run(k, batch.images[backbones[k].size_key]) for k in pooled]
+                    features[rows[compute]] = np.concatenate(parts, axis=1)[compute]
+                for name, key in key_of.items():
+                    head.parts[name].take(rows, extractor.run(key, batch.images[backbones[key].size_key]))
     ok = np.isfinite(features).all(axis=1)
     features = np.nan_to_num(features)  # the unreadable images' rows: zeros, their answers masked by `ok`
     table = _image_table(files, ok, errors, [i in cached for i in range(len(files))])

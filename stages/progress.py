@@ -15,9 +15,11 @@ LOG_EVERY_S = 30.0
 
 
 @contextlib.contextmanager
-def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch",
-             rows: float = 0.0) -> Iterator[Callable[[int], None]]:
-    """Yields tick(n): advance by n of `total`; `rows`: rows per unit, to show rows/s beside the ETA."""
+def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch", rows: float = 0.0,
+             at_most: bool = False, clock: Callable[[], float] = time.perf_counter) -> Iterator[Callable[[int], None]]:
+    """Yields tick(n): advance by n of `total` (`at_most`: a cap, such as training's epoch cap, that the work may
+    end before); `rows`: rows per unit, to show rows/s. Off a terminal, a line at most every LOG_EVERY_S of
+    `clock` with the rate and the time left at that rate (an upper bound with `at_most`)."""
     if not enabled or total <= 0:
         yield lambda n: None
         return
@@ -32,25 +34,27 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch",
                     bar.set_postfix_str(f"{bar.n * rows / elapsed:,.0f} rows/s", refresh=False)
             yield update
         return
-    started = last = time.perf_counter()
+    started = last = clock()
     done = 0
 
     def tick(n: int) -> None:
         nonlocal done, last
         done += n
-        now = time.perf_counter()
+        now = clock()
         if now - last >= LOG_EVERY_S and done < total:
             last = now
             rate = done / (now - started)
-            logger.info("%s: %d/%d %s (%.0f%%), %.0f s, about %.0f s left%s", desc, done, total, unit,
-                        100 * done / total, now - started, (total - done) / rate if rate else float("nan"),
-                        f", {rate * rows:,.0f} rows/s" if rows else "")
+            left = (total - done) / rate if rate else float("nan")
+            logger.info("%s: %s/%s %ss (%.0f%%), %.0f s, %s%s", desc, f"{done:,}", f"{total:,}", unit,
+                        100 * done / total, now - started, f"{rate * rows:,.0f} rows/s, " if rows else "",
+                        f"at most {left:.0f} s left (early stopping may end sooner)" if at_most else
+                        f"about {left:.0f} s left")
 
     yield tick
 
 
 def progress_bars(enabled: bool):
-    """A pipeline.evaluation.engine.Progress for the stage-two loops: bar(total, description) yields tick(n)."""
-    def bar(total: int, desc: str, rows: float = 0.0):
-        return progress(total, desc, enabled, rows=rows)
+    """A pipeline.evaluation.engine.Progress for the stage-two loops: bar(total, description, ...) yields tick(n)."""
+    def bar(total: int, desc: str, rows: float = 0.0, unit: str = "epoch", at_most: bool = False):
+        return progress(total, desc, enabled, unit=unit, rows=rows, at_most=at_most)
     return bar

@@ -302,8 +302,8 @@ def _beating(bars, taken: List[Any]):
     last = [time.monotonic()]
 
     @contextlib.contextmanager
-    def bar(total: int, desc: str, rows: float = 0.0):
-        with bars(total, desc, rows=rows) as tick:
+    def bar(total: int, desc: str, **how):
+        with bars(total, desc, **how) as tick:
             def beat(n: int) -> None:
                 tick(n)
                 if time.monotonic() - last[0] > HEARTBEAT_S:

@@ -128,7 +128,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
     `track`: also log the run to MLflow (pipeline.tracking)."""
     started = time.perf_counter()
     bars = progress_bars(progress)
-    data = load_train_data(cache, cfg)
+    data = load_train_data(cache, cfg, bars)
     with staged_dir(out, overwrite) as tmp:
         cv = cross_validate(data, cfg, bars)
         head = refit(data, cfg, cv, bars) if cfg.eval.refit else None

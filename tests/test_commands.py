@@ -189,3 +189,22 @@ def test_a_dicom_copy_of_a_training_image_is_in_the_training_set(trained, synthe
     answer = pd.read_csv(tmp_path / "p.csv").set_index("id")
     assert bool(answer.loc["copy", "in_training_set"]) and not bool(answer.loc["unseen", "in_training_set"])
     assert answer.loc["copy", "typicality_percentile"] == 0.0
+
+
+def test_predict_shows_progress_per_batch_unless_told_not_to(trained, synthetic_master, tmp_path, caplog,
+                                                             monkeypatch):
+    import logging
+
+    from stages import progress
+    from stages.predict import predict
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    images = sorted((synthetic_master / "images").glob("*.png"))[:3]
+    with caplog.at_level(logging.INFO):
+        predict(trained, images, batch_size=1, progress=True)
+    assert "predict: 1/3 images (33%)" in caplog.text and "predict: 2/3 images (67%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = CliRunner().invoke(main, ["predict", "--model", str(trained), "--images", str(images[0]), "--out",
+                                           str(tmp_path / "p"), "--no-progress"])
+    assert result.exit_code == 0 and "predict:" not in caplog.text, result.output

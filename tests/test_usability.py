@@ -1,6 +1,7 @@
 """What a new user hit (issue 12): each item through the CLI, as the user saw it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -252,7 +253,9 @@ def test_predict_weights_without_a_name_and_paper_takes_several(loc_run, tiny_ca
     one_error_line(run("predict", "--model", run_dir, "--images", image, "--weights", tmp_path / "w.safetensors"),
                    "uses 2 backbones", "--weights NAME=FILE")
     result = run("paper", "--data", tmp_path / "missing", "--weights", "a=x.pth", "--weights", "b=y.pth")
-    one_error_line(result, "missing")  # the data folder is the problem, not the two --weights
+    # the data folder is the problem, not the two --weights (a missing path is refused while parsing: exit 2)
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == (
+        f"Error: Invalid value for '--data': Path '{tmp_path / 'missing'}' does not exist."), result.output
 
 
 def test_help_everywhere_and_every_config_key_listed():
@@ -277,7 +280,7 @@ def test_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
     with caplog.at_level(logging.INFO), progress.progress(10, "demo step", True) as tick:
         for _ in range(10):
             tick(1)
-    assert "demo step: 1/10 epoch (10%)" in caplog.text
+    assert "demo step: 1/10 epochs (10%)" in caplog.text
     result = run("train-heads", "--cache", tiny_cache, "--out", tmp_path / "run", *TRAIN)
     assert result.exit_code == 0 and result.output.count("trained in") == 1 and "train-heads:" not in result.output
     rerun = extract(synthetic_master, tiny_cache)
@@ -285,6 +288,44 @@ def test_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decode_maps(np.full((1, 3, 3), -1e4), "argmax")
+
+
+def test_progress_lines_come_every_half_minute_of_a_tiny_clock(caplog):
+    """Off a terminal: one line per LOG_EVERY_S of the clock whatever the tick size, the first within a minute,
+    none at the end; a capped total (training's epoch cap) says 'at most'."""
+    from stages import progress
+
+    now = [0.0]
+    with caplog.at_level(logging.INFO), progress.progress(1000, "train-heads", True, unit="step", rows=32,
+                                                          at_most=True, clock=lambda: now[0]) as tick:
+        for _ in range(200):  # a step every 0.7 s: 140 s in all
+            now[0] += 0.7
+            tick(1)
+    lines = [r for r in caplog.records if r.getMessage().startswith("train-heads:")]
+    assert len(lines) == 4  # at 30.1, 60.2, 90.3 and 120.4 s
+    assert lines[0].getMessage().startswith("train-heads: 43/1,000 steps (4%), 30 s, 46 rows/s, at most 670 s left")
+
+
+def test_training_ticks_once_per_batch_within_the_epoch_cap(tiny_cache):
+    from pipeline.evaluation.engine import cross_validate, load_train_data
+    from tests.helpers import tiny_train_config
+
+    cfg = tiny_train_config(**{"train.epochs": 3, "train.batch_size": 4, "train.early_stopping": 0,
+                               "eval.bootstrap": 0})
+    seen = {}
+
+    @contextlib.contextmanager
+    def bar(total, desc, rows=0.0, unit="epoch", at_most=False):
+        seen[desc] = {"total": total, "ticks": 0, "unit": unit, "rows": rows}
+        yield lambda n: seen[desc].__setitem__("ticks", seen[desc]["ticks"] + n)
+
+    data = load_train_data(tiny_cache, cfg, bar)
+    cv = cross_validate(data, cfg, bar)
+    train = seen["train-heads"]
+    # without early stopping every member takes every step of every epoch: 3 epochs x ceil(train rows / 4)
+    steps = sum(3 * -(-len(s.train) // 4) for s in cv.splits)
+    assert train == {"total": steps, "ticks": steps, "unit": "step", "rows": 4.0}
+    assert seen["reading features"]["ticks"] == seen["reading features"]["total"] == len(data.table) * 2
 
 
 def test_report_says_random_weights_rmse_and_predictions_compare_models(loc_run):

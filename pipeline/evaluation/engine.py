@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,17 +32,15 @@ from pipeline.heads.train import Job, JobResult, Split, train_jobs
 
 logger = logging.getLogger(__name__)
 
-#: progress(total, description, rows=rows per unit) -> a context manager yielding tick(n); stages pass a bar.
+#: progress(total, description, rows=rows per unit, unit=name, at_most=total is a cap) -> a context manager
+#: yielding tick(n); stages pass a bar (stages.progress), the library none.
 Progress = Callable[..., ContextManager[Callable[[int], None]]]
 
 
 @contextlib.contextmanager
-def no_progress(total: int, desc: str, rows: float = 0.0) -> Iterator[Callable[[int], None]]:
+def no_progress(total: int, desc: str, rows: float = 0.0, unit: str = "step",
+                at_most: bool = False) -> Iterator[Callable[[int], None]]:
     yield lambda n: None
-
-
-def _rows_per_epoch(splits: Sequence[Split]) -> float:
-    return float(np.mean([len(s.train) for s in splits])) if splits else 0.0
 
 
 @dataclass
@@ -106,9 +105,9 @@ def finite_rows(features: np.ndarray, step: int = 4096) -> np.ndarray:
                           or [np.zeros(0, dtype=bool)])
 
 
-def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
+def load_train_data(cache_path: Path, cfg: Config, progress: Progress = no_progress) -> TrainData:
     """Read features and labels from a cache; missing backbones or labels are one clear error each, and a
-    matrix too large for this process's memory stops before it is read."""
+    matrix too large for this process's memory stops before it is read (`progress` ticks rows as they are)."""
     tcfg = cfg.train
     if not tcfg.features:
         raise ConfigError("train.features is empty; name the backbones whose features to use")
@@ -116,7 +115,8 @@ def load_train_data(cache_path: Path, cfg: Config) -> TrainData:
         specs = [cache.resolve(name) for name in tcfg.features]
         check_memory(len(cache.ids), sum(cache.backbones[s].dim for s in specs), tcfg.feature_dtype,
                      f"cache {cache_path}")
-        features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype])
+        with progress(len(cache.ids) * len(specs), "reading features", unit="row") as tick:
+            features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype], progress=tick)
         table = cache.labels()
         table.attrs["layout"] = str(cache.attrs.get("data_layout", ""))  # eval.stratify auto, eval.protocol official
         bad = cache.bad
@@ -174,9 +174,12 @@ def inner_val_fraction(cfg: Config) -> float:
 
 def run_jobs(family, jobs: Sequence[Job], splits: Sequence[Split], desc: str, progress: Progress = no_progress,
              keep_state: bool = False, device: str = "auto") -> List[JobResult]:
-    """The stacked trainer on `jobs` (over `splits`) behind one progress bar of their epochs: every head family's
-    training goes through here."""
-    with progress(sum(j.cfg.epochs for j in jobs), desc, rows=_rows_per_epoch(splits)) as tick:
+    """The stacked trainer on `jobs` (over `splits`) behind one progress bar of their batches (a tick per member
+    and optimiser step; the epoch cap bounds the total, early stopping ends sooner): every head family's training
+    goes through here."""
+    steps = [j.cfg.epochs * math.ceil(len(splits[j.split].train) / j.cfg.batch_size) for j in jobs]
+    rows = float(np.mean([j.cfg.batch_size for j in jobs])) if jobs else 0.0
+    with progress(sum(steps), desc, rows=rows, unit="step", at_most=True) as tick:
         return train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)
 
 

@@ -108,7 +108,8 @@ def _trainer_key(cfg: Any) -> tuple:
 
 def train_jobs(family: HeadFamily, jobs: Sequence[Job], *, keep_state: bool = False,
                progress: Optional[Callable[[int], None]] = None, device: str = "cpu") -> List[JobResult]:
-    """Train every job; one result per job, in order. `progress(n)` is called per epoch with the members run."""
+    """Train every job; one result per job, in order. `progress(n)` is called after every optimiser step with the
+    members it stepped (a job of E epochs of S batches ticks E x S at most; early stopping ends it sooner)."""
     dev = pick_device(device, "train.device")
     family.to(dev)
     results: List[Optional[JobResult]] = [None] * len(jobs)
@@ -199,6 +200,8 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             # sum of the task losses (a learnt weighting's own objective, which can go negative, is not)
             epoch_loss += (lambdas.to(device) * per_task.detach()).sum(dim=1) / n_steps
             epoch_tasks = epoch_tasks + per_task.detach() / n_steps
+            if progress is not None:
+                progress(members)
         weighting.end_epoch(epoch_tasks)
         history["train_loss"].append(epoch_loss.tolist())
         if stopping:
@@ -219,8 +222,6 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             now = _weighting_state(weighting)
             for key, value in kept.items():
                 value[improved.cpu()] = now[key][improved.cpu()]
-        if progress is not None:
-            progress(members)
         if stopping and bool((since_best >= cfg.early_stopping).all()):
             break
     if stopping:
