@@ -15,6 +15,14 @@ stage -2): extraction time and size on disk, same backbone and weights, in one r
 
     python benchmarks/extract.py --spatial --backbone lite0 \
         --weights ../shared/weights/tf_efficientnet_lite0.in1k.safetensors
+
+--decode measures what one decoding worker (one process, one thread: what each DataLoader worker is) delivers:
+read + hash + decode + resize to 224 per image, exactly the loader's per-image work (ImageFiles), for the
+formats the field ships: JSRT's 1024 px 8-bit PNGs (the real files in --data when there, else synthetic ones),
+NIH-like 1024 px PNGs, CheXpert-small JPEGs (about 390 x 320) and full-size JPEGs (CheXpert / MIMIC-CXR-JPG,
+about 2500 x 3000); then the workers a forward rate of --forward-rate images/s needs.
+
+    python benchmarks/extract.py --decode --forward-rate 500 2000 5000
 """
 from __future__ import annotations
 
@@ -130,6 +138,54 @@ def spatial(args) -> dict:
     return out
 
 
+def decode(args) -> dict:
+    """Images per second of one decoding worker, per format, and the workers each forward rate needs."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.features.extraction import ImageFiles
+
+    torch.set_num_threads(1)  # a DataLoader worker's own setting
+    rng = np.random.default_rng(0)
+    out = {"per_worker_images_per_s": {}, "workers_needed": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        def chest(h, w):  # smooth structure plus noise: compresses as radiographs do, unlike flat or random images
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = 128 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0) + rng.normal(0, 12, (h, w))
+            return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+        made = {"png_1024 (NIH, synthetic)": (".png", 1024, 1024),
+                "jpeg_390x320 (CheXpert-small)": (".jpg", 390, 320),
+                "jpeg_2500x3000 (CheXpert, MIMIC-CXR-JPG)": (".jpg", 3000, 2500)}
+        formats = {}
+        real = sorted(args.data.glob("images/*.png"))[:40] if args.data.is_dir() else []
+        if real:
+            formats["png_1024 (JSRT, real files)"] = [str(p) for p in real]
+        for name, (suffix, h, w) in made.items():
+            paths = []
+            for i in range(20 if h > 2000 else 40):
+                path = Path(tmp) / f"{name.split()[0]}_{i}{suffix}"
+                chest(h, w).save(path, quality=95) if suffix == ".jpg" else chest(h, w).save(path)
+                paths.append(str(path))
+            formats[name] = paths
+        for name, paths in formats.items():
+            files = ImageFiles(paths, [(224, "bilinear")])
+            times = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                for i in range(len(paths)):
+                    item = files[i]
+                    assert not item.error, item.error
+                times.append(time.perf_counter() - started)
+            rate = len(paths) / statistics.median(times)
+            out["per_worker_images_per_s"][name] = round(rate, 1)
+            out["workers_needed"][name] = {str(f): math.ceil(f / rate) for f in args.forward_rate}
+            print(f"{name}: {rate:.0f} images/s per worker", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "jsrt")
@@ -141,8 +197,12 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak RSS at 200 vs 2000 images instead")
     parser.add_argument("--memory-backbone", default="resnet18")
     parser.add_argument("--spatial", action="store_true", help="pooled-only vs pooled + spatial maps instead")
+    parser.add_argument("--decode", action="store_true", help="images/s of one decoding worker per format instead")
+    parser.add_argument("--forward-rate", type=float, nargs="+", default=[500.0, 2000.0, 5000.0],
+                        help="--decode: forward rates (images/s) to size the workers for")
     args = parser.parse_args()
-    result = memory(args) if args.memory else spatial(args) if args.spatial else throughput(args)
+    result = (memory(args) if args.memory else spatial(args) if args.spatial else decode(args) if args.decode
+              else throughput(args))
     print(json.dumps(result, indent=2))
 
 

@@ -350,7 +350,8 @@ def test_rescoring_needs_a_fold_ensemble_and_says_so_before_anything_runs(tmp_pa
 
     with pytest.raises(ConfigError, match="fold_ensemble K >= 2"):
         tiny_train_config(**{"train.loc.rescore": True})
-    # the CLI: one line, before the (here missing) cache is opened; a sweep's bad variant before any training
+    # the CLI: one line, before the cache (here an empty file) is opened; a sweep's bad variant before any training
+    (tmp_path / "none.h5").touch()
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(tmp_path / "none.h5"), "--out",
                                        str(tmp_path / "run"), "--set", "train.loc.fold_ensemble=1"])
     assert result.exit_code == 1 and "Traceback" not in result.output

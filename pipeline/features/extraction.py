@@ -96,8 +96,11 @@ def collate(items: List[ImageItem]) -> ImageBatch:
 
 
 def default_workers() -> int:
-    """Decoding workers: one per spare core, at least one, at most eight."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decoding workers: one per core this process may use (its affinity and cgroup quota, not the machine's
+    count) beside the main process, at least one, at most 16 (benchmarks/extract.py --decode sizes them)."""
+    from pipeline.runtime import available_cores
+
+    return max(1, min(16, available_cores() - 1))
 
 
 def _worker_init(worker_id: int) -> None:
