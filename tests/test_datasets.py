@@ -379,6 +379,8 @@ def test_each_data_set_runs_extract_train_predict_end_to_end(name, tmp_path):
     assert "| findings | auc_macro |" in report and f"| findings | auc_{first} |" not in report
     assert "| finding | labelled | positives | auc res-mtnet | auc linear | auc majority | ap res-mtnet |" in report
     assert report.count(f"\n| {first} | ") == 1  # one row per finding, in the per-finding table
+    assert (tmp_path / "run" / "plots" / "roc_findings.png").is_file()
+    assert (tmp_path / "run" / "plots" / "pr_findings.png").is_file()
     # patients resampled where a patient has several images (VinDr publishes no patients, RSNA and SIIM one image each)
     one_image_each = name in ("vindr", "vinbigdata", "rsna", "siim")
     assert f"95% bootstrap CI over {'images' if one_image_each else 'patients'}]" in report
@@ -724,3 +726,34 @@ def test_a_partial_nih_download_names_the_folders_it_looked_in(tmp_path, caplog)
     gone.unlink()
     load_dataset(root)
     assert f"first: {gone.name} (looked for in images_001/, images_002/)" in caplog.text
+
+
+def test_the_curves_are_drawn_of_what_the_report_scores(tmp_path):
+    """The ROC / PR curves' data (Kind.scores on the pooled out-of-fold predictions) give scikit-learn the AUROC and
+    AP that metrics.json reports per finding; an uncertain label left as -1 is no truth on a curve."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from pipeline.heads.tasks import KINDS, TaskSpec
+
+    data = write_layout("nih", tmp_path / "nih", patients=8, per_patient=3, size=32)
+    result = CliRunner().invoke(main, ["extract-features", "--data", str(data), "--cache", str(tmp_path / "c.h5"),
+                                       *_tiny_flags()])
+    assert result.exit_code == 0, result.output
+    assert _train(tmp_path / "c.h5", tmp_path / "run", "--set", "train.tasks=[findings]").exit_code == 0
+    overall = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["res-mtnet"]["overall"]
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    first = predictions[predictions["seed"] == predictions["seed"].min()]
+    task = TaskSpec("findings", "multilabel", "", classes=tuple(NIH_FINDINGS))
+    y = first[[f"findings_{f}_true" for f in NIH_FINDINGS]].to_numpy(float)
+    p = first[[f"findings_{f}_prob" for f in NIH_FINDINGS]].to_numpy(float)
+    curves = KINDS["multilabel"].scores(task, y, p)
+    checked = 0
+    for finding, (truth, score, auc_key, ap_key) in curves.items():
+        if len(np.unique(truth)) == 2:
+            assert roc_auc_score(truth, score) == pytest.approx(overall["findings"][auc_key]["pooled"], abs=1e-6)
+            ap = overall["findings"][ap_key]["pooled"]
+            assert average_precision_score(truth, score) == pytest.approx(ap, abs=1e-6)
+            checked += 1
+    assert checked >= 2
+    y[0, 0] = -1.0
+    assert len(KINDS["multilabel"].scores(task, y, p)[NIH_FINDINGS[0]][0]) == int((~np.isnan(y[:, 0])).sum()) - 1

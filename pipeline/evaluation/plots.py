@@ -1,7 +1,9 @@
-"""Pictures of the localisation head: one overlay routine for the training gallery and predict --overlay."""
+"""Pictures shared by the head families: the localisation overlay (training gallery and predict --overlay), and
+per-finding ROC and precision-recall curves."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,3 +30,52 @@ def draw_overlay(ax, image: np.ndarray, scores: np.ndarray, predicted: Optional[
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=7, framealpha=0.7)
     ax.axis("off")
+
+
+def _legend_value(report: Dict[str, Dict[str, object]], metric: Optional[str], fallback: float) -> str:
+    """A metric as the report has it ('0.81 [0.74, 0.87]'), else the value computed here (no CI)."""
+    entry = report.get(metric) if metric else None
+    if not entry or entry.get("pooled") != entry.get("pooled"):
+        return f"{fallback:.2f}"
+    low, high = entry.get("ci95", (float("nan"), float("nan")))
+    return f"{entry['pooled']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def roc_pr_plots(folder: Path, task: str, curves: Dict[str, tuple], report: Dict[str, Dict[str, object]], plt,
+                 model: str) -> List[str]:
+    """plots/roc_<task>.png and plots/pr_<task>.png: one curve per finding (curves: label -> (truth, score, AUROC
+    metric, AP metric), the pooled out-of-fold predictions), each legend entry with the report's estimate and CI.
+    A finding without both classes has no curve."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    drawable = {k: v for k, v in curves.items() if len(np.unique(v[0])) == 2}
+    if not drawable:
+        return []
+    written = []
+    for kind, title in (("roc", "ROC"), ("pr", "precision-recall")):
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        for label, (truth, score, auc_metric, ap_metric) in drawable.items():
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(truth, score)
+                auc = _legend_value(report, auc_metric, roc_auc_score(truth, score))
+                ax.plot(fpr, tpr, label=f"{label}: AUROC {auc}")
+            else:
+                precision, recall, _ = precision_recall_curve(truth, score)
+                ap = _legend_value(report, ap_metric, average_precision_score(truth, score))
+                ax.step(recall, precision, where="post", label=f"{label}: AP {ap} (prevalence {truth.mean():.2f})")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel("true positive rate")
+        else:
+            ax.set_xlabel("recall")
+            ax.set_ylabel("precision")
+            ax.set_ylim(0, 1.02)
+        ax.set_title(f"{model}: {title} of '{task}' (pooled out-of-fold predictions; [95% CI])", fontsize=9)
+        ax.legend(fontsize=6 if len(drawable) > 6 else 8, loc="lower right" if kind == "roc" else "best")
+        fig.tight_layout()
+        name = f"{kind}_{task}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written

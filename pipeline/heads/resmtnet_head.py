@@ -20,6 +20,7 @@ from pipeline.evaluation.engine import Progress, no_progress, run_jobs
 from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, first_seed_mask,
                                           patient_groups, regression_norms, size_bins, split_groups, summarise,
                                           task_metrics)
+from pipeline.evaluation.plots import roc_pr_plots
 from pipeline.heads.plugin import Applied, HeadPlugin, TaskPredictions, Validation, register_head
 from pipeline.heads.tasks import TaskSpec, metric_direction
 from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, mean_curve, validated_epochs
@@ -66,6 +67,7 @@ class ResMTNetOutcome:
     confusions: Dict[str, pd.DataFrame] = field(default_factory=dict)  # classification task -> confusion_frames'
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per part, and the training's row-epochs
     refit_epochs: Optional[int] = None  # set by the refit
+    pooled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # oof entries of the first seed
 
     @property
     def best_epochs(self) -> List[int]:
@@ -286,7 +288,8 @@ class ResMTNetPlugin(HeadPlugin):
                 oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets,
                                                                             which))
         timings["baselines"] = time.perf_counter() - clock
-        outcome = ResMTNetOutcome(results, list(data.tasks), oof, per_split, timings=timings)
+        outcome = ResMTNetOutcome(results, list(data.tasks), oof, per_split, timings=timings,
+                                  pooled=first_seed_mask(oof[NAME].split, names))
         bound = outcome.weights_at_bound()
         if bound:
             logger.warning("%s weighting: the weight of %s sat at (or its optimum beyond) its bound in some split "
@@ -470,6 +473,11 @@ class ResMTNetPlugin(HeadPlugin):
         written = [_learning_curves(folder, outcome, plt)]
         for task, frame in outcome.confusions.items():
             written.append(_confusion_plot(folder, task, frame, plt))
+        oof, pooled = outcome.oof[NAME], outcome.pooled
+        for task in data.tasks:
+            curves = task.impl.scores(task, data.targets[task.name][oof.rows[pooled]], oof.preds[task.name][pooled])
+            written += roc_pr_plots(folder, task.name, curves, outcome.reports[NAME]["overall"].get(task.name, {}), plt,
+                                    NAME)
         if outcome.efficiency:
             written += _efficiency_plot(folder, data, outcome, plt)
         return written

@@ -119,6 +119,11 @@ class Kind:
         pair = [task.classes.index(task.pair_auc[1]), task.classes.index(task.pair_auc[2])]
         return {task.pair_auc[0]: np.isin(target, pair)}
 
+    def scores(self, task: TaskSpec, y: np.ndarray, pred: np.ndarray) -> Dict[str, tuple]:
+        """What ROC and precision-recall curves are drawn of: curve label -> (truth 0/1, score, its AUROC metric,
+        its AP metric or None), labelled rows only; {} for a kind without a positive class."""
+        return {}
+
     def values(self, task: TaskSpec, table: pd.DataFrame):
         """The label values the task encodes from a table (its column)."""
         if task.column not in table:
@@ -273,6 +278,10 @@ class Binary(Kind):
         truth, hard = y.astype(np.int64), (pred > 0.5).astype(np.int64)
         return {"accuracy": accuracy(truth, hard, 2, weights), **f1_scores(truth, hard, 2, weights),
                 "auc": roc_auc(y, pred, weights)}
+
+    def scores(self, task, y, pred):
+        known = ~np.isnan(y)
+        return {task.name: (y[known], pred[known], "auc", None)}
 
     def baseline(self, which, y, linear, mask, n, task, c, alpha):
         if which == "majority" or len(np.unique(y)) < 2:
@@ -438,6 +447,13 @@ class Multilabel(Kind):
         known = ~np.isnan(target)
         return {f"{prefix}{finding}": known[:, k] for k, finding in enumerate(task.classes)
                 for prefix in ("auc_", "ap_")}
+
+    def scores(self, task, y, pred):
+        out = {}
+        for k, finding in enumerate(task.classes):
+            known = ~np.isnan(y[:, k]) & (y[:, k] >= 0)  # an uncertain label left as -1 ('ignore') is no truth
+            out[finding] = (y[known, k], pred[known, k], f"auc_{finding}", f"ap_{finding}")
+        return out
 
     def evaluate(self, task, y, pred, norm, weights):
         per: Dict[str, np.ndarray] = {}
