@@ -69,6 +69,7 @@ class DataConfig:
     views: List[str] = field(default_factory=list)  # stage two keeps only these views (a 'view' column); [] = all
     uncertain: str = "ignore"  # multilabel: an uncertain finding (-1, CheXpert): ignore (masked) | ones | zeros
     blank: str = "auto"  # multilabel: a blank finding cell: negative | missing | auto (negative on CheXpert, MIMIC)
+    harmonise: bool = False  # rename every data set's findings to one vocabulary (configs/findings.yaml)
 
 
 @dataclass

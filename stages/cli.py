@@ -185,8 +185,10 @@ def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool)
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Label maps YAML (default configs/labels.yaml).")
+@click.option("--harmonise", is_flag=True,
+              help="Also show the findings under one vocabulary (data.harmonise; configs/findings.yaml).")
 @logging_options
-def inspect_data_cmd(data: Path, labels: Optional[Path]) -> None:
+def inspect_data_cmd(data: Path, labels: Optional[Path], harmonise: bool) -> None:
     """Load a data set and print every label column (kind, counts, missing) and its patients (checks every row
     and image header)."""
     from pipeline.data.table import describe, load_dataset
@@ -194,6 +196,12 @@ def inspect_data_cmd(data: Path, labels: Optional[Path]) -> None:
     table = load_dataset(data, labels=str(labels) if labels else None)
     for line in describe(table):
         click.echo(line)
+    if harmonise:
+        from pipeline.data.findings import describe_mapping, harmonise_findings
+
+        renamed, _, mapping = harmonise_findings(table, table.attrs.get("task_groups", {}))
+        for line in describe_mapping(renamed, mapping):
+            click.echo(line)
 
 
 def _overrides(pairs: Sequence[Tuple[str, Any]], sets: Sequence[str]) -> Dict[str, Any]:

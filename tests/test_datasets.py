@@ -757,3 +757,48 @@ def test_the_curves_are_drawn_of_what_the_report_scores(tmp_path):
     assert checked >= 2
     y[0, 0] = -1.0
     assert len(KINDS["multilabel"].scores(task, y, p)[NIH_FINDINGS[0]][0]) == int((~np.isnan(y[:, 0])).sum()) - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# one vocabulary of findings (data.harmonise)
+
+
+def test_the_vocabulary_is_torchxrayvisions_and_each_spelling_names_one_finding(tmp_path):
+    from pipeline.data.findings import harmonise_findings, load_vocabulary
+
+    xrv = pytest.importorskip("torchxrayvision", reason="the txv extra; make test has it")
+    vocabulary = load_vocabulary()
+    assert list(vocabulary.reference) == list(xrv.datasets.default_pathologies)
+    table = pd.DataFrame({"Pleural effusion": [1.0], "Nodule_Mass": [0.0], "Aortic enlargement": [1.0],
+                          "Pleural_Thickening": [0.0]})
+    renamed, groups, mapping = harmonise_findings(table, {"findings": list(table.columns)}, vocabulary)
+    assert groups == {"findings": ["Effusion", "Lung Lesion", "Aortic enlargement", "Pleural_Thickening"]}
+    assert mapping["Aortic enlargement"] is None and list(renamed.columns) == groups["findings"]
+    with pytest.raises(ConfigError, match="'Effusion' and 'Pleural Effusion' are both 'Effusion'"):
+        harmonise_findings(pd.DataFrame({"Effusion": [1.0], "Pleural Effusion": [1.0]}),
+                           {"findings": ["Effusion", "Pleural Effusion"]}, vocabulary)
+    bad = tmp_path / "findings.yaml"
+    bad.write_text("reference: [Effusion, Mass]\nsynonyms:\n  Effusion: [lump]\n  Mass: [Lump]\n")
+    with pytest.raises(ConfigError, match="'Lump' is a spelling of both 'Effusion' and 'Mass'"):
+        load_vocabulary(str(bad))
+
+
+def test_harmonised_training_names_chexperts_findings_as_the_reference_does(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.evaluation.engine import load_train_data
+
+    data = write_layout("chexpert", tmp_path / "x", patients=4, per_patient=2, size=32)
+    result = CliRunner().invoke(main, ["extract-features", "--data", str(data), "--cache", str(tmp_path / "c.h5"),
+                                       *_tiny_flags()])
+    assert result.exit_code == 0, result.output
+    base = {"train.features": [TINY[1]], "train.tasks": ["findings"]}
+    plain = load_train_data(tmp_path / "c.h5", load_config(None, base))
+    same = load_train_data(tmp_path / "c.h5", load_config(None, {**base, "data.harmonise": True}))
+    (findings,) = same.tasks
+    assert "Effusion" in findings.classes and "Pleural Effusion" not in findings.classes
+    assert "Support Devices" in findings.classes  # no counterpart: kept
+    k_plain, k_same = plain.tasks[0].classes.index("Pleural Effusion"), findings.classes.index("Effusion")
+    np.testing.assert_array_equal(plain.targets["findings"][:, k_plain], same.targets["findings"][:, k_same])
+    result = CliRunner().invoke(main, ["inspect-data", str(data), "--harmonise"])
+    assert "    Effusion <- Pleural Effusion: " in result.output
+    assert "    Support Devices (no counterpart: kept): " in result.output

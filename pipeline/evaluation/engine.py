@@ -127,6 +127,10 @@ def load_train_data(cache_path: Path, cfg: Config, progress: Progress = no_progr
         pixel_hashes = [] if pixels is None else [h.decode() for h in pixels]
         heads = {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)}
     groups = {**task_groups(str(attrs.get("data_layout", ""))), **tcfg.task_groups}
+    if cfg.data.harmonise:
+        from pipeline.data.findings import harmonise_findings
+
+        table, groups, _ = harmonise_findings(table, groups)
     tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
                           where=f"cache {cache_path}", groups=groups, uncertain=cfg.data.uncertain,
                           blank=blank_meaning(str(attrs.get("data_layout", "")), cfg.data.blank))
