@@ -10,7 +10,7 @@ WEIGHTS ?= imagenet
 PROTOCOLS ?= kfold
 PYTEST_ARGS ?=
 # The suite in two processes of one thread each (tiny models run no faster on two threads; two files at once do):
-# 4 min 14-31 s instead of 7 min 45 s on 2 cores. WORKERS=1 runs it in one process.
+# about 5 min instead of 7 min 45 s on 2 cores. WORKERS=1 runs it in one process.
 WORKERS ?= 2
 
 .PHONY: test demo paper venv lint clean

@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -39,10 +40,31 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
 
 
+def shared_folder(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """A folder `make(folder)` fills once for the whole run: under pytest-xdist (make test's two processes) the
+    first worker makes it under a file lock in the workers' common temporary folder and the others reuse it, so a
+    session fixture costs once, not once per worker. What is in it is read-only to the tests."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def synthetic_master(tmp_path_factory) -> Path:
     """24 synthetic radiographs of 64 px (15 with a nodule); copy before modifying."""
-    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "jsrt", n_images=24, image_size=64, seed=3)
+    return shared_folder(tmp_path_factory, "synthetic", lambda folder: make_synthetic(
+        folder / "jsrt", n_images=24, image_size=64, seed=3)) / "jsrt"
 
 
 @pytest.fixture()
@@ -59,9 +81,8 @@ def tiny_cache(synthetic_master, tmp_path_factory) -> Path:
     from stages.extract import extract_features
     from tests.helpers import tiny_config
 
-    path = tmp_path_factory.mktemp("cache") / "tiny.h5"
-    extract_features(synthetic_master, path, tiny_config(), progress=False)
-    return path
+    return shared_folder(tmp_path_factory, "cache", lambda folder: extract_features(
+        synthetic_master, folder / "tiny.h5", tiny_config(), progress=False)) / "tiny.h5"
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +92,12 @@ def nodule_cache(tmp_path_factory):
     from stages.extract import extract_features
     from tests.helpers import TINY, tiny_config
 
-    root = tmp_path_factory.mktemp("nodules")
-    data = make_synthetic(root / "d", n_images=60, image_size=128, seed=5, nodule_fraction=0.8, subtleties=(4, 5))
-    spatial = {"extract.spatial.enabled": True, "extract.spatial.image_size": 128, "extract.spatial.stage": -3,
-               "extract.spatial.backbones": [TINY[0]], "extract.image_size": 64}
-    extract_features(data, root / "c.h5", tiny_config(**spatial), progress=False)
-    return data, root / "c.h5"
+    def make(root: Path) -> None:
+        data = make_synthetic(root / "d", n_images=60, image_size=128, seed=5, nodule_fraction=0.8,
+                              subtleties=(4, 5))
+        spatial = {"extract.spatial.enabled": True, "extract.spatial.image_size": 128, "extract.spatial.stage": -3,
+                   "extract.spatial.backbones": [TINY[0]], "extract.image_size": 64}
+        extract_features(data, root / "c.h5", tiny_config(**spatial), progress=False)
+
+    root = shared_folder(tmp_path_factory, "nodules", make)
+    return root / "d", root / "c.h5"

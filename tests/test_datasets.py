@@ -564,7 +564,8 @@ def test_the_localisation_head_trains_and_is_scored_on_box_annotations(tmp_path)
                                   "extract.spatial.stage=-3"])
     assert result.exit_code == 0, result.output
     result = _train(tmp_path / "c.h5", tmp_path / "run", "--set", "train.tasks=[presence, x, y]", "--set",
-                    "train.loc.enabled=true", "--set", "train.loc.epochs=60", "--set", "train.loc.batch_size=8")
+                    "train.loc.enabled=true", "--set", "train.loc.epochs=30", "--set", "train.loc.batch_size=8")
+    # (30 epochs: box FROC at 4 FPs 0.133 against the pooled head's 0.0, as at 60, in half the time)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["localisation"]
     heat, pooled = metrics["heatmap"], metrics["pooled-regression"]

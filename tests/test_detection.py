@@ -272,7 +272,8 @@ def ensemble_run(nodule_cache, tmp_path_factory):
     from tests.helpers import tiny_train_config
 
     _, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
+    # 35 epochs: within-radius 0.354 against the pooled head's 0.021 (60 epochs: 0.375, at twice the time)
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 35, "train.loc.batch_size": 8,
                                "train.loc.context": 1, "train.loc.fold_ensemble": 3, "train.loc.rescore": True,
                                "eval.bootstrap": 50})
     out = tmp_path_factory.mktemp("ensemble") / "run"

@@ -147,7 +147,7 @@ def test_a_cache_whose_labels_lack_their_columns_is_one_line(wide_cache, tmp_pat
 def test_large_config_trains_end_to_end(wide_cache, tmp_path):
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(wide_cache), "--features", SPEC,
                                        "--config", "large", "--out", str(tmp_path / "run"), "--no-progress",
-                                       "--set", "train.epochs=2", "--set", "train.hidden=32",
+                                       "--set", "train.epochs=1", "--set", "train.hidden=32",
                                        "--set", "eval.bootstrap=20"])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "run" / "config.yaml").read_text()
