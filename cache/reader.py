@@ -57,19 +57,14 @@ def match_spec(name: str, specs) -> Optional[str]:
 READ_BLOCK_BYTES = 256 << 20
 
 
-def require_cache(path) -> Path:
-    """The path of a cache that exists, else the one-line error that says how to make it."""
-    path = Path(path)
-    if not path.exists():
-        raise CacheError(f"cache {path} does not exist; create it with extract-features --data DIR --cache {path}")
-    return path
-
-
 class FeatureCache:
     """Read-only view of a cache file. Use as a context manager, or call close()."""
 
     def __init__(self, path: Path):
-        self.path = require_cache(path)
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CacheError(f"cache {self.path} does not exist; create it with extract-features --data DIR "
+                             f"--cache {self.path}")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:

@@ -128,13 +128,12 @@ def _require(table: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; is this the published file?")
 
 
-_EMPTY = ("", "?", "nan", "na", "n/a", "none", "null")
-
-
 def _numbers(values: pd.Series, field: str, ids: pd.Series, meta: Path) -> pd.Series:
-    """Numeric cells (empty = missing); any other text names its image."""
+    """Numeric cells (empty = missing, as pipeline.data.table reads one); any other text names its image."""
+    from pipeline.data.table import MISSING_TEXT
+
     text = values.astype(str).str.strip()
-    empty = text.str.lower().isin(_EMPTY)
+    empty = text.str.lower().isin(MISSING_TEXT)
     numbers = pd.to_numeric(text.where(~empty), errors="coerce")
     bad = (numbers.isna() & ~empty).to_numpy()
     if bad.any():
@@ -157,14 +156,18 @@ def _ids(names: pd.Series, meta: Path, first_row: int = 2) -> pd.Series:
     return ids
 
 
+class NoImagesOnDisk(DataError):
+    """None of a table's listed images is on disk."""
+
+
 def _keep_present(frame: pd.DataFrame, image: pd.Series, expected: pd.Series, source: object) -> pd.DataFrame:
     """The rows whose image is on disk (`image`: its path, NaN where absent), with `image` set; a partial download
     (NIH ships 12 archives) warns once naming the first absent image where it was looked for (`expected`); none
     on disk is an error."""
     present = image.notna().to_numpy()
     if not present.any():
-        raise DataError(f"{source}: none of the {len(frame)} listed images is on disk (first: "
-                        f"{expected.iloc[0] if len(expected) else '?'}); unpack the images next to the metadata")
+        raise NoImagesOnDisk(f"{source}: none of the {len(frame)} listed images is on disk (first: "
+                             f"{expected.iloc[0] if len(expected) else '?'}); unpack the images next to the metadata")
     if not present.all():
         logger.warning("%s: %d of %d listed images are not on disk (first: %s); they are left out",
                        source, int((~present).sum()), len(frame), expected.iloc[int((~present).argmax())])
@@ -198,14 +201,10 @@ def _image_paths(folders: Sequence[Path], recursive: bool = False) -> Dict[str, 
 
 def _relative_images(root: Path) -> set:
     """The posix paths, relative to `root`, of every image file below it (one walk)."""
-    from pipeline.data.table import IMAGE_SUFFIXES
+    from pipeline.data.table import walk_images
 
-    found = set()
-    for top, _, files in os.walk(root):
-        rel = os.path.relpath(top, root).replace(os.sep, "/")
-        prefix = "" if rel == "." else rel + "/"
-        found.update(prefix + name for name in files if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
-    return found
+    return {os.path.relpath(os.path.join(top, name), root).replace(os.sep, "/")
+            for top, name in walk_images(root, recursive=True)}
 
 
 CORNERS = ("x_min", "y_min", "x_max", "y_max")
@@ -280,8 +279,10 @@ def _findings(frame: pd.DataFrame, names: Sequence[str], values: pd.DataFrame) -
 
 def _nih_age(text: pd.Series) -> pd.Series:
     """'58' or the first release's '058Y' in years; months / days ('003M') are under a year."""
+    from pipeline.data.images import AGE_UNITS
+
     parts = text.str.strip().str.upper().str.extract(r"^(\d+)([YMD]?)$")
-    return pd.to_numeric(parts[0]) / parts[1].map({"": 1, "Y": 1, "M": 12, "D": 365})
+    return pd.to_numeric(parts[0]) / parts[1].map(AGE_UNITS)
 
 
 def _nih_boxes(root: Path) -> pd.DataFrame:
@@ -541,9 +542,7 @@ def load_vindr(src, labels: LabelMaps, check_images: bool, skip_bad: bool = Fals
         if label_path is not None or box_path is not None:
             try:
                 parts.append(read_readings(root, split, box_path, label_path, VINDR_FINDINGS, "vindr"))
-            except DataError as exc:  # the other folder may hold the images (a partial download)
-                if "is on disk" not in str(exc):
-                    raise
+            except NoImagesOnDisk as exc:  # the other folder may hold the images (a partial download)
                 missing.append(str(exc))
     if not parts:
         raise DataError(missing[0] if missing else f"{root}: no annotations_train.csv / image_labels_train.csv")
@@ -571,7 +570,7 @@ def _register() -> None:
                                stratify))
     from pipeline.data import releases
 
-    releases.register(register_layout, Layout)
+    releases.register()
 
 
 _register()

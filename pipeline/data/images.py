@@ -55,8 +55,9 @@ def _read_dicom(source, name: os.PathLike, pixels: bool):
                         "or pass --skip-bad") from None
 
 
-#: DICOM's age string (PS3.5 AS: '058Y', '003M') in years; RSNA's files hold a bare number ('51').
-_AGE_UNITS = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
+#: Divisors to years of an age's unit: DICOM's age string (PS3.5 AS: '058Y', '003M'; RSNA's files hold a bare
+#: number, '51') and NIH's first release ('058Y').
+AGE_UNITS = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
 
 
 def _header_text(ds, keyword: str) -> str:
@@ -78,9 +79,9 @@ def dicom_header(path: os.PathLike) -> dict:
         raise DataError(f"{path}: the DICOM header has no Rows / Columns (not an image?); replace or remove it")
     _check_pixels(int(cols), int(rows), path)
     age = _header_text(ds, "PatientAge").upper()
-    number, unit = (age[:-1], age[-1]) if age[-1:].isalpha() and age[-1:] in _AGE_UNITS else (age, "")
+    number, unit = (age[:-1], age[-1]) if age[-1:].isalpha() and age[-1:] in AGE_UNITS else (age, "")
     return {"width": int(cols), "height": int(rows),
-            "age": float(number) / _AGE_UNITS[unit] if number.isdigit() else float("nan"),
+            "age": float(number) / AGE_UNITS[unit] if number.isdigit() else float("nan"),
             "sex": _header_text(ds, "PatientSex"), "view": _header_text(ds, "ViewPosition").upper() or None,
             "patient_id": _header_text(ds, "PatientID") or None}
 

@@ -199,10 +199,10 @@ def load_padchest(src, labels: LabelMaps, check_images: bool, skip_bad: bool = F
     return _finish(frame, "padchest", src.root, src.metadata, labels, check_images, skip_bad)
 
 
-def register(register_layout, layout_class) -> None:
+def register() -> None:
     """Register the four releases (called by pipeline.data.datasets, in detection order)."""
     from pipeline.data.datasets import column_name
-    from pipeline.data.table import _file_named
+    from pipeline.data.table import Layout, _file_named, register_layout
 
     for name, detect, load, marker, findings, stratify in (
             ("vinbigdata", _vinbig_marker, load_vinbigdata, "train.csv (image_id, class_name, rad_id)",
@@ -211,5 +211,5 @@ def register(register_layout, layout_class) -> None:
             ("siim", _file_named(SIIM_RLE), load_siim, SIIM_RLE, ("Pneumothorax",), "Pneumothorax"),
             ("padchest", _padchest_marker, load_padchest, "PADCHEST_chest_x_ray_images_labels_160K*.csv(.gz)",
              PADCHEST_FINDINGS, "nodule")):
-        register_layout(layout_class(name, detect, load, marker, tuple(column_name(f) for f in findings), "missing",
-                                     "", stratify))
+        register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), "missing", "",
+                               stratify))

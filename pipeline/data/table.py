@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -72,12 +72,16 @@ def _where(meta: Path, row: Optional[int] = None) -> str:
     return f"{meta}" if row is None else f"{meta}: row {row}"
 
 
+#: Cell texts that mean "no value" in a numeric field.
+MISSING_TEXT = ("", "?", "nan", "na", "n/a", "none", "null")
+
+
 def _number(value: object, field: str, where: str, integer: bool = False) -> float:
     """Parse a numeric field; empty, '?' and 'nan' are missing (NaN), anything else must be a number."""
     if value is None:
         return math.nan
     text = str(value).strip()
-    if text.lower() in ("", "?", "nan", "na", "n/a", "none", "null"):
+    if text.lower() in MISSING_TEXT:
         return math.nan
     try:
         number = float(text)
@@ -114,19 +118,25 @@ def _inside(root: Path, path: Path, where: str) -> Path:
     return resolved
 
 
-def scan_images(folder: Path, recursive: bool = False) -> Dict[str, str]:
-    """One walk of a folder: lower-cased file stem -> path of every image file in it (below it with
-    `recursive`); the first of two files with one stem wins. Plain strings: a download of 377,000 files."""
-    found: Dict[str, str] = {}
+def walk_images(folder: Path, recursive: bool = False) -> Iterator[Tuple[str, str]]:
+    """(folder, file name) of every image file in a folder (below it with `recursive`), in sorted order, hidden
+    files left out: one walk, plain strings (a download of 377,000 files)."""
     if not folder.is_dir():
-        return found
+        return
     walk = os.walk(folder) if recursive else [(str(folder), [], [e.name for e in os.scandir(folder) if e.is_file()])]
     for top, dirs, files in walk:
         dirs.sort()
         for name in sorted(files):
             stem, dot, suffix = name.rpartition(".")
             if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES and not name.startswith("."):
-                found.setdefault(stem.lower(), os.path.join(top, name))
+                yield top, name
+
+
+def scan_images(folder: Path, recursive: bool = False) -> Dict[str, str]:
+    """Lower-cased file stem -> path of every image file walk_images finds; the first of two with one stem wins."""
+    found: Dict[str, str] = {}
+    for top, name in walk_images(folder, recursive):
+        found.setdefault(name.rpartition(".")[0].lower(), os.path.join(top, name))
     return found
 
 
