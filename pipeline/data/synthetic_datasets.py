@@ -188,6 +188,27 @@ def write_mimic(out: Path, patients: int = 8, per_patient: int = 3, size: int = 
     return out
 
 
+def _dicom_image(rng: np.random.Generator, size: int, marks: Sequence[bool]) -> Tuple[np.ndarray, Optional[tuple]]:
+    """A 12-bit stored image and its nodule's box."""
+    pixels, box = _pixels(rng, size, marks)
+    return (pixels * 4095).round().astype(np.uint16), box
+
+
+def _readings(rng: np.random.Generator, truth: Sequence[str], box: Optional[tuple], readers: Sequence[str]):
+    """Each reader's reading of an image, as VinDr's readers read: (reader, the findings said, [(finding, its
+    corners)]); a reader misses a finding now and then but never the nodule, 'No finding' has no box, a nodule's box
+    is the drawn one, a little off per reader."""
+    for reader in readers:
+        said = [f for f in truth if rng.random() < 0.85 or f == "Nodule/Mass"] or ["No finding"]
+        rows = []
+        for finding in said:
+            corners = ["", "", "", ""] if finding == "No finding" else [2.0, 2.0, 8.0, 8.0]
+            if finding == "Nodule/Mass":  # each reader's box about the drawn nodule
+                corners = [round(v + rng.normal(0, 0.3), 2) for v in box]
+            rows.append((finding, corners))
+        yield reader, said, rows
+
+
 def write_vindr(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
     """VinDr-CXR: train/ and test/ DICOMs (12-bit, some MONOCHROME1, some with rescale and a window),
     annotations/annotations_{train,test}.csv (a box per reader and finding, 'No finding' rows without one) and
@@ -203,20 +224,14 @@ def write_vindr(out: Path, patients: int = 8, per_patient: int = 3, size: int = 
         image_id = rng.bytes(16).hex()
         truth = _draw(rng, VINDR_FINDINGS[:-1], 0.15)
         marks = [f in truth for f in ("Nodule/Mass", "Pleural effusion", "Cardiomegaly")]
-        pixels, box = _pixels(rng, size, marks)
-        stored = (pixels * 4095).round().astype(np.uint16)
+        stored, box = _dicom_image(rng, size, marks)
         monochrome1 = i % 3 == 1
         window = (2048.0, 4096.0) if i % 3 == 2 else ()
         write_dicom(out / split / f"{image_id}.dicom", 4095 - stored if monochrome1 else stored,
                     monochrome1=monochrome1, window=window, age=f"{int(rng.integers(20, 80)):03d}Y",
                     sex=str(rng.choice(["M", "F", "O"])))
-        for reader in readers[split]:
-            said = [f for f in truth if rng.random() < 0.85 or f == "Nodule/Mass"] or ["No finding"]
-            for finding in said:
-                corners = ["", "", "", ""] if finding == "No finding" else [2.0, 2.0, 8.0, 8.0]
-                if finding == "Nodule/Mass":  # each reader's box about the drawn nodule
-                    corners = [round(v + rng.normal(0, 0.3), 2) for v in box]
-                boxes[split].append([image_id, reader, finding, *corners])
+        for reader, said, rows in _readings(rng, truth, box, readers[split]):
+            boxes[split] += [[image_id, reader, finding, *corners] for finding, corners in rows]
             image_labels[split].append([image_id, reader, *[int(f in said) for f in VINDR_FINDINGS]])
     for split in ("train", "test"):
         _write_csv(out / "annotations" / f"annotations_{split}.csv",
@@ -224,12 +239,6 @@ def write_vindr(out: Path, patients: int = 8, per_patient: int = 3, size: int = 
         _write_csv(out / "annotations" / f"image_labels_{split}.csv", ["image_id", "rad_ID", *VINDR_FINDINGS],
                    image_labels[split])
     return out
-
-
-def _dicom_image(rng: np.random.Generator, size: int, marks: Sequence[bool]) -> Tuple[np.ndarray, Optional[tuple]]:
-    """A 12-bit stored image and its nodule's box."""
-    pixels, box = _pixels(rng, size, marks)
-    return (pixels * 4095).round().astype(np.uint16), box
 
 
 def write_vinbigdata(out: Path, patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> Path:
@@ -248,13 +257,8 @@ def write_vinbigdata(out: Path, patients: int = 8, per_patient: int = 3, size: i
                     sex=str(rng.choice(["M", "F"])))
         if folder == "test":
             continue
-        for reader in ("R8", "R9", "R10"):
-            said = [f for f in truth if rng.random() < 0.85 or f == "Nodule/Mass"] or ["No finding"]
-            for finding in said:
-                corners = ["", "", "", ""] if finding == "No finding" else [2.0, 2.0, 8.0, 8.0]
-                if finding == "Nodule/Mass":
-                    corners = [round(v + rng.normal(0, 0.3), 2) for v in box]
-                rows.append([image_id, finding, VINBIG_FINDINGS.index(finding), reader, *corners])
+        for reader, _, said in _readings(rng, truth, box, ("R8", "R9", "R10")):
+            rows += [[image_id, finding, VINBIG_FINDINGS.index(finding), reader, *corners] for finding, corners in said]
     _write_csv(out / "train.csv", ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max",
                                    "y_max"], rows)
     return out
