@@ -3,7 +3,7 @@ per-finding ROC and precision-recall curves."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,11 +32,11 @@ def draw_overlay(ax, image: np.ndarray, scores: np.ndarray, predicted: Optional[
     ax.axis("off")
 
 
-def _legend_value(report: Dict[str, Dict[str, object]], metric: Optional[str], fallback: float) -> str:
-    """A metric as the report has it ('0.81 [0.74, 0.87]'), else the value computed here (no CI)."""
+def _legend_value(report: Dict[str, Dict[str, object]], metric: Optional[str], compute: Callable[[], float]) -> str:
+    """A metric as the report has it ('0.81 [0.74, 0.87]'), else `compute()`d here (no CI)."""
     entry = report.get(metric) if metric else None
     if not entry or entry.get("pooled") != entry.get("pooled"):
-        return f"{fallback:.2f}"
+        return f"{float(compute()):.2f}"
     low, high = entry.get("ci95", (float("nan"), float("nan")))
     return f"{entry['pooled']:.2f} [{low:.2f}, {high:.2f}]"
 
@@ -46,7 +46,9 @@ def roc_pr_plots(folder: Path, task: str, curves: Dict[str, tuple], report: Dict
     """plots/roc_<task>.png and plots/pr_<task>.png: one curve per finding (curves: label -> (truth, score, AUROC
     metric, AP metric), the pooled out-of-fold predictions), each legend entry with the report's estimate and CI.
     A finding without both classes has no curve."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from pipeline.evaluation.metrics import average_precision, roc_auc
 
     drawable = {k: v for k, v in curves.items() if len(np.unique(v[0])) == 2}
     if not drawable:
@@ -57,11 +59,11 @@ def roc_pr_plots(folder: Path, task: str, curves: Dict[str, tuple], report: Dict
         for label, (truth, score, auc_metric, ap_metric) in drawable.items():
             if kind == "roc":
                 fpr, tpr, _ = roc_curve(truth, score)
-                auc = _legend_value(report, auc_metric, roc_auc_score(truth, score))
+                auc = _legend_value(report, auc_metric, lambda: roc_auc(truth, score))
                 ax.plot(fpr, tpr, label=f"{label}: AUROC {auc}")
             else:
                 precision, recall, _ = precision_recall_curve(truth, score)
-                ap = _legend_value(report, ap_metric, average_precision_score(truth, score))
+                ap = _legend_value(report, ap_metric, lambda: average_precision(truth, score))
                 ax.step(recall, precision, where="post", label=f"{label}: AP {ap} (prevalence {truth.mean():.2f})")
         if kind == "roc":
             ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
