@@ -103,11 +103,66 @@ def test_a_new_loss_weighting_is_one_registered_class(tiny_cache, tmp_path):
         del WEIGHTINGS["equal"]
 
 
+class _Reads:
+    """A config that records which keys are read."""
+
+    def __init__(self, cfg):
+        self._cfg, self.read = cfg, set()
+
+    def __getattr__(self, key):
+        self.read.add(key)
+        return getattr(self._cfg, key)
+
+
+def test_configurations_differing_in_a_weightings_setting_train_apart(tiny_cache):
+    """A weighting that declares a setting of its own: two configurations differing only there are two stacks,
+    each built with its own value (one stack would build both members' weighting from the first's)."""
+    import dataclasses
+
+    from pipeline.evaluation.engine import load_train_data
+    from pipeline.heads.resmtnet_head import pooled_family
+    from pipeline.heads.train import Job, train_jobs
+    from pipeline.heads.weighting import Weighting
+    from tests.helpers import tiny_train_config
+
+    built = []
+
+    class Scaled(Weighting):
+        name, settings = "scaled", ("toy_scale",)
+
+        def __init__(self, lambdas, cfg):
+            built.append((len(lambdas), cfg.toy_scale))
+            scaled = lambdas.clone()
+            scaled[:, 0] *= cfg.toy_scale  # the first task only: Adam does not see a common scale
+            super().__init__(scaled, cfg)
+
+    cfg = tiny_train_config(**{"train.epochs": 2, "train.early_stopping": 0, "eval.bootstrap": 0})
+    data = load_train_data(tiny_cache, cfg)
+    splits, _ = make_splits(data.table, data.rows, cfg.eval)
+    one = dataclasses.replace(cfg.train, loss_weighting="scaled")
+    one.toy_scale = 1.0
+    other = dataclasses.replace(one)
+    other.toy_scale = 3.0
+    WEIGHTINGS["scaled"] = Scaled
+    try:
+        results = train_jobs(pooled_family(data, splits), [Job(one, 0), Job(other, 0), Job(one, 1)])
+    finally:
+        del WEIGHTINGS["scaled"]
+    assert sorted(built) == [(1, 3.0), (2, 1.0)]
+    assert not np.allclose(results[0].outputs, results[1].outputs)  # same split, other weights
+
+
 @pytest.mark.parametrize("name", list(WEIGHTINGS))
 def test_weighting_contract(name):
     cfg = OptimConfig(loss_weighting=name)
     lambdas = torch.tensor([[1.0, 0.5, 2.0], [1.0, 1.0, 1.0]])
-    weighting = WEIGHTINGS[name](lambdas, cfg)
+    reads = _Reads(cfg)
+    weighting = WEIGHTINGS[name](lambdas, reads)
+    # every key it reads is declared (the trainer stacks only configurations equal in them), and exists
+    declared = set(WEIGHTINGS[name].settings)
+    assert reads.read <= declared and declared <= set(vars(cfg)), (reads.read, declared)
+    if list(weighting.parameters()):  # the trainer gives its parameters train.weighting_lr
+        assert "weighting_lr" in declared
     shared = torch.nn.Parameter(torch.randn(2, 4))
     per_task = (shared.sum(dim=1, keepdim=True) ** 2) * torch.tensor([1.0, 2.0, 0.5])
     total = weighting(per_task, shared if weighting.needs_shared else None)

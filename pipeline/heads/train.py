@@ -100,10 +100,10 @@ class HeadFamily(Protocol):
 
 
 def _trainer_key(cfg: Any) -> tuple:
-    """What members of one stack must share beyond shapes: the optimiser and the epoch loop."""
+    """What members of one stack must share beyond shapes: the optimiser, the epoch loop and the loss weighting
+    with every setting it declares (the stack's weighting is built from its first member's configuration)."""
     return (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.batch_size, cfg.early_stopping, cfg.loss_weighting,
-            cfg.weighting_lr, cfg.dwa_temperature, cfg.uncertainty_min_log_var, cfg.uncertainty_regulariser,
-            cfg.gradnorm_alpha)
+            *(getattr(cfg, key) for key in WEIGHTINGS[cfg.loss_weighting].settings))
 
 
 def train_jobs(family: HeadFamily, jobs: Sequence[Job], *, keep_state: bool = False,

@@ -5,11 +5,12 @@ config section (it reads its own keys). The trainer calls `forward` every step (
 parameter where `needs_shared`), `after_step` after each optimiser step, and `end_epoch` with the epoch's mean
 task losses. Parameters of a scheme get their own optimiser group: their own learning rate
 (`train.weighting_lr`), no weight decay. Everything is stacked over M members, like the heads: tensors are
-(M, T), members never mix. To add a scheme, write one class here and add it to WEIGHTINGS.
+(M, T), members never mix. To add a scheme, write one class here and add it to WEIGHTINGS, with the config keys
+it reads in `settings`: the trainer stacks together only configurations equal in them.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ class Weighting(nn.Module):
 
     name = "fixed"
     needs_shared = False  # forward wants the head's last shared parameter (GradNorm)
+    # the config keys the scheme reads (weighting_lr: the trainer's, for a scheme with parameters); two
+    # configurations that differ in one never share a stack (tests/test_registries.py checks every scheme)
+    settings: Tuple[str, ...] = ()
 
     def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__()
@@ -63,6 +67,7 @@ class Uncertainty(Weighting):
     """
 
     name = "uncertainty"
+    settings = ("uncertainty_min_log_var", "uncertainty_regulariser", "weighting_lr")
 
     def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__(lambdas)
@@ -112,6 +117,7 @@ class DynamicWeightAverage(Weighting):
     """
 
     name = "dwa"
+    settings = ("dwa_temperature",)
 
     def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__(lambdas)
@@ -143,6 +149,7 @@ class GradNorm(Weighting):
 
     name = "gradnorm"
     needs_shared = True
+    settings = ("gradnorm_alpha", "weighting_lr")
 
     def __init__(self, lambdas: torch.Tensor, cfg: Any = None):
         super().__init__(lambdas)
