@@ -219,9 +219,11 @@ class EvalConfig:
     stratify: str = "auto"  # label column the splits are stratified on; auto: the data set's own (JSRT: state)
     group: str = "auto"  # patients never split: auto (the patient_id column if any) | none | a column name
     bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
+    bootstrap_exact_rows: int = 2000  # above this many scored rows the CIs resample blocks of rows (README)
     size_bins: List[float] = field(default_factory=lambda: [10.0, 20.0, 30.0])  # mm edges
     size_norm: str = "grid"  # Table 2's normalised size error: grid (mm / 2048, as the paper) | range
     baselines: bool = True  # also score majority and linear (logistic / ridge) baselines on the same splits
+    baseline_rows: int = 2000  # the linear baseline fits on at most this many rows per split (0: all; README)
     refit: bool = True  # train a final head on all rows (what predict uses)
     pixel_mm: float = 0.175  # size of a coordinate-grid pixel (JSRT's 2048 grid): a nodule's radius in pixels
     froc_fps: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # FROC: FPs per image
@@ -428,6 +430,9 @@ def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = (
         check(f"train.task_kinds.{task}", kind, valid_choices("train.task_kinds", ()))
     for size in cfg.eval.train_sizes:
         train_size(size, 1, where)
+    for key in ("bootstrap", "bootstrap_exact_rows", "baseline_rows"):
+        if getattr(cfg.eval, key) < 0:
+            raise ConfigError(f"{where}: eval.{key} {getattr(cfg.eval, key)} must be >= 0")
     if cfg.eval.train_size_repeats < 1:
         raise ConfigError(f"{where}: eval.train_size_repeats {cfg.eval.train_size_repeats} must be >= 1")
     if not cfg.eval.froc_fps or any(not float(fp) > 0 for fp in cfg.eval.froc_fps):

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -14,12 +14,24 @@ logger = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0
 
 
+class Spacing:
+    """When the last progress line was written (at first: when the command started). A command's bars share
+    one, so lines keep LOG_EVERY_S apart across its phases and a phase that starts after a quiet one speaks at
+    its first tick instead of restarting the silence."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.last = clock()
+
+
 @contextlib.contextmanager
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch", rows: float = 0.0,
-             at_most: bool = False, clock: Callable[[], float] = time.perf_counter) -> Iterator[Callable[[int], None]]:
+             at_most: bool = False, clock: Callable[[], float] = time.perf_counter,
+             spacing: Optional[Spacing] = None) -> Iterator[Callable[[int], None]]:
     """Yields tick(n): advance by n of `total` (`at_most`: a cap, such as training's epoch cap, that the work may
     end before); `rows`: rows per unit, to show rows/s. Off a terminal, a line at most every LOG_EVERY_S of
-    `clock` with the rate and the time left at that rate (an upper bound with `at_most`)."""
+    `clock` (since the last line of any bar sharing `spacing`) with the rate and the time left at that rate (an
+    upper bound with `at_most`)."""
     if not enabled or total <= 0:
         yield lambda n: None
         return
@@ -34,16 +46,17 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch", r
                     bar.set_postfix_str(f"{bar.n * rows / elapsed:,.0f} rows/s", refresh=False)
             yield update
         return
-    started = last = clock()
+    spacing = spacing or Spacing(clock)
+    started = spacing.clock()
     done = 0
 
     def tick(n: int) -> None:
-        nonlocal done, last
+        nonlocal done
         done += n
-        now = clock()
-        if now - last >= LOG_EVERY_S and done < total:
-            last = now
-            rate = done / (now - started)
+        now = spacing.clock()
+        if now - spacing.last >= LOG_EVERY_S and done < total:
+            spacing.last = now
+            rate = done / max(now - started, 1e-9)
             left = (total - done) / rate if rate else float("nan")
             logger.info("%s: %s/%s %ss (%.0f%%), %.0f s, %s%s", desc, f"{done:,}", f"{total:,}", unit,
                         100 * done / total, now - started, f"{rate * rows:,.0f} rows/s, " if rows else "",
@@ -55,6 +68,8 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch", r
 
 def progress_bars(enabled: bool):
     """A pipeline.evaluation.engine.Progress for the stage-two loops: bar(total, description, ...) yields tick(n)."""
+    spacing = Spacing()
+
     def bar(total: int, desc: str, rows: float = 0.0, unit: str = "epoch", at_most: bool = False):
-        return progress(total, desc, enabled, unit=unit, rows=rows, at_most=at_most)
+        return progress(total, desc, enabled, unit=unit, rows=rows, at_most=at_most, spacing=spacing)
     return bar

@@ -129,9 +129,12 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
     started = time.perf_counter()
     bars = progress_bars(progress)
     data = load_train_data(cache, cfg, bars)
+    phases = {"read": time.perf_counter() - started}
     with staged_dir(out, overwrite) as tmp:
         cv = cross_validate(data, cfg, bars)
+        clock = time.perf_counter()
         head = refit(data, cfg, cv, bars) if cfg.eval.refit else None
+        phases["refit"] = time.perf_counter() - clock
         seconds = time.perf_counter() - started
         warning = warning_line(cfg, cv)
         meta = {"cache": str(cache), "features": data.specs, "feature_dim": int(data.features.shape[1]),
@@ -148,6 +151,7 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
             if plugin.reference:
                 meta.update(part.pop("meta", {}))
             plugin.place(metrics, part)
+        meta["timings"] = {**phases, **meta.get("timings", {})}  # seconds per phase (benchmarks/scale.py)
         (tmp / "config.yaml").write_text(dump_config(cfg))
         (tmp / "metrics.json").write_text(json_text(metrics))
         predictions_frame(data, cv).to_csv(tmp / "predictions.csv", index=False)

@@ -292,6 +292,34 @@ def test_baselines_choose_row_space_below_d_rows_and_primal_above(monkeypatch):
     assert linear_fit(prep, 0, rows).name == "streamed"
 
 
+def test_the_linear_baseline_fits_on_at_most_its_row_budget(monkeypatch):
+    """eval.baseline_rows: the linear fit of each split sees that many of the split's fitting rows (a seeded
+    draw, the same on a rerun); under the budget it sees them all and predicts as without one; the majority
+    baseline is never subsampled."""
+    import pipeline.evaluation.linear
+    from pipeline.evaluation.evaluate import baseline_predictions
+
+    x, prep, rows, _, _ = _linear_problem(400, 30, 300)
+    splits = [Split(train=np.arange(300), test=np.arange(300, 400))]
+    targets = {"cls": np.digitize(x[:, 0], [-1.0, 1.0]).astype(float)}  # classes a, b, c
+    seen = []
+    real = pipeline.evaluation.linear.linear_fit
+    monkeypatch.setattr(pipeline.evaluation.linear, "linear_fit",
+                        lambda p, s, fit, scored: seen.append(np.array(fit)) or real(p, s, fit, scored))
+    full = baseline_predictions(prep, splits, [TASKS[0]], targets, "linear")
+    assert full[0]["cls"].shape == (100, 3)  # the split's test rows only: memory and time of its own rows
+    under = baseline_predictions(prep, splits, [TASKS[0]], targets, "linear", budget=300)
+    np.testing.assert_array_equal(full[0][TASKS[0].name], under[0][TASKS[0].name])
+    budgeted = baseline_predictions(prep, splits, [TASKS[0]], targets, "linear", budget=120, seed=3)
+    again = baseline_predictions(prep, splits, [TASKS[0]], targets, "linear", budget=120, seed=3)
+    assert [len(f) for f in seen] == [300, 300, 120, 120] and np.isin(seen[2], np.arange(300)).all()
+    np.testing.assert_array_equal(seen[2], seen[3])
+    np.testing.assert_array_equal(budgeted[0][TASKS[0].name], again[0][TASKS[0].name])
+    assert not np.array_equal(budgeted[0][TASKS[0].name], full[0][TASKS[0].name])
+    baseline_predictions(prep, splits, [TASKS[0]], targets, "majority", budget=120)
+    assert len(seen) == 4
+
+
 def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path):
     cfg = tiny_train_config()
     first = train_heads(tiny_cache, tmp_path / "a", cfg, progress=False)

@@ -306,6 +306,29 @@ def test_progress_lines_come_every_half_minute_of_a_tiny_clock(caplog):
     assert lines[0].getMessage().startswith("train-heads: 43/1,000 steps (4%), 30 s, 46 rows/s, at most 670 s left")
 
 
+def test_a_commands_bars_keep_the_spacing_across_phases(caplog):
+    """Bars of one command share when the last line was written: a phase after 25 quiet seconds speaks at its
+    first tick, 30 s or more since the command's last line (not 30 s after its own start)."""
+    from stages import progress
+
+    now = [0.0]
+    spacing = progress.Spacing(lambda: now[0])
+    with caplog.at_level(logging.INFO):
+        with progress.progress(10, "baselines", True, unit="fit", spacing=spacing) as tick:
+            for _ in range(9):  # 45 s: one line, at 30 s
+                now[0] += 5.0
+                tick(1)
+        now[0] += 25.0  # a quiet step between phases: 70 s
+        with progress.progress(10, "summaries", True, unit="report", spacing=spacing) as tick:
+            for _ in range(9):
+                now[0] += 1.0
+                tick(1)
+    lines = [(r.getMessage().split(":")[0], r.getMessage()) for r in caplog.records]
+    assert [name for name, _ in lines] == ["baselines", "summaries"]
+    assert lines[0][1].startswith("baselines: 6/10 fits (60%), 30 s")
+    assert lines[1][1].startswith("summaries: 1/10 reports (10%), 1 s")  # its first tick, at 71 s: 41 s after
+
+
 def test_training_ticks_once_per_batch_within_the_epoch_cap(tiny_cache):
     from pipeline.evaluation.engine import cross_validate, load_train_data
     from tests.helpers import tiny_train_config

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.config import CHOICES, EvalConfig
 from pipeline.errors import ConfigError
-from pipeline.evaluation.metrics import bootstrap_counts
+from pipeline.evaluation.metrics import block_bootstrap, bootstrap_counts
 from pipeline.heads.tasks import TaskSpec, labelled
 from pipeline.heads.train import Split
 
@@ -353,33 +353,40 @@ class OutOfFold:
     @classmethod
     def collect(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
         """per_split[s][task]: predictions for every row; keep each split's test rows."""
+        return cls.of_test_rows(splits, [{t: v[s.test] for t, v in p.items()} for s, p in zip(splits, per_split)])
+
+    @classmethod
+    def of_test_rows(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
+        """per_split[s][task]: predictions for split s's test rows, in their order."""
         rows = np.concatenate([s.test for s in splits])
         split = np.concatenate([np.full(len(s.test), i) for i, s in enumerate(splits)])
         tasks = per_split[0].keys()
-        preds = {t: np.concatenate([p[t][s.test] for s, p in zip(splits, per_split)]) for t in tasks}
-        return cls(rows, split, preds)
+        return cls(rows, split, {t: np.concatenate([p[t] for p in per_split]) for t in tasks})
 
 
 def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
                       split: np.ndarray, n_splits: int, pooled: np.ndarray, bootstrap: int, seed: int,
-                      count: Callable[[np.ndarray, str], int], groups: Optional[np.ndarray] = None
-                      ) -> Dict[str, Dict[str, object]]:
+                      count: Callable[[np.ndarray, str], int], groups: Optional[np.ndarray] = None,
+                      exact_rows: int = EvalConfig.bootstrap_exact_rows) -> Dict[str, Dict[str, object]]:
     """metric -> {pooled, ci95, n, folds, fold_mean, fold_std}: the headline is the value on the `pooled` entries
     (the first seed's out-of-fold predictions) with its percentile bootstrap CI; the per-split values and
     their mean ± std describe the spread over splits (they are not the estimate the CI belongs to).
 
     metrics_of(selection, weights) scores the selected entries (weights (R, n_selected) for resamples);
     count(selection, metric) is the number of entries the metric is computed on; `groups` (one per entry: the
-    patient, as split_groups gives it) makes the bootstrap resample patients, not images. Every model and head uses
-    this one.
+    patient, as split_groups gives it) makes the bootstrap resample patients, not images. Up to `exact_rows`
+    pooled entries the resamples are of entries (or patients); above, of blocks of them (metrics.block_bootstrap:
+    the cost no longer grows as resamples x rows). Every model and head uses this one.
     """
     per_split = [metrics_of(split == s, None) for s in range(n_splits)]
     whole = metrics_of(pooled, None)
     boot: Dict[str, np.ndarray] = {}
     if bootstrap and pooled.any():
+        n = int(pooled.sum())
         codes = None if groups is None else pd.factorize(np.asarray(groups)[pooled])[0]
-        blocks = [metrics_of(pooled, counts)
-                  for counts in bootstrap_counts(int(pooled.sum()), bootstrap, seed, groups=codes)]
+        resamples = (bootstrap_counts(n, bootstrap, seed, groups=codes) if n <= exact_rows else
+                     block_bootstrap(np.arange(n) if codes is None else codes, bootstrap, seed))
+        blocks = [metrics_of(pooled, counts) for counts in resamples]
         boot = {k: np.concatenate([np.atleast_1d(b[k]) for b in blocks]) for k in blocks[0]}
     out: Dict[str, Dict[str, object]] = {}
     for name, value in whole.items():
@@ -406,8 +413,8 @@ def first_seed_mask(split: np.ndarray, names: Sequence[SplitName]) -> np.ndarray
 
 def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
               norms: Dict[str, np.ndarray], names: Sequence[SplitName], bootstrap: int, seed: int,
-              subset: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None
-              ) -> Dict[str, Dict[str, Dict[str, object]]]:
+              subset: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None,
+              exact_rows: int = EvalConfig.bootstrap_exact_rows) -> Dict[str, Dict[str, Dict[str, object]]]:
     """task -> metric -> entry (summarise_metrics) of one model's out-of-fold predictions; `subset` keeps
     only some rows (a size bin); `groups` (one per table row, patient_groups) resamples patients."""
     keep = np.ones(len(oof.rows), dtype=bool) if subset is None else np.isin(oof.rows, subset)
@@ -424,7 +431,7 @@ def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.n
             oof.split, len(names), first_seed_mask(oof.split, names) & keep, bootstrap, seed,
             lambda sel, metric, task=task, y_all=y_all: int(
                 task.impl.metric_rows(task, y_all[sel]).get(metric, labelled(task, y_all[sel])).sum()),
-            None if groups is None else groups[oof.rows])
+            None if groups is None else groups[oof.rows], exact_rows)
         if metrics:
             out[task.name] = metrics
     return out
@@ -448,21 +455,27 @@ def size_bins(sizes: np.ndarray, edges: Sequence[float]) -> Dict[str, np.ndarray
 
 
 def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
-                         which: str, c: float = 1.0, alpha: float = 1.0) -> List[Dict[str, np.ndarray]]:
-    """Per split, predictions for every row: 'majority' (class prior / mean) or 'linear' (logistic / ridge on
+                         which: str, c: float = 1.0, alpha: float = 1.0, budget: int = 0, seed: int = 0,
+                         tick: Callable[[int], None] = lambda n: None) -> List[Dict[str, np.ndarray]]:
+    """Per split, predictions for its test rows: 'majority' (class prior / mean) or 'linear' (logistic / ridge on
     the split's standardised features: pipeline.evaluation.linear), fitted on the split's training rows (inner
-    validation rows included). `prep`: the pooled head's model.Prepared (features held once, per-split statistics)."""
+    validation rows included); with a `budget` (eval.baseline_rows), the linear fit on a seeded subsample of
+    that many of them, so that its cost stops growing with the data. `prep`: the pooled head's model.Prepared
+    (features held once, per-split statistics); `tick(1)` after each split (progress)."""
     from pipeline.evaluation.linear import linear_fit
 
-    n = prep.features.shape[0]
     results = []
     for s, split in enumerate(splits):
         fit = np.concatenate([split.train, split.val])
-        linear = linear_fit(prep, s, fit) if which == "linear" else None
+        if which == "linear" and 0 < budget < len(fit):
+            fit = np.sort(np.random.default_rng([seed, s]).choice(fit, budget, replace=False))
+        linear = linear_fit(prep, s, fit, split.test) if which == "linear" else None
+        n = len(split.test)
         preds: Dict[str, np.ndarray] = {}
         for task in tasks:
             y = targets[task.name][fit]
             m = labelled(task, y)
             preds[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
         results.append(preds)
+        tick(1)
     return results

@@ -11,11 +11,17 @@ Ridge is solved exactly from the D x D Gram matrix (one pass, O(n D^2)); logisti
 100 iterations, tolerance 1e-4: scikit-learn's defaults). The objectives are scikit-learn's: Ridge
 ||y - Xw - b||^2 + alpha ||w||^2; LogisticRegression
 C sum(log-loss) + 1/2 ||W||^2 (binomial for two classes present, multinomial otherwise), intercepts unpenalised.
+Every fit predicts every row from its raw features through weights mapped back to feature space.
+
+The row-space fit costs about 10 n^3 (the eigenproblem) and the primal one a pass over the fitting rows per
+iteration, so both grow with the data; evaluate.baseline_predictions fits on a seeded subsample of at most
+eval.baseline_rows rows per split (2,000 by default: under a second per split at D = 4768), which keeps the
+baselines a bounded cost at any size (the README says what that reference is worth).
 """
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -27,65 +33,14 @@ PRIMAL_BLOCK_BYTES = 64 << 20
 DENSE_BYTES = 64 << 20
 
 
-class RowSpace:
-    """scikit-learn's models on coordinates of the fitting rows and of every row: in the row space of the
-    fitting rows' standardised matrix (`of`), or, for a small matrix, the standardised features themselves
-    (`dense`)."""
+class _Scorer:
+    """Scores x . w + b of every row for weights w in standardised units, folding the standardisation into
+    them block by block: the matrix is never copied or standardised as a whole."""
 
-    name = "row-space"
-
-    def __init__(self, z_fit: np.ndarray, z_all: np.ndarray, tol: float = 1e-4):
-        self.z_fit, self.z_all, self.tol = z_fit, z_all, tol
-
-    @classmethod
-    def of(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4) -> "RowSpace":
-        """The orthonormal basis V = X^T U S^-1 from the n x n Gram matrix X X^T = U S^2 U^T (an eigenproblem of
-        size n instead of an SVD of the n x D matrix); every row's coordinates V^T x, in blocks."""
-        from pipeline.heads.model import block_rows
-
-        x_fit = prep.standardised(s, fit, np.float64)
-        eigval, eigvec = np.linalg.eigh(x_fit @ x_fit.T)
-        keep = eigval > eigval.max() * 1e-10  # drop the null space (standardised columns make rank <= n - 1)
-        basis = x_fit.T @ (eigvec[:, keep] / np.sqrt(eigval[keep]))
-        n = prep.features.shape[0]
-        z_all = np.empty((n, basis.shape[1]))
-        step = block_rows(prep.dim)
-        for start in range(0, n, step):
-            rows = np.arange(start, min(start + step, n))
-            z_all[rows] = prep.standardised(s, rows, np.float64) @ basis
-        return cls(x_fit @ basis, z_all, tol)
-
-    @classmethod
-    def dense(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4) -> "RowSpace":
-        """Every row standardised (a float64 copy of at most DENSE_BYTES): the primal fit of a small matrix."""
-        model = cls(np.zeros((0, 0)), prep.standardised(s, np.arange(prep.features.shape[0]), np.float64), tol)
-        model.z_fit, model.name = model.z_all[np.asarray(fit)], "dense"
-        return model
-
-    def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
-        from sklearn.linear_model import Ridge
-
-        return Ridge(alpha=alpha).fit(self.z_fit[mask], target).predict(self.z_all)
-
-    def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, np.ndarray]:
-        from sklearn.linear_model import LogisticRegression
-
-        # Newton-CG converges in few exact steps on the <= n row-space coordinates (~4x faster than lbfgs)
-        model = LogisticRegression(C=c, solver="newton-cg", tol=self.tol, max_iter=2000).fit(self.z_fit[mask], labels)
-        return model.classes_, model.predict_proba(self.z_all)
-
-
-class Primal:
-    """The same models fitted in feature space by L-BFGS over blocks of the (un-copied) feature matrix."""
-
-    name = "streamed"
-
-    def __init__(self, prep, s: int, fit: np.ndarray, tol: float = 1e-4, max_iter: int = 100):
-        self._grams: dict = {}
+    def __init__(self, prep, s: int, scored: Optional[np.ndarray] = None):
         self.features = prep.features.numpy()
+        self.scored = np.arange(self.features.shape[0]) if scored is None else np.asarray(scored)
         self.mean, self.std = prep.x_mean[s].astype(np.float64), prep.x_std[s].astype(np.float64)
-        self.fit_rows = np.asarray(fit)
-        self.tol, self.max_iter = tol, max_iter
         d = self.features.shape[1]
         # float64 products where the matrix is small (exact fits), float32 ones at scale (memory-bound passes)
         self.dtype = np.float64 if self.features.size * 8 <= 4 * PRIMAL_BLOCK_BYTES else np.float32
@@ -99,6 +54,88 @@ class Primal:
             part = rows[start:start + self.step]
             x = self.features[part].astype(self.dtype, copy=False)
             yield part, x, (x @ w_raw.astype(self.dtype)).astype(np.float64) + b_raw
+
+    def _predict(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The scored rows' scores, in their order."""
+        out = np.empty((len(self.scored), w.shape[1]))
+        at = 0
+        for part, _, scores in self._scores(self.scored, w, b):
+            out[at:at + len(part)] = scores
+            at += len(part)
+        return out
+
+    def _probabilities(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The scored rows' class probabilities from (D, 1) binomial or (D, K) multinomial weights, as
+        scikit-learn's LogisticRegression.predict_proba."""
+        z = self._predict(w, b)
+        if z.shape[1] == 1:
+            p1 = 1.0 / (1.0 + np.exp(-np.clip(z[:, 0], -500, 500)))
+            return np.stack([1 - p1, p1], axis=1)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+
+class RowSpace(_Scorer):
+    """scikit-learn's models on coordinates of the fitting rows: in the row space of their standardised matrix
+    (`of`), or, for a small matrix, the standardised features themselves (`dense`); the fitted coefficients are
+    mapped back to feature space and every row scored from its raw features."""
+
+    name = "row-space"
+
+    def __init__(self, prep, s: int, z_fit: np.ndarray, basis: Optional[np.ndarray], tol: float = 1e-4,
+                 scored: Optional[np.ndarray] = None):
+        super().__init__(prep, s, scored)
+        self.z_fit, self.basis, self.tol = z_fit, basis, tol
+
+    @classmethod
+    def of(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
+           ) -> "RowSpace":
+        """The orthonormal basis V = X^T U S^-1 from the n x n Gram matrix X X^T = U S^2 U^T (an eigenproblem of
+        size n instead of an SVD of the n x D matrix) and the fitting rows' coordinates V^T x."""
+        x_fit = prep.standardised(s, fit, np.float64)
+        eigval, eigvec = np.linalg.eigh(x_fit @ x_fit.T)
+        keep = eigval > eigval.max() * 1e-10  # drop the null space (standardised columns make rank <= n - 1)
+        basis = x_fit.T @ (eigvec[:, keep] / np.sqrt(eigval[keep]))
+        return cls(prep, s, x_fit @ basis, basis, tol, scored)
+
+    @classmethod
+    def dense(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
+              ) -> "RowSpace":
+        """The fitting rows standardised (a float64 copy of at most DENSE_BYTES): the primal fit of a small matrix."""
+        model = cls(prep, s, prep.standardised(s, np.asarray(fit), np.float64), None, tol, scored)
+        model.name = "dense"
+        return model
+
+    def _to_features(self, coef: np.ndarray) -> np.ndarray:
+        """(D, k) weights in standardised feature units from (r, k) coefficients of the coordinates."""
+        return coef if self.basis is None else self.basis @ coef
+
+    def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
+        from sklearn.linear_model import Ridge
+
+        model = Ridge(alpha=alpha).fit(self.z_fit[mask], target)
+        return self._predict(self._to_features(model.coef_[:, None]), np.array([model.intercept_]))[:, 0]
+
+    def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, np.ndarray]:
+        from sklearn.linear_model import LogisticRegression
+
+        # Newton-CG converges in few exact steps on the <= n row-space coordinates (~4x faster than lbfgs)
+        model = LogisticRegression(C=c, solver="newton-cg", tol=self.tol, max_iter=2000).fit(self.z_fit[mask], labels)
+        return model.classes_, self._probabilities(self._to_features(model.coef_.T), model.intercept_)
+
+
+class Primal(_Scorer):
+    """The same models fitted in feature space by L-BFGS over blocks of the (un-copied) feature matrix."""
+
+    name = "streamed"
+
+    def __init__(self, prep, s: int, fit: np.ndarray, tol: float = 1e-4, max_iter: int = 100, *,
+                 scored: Optional[np.ndarray] = None):
+        super().__init__(prep, s, scored)
+        self._grams: dict = {}
+        self.fit_rows = np.asarray(fit)
+        self.tol, self.max_iter = tol, max_iter
 
     def _minimise(self, rows: np.ndarray, outputs: int, loss, penalty: float) -> Tuple[np.ndarray, np.ndarray]:
         """argmin over (w, b) of (loss(scores) + penalty ||w||^2) / n, loss(scores, part) -> (value, d/dscores)."""
@@ -123,13 +160,6 @@ class Primal:
         if not result.success:
             logger.debug("primal linear fit stopped after %d iterations: %s", result.nit, result.message)
         return result.x[:d * outputs].reshape(d, outputs), result.x[d * outputs:]
-
-    def _predict(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        n = self.features.shape[0]
-        out = np.empty((n, w.shape[1]))
-        for part, _, scores in self._scores(np.arange(n), w, b):
-            out[part] = scores
-        return out
 
     def _factor(self, rows: np.ndarray, alpha: float):
         """The Cholesky factor of Zc^T Zc + alpha I for the centred standardised rows (Zc = (X - xbar) / sigma:
@@ -184,9 +214,7 @@ class Primal:
                 margin = sign * scores[:, 0]
                 return c * float(np.logaddexp(0.0, -margin).sum()), (-c * sign / (1 + np.exp(margin)))[:, None]
 
-            w, b = self._minimise(rows, 1, loss, 0.5)
-            p1 = 1.0 / (1.0 + np.exp(-np.clip(self._predict(w, b)[:, 0], -500, 500)))
-            return classes, np.stack([1 - p1, p1], axis=1)
+            return classes, self._probabilities(*self._minimise(rows, 1, loss, 0.5))
 
         def loss(scores, part):
             z = scores - scores.max(axis=1, keepdims=True)
@@ -194,21 +222,18 @@ class Primal:
             onehot = np.eye(len(classes))[code[part]]
             return -c * float((onehot * log_p).sum()), c * (np.exp(log_p) - onehot)
 
-        w, b = self._minimise(rows, len(classes), loss, 0.5)
-        z = self._predict(w, b)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return classes, p / p.sum(axis=1, keepdims=True)
+        return classes, self._probabilities(*self._minimise(rows, len(classes), loss, 0.5))
 
 
-def linear_fit(prep, s: int, fit: np.ndarray):
+def linear_fit(prep, s: int, fit: np.ndarray, scored: Optional[np.ndarray] = None):
     """The row-space fit while the fitting rows are fewer than the features; otherwise the primal fit, on a
-    dense standardised copy while it is small (DENSE_BYTES), else streamed over the matrix."""
+    dense standardised copy while it is small (DENSE_BYTES), else streamed over the matrix. Its predictions are
+    of the `scored` rows (default: every row), in their order."""
     if len(fit) < prep.dim:
-        model = RowSpace.of(prep, s, fit)
+        model = RowSpace.of(prep, s, fit, scored=scored)
     elif prep.features.shape[0] * prep.dim * 8 <= DENSE_BYTES:
-        model = RowSpace.dense(prep, s, fit)
+        model = RowSpace.dense(prep, s, fit, scored=scored)
     else:
-        model = Primal(prep, s, fit)
+        model = Primal(prep, s, fit, scored=scored)
     logger.debug("linear baselines of split %d: %s fit (%d rows, %d features)", s, model.name, len(fit), prep.dim)
     return model

@@ -167,7 +167,8 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
 
     patients = patient_groups(table, cfg.eval)
     return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
-                             cfg.train.seed, count, None if patients is None else patients[rows])
+                             cfg.train.seed, count, None if patients is None else patients[rows],
+                             cfg.eval.bootstrap_exact_rows)
 
 
 def loc_scores(table, rows: np.ndarray, det: Detections, cfg) -> Dict[str, float]:

@@ -123,7 +123,8 @@ def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitNa
             oof = OutOfFold.collect([jobs[i] for i in idx], [family.prep.decode(results[i].outputs, i) for i in idx])
             split_names = [names[where[i][2]] for i in idx]
             report = summarise(oof, data.tasks, data.targets, norms, split_names,
-                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed, groups=patients_of)
+                               cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed, groups=patients_of,
+                               exact_rows=cfg.eval.bootstrap_exact_rows)
             if repeat == 0:
                 entry.update(patients=float(np.mean([where[i][3] for i in idx])),
                              images=float(np.mean([len(jobs[i].train) for i in idx])), metrics=report)
@@ -284,9 +285,11 @@ class ResMTNetPlugin(HeadPlugin):
         per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
         oof = {NAME: OutOfFold.collect(splits, per_split)}
         if cfg.eval.baselines:
-            for which in BASELINES:
-                oof[which] = OutOfFold.collect(splits, baseline_predictions(prep, splits, data.tasks, data.targets,
-                                                                            which))
+            with progress(len(BASELINES) * len(splits), "baselines", unit="fit") as tick:
+                for which in BASELINES:
+                    oof[which] = OutOfFold.of_test_rows(splits, baseline_predictions(
+                        prep, splits, data.tasks, data.targets, which, budget=cfg.eval.baseline_rows,
+                        seed=cfg.train.seed, tick=tick))
         timings["baselines"] = time.perf_counter() - clock
         outcome = ResMTNetOutcome(results, list(data.tasks), oof, per_split, timings=timings,
                                   pooled=first_seed_mask(oof[NAME].split, names))
@@ -306,14 +309,16 @@ class ResMTNetPlugin(HeadPlugin):
         bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
             if "size_mm" in data.table else {}
         patients = patient_groups(data.table, cfg.eval)
-        for model, preds in oof.items():
-            outcome.reports[model] = {
-                "overall": summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
-                                     cfg.train.seed, groups=patients),
-                "size_bins": {label: summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap,
-                                               cfg.train.seed, subset=rows, groups=patients)
-                              for label, rows in bins.items()},
-            }
+        with progress(len(oof) * (1 + len(bins)), "summaries", unit="report") as tick:
+            def summary(preds: OutOfFold, subset: Optional[np.ndarray] = None):
+                report = summarise(preds, data.tasks, data.targets, norms, names, cfg.eval.bootstrap, cfg.train.seed,
+                                   subset=subset, groups=patients, exact_rows=cfg.eval.bootstrap_exact_rows)
+                tick(1)
+                return report
+
+            for model, preds in oof.items():
+                outcome.reports[model] = {"overall": summary(preds),
+                                          "size_bins": {label: summary(preds, rows) for label, rows in bins.items()}}
         timings["summaries"] = time.perf_counter() - clock
         outcome.confusions = confusion_frames(data, oof[NAME], names)
         if cfg.eval.train_sizes:
