@@ -14,14 +14,52 @@ logger = logging.getLogger(__name__)
 LOG_EVERY_S = 30.0
 
 
+#: Seconds of silence after which a command's heartbeat says it is still working (a step without a bar, such
+#: as the heads' outputs for every row or writing a million-row predictions.csv); it looks every HEARTBEAT_POLL_S.
+HEARTBEAT_S = 45.0
+HEARTBEAT_POLL_S = 5.0
+
+
 class Spacing:
     """When the last progress line was written (at first: when the command started). A command's bars share
     one, so lines keep LOG_EVERY_S apart across its phases and a phase that starts after a quiet one speaks at
-    its first tick instead of restarting the silence."""
+    its first tick instead of restarting the silence. `phase`: the bar running, or the one that ran last."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         self.last = clock()
+        self.phase, self.running = "", False
+
+    def beat(self) -> None:
+        """A line if nothing was written for HEARTBEAT_S: the step in hand has no bar, or ticks rarely."""
+        now = self.clock()
+        quiet = now - self.last
+        if quiet >= HEARTBEAT_S:
+            self.last = now
+            if self.running:
+                logger.info("%s: still running (%.0f s since the last line)", self.phase, quiet)
+            else:
+                logger.info("still working after %s (%.0f s since the last line; this step has no progress bar)",
+                            self.phase or "the start", quiet)
+
+    def start_heartbeat(self) -> None:
+        """beat() every HEARTBEAT_POLL_S from a daemon thread, which ends once this object is no longer used
+        (it holds a weak reference): off a terminal, a command is never silent for a minute."""
+        import threading
+        import weakref
+
+        ref = weakref.ref(self)
+
+        def run() -> None:
+            while True:
+                time.sleep(HEARTBEAT_POLL_S)
+                spacing = ref()
+                if spacing is None:
+                    return
+                spacing.beat()
+                del spacing
+
+        threading.Thread(target=run, name="progress-heartbeat", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -48,6 +86,7 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch", r
         return
     spacing = spacing or Spacing(clock)
     started = spacing.clock()
+    spacing.phase, spacing.running = desc, True
     done = 0
 
     def tick(n: int) -> None:
@@ -63,12 +102,17 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "epoch", r
                         f"at most {left:.0f} s left (early stopping may end sooner)" if at_most else
                         f"about {left:.0f} s left")
 
-    yield tick
+    try:
+        yield tick
+    finally:
+        spacing.running = False
 
 
 def progress_bars(enabled: bool):
     """A pipeline.evaluation.engine.Progress for the stage-two loops: bar(total, description, ...) yields tick(n)."""
     spacing = Spacing()
+    if enabled and not sys.stderr.isatty():
+        spacing.start_heartbeat()
 
     def bar(total: int, desc: str, rows: float = 0.0, unit: str = "epoch", at_most: bool = False):
         return progress(total, desc, enabled, unit=unit, rows=rows, at_most=at_most, spacing=spacing)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -327,6 +328,41 @@ def test_a_commands_bars_keep_the_spacing_across_phases(caplog):
     assert [name for name, _ in lines] == ["baselines", "summaries"]
     assert lines[0][1].startswith("baselines: 6/10 fits (60%), 30 s")
     assert lines[1][1].startswith("summaries: 1/10 reports (10%), 1 s")  # its first tick, at 71 s: 41 s after
+
+
+def test_the_heartbeat_speaks_after_45_quiet_seconds_and_ends_with_its_command(caplog, monkeypatch):
+    """A step without a bar (the outputs for every row, writing predictions) is never silent for a minute: the
+    heartbeat logs once 45 s have passed since the last line, naming the phase; its thread ends when the
+    command's bars are gone."""
+    import gc
+    import threading
+
+    from stages import progress
+
+    now = [0.0]
+    spacing = progress.Spacing(lambda: now[0])
+    with caplog.at_level(logging.INFO):
+        with progress.progress(4, "train-heads", True, unit="step", spacing=spacing) as tick:
+            now[0] += 10.0
+            tick(1)
+        for at in (40.0, 56.0, 90.0, 101.0):
+            now[0] = at
+            spacing.beat()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["still working after train-heads (56 s since the last line; this step has no progress bar)",
+                     "still working after train-heads (45 s since the last line; this step has no progress bar)"]
+    monkeypatch.setattr(progress, "HEARTBEAT_POLL_S", 0.01)
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())  # off a terminal, as a log file
+    before = threading.active_count()
+    bars = progress.progress_bars(True)
+    assert threading.active_count() == before + 1
+    del bars
+    gc.collect()
+    for _ in range(200):
+        if threading.active_count() == before:
+            break
+        time.sleep(0.01)
+    assert threading.active_count() == before
 
 
 def test_training_ticks_once_per_batch_within_the_epoch_cap(tiny_cache):
