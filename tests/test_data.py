@@ -278,7 +278,7 @@ def test_huge_image_is_refused_from_its_header(synthetic_dir):
 # --------------------------------------------------------------------------------- real JSRT
 
 
-@pytest.mark.skipif(not SHARED_JSRT.exists(), reason="../shared/data/jsrt is not here")
+@pytest.mark.real_data
 def test_real_jsrt_counts_and_coordinates():
     table = load_dataset(SHARED_JSRT)
     assert len(table) == 247
