@@ -210,7 +210,9 @@ class TrainConfig(OptimConfig):
 
 @dataclass
 class EvalConfig:
-    protocol: str = "kfold"  # kfold | holdout | official (the data set's test list) | insample | contaminated
+    protocol: str = "kfold"  # kfold | holdout | official (the data set's test list) | insample | contaminated |
+    # external (several caches: train on the others, score eval.test_on) | leave-one-dataset-out
+    test_on: str = ""  # external: the data set scored (a cache's file stem)
     seen_fraction: float = 1.0  # contaminated: share of each fold's training rows also scored (1: all rows)
     control: str = "none"  # none | noise: Gaussian noise instead of the features (a no-information row)
     folds: int = 5  # k of k-fold cross-validation
@@ -369,7 +371,8 @@ def parse_set_options(items: typing.Iterable[str]) -> Dict[str, Any]:
 #: anything runs
 #: (a typo in tables.f1 used to give n/a cells, one in eval.size_norm an error after every fold had trained).
 CHOICES: Dict[str, tuple] = {
-    "eval.protocol": ("kfold", "holdout", "official", "insample", "contaminated"),
+    "eval.protocol": ("kfold", "holdout", "official", "insample", "contaminated", "external",
+                      "leave-one-dataset-out"),
     "data.uncertain": ("ignore", "ones", "zeros"),
     "data.blank": ("auto", "negative", "missing"),
     "eval.control": ("none", "noise"),

@@ -316,8 +316,10 @@ main.add_command(extract_features_cmd)
 
 
 @main.command("train-heads")
-@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Feature cache (.h5).")
+@click.option("--cache", "caches", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Feature cache (.h5); repeat for several data sets trained together (each named by its file's "
+                   "stem; --protocol external / leave-one-dataset-out score one on the others).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder to write (not with --study: a worker writes to the study).")
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
@@ -329,7 +331,8 @@ main.add_command(extract_features_cmd)
 @click.option("--seed", "seeds", type=int, multiple=True, help="CV seed (repeat for repeated CV).")
 @click.option("--protocol", default=None,
               help=f"{', '.join(CHOICES['eval.protocol'])} (eval.protocol; kfold by default; official: the data "
-                   "set's own test list; insample: training-set scores).")
+                   "set's own test list; insample: training-set scores; external: several caches, score "
+                   "eval.test_on).")
 @click.option("--loss-weighting", default=None,
               help=f"{', '.join(CHOICES['train.loss_weighting'])} (train.loss_weighting; fixed by default).")
 @click.option("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N.")
@@ -351,7 +354,7 @@ main.add_command(extract_features_cmd)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
-def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features: Tuple[str, ...],
+def train_heads_cmd(caches: Tuple[Path, ...], out: Optional[Path], config_path: str, features: Tuple[str, ...],
                     epochs: Optional[int], folds: Optional[int], seeds: Tuple[int, ...], protocol: Optional[str],
                     loss_weighting: Optional[str], device: Optional[str], sets: Tuple[str, ...],
                     sweep_path: Optional[Path], storage: Optional[str], study_name: Optional[str],
@@ -362,6 +365,10 @@ def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features
              ("eval.seeds", list(seeds) or None), ("eval.protocol", protocol),
              ("train.loss_weighting", loss_weighting), ("train.device", device)]
     cfg = load_config(config_path, _overrides(pairs, sets))
+    cache = caches[0]
+    if len(caches) > 1 and (storage is not None or sweep_path is not None):
+        raise click.UsageError("--sweep and --study take one --cache (several data sets train together in a plain "
+                               "train-heads run)")
     if storage is not None:
         if sweep_path is None:
             raise click.UsageError("--study needs --sweep SPEC (the search the workers share)")
@@ -385,7 +392,8 @@ def train_heads_cmd(cache: Path, out: Optional[Path], config_path: str, features
         return
     from stages.train_heads import train_heads
 
-    summary = train_heads(cache, out, cfg, overwrite=overwrite, progress=not no_progress, track=track)
+    summary = train_heads(list(caches) if len(caches) > 1 else cache, out, cfg, overwrite=overwrite,
+                          progress=not no_progress, track=track)
     if summary.warning:
         click.echo(summary.warning)
     click.echo(f"trained in {summary.seconds:.1f} s; report: {summary.out / 'report.md'}")

@@ -12,13 +12,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
 from pipeline import __version__
 from pipeline.config import Config, dump_config
+from pipeline.evaluation.combine import DATASET_COLUMN
 from pipeline.evaluation.engine import CVResult, TrainData, cross_validate, load_train_data, refit
 from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
                                           scores_training_rows, seen_share)
@@ -39,11 +40,12 @@ def warning_line(cfg: Config, cv: CVResult) -> Optional[str]:
 
 
 def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
-    """Every split's test rows (id, patient, seed, fold) and each head family's out-of-fold predictions of them."""
+    """Every split's test rows (id, data set where several, patient, seed, fold) and each head family's
+    out-of-fold predictions of them."""
     where = cv.test_rows()
     frame: Dict[str, object] = {"id": data.table["id"].to_numpy()[where.rows],
-                                **({PATIENT_COLUMN: data.table[PATIENT_COLUMN].to_numpy()[where.rows]}
-                                   if PATIENT_COLUMN in data.table else {}),
+                                **({c: data.table[c].to_numpy()[where.rows] for c in (DATASET_COLUMN, PATIENT_COLUMN)
+                                    if c in data.table}),
                                 "seed": np.array([n.seed for n in cv.names])[where.split],
                                 "fold": np.array([n.fold for n in cv.names])[where.split]}
     for plugin, outcome in cv.families():
@@ -122,10 +124,10 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> Tuple[str, s
     return rid, tracker.uri
 
 
-def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False, progress: bool = True,
-                track: Optional[str] = None) -> TrainSummary:
-    """Cross-validate the enabled head families on `cache`, refit on all rows, write every output to `out`;
-    `track`: also log the run to MLflow (pipeline.tracking)."""
+def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, overwrite: bool = False,
+                progress: bool = True, track: Optional[str] = None) -> TrainSummary:
+    """Cross-validate the enabled head families on `cache` (or several, one data set each), refit on all rows,
+    write every output to `out`; `track`: also log the run to MLflow (pipeline.tracking)."""
     started = time.perf_counter()
     bars = progress_bars(progress)
     data = load_train_data(cache, cfg, bars)
@@ -137,7 +139,8 @@ def train_heads(cache: Path, out: Path, cfg: Config, *, overwrite: bool = False,
         phases["refit"] = time.perf_counter() - clock
         seconds = time.perf_counter() - started
         warning = warning_line(cfg, cv)
-        meta = {"cache": str(cache), "features": data.specs, "feature_dim": int(data.features.shape[1]),
+        meta = {"cache": str(cache) if isinstance(cache, (str, Path)) else [str(c) for c in cache],
+                "features": data.specs, "feature_dim": int(data.features.shape[1]),
                 "n_images": int(len(data.table)), "n_used": int(len(data.rows)),
                 "protocol": cfg.eval.protocol, "control": cfg.eval.control, "seen_share": seen_share(cv.splits),
                 "tasks": [t.as_dict() for t in data.tasks], "splits": [n.__dict__ for n in cv.names],

@@ -247,13 +247,16 @@ def test_a_new_protocol_is_one_registered_entry():
 
 @pytest.mark.parametrize("protocol", CHOICES["eval.protocol"])
 def test_protocol_contract(protocol):
-    """Every protocol splits a table with patients and an official split: test rows never train unless the
-    protocol says it scores training rows; no patient is on both sides; inner validation rows never test."""
+    """Every protocol splits a table with patients, an official split and two data sets: test rows never train
+    unless the protocol says it scores training rows; no patient is on both sides; inner validation rows never
+    test."""
     n = 40
     table = pd.DataFrame({"id": [f"i{i}" for i in range(n)], "state": ["a", "b"] * (n // 2),
                           "patient_id": [f"p{i // 2}" for i in range(n)],
-                          "split": ["test" if i >= 30 else "train" for i in range(n)]})
-    ecfg = load_config(None, {"eval.protocol": protocol, "eval.folds": 4, "eval.seen_fraction": 0.5}).eval
+                          "split": ["test" if i >= 30 else "train" for i in range(n)],
+                          "dataset": ["one" if i < 24 else "two" for i in range(n)]})
+    ecfg = load_config(None, {"eval.protocol": protocol, "eval.folds": 4, "eval.seen_fraction": 0.5,
+                              "eval.test_on": "two"}).eval
     splits, names = make_splits(table, np.arange(n), ecfg, val_fraction=0.2)
     assert splits and len(splits) == len(names)
     patient = table["patient_id"].to_numpy()

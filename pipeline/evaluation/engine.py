@@ -105,12 +105,24 @@ def finite_rows(features: np.ndarray, step: int = 4096) -> np.ndarray:
                           or [np.zeros(0, dtype=bool)])
 
 
-def load_train_data(cache_path: Path, cfg: Config, progress: Progress = no_progress) -> TrainData:
-    """Read features and labels from a cache; missing backbones or labels are one clear error each, and a
-    matrix too large for this process's memory stops before it is read (`progress` ticks rows as they are)."""
+@dataclass
+class _Part:
+    """One cache's contribution before tasks are resolved."""
+
+    features: np.ndarray
+    table: pd.DataFrame
+    groups: Dict[str, List[str]]
+    bad: np.ndarray
+    specs: List[str]
+    provenance: Dict[str, Dict[str, object]]
+    attrs: Dict[str, object]
+    hashes: List[str]
+    pixel_hashes: List[str]
+    heads: Dict[str, Any]
+
+
+def _read(cache_path: Path, cfg: Config, progress: Progress) -> _Part:
     tcfg = cfg.train
-    if not tcfg.features:
-        raise ConfigError("train.features is empty; name the backbones whose features to use")
     with FeatureCache(cache_path) as cache:
         specs = [cache.resolve(name) for name in tcfg.features]
         check_memory(len(cache.ids), sum(cache.backbones[s].dim for s in specs), tcfg.feature_dtype,
@@ -119,28 +131,80 @@ def load_train_data(cache_path: Path, cfg: Config, progress: Progress = no_progr
             features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype], progress=tick)
         table = cache.labels()
         table.attrs["layout"] = str(cache.attrs.get("data_layout", ""))  # eval.stratify auto, eval.protocol official
-        bad = cache.bad
-        provenance = {s: cache.backbones[s].attrs for s in specs}
-        attrs = dict(cache.attrs)
-        hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")]
         pixels = cache.pixel_hashes
-        pixel_hashes = [] if pixels is None else [h.decode() for h in pixels]
-        heads = {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)}
-    groups = {**task_groups(str(attrs.get("data_layout", ""))), **tcfg.task_groups}
+        part = _Part(features, table, {}, cache.bad, specs, {s: cache.backbones[s].attrs for s in specs},
+                     dict(cache.attrs),
+                     [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")],
+                     [] if pixels is None else [h.decode() for h in pixels],
+                     {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)})
+    part.groups = {**task_groups(table.attrs["layout"]), **tcfg.task_groups}
     if cfg.data.harmonise:
         from pipeline.data.findings import harmonise_findings
 
-        table, groups, _ = harmonise_findings(table, groups)
-    tasks = resolve_tasks(tcfg.tasks, table, load_label_maps(cfg.data.labels), tcfg.non_nodule, tcfg.task_kinds,
-                          where=f"cache {cache_path}", groups=groups, uncertain=cfg.data.uncertain,
-                          blank=blank_meaning(str(attrs.get("data_layout", "")), cfg.data.blank))
+        part.table, part.groups, _ = harmonise_findings(part.table, part.groups)
+    return part
+
+
+def _combine(paths: Sequence[Path], parts: List[_Part], cfg: Config) -> Tuple[_Part, str]:
+    """Several caches as one (pipeline.evaluation.combine): the same feature sets, made the same way, stacked;
+    (the combined part, the blank policy its tables now follow)."""
+    from pipeline.evaluation import combine
+
+    names = combine.dataset_names([Path(p).stem for p in paths])
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        if part.features.shape[1] != first.features.shape[1] or any(
+                part.provenance[s].get("params_sha256") != first.provenance[a].get("params_sha256")
+                for s, a in zip(part.specs, first.specs)):
+            raise ConfigError(f"cache {path} holds other features than {paths[0]} ({', '.join(part.specs)} vs "
+                              f"{', '.join(first.specs)}): several caches train together only on the same "
+                              "backbones with the same weights; extract them with the same --backbone and weights")
+    loaded = [name for part in parts for name, value in part.heads.items() if value is not None]
+    if loaded:
+        raise ConfigError(f"head family {loaded[0]} reads its own data from a cache; several caches train the pooled "
+                          "heads only: leave it out or train it on one cache")
+    tables = [combine.settle_blanks(part.table, [m for members in part.groups.values() for m in members],
+                                    blank_meaning(part.table.attrs["layout"], cfg.data.blank)) for part in parts]
+    table = combine.stack_tables(tables, names)
+    layouts = {part.table.attrs["layout"] for part in parts}
+    table.attrs["layout"] = layouts.pop() if len(layouts) == 1 else ""
+    attrs = {**first.attrs, "data_layout": table.attrs["layout"],
+             "data_root": ", ".join(str(part.attrs.get("data_root", "?")) for part in parts),
+             "image_set_sha256": [part.attrs.get("image_set_sha256") for part in parts], "datasets": names}
+    features = np.concatenate([part.features for part in parts])  # (each cache's matrix is freed below)
+    for part in parts:
+        part.features = None  # type: ignore[assignment]
+    pixels = [h for part in parts for h in part.pixel_hashes] if all(p.pixel_hashes for p in parts) else []
+    return _Part(features, table, combine.union_groups([part.groups for part in parts]),
+                 np.concatenate([part.bad for part in parts]), first.specs, first.provenance, attrs,
+                 [h for part in parts for h in part.hashes], pixels, first.heads), "missing"
+
+
+def load_train_data(cache_path, cfg: Config, progress: Progress = no_progress) -> TrainData:
+    """Read features and labels from a cache, or from several (a list: one data set each, stacked with a `dataset`
+    column; pipeline.evaluation.combine); missing backbones or labels are one clear error each, and a matrix too
+    large for this process's memory stops before it is read (`progress` ticks rows as they are)."""
+    if not cfg.train.features:
+        raise ConfigError("train.features is empty; name the backbones whose features to use")
+    paths = [Path(cache_path)] if isinstance(cache_path, (str, Path)) else [Path(p) for p in cache_path]
+    parts = [_read(path, cfg, progress) for path in paths]
+    if len(parts) == 1:
+        part, blank = parts[0], blank_meaning(parts[0].table.attrs["layout"], cfg.data.blank)
+    else:
+        part, blank = _combine(paths, parts, cfg)
+    where = f"cache {paths[0]}" if len(paths) == 1 else f"caches {', '.join(map(str, paths))}"
+    table, features = part.table, part.features
+    tasks = resolve_tasks(cfg.train.tasks, table, load_label_maps(cfg.data.labels), cfg.train.non_nodule,
+                          cfg.train.task_kinds, where=where, groups=part.groups, uncertain=cfg.data.uncertain,
+                          blank=blank)
     targets = encode_targets(table, tasks)
-    rows = np.flatnonzero(~bad & finite_rows(features))
+    rows = np.flatnonzero(~part.bad & finite_rows(features))
     if len(rows) < len(table):
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
-    rows = keep_views(table, rows, cfg.data.views, f"cache {cache_path}")
+    rows = keep_views(table, rows, cfg.data.views, where)
     features = control_features(features, cfg.eval, cfg.train.seed)
-    return TrainData(features, table, rows, tasks, targets, specs, provenance, attrs, hashes, heads, pixel_hashes)
+    return TrainData(features, table, rows, tasks, targets, part.specs, part.provenance, part.attrs, part.hashes,
+                     part.heads, part.pixel_hashes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pandas as pd
 
 from pipeline.config import CHOICES, EvalConfig
 from pipeline.errors import ConfigError
+from pipeline.evaluation.combine import DATASET_COLUMN
 from pipeline.evaluation.metrics import block_bootstrap, bootstrap_counts
 from pipeline.heads.tasks import TaskSpec, labelled
 from pipeline.heads.train import Split
@@ -41,11 +42,12 @@ PATIENT_COLUMN = "patient_id"
 
 def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:
     """The class of each row that folds are stratified on (eval.stratify; 'auto': the data set's own column,
-    pipeline.data.table.stratify_column, or none where the table lacks it)."""
+    pipeline.data.table.stratify_column, or none where the table lacks it; with several data sets, the data set)."""
     if column == "auto":
         from pipeline.data.table import stratify_column
 
-        column = stratify_column(str(table.attrs.get("layout", "")))
+        # several data sets (pipeline.evaluation.combine): each is a stratum
+        column = DATASET_COLUMN if DATASET_COLUMN in table else stratify_column(str(table.attrs.get("layout", "")))
         if column not in table:
             return np.full(len(rows), "missing")
     if column not in table:
@@ -234,6 +236,31 @@ def _seen_rows(ctx: SplitContext, seed: int, fold: int, train: np.ndarray) -> np
                              seed * 104729 + fold, ctx.groups_of(train))[1]
 
 
+def _datasets_of(ctx: SplitContext) -> np.ndarray:
+    if DATASET_COLUMN not in ctx.table:
+        raise ConfigError(f"eval.protocol {ctx.ecfg.protocol} scores data sets a model never trained on: give "
+                          "several caches, one per data set (train-heads --cache nih.h5 --cache chexpert.h5)")
+    return ctx.table[DATASET_COLUMN].to_numpy()[ctx.rows].astype(str)
+
+
+def _external(ctx: SplitContext, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """external: train (inner validation included) on every data set but eval.test_on, score that one once."""
+    names = _datasets_of(ctx)
+    if ctx.ecfg.test_on not in set(names):
+        raise ConfigError(f"eval.test_on '{ctx.ecfg.test_on}' must name one of the data sets: "
+                          f"{', '.join(dict.fromkeys(names))} (each cache's file stem)")
+    return [(np.flatnonzero(names != ctx.ecfg.test_on), np.flatnonzero(names == ctx.ecfg.test_on))]
+
+
+def _leave_one_dataset_out(ctx: SplitContext, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """leave-one-dataset-out: one split per data set, in the caches' order, scored on it after training on the
+    others."""
+    names = _datasets_of(ctx)
+    if len(set(names)) < 2:
+        raise ConfigError("eval.protocol leave-one-dataset-out needs at least two data sets (caches)")
+    return [(np.flatnonzero(names != d), np.flatnonzero(names == d)) for d in dict.fromkeys(names)]
+
+
 register_protocol(Protocol("kfold", _kfold))
 register_protocol(Protocol("holdout", _holdout))
 register_protocol(Protocol("official", lambda ctx, seed: [official_split(ctx.table, ctx.rows, ctx.groups)]))
@@ -241,6 +268,8 @@ register_protocol(Protocol("insample", lambda ctx, seed: [(np.arange(len(ctx.row
                            inner_validation=False, scores_training_rows=lambda ecfg: True))
 register_protocol(Protocol("contaminated", _kfold, also_scored=_seen_rows,
                            scores_training_rows=lambda ecfg: ecfg.seen_fraction > 0))
+register_protocol(Protocol("external", _external))
+register_protocol(Protocol("leave-one-dataset-out", _leave_one_dataset_out))
 
 
 def make_splits(table: pd.DataFrame, rows: np.ndarray, ecfg: EvalConfig, val_fraction: float = 0.0

@@ -1,0 +1,95 @@
+"""Several caches in one run (pipeline.evaluation.combine): one data set each, external validation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline.data.synthetic import write_feature_cache
+from pipeline.evaluation.combine import settle_blanks, stack_tables, union_groups
+from stages.cli import main
+
+SPEC = "synthetic:features"
+FAST = ["--features", SPEC, "--set", "train.hidden=16", "--set", "train.epochs=3", "--set", "train.batch_size=16",
+        "--set", "eval.bootstrap=50", "--set", "eval.folds=3", "--no-progress", "-q"]
+
+
+@pytest.fixture(scope="module")
+def two_caches(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
+    return (write_feature_cache(folder / "alpha.h5", 60, 24, seed=1, spec=SPEC),
+            write_feature_cache(folder / "beta.h5", 45, 24, seed=2, spec=SPEC))
+
+
+def _run(tmp_path, caches, *args):
+    return CliRunner().invoke(main, ["train-heads", *[a for c in caches for a in ("--cache", str(c))],
+                                     "--out", str(tmp_path / "run"), *FAST, *args])
+
+
+def test_a_finding_one_data_set_does_not_label_is_missing_there_not_negative():
+    """CheXpert's blank cell is negative for CheXpert's own findings; NIH has no 'Pneumonia' column here, so its
+    rows stay missing for it after stacking (never 0); ids and patients get the data set's name; an image
+    without a patient id is its own patient."""
+    chexpert = pd.DataFrame({"id": ["a.jpg", "b.jpg"], "patient_id": ["p1", None],
+                             "Pneumonia": [1.0, np.nan], "Effusion": [np.nan, 0.0]})
+    nih = pd.DataFrame({"id": ["a.jpg"], "patient_id": ["p1"], "Effusion": [1.0]})
+    settled = settle_blanks(chexpert, ["Pneumonia", "Effusion"], "negative")
+    assert settled["Pneumonia"].tolist() == [1.0, 0.0] and np.isnan(chexpert.loc[1, "Pneumonia"])  # no in-place
+    assert settle_blanks(nih, ["Effusion"], "missing") is nih
+    table = stack_tables([settled, nih], ["chexpert", "nih"])
+    assert table["id"].tolist() == ["chexpert/a.jpg", "chexpert/b.jpg", "nih/a.jpg"]
+    assert table["patient_id"].tolist() == ["chexpert/p1", "chexpert/b.jpg", "nih/p1"]  # p1 twice: two people
+    assert table["dataset"].tolist() == ["chexpert", "chexpert", "nih"]
+    assert table["Pneumonia"].tolist()[:2] == [1.0, 0.0] and np.isnan(table.loc[2, "Pneumonia"])
+    assert union_groups([{"findings": ["Pneumonia", "Effusion"]}, {"findings": ["Effusion", "Mass"]}]) == {
+        "findings": ["Pneumonia", "Effusion", "Mass"]}
+
+
+def test_external_validation_trains_on_one_data_set_and_scores_the_other_once(two_caches, tmp_path):
+    result = _run(tmp_path, two_caches, "--protocol", "external", "--set", "eval.test_on=beta")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    predictions = pd.read_csv(run / "predictions.csv")
+    # exactly beta's 45 images are scored, each once, by the one model trained on alpha's
+    assert len(predictions) == 45 and set(predictions["dataset"]) == {"beta"}
+    assert predictions["id"].str.startswith("beta/").all() and predictions["id"].is_unique
+    meta = json.loads((run / "metrics.json").read_text())["meta"]
+    assert meta["cache"] == [str(c) for c in two_caches] and len(meta["splits"]) == 1
+    assert meta["n_images"] == 105
+
+
+def test_leave_one_dataset_out_scores_each_data_set_by_a_model_that_never_saw_it(two_caches, tmp_path):
+    result = _run(tmp_path, two_caches, "--protocol", "leave-one-dataset-out")
+    assert result.exit_code == 0, result.output
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert len(predictions) == 105 and predictions["id"].is_unique
+    assert predictions.groupby("fold")["dataset"].agg(lambda d: tuple(sorted(set(d)))).to_dict() == {
+        0: ("alpha",), 1: ("beta",)}
+
+
+def test_kfold_over_two_data_sets_stratifies_on_the_data_set(two_caches, tmp_path):
+    result = _run(tmp_path, two_caches)
+    assert result.exit_code == 0, result.output
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    share = predictions.groupby("fold")["dataset"].agg(lambda d: (d == "alpha").mean())
+    assert len(predictions) == 105 and (share.sub(60 / 105).abs() < 0.05).all(), share
+
+
+def test_several_caches_refuse_what_cannot_be_combined(two_caches, tmp_path):
+    one = _run(tmp_path, two_caches[:1], "--protocol", "external", "--set", "eval.test_on=beta")
+    assert one.exit_code != 0 and "give several caches, one per data set" in one.output
+    unknown = _run(tmp_path, two_caches, "--protocol", "external", "--set", "eval.test_on=gamma")
+    assert unknown.exit_code != 0 and "eval.test_on 'gamma' must name one of the data sets: alpha, beta" in \
+        unknown.output
+    (tmp_path / "again").mkdir()
+    twin = write_feature_cache(tmp_path / "again" / "alpha.h5", 20, 24, seed=3, spec=SPEC)
+    same = _run(tmp_path, [two_caches[0], twin])
+    assert same.exit_code != 0 and "several caches are named alpha.h5" in same.output
+    narrow = write_feature_cache(tmp_path / "narrow.h5", 20, 12, seed=4, spec=SPEC)
+    other = _run(tmp_path, [two_caches[0], narrow])
+    assert other.exit_code != 0 and "holds other features than" in other.output
+    for result in (one, unknown, same, other):
+        assert "Traceback" not in result.output
