@@ -7,6 +7,8 @@ RUN_DIR that looks complete; `run.json` is the last file written.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +27,7 @@ from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, pati
                                           scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, json_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
+from pipeline.reporting import format_entry, format_number
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,39 @@ def predictions_frame(data: TrainData, cv: CVResult) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
-def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) -> str:
+def internal_scores(data: TrainData, cfg: Config, bars) -> Optional[Dict[str, object]]:
+    """eval.protocol external: the same heads cross-validated (k-fold, eval.folds) on the training data sets
+    alone, the scores the report puts beside the external ones; None for any other protocol."""
+    if cfg.eval.protocol != "external":
+        return None
+    names = data.table[DATASET_COLUMN].to_numpy()
+    inner = dataclasses.replace(data, rows=data.rows[names[data.rows] != cfg.eval.test_on])
+    icfg = copy.deepcopy(cfg)
+    icfg.eval.protocol, icfg.eval.train_sizes = "kfold", []
+    reports = cross_validate(inner, icfg, bars).reports
+    return {"protocol": "kfold", "folds": cfg.eval.folds, "datasets": list(dict.fromkeys(names[inner.rows])),
+            "reports": {model: report["overall"] for model, report in reports.items()}}
+
+
+def external_lines(cfg: Config, cv: CVResult, internal: Dict[str, object]) -> List[str]:
+    """Per task and metric, each model's internal cross-validation beside its external score and the gap."""
+    models = [m for m in internal["reports"] if m in cv.reports and m != "majority"]
+    lines = ["", f"External validation: trained on {', '.join(internal['datasets'])}, scored once on "
+             f"{cfg.eval.test_on}; beside it, the same heads cross-validated ({internal['folds']} folds) on "
+             f"{', '.join(internal['datasets'])} alone. Gap: external minus internal (pooled estimates).", "",
+             "| task | metric | model | internal CV | external | gap |", "|---|---|---|---|---|---|"]
+    for model in models:
+        for task, metrics in internal["reports"][model].items():
+            for metric, entry in metrics.items():
+                outside = cv.reports[model]["overall"].get(task, {}).get(metric)
+                gap = (outside or {}).get("pooled", float("nan")) - entry.get("pooled", float("nan"))
+                lines.append(f"| {task} | {metric} | {model} | {format_entry(entry)} | {format_entry(outside)} | "
+                             f"{format_number(gap)} |")
+    return lines
+
+
+def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float,
+                    internal: Optional[Dict[str, object]] = None) -> str:
     warning = warning_line(cfg, cv)
     patients = patient_summary(data.table, data.rows, cv.splits, cfg.eval)
     random = sorted(s for s, a in data.provenance.items() if a.get("weights") == "none")
@@ -73,6 +108,8 @@ def report_markdown(data: TrainData, cfg: Config, cv: CVResult, seconds: float) 
         *([patients] if patients else []), f"Wall time {seconds:.1f} s."]
     for plugin, outcome in cv.families():
         lines += plugin.report_lines(data, cfg, outcome)
+    if internal:
+        lines += external_lines(cfg, cv, internal)
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +172,9 @@ def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, o
     with staged_dir(out, overwrite) as tmp:
         cv = cross_validate(data, cfg, bars)
         clock = time.perf_counter()
+        internal = internal_scores(data, cfg, bars)
+        phases["internal"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         head = refit(data, cfg, cv, bars) if cfg.eval.refit else None
         phases["refit"] = time.perf_counter() - clock
         seconds = time.perf_counter() - started
@@ -148,7 +188,8 @@ def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, o
                 "backbones": {s: {k: jsonable(v) for k, v in a.items() if k in
                                   ("weights", "weights_id", "params_sha256", "preprocess")}
                               for s, a in data.provenance.items()}}
-        metrics: Dict[str, object] = {**({"warning": warning} if warning else {}), "meta": meta}
+        metrics: Dict[str, object] = {**({"warning": warning} if warning else {}), "meta": meta,
+                                      **({"internal": internal} if internal else {})}
         for plugin, outcome in cv.families():
             part = plugin.metrics(outcome)
             if plugin.reference:
@@ -164,7 +205,7 @@ def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, o
             write_head(tmp / "model", head.tensors, head.spec)
             (tmp / "model" / "config.yaml").write_text(dump_config(cfg))
         write_plots(tmp / "plots", data, cv)
-        (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds))
+        (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds, internal))
         run = {"complete": True, "seconds": seconds, "tool_version": __version__}
         atomic_write_text(tmp / "run.json", json.dumps(run))
     logger.debug("train-heads: %d images, %d splits, %.1f s; results in %s", len(data.rows), len(cv.splits),

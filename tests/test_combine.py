@@ -56,9 +56,21 @@ def test_external_validation_trains_on_one_data_set_and_scores_the_other_once(tw
     # exactly beta's 45 images are scored, each once, by the one model trained on alpha's
     assert len(predictions) == 45 and set(predictions["dataset"]) == {"beta"}
     assert predictions["id"].str.startswith("beta/").all() and predictions["id"].is_unique
-    meta = json.loads((run / "metrics.json").read_text())["meta"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    meta = metrics["meta"]
     assert meta["cache"] == [str(c) for c in two_caches] and len(meta["splits"]) == 1
     assert meta["n_images"] == 105
+    # beside it, the same heads cross-validated on alpha alone: its 60 images, each scored once
+    internal = metrics["internal"]
+    assert internal["datasets"] == ["alpha"] and internal["protocol"] == "kfold"
+    assert internal["reports"]["res-mtnet"]["state"]["accuracy"]["n"] == 60
+    assert metrics["models"]["res-mtnet"]["overall"]["state"]["accuracy"]["n"] == 45
+    report = (run / "report.md").read_text()
+    assert "External validation: trained on alpha, scored once on beta" in report
+    row = next(line for line in report.splitlines() if line.startswith("| state | accuracy | res-mtnet |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    inside, outside, gap = (float(c.split()[0]) for c in cells[3:6])
+    assert gap == pytest.approx(outside - inside, abs=2e-3)  # printed to 3 digits
 
 
 def test_leave_one_dataset_out_scores_each_data_set_by_a_model_that_never_saw_it(two_caches, tmp_path):
