@@ -430,6 +430,29 @@ def sweep_finish_cmd(cache: Optional[Path], storage: str, study_name: Optional[s
         click.echo(f"the winner, trained on every image: predict --model {out} --images ...")
 
 
+@main.command("benchmark")
+@click.argument("bench", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder: runs/ (one train-heads run per cell, resumable) and the leaderboard.")
+@click.option("--shard-index", type=int, default=None, help="This worker's share of the cells (default: SLURM env).")
+@click.option("--num-shards", type=int, default=None, help="Spread the cells over this many workers.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@logging_options
+def benchmark_cmd(bench: Path, out: Path, shard_index: Optional[int], num_shards: Optional[int],
+                  no_progress: bool) -> None:
+    """Data sets x feature sets x heads x protocols from BENCH.yaml, one leaderboard (stages/benchmark.py)."""
+    from stages.benchmark import run_benchmark
+    from stages.extract import shard_from_env
+
+    if (shard_index is None) != (num_shards is None):
+        raise click.UsageError("--shard-index and --num-shards go together")
+    shard = (shard_index, num_shards) if num_shards is not None else shard_from_env()
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise click.UsageError(f"--shard-index {shard[0]} must be in [0, {shard[1]})")
+    board = run_benchmark(bench, out, shard, progress=not no_progress)
+    click.echo(f"leaderboard of {len(board)} score(s): {out / 'leaderboard.md'}")
+
+
 @main.command("reproduce-tables")
 @click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Feature cache (.h5).")

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from pipeline.data.synthetic import write_feature_cache
@@ -105,3 +106,60 @@ def test_several_caches_refuse_what_cannot_be_combined(two_caches, tmp_path):
     assert other.exit_code != 0 and "holds other features than" in other.output
     for result in (one, unknown, same, other):
         assert "Traceback" not in result.output
+
+
+def _bench(folder, caches, **extra):
+    spec = {"datasets": {c.stem: str(c) for c in caches}, "features": {"syn": [SPEC]},
+            "heads": ["res-mtnet", "probe"], "protocols": ["kfold", "external"], "tasks": ["state", "size"],
+            "set": {"train.hidden": 16, "train.epochs": 3, "train.batch_size": 16, "eval.bootstrap": 50,
+                    "eval.folds": 3}, **extra}
+    path = folder / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_benchmark_fills_every_cell_once_and_ranks_them(two_caches, tmp_path):
+    """2 protocols x 2 data sets x 1 feature set = 4 runs, 2 heads each; each score is the run's own
+    metrics.json entry; ranks per data set and protocol; a second invocation trains nothing; shards split the
+    cells."""
+    bench = _bench(tmp_path, two_caches)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["benchmark", str(bench), "--out", str(out), "--no-progress", "-q"])
+    assert result.exit_code == 0, result.output
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["external-alpha-syn", "external-beta-syn", "kfold-alpha-syn", "kfold-beta-syn"]
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 4 * 2 * 2 and set(board["metric"]) == {"accuracy", "mse"}
+    row = board[(board["protocol"] == "external") & (board["dataset"] == "beta") & (board["head"] == "probe")
+                & (board["task"] == "state")].iloc[0]
+    metrics = json.loads((out / "runs" / "external-beta-syn" / "metrics.json").read_text())
+    assert row["value"] == pytest.approx(metrics["models"]["linear"]["overall"]["state"]["accuracy"]["pooled"])
+    assert row["n"] == 45  # beta's images, scored by heads trained on alpha
+    for _, cell in board.groupby(["protocol", "dataset", "task"]):
+        assert sorted(cell["rank"]) in ([1, 2], [1, 1])  # two entries per cell (ties share a rank)
+    size = board[board["task"] == "size"]
+    best = size.loc[size.groupby(["protocol", "dataset"])["value"].idxmin()]
+    assert (best["rank"] == 1).all()  # a lower MSE ranks first
+    assert (out / "leaderboard.md").read_text().count("| syn | probe |") == 4
+    assert (out / "heatmap.png").stat().st_size > 0 and (out / "bench.yaml").is_file()
+    stamps = {p.name: (p / "run.json").stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    again = CliRunner().invoke(main, ["benchmark", str(bench), "--out", str(out), "--no-progress", "-q"])
+    assert again.exit_code == 0 and {p.name: (p / "run.json").stat().st_mtime_ns
+                                     for p in (out / "runs").iterdir()} == stamps
+    half = tmp_path / "half"
+    shard = CliRunner().invoke(main, ["benchmark", str(bench), "--out", str(half), "--shard-index", "1",
+                                      "--num-shards", "3", "--no-progress", "-q"])
+    assert shard.exit_code == 0, shard.output
+    # cells in (protocol, data set) order: kfold-alpha, kfold-beta, external-alpha, external-beta; shard 1 of 3
+    assert sorted(p.name for p in (half / "runs").iterdir()) == ["kfold-beta-syn"]
+
+
+def test_a_wrong_benchmark_file_is_one_line(two_caches, tmp_path):
+    for extra, message in (({"heads": ["res-mtnet", "mlp"]}, "head 'mlp' must be one of res-mtnet, probe"),
+                           ({"protocols": ["official"]}, "protocol 'official' must be one of kfold, external"),
+                           ({"datasets": {"gamma": str(two_caches[0])}, "protocols": ["kfold"]},
+                            "dataset 'gamma' must be its cache's file stem ('alpha')"),
+                           ({"datasets": {"alpha": str(two_caches[0])}}, "protocol external needs two or more")):
+        result = CliRunner().invoke(main, ["benchmark", str(_bench(tmp_path, two_caches, **extra)), "--out",
+                                           str(tmp_path / "b"), "-q"])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
