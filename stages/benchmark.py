@@ -18,7 +18,8 @@ array) runs every N-th cell. Every invocation rewrites the leaderboard from the 
 each head's score (the task's headline metric: macro AUROC for a multilabel task, AUROC for a binary one, else
 the kind's first metric, or `metric`), its 95% CI, its rank among the heads and feature sets on that data set
 and protocol, and each entry's mean rank: leaderboard.csv, leaderboard.md, heatmap.png (coloured by rank, values
-written).
+written); where the runs set eval.train_sizes, the res-mtnet head's label-efficiency curves per feature set
+(label_efficiency.csv, label_efficiency.png).
 """
 from __future__ import annotations
 
@@ -130,6 +131,10 @@ def run_benchmark(path: Path, out: Path, shard: Optional[Tuple[int, int]] = None
                     progress=progress)
     board = leaderboard(bench, out)
     write_leaderboard(board, out)
+    curves = efficiency(bench, out)
+    if len(curves):
+        atomic_write_text(out / "label_efficiency.csv", curves.to_csv(index=False))
+        _curves(curves, out / "label_efficiency.png")
     logger.info("%d of %d cells finished; leaderboard: %s", board[["protocol", "dataset", "features"]]
                 .drop_duplicates().shape[0] if len(board) else 0, len(cells), out / "leaderboard.md")
     return board
@@ -144,12 +149,7 @@ def _headline(task: TaskSpec, metrics: Dict[str, object], wanted: str) -> str:
 def leaderboard(bench: Bench, out: Path) -> pd.DataFrame:
     """One row per (cell, head, task) of the finished cells, with its rank on that data set and protocol."""
     rows = []
-    for protocol, dataset, feature_set in bench.cells():
-        folder = out / "runs" / f"{protocol}-{dataset}-{feature_set}"
-        if not (folder / "run.json").is_file():
-            continue
-        metrics = json.loads((folder / "metrics.json").read_text())
-        tasks = {t["name"]: TaskSpec.from_dict(t) for t in metrics["meta"]["tasks"]}
+    for protocol, dataset, feature_set, metrics, tasks in _finished(bench, out):
         for head in bench.heads:
             report = metrics["models"][HEAD_MODELS[head]]["overall"]
             for name, task in tasks.items():
@@ -172,6 +172,60 @@ def leaderboard(bench: Bench, out: Path) -> pd.DataFrame:
             ascending=False, method="min")
         board["mean_rank"] = board.groupby(["features", "head", "task", "protocol"])["rank"].transform("mean")
     return board.drop(columns="direction")
+
+
+def _finished(bench: Bench, out: Path):
+    """(protocol, data set, feature set, metrics.json, its tasks) of every finished cell."""
+    for protocol, dataset, feature_set in bench.cells():
+        folder = out / "runs" / f"{protocol}-{dataset}-{feature_set}"
+        if (folder / "run.json").is_file():
+            metrics = json.loads((folder / "metrics.json").read_text())
+            tasks = {t["name"]: TaskSpec.from_dict(t) for t in metrics["meta"]["tasks"]}
+            yield protocol, dataset, feature_set, metrics, tasks
+
+
+def efficiency(bench: Bench, out: Path) -> pd.DataFrame:
+    """The res-mtnet head's label-efficiency curve of each finished cell whose run set eval.train_sizes: per
+    task, its headline metric [CI] at each training size (mean training images)."""
+    rows = []
+    for protocol, dataset, feature_set, metrics, tasks in _finished(bench, out):
+        for size, entry in (metrics.get("label_efficiency") or {}).items():
+            for name, task in tasks.items():
+                report = entry["metrics"].get(name)
+                if not report:
+                    continue
+                metric = _headline(task, report, bench.metric)
+                ci = report[metric].get("ci95") or [float("nan"), float("nan")]
+                rows.append({"protocol": protocol, "dataset": dataset, "features": feature_set, "task": name,
+                             "metric": metric, "size": size, "images": entry["images"],
+                             "value": report[metric]["pooled"], "ci_low": ci[0], "ci_high": ci[1]})
+    return pd.DataFrame(rows)
+
+
+def _curves(curves: pd.DataFrame, path: Path) -> None:
+    """One panel per (task, protocol, data set): each feature set's curve with its 95% CIs."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    panels = list(curves.groupby(["task", "protocol", "dataset"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, ((task, protocol, dataset), part) in zip(axes[0], panels):
+        for features, line in part.groupby("features", sort=False):
+            line = line.sort_values("images")
+            ax.errorbar(line["images"], line["value"], yerr=[line["value"] - line["ci_low"],
+                                                             line["ci_high"] - line["value"]],
+                        marker="o", capsize=3, label=features)
+        ax.set_xscale("log")
+        ax.set_title(f"{task}, {protocol}, {dataset}", fontsize=9)
+        ax.set_xlabel("training images")
+        ax.set_ylabel(part["metric"].iloc[0])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def write_leaderboard(board: pd.DataFrame, out: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from pipeline.data.synthetic import write_feature_cache
 from pipeline.evaluation.combine import settle_blanks, stack_tables, union_groups
 from stages.cli import main
+from tests.helpers import TINY
 
 SPEC = "synthetic:features"
 FAST = ["--features", SPEC, "--set", "train.hidden=16", "--set", "train.epochs=3", "--set", "train.batch_size=16",
@@ -122,7 +124,8 @@ def test_the_benchmark_fills_every_cell_once_and_ranks_them(two_caches, tmp_path
     """2 protocols x 2 data sets x 1 feature set = 4 runs, 2 heads each; each score is the run's own
     metrics.json entry; ranks per data set and protocol; a second invocation trains nothing; shards split the
     cells."""
-    bench = _bench(tmp_path, two_caches)
+    bench = _bench(tmp_path, two_caches, set={"train.hidden": 16, "train.epochs": 2, "train.batch_size": 16,
+                                              "eval.bootstrap": 20, "eval.folds": 2, "eval.baselines": True})
     out = tmp_path / "bench"
     result = CliRunner().invoke(main, ["benchmark", str(bench), "--out", str(out), "--no-progress", "-q"])
     assert result.exit_code == 0, result.output
@@ -163,3 +166,98 @@ def test_a_wrong_benchmark_file_is_one_line(two_caches, tmp_path):
         result = CliRunner().invoke(main, ["benchmark", str(_bench(tmp_path, two_caches, **extra)), "--out",
                                            str(tmp_path / "b"), "-q"])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def nih_and_chexpert(tmp_path_factory):
+    """Synthetic copies of NIH and CheXpert in their published formats, extracted with both tiny backbones into
+    nih.h5 and chexpert.h5 (the data sets' names)."""
+    from tests.test_datasets import _tiny_flags, write_layout
+
+    root = tmp_path_factory.mktemp("field")
+    caches = []
+    for name, patients in (("nih", 8), ("chexpert", 6)):
+        data = write_layout(name, root / name, patients=patients, per_patient=2, size=32)
+        result = CliRunner().invoke(main, ["extract-features", "--data", str(data), "--cache",
+                                           str(root / f"{name}.h5"), *_tiny_flags(), "--set",
+                                           f"extract.backbones=[{TINY[0]},{TINY[1]}]"])
+        assert result.exit_code == 0, result.output
+        caches.append(root / f"{name}.h5")
+    return caches
+
+
+def test_nih_and_chexpert_harmonised_share_one_column_and_external_never_trains_on_it(nih_and_chexpert, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.evaluation.engine import load_train_data
+    from pipeline.evaluation.evaluate import make_splits
+
+    cfg = load_config(None, {"train.features": [TINY[1]], "train.tasks": ["findings"], "data.harmonise": True,
+                             "eval.protocol": "external", "eval.test_on": "chexpert"})
+    data = load_train_data(nih_and_chexpert, cfg)
+    (findings,) = data.tasks
+    classes = list(findings.classes)
+    # NIH's Effusion and CheXpert's Pleural Effusion are one column; each data set's own findings are missing
+    # (NaN), not negative, on the other's rows
+    assert classes.count("Effusion") == 1 and "Pleural Effusion" not in classes
+    dataset = data.table["dataset"].to_numpy()
+    targets = data.targets["findings"]
+    effusion = targets[:, classes.index("Effusion")]
+    assert np.isfinite(effusion[dataset == "nih"]).all() and np.isfinite(effusion[dataset == "chexpert"]).any()
+    assert np.isnan(targets[dataset == "chexpert", classes.index("Hernia")]).all()
+    assert np.isnan(targets[dataset == "nih", classes.index("Support Devices")]).all()
+    # no CheXpert row reaches training, inner validation (early stopping) or anything but the one test fold
+    splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
+    (split,) = splits
+    assert set(dataset[split.train]) == set(dataset[split.val]) == {"nih"}
+    assert sorted(split.test) == sorted(r for r in data.rows if dataset[r] == "chexpert")
+    result = CliRunner().invoke(main, ["train-heads", *[a for c in nih_and_chexpert for a in ("--cache", str(c))],
+                                       "--out", str(tmp_path / "ext"), "--features", TINY[1], "--protocol",
+                                       "external", "--set", "eval.test_on=chexpert", "--set", "train.tasks=[findings]",
+                                       "--set", "data.harmonise=true", "--set", "train.epochs=3", "--set",
+                                       "eval.bootstrap=20", "--set", "eval.folds=2", "--no-progress", "-q"])
+    assert result.exit_code == 0, result.output
+    predictions = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    assert set(predictions["dataset"]) == {"chexpert"} and predictions["id"].is_unique
+    assert len(predictions) == int((dataset[data.rows] == "chexpert").sum())
+    loo = load_config(None, {"train.features": [TINY[1]], "train.tasks": ["findings"], "data.harmonise": True,
+                             "eval.protocol": "leave-one-dataset-out"})
+    splits, _ = make_splits(data.table, data.rows, loo.eval, val_fraction=0.25)
+    assert [sorted(set(dataset[s.test])) for s in splits] == [["nih"], ["chexpert"]]
+    assert all(not set(dataset[s.train]) & set(dataset[s.test]) for s in splits)
+
+
+def test_two_backbones_on_nih_and_chexpert_benchmark_resumes_to_the_same_table(nih_and_chexpert, tmp_path):
+    """The issue's case: two feature sets x two data sets (harmonised findings), k-fold and external, with
+    label-efficiency curves; killed after some cells (their folders gone), the rerun trains only those and
+    writes the same leaderboard."""
+    spec = {"datasets": {"nih": str(nih_and_chexpert[0]), "chexpert": str(nih_and_chexpert[1])},
+            "features": {"eff": [TINY[0]], "res": [TINY[1]]}, "heads": ["res-mtnet", "probe"],
+            "protocols": ["kfold", "external"], "tasks": ["findings"],
+            "set": {"data.harmonise": True, "train.epochs": 2, "train.hidden": 16, "eval.bootstrap": 20,
+                    "eval.folds": 2, "eval.train_sizes": [4, "all"]}}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+
+    def run():
+        result = CliRunner().invoke(main, ["benchmark", str(tmp_path / "bench.yaml"), "--out", str(out),
+                                           "--no-progress", "-q"])
+        assert result.exit_code == 0, result.output
+
+    run()
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 8 * 2 and set(board["metric"]) == {"auc_macro"}
+    assert set(board["features"]) == {"eff", "res"} and set(board["dataset"]) == {"nih", "chexpert"}
+    curves = pd.read_csv(out / "label_efficiency.csv")
+    assert set(curves["size"].astype(str)) == {"4", "all"} and len(curves) == 8 * 2
+    for name in ("heatmap.png", "label_efficiency.png", "leaderboard.md"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "leaderboard.csv").read_text()
+    runs = out / "runs"
+    stamps = {p.name: (p / "run.json").stat().st_mtime_ns for p in runs.iterdir()}
+    killed = ["external-chexpert-res", "kfold-nih-eff"]
+    for name in killed:  # as if the benchmark died before these cells finished
+        shutil.rmtree(runs / name)
+    run()
+    again = {p.name: (p / "run.json").stat().st_mtime_ns for p in runs.iterdir()}
+    assert {k for k in again if again[k] != stamps.get(k)} == set(killed)
+    assert (out / "leaderboard.csv").read_text() == table
