@@ -210,8 +210,8 @@ class TrainConfig(OptimConfig):
 
 @dataclass
 class EvalConfig:
-    protocol: str = "kfold"  # kfold | holdout | official (the data set's test list) | insample | contaminated |
-    # external (several caches: train on the others, score eval.test_on) | leave-one-dataset-out
+    # official: the data set's test list; external (several caches): train on the others, score eval.test_on
+    protocol: str = "kfold"  # kfold | holdout | official | insample | contaminated | external | leave-one-dataset-out
     test_on: str = ""  # external: the data set scored (a cache's file stem)
     seen_fraction: float = 1.0  # contaminated: share of each fold's training rows also scored (1: all rows)
     control: str = "none"  # none | noise: Gaussian noise instead of the features (a no-information row)
