@@ -205,10 +205,11 @@ class FeatureCache:
                 f"{weights_flags}{' --spatial' if spatial else ''}")
 
     def features(self, names: Sequence[str], dtype=np.float32,
-                 progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+                 progress: Optional[Callable[[int], None]] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The named backbones' features side by side, (N, sum D) in `dtype` (float32, or float16 to halve the
         memory), in the order given: HDF5 reads (and converts) straight into one array, no second copy, in
-        blocks of rows (`progress(rows)` after each)."""
+        blocks of rows (`progress(rows)` after each); `out`: that array, given (several caches read into the rows
+        of one matrix)."""
         if self.is_shard:
             raise CacheError(f"{self.path} is shard {self.attrs.get('shard_index')} of "
                              f"{self.attrs.get('num_shards')}; join the shards with: extract-features merge "
@@ -217,7 +218,8 @@ class FeatureCache:
         g = self._f[GROUPS.features]
         sets = [g[entry_name(s)] for s in specs]
         n = len(self.ids)
-        out = np.empty((n, sum(int(ds.shape[1]) for ds in sets)), dtype=dtype)
+        if out is None:
+            out = np.empty((n, sum(int(ds.shape[1]) for ds in sets)), dtype=dtype)
         col = 0
         for ds in sets:
             width = int(ds.shape[1])

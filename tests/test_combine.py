@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.data.synthetic import write_feature_cache
+from pipeline.errors import ConfigError
 from pipeline.evaluation.combine import settle_blanks, stack_tables, union_groups
 from stages.cli import main
 from tests.helpers import TINY
@@ -91,6 +92,25 @@ def test_kfold_over_two_data_sets_stratifies_on_the_data_set(two_caches, tmp_pat
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     share = predictions.groupby("fold")["dataset"].agg(lambda d: (d == "alpha").mean())
     assert len(predictions) == 105 and (share.sub(60 / 105).abs() < 0.05).all(), share
+
+
+def test_several_caches_are_read_into_one_matrix_checked_as_a_whole(two_caches, monkeypatch):
+    """The memory check sees the caches together (each alone would fit here, both do not), and the stacked
+    matrix holds each cache's own features in its rows."""
+    import pipeline.runtime
+    from cache import FeatureCache
+    from pipeline.config import load_config
+    from pipeline.evaluation.engine import WORKING_BYTES, load_train_data
+
+    cfg = load_config(None, {"train.features": [SPEC]})
+    data = load_train_data(list(two_caches), cfg)
+    for cache, rows in zip(two_caches, (slice(0, 60), slice(60, 105))):
+        with FeatureCache(cache) as opened:
+            np.testing.assert_array_equal(data.features[rows], opened.features([SPEC]))
+    monkeypatch.setattr(pipeline.runtime, "available_memory", lambda: WORKING_BYTES + 7000)  # bytes: 5760 + 4320
+    load_train_data(two_caches[0], cfg)
+    with pytest.raises(ConfigError, match=r"caches .*alpha\.h5, .*beta\.h5: stage two needs about"):
+        load_train_data(list(two_caches), cfg)
 
 
 def test_several_caches_refuse_what_cannot_be_combined(two_caches, tmp_path):

@@ -121,14 +121,16 @@ class _Part:
     heads: Dict[str, Any]
 
 
-def _read(cache_path: Path, cfg: Config, progress: Progress) -> _Part:
+def _read(cache_path: Path, cfg: Config, progress: Progress, into: Optional[np.ndarray] = None) -> _Part:
+    """One cache's part; `into`: the rows of a larger matrix its features are read into (several caches)."""
     tcfg = cfg.train
     with FeatureCache(cache_path) as cache:
         specs = [cache.resolve(name) for name in tcfg.features]
-        check_memory(len(cache.ids), sum(cache.backbones[s].dim for s in specs), tcfg.feature_dtype,
-                     f"cache {cache_path}")
+        if into is None:
+            check_memory(len(cache.ids), sum(cache.backbones[s].dim for s in specs), tcfg.feature_dtype,
+                         f"cache {cache_path}")
         with progress(len(cache.ids) * len(specs), "reading features", unit="row") as tick:
-            features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype], progress=tick)
+            features = cache.features(specs, FEATURE_DTYPES[tcfg.feature_dtype], progress=tick, out=into)
         table = cache.labels()
         table.attrs["layout"] = str(cache.attrs.get("data_layout", ""))  # eval.stratify auto, eval.protocol official
         pixels = cache.pixel_hashes
@@ -145,20 +147,36 @@ def _read(cache_path: Path, cfg: Config, progress: Progress) -> _Part:
     return part
 
 
-def _combine(paths: Sequence[Path], parts: List[_Part], cfg: Config) -> Tuple[_Part, str]:
-    """Several caches as one (pipeline.evaluation.combine): the same feature sets, made the same way, stacked;
-    (the combined part, the blank policy its tables now follow)."""
+def _other_features(path: Path, first: Path, detail: str) -> ConfigError:
+    return ConfigError(f"cache {path} holds other features than {first} ({detail}): several caches train together "
+                       "only on the same backbones with the same weights; extract them with the same --backbone and "
+                       "weights")
+
+
+def _read_several(paths: Sequence[Path], cfg: Config, progress: Progress) -> Tuple[_Part, str]:
+    """Several caches as one (pipeline.evaluation.combine): the same feature sets, made the same way, read into
+    the rows of one matrix (memory: the matrix once, checked as a whole before reading) and stacked; (the
+    combined part, the blank policy its tables now follow)."""
     from pipeline.evaluation import combine
 
     names = combine.dataset_names([Path(p).stem for p in paths])
+    sizes = []
+    for path in paths:
+        with FeatureCache(path) as cache:
+            sizes.append((len(cache.ids), sum(cache.backbones[cache.resolve(n)].dim for n in cfg.train.features)))
+    for path, (_, dim) in zip(paths[1:], sizes[1:]):
+        if dim != sizes[0][1]:
+            raise _other_features(path, paths[0], f"{dim} values against {sizes[0][1]}")
+    total = sum(n for n, _ in sizes)
+    check_memory(total, sizes[0][1], cfg.train.feature_dtype, f"caches {', '.join(map(str, paths))}")
+    features = np.empty((total, sizes[0][1]), dtype=FEATURE_DTYPES[cfg.train.feature_dtype])
+    starts = np.cumsum([0] + [n for n, _ in sizes])
+    parts = [_read(path, cfg, progress, into=features[a:b]) for path, a, b in zip(paths, starts[:-1], starts[1:])]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
-        if part.features.shape[1] != first.features.shape[1] or any(
-                part.provenance[s].get("params_sha256") != first.provenance[a].get("params_sha256")
-                for s, a in zip(part.specs, first.specs)):
-            raise ConfigError(f"cache {path} holds other features than {paths[0]} ({', '.join(part.specs)} vs "
-                              f"{', '.join(first.specs)}): several caches train together only on the same "
-                              "backbones with the same weights; extract them with the same --backbone and weights")
+        if any(part.provenance[s].get("params_sha256") != first.provenance[a].get("params_sha256")
+               for s, a in zip(part.specs, first.specs)):
+            raise _other_features(path, paths[0], f"{', '.join(part.specs)} made otherwise")
     loaded = [name for part in parts for name, value in part.heads.items() if value is not None]
     if loaded:
         raise ConfigError(f"head family {loaded[0]} reads its own data from a cache; several caches train the pooled "
@@ -171,9 +189,6 @@ def _combine(paths: Sequence[Path], parts: List[_Part], cfg: Config) -> Tuple[_P
     attrs = {**first.attrs, "data_layout": table.attrs["layout"],
              "data_root": ", ".join(str(part.attrs.get("data_root", "?")) for part in parts),
              "image_set_sha256": [part.attrs.get("image_set_sha256") for part in parts], "datasets": names}
-    features = np.concatenate([part.features for part in parts])  # (each cache's matrix is freed below)
-    for part in parts:
-        part.features = None  # type: ignore[assignment]
     pixels = [h for part in parts for h in part.pixel_hashes] if all(p.pixel_hashes for p in parts) else []
     return _Part(features, table, combine.union_groups([part.groups for part in parts]),
                  np.concatenate([part.bad for part in parts]), first.specs, first.provenance, attrs,
@@ -187,11 +202,11 @@ def load_train_data(cache_path, cfg: Config, progress: Progress = no_progress) -
     if not cfg.train.features:
         raise ConfigError("train.features is empty; name the backbones whose features to use")
     paths = [Path(cache_path)] if isinstance(cache_path, (str, Path)) else [Path(p) for p in cache_path]
-    parts = [_read(path, cfg, progress) for path in paths]
-    if len(parts) == 1:
-        part, blank = parts[0], blank_meaning(parts[0].table.attrs["layout"], cfg.data.blank)
+    if len(paths) == 1:
+        part = _read(paths[0], cfg, progress)
+        blank = blank_meaning(part.table.attrs["layout"], cfg.data.blank)
     else:
-        part, blank = _combine(paths, parts, cfg)
+        part, blank = _read_several(paths, cfg, progress)
     where = f"cache {paths[0]}" if len(paths) == 1 else f"caches {', '.join(map(str, paths))}"
     table, features = part.table, part.features
     tasks = resolve_tasks(cfg.train.tasks, table, load_label_maps(cfg.data.labels), cfg.train.non_nodule,
