@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,10 +321,15 @@ def test_the_linear_baseline_fits_on_at_most_its_row_budget(monkeypatch):
     assert len(seen) == 4
 
 
-def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path):
+def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path, monkeypatch):
+    import stages.train_heads
+
     cfg = tiny_train_config()
     first = train_heads(tiny_cache, tmp_path / "a", cfg, progress=False)
+    monkeypatch.setattr(stages.train_heads, "CSV_BLOCK_ROWS", 7)  # the 24 rows in 4 blocks: the same bytes
     train_heads(tiny_cache, tmp_path / "b", cfg, progress=False)
+    assert (tmp_path / "a" / "predictions.csv").read_bytes() == (tmp_path / "b" / "predictions.csv").read_bytes()
+    assert len(pd.read_csv(tmp_path / "b" / "predictions.csv")) == 24
     for name in ("config.yaml", "metrics.json", "predictions.csv", "report.md", "run.json",
                  "model/head.safetensors", "model/head.json", "confusion/state.csv", "plots/learning_curves.png"):
         assert (tmp_path / "a" / name).exists(), name
