@@ -140,7 +140,7 @@ def run_benchmark(path: Path, out: Path, shard: Optional[Tuple[int, int]] = None
     return board
 
 
-def _headline(task: TaskSpec, metrics: Dict[str, object], wanted: str) -> str:
+def _headline(metrics: Dict[str, object], wanted: str) -> str:
     if wanted != "auto":
         return wanted
     return next((m for m in ("auc_macro", "auc") if m in metrics), next(iter(metrics)))
@@ -155,7 +155,7 @@ def leaderboard(bench: Bench, out: Path) -> pd.DataFrame:
             for name, task in tasks.items():
                 if name not in report:
                     continue
-                metric = _headline(task, report[name], bench.metric)
+                metric = _headline(report[name], bench.metric)
                 entry = report[name].get(metric)
                 if entry is None:
                     raise ConfigError(f"benchmark metric '{metric}': task '{name}' has {', '.join(report[name])}")
@@ -194,7 +194,7 @@ def efficiency(bench: Bench, out: Path) -> pd.DataFrame:
                 report = entry["metrics"].get(name)
                 if not report:
                     continue
-                metric = _headline(task, report, bench.metric)
+                metric = _headline(report, bench.metric)
                 ci = report[metric].get("ci95") or [float("nan"), float("nan")]
                 rows.append({"protocol": protocol, "dataset": dataset, "features": feature_set, "task": name,
                              "metric": metric, "size": size, "images": entry["images"],

@@ -17,6 +17,7 @@ import pandas as pd
 from pipeline.errors import ConfigError
 
 DATASET_COLUMN = "dataset"
+#: The label column that eval.group 'auto' splits by when a data set has it (several images per patient).
 PATIENT_COLUMN = "patient_id"
 
 
@@ -52,11 +53,10 @@ def stack_tables(tables: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.Dat
         part[DATASET_COLUMN] = name
         part["id"] = name + "/" + part["id"].astype(str)
         if PATIENT_COLUMN in part:
-            known = part[PATIENT_COLUMN].notna()
-            part[PATIENT_COLUMN] = (name + "/" + part[PATIENT_COLUMN].astype(str)).where(known, part["id"])
+            part[PATIENT_COLUMN] = (name + "/" + part[PATIENT_COLUMN].astype(str)).where(part[PATIENT_COLUMN].notna())
         parts.append(part)
     stacked = pd.concat(parts, ignore_index=True, sort=False)
-    if PATIENT_COLUMN in stacked:  # a data set without patient ids: each image is its own patient
+    if PATIENT_COLUMN in stacked:  # an image without a patient id (or of a data set without): its own patient
         stacked[PATIENT_COLUMN] = stacked[PATIENT_COLUMN].where(stacked[PATIENT_COLUMN].notna(), stacked["id"])
     return stacked
 

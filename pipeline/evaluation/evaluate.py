@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.config import CHOICES, EvalConfig
 from pipeline.errors import ConfigError
-from pipeline.evaluation.combine import DATASET_COLUMN
+from pipeline.evaluation.combine import DATASET_COLUMN, PATIENT_COLUMN
 from pipeline.evaluation.metrics import block_bootstrap, bootstrap_counts
 from pipeline.heads.tasks import TaskSpec, labelled
 from pipeline.heads.train import Split
@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 class SplitName:
     seed: int
     fold: int
-
-
-#: The label column that eval.group 'auto' splits by when a data set has it (several images per patient).
-PATIENT_COLUMN = "patient_id"
 
 
 def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:
