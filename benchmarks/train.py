@@ -177,9 +177,9 @@ def main() -> None:
 
 def sweep_times(data, cfg, sweep: Path, n_configs) -> dict:
     """Configurations x 5 folds stacked, against one configuration at a time (its folds stacked)."""
-    from pipeline.heads.resmtnet_head import pooled_family
-    from pipeline.evaluation.evaluate import make_splits
-    from pipeline.heads.train import Job, train_jobs
+    from pipeline.heads.resmtnet.family import pooled_family
+    from pipeline.core.splits import make_splits
+    from pipeline.core.train import Job, train_jobs
     from stages.sweep import config_variants, configurations, load_sweep
 
     choices = configurations(load_sweep(sweep))[:n_configs]

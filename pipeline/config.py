@@ -11,11 +11,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.plugins import HEAD_FAMILIES, PROTOCOLS, TASK_KINDS, WEIGHTINGS, Registry
 
 
 def config_dir() -> Path:
@@ -371,8 +372,6 @@ def parse_set_options(items: typing.Iterable[str]) -> Dict[str, Any]:
 #: anything runs
 #: (a typo in tables.f1 used to give n/a cells, one in eval.size_norm an error after every fold had trained).
 CHOICES: Dict[str, tuple] = {
-    "eval.protocol": ("kfold", "holdout", "official", "insample", "contaminated", "external",
-                      "leave-one-dataset-out"),
     "data.uncertain": ("ignore", "ones", "zeros"),
     "data.blank": ("auto", "negative", "missing"),
     "eval.control": ("none", "noise"),
@@ -383,32 +382,21 @@ CHOICES: Dict[str, tuple] = {
     "train.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.decode": ("argmax", "softargmax"),
-    # the built-in names of pipeline.heads.weighting.WEIGHTINGS: no torch import for them (REGISTRIES for the others)
-    "train.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
-    "train.loc.loss_weighting": ("fixed", "uncertainty", "dwa", "gradnorm"),
     "extract.interpolation": ("bilinear", "bicubic", "nearest"),
 }
 
-
-#: CHOICES keys whose names are a registry's: a name outside the built-ins above is looked up in the registry (its
-#: module imported only then), so an entry registered by a plugin, or added to the registry alone, is valid too.
-REGISTRIES: Dict[str, Tuple[str, str]] = {
-    "eval.protocol": ("pipeline.evaluation.evaluate", "PROTOCOLS"),
-    "tables.protocols": ("pipeline.evaluation.evaluate", "PROTOCOLS"),
-    "train.loss_weighting": ("pipeline.heads.weighting", "WEIGHTINGS"),
-    "train.loc.loss_weighting": ("pipeline.heads.weighting", "WEIGHTINGS"),
-    "train.task_kinds": ("pipeline.heads.tasks", "KINDS"),  # each value
+#: Keys whose value names a registry's entry (pipeline.plugins): its names are read without importing the
+#: entries, so a built-in or an installed plugin's name is checked before torch loads.
+REGISTRY_KEYS: Dict[str, Registry] = {
+    "eval.protocol": PROTOCOLS,
+    "train.loss_weighting": WEIGHTINGS,
+    "train.loc.loss_weighting": WEIGHTINGS,
 }
 
 
-def valid_choices(key: str, builtin: tuple) -> tuple:
-    """The names a CHOICES key accepts: its built-ins, and every entry of its registry (REGISTRIES)."""
-    if key not in REGISTRIES:
-        return builtin
-    import importlib
-
-    module, name = REGISTRIES[key]
-    return tuple(dict.fromkeys(builtin + tuple(getattr(importlib.import_module(module), name))))
+def choices(key: str) -> tuple:
+    """The names a key accepts (CHOICES, or its registry's names: REGISTRY_KEYS)."""
+    return REGISTRY_KEYS[key].names() if key in REGISTRY_KEYS else CHOICES[key]
 
 
 def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = ()) -> Config:
@@ -418,19 +406,17 @@ def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = (
     from the command line (a flag or --set), and its error says so."""
     def check(key: str, value: Any, valid: tuple) -> None:
         if value not in valid:
-            valid = valid_choices(key, valid)
-        if value not in valid:
             close = difflib.get_close_matches(str(value), valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             origin = ("", " (given on the command line)") if key in given else (f"{where}: ", "")
             raise ConfigError(f"{origin[0]}{key} '{value}' must be one of {', '.join(valid)}{hint}{origin[1]}")
 
-    for key, valid in CHOICES.items():
-        check(key, get_dotted(cfg, key), valid)
+    for key in (*CHOICES, *REGISTRY_KEYS):
+        check(key, get_dotted(cfg, key), choices(key))
     for protocol in cfg.tables.protocols:
-        check("tables.protocols", protocol, CHOICES["eval.protocol"])
+        check("tables.protocols", protocol, PROTOCOLS.names())
     for task, kind in cfg.train.task_kinds.items():
-        check(f"train.task_kinds.{task}", kind, valid_choices("train.task_kinds", ()))
+        check(f"train.task_kinds.{task}", kind, TASK_KINDS.names())
     for size in cfg.eval.train_sizes:
         train_size(size, 1, where)
     for key in ("bootstrap", "bootstrap_exact_rows", "baseline_rows"):
@@ -443,11 +429,8 @@ def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = (
                           "per image (e.g. [0.25, 0.5, 1, 2, 4])")
     try:
         cfg.train.check()
-        if cfg.train.heads:  # families beyond the built-in: their names and settings, through their registry
-            from pipeline.heads.plugin import enabled_heads
-
-            for plugin, section in enabled_heads(cfg):
-                plugin.check(section, f"train.heads.{plugin.name}")
+        for name in cfg.train.heads:  # families beyond the built-in: each checks its own section
+            HEAD_FAMILIES.find(name, f"train.heads.{name}").check_section(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cfg

@@ -36,7 +36,7 @@ import yaml
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_text
-from pipeline.heads.tasks import TaskSpec, metric_direction
+from pipeline.core.tasks import TaskSpec, metric_direction
 
 logger = logging.getLogger(__name__)
 

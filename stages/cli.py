@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import click
 
 from pipeline import __version__
-from pipeline.config import CHOICES, PAPER_BACKBONES, load_config, parse_set_options
+from pipeline.config import PAPER_BACKBONES, choices, load_config, parse_set_options
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ def fetch_weights_cmd(config_path: str, backbones: Tuple[str, ...], check: bool)
 def inspect_data_cmd(data: Path, labels: Optional[Path], harmonise: bool) -> None:
     """Load a data set and print every label column (kind, counts, missing) and its patients (checks every row
     and image header)."""
-    from pipeline.data.table import describe, load_dataset
+    from pipeline.core.describe import describe
+    from pipeline.data.table import load_dataset
 
     table = load_dataset(data, labels=str(labels) if labels else None)
     for line in describe(table):
@@ -330,11 +331,11 @@ main.add_command(extract_features_cmd)
 @click.option("--folds", type=int, default=None, help="Cross-validation folds (eval.folds) [default: 5].")
 @click.option("--seed", "seeds", type=int, multiple=True, help="CV seed (repeat for repeated CV).")
 @click.option("--protocol", default=None,
-              help=f"{', '.join(CHOICES['eval.protocol'])} (eval.protocol; kfold by default; official: the data "
+              help=f"{', '.join(choices('eval.protocol'))} (eval.protocol; kfold by default; official: the data "
                    "set's own test list; insample: training-set scores; external: several caches, score "
                    "eval.test_on).")
 @click.option("--loss-weighting", default=None,
-              help=f"{', '.join(CHOICES['train.loss_weighting'])} (train.loss_weighting; fixed by default).")
+              help=f"{', '.join(choices('train.loss_weighting'))} (train.loss_weighting; fixed by default).")
 @click.option("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -460,7 +461,7 @@ def benchmark_cmd(bench: Path, out: Path, shard_index: Optional[int], num_shards
 @click.option("--config", "config_path", default="paper", show_default=True, help="YAML config (path or name).")
 @click.option("--protocols", default=None, metavar="P1,P2",
               help="Comma-separated eval protocols, one column group each in Tables 1-2: "
-                   f"{', '.join(CHOICES['eval.protocol'])} (tables.protocols) [default: kfold].")
+                   f"{', '.join(choices('eval.protocol'))} (tables.protocols) [default: kfold].")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

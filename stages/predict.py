@@ -253,7 +253,7 @@ def _known_positions(cache: Path, hashes: List[str]) -> Dict[int, tuple]:
 
 def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, maps: Applied,
                    truth: Dict[int, tuple], grid: Sequence[float]) -> List[Path]:
-    """One PNG per image, drawn by the one overlay routine (pipeline.evaluation.plots.draw_overlay): what the image's
+    """One PNG per image, drawn by the one overlay routine (pipeline.core.plots.draw_overlay): what the image's
     row says (the answer's centre only where nodule_found), the score map and candidates of the head part `maps`
     (Applied.overlay: best first, re-scored by a second stage where the head has one) beside it."""
     try:
@@ -261,7 +261,7 @@ def write_overlays(folder: Path, files: List[Path], table: pd.DataFrame, maps: A
     except ImportError:
         raise PipelineError("--overlay needs matplotlib: pip install -e '.[plots]'") from None
     from pipeline.data.images import read_image
-    from pipeline.evaluation.plots import draw_overlay
+    from pipeline.core.plots import draw_overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []

@@ -23,11 +23,10 @@ import yaml
 from pipeline.config import Config, build, dump_config, load_yaml, set_dotted, validate_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
-from pipeline.evaluation.evaluate import (make_splits, official_split, split_groups, stratified_subset,
-                                          stratify_labels)
+from pipeline.core.splits import make_splits, official_split, split_groups, stratified_subset, stratify_labels
 from pipeline.fsutil import atomic_write_text, json_text, staged_dir
 from pipeline.heads.plugin import Validation, loaded_heads
-from pipeline.heads.train import Split
+from pipeline.core.train import Split
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)

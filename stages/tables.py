@@ -21,7 +21,8 @@ from cache import FeatureCache
 from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
 from pipeline.errors import CacheError
 from pipeline.evaluation.engine import cross_validate, load_train_data
-from pipeline.evaluation.evaluate import scores_training_rows, size_bin_labels
+from pipeline.core.splits import scores_training_rows
+from pipeline.core.summary import size_bin_labels
 from pipeline.fsutil import json_text, staged_dir
 from pipeline.reporting import format_entry, format_number
 from stages.progress import progress_bars

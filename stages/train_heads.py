@@ -21,10 +21,10 @@ import pandas as pd
 
 from pipeline import __version__
 from pipeline.config import Config, dump_config
-from pipeline.evaluation.combine import DATASET_COLUMN
+from pipeline.data.combine import DATASET_COLUMN
 from pipeline.evaluation.engine import CVResult, TrainData, cross_validate, load_train_data, refit
-from pipeline.evaluation.evaluate import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
-                                          scores_training_rows, seen_share)
+from pipeline.core.splits import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
+                                  scores_training_rows, seen_share)
 from pipeline.fsutil import atomic_write_text, json_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
 from pipeline.reporting import format_entry, format_number

@@ -1,4 +1,4 @@
-"""Several caches in one run (pipeline.evaluation.combine): one data set each, external validation."""
+"""Several caches in one run (pipeline.data.combine): one data set each, external validation."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.data.synthetic import write_feature_cache
 from pipeline.errors import ConfigError
-from pipeline.evaluation.combine import settle_blanks, stack_tables, union_groups
+from pipeline.data.combine import settle_blanks, stack_tables, union_groups
 from stages.cli import main
 from tests.helpers import TINY
 
@@ -209,7 +209,7 @@ def nih_and_chexpert(tmp_path_factory):
 def test_nih_and_chexpert_harmonised_share_one_column_and_external_never_trains_on_it(nih_and_chexpert, tmp_path):
     from pipeline.config import load_config
     from pipeline.evaluation.engine import load_train_data
-    from pipeline.evaluation.evaluate import make_splits
+    from pipeline.core.splits import make_splits
 
     cfg = load_config(None, {"train.features": [TINY[1]], "train.tasks": ["findings"], "data.harmonise": True,
                              "eval.protocol": "external", "eval.test_on": "chexpert"})

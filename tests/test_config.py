@@ -76,9 +76,10 @@ def test_shipped_label_maps_cover_the_classes():
 
 def test_every_choice_is_checked_when_the_config_is_resolved():
     """A typo in a named choice stops at once with the closest valid name, before anything trains."""
-    from pipeline.config import CHOICES
+    from pipeline.config import CHOICES, REGISTRY_KEYS, choices
 
-    for key, valid in CHOICES.items():
+    for key in (*CHOICES, *REGISTRY_KEYS):
+        valid = choices(key)
         with pytest.raises(ConfigError, match=rf"{key} '{valid[0]}x' must be one of .*did you mean '{valid[0]}'"):
             load_config(None, {key: valid[0] + "x"})
         assert load_config(None, {key: valid[-1]})  # every valid name is accepted

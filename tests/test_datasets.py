@@ -16,7 +16,8 @@ from pipeline.data.datasets import CHEXPERT_FINDINGS, NIH_FINDINGS
 from pipeline.data.synthetic import make_synthetic
 from pipeline.data.synthetic_datasets import WRITERS, write_dicom
 from pipeline.data.synthetic_datasets import write_layout as write_synthetic_layout
-from pipeline.data.table import LAYOUTS, detect_layout, load_dataset
+from pipeline.data.table import detect_layout, load_dataset
+from pipeline.plugins import LAYOUTS
 from pipeline.errors import ConfigError, DataError
 from stages.cli import main
 from tests.helpers import TINY, needs
@@ -230,7 +231,7 @@ def test_a_truncated_dicom_says_damaged_not_install_the_installed_extra(tmp_path
 
 
 def _task(**kw):
-    from pipeline.heads.tasks import TaskSpec
+    from pipeline.core.tasks import TaskSpec
 
     return TaskSpec("findings", "multilabel", kw.pop("column", ""), ("A", "B"), **kw)
 
@@ -290,7 +291,7 @@ def test_a_finding_without_a_negative_has_no_ap_and_stays_out_of_the_macro():
 def test_the_majority_baseline_is_a_constant_scorer_auroc_one_half_when_folds_are_pooled():
     """Each fold's training prevalence as the score made the pooled folds rank one another: the test folds richer
     in a finding are those whose training rows are poorer in it (0.373 [0.280, 0.468] on an issue's run)."""
-    from pipeline.evaluation.metrics import roc_auc
+    from pipeline.core.metrics import roc_auc
 
     task = _task()
     y = np.zeros((40, 2))
@@ -468,7 +469,7 @@ def test_sweeps_and_studies_hold_out_the_official_test_list(nih_cache, tmp_path)
 def test_every_interval_of_a_data_set_with_patients_resamples_patients(nih_cache, tmp_path, monkeypatch):
     """Every bootstrap of the run (the head's, the baselines', each size bin's) draws whole patients: 12 patients
     of 3 images each, so every resample counts each patient's images together."""
-    import pipeline.evaluation.evaluate as evaluate
+    import pipeline.core.summary as evaluate
 
     drawn = []
     real = evaluate.bootstrap_counts
@@ -541,7 +542,7 @@ def test_nih_and_vindr_boxes_become_localisation_targets(tmp_path):
 
 
 def test_froc_counts_a_candidate_inside_a_box_as_a_box_hit():
-    from pipeline.heads.localise import froc
+    from pipeline.heads.loc.localise import froc
 
     table = pd.DataFrame({"grid_w": [100.0, 100.0], "grid_h": [100.0, 100.0], "x": [50.0, np.nan],
                           "y": [50.0, np.nan], "size_mm": [np.nan, np.nan],
@@ -580,7 +581,7 @@ def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
     finding."""
     import shutil
 
-    from pipeline.data.table import LAYOUTS, Layout, Source, _finish, _record, register_layout
+    from pipeline.data.table import Layout, Source, _finish, _record, register_layout
     from stages.extract import extract_features
     from stages.train_heads import train_heads
     from tests.helpers import tiny_config, tiny_train_config
@@ -612,7 +613,7 @@ def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
         finding = summary.metrics["models"]["res-mtnet"]["overall"]["finding"]
         assert finding["accuracy"]["n"] == 24
     finally:
-        del LAYOUTS["folders"]
+        LAYOUTS.unregister("folders")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -651,7 +652,7 @@ def test_siim_run_lengths_decode_to_the_masks_bounding_box():
 @pytest.mark.parametrize("name", ["vinbigdata", "rsna", "siim"])
 def test_the_releases_boxes_are_froc_targets(name, tmp_path):
     """A candidate at each lesion box's centre is a box hit for every lesion; one in a far corner hits none."""
-    from pipeline.heads.localise import froc
+    from pipeline.heads.loc.localise import froc
 
     table = load_dataset(write_layout(name, tmp_path / name, patients=8, per_patient=3, size=32))
     lesions = table[table["nodule_boxes"].notna()].reset_index(drop=True)
@@ -692,7 +693,7 @@ def test_a_data_set_one_folder_down_is_found_and_several_are_named(tmp_path, cap
 
 
 def test_the_official_protocol_without_its_split_file_names_it(tmp_path):
-    from pipeline.evaluation.evaluate import official_split
+    from pipeline.core.splits import official_split
 
     table = pd.DataFrame({"split": ["train"] * 4})
     table.attrs["layout"] = "chexpert"
@@ -707,7 +708,7 @@ def test_the_official_protocol_without_its_split_file_names_it(tmp_path):
 
 def test_stratify_auto_uses_the_data_sets_own_column_silently(caplog):
     from pipeline.config import load_config
-    from pipeline.evaluation.evaluate import make_splits, stratify_labels
+    from pipeline.core.splits import make_splits, stratify_labels
 
     table = pd.DataFrame({"Nodule": [0.0, 1.0] * 10, "state": [None] * 20})
     table.attrs["layout"] = "nih"
@@ -734,7 +735,8 @@ def test_the_curves_are_drawn_of_what_the_report_scores(tmp_path):
     AP that metrics.json reports per finding; an uncertain label left as -1 is no truth on a curve."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from pipeline.heads.tasks import KINDS, TaskSpec
+    from pipeline.core.tasks import TaskSpec
+    from pipeline.plugins import TASK_KINDS as KINDS
 
     data = write_layout("nih", tmp_path / "nih", patients=8, per_patient=3, size=32)
     result = CliRunner().invoke(main, ["extract-features", "--data", str(data), "--cache", str(tmp_path / "c.h5"),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cache import FeatureCache
-from pipeline.features.backbones import FAMILIES, create_backbone, spatial_backbone
+from pipeline.features.backbones import create_backbone, spatial_backbone
+from pipeline.plugins import BACKBONE_FAMILIES as FAMILIES
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.train_heads import train_heads

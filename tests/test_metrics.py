@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline.evaluation.metrics import (BlockCounts, accuracy, ap_influence, auc_influence, average_precision,
-                                         block_bootstrap, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc)
+from pipeline.core.metrics import (BlockCounts, accuracy, ap_influence, auc_influence, average_precision,
+                                   block_bootstrap, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc)
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -89,7 +89,7 @@ def test_patient_bootstrap_covers_the_true_auroc_with_correlated_images():
     """60 patients x 3 images that share the patient's label and level: resampling images gives intervals too
     narrow (nominal 95%, about 75% coverage in the issue's simulation); resampling patients covers the true
     AUROC about 95% of the time. Fixed seed: 300 simulated studies, 300 resamples each."""
-    from pipeline.evaluation.evaluate import summarise_metrics
+    from pipeline.core.summary import summarise_metrics
 
     rng = np.random.default_rng(0)
     per = 3

@@ -94,7 +94,7 @@ def test_patients_are_never_split_and_one_image_per_patient_keeps_todays_folds()
     import pandas as pd
 
     from pipeline.config import load_config
-    from pipeline.evaluation.evaluate import make_splits
+    from pipeline.core.splits import make_splits
 
     rng = np.random.default_rng(0)
     patients = np.repeat([f"p{i:02d}" for i in range(15)], 4)

@@ -7,12 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import CHOICES, OptimConfig, load_config
+from pipeline.config import OptimConfig, choices, load_config
 from pipeline.errors import ConfigError
-from pipeline.evaluation.evaluate import make_splits, scores_training_rows
-from pipeline.features.backbones import FAMILIES, create_backbone, spatial_backbone
-from pipeline.heads.tasks import KINDS, TaskSpec
-from pipeline.heads.weighting import WEIGHTINGS
+from pipeline.core.splits import make_splits, scores_training_rows
+from pipeline.features.backbones import create_backbone, spatial_backbone
+from pipeline.core.tasks import TaskSpec
+from pipeline.plugins import BACKBONE_FAMILIES as FAMILIES
+from pipeline.plugins import TASK_KINDS as KINDS
+from pipeline.plugins import WEIGHTINGS
 
 #: A task of each kind over a toy label column (values for 8 rows, one missing).
 KIND_EXAMPLES = {
@@ -26,7 +28,7 @@ KIND_EXAMPLES = {
 
 
 class _Linear:
-    """A stand-in for pipeline.evaluation.linear's fits: probabilities and values that follow the row index."""
+    """A stand-in for pipeline.core.linear's fits: probabilities and values that follow the row index."""
 
     def __init__(self, n: int):
         self.n = n
@@ -75,16 +77,16 @@ def test_kind_contract(name):
 
 
 def test_the_config_checks_weightings_by_the_registry_names():
-    # the built-ins validate without importing torch; every registered weighting is valid
-    assert set(CHOICES["train.loss_weighting"]) == set(CHOICES["train.loc.loss_weighting"]) <= set(WEIGHTINGS)
+    # every registered weighting is valid in both keys; a typo names the closest
+    assert set(choices("train.loss_weighting")) == set(choices("train.loc.loss_weighting")) == set(WEIGHTINGS)
     with pytest.raises(ConfigError, match="loss_weighting 'uncertanty' must be one of .*did you mean 'uncertainty'"):
         load_config(None, {"train.loss_weighting": "uncertanty"})
 
 
 def test_a_new_loss_weighting_is_one_registered_class(tiny_cache, tmp_path):
-    """A toy weighting registered from here (as a user adds one in pipeline/heads/weighting.py): equal weights whatever
+    """A toy weighting registered from here (as a user adds one in pipeline/core/weighting.py): equal weights whatever
     the lambdas. The config accepts its name (from the registry, not from config.CHOICES) and train-heads runs it."""
-    from pipeline.heads.weighting import Weighting
+    from pipeline.core.weighting import Weighting
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
 
@@ -94,13 +96,13 @@ def test_a_new_loss_weighting_is_one_registered_class(tiny_cache, tmp_path):
         def __init__(self, lambdas, cfg):
             super().__init__(torch.ones_like(lambdas), cfg)
 
-    WEIGHTINGS["equal"] = Equal
+    WEIGHTINGS.register("equal", Equal)
     try:
         cfg = tiny_train_config(**{"train.loss_weighting": "equal", "train.lambdas": {"state": 3.0}})
         summary = train_heads(tiny_cache, tmp_path / "run", cfg, progress=False)
         assert set(summary.metrics["loss_weights"].values()) == {1.0}  # the lambda of 3 had no say
     finally:
-        del WEIGHTINGS["equal"]
+        WEIGHTINGS.unregister("equal")
 
 
 class _Reads:
@@ -120,9 +122,9 @@ def test_configurations_differing_in_a_weightings_setting_train_apart(tiny_cache
     import dataclasses
 
     from pipeline.evaluation.engine import load_train_data
-    from pipeline.heads.resmtnet_head import pooled_family
-    from pipeline.heads.train import Job, train_jobs
-    from pipeline.heads.weighting import Weighting
+    from pipeline.heads.resmtnet.family import pooled_family
+    from pipeline.core.train import Job, train_jobs
+    from pipeline.core.weighting import Weighting
     from tests.helpers import tiny_train_config
 
     built = []
@@ -143,11 +145,11 @@ def test_configurations_differing_in_a_weightings_setting_train_apart(tiny_cache
     one.toy_scale = 1.0
     other = dataclasses.replace(one)
     other.toy_scale = 3.0
-    WEIGHTINGS["scaled"] = Scaled
+    WEIGHTINGS.register("scaled", Scaled)
     try:
         results = train_jobs(pooled_family(data, splits), [Job(one, 0), Job(other, 0), Job(one, 1)])
     finally:
-        del WEIGHTINGS["scaled"]
+        WEIGHTINGS.unregister("scaled")
     assert sorted(built) == [(1, 3.0), (2, 1.0)]
     assert not np.allclose(results[0].outputs, results[1].outputs)  # same split, other weights
 
@@ -212,16 +214,11 @@ def test_backbone_family_contract(name, tmp_path):
     assert again.params_sha256 == info.params_sha256  # a seeded random init is the same on every run
 
 
-def test_the_protocol_registry_holds_the_configs_built_in_names():
-    from pipeline.evaluation.evaluate import PROTOCOLS
-
-    assert set(CHOICES["eval.protocol"]) <= set(PROTOCOLS)
-
-
 def test_a_new_protocol_is_one_registered_entry():
     """A toy protocol (every patient's images tested once, leave-one-patient-out in folds of 5 patients) added
     from here: make_splits runs it, inner validation and patients included, with no other change."""
-    from pipeline.evaluation.evaluate import PROTOCOLS, Protocol, register_protocol
+    from pipeline.core.splits import Protocol, register_protocol
+    from pipeline.plugins import PROTOCOLS
 
     def by_patient(ctx, seed):
         patients = np.unique(ctx.groups)
@@ -242,10 +239,10 @@ def test_a_new_protocol_is_one_registered_entry():
             assert not set(patient[split.train]) & set(patient[split.val])
         assert not scores_training_rows(ecfg)
     finally:
-        del PROTOCOLS["toy-by-patient"]
+        PROTOCOLS.unregister("toy-by-patient")
 
 
-@pytest.mark.parametrize("protocol", CHOICES["eval.protocol"])
+@pytest.mark.parametrize("protocol", choices("eval.protocol"))
 def test_protocol_contract(protocol):
     """Every protocol splits a table with patients, an official split and two data sets: test rows never train
     unless the protocol says it scores training rows; no patient is on both sides; inner validation rows never
@@ -336,13 +333,13 @@ def test_a_new_backbone_family_is_one_registered_class(synthetic_master, tmp_pat
         result = predict(tmp_path / "run", [synthetic_master / "images" / "JPCLN001.png"], tmp_path / "pred")
         assert np.isfinite(result.table["nodule_prob"]).all() and np.isfinite(result.table["localisation_x"]).all()
     finally:
-        del FAMILIES["toy"]
+        FAMILIES.unregister("toy")
 
 
 def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
-    """A toy kind registered from here (as a user adds one in pipeline/heads/tasks.py): a regression trained with an L1
+    """A toy kind registered from here (as a user adds one in pipeline/core/tasks.py): a regression trained with an L1
     loss. train-heads trains, scores and reports it, and predict decodes it, with no other change."""
-    from pipeline.heads.tasks import Regression
+    from pipeline.core.tasks import Regression
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
 
@@ -353,7 +350,7 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
             mask = ~torch.isnan(target)
             return (logits.squeeze(-1) - torch.nan_to_num(target)).abs(), mask
 
-    KINDS["l1"] = L1Regression()
+    KINDS.register("l1", L1Regression())
     try:
         summary = train_heads(tiny_cache, tmp_path / "run", tiny_train_config(**{
             "train.tasks": ["state", "size"], "train.task_kinds": {"size": "l1"}}), progress=False)
@@ -364,7 +361,7 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
         spec, _ = read_head(tmp_path / "run")
         assert [t["kind"] for t in spec["tasks"] if t["name"] == "size"] == ["l1"]
     finally:
-        del KINDS["l1"]
+        KINDS.unregister("l1")
 
 
 def test_every_head_family_keeps_the_contract():
@@ -424,9 +421,9 @@ def _probe_family():
 
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.evaluation.evaluate import OutOfFold
+    from pipeline.core.summary import OutOfFold
     from pipeline.heads.plugin import Applied, HeadPlugin
-    from pipeline.evaluation.metrics import roc_auc
+    from pipeline.core.metrics import roc_auc
 
     @dataclass
     class ProbeSettings:
@@ -506,10 +503,11 @@ def _probe_family():
 
 @pytest.fixture()
 def probe_family():
-    from pipeline.heads.plugin import HEADS, register_head
+    from pipeline.heads.plugin import register_head
+    from pipeline.plugins import HEAD_FAMILIES
 
     yield register_head(_probe_family())
-    HEADS.pop("probe")
+    HEAD_FAMILIES.unregister("probe")
 
 
 def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master, tmp_path, probe_family):
@@ -558,4 +556,4 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     bad = runner.invoke(main, ["train-heads", *common, "--set", "train.heads.probe.c=-1", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "train.heads.probe.c -1" in bad.output and "Traceback" not in bad.output
     typo = runner.invoke(main, ["train-heads", *common, "--set", "train.heads.prob.c=1", "--out", str(tmp_path / "y")])
-    assert typo.exit_code != 0 and "did you mean probe" in typo.output
+    assert typo.exit_code != 0 and "did you mean 'probe'" in typo.output

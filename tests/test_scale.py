@@ -33,13 +33,13 @@ def _config(**overrides):
 MEASURE = """
 import json, sys
 sys.path.insert(0, {repo!r})
-import pipeline.evaluation.linear, pipeline.evaluation.metrics, pipeline.heads.model, pipeline.heads.train
-for module, name in ((pipeline.heads.model, "BLOCK_BYTES"), (pipeline.evaluation.linear, "PRIMAL_BLOCK_BYTES"),
-                     (pipeline.evaluation.linear, "DENSE_BYTES"), (pipeline.evaluation.metrics, "BOOTSTRAP_BYTES"),
-                     (pipeline.heads.train, "EVAL_BYTES")):
+import pipeline.core.linear, pipeline.core.metrics, pipeline.heads.resmtnet.model, pipeline.core.train
+for module, name in ((pipeline.heads.resmtnet.model, "BLOCK_BYTES"), (pipeline.core.linear, "PRIMAL_BLOCK_BYTES"),
+                     (pipeline.core.linear, "DENSE_BYTES"), (pipeline.core.metrics, "BOOTSTRAP_BYTES"),
+                     (pipeline.core.train, "EVAL_BYTES")):
     setattr(module, name, {allowance})
 # five L-BFGS iterations stream the same blocks as a hundred: the peak is the same, the test 15 s shorter
-pipeline.evaluation.linear.Primal.__init__.__defaults__ = (1e-4, 5)
+pipeline.core.linear.Primal.__init__.__defaults__ = (1e-4, 5)
 import scipy.optimize, sklearn.linear_model, sklearn.model_selection, torch
 from pipeline.config import load_config
 from pipeline.evaluation.engine import cross_validate, load_train_data
@@ -103,8 +103,8 @@ def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path):
 
 def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache):
     from pipeline.evaluation.engine import load_train_data
-    from pipeline.heads.resmtnet_head import pooled_family
-    from pipeline.evaluation.evaluate import make_splits
+    from pipeline.heads.resmtnet.family import pooled_family
+    from pipeline.core.splits import make_splits
 
     cfg = _config(**{"train.feature_dtype": "float16"})
     data = load_train_data(wide_cache, cfg)

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.data.labels import load_label_maps
 from pipeline.errors import ConfigError
-from pipeline.heads.tasks import KINDS, infer_kind, metric_direction, resolve_tasks
+from pipeline.core.tasks import infer_kind, metric_direction, resolve_tasks
+from pipeline.plugins import TASK_KINDS as KINDS
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.train_heads import train_heads
@@ -46,7 +47,7 @@ def test_task_kinds_override_and_missing_labels_are_listed_at_once():
     assert age.kind == "multiclass" and age.classes == ("50", "60", "70")
     with pytest.raises(ConfigError, match=r"no labels for task\(s\) smoker, subtlety, size \(column 'size_mm'\)"):
         resolve_tasks(["state", "smoker", "subtlety", "size"], table, maps)
-    with pytest.raises(ConfigError, match="'ordinal' is not a kind; valid: multiclass, binary, regression"):
+    with pytest.raises(ConfigError, match="task_kinds.age: unknown task kind 'ordinal'; valid: multiclass, binary"):
         resolve_tasks(["age"], table, maps, kinds={"age": "ordinal"})
 
 
@@ -90,8 +91,8 @@ def test_an_extra_label_column_trains_as_a_task_end_to_end(smoker_cache, synthet
 
 
 def test_normalised_errors_divide_by_the_grid_only_for_the_papers_position_and_size():
-    from pipeline.evaluation.evaluate import regression_norms
-    from pipeline.heads.tasks import TaskSpec
+    from pipeline.core.summary import regression_norms
+    from pipeline.core.tasks import TaskSpec
 
     table = pd.DataFrame({"x": [100.0, 300.0], "size_mm": [10.0, 30.0], "age": [30.0, 80.0],
                           "grid_w": [2048.0, 2048.0], "grid_h": [2048.0, 2048.0]})

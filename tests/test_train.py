@@ -15,12 +15,12 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.evaluation.engine import cross_validate, load_train_data
-from pipeline.heads.resmtnet_head import pooled_family
-from pipeline.evaluation.evaluate import make_splits
-from pipeline.heads.model import ResMTNet, prepare, task_losses
-from pipeline.heads.tasks import TaskSpec, encode_targets
-from pipeline.heads.train import Batch, Job, Split, train_jobs
-from pipeline.heads.weighting import Uncertainty, Weighting
+from pipeline.heads.resmtnet.family import pooled_family
+from pipeline.core.splits import make_splits
+from pipeline.heads.resmtnet.model import ResMTNet, prepare, task_losses
+from pipeline.core.tasks import TaskSpec, encode_targets
+from pipeline.core.train import Batch, Job, Split, train_jobs
+from pipeline.core.weighting import Uncertainty, Weighting
 from stages.cli import main
 from stages.sweep import development_split, load_sweep, run_sweep
 from stages.train_heads import train_heads
@@ -105,7 +105,7 @@ def test_uncertainty_optimum_up_weights_small_losses():
 
 
 def test_gradnorm_balances_gradient_norms_and_keeps_the_weights_summing_to_t():
-    from pipeline.heads.weighting import GradNorm
+    from pipeline.core.weighting import GradNorm
 
     shared = torch.nn.Parameter(torch.ones(1, 3))
     w = GradNorm(torch.ones(1, 2), SimpleNamespace(gradnorm_alpha=0.0))
@@ -261,7 +261,7 @@ def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
     the row-space fit give the same predictions; both equal scikit-learn on the standardised matrix."""
     from sklearn.linear_model import Ridge
 
-    from pipeline.evaluation.linear import Primal, RowSpace
+    from pipeline.core.linear import Primal, RowSpace
 
     x, prep, rows, y3, reg = _linear_problem(n, d, fit)
     primal, row_space = Primal(prep, 0, rows, tol=1e-12, max_iter=20000), RowSpace.of(prep, 0, rows, tol=1e-12)
@@ -282,14 +282,14 @@ def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
 
 
 def test_baselines_choose_row_space_below_d_rows_and_primal_above(monkeypatch):
-    import pipeline.evaluation.linear
-    from pipeline.evaluation.linear import linear_fit
+    import pipeline.core.linear
+    from pipeline.core.linear import linear_fit
 
     _, prep, rows, _, _ = _linear_problem(60, 300, 40)
     assert linear_fit(prep, 0, rows).name == "row-space"
     _, prep, rows, _, _ = _linear_problem(400, 30, 300)
     assert linear_fit(prep, 0, rows).name == "dense"
-    monkeypatch.setattr(pipeline.evaluation.linear, "DENSE_BYTES", 1000)  # as a matrix too large to copy
+    monkeypatch.setattr(pipeline.core.linear, "DENSE_BYTES", 1000)  # as a matrix too large to copy
     assert linear_fit(prep, 0, rows).name == "streamed"
 
 
@@ -297,15 +297,15 @@ def test_the_linear_baseline_fits_on_at_most_its_row_budget(monkeypatch):
     """eval.baseline_rows: the linear fit of each split sees that many of the split's fitting rows (a seeded
     draw, the same on a rerun); under the budget it sees them all and predicts as without one; the majority
     baseline is never subsampled."""
-    import pipeline.evaluation.linear
-    from pipeline.evaluation.evaluate import baseline_predictions
+    import pipeline.core.linear
+    from pipeline.core.summary import baseline_predictions
 
     x, prep, rows, _, _ = _linear_problem(400, 30, 300)
     splits = [Split(train=np.arange(300), test=np.arange(300, 400))]
     targets = {"cls": np.digitize(x[:, 0], [-1.0, 1.0]).astype(float)}  # classes a, b, c
     seen = []
-    real = pipeline.evaluation.linear.linear_fit
-    monkeypatch.setattr(pipeline.evaluation.linear, "linear_fit",
+    real = pipeline.core.linear.linear_fit
+    monkeypatch.setattr(pipeline.core.linear, "linear_fit",
                         lambda p, s, fit, scored: seen.append(np.array(fit)) or real(p, s, fit, scored))
     full = baseline_predictions(prep, splits, [TASKS[0]], targets, "linear")
     assert full[0]["cls"].shape == (100, 3)  # the split's test rows only: memory and time of its own rows
@@ -458,7 +458,7 @@ def test_train_heads_cli(tiny_cache, tmp_path):
 def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
     """A column non-zero in one training row (value 0.01) and large in a test row: its std is floored at a
     share of the features' typical std, so the test row's standardised value stays bounded (it was ~3000)."""
-    from pipeline.heads.train import STD_FLOOR
+    from pipeline.core.train import STD_FLOOR
 
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(41, 16)).astype(np.float32)
@@ -477,7 +477,7 @@ def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
 
 
 def test_regression_predictions_stay_within_the_training_targets_range():
-    from pipeline.heads.model import Layout
+    from pipeline.heads.resmtnet.model import Layout
 
     task = TASKS[2]
     scale = task.impl.scale(np.array([40.0, 60.0, 90.0, np.nan]), np.arange(4))
@@ -489,7 +489,7 @@ def test_regression_predictions_stay_within_the_training_targets_range():
 
 
 def test_typicality_percentile_of_training_typical_and_far_images():
-    from pipeline.heads.typicality import percentile, reference
+    from pipeline.heads.resmtnet.typicality import percentile, reference
 
     rng = np.random.default_rng(0)
     train = rng.normal(size=(300, 8)).astype(np.float32)
@@ -506,7 +506,7 @@ def test_typicality_percentile_of_training_typical_and_far_images():
 def test_a_small_split_trains_the_same_alone_or_stacked_with_larger_ones(tiny_cache):
     """Label efficiency stacks subsets of different sizes: a 12-row job beside a full split must not keep taking
     Adam steps on batches without rows (it did: best epoch 5 alone vs 2 stacked, outputs 0.145 apart)."""
-    from pipeline.heads.train import Split
+    from pipeline.core.train import Split
 
     cfg = tiny_train_config(**{"train.early_stopping": 3, "train.epochs": 15})
     data = load_train_data(tiny_cache, cfg)
@@ -526,8 +526,8 @@ def test_gradnorm_balances_the_last_residual_block_alone():
     import torch
 
     from pipeline.config import OptimConfig
-    from pipeline.heads.model import PooledFamily, ResMTNet
-    from pipeline.heads.weighting import GradNorm
+    from pipeline.heads.resmtnet.model import PooledFamily, ResMTNet
+    from pipeline.core.weighting import GradNorm
 
     model = ResMTNet(in_dim=6, hidden=5, blocks=3, out_dim=2, seeds=[0, 1])
     x = torch.randn(2, 8, 6)
@@ -548,7 +548,7 @@ def test_uncertainty_weights_flag_an_unconverged_weight_and_an_optimum_past_the_
     import torch
 
     from pipeline.config import OptimConfig
-    from pipeline.heads.weighting import Uncertainty
+    from pipeline.core.weighting import Uncertainty
 
     w = Uncertainty(torch.ones(1, 3), OptimConfig(loss_weighting="uncertainty", uncertainty_min_log_var=-3.0))
     losses = torch.tensor([[0.045, 0.1, 1.0]])  # optima 0.5 / L: 11.1 (past 0.5 e^3 = 10.04), 5, 0.5

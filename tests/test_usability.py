@@ -215,7 +215,7 @@ def test_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodule
 
 def test_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, monkeypatch):
     """found => the answer's centre is drawn where the row puts it; not found => no centre at all."""
-    import pipeline.evaluation.plots
+    import pipeline.core.plots
     import stages.predict
     from stages.predict import predict
 
@@ -225,7 +225,7 @@ def test_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, mo
     # a threshold between the images' probabilities: some found, some not, whatever the tiny head learnt
     monkeypatch.setattr(stages.predict, "PRESENCE_THRESHOLD", float(np.median(probs)))
     drawn = []
-    monkeypatch.setattr(pipeline.evaluation.plots, "draw_overlay", lambda ax, image, scores, predicted, *a, **k:
+    monkeypatch.setattr(pipeline.core.plots, "draw_overlay", lambda ax, image, scores, predicted, *a, **k:
                         drawn.append(predicted))
     table = predict(run_dir, images, tmp_path / "p", overlay=True).table
     assert 0 < table["nodule_found"].sum() < len(table)
@@ -240,7 +240,7 @@ def test_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, mo
 def test_overlays_always_have_a_legend():
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluation.plots import draw_overlay
+    from pipeline.core.plots import draw_overlay
 
     fig, ax = plt.subplots()
     draw_overlay(ax, np.zeros((8, 8)), np.zeros((4, 4)), (0.5, 0.5), None, "no truth known")
@@ -274,7 +274,7 @@ def test_help_everywhere_and_every_config_key_listed():
 
 def test_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
         tiny_cache, synthetic_master, tmp_path, caplog, monkeypatch):
-    from pipeline.heads.localise import decode_maps
+    from pipeline.heads.loc.localise import decode_maps
     from stages import progress
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)

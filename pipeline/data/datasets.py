@@ -568,9 +568,6 @@ def _register() -> None:
              "missing", "the train/ and test/ folders with their annotations", "Nodule_Mass")):
         register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), blank, official,
                                stratify))
-    from pipeline.data import releases
-
-    releases.register()
 
 
 _register()

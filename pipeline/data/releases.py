@@ -199,8 +199,7 @@ def load_padchest(src, labels: LabelMaps, check_images: bool, skip_bad: bool = F
     return _finish(frame, "padchest", src.root, src.metadata, labels, check_images, skip_bad)
 
 
-def register() -> None:
-    """Register the four releases (called by pipeline.data.datasets, in detection order)."""
+def _register() -> None:
     from pipeline.data.datasets import column_name
     from pipeline.data.table import Layout, _file_named, register_layout
 
@@ -213,3 +212,6 @@ def register() -> None:
              PADCHEST_FINDINGS, "nodule")):
         register_layout(Layout(name, detect, load, marker, tuple(column_name(f) for f in findings), "missing", "",
                                stratify))
+
+
+_register()

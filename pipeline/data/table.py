@@ -38,6 +38,7 @@ import pandas as pd
 from pipeline.data.images import is_raw, probe_image
 from pipeline.data.labels import LabelMaps, load_label_maps, normalise_text
 from pipeline.errors import DataError
+from pipeline.plugins import LAYOUTS
 
 logger = logging.getLogger(__name__)
 
@@ -499,15 +500,9 @@ class Layout:
     stratify: str = ""
 
 
-#: Layouts in detection order (the first whose marker file is found wins).
-LAYOUTS: Dict[str, Layout] = {}
-
-
 def register_layout(layout: Layout) -> Layout:
-    if layout.name in LAYOUTS:
-        raise ValueError(f"layout '{layout.name}' is registered twice")
-    LAYOUTS[layout.name] = layout
-    return layout
+    """Register a layout under its name (pipeline.plugins.LAYOUTS, whose declaration gives the detection order)."""
+    return LAYOUTS.register(layout.name, layout)
 
 
 def blank_meaning(layout: str, policy: str) -> str:
@@ -567,10 +562,6 @@ def _load_manifest_layout(src: Source, maps: LabelMaps, check: bool, skip: bool)
     return _load_manifest(src.metadata, maps, check, skip)
 
 
-# the field's data sets register themselves between the JSRT layouts and the generic manifest (a manifest.csv
-# next to a data set's own files is not what names it)
-from pipeline.data import datasets  # noqa: E402,F401  (registers nih, chexpert, mimic, vindr)
-
 register_layout(Layout("manifest", _detect_manifest, _load_manifest_layout, MANIFEST_NAME))
 
 
@@ -625,45 +616,3 @@ def load_dataset(path: Union[str, os.PathLike], labels: Union[LabelMaps, str, No
     table = LAYOUTS[source.layout].load(source, maps, check_images, skip_bad)
     table.attrs["task_groups"] = {k: list(v) for k, v in task_groups(source.layout).items()}
     return table
-
-
-def describe(table: pd.DataFrame, patient_column: str = "patient_id") -> List[str]:
-    """inspect-data's lines: every label column with the kind a task on it would have, its counts (classes, or
-    the range of a number) and missing values; the patients and images per patient where a column says."""
-    from pipeline.errors import ConfigError
-    from pipeline.heads.tasks import infer_kind
-
-    lines = [f"{len(table)} images ({table.attrs.get('layout', '?')} layout) from {table.attrs.get('root', '?')}"]
-    skip = set(FILE_COLUMNS) | {"relpath", "grid_w", "grid_h", patient_column}
-    empty = []
-    for col in (c for c in table.columns if c not in skip):
-        values = table[col]
-        missing = int(sum(v is None or v != v or v == "" for v in values))
-        if missing == len(values):
-            empty.append(col)
-            continue
-        try:
-            kind, classes = infer_kind(values)
-        except ConfigError:
-            lines.append(f"  {col}: text, {values.nunique()} distinct values (an identifier?), {missing} missing")
-            continue
-        if kind == "regression":
-            numbers = pd.to_numeric(values, errors="coerce")
-            lines.append(f"  {col}: regression, {numbers.min():g} to {numbers.max():g} (median "
-                         f"{numbers.median():g}), {missing} missing")
-        else:
-            counts = values.dropna().map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
-            parts = ", ".join(f"{k}={v}" for k, v in counts[counts != ""].value_counts().sort_index().items())
-            lines.append(f"  {col}: {kind}, {parts}, {missing} missing")
-    for group, members in table.attrs.get("task_groups", {}).items():
-        lines.append(f"  task '{group}': multilabel over {len(members)} finding columns ({', '.join(members)}); "
-                     f"train.tasks: [{group}]")
-    if empty:
-        lines.append(f"  no labels: {', '.join(empty)}")
-    if patient_column in table:
-        per = table[patient_column].dropna()
-        per = per[per != ""].value_counts()
-        if len(per):
-            lines.append(f"  {patient_column}: {len(per)} patients, images per patient {per.min()} to {per.max()} "
-                         f"(median {per.median():g}); splits keep a patient's images together (eval.group)")
-    return lines

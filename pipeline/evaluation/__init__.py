@@ -1,2 +1,2 @@
-"""Evaluation: protocols and splits, metrics, baselines, the one summariser, and the stage-two engine
-(cross-validation, refit, which head answers)."""
+"""The stage-two engine: reads the caches, runs every enabled head family on the protocol's splits (cross-
+validation, refit) and says which family answers. Above the head families, below the commands."""

@@ -5,16 +5,14 @@ head family needs); `cross_validate` makes the protocol's splits and has every e
 (pipeline.heads.plugin: the reference, Res-MTNet, first) cross-validate on them, then chooses which head answers
 in predict; `refit` has each train its final head on all rows and assembles the artefact's description.
 train-heads, sweeps and the paper's tables all run through here; `run_jobs` is every family's way to the one
-stacked trainer (pipeline.heads.train).
+stacked trainer (pipeline.core.train).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -22,25 +20,16 @@ import pandas as pd
 from cache import FeatureCache
 from pipeline import __version__
 from pipeline.config import CHOICES, Config
+from pipeline.core.splits import SplitName, control_features, make_splits
+from pipeline.core.summary import OutOfFold
+from pipeline.core.tasks import TaskSpec, encode_targets, resolve_tasks
+from pipeline.core.train import Progress, Split, no_progress
 from pipeline.data.labels import load_label_maps
 from pipeline.data.table import blank_meaning, task_groups
 from pipeline.errors import ConfigError
-from pipeline.evaluation.evaluate import OutOfFold, SplitName, control_features, make_splits
 from pipeline.heads.plugin import TaskPredictions, enabled_heads, head_families
-from pipeline.heads.tasks import TaskSpec, encode_targets, resolve_tasks
-from pipeline.heads.train import Job, JobResult, Split, train_jobs
 
 logger = logging.getLogger(__name__)
-
-#: progress(total, description, rows=rows per unit, unit=name, at_most=total is a cap) -> a context manager
-#: yielding tick(n); stages pass a bar (stages.progress), the library none.
-Progress = Callable[..., ContextManager[Callable[[int], None]]]
-
-
-@contextlib.contextmanager
-def no_progress(total: int, desc: str, rows: float = 0.0, unit: str = "step",
-                at_most: bool = False) -> Iterator[Callable[[int], None]]:
-    yield lambda n: None
 
 
 @dataclass
@@ -154,10 +143,10 @@ def _other_features(path: Path, first: Path, detail: str) -> ConfigError:
 
 
 def _read_several(paths: Sequence[Path], cfg: Config, progress: Progress) -> Tuple[_Part, str]:
-    """Several caches as one (pipeline.evaluation.combine): the same feature sets, made the same way, read into
+    """Several caches as one (pipeline.data.combine): the same feature sets, made the same way, read into
     the rows of one matrix (memory: the matrix once, checked as a whole before reading) and stacked; (the
     combined part, the blank policy its tables now follow)."""
-    from pipeline.evaluation import combine
+    from pipeline.data import combine
 
     names = combine.dataset_names([Path(p).stem for p in paths])
     sizes = []
@@ -197,7 +186,7 @@ def _read_several(paths: Sequence[Path], cfg: Config, progress: Progress) -> Tup
 
 def load_train_data(cache_path, cfg: Config, progress: Progress = no_progress) -> TrainData:
     """Read features and labels from a cache, or from several (a list: one data set each, stacked with a `dataset`
-    column; pipeline.evaluation.combine); missing backbones or labels are one clear error each, and a matrix too
+    column; pipeline.data.combine); missing backbones or labels are one clear error each, and a matrix too
     large for this process's memory stops before it is read (`progress` ticks rows as they are)."""
     if not cfg.train.features:
         raise ConfigError("train.features is empty; name the backbones whose features to use")
@@ -253,17 +242,6 @@ def inner_val_fraction(cfg: Config) -> float:
     if not 0 < cfg.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction {cfg.train.val_fraction} must be in (0, 1) with early stopping")
     return cfg.train.val_fraction
-
-
-def run_jobs(family, jobs: Sequence[Job], splits: Sequence[Split], desc: str, progress: Progress = no_progress,
-             keep_state: bool = False, device: str = "auto") -> List[JobResult]:
-    """The stacked trainer on `jobs` (over `splits`) behind one progress bar of their batches (a tick per member
-    and optimiser step; the epoch cap bounds the total, early stopping ends sooner): every head family's training
-    goes through here."""
-    steps = [j.cfg.epochs * math.ceil(len(splits[j.split].train) / j.cfg.batch_size) for j in jobs]
-    rows = float(np.mean([j.cfg.batch_size for j in jobs])) if jobs else 0.0
-    with progress(sum(steps), desc, rows=rows, unit="step", at_most=True) as tick:
-        return train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)
 
 
 def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progress) -> CVResult:

@@ -3,7 +3,7 @@
 A backbone is named by a spec, `<family>:<model>[.<tag>]` (`timm:convnext_tiny.fb_in1k`,
 `torchvision:resnet18.IMAGENET1K_V1`, `hf:facebook/dinov2-small`), or a registered short name
 (`densenet161`, ...; pipeline/registry.py). What differs between libraries lives in a `Family`, registered by
-name in `FAMILIES`: how to parse a spec, build the model with its head removed, cut a stage's feature map,
+name in `BACKBONE_FAMILIES`: how to parse a spec, build the model with its head removed, cut a stage's feature map,
 and where its published weights are cached. What differs between architectures of one family is data: a
 `BackboneRecord` (feature size, input size, interpolation, mean/std, the head to drop, the keys a published
 file carries besides, key remaps, the stage nodes). Adding a family is one class here (see `HFFamily`).
@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.errors import BackboneError
 from pipeline.fsutil import sha256_file
+from pipeline.plugins import BACKBONE_FAMILIES
 from pipeline.registry import ALIASES, REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ TORCHVISION: Dict[str, BackboneRecord] = {r.arch: r for r in (
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    library: str  # a key of FAMILIES
+    library: str  # a key of BACKBONE_FAMILIES
     arch: str
     tag: str  # the pretrained tag or weights enum member; '' when none
 
@@ -147,11 +148,9 @@ class Family:
         raise NotImplementedError
 
 
-FAMILIES: Dict[str, Family] = {}
-
-
 def register_family(cls: Type[Family]) -> Type[Family]:
-    FAMILIES[cls.name] = cls()
+    """Class decorator: register one instance under cls.name (pipeline.plugins.BACKBONE_FAMILIES)."""
+    BACKBONE_FAMILIES.register(cls.name, cls())
     return cls
 
 
@@ -505,11 +504,10 @@ def parse_spec(name: str) -> BackboneSpec:
     if ":" not in key:
         raise BackboneError(f"unknown backbone '{name}'; valid: {valid_names()}")
     library, _, rest = key.partition(":")
-    family = FAMILIES.get(library.lower())
-    if family is None:
+    if library.lower() not in BACKBONE_FAMILIES:
         raise BackboneError(f"unknown backbone '{name}': the prefix must be one of "
-                            f"{', '.join(f + ':' for f in FAMILIES)}; valid: {valid_names()}")
-    return family.parse(rest, name)
+                            f"{', '.join(f + ':' for f in BACKBONE_FAMILIES.names())}; valid: {valid_names()}")
+    return BACKBONE_FAMILIES[library.lower()].parse(rest, name)
 
 
 def spatial_backbone(pooled: "PooledBackbone", spec: str, stage: Union[int, Sequence[int]]) -> nn.Module:
@@ -517,9 +515,9 @@ def spatial_backbone(pooled: "PooledBackbone", spec: str, stage: Union[int, Sequ
     several stages (a list): each resampled to the first one's grid, their channels concatenated."""
     parsed = parse_spec(spec)
     if isinstance(stage, (list, tuple)):
-        parts = [FAMILIES[parsed.library].spatial(pooled, parsed, int(s)) for s in stage]
+        parts = [BACKBONE_FAMILIES[parsed.library].spatial(pooled, parsed, int(s)) for s in stage]
         return parts[0] if len(parts) == 1 else _Stages(parts)
-    return FAMILIES[parsed.library].spatial(pooled, parsed, stage)
+    return BACKBONE_FAMILIES[parsed.library].spatial(pooled, parsed, stage)
 
 
 class _Stages(nn.Module):
@@ -647,7 +645,7 @@ def offline() -> bool:
 def weights_location(spec: str) -> WeightsLocation:
     """Where `spec`'s ImageNet weights come from and whether the library's cache holds them (no download)."""
     parsed = parse_spec(spec)
-    return FAMILIES[parsed.library].location(parsed)
+    return BACKBONE_FAMILIES[parsed.library].location(parsed)
 
 
 def fetch_weights(names: List[str], download: bool = True) -> List[WeightsLocation]:
@@ -694,7 +692,7 @@ def create_backbone(spec: str, weights: str = "imagenet", seed: int = 0) -> Tupl
         mode = "file"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random init of --weights none is identical on every run
-        model, facts = FAMILIES[parsed.library].build(parsed, mode, path)
+        model, facts = BACKBONE_FAMILIES[parsed.library].build(parsed, mode, path)
     if mode == "none":
         facts["weights_id"] = f"random-init(seed={seed})"
     elif mode == "file":

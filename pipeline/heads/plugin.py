@@ -8,35 +8,29 @@ head artefact (`Applied`). None of them names a family: a new one is one file th
 `register_head`.
 
 The reference family predicts the run's declared tasks (the built-in one is the paper's Res-MTNet head,
-`pipeline.heads.resmtnet_head`, settings in train): it is trained first, the other families compare with its
+`pipeline.heads.resmtnet.family`, settings in train): it is trained first, the other families compare with its
 out-of-fold predictions, its answers are predict's default, its task reports are the paper's tables' rows, and
 its parts of the outputs sit at their top level (head.json, metrics.json, unprefixed sweep metrics
 '<task>.<metric>'), as they did before it was a plugin. Another built-in family is the localisation head
-(`pipeline.heads.loc_head`, name 'loc', settings in train.loc). A family registered elsewhere reads its settings
+(`pipeline.heads.loc.family`, name 'loc', settings in train.loc). A family registered elsewhere reads its settings
 from `train.heads.<name>` (a mapping of its own keys). This module imports no torch: the config validates family
 names through it.
 """
 from __future__ import annotations
 
-import difflib
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from pipeline.errors import ConfigError
-
-#: name -> the registered head families (the built-ins are imported on first use: `head_families`).
-HEADS: Dict[str, "HeadPlugin"] = {}
-#: Modules whose import registers the built-in families.
-BUILTIN_MODULES = ("pipeline.heads.resmtnet_head", "pipeline.heads.loc_head")
+from pipeline.plugins import HEAD_FAMILIES
 
 
 @dataclass
 class TaskPredictions:
     """The reference family's out-of-fold predictions of the declared tasks, what the other families compare
-    with: `oof` (pipeline.evaluation.evaluate.OutOfFold: the splits' test rows) and `per_split[s][task]`, split
+    with: `oof` (pipeline.core.splits.OutOfFold: the splits' test rows) and `per_split[s][task]`, split
     s's predictions of every row (its inner validation rows included). `model`: its name in the task reports;
     `answer`: its name in head.json's primary."""
 
@@ -138,6 +132,17 @@ class HeadPlugin:
         if check is not None:
             check(where)
 
+    def check_section(self, cfg) -> Optional[Any]:
+        """Its train.heads.<name> section of `cfg`, checked (None when it is not enabled); a family without such a
+        section (the built-ins: their own sections) is one line."""
+        if self.settings is None:
+            raise ConfigError(f"train.heads.{self.name}: the head family '{self.name}' has no settings there (its "
+                              "settings have their own section, e.g. train.loc)")
+        section = self.section(cfg)
+        if section is not None:
+            self.check(section, f"train.heads.{self.name}")
+        return section
+
     def load(self, cache, cfg, specs: Sequence[str]) -> Any:
         """What it trains on, read from the open FeatureCache (`specs`: the pooled features' backbones)."""
         return None
@@ -220,18 +225,15 @@ class HeadPlugin:
 
 
 def register_head(plugin: HeadPlugin) -> HeadPlugin:
-    """Register a head family under plugin.name (a later registration of the name replaces it)."""
-    if not plugin.name or not plugin.artefact:
-        raise ValueError("a head family needs a name and an artefact key")
-    HEADS[plugin.name] = plugin
-    return plugin
+    """Register a head family under plugin.name (pipeline.plugins.HEAD_FAMILIES; a name taken is an error)."""
+    if not plugin.artefact:
+        raise ValueError(f"head family '{plugin.name}' needs an artefact key")
+    return HEAD_FAMILIES.register(plugin.name, plugin)
 
 
 def head_families() -> Dict[str, HeadPlugin]:
-    """Every registered family, the built-ins included; the reference first, then in registration order."""
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    return dict(sorted(HEADS.items(), key=lambda item: not item[1].reference))
+    """Every family, built-in and installed; the reference first, then in the registry's order."""
+    return dict(sorted(HEAD_FAMILIES.items(), key=lambda item: not item[1].reference))
 
 
 def loaded_heads(data) -> List[HeadPlugin]:
@@ -242,13 +244,8 @@ def loaded_heads(data) -> List[HeadPlugin]:
 
 
 def enabled_heads(cfg) -> List[Tuple[HeadPlugin, Any]]:
-    """(family, its section) of every family enabled in `cfg`, in registration order."""
-    families = head_families()
+    """(family, its section) of every family enabled in `cfg`, in registry order (the reference's section is
+    the run's train section; a name under train.heads that no family has is one line naming the valid ones)."""
     for name in cfg.train.heads:
-        if name not in families or families[name].settings is None:
-            valid = [n for n, p in families.items() if p.settings is not None]
-            close = difflib.get_close_matches(str(name), valid, n=1)
-            raise ConfigError(f"train.heads.{name}: no head family of that name with settings there (valid: "
-                              f"{', '.join(valid) or 'none registered'}{f'; did you mean {close[0]}?' if close else ''}"
-                              f"; the built-in families have their own sections, e.g. train.loc)")
-    return [(p, s) for p in families.values() for s in [p.section(cfg)] if s is not None]
+        HEAD_FAMILIES.find(name, f"train.heads.{name}")
+    return [(p, s) for p in head_families().values() for s in [p.section(cfg)] if s is not None]

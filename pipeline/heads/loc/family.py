@@ -1,7 +1,8 @@
 """The localisation head as a head family (pipeline.heads.plugin): its maps read from the cache, its cross-validation on
 the engine's splits (one head per split, or a fold ensemble, and the candidates' second stage), the choice of
 which head answers an image's position and presence, its final head, its sweep metrics ('loc.<metric>'), its
-train-heads outputs and its part of predict. The net, the candidates, FROC and the metrics are pipeline.heads.localise.
+train-heads outputs and its part of predict. The net, the candidates, FROC and the metrics are
+pipeline.heads.loc.localise.
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import pandas as pd
 
 from cache import GROUPS
 
+from pipeline.core.splits import SplitName, make_splits, patient_groups
+from pipeline.core.summary import OutOfFold, first_seed_mask, summarise_metrics
+from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, no_progress, run_jobs,
+                                 validated_epochs)
 from pipeline.errors import CacheError, PipelineError
-from pipeline.evaluation.evaluate import (OutOfFold, SplitName, first_seed_mask, make_splits, patient_groups,
-                                          summarise_metrics)
-from pipeline.evaluation.engine import Progress, no_progress, run_jobs
-from pipeline.heads.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
-                                     export_head, fit_rescorer, froc, lesions_drawn, load_head, loc_metric_directions,
-                                     localisation_metrics, nodule_errors, prepare_loc)
+from pipeline.heads.loc.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
+                                         export_head, fit_rescorer, froc, lesions_drawn, load_head,
+                                         loc_metric_directions, localisation_metrics, nodule_errors, prepare_loc)
 from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
-from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, validated_epochs
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class LocFit:
     val_scores: np.ndarray  # (len(val_rows), H, W)
     members: List[JobResult]
     member_splits: List[Split]
-    rescorer: Optional[object] = None  # pipeline.heads.localise.Rescorer (train.loc.rescore)
+    rescorer: Optional[object] = None  # pipeline.heads.loc.localise.Rescorer (train.loc.rescore)
 
     def validation(self, rows: np.ndarray) -> np.ndarray:
         """The score maps of `rows` (each among val_rows) from the member validated on them."""
@@ -66,7 +67,7 @@ class LocFit:
         return self.val_scores[[where[int(r)] for r in rows]]
 
     def detect(self, data, lcfg, rows: np.ndarray, validation: bool = False) -> Detections:
-        """Detections (pipeline.heads.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
+        """Detections (pipeline.heads.loc.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
         member validated on each row."""
         scores = self.validation(rows) if validation else self.scores[rows]
         return detect(scores, lcfg, None if self.rescorer is None else _maps(data)[rows], self.rescorer)
@@ -266,7 +267,7 @@ class LocPlugin(HeadPlugin):
     def choose(self, data, cfg, splits, reference, outcome: LocOutcome) -> Dict[str, Any]:
         """The localisation head answers position where it finds more nodules within 100 px, presence where it
         has the higher presence AUC than the reference, on the splits' inner validation rows."""
-        from pipeline.evaluation.metrics import roc_auc
+        from pipeline.core.metrics import roc_auc
 
         val = [s.val for s in splits]
         rows = np.concatenate(val)
@@ -389,7 +390,7 @@ def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
 def _gallery(folder: Path, data, loc: LocOutcome, plt, n: int = 8) -> List[str]:
     """Out-of-fold examples of the localisation head, drawn by the one overlay routine."""
     from pipeline.data.images import read_image
-    from pipeline.evaluation.plots import draw_overlay
+    from pipeline.core.plots import draw_overlay
 
     root = Path(str(data.cache_attrs.get("data_root", "")))
     relpaths = data.table.get("relpath")

@@ -1,6 +1,6 @@
 """Tasks: a label column plus a kind. One object per kind owns everything that differs between kinds.
 
-A `TaskSpec` is data (name, kind, column, classes, units); its `kind` names one of `KINDS`, the object that
+A `TaskSpec` is data (name, kind, column, classes, units); its `kind` names one of `TASK_KINDS`, the object that
 encodes targets, masks missing labels, computes the loss, decodes the head's outputs, scores predictions
 (with each metric's direction) and fits the baselines. Nothing else in the code branches on a task's kind.
 
@@ -20,7 +20,8 @@ import pandas as pd
 
 from pipeline.data.labels import LabelMaps
 from pipeline.errors import ConfigError
-from pipeline.evaluation.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc
+from pipeline.core.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc
+from pipeline.plugins import TASK_KINDS
 
 if TYPE_CHECKING:  # torch is imported by the methods that train, not by code that only reads labels
     import torch
@@ -39,7 +40,7 @@ class TaskSpec:
     """One head of the multi-task network: what it predicts (column) and how (kind)."""
 
     name: str
-    kind: str  # a key of KINDS: multiclass | binary | regression | multilabel
+    kind: str  # a key of TASK_KINDS: multiclass | binary | regression | multilabel
     column: str  # the label column ('' for a multilabel task over one column per finding)
     # multiclass: output order; binary: (negative, positive), or () for 0/1; multilabel: the findings (their
     # columns, or the names in a '|'-separated column)
@@ -56,7 +57,7 @@ class TaskSpec:
 
     @property
     def impl(self) -> "Kind":
-        return KINDS[self.kind]
+        return TASK_KINDS[self.kind]
 
     @property
     def n_outputs(self) -> int:
@@ -162,7 +163,7 @@ class Kind:
 
     def baseline(self, which: str, y: np.ndarray, linear, mask: np.ndarray, n: int, task: TaskSpec,
                  c: float, alpha: float) -> np.ndarray:
-        """'majority' (prior / mean) or 'linear' (logistic / ridge, fitted by `linear`, a pipeline.evaluation.linear
+        """'majority' (prior / mean) or 'linear' (logistic / ridge, fitted by `linear`, a pipeline.core.linear
         model, on its fitting rows where `mask`, labels `y`) predictions for the n rows the model scores (a
         split's test rows)."""
         raise NotImplementedError
@@ -511,7 +512,8 @@ class Multilabel(Kind):
         return out
 
 
-KINDS: Dict[str, Kind] = {k.name: k for k in (Multiclass(), Binary(), Regression(), Multilabel())}
+for _kind in (Multiclass(), Binary(), Regression(), Multilabel()):
+    TASK_KINDS.register(_kind.name, _kind)
 
 
 def metric_direction(task: TaskSpec, metric: str) -> int:
@@ -588,10 +590,8 @@ def resolve_tasks(names: Sequence[str], table: pd.DataFrame, maps: LabelMaps, no
         raise ConfigError("train.tasks is empty; name at least one task")
     kinds = dict(kinds or {})
     groups = dict(groups or {})
-    unknown_kinds = {n: k for n, k in kinds.items() if k not in KINDS}
-    if unknown_kinds:
-        name, kind = next(iter(unknown_kinds.items()))
-        raise ConfigError(f"train.task_kinds.{name}: '{kind}' is not a kind; valid: {', '.join(KINDS)}")
+    for name, kind in kinds.items():
+        TASK_KINDS.find(kind, f"train.task_kinds.{name}")
     stray = sorted(set(kinds) - set(names))
     if stray:
         raise ConfigError(f"train.task_kinds names task(s) {', '.join(stray)} that are not in train.tasks")

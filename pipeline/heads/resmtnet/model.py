@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.heads.tasks import TaskSpec
-from pipeline.heads.train import Batch, Split, floor_std
+from pipeline.core.tasks import TaskSpec
+from pipeline.core.train import Batch, Split, floor_std
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _drop(h: torch.Tensor, uniform: torch.Tensor, p: torch.Tensor) -> torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------
-# the pooled-feature head family (what pipeline.heads.train trains)
+# the pooled-feature head family (what pipeline.core.train trains)
 
 
 @dataclass
@@ -208,7 +208,7 @@ def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequenc
 
 
 class PooledFamily:
-    """Res-MTNet heads on pooled vectors, for the stacked trainer (pipeline.heads.train.HeadFamily)."""
+    """Res-MTNet heads on pooled vectors, for the stacked trainer (pipeline.core.train.HeadFamily)."""
 
     def __init__(self, prep: Prepared):
         self.prep = prep
@@ -311,7 +311,7 @@ class PooledHead:
     x_std: np.ndarray
     layout: Layout
     scales: Dict[str, List[float]]
-    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.heads.typicality
+    reference: Optional[tuple] = None  # (rows, their nearest-neighbour distances): pipeline.heads.resmtnet.typicality
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.x_mean) / self.x_std).astype(np.float32)
@@ -325,7 +325,7 @@ class PooledHead:
 
     def typicality(self, features: np.ndarray) -> np.ndarray:
         """Percentile of each image's nearest-neighbour distance to the training rows (NaN: an older head)."""
-        from pipeline.heads.typicality import percentile
+        from pipeline.heads.resmtnet.typicality import percentile
 
         if self.reference is None:
             return np.full(len(features), np.nan)
@@ -340,7 +340,7 @@ def export_head(state: Dict[str, torch.Tensor], prep: Prepared, rows: np.ndarray
                 seed: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """(tensors, description) of a Res-MTNet head trained on `rows` of `prep`'s only split (member 0 of `state`):
     its weights, standardisation, the typicality reference, and what rebuilds and decodes it."""
-    from pipeline.heads.typicality import reference
+    from pipeline.heads.resmtnet.typicality import reference
 
     tensors = {HEAD_PREFIX + k: v[0].contiguous().cpu() for k, v in state.items()}
     tensors.update({"x_mean": torch.from_numpy(prep.x_mean[0].astype(np.float32)),

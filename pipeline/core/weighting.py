@@ -1,22 +1,26 @@
 """Loss weighting: how the per-task losses of a multi-task head become one loss.
 
-Each scheme is one class registered in `WEIGHTINGS`, built from the configured per-task weights and the head's
-config section (it reads its own keys). The trainer calls `forward` every step (with the family's last shared
-parameter where `needs_shared`), `after_step` after each optimiser step, and `end_epoch` with the epoch's mean
-task losses. Parameters of a scheme get their own optimiser group: their own learning rate
+Each scheme is one class registered in `WEIGHTINGS` (pipeline.plugins), built from the configured per-task
+weights and the head's config section (it reads its own keys). The trainer calls `forward` every step (with the
+family's last shared parameter where `needs_shared`), `after_step` after each optimiser step, and `end_epoch` with
+the epoch's mean task losses. Parameters of a scheme get their own optimiser group: their own learning rate
 (`train.weighting_lr`), no weight decay. Everything is stacked over M members, like the heads: tensors are
-(M, T), members never mix. To add a scheme, write one class here and add it to WEIGHTINGS, with the config keys
-it reads in `settings`: the trainer stacks together only configurations equal in them.
+(M, T), members never mix. To add a scheme, write one class (here, or in a plugin's module) registered with
+`@WEIGHTINGS.register(name)`, with the config keys it reads in `settings`: the trainer stacks together only
+configurations equal in them.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.plugins import WEIGHTINGS
 
+
+@WEIGHTINGS.register("fixed")
 class Weighting(nn.Module):
     """Base: fixed weights. lambdas (M, T) are the configured per-task weights (train.lambdas)."""
 
@@ -53,6 +57,7 @@ class Weighting(nn.Module):
         """Called with each epoch's mean task losses (M, T) on the training rows."""
 
 
+@WEIGHTINGS.register("uncertainty")
 class Uncertainty(Weighting):
     """Kendall, Gal and Cipolla (2018): sum_k lambda_k (0.5 exp(-s_k) L_k + r(s_k)), s_k = log sigma_k^2 learnt.
 
@@ -110,6 +115,7 @@ class Uncertainty(Weighting):
         self.recent.copy_(mean_losses)
 
 
+@WEIGHTINGS.register("dwa")
 class DynamicWeightAverage(Weighting):
     """Liu, Johns and Davison (2019): w_k(t) = K softmax_k(r_k / T), r_k = L_k(t-1) / L_k(t-2) (epoch means).
 
@@ -138,6 +144,7 @@ class DynamicWeightAverage(Weighting):
         self.previous.copy_(mean_losses)
 
 
+@WEIGHTINGS.register("gradnorm")
 class GradNorm(Weighting):
     """Chen, Badrinarayanan, Lee and Rabinovich (2018): weights w_k learnt so that each task's gradient norm on
     the last shared layer, G_k = ||grad_W w_k L_k||, tracks the mean norm times r_k^alpha, r_k = (L_k / L_k(0))
@@ -188,7 +195,3 @@ class GradNorm(Weighting):
     def after_step(self) -> None:
         self.w.clamp_(min=1e-3)
         self.w.mul_(self.w.shape[1] / self.w.sum(dim=1, keepdim=True))
-
-
-WEIGHTINGS: Dict[str, Type[Weighting]] = {
-    w.name: w for w in (Weighting, Uncertainty, DynamicWeightAverage, GradNorm)}

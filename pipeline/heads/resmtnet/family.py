@@ -2,7 +2,7 @@
 splits (every configuration x split as one stack: cross-validation, label efficiency, the refit and sweeps), the
 baselines on the same splits, the one summary of every model, its final head, its sweep metrics ('<task>.<metric>'),
 its train-heads outputs (predictions, confusion matrices, report tables, metrics, plots) and its part of predict.
-The net and its trainer family are pipeline.heads.model.
+The net and its trainer family are pipeline.heads.resmtnet.model.
 """
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.core.plots import roc_pr_plots
+from pipeline.core.splits import SplitName, patient_groups, split_groups
+from pipeline.core.summary import (OutOfFold, baseline_predictions, first_seed_mask, regression_norms, size_bins,
+                                   summarise, task_metrics)
+from pipeline.core.tasks import TaskSpec, metric_direction
+from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, mean_curve, no_progress, run_jobs,
+                                 validated_epochs)
 from pipeline.errors import ConfigError
-from pipeline.evaluation.engine import Progress, no_progress, run_jobs
-from pipeline.evaluation.evaluate import (OutOfFold, SplitName, baseline_predictions, first_seed_mask,
-                                          patient_groups, regression_norms, size_bins, split_groups, summarise,
-                                          task_metrics)
-from pipeline.evaluation.plots import roc_pr_plots
 from pipeline.heads.plugin import Applied, HeadPlugin, TaskPredictions, Validation, register_head
-from pipeline.heads.tasks import TaskSpec, metric_direction
-from pipeline.heads.train import Job, JobResult, Split, fixed_epochs, mean_curve, validated_epochs
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ BASELINES = ("linear", "majority")
 
 def pooled_family(data, splits: Sequence[Split]):
     """The Res-MTNet trainer family on these splits (features standardised per split on its training rows)."""
-    from pipeline.heads.model import PooledFamily, prepare
+    from pipeline.heads.resmtnet.model import PooledFamily, prepare
 
     return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
 
@@ -198,7 +198,7 @@ class PooledApplied(Applied):
     leading = ("typicality_percentile",)
 
     def __init__(self, spec: Dict[str, Any], tensors: Dict[str, Any]):
-        from pipeline.heads.model import load_head
+        from pipeline.heads.resmtnet.model import load_head
 
         self.head = load_head(spec, tensors)
         self.tasks = self.head.layout.tasks
@@ -334,7 +334,7 @@ class ResMTNetPlugin(HeadPlugin):
     def refit(self, data, cfg, outcome: ResMTNetOutcome, split: Split, progress):
         """The final head for the epoch count validated in the cross-validation (median best epoch of its
         splits; the configured count without early stopping)."""
-        from pipeline.heads.model import export_head
+        from pipeline.heads.resmtnet.model import export_head
 
         tcfg = fixed_epochs(cfg.train, validated_epochs(outcome.results, cfg.train))
         family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,

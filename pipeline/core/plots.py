@@ -48,7 +48,7 @@ def roc_pr_plots(folder: Path, task: str, curves: Dict[str, tuple], report: Dict
     A finding without both classes has no curve."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from pipeline.evaluation.metrics import average_precision, roc_auc
+    from pipeline.core.metrics import average_precision, roc_auc
 
     drawable = {k: v for k, v in curves.items() if len(np.unique(v[0])) == 2}
     if not drawable:

@@ -5,7 +5,7 @@ real JSRT features the pooled regression is no better than the mean). This head 
 convolution scores each cell (optionally after 3x3 convolutions for context), the target is a Gaussian
 around the nodule's cell (cross-entropy over cells), x and y are read from the score map's peak, and the
 presence of a nodule from the map's maximum (BCE). Members (configurations x folds) are stacked as groups
-of grouped convolutions, as the pooled heads are stacked in pipeline.heads.train.
+of grouped convolutions, as the pooled heads are stacked in pipeline.core.train.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import EvalConfig, LocConfig
-from pipeline.evaluation.metrics import roc_auc
-from pipeline.heads.train import Batch, Split, floor_std
+from pipeline.core.metrics import roc_auc
+from pipeline.core.train import Batch, Split, floor_std
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def loc_losses(scores: torch.Tensor, target: torch.Tensor, has: torch.Tensor, pr
 
 
 class LocFamily:
-    """Localisation heads for the stacked trainer (pipeline.heads.train.HeadFamily): two losses, cells and presence."""
+    """Localisation heads for the stacked trainer (pipeline.core.train.HeadFamily): two losses, cells and presence."""
 
     def __init__(self, data: LocData):
         self.data = data

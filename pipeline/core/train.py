@@ -3,8 +3,8 @@
 A job is one head configuration (a config dataclass: `TrainConfig` or `LocConfig`) trained on one split.
 Jobs whose shapes and optimiser settings agree are stacked into one module (M members on a leading axis or
 as groups of a grouped convolution) and trained together with batched products and one fused Adam step;
-members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.heads.model,
-pipeline.heads.localise): how to build M members, their per-task losses on a batch, their outputs for every row.
+members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.heads.resmtnet.model,
+pipeline.heads.loc.localise): how to build M members, their per-task losses on a batch, their outputs for every row.
 
 Random numbers (batch order, dropout masks) come from one generator per split and initial weights from the
 split's key, so a job trains the same alone or in a stack, and configurations are compared on common random
@@ -14,16 +14,17 @@ its stack trains on.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.heads.weighting import WEIGHTINGS
+from pipeline.core.weighting import WEIGHTINGS
 from pipeline.runtime import pick_device
 
 logger = logging.getLogger(__name__)
@@ -299,3 +300,25 @@ def floor_std(std: np.ndarray) -> np.ndarray:
         typical = np.nanmedian(varying, axis=-1, keepdims=True) if np.isfinite(varying).any() else np.ones(1)
     floor = np.where(np.isfinite(typical), STD_FLOOR * typical, 1.0)
     return np.where(np.isfinite(varying), np.maximum(varying, floor), floor)
+
+
+#: progress(total, description, rows=rows per unit, unit=name, at_most=total is a cap) -> a context manager
+#: yielding tick(n); stages pass a bar (stages.progress), the library none.
+Progress = Callable[..., ContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def no_progress(total: int, desc: str, rows: float = 0.0, unit: str = "step",
+                at_most: bool = False) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def run_jobs(family, jobs: Sequence[Job], splits: Sequence[Split], desc: str, progress: Progress = no_progress,
+             keep_state: bool = False, device: str = "auto") -> List[JobResult]:
+    """The stacked trainer on `jobs` (over `splits`) behind one progress bar of their batches (a tick per member
+    and optimiser step; the epoch cap bounds the total, early stopping ends sooner): every head family's training
+    goes through here."""
+    steps = [j.cfg.epochs * math.ceil(len(splits[j.split].train) / j.cfg.batch_size) for j in jobs]
+    rows = float(np.mean([j.cfg.batch_size for j in jobs])) if jobs else 0.0
+    with progress(sum(steps), desc, rows=rows, unit="step", at_most=True) as tick:
+        return train_jobs(family, jobs, keep_state=keep_state, progress=tick, device=device)

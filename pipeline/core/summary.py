@@ -1,0 +1,191 @@
+"""The one summariser: metrics per task and per nodule-size bin (the pooled out-of-fold estimate with its bootstrap
+CI, and mean +- std over folds), and the linear baselines beside every head."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import EvalConfig
+from pipeline.core.metrics import block_bootstrap, bootstrap_counts
+from pipeline.core.splits import SplitName
+from pipeline.core.tasks import TaskSpec, labelled
+from pipeline.core.train import Split
+from pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def task_metrics(task: TaskSpec, y: np.ndarray, pred: np.ndarray, norm: Optional[np.ndarray] = None,
+                 weights: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Metrics of one task on labelled rows only (weights (n,) or (R, n) for bootstrap resamples)."""
+    mask = labelled(task, y)
+    if not mask.any():
+        return {}
+    return task.impl.evaluate(task, y[mask], pred[mask], None if norm is None else norm[mask],
+                              None if weights is None else weights[..., mask])
+
+
+def regression_norms(table: pd.DataFrame, tasks: Sequence[TaskSpec], size_norm: str) -> Dict[str, np.ndarray]:
+    """Per row, what each regression error is divided by for the normalised columns (mse_norm, mae_norm), as
+    the task's `norm` says: 'grid', its coordinate grid (the paper's x / 2048); 'size', the paper's size, by
+    eval.size_norm: 'grid' divides mm by the grid too, which is what reproduces the paper's own figures (its
+    size MAE 1.40 mm is its table's 0.00085 ~ 1.74 / 2048), 'range' by the data's size range; 'range' (any other
+    regression, e.g. age): the range of the task's labels in the data set.
+    """
+    if size_norm not in ("grid", "range"):
+        raise ConfigError(f"eval.size_norm '{size_norm}' must be grid or range")
+    norms = {}
+    for t in tasks:
+        if not t.impl.measures:
+            continue
+        how = size_norm if t.norm == "size" else t.norm
+        if how == "grid":
+            norms[t.name] = table[t.grid_column or "grid_w"].to_numpy(dtype=float)
+        else:
+            values = table[t.column].to_numpy(dtype=float)
+            span = np.nanmax(values) - np.nanmin(values) if np.isfinite(values).any() else 1.0
+            norms[t.name] = np.full(len(table), span if span > 0 else 1.0)
+    return norms
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold predictions of one model: one entry per (split, test row)."""
+
+    rows: np.ndarray
+    split: np.ndarray  # index into the splits
+    preds: Dict[str, np.ndarray]
+
+    @classmethod
+    def collect(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
+        """per_split[s][task]: predictions for every row; keep each split's test rows."""
+        return cls.of_test_rows(splits, [{t: v[s.test] for t, v in p.items()} for s, p in zip(splits, per_split)])
+
+    @classmethod
+    def of_test_rows(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
+        """per_split[s][task]: predictions for split s's test rows, in their order."""
+        rows = np.concatenate([s.test for s in splits])
+        split = np.concatenate([np.full(len(s.test), i) for i, s in enumerate(splits)])
+        tasks = per_split[0].keys()
+        return cls(rows, split, {t: np.concatenate([p[t] for p in per_split]) for t in tasks})
+
+
+def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
+                      split: np.ndarray, n_splits: int, pooled: np.ndarray, bootstrap: int, seed: int,
+                      count: Callable[[np.ndarray, str], int], groups: Optional[np.ndarray] = None,
+                      exact_rows: int = EvalConfig.bootstrap_exact_rows) -> Dict[str, Dict[str, object]]:
+    """metric -> {pooled, ci95, n, folds, fold_mean, fold_std}: the headline is the value on the `pooled` entries
+    (the first seed's out-of-fold predictions) with its percentile bootstrap CI; the per-split values and
+    their mean ± std describe the spread over splits (they are not the estimate the CI belongs to).
+
+    metrics_of(selection, weights) scores the selected entries (weights (R, n_selected) for resamples);
+    count(selection, metric) is the number of entries the metric is computed on; `groups` (one per entry: the
+    patient, as split_groups gives it) makes the bootstrap resample patients, not images. Up to `exact_rows`
+    pooled entries the resamples are of entries (or patients); above, of blocks of them (metrics.block_bootstrap:
+    the cost no longer grows as resamples x rows). Every model and head uses this one.
+    """
+    per_split = [metrics_of(split == s, None) for s in range(n_splits)]
+    whole = metrics_of(pooled, None)
+    boot: Dict[str, np.ndarray] = {}
+    if bootstrap and pooled.any():
+        n = int(pooled.sum())
+        codes = None if groups is None else pd.factorize(np.asarray(groups)[pooled])[0]
+        resamples = (bootstrap_counts(n, bootstrap, seed, groups=codes) if n <= exact_rows else
+                     block_bootstrap(np.arange(n) if codes is None else codes, bootstrap, seed))
+        blocks = [metrics_of(pooled, counts) for counts in resamples]
+        boot = {k: np.concatenate([np.atleast_1d(b[k]) for b in blocks]) for k in blocks[0]}
+    out: Dict[str, Dict[str, object]] = {}
+    for name, value in whole.items():
+        fold_values = np.array([float(m.get(name, np.nan)) for m in per_split], dtype=float)
+        finite = fold_values[np.isfinite(fold_values)]
+        entry: Dict[str, object] = {
+            "pooled": float(value), "n": count(pooled, name), "folds": fold_values.tolist(),
+            "fold_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "fold_std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
+        }
+        if name in boot:
+            dist = np.asarray(boot[name], dtype=float)
+            dist = dist[np.isfinite(dist)]
+            if len(dist):
+                entry["ci95"] = [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))]
+        out[name] = entry
+    return out
+
+
+def first_seed_mask(split: np.ndarray, names: Sequence[SplitName]) -> np.ndarray:
+    first = names[0].seed if names else 0
+    return (np.array([n.seed for n in names]) == first)[split] if len(split) else np.zeros(0, dtype=bool)
+
+
+def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
+              norms: Dict[str, np.ndarray], names: Sequence[SplitName], bootstrap: int, seed: int,
+              subset: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None,
+              exact_rows: int = EvalConfig.bootstrap_exact_rows) -> Dict[str, Dict[str, Dict[str, object]]]:
+    """task -> metric -> entry (summarise_metrics) of one model's out-of-fold predictions; `subset` keeps
+    only some rows (a size bin); `groups` (one per table row, patient_groups) resamples patients."""
+    keep = np.ones(len(oof.rows), dtype=bool) if subset is None else np.isin(oof.rows, subset)
+    out: Dict[str, Dict[str, Dict[str, object]]] = {}
+    for task in tasks:
+        y_all, p_all = targets[task.name][oof.rows], oof.preds[task.name]
+        norm = norms.get(task.name)
+        norm_all = None if norm is None else norm[oof.rows]
+
+        metrics = summarise_metrics(
+            lambda sel, w, task=task, y_all=y_all, p_all=p_all, norm_all=norm_all:
+                task_metrics(task, y_all[sel & keep], p_all[sel & keep],
+                             None if norm_all is None else norm_all[sel & keep], w),
+            oof.split, len(names), first_seed_mask(oof.split, names) & keep, bootstrap, seed,
+            lambda sel, metric, task=task, y_all=y_all: int(
+                task.impl.metric_rows(task, y_all[sel]).get(metric, labelled(task, y_all[sel])).sum()),
+            None if groups is None else groups[oof.rows], exact_rows)
+        if metrics:
+            out[task.name] = metrics
+    return out
+
+
+def size_bin_labels(edges: Sequence[float]) -> List[str]:
+    edges = list(edges)
+    return ([f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])] + [f">={edges[-1]:g}"]
+            if edges else ["all"])
+
+
+def size_bins(sizes: np.ndarray, edges: Sequence[float]) -> Dict[str, np.ndarray]:
+    """Rows of nodules per size bin (<10, 10-20, 20-30, >=30 mm by default); rows without a size are in none."""
+    labels = size_bin_labels(edges)
+    index = np.digitize(sizes, edges)
+    return {lab: np.flatnonzero((index == i) & np.isfinite(sizes)) for i, lab in enumerate(labels)}
+
+
+# --------------------------------------------------------------------------------------------------
+# baselines
+
+
+def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
+                         which: str, c: float = 1.0, alpha: float = 1.0, budget: int = 0, seed: int = 0,
+                         tick: Callable[[int], None] = lambda n: None) -> List[Dict[str, np.ndarray]]:
+    """Per split, predictions for its test rows: 'majority' (class prior / mean) or 'linear' (logistic / ridge on
+    the split's standardised features: pipeline.core.linear), fitted on the split's training rows (inner
+    validation rows included); with a `budget` (eval.baseline_rows), the linear fit on a seeded subsample of
+    that many of them, so that its cost stops growing with the data. `prep`: the pooled head's model.Prepared
+    (features held once, per-split statistics); `tick(1)` after each split (progress)."""
+    from pipeline.core.linear import linear_fit
+
+    results = []
+    for s, split in enumerate(splits):
+        fit = np.concatenate([split.train, split.val])
+        if which == "linear" and 0 < budget < len(fit):
+            fit = np.sort(np.random.default_rng([seed, s]).choice(fit, budget, replace=False))
+        linear = linear_fit(prep, s, fit, split.test) if which == "linear" else None
+        n = len(split.test)
+        preds: Dict[str, np.ndarray] = {}
+        for task in tasks:
+            y = targets[task.name][fit]
+            m = labelled(task, y)
+            preds[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
+        results.append(preds)
+        tick(1)
+    return results

@@ -1,0 +1,171 @@
+"""One registry idiom for every extension point, and the discovery of installed plugins.
+
+Each registry maps names to entries: head families, backbone families, data-set layouts, task kinds, loss
+weightings, evaluation protocols. It is declared here, in the base layer, with the module that registers each
+built-in entry, so the config and the CLI know every name (and build their choices and help from `names()`)
+without importing torch or the module that defines the entry; the module is imported the first time its entry is
+needed. An entry registers itself with the registry's decorator; a name registered twice is an error.
+
+An installed package adds entries through an entry point in the registry's group (`resmtnet.<kind>`, e.g. in its
+setup.cfg: `[options.entry_points] resmtnet.weightings = my-weighting = my_package.weighting`): the entry point's
+name is the entry's name, its value a module whose import registers it (or `module:object`, registered under the
+name). The README's extension table says which file each kind of entry takes.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from importlib import metadata
+from typing import Any, Dict, Generic, Iterator, Mapping, Optional, Tuple, TypeVar
+
+from pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+GROUP_PREFIX = "resmtnet."
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """Names -> entries of one kind. `builtin` maps each built-in name to the module that registers it (in
+    detection / listing order); installed plugins add names through the entry-point group `resmtnet.<key>`.
+
+    Reading it as a mapping (`in`, `[]`, iteration, `items()`) loads every entry; `names()` and `declared()` do not
+    import anything, `find(name)` imports only the module that registers `name`."""
+
+    def __init__(self, key: str, kind: str, builtin: Dict[str, str]) -> None:
+        self.key, self.kind, self.builtin = key, kind, dict(builtin)
+        self.group = GROUP_PREFIX + key
+        self._entries: Dict[str, T] = {}
+        self._origin: Dict[str, str] = {}
+        self._plugins: Optional[Dict[str, metadata.EntryPoint]] = None
+        self._loaded = False
+
+    # ---- registering
+    def register(self, name: str, entry: Any = None) -> Any:
+        """Register `entry` under `name`; without `entry`, a decorator that registers what it decorates."""
+        if entry is None:
+            return lambda obj: self.register(name, obj)
+        origin = getattr(entry, "__module__", None) or type(entry).__module__
+        if name in self._entries and self._entries[name] is not entry:
+            raise ValueError(f"{self.kind} '{name}' is registered twice (by {self._origin[name]} and {origin})")
+        if not name:
+            raise ValueError(f"a {self.kind} needs a name")
+        self._entries[name] = entry
+        self._origin[name] = origin
+        return entry
+
+    # ---- discovery
+    def plugins(self) -> Dict[str, metadata.EntryPoint]:
+        """The installed packages' entry points of this registry's group, by name (read once)."""
+        if self._plugins is None:
+            found = metadata.entry_points(group=self.group)
+            self._plugins = {ep.name: ep for ep in found}
+        return self._plugins
+
+    def names(self) -> Tuple[str, ...]:
+        """Every name, without importing any entry: the built-ins in order, then registered ones, then plugins'."""
+        return tuple(dict.fromkeys((*self.builtin, *self._entries, *self.plugins())))
+
+    def _import(self, name: str) -> None:
+        if name in self.builtin:
+            importlib.import_module(self.builtin[name])
+            where = self.builtin[name]
+        elif name in self.plugins():
+            ep = self.plugins()[name]
+            loaded = ep.load()
+            where = ep.value
+            if name not in self._entries and not isinstance(loaded, type(importlib)):
+                self.register(name, loaded)
+        else:
+            return
+        if name not in self._entries:
+            raise ValueError(f"{self.kind} '{name}': importing {where} did not register it")
+
+    def find(self, name: str, where: str = "") -> T:
+        """The entry called `name`, its module imported if needed; an unknown name is one line listing the valid
+        ones (with the closest), prefixed by `where` (e.g. the config key)."""
+        if name not in self._entries:
+            self._import(name)
+        if name not in self._entries:
+            valid = self.names()
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            prefix = f"{where}: " if where else ""
+            raise ConfigError(f"{prefix}unknown {self.kind} '{name}'; valid: {', '.join(valid)}{hint}")
+        return self._entries[name]
+
+    def load(self) -> "Registry[T]":
+        """Import every built-in and installed entry (once)."""
+        if not self._loaded:
+            for name in self.names():
+                if name not in self._entries:
+                    self._import(name)
+            self._loaded = True
+        return self
+
+    # ---- the mapping (loads everything)
+    def __getitem__(self, name: str) -> T:
+        if name not in self._entries:
+            self._import(name)
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self.load()
+        return iter(sorted(self._entries, key=self._order))
+
+    def __len__(self) -> int:
+        return len(self.load()._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.names()
+
+    def _order(self, name: str) -> int:
+        order = self.names()
+        return order.index(name) if name in order else len(order)
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests that register a temporary one)."""
+        self._entries.pop(name, None)
+        self._origin.pop(name, None)
+
+
+REGISTRIES: Dict[str, Registry] = {}
+
+
+def declare(key: str, kind: str, builtin: Dict[str, str]) -> Registry:
+    registry: Registry = Registry(key, kind, builtin)
+    REGISTRIES[key] = registry
+    return registry
+
+
+_RESMTNET, _LOC = "pipeline.heads.resmtnet.family", "pipeline.heads.loc.family"
+#: Stage two's head families (pipeline.heads.plugin.HeadPlugin); the reference family first.
+HEAD_FAMILIES: Registry = declare("head_families", "head family", {"res-mtnet": _RESMTNET, "loc": _LOC})
+#: Backbone libraries (pipeline.features.backbones.Family), the part of a spec before the colon.
+BACKBONE_FAMILIES: Registry = declare("backbone_families", "backbone family", {
+    name: "pipeline.features.backbones" for name in ("timm", "torchvision", "hf", "txv")})
+#: Data-set layouts (pipeline.data.table.Layout), in detection order: the first whose marker file is found wins.
+LAYOUTS: Registry = declare("layouts", "data layout", {
+    **{name: "pipeline.data.table" for name in ("kaggle", "jsrt")},
+    **{name: "pipeline.data.datasets" for name in ("nih", "chexpert", "mimic", "vindr")},
+    **{name: "pipeline.data.releases" for name in ("vinbigdata", "rsna", "siim", "padchest")},
+    # last: a manifest.csv next to a data set's own files is not what names it
+    "manifest": "pipeline.data.table"})
+#: Task kinds (pipeline.core.tasks.Kind): how a task's labels are encoded, lost and scored.
+TASK_KINDS: Registry = declare("task_kinds", "task kind", {
+    name: "pipeline.core.tasks" for name in ("multiclass", "binary", "regression", "multilabel")})
+#: Loss weightings of the stacked trainer (pipeline.core.weighting.Weighting).
+WEIGHTINGS: Registry = declare("weightings", "loss weighting", {
+    name: "pipeline.core.weighting" for name in ("fixed", "uncertainty", "dwa", "gradnorm")})
+#: Evaluation protocols (pipeline.core.splits.Protocol).
+PROTOCOLS: Registry = declare("protocols", "evaluation protocol", {
+    name: "pipeline.core.splits"
+    for name in ("kfold", "holdout", "official", "insample", "contaminated", "external", "leave-one-dataset-out")})
+
+
+def load_all() -> None:
+    """Import every registry's entries (the contract tests; `resmtnet plugins`)."""
+    for registry in REGISTRIES.values():
+        registry.load()
