@@ -61,7 +61,7 @@ def _csv(path: Path, frame: pd.DataFrame, gz: bool = False) -> None:
 
 
 def write_nih(out, rng, present, t):
-    from pipeline.data.datasets import NIH_FINDINGS
+    from pipeline.data.layouts.nih import NIH_FINDINGS
 
     if (REAL_TABLES / "Data_Entry_2017_v2020.csv.gz").is_file():
         for name in ("Data_Entry_2017_v2020.csv", "BBox_List_2017.csv"):
@@ -89,7 +89,7 @@ def write_nih(out, rng, present, t):
 
 
 def write_chexpert(out, rng, present, t):
-    from pipeline.data.datasets import CHEXPERT_FINDINGS
+    from pipeline.data.layouts.chexpert import CHEXPERT_FINDINGS
 
     root = out / "CheXpert-v1.0-small"
     for name, n, folder, first in (("train.csv", SIZES["chexpert"], "train", 1), ("valid.csv", 234, "valid", 64541)):
@@ -107,7 +107,8 @@ def write_chexpert(out, rng, present, t):
 
 
 def write_mimic(out, rng, present, t):
-    from pipeline.data.datasets import CHEXPERT_FINDINGS, MIMIC_PREFIX
+    from pipeline.data.layouts.chexpert import CHEXPERT_FINDINGS
+    from pipeline.data.layouts.mimic import MIMIC_PREFIX
 
     n = SIZES["mimic"]
     subject = (10_000_000 + np.arange(n) // 6).astype(str)
@@ -143,7 +144,7 @@ def _vindr_boxes(rng, n_rows, findings, per_image=4.5):
 
 
 def write_vindr(out, rng, present, t):
-    from pipeline.data.datasets import VINDR_FINDINGS
+    from pipeline.data.layouts.vindr import VINDR_FINDINGS
 
     boxes, images = _vindr_boxes(rng, SIZES["vindr"], VINDR_FINDINGS)
     _csv(out / "annotations" / "annotations_train.csv", boxes)
@@ -157,7 +158,7 @@ def write_vindr(out, rng, present, t):
 
 
 def write_vinbigdata(out, rng, present, t):
-    from pipeline.data.releases import VINBIG_FINDINGS
+    from pipeline.data.layouts.vinbigdata import VINBIG_FINDINGS
 
     boxes, images = _vindr_boxes(rng, SIZES["vinbigdata"], VINBIG_FINDINGS)
     boxes.insert(2, "class_id", [VINBIG_FINDINGS.index(c) for c in boxes["class_name"]])
@@ -198,7 +199,7 @@ def write_siim(out, rng, present, t):
 
 
 def write_padchest(out, rng, present, t):
-    from pipeline.data.releases import PADCHEST_FINDINGS
+    from pipeline.data.layouts.padchest import PADCHEST_FINDINGS
 
     n = SIZES["padchest"]
     ids = np.array([f"{h}_abc123.png" for h in _hex(rng, n)])

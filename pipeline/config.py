@@ -404,19 +404,20 @@ def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = (
     suggests the closest valid name; tables.protocols only protocols), and every section's values are in range
     (TrainConfig.check, LocConfig.check: each error names the key). `where` names the file; a key in `given` came
     from the command line (a flag or --set), and its error says so."""
-    def check(key: str, value: Any, valid: tuple) -> None:
+    def check(key: str, value: Any, valid: Any) -> None:
         if value not in valid:
+            valid = tuple(valid.names()) if isinstance(valid, Registry) else valid
             close = difflib.get_close_matches(str(value), valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             origin = ("", " (given on the command line)") if key in given else (f"{where}: ", "")
             raise ConfigError(f"{origin[0]}{key} '{value}' must be one of {', '.join(valid)}{hint}{origin[1]}")
 
-    for key in (*CHOICES, *REGISTRY_KEYS):
-        check(key, get_dotted(cfg, key), choices(key))
+    for key, valid in (*CHOICES.items(), *REGISTRY_KEYS.items()):
+        check(key, get_dotted(cfg, key), valid)
     for protocol in cfg.tables.protocols:
-        check("tables.protocols", protocol, PROTOCOLS.names())
+        check("tables.protocols", protocol, PROTOCOLS)
     for task, kind in cfg.train.task_kinds.items():
-        check(f"train.task_kinds.{task}", kind, TASK_KINDS.names())
+        check(f"train.task_kinds.{task}", kind, TASK_KINDS)
     for size in cfg.eval.train_sizes:
         train_size(size, 1, where)
     for key in ("bootstrap", "bootstrap_exact_rows", "baseline_rows"):

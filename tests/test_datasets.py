@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.data.datasets import CHEXPERT_FINDINGS, NIH_FINDINGS
+from pipeline.data.layouts.chexpert import CHEXPERT_FINDINGS
+from pipeline.data.layouts.nih import NIH_FINDINGS
 from pipeline.data.synthetic import make_synthetic
 from pipeline.data.synthetic_datasets import WRITERS, write_dicom
 from pipeline.data.synthetic_datasets import write_layout as write_synthetic_layout
@@ -521,7 +522,7 @@ def test_synthetic_layouts_from_the_cli_and_inspect_data_shows_the_findings(tmp_
 
 
 def test_nih_and_vindr_boxes_become_localisation_targets(tmp_path):
-    from pipeline.data.datasets import merge_readers
+    from pipeline.data.field import merge_readers
 
     nih = load_dataset(write_layout("nih", tmp_path / "nih", patients=6, per_patient=3, size=64))
     entries = pd.read_csv(tmp_path / "nih" / "BBox_List_2017.csv", header=None, skiprows=1)
@@ -576,12 +577,12 @@ def test_the_localisation_head_trains_and_is_scored_on_box_annotations(tmp_path)
 
 
 def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
-    """A toy layout registered from here (as a user adds one in pipeline/data/datasets.py): images sorted into one
-    folder per finding, marked by a `classes.txt`. extract-features recognises and caches it, train-heads trains on its
-    finding."""
+    """A toy layout registered from here (as a user adds one in a file of pipeline/data/layouts/): images sorted into
+    one folder per finding, marked by a `classes.txt`. extract-features recognises and caches it, train-heads trains
+    on its finding."""
     import shutil
 
-    from pipeline.data.table import Layout, Source, _finish, _record, register_layout
+    from pipeline.data.table import Layout, Source, finish_records, make_record, register_layout
     from stages.extract import extract_features
     from stages.train_heads import train_heads
     from tests.helpers import tiny_config, tiny_train_config
@@ -599,10 +600,10 @@ def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
         records = []
         for name in src.metadata.read_text().split():
             for image in sorted((src.root / name).glob("*.png")):
-                rec = _record(image.stem, image, maps, str(image), grid=None)
+                rec = make_record(image.stem, image, maps, str(image), grid=None)
                 rec["finding"] = name
                 records.append(rec)
-        return _finish(records, Source("folders", src.root, src.metadata), check, skip)
+        return finish_records(records, Source("folders", src.root, src.metadata), check, skip)
 
     register_layout(Layout("folders", detect, load, "classes.txt"))
     try:
@@ -633,7 +634,7 @@ def _kaggle_rle2mask(rle: str, width: int, height: int) -> np.ndarray:
 
 
 def test_siim_run_lengths_decode_to_the_masks_bounding_box():
-    from pipeline.data.releases import rle_box
+    from pipeline.data.layouts.siim import rle_box
     from pipeline.data.synthetic_datasets import rle_encode
 
     rng = np.random.default_rng(0)

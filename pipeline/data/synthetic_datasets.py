@@ -16,8 +16,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from pipeline.data.datasets import CHEXPERT_FINDINGS, VINDR_FINDINGS
-from pipeline.data.releases import PADCHEST_FINDINGS, SIIM_SIZE, VINBIG_FINDINGS
+from pipeline.data.layouts.chexpert import CHEXPERT_FINDINGS
+from pipeline.data.layouts.vindr import VINDR_FINDINGS
+from pipeline.data.layouts.padchest import PADCHEST_FINDINGS
+from pipeline.data.layouts.siim import SIIM_SIZE
+from pipeline.data.layouts.vinbigdata import VINBIG_FINDINGS
 from pipeline.data.synthetic import FIELD_MM, draw_nodule_params, render
 
 #: How many of a layout's findings leave a mark in the image (the rest are label noise).

@@ -30,12 +30,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
-from pipeline.data.images import is_raw, probe_image
+from pipeline.data.images import probe_image
 from pipeline.data.labels import LabelMaps, load_label_maps, normalise_text
 from pipeline.errors import DataError
 from pipeline.plugins import LAYOUTS
@@ -69,7 +69,7 @@ class Source:
 # small parsers shared by the layouts
 
 
-def _where(meta: Path, row: Optional[int] = None) -> str:
+def row_where(meta: Path, row: Optional[int] = None) -> str:
     return f"{meta}" if row is None else f"{meta}: row {row}"
 
 
@@ -77,7 +77,7 @@ def _where(meta: Path, row: Optional[int] = None) -> str:
 MISSING_TEXT = ("", "?", "nan", "na", "n/a", "none", "null")
 
 
-def _number(value: object, field: str, where: str, integer: bool = False) -> float:
+def parse_number(value: object, field: str, where: str, integer: bool = False) -> float:
     """Parse a numeric field; empty, '?' and 'nan' are missing (NaN), anything else must be a number."""
     if value is None:
         return math.nan
@@ -95,12 +95,12 @@ def _number(value: object, field: str, where: str, integer: bool = False) -> flo
     return number
 
 
-_ID_EXTENSION = re.compile(r"\.(png|jpe?g|tiff?|bmp|img|dcm|dicom)$", re.IGNORECASE)
+ID_EXTENSION = re.compile(r"\.(png|jpe?g|tiff?|bmp|img|dcm|dicom)$", re.IGNORECASE)
 
 
 def clean_id(raw: str, where: str) -> str:
     """An image id without its extension; ids that could name another folder are refused."""
-    ident = _ID_EXTENSION.sub("", str(raw).strip())
+    ident = ID_EXTENSION.sub("", str(raw).strip())
     if not ident:
         raise DataError(f"{where}: empty image id")
     if "/" in ident or "\\" in ident or ident in (".", "..") or "\x00" in ident:
@@ -108,7 +108,7 @@ def clean_id(raw: str, where: str) -> str:
     return ident
 
 
-def _inside(root: Path, path: Path, where: str) -> Path:
+def inside_root(root: Path, path: Path, where: str) -> Path:
     """Resolve `path` (following symlinks) and refuse it unless it stays inside `root`."""
     resolved = path.resolve()
     root_resolved = root.resolve()
@@ -141,12 +141,12 @@ def scan_images(folder: Path, recursive: bool = False) -> Dict[str, str]:
     return found
 
 
-def _index_images(folder: Path, recursive: bool = False) -> Dict[str, Path]:
+def index_images(folder: Path, recursive: bool = False) -> Dict[str, Path]:
     """Map lower-cased file stem -> path for the image files in a folder (case-insensitive lookup)."""
     return {stem: Path(path) for stem, path in scan_images(folder, recursive).items()}
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
         if path.suffix.lower() == ".gz":  # MIMIC-CXR ships its tables gzipped
@@ -171,8 +171,8 @@ def _sniff_delimiter(first_line: str, expected_fields: int) -> str:
     return ","
 
 
-def _read_csv_rows(path: Path, expected_fields: int) -> List[List[str]]:
-    text = _read_text(path)
+def read_csv_rows(path: Path, expected_fields: int) -> List[List[str]]:
+    text = read_text(path)
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise DataError(f"{path}: the metadata file is empty")
@@ -185,11 +185,11 @@ def _read_csv_rows(path: Path, expected_fields: int) -> List[List[str]]:
 # the record every layout produces
 
 
-def _record(ident: str, image: Path, labels: LabelMaps, where: str, *, grid: Optional[Tuple[float, float]],
-            subtlety=None, state=None, presence=None, lobe=None, position=None, diagnosis=None,
-            x=None, y=None, size=None, age=None, sex=None) -> dict:
+def make_record(ident: str, image: Path, labels: LabelMaps, where: str, *, grid: Optional[Tuple[float, float]],
+                subtlety=None, state=None, presence=None, lobe=None, position=None, diagnosis=None,
+                x=None, y=None, size=None, age=None, sex=None) -> dict:
     state_cls = labels.map("state", state, where)
-    pres = _number(presence, "presence", where)
+    pres = parse_number(presence, "presence", where)
     if state_cls is not None and math.isnan(pres):
         pres = 0.0 if state_cls == "non-nodule" else 1.0
     if not math.isnan(pres) and pres not in (0.0, 1.0):
@@ -199,21 +199,21 @@ def _record(ident: str, image: Path, labels: LabelMaps, where: str, *, grid: Opt
     rec = {
         "id": ident,
         "image": str(image),
-        "subtlety": _number(subtlety, "subtlety", where, integer=True),
+        "subtlety": parse_number(subtlety, "subtlety", where, integer=True),
         "state": state_cls,
         "presence": pres,
         "lobe": lobe_cls,
         "diagnosis": _class_or_map(labels, "diagnosis", diagnosis, where),
-        "x": _number(x, "x", where),
-        "y": _number(y, "y", where),
-        "size_mm": _number(size, "size", where),
-        "age": _number(age, "age", where),
+        "x": parse_number(x, "x", where),
+        "y": parse_number(y, "y", where),
+        "size_mm": parse_number(size, "size", where),
+        "age": parse_number(age, "age", where),
         "sex": labels.map("sex", sex, where),
         "position_text": _text(position),
         "diagnosis_text": _text(diagnosis),
         "grid_w": grid[0] if grid else math.nan,
         "grid_h": grid[1] if grid else math.nan,
-        "_where": where,  # names the record in finish_frame's errors
+        "row_where": where,  # names the record in finish_frame's errors
     }
     return rec
 
@@ -247,17 +247,17 @@ _RULES = (
 
 
 def _check_ranges(frame: pd.DataFrame, meta: Path) -> None:
-    """Every value rule over every row at once; the first offending row is named (its `_where`, else its id)."""
+    """Every value rule over every row at once; the first offending row is named (its `row_where`, else its id)."""
     for column, offends, message in _RULES:
         bad = offends(frame).to_numpy()
         if bad.any():
             row = frame.iloc[int(bad.argmax())]
-            where = row["_where"] if isinstance(row.get("_where"), str) else f"{meta}: image {row['id']}"
+            where = row["row_where"] if isinstance(row.get("row_where"), str) else f"{meta}: image {row['id']}"
             raise DataError(f"{where}: " + message.format(v=row[column], grid_w=row["grid_w"], grid_h=row["grid_h"]))
 
 
-def _finish(records: List[dict], source: Source, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    """The table of a layout that builds one record per image (_record)."""
+def finish_records(records: List[dict], source: Source, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
+    """The table of a layout that builds one record per image (make_record)."""
     return finish_frame(pd.DataFrame.from_records(records), source, check_images, skip_bad)
 
 
@@ -297,180 +297,13 @@ def finish_frame(frame: pd.DataFrame, source: Source, check_images: bool, skip_b
     frame.loc[own, "grid_w"] = frame.loc[own, "width"]
     frame.loc[own, "grid_h"] = frame.loc[own, "height"]
     _check_ranges(frame, source.metadata)
-    extra = [c for c in frame.columns if c not in COLUMNS and c != "_where"]
+    extra = [c for c in frame.columns if c not in COLUMNS and c != "row_where"]
     table = frame[list(COLUMNS) + extra].copy()
     for col in TEXT_COLUMNS:
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     table.attrs.update(layout=source.layout, root=str(source.root), metadata=str(source.metadata))
     logger.info("loaded %d images (%s layout) from %s", len(table), source.layout, source.root)
     return table
-
-
-# --------------------------------------------------------------------------------------------------
-# layout 1: Kaggle JSRT (jsrt_metadata.csv + images/ or images/images/)
-
-
-def _kaggle_image_dir(root: Path) -> Path:
-    for candidate in (root / "images" / "images", root / "images"):
-        if candidate.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
-            return candidate
-    raise DataError(f"{root}: no images found in images/ or images/images/; unpack the Kaggle archive there")
-
-
-def _load_kaggle(root: Path, meta: Path, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    rows = _read_csv_rows(meta, len(KAGGLE_COLUMNS))
-    first = [c.strip().lower() for c in rows[0]]
-    if first and first[0] == "study_id":
-        header, body, offset = first, rows[1:], 2
-        missing = [c for c in KAGGLE_COLUMNS if c not in header]
-        if missing:
-            raise DataError(f"{meta}: missing column(s) {', '.join(missing)}; expected {','.join(KAGGLE_COLUMNS)}")
-        extra = [c for c in header if c not in KAGGLE_COLUMNS]
-        if extra:
-            logger.warning("%s: ignoring extra column(s) %s", meta, ", ".join(extra))
-    else:
-        header, body, offset = list(KAGGLE_COLUMNS), rows, 1
-    image_dir = _kaggle_image_dir(root)
-    images = _index_images(image_dir)
-    records = []
-    for i, row in enumerate(body):
-        where = _where(meta, i + offset)
-        if len(row) != len(header):
-            raise DataError(f"{where}: has {len(row)} fields, expected {len(header)} ({','.join(header)})")
-        fields = {name: cell for name, cell in zip(header, row)}
-        ident = clean_id(fields["study_id"], where)
-        path = images.get(ident.lower())
-        if path is None:
-            raise DataError(f"{where}: image '{ident}' not found in {image_dir}")
-        path = _inside(root, path, where)
-        records.append(_record(
-            ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID), subtlety=fields["subtlety"],
-            state=fields["state"], position=fields["position"], diagnosis=fields["diagnosis"],
-            x=fields["x"], y=fields["y"], size=fields["size"], age=fields["age"], sex=fields["sex"]))
-    return _finish(records, Source("kaggle", root, meta), check_images, skip_bad)
-
-
-# --------------------------------------------------------------------------------------------------
-# layout 2: the original JSRT distribution (*.IMG + CLNDAT_EN.txt / CNNDAT_EN.TXT)
-
-_RECORD_START = re.compile(r"(JPC[LN]N\d{3}(?:\.IMG)?)", re.IGNORECASE)
-_NODULE_FIELDS = re.compile(r"^\s*(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*(.*)$", re.DOTALL)
-_POSITION = re.compile(r"^\s*((?:[lr]\s*\.\s*(?:upper|middle|lower)\s+lobe(?:\s*\([^)]*\))?)|left lung|right lung)",
-                       re.IGNORECASE)
-
-
-def _split_records(text: str) -> Iterable[Tuple[str, str]]:
-    """Split a JSRT clinical list into (file name, rest) records, even where line breaks are missing."""
-    parts = _RECORD_START.split(text)
-    for i in range(1, len(parts), 2):
-        yield parts[i], parts[i + 1]
-
-
-def _find_case_insensitive(root: Path, name: str) -> Optional[Path]:
-    for path in root.iterdir():
-        if path.name.lower() == name.lower() and path.is_file():
-            return path
-    return None
-
-
-def _load_jsrt(root: Path, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    nodule_list = _find_case_insensitive(root, "CLNDAT_EN.txt")
-    normal_list = _find_case_insensitive(root, "CNNDAT_EN.TXT")
-    images = {stem: path for stem, path in _index_images(root, recursive=True).items() if is_raw(path)}
-    records = []
-    for meta in (nodule_list, normal_list):
-        if meta is None:
-            continue
-        for n, (name, rest) in enumerate(_split_records(_read_text(meta))):
-            ident = clean_id(name, _where(meta))
-            where = f"{meta}: record {n + 1} ({ident})"
-            path = images.get(ident.lower())
-            if path is None:
-                raise DataError(f"{where}: image {ident}.IMG not found under {root}")
-            path = _inside(root, path, where)
-            rest = rest.strip()
-            if meta is nodule_list:
-                match = _NODULE_FIELDS.match(rest)
-                if not match:
-                    raise DataError(f"{where}: expected subtlety, size, age, sex, x, y, state, position and "
-                                    f"diagnosis, got '{rest[:80]}'")
-                subtlety, size, age, sex, x, y, state, tail = match.groups()
-                position, diagnosis = _split_position(tail, where)
-                records.append(_record(ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID),
-                                       subtlety=subtlety, state=state, position=position, diagnosis=diagnosis,
-                                       x=x, y=y, size=size, age=age, sex=sex))
-            else:
-                tokens = rest.split()
-                if len(tokens) < 3:
-                    raise DataError(f"{where}: expected age, sex and 'non-nodule', got '{rest[:80]}'")
-                records.append(_record(ident, path, labels, where, grid=(JSRT_GRID, JSRT_GRID),
-                                       age=tokens[0], sex=tokens[1], state=tokens[2]))
-    source = Source("jsrt", root, nodule_list or normal_list)
-    return _finish(records, source, check_images, skip_bad)
-
-
-def _split_position(tail: str, where: str) -> Tuple[str, str]:
-    """Split 'l.upper lobe(S1+2)<ws>lung cancer(adenocarcinoma)' into position and diagnosis."""
-    if "\t" in tail.strip():
-        cells = [c.strip() for c in tail.split("\t") if c.strip()]
-        return cells[0], " ".join(cells[1:])
-    match = _POSITION.match(tail)
-    if not match:
-        raise DataError(f"{where}: cannot find the nodule position at the start of '{tail.strip()[:60]}'")
-    return match.group(1), tail[match.end():].strip()
-
-
-# --------------------------------------------------------------------------------------------------
-# layout 3: a generic manifest (an `image` column plus any label columns)
-
-_MANIFEST_ALIASES = {"size": "size_mm", "path": "image", "file": "image", "study_id": "id"}
-
-
-def _load_manifest(meta: Path, labels: LabelMaps, check_images: bool, skip_bad: bool = False) -> pd.DataFrame:
-    root = meta.parent
-    rows = _read_csv_rows(meta, 2)
-    header = [_MANIFEST_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in rows[0]]
-    if "image" not in header:
-        raise DataError(f"{meta}: a manifest needs an 'image' column (image paths: absolute, or relative to {root})")
-    if len(set(header)) != len(header):
-        raise DataError(f"{meta}: duplicate column names in the header {rows[0]}")
-    known = {"id", "image", "subtlety", "state", "presence", "lobe", "position", "diagnosis", "x", "y",
-             "size_mm", "age", "sex", "grid_w", "grid_h"}
-    extra = [c for c in header if c not in known]
-    records = []
-    for i, row in enumerate(rows[1:]):
-        where = _where(meta, i + 2)
-        if len(row) != len(header):
-            raise DataError(f"{where}: has {len(row)} fields, expected {len(header)} ({','.join(header)})")
-        fields = dict(zip(header, (cell.strip() for cell in row)))
-        rel = fields["image"]
-        if not rel:
-            raise DataError(f"{where}: empty image path")
-        # an absolute path is the user's own reference (archives are read in place); a relative one stays inside
-        path = Path(rel).resolve() if Path(rel).is_absolute() else _inside(root, root / rel, where)
-        if not path.is_file():
-            raise DataError(f"{where}: image '{rel}' not found (relative paths are relative to {root})")
-        ident = clean_id(fields.get("id") or Path(rel).stem, where)
-        grid = None
-        if fields.get("grid_w") or fields.get("grid_h"):
-            grid = (_number(fields.get("grid_w"), "grid_w", where), _number(fields.get("grid_h"), "grid_h", where))
-        rec = _record(ident, path, labels, where, grid=grid, subtlety=fields.get("subtlety"),
-                      state=fields.get("state"), presence=fields.get("presence"), lobe=fields.get("lobe"),
-                      position=fields.get("position"), diagnosis=fields.get("diagnosis"), x=fields.get("x"),
-                      y=fields.get("y"), size=fields.get("size_mm"), age=fields.get("age"), sex=fields.get("sex"))
-        for col in extra:
-            rec[col] = _extra_value(fields[col])
-        records.append(rec)
-    return _finish(records, Source("manifest", root, meta), check_images, skip_bad)
-
-
-def _extra_value(text: str) -> Union[float, str, None]:
-    if text == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,38 +364,25 @@ def task_groups(layout: str) -> Dict[str, Tuple[str, ...]]:
     return {"findings": entry.findings} if entry is not None and entry.findings else {}
 
 
-def _file_named(*names: str) -> Callable[[Path], Optional[Path]]:
+def find_file(root: Path, name: str) -> Optional[Path]:
+    """The file `name` directly in `root`, in any case; None where there is none."""
+    for path in root.iterdir():
+        if path.name.lower() == name.lower() and path.is_file():
+            return path
+    return None
+
+
+def file_named(*names: str) -> Callable[[Path], Optional[Path]]:
     """A detector: the folder holds (or the path is) a file with one of these names (any case)."""
     def detect(path: Path) -> Optional[Path]:
         if path.is_file():
             return path if path.name.lower() in {n.lower() for n in names} else None
         for name in names:
-            found = _find_case_insensitive(path, name)
+            found = find_file(path, name)
             if found is not None:
                 return found
         return None
     return detect
-
-
-def _detect_manifest(path: Path) -> Optional[Path]:
-    if path.is_file():
-        return path if path.suffix.lower() == ".csv" else None
-    return _find_case_insensitive(path, MANIFEST_NAME)
-
-
-register_layout(Layout("kaggle", _file_named(KAGGLE_METADATA),
-                       lambda src, maps, check, skip: _load_kaggle(src.root, src.metadata, maps, check, skip),
-                       KAGGLE_METADATA))
-register_layout(Layout("jsrt", _file_named("CLNDAT_EN.txt", "CNNDAT_EN.TXT"),
-                       lambda src, maps, check, skip: _load_jsrt(src.root, maps, check, skip),
-                       "CLNDAT_EN.txt / CNNDAT_EN.TXT"))
-
-
-def _load_manifest_layout(src: Source, maps: LabelMaps, check: bool, skip: bool) -> pd.DataFrame:
-    return _load_manifest(src.metadata, maps, check, skip)
-
-
-register_layout(Layout("manifest", _detect_manifest, _load_manifest_layout, MANIFEST_NAME))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def lesions(table, rows: np.ndarray, pixel_mm: float) -> tuple:
     return nod, x[nod], y[nod], radius
 
 
-#: The label column of lesion boxes ('x0,y0,x1,y1;...' in grid pixels; pipeline.data.datasets.nodule_targets).
+#: The label column of lesion boxes ('x0,y0,x1,y1;...' in grid pixels; pipeline.data.field.nodule_targets).
 BOX_COLUMN = "nodule_boxes"
 
 
