@@ -159,7 +159,8 @@ def main() -> None:
     from pipeline import runtime
 
     runtime.configure(None)
-    from pipeline.config import load_config, parse_set_options
+    from pipeline.configio import parse_set_options
+    from pipeline.config import load_config
     from pipeline.evaluation.engine import cross_validate, load_train_data
 
     cfg = load_config("paper", parse_set_options(args.sets))

@@ -180,7 +180,7 @@ _RESMTNET, _LOC = "pipeline.heads.resmtnet.family", "pipeline.heads.loc.family"
 HEAD_FAMILIES: Registry = declare("head_families", "head family", {"res-mtnet": _RESMTNET, "loc": _LOC})
 #: Backbone libraries (pipeline.features.backbones.Family), the part of a spec before the colon.
 BACKBONE_FAMILIES: Registry = declare("backbone_families", "backbone family", {
-    name: "pipeline.features.backbones" for name in ("timm", "torchvision", "hf", "txv")})
+    name: f"pipeline.features.families.{name}_family" for name in ("timm", "torchvision", "hf", "txv")})
 #: Data-set layouts (pipeline.data.table.Layout), in detection order: the first whose marker file is found wins.
 LAYOUTS: Registry = declare("layouts", "data layout", {
     "kaggle": "pipeline.data.layouts.jsrt", "jsrt": "pipeline.data.layouts.jsrt",
@@ -188,9 +188,9 @@ LAYOUTS: Registry = declare("layouts", "data layout", {
        for name in ("nih", "chexpert", "mimic", "vindr", "vinbigdata", "rsna", "siim", "padchest")},
     # last: a manifest.csv next to a data set's own files is not what names it
     "manifest": "pipeline.data.layouts.manifest"})
-#: Task kinds (pipeline.core.tasks.Kind): how a task's labels are encoded, lost and scored.
+#: Task kinds (pipeline.core.kinds.Kind): how a task's labels are encoded, lost and scored.
 TASK_KINDS: Registry = declare("task_kinds", "task kind", {
-    name: "pipeline.core.tasks" for name in ("multiclass", "binary", "regression", "multilabel")})
+    name: "pipeline.core.kinds" for name in ("multiclass", "binary", "regression", "multilabel")})
 #: Loss weightings of the stacked trainer (pipeline.core.weighting.Weighting).
 WEIGHTINGS: Registry = declare("weightings", "loss weighting", {
     name: "pipeline.core.weighting" for name in ("fixed", "uncertainty", "dwa", "gradnorm")})

@@ -20,7 +20,8 @@ import pandas as pd
 from cache import (GROUPS, BatchRecord, CacheUpdate, EntryKey, FeatureCache, ImageTable, Journal, NewArray,
                    labels_match, labels_sha256, shard_path)
 from pipeline import __version__
-from pipeline.config import Config, dump_config
+from pipeline.configio import dump_config
+from pipeline.config import Config
 from pipeline.data.table import FILE_COLUMNS, load_dataset
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features.extraction import Extractor, LoadedBackbone, load_backbones

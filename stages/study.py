@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from cache import ids_sha256
-from pipeline.config import Config, dump_config
+from pipeline.configio import dump_config
+from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import load_train_data
 from pipeline.fsutil import process_running
@@ -108,7 +109,7 @@ def _file_lock(path: Path):
 def setup_of(cfg: Config) -> Dict[str, str]:
     """The settings a trial's result depends on (data, train and eval; not the device), flattened: every worker of
     a study and its sweep-finish must share them."""
-    from pipeline.config import to_dict
+    from pipeline.configio import to_dict
     from pipeline.tracking import flatten
 
     flat = flatten({k: v for k, v in to_dict(cfg).items() if k in ("data", "train", "eval")})
@@ -343,7 +344,7 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, every)
     tracker = None
     if track:
-        from pipeline.config import to_dict
+        from pipeline.configio import to_dict
         from pipeline.tracking import Tracker, flatten
 
         tracker = Tracker(track)
@@ -401,7 +402,8 @@ def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, c
     scores always belong to the ranked setup."""
     import yaml
 
-    from pipeline.config import build, config_from, load_config
+    from pipeline.configio import build
+    from pipeline.config import config_from, load_config
     from stages.sweep import rank, score_winner, winner_epochs, write_sweep
 
     optuna = _optuna()

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, build, dump_config, load_yaml, set_dotted, validate_config
+from pipeline.configio import build, dump_config, load_yaml, set_dotted
+from pipeline.config import Config, validate_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
 from pipeline.core.splits import make_splits, official_split, split_groups, stratified_subset, stratify_labels

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from cache import FeatureCache
-from pipeline.config import Config, dump_config, load_yaml, resolve_config_path
+from pipeline.configio import dump_config, load_yaml, resolve_config_path
+from pipeline.config import Config
 from pipeline.errors import CacheError
 from pipeline.evaluation.engine import cross_validate, load_train_data
 from pipeline.core.splits import scores_training_rows

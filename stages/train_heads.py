@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import __version__
-from pipeline.config import Config, dump_config
+from pipeline.configio import dump_config
+from pipeline.config import Config
 from pipeline.data.combine import DATASET_COLUMN
 from pipeline.evaluation.engine import CVResult, TrainData, cross_validate, load_train_data, refit
 from pipeline.core.splits import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
@@ -148,7 +149,7 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> Tuple[str, s
     """Log a finished run to MLflow: the resolved config, the learning curves (mean over splits), every
     headline metric of every model with its CI bounds, and the run's outputs as artefacts. Returns where it went:
     (run id, tracking URI)."""
-    from pipeline.config import to_dict
+    from pipeline.configio import to_dict
     from pipeline.tracking import Tracker, flatten
 
     metrics: Dict[str, float] = {}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import dump_config, load_config, parse_set_options, set_dotted
+from pipeline.configio import dump_config, parse_set_options, set_dotted
+from pipeline.config import load_config
 from pipeline.data.labels import load_label_maps
 from pipeline.errors import ConfigError
 

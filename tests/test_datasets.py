@@ -543,7 +543,7 @@ def test_nih_and_vindr_boxes_become_localisation_targets(tmp_path):
 
 
 def test_froc_counts_a_candidate_inside_a_box_as_a_box_hit():
-    from pipeline.heads.loc.localise import froc
+    from pipeline.core.froc import froc
 
     table = pd.DataFrame({"grid_w": [100.0, 100.0], "grid_h": [100.0, 100.0], "x": [50.0, np.nan],
                           "y": [50.0, np.nan], "size_mm": [np.nan, np.nan],
@@ -653,7 +653,7 @@ def test_siim_run_lengths_decode_to_the_masks_bounding_box():
 @pytest.mark.parametrize("name", ["vinbigdata", "rsna", "siim"])
 def test_the_releases_boxes_are_froc_targets(name, tmp_path):
     """A candidate at each lesion box's centre is a box hit for every lesion; one in a far corner hits none."""
-    from pipeline.heads.loc.localise import froc
+    from pipeline.core.froc import froc
 
     table = load_dataset(write_layout(name, tmp_path / name, patients=8, per_patient=3, size=32))
     lesions = table[table["nodule_boxes"].notna()].reset_index(drop=True)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.heads.loc.localise import (COORD_CHANNELS, LocData, LocNet, _targets, candidates, froc, head_input,
-                                         input_channels)
+from pipeline.heads.loc.net import COORD_CHANNELS, LocData, LocNet, _targets, head_input, input_channels
+from pipeline.heads.loc.candidates import candidates
+from pipeline.core.froc import froc
 
 
 def _table():
@@ -177,7 +178,7 @@ def test_froc_with_ties_is_a_threshold_sweep_whatever_the_row_order():
 
 
 def test_froc_counts_several_lesions_of_one_image():
-    from pipeline.heads.loc.localise import lesions
+    from pipeline.core.froc import lesions
 
     table = _table()
     image, x, y, radius = lesions(table, np.arange(3), 0.175)
@@ -250,7 +251,7 @@ def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows()
 
 def test_stacked_members_score_as_the_mean_of_each_alone():
     from pipeline.config import LocConfig
-    from pipeline.heads.loc.localise import build_net, member_scores
+    from pipeline.heads.loc.net import build_net, member_scores
 
     cfg = LocConfig(hidden=4, context=1, coords=True, tta_flip=True)
     stacked = build_net(3, cfg, seeds=[1, 2, 3])
@@ -297,7 +298,7 @@ def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, ensemble_run, 
 
 
 def test_candidate_hits_count_as_froc_does():
-    from pipeline.heads.loc.localise import candidate_hits
+    from pipeline.heads.loc.candidates import candidate_hits
 
     cx, cy, _ = _cands()
     hits = candidate_hits(_table(), np.arange(3), cx, cy, pixel_mm=0.175)
@@ -384,7 +385,7 @@ def test_the_second_stage_trains_refits_and_predicts(nodule_cache, ensemble_run,
 
 
 def test_a_head_written_before_an_option_existed_loads_with_it_off():
-    from pipeline.heads.loc.localise import config_of
+    from pipeline.heads.loc.net import config_of
 
     old = config_of({"hidden": 64, "context": 0, "decode": "argmax", "candidates": 10})  # no coords, no ensemble
     assert (old.coords, old.mirror, old.tta_flip, old.fold_ensemble, old.rescore) == (False, False, False, 0, False)
@@ -467,7 +468,7 @@ def test_a_localisation_member_trains_the_same_alone_or_stacked(nodule_cache):
     from pipeline.evaluation.engine import load_train_data
     from pipeline.core.splits import make_splits
     from pipeline.heads.loc.family import _maps
-    from pipeline.heads.loc.localise import LocFamily, prepare_loc
+    from pipeline.heads.loc.net import LocFamily, prepare_loc
     from pipeline.core.train import Job, train_jobs
     from tests.helpers import tiny_train_config
 
@@ -495,7 +496,7 @@ def test_froc_leaves_out_positives_whose_lesions_are_not_drawn():
     score = np.array([[0.8], [0.9], [0.1], [0.2]])
     res = froc(table, np.arange(4), cx, cy, score, pixel_mm=1.0, fps=[0.2, 1.0])
     assert res["froc_box_at_0.2fp"] == 1.0  # no false positive before the nodule's hit (it was 1 of 4 images)
-    from pipeline.heads.loc.localise import lesions_drawn
+    from pipeline.core.froc import lesions_drawn
 
     assert lesions_drawn(table, np.arange(4)).tolist() == [True, False, True, True]
     assert lesions_drawn(table.drop(columns="presence"), np.arange(4)).all()  # no presence labels: all count

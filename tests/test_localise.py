@@ -7,7 +7,8 @@ import pytest
 from cache.merge import find_shards, merge_shards
 from cache.reader import FeatureCache
 from pipeline.errors import CacheError
-from pipeline.heads.loc.localise import decode_maps, loc_metrics
+from pipeline.heads.loc.candidates import decode_maps
+from pipeline.core.froc import loc_metrics
 from stages.extract import extract_features
 from stages.predict import predict
 from stages.train_heads import train_heads

@@ -37,9 +37,9 @@ def _features_of(model, spec: str, size: int) -> np.ndarray:
     """What the library's model with these tensors gives as features: its classifier removed, eval mode."""
     parsed = parse_spec(spec)
     if parsed.library == "torchvision":
-        from pipeline.features.backbones import _set_module
+        from pipeline.features.backbones import set_module
 
-        _set_module(model, TORCHVISION[parsed.arch].head, torch.nn.Identity())
+        set_module(model, TORCHVISION[parsed.arch].head, torch.nn.Identity())
     else:
         model.reset_classifier(0)
     model.eval()

@@ -69,7 +69,7 @@ PLUGIN_FILES = {
     "resmtnet_toy/kind.py": """
         import torch
 
-        from pipeline.core.tasks import Regression
+        from pipeline.core.kinds import Regression
         from pipeline.plugins import TASK_KINDS
 
 

@@ -337,9 +337,9 @@ def test_a_new_backbone_family_is_one_registered_class(synthetic_master, tmp_pat
 
 
 def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
-    """A toy kind registered from here (as a user adds one in pipeline/core/tasks.py): a regression trained with an L1
+    """A toy kind registered from here (as a user adds one in pipeline/core/kinds.py): a regression trained with an L1
     loss. train-heads trains, scores and reports it, and predict decodes it, with no other change."""
-    from pipeline.core.tasks import Regression
+    from pipeline.core.kinds import Regression
     from stages.train_heads import train_heads
     from tests.helpers import tiny_train_config
 

@@ -147,7 +147,7 @@ def test_skip_bad_covers_a_png_that_is_not_an_image(synthetic_dir, tmp_path):
 def test_printed_commands_carry_the_weights_file_and_messages_are_whole_words(synthetic_master, tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline.features.backbones import _download_error, create_backbone
+    from pipeline.features.backbones import create_backbone, download_error
 
     module, _ = create_backbone(TINY[0], weights="none", seed=3)
     weights = tmp_path / "tiny.safetensors"
@@ -159,7 +159,7 @@ def test_printed_commands_carry_the_weights_file_and_messages_are_whole_words(sy
                  "--set", "train.loc.enabled=true")
     one_error_line(result, f"--backbone timm:test_efficientnet.r160_in1k --weights "
                            f"timm:test_efficientnet.r160_in1k={weights} --spatial")
-    message = str(_download_error("timm:x", OSError("word " * 60 + "Please check your connection and try again")))
+    message = str(download_error("timm:x", OSError("word " * 60 + "Please check your connection and try again")))
     inside = message.split("(")[1].split(")")[0].split()
     assert "..." in message and "aga)" not in message and all(w in ("word", "...") for w in inside)
 
@@ -274,7 +274,7 @@ def test_help_everywhere_and_every_config_key_listed():
 
 def test_progress_lines_off_a_terminal_one_summary_and_no_overflow_warning(
         tiny_cache, synthetic_master, tmp_path, caplog, monkeypatch):
-    from pipeline.heads.loc.localise import decode_maps
+    from pipeline.heads.loc.candidates import decode_maps
     from stages import progress
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
@@ -419,7 +419,9 @@ def test_ctrl_c_says_the_truth_and_dead_runs_leave_no_partial_folders(tiny_cache
 def test_hugging_face_lines_print_once_and_quietly(monkeypatch):
     monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
-    cli.setup_logging(0, False)
+    from stages.clikit import setup_logging
+
+    setup_logging(0, False)
     # their own handler prints them (no second copy through ours), and only errors unless -v
     assert logging.getLogger("huggingface_hub").propagate is False
     assert os.environ["HF_HUB_VERBOSITY"] == "error" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"

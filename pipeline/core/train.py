@@ -4,7 +4,7 @@ A job is one head configuration (a config dataclass: `TrainConfig` or `LocConfig
 Jobs whose shapes and optimiser settings agree are stacked into one module (M members on a leading axis or
 as groups of a grouped convolution) and trained together with batched products and one fused Adam step;
 members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.heads.resmtnet.model,
-pipeline.heads.loc.localise): how to build M members, their per-task losses on a batch, their outputs for every row.
+pipeline.heads.loc.net): how to build M members, their per-task losses on a batch, their outputs for every row.
 
 Random numbers (batch order, dropout masks) come from one generator per split and initial weights from the
 split's key, so a job trains the same alone or in a stack, and configurations are compared on common random

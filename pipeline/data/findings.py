@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from pipeline.config import config_dir, load_yaml
+from pipeline.configio import config_dir, load_yaml
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)

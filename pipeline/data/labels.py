@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from pipeline.config import config_dir, load_yaml
+from pipeline.configio import config_dir, load_yaml
 from pipeline.errors import ConfigError, DataError
 
 FIELDS = ("state", "lobe", "diagnosis", "sex")

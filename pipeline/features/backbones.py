@@ -6,7 +6,8 @@ A backbone is named by a spec, `<family>:<model>[.<tag>]` (`timm:convnext_tiny.f
 name in `BACKBONE_FAMILIES`: how to parse a spec, build the model with its head removed, cut a stage's feature map,
 and where its published weights are cached. What differs between architectures of one family is data: a
 `BackboneRecord` (feature size, input size, interpolation, mean/std, the head to drop, the keys a published
-file carries besides, key remaps, the stage nodes). Adding a family is one class here (see `HFFamily`).
+file carries besides, key remaps, the stage nodes). Adding a family is one file of pipeline/features/families/ (see
+hf_family.py) declared in pipeline/plugins.py, or an installed package's entry point (resmtnet.backbone_families).
 `create_backbone(spec, weights)` returns the module and a `BackboneInfo` with the facts the cache records.
 """
 from __future__ import annotations
@@ -154,17 +155,17 @@ def register_family(cls: Type[Family]) -> Type[Family]:
     return cls
 
 
-def _stage_index(spec: BackboneSpec, stage: int, n: int) -> int:
+def stage_index(spec: BackboneSpec, stage: int, n: int) -> int:
     if not -n <= stage < n:
         raise BackboneError(f"{spec.spec} has {n} stages; spatial stage {stage} does not exist")
     return stage
 
 
-def _torch_cache() -> Path:
+def torch_cache() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _hub_location(spec: BackboneSpec, repo: str, filenames: List[str]) -> WeightsLocation:
+def hub_location(spec: BackboneSpec, repo: str, filenames: List[str]) -> WeightsLocation:
     from huggingface_hub import constants, try_to_load_from_cache
 
     for name in filenames:
@@ -174,311 +175,7 @@ def _hub_location(spec: BackboneSpec, repo: str, filenames: List[str]) -> Weight
     return WeightsLocation(spec.spec, f"hf-hub:{repo}", constants.HF_HUB_CACHE, None)
 
 
-@register_family
-class TimmFamily(Family):
-    """Any timm model; its facts come from timm's own pretrained config."""
-
-    name = "timm"
-
-    def parse(self, rest, name):
-        import timm
-        from timm.models import get_pretrained_cfg
-
-        arch, _, tag = rest.partition(".")
-        if not timm.is_model(arch):
-            raise BackboneError(f"unknown backbone '{name}': timm has no model '{arch}' "
-                                "(timm.list_models() lists them); valid: " + valid_names())
-        if not tag:
-            cfg = get_pretrained_cfg(arch)
-            tag = cfg.tag if cfg is not None and cfg.tag else ""
-        return BackboneSpec("timm", arch, tag)
-
-    def build(self, spec, mode, path):
-        import timm
-
-        name = spec.arch + (f".{spec.tag}" if spec.tag else "")
-        if mode == "imagenet":
-            try:
-                model = timm.create_model(name, pretrained=True, num_classes=0)
-            except Exception as exc:  # hub/network errors come in many types
-                raise _download_error(spec.spec, exc) from None
-            cfg = model.pretrained_cfg
-            wid = f"hf-hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(cfg.get("url", name))
-        else:
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-            cfg = model.pretrained_cfg
-            wid = ""
-            if path is not None:
-                classifier = cfg.get("classifier") or ()
-                head = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-                _load_into(model, read_weights_file(path), head, spec.spec, path)
-        # models with a pre-logits layer (MobileNetV3, HGNetV2) output head_hidden_size values, not num_features
-        dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
-        record = BackboneRecord("timm", spec.arch, dim, int(cfg.get("input_size", (3, 224, 224))[-1]),
-                                str(cfg.get("interpolation", "bilinear")), tuple(cfg.get("mean", IMAGENET_MEAN)),
-                                tuple(cfg.get("std", IMAGENET_STD)))
-        return model, _facts(record, wid)
-
-    def spatial(self, pooled, spec, stage):
-        return _TimmStage(pooled.model, _stage_index(spec, stage, len(pooled.model.feature_info)))
-
-    def location(self, spec):
-        from timm.models import get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(spec.arch + (f".{spec.tag}" if spec.tag else ""))
-        if cfg is not None and cfg.hf_hub_id:
-            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-            return _hub_location(spec, cfg.hf_hub_id, names)
-        url = (cfg.url if cfg is not None else "") or ""
-        path = _torch_cache() / os.path.basename(url) if url else None
-        return WeightsLocation(spec.spec, url or "none published", str(_torch_cache()),
-                               str(path) if path is not None and path.is_file() else None)
-
-
-class _TimmStage(nn.Module):
-    def __init__(self, model: nn.Module, stage: int):
-        super().__init__()
-        self.model, self.stage = model, stage
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_intermediates(images, indices=[self.stage], intermediates_only=True,
-                                                stop_early=True)[0]
-
-
-@register_family
-class TorchvisionFamily(Family):
-    """The torchvision models that have a record in TORCHVISION."""
-
-    name = "torchvision"
-
-    def parse(self, rest, name):
-        arch, _, tag = rest.partition(".")
-        if arch not in TORCHVISION:
-            raise BackboneError(f"unknown backbone '{name}': torchvision models supported here are "
-                                f"{', '.join(TORCHVISION)}; valid: {valid_names()}")
-        return BackboneSpec("torchvision", arch, tag or "IMAGENET1K_V1")
-
-    def build(self, spec, mode, path):
-        from torchvision import models
-
-        record = TORCHVISION[spec.arch]
-        builder = getattr(models, spec.arch)
-        wid = ""
-        if mode == "imagenet":
-            enum = models.get_model_weights(spec.arch)
-            if spec.tag not in enum.__members__:
-                raise BackboneError(f"torchvision {spec.arch} has no weights '{spec.tag}'; "
-                                    f"use one of {', '.join(enum.__members__)}")
-            member = enum[spec.tag]
-            try:
-                model = builder(weights=member)
-            except Exception as exc:
-                raise _download_error(spec.spec, exc) from None
-            wid = member.url
-        else:
-            model = builder(weights=None, **dict(record.build_kwargs))
-        # the head goes before a file is loaded: torchvision's published checkpoints hold the classifier, which
-        # is dropped from the file and must not be expected of the model
-        _set_module(model, record.head, nn.Identity())
-        if path is not None:
-            state = read_weights_file(path)
-            for pattern, replacement in record.key_remap:
-                state = {re.sub(pattern, replacement, k): v for k, v in state.items()}
-            _load_into(model, state, (record.head, *record.extra_keys), spec.spec, path)
-        return model, _facts(record, wid)
-
-    def spatial(self, pooled, spec, stage):
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        nodes = TORCHVISION[spec.arch].stages
-        node = nodes[_stage_index(spec, stage, len(nodes))]
-        return _NodeStage(create_feature_extractor(pooled.model, return_nodes={node: "map"}))
-
-    def location(self, spec):
-        from torchvision import models
-
-        url = models.get_model_weights(spec.arch)[spec.tag].url
-        path = _torch_cache() / os.path.basename(url)
-        return WeightsLocation(spec.spec, url, str(_torch_cache()), str(path) if path.is_file() else None)
-
-
-class _NodeStage(nn.Module):
-    def __init__(self, extractor: nn.Module):
-        super().__init__()
-        self.model = extractor
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)["map"]
-
-
-@register_family
-class HFFamily(Family):
-    """Hugging Face `transformers` vision models (`hf:<hub id or local folder>`, e.g. a chest X-ray DINOv2):
-    the pooled output (or the first token), and a layer's patch tokens as the stage map. Needs the `hf` extra."""
-
-    name = "hf"
-
-    def parse(self, rest, name):
-        if not rest:
-            raise BackboneError(f"backbone '{name}': name a Hugging Face model, hf:<hub id or local folder>")
-        return BackboneSpec("hf", rest, "")
-
-    @staticmethod
-    def _transformers():
-        try:
-            import transformers
-        except ImportError:
-            raise BackboneError("hf: backbones need the transformers package: pip install -e '.[hf]'") from None
-        return transformers
-
-    def build(self, spec, mode, path):
-        tf = self._transformers()
-        source, wid = spec.arch, ""
-        if not Path(source).is_dir() and not offline():
-            logger.info("%s: loading from the Hugging Face Hub or its local cache (no network: the download "
-                        "retries for about half a minute)", spec.spec)
-        try:
-            if mode == "imagenet":
-                model = tf.AutoModel.from_pretrained(source)
-                wid = source if Path(source).is_dir() else f"hf-hub:{source}"
-            else:
-                model = tf.AutoModel.from_config(tf.AutoConfig.from_pretrained(source))
-        except OSError as exc:
-            raise _download_error(spec.spec, exc) from None
-        model = _HFPooled(model)
-        if path is not None:
-            _load_into(model.model, read_weights_file(path), (), spec.spec, path)
-        config = model.model.config
-        size = getattr(config, "image_size", 224)
-        record = BackboneRecord("hf", source, int(config.hidden_size),
-                                int(size[0] if isinstance(size, (list, tuple)) else size), "bicubic")
-        return model, _facts(record, wid)
-
-    def spatial(self, pooled, spec, stage):
-        layers = int(pooled.model.model.config.num_hidden_layers) + 1  # the embeddings, then each layer
-        return _HFStage(pooled.model.model, _stage_index(spec, stage, layers))
-
-    def location(self, spec):
-        if Path(spec.arch).is_dir():
-            return WeightsLocation(spec.spec, spec.arch, spec.arch, spec.arch)
-        return _hub_location(spec, spec.arch, ["model.safetensors", "pytorch_model.bin"])
-
-
-class _HFPooled(nn.Module):
-    """A transformers model as a pooled backbone: its pooler output, or its first (CLS) token."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=images)
-        pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state[:, 0]
-
-
-class _HFStage(nn.Module):
-    """One layer's patch tokens as a map (B, C, h, w): the class and register tokens are dropped."""
-
-    def __init__(self, model: nn.Module, stage: int):
-        super().__init__()
-        self.model, self.stage = model, stage
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.model(pixel_values=images, output_hidden_states=True).hidden_states[self.stage]
-        patch = getattr(self.model.config, "patch_size", 16)
-        h, w = images.shape[-2] // patch, images.shape[-1] // patch
-        grid = tokens[:, -h * w:]
-        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], h, w)
-
-
-#: torchxrayvision's DenseNet-121 stages (its `features` is torchvision's DenseNet layout, one input channel)
-TXV_STAGES = ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5")
-#: torchxrayvision's intensity scale: [0, 1] -> [-1024, 1024] (its datasets.normalize), as mean / std
-TXV_MEAN, TXV_STD = (0.5,) * 3, (1 / 2048,) * 3
-
-
-@register_family
-class TxvFamily(Family):
-    """torchxrayvision's chest X-ray models (`txv:<weights>`, e.g. txv:densenet121-res224-all, trained on NIH,
-    CheXpert, MIMIC-CXR, PadChest, Google and OpenI): one input channel on torchxrayvision's own scale
-    ([-1024, 1024]: TXV_MEAN / TXV_STD), 224 px, the 1024 pooled features of DenseNet-121. `--weights imagenet`
-    means the family's published (chest X-ray) weights, read from torchxrayvision's own download folder
-    (~/.torchxrayvision/models_data) or downloaded there; those files are pickled models that torchxrayvision
-    loads itself. Needs the `txv` extra."""
-
-    name = "txv"
-
-    @staticmethod
-    def _xrv():
-        try:
-            import torchxrayvision
-        except ImportError:
-            raise BackboneError("txv: backbones need the torchxrayvision package: pip install -e '.[txv]'") from None
-        return torchxrayvision
-
-    def parse(self, rest, name):
-        valid = sorted(k for k in self._xrv().models.model_urls if k.startswith("densenet121"))
-        if rest not in valid:
-            raise BackboneError(f"unknown backbone '{name}': torchxrayvision weights supported here are "
-                                f"{', '.join(valid)} (txv:<weights>)")
-        return BackboneSpec("txv", rest, "")
-
-    def build(self, spec, mode, path):
-        xrv = self._xrv()
-        wid = ""
-        if mode == "imagenet":
-            try:
-                model = xrv.models.DenseNet(weights=spec.arch)
-            except Exception as exc:  # torchxrayvision's download raises whatever requests / urllib raise
-                raise _download_error(spec.spec, exc) from None
-            wid = xrv.models.model_urls[spec.arch]["weights_url"]
-        else:
-            model = xrv.models.DenseNet(weights=None)
-        model.op_threshs = None  # calibration of its classifier: not part of the features
-        if path is not None:
-            _load_into(model, read_weights_file(path), ("classifier", "op_threshs"), spec.spec, path)
-        record = BackboneRecord("txv", spec.arch, 1024, 224, "bilinear", TXV_MEAN, TXV_STD)
-        return _TxvPooled(model), _facts(record, wid)
-
-    def spatial(self, pooled, spec, stage):
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        node = TXV_STAGES[_stage_index(spec, stage, len(TXV_STAGES))]
-        return _TxvStage(create_feature_extractor(pooled.model.model, return_nodes={node: "map"}))
-
-    def location(self, spec):
-        xrv = self._xrv()
-        url = xrv.models.model_urls[spec.arch]["weights_url"]
-        folder = Path(xrv.utils.get_cache_dir())
-        path = folder / os.path.basename(url)
-        return WeightsLocation(spec.spec, url, str(folder), str(path) if path.is_file() else None)
-
-
-class _TxvPooled(nn.Module):
-    """The pooled features of a torchxrayvision DenseNet (its features2, without its resize to the weights'
-    resolution: the config's image size is used, as for every backbone); the pipeline's grey image comes as
-    three equal channels, torchxrayvision takes one."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        maps = torch.relu(self.model.features(images[:, :1]))
-        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(maps, 1), 1)
-
-
-class _TxvStage(nn.Module):
-    def __init__(self, extractor: nn.Module):
-        super().__init__()
-        self.model = extractor
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images[:, :1])["map"]
-
-
-def _facts(record: BackboneRecord, weights_id: str) -> Dict[str, object]:
+def record_facts(record: BackboneRecord, weights_id: str) -> Dict[str, object]:
     return dict(feature_dim=record.feature_dim, input_size=record.input_size, mean=record.mean, std=record.std,
                 interpolation=record.interpolation, weights_id=weights_id)
 
@@ -584,8 +281,8 @@ def read_weights_file(path: Path) -> Dict[str, torch.Tensor]:
     return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
 
 
-def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str, ...], spec: str,
-               path: Path) -> None:
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor], head: Tuple[str, ...], spec: str,
+              path: Path) -> None:
     state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in head)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -613,7 +310,7 @@ class PooledBackbone(nn.Module):
         return self.model(images)
 
 
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent = root
     *path, last = dotted.split(".")
     for part in path:
@@ -624,7 +321,7 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
         setattr(parent, last, new)
 
 
-def _download_error(spec: str, exc: Exception) -> BackboneError:
+def download_error(spec: str, exc: Exception) -> BackboneError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if len(first) > 160:  # shorten at a word, never mid-word
         first = first[:160].rsplit(" ", 1)[0] + " ..."

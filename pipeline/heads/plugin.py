@@ -118,7 +118,7 @@ class HeadPlugin:
 
     def section(self, cfg) -> Optional[Any]:
         """Its config section when the family is enabled in `cfg`, else None."""
-        from pipeline.config import build
+        from pipeline.configio import build
 
         raw = cfg.train.heads.get(self.name)
         if raw is None:

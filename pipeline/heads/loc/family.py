@@ -1,8 +1,8 @@
 """The localisation head as a head family (pipeline.heads.plugin): its maps read from the cache, its cross-validation on
 the engine's splits (one head per split, or a fold ensemble, and the candidates' second stage), the choice of
 which head answers an image's position and presence, its final head, its sweep metrics ('loc.<metric>'), its
-train-heads outputs and its part of predict. The net, the candidates, FROC and the metrics are
-pipeline.heads.loc.localise.
+train-heads outputs and its part of predict. The net is net.py, the candidates and their re-scorer candidates.py,
+the trained head in the artefact head.py; FROC and the distances are pipeline.core.froc.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from pipeline.core.summary import OutOfFold, first_seed_mask, summarise_metrics
 from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, no_progress, run_jobs,
                                  validated_epochs)
 from pipeline.errors import CacheError, PipelineError
-from pipeline.heads.loc.localise import (FROC_FPS, Detections, LocFamily, candidate_hits, candidates, detect,
-                                         export_head, fit_rescorer, froc, lesions_drawn, load_head,
-                                         loc_metric_directions, localisation_metrics, nodule_errors, prepare_loc)
+from pipeline.core.froc import FROC_FPS, froc, lesions_drawn, loc_metric_directions, localisation_metrics, nodule_errors
+from pipeline.heads.loc.candidates import Detections, candidate_hits, candidates, detect, fit_rescorer
+from pipeline.heads.loc.net import LocFamily, prepare_loc
+from pipeline.heads.loc.head import export_head, load_head
 from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
 from pipeline.reporting import format_entry
 
@@ -59,7 +60,7 @@ class LocFit:
     val_scores: np.ndarray  # (len(val_rows), H, W)
     members: List[JobResult]
     member_splits: List[Split]
-    rescorer: Optional[object] = None  # pipeline.heads.loc.localise.Rescorer (train.loc.rescore)
+    rescorer: Optional[object] = None  # pipeline.heads.loc.candidates.Rescorer (train.loc.rescore)
 
     def validation(self, rows: np.ndarray) -> np.ndarray:
         """The score maps of `rows` (each among val_rows) from the member validated on them."""
@@ -67,8 +68,8 @@ class LocFit:
         return self.val_scores[[where[int(r)] for r in rows]]
 
     def detect(self, data, lcfg, rows: np.ndarray, validation: bool = False) -> Detections:
-        """Detections (pipeline.heads.loc.localise.detect) of `rows`: from the members' mean, or (`validation`) from the
-        member validated on each row."""
+        """Detections (pipeline.heads.loc.candidates.detect) of `rows`: from the members' mean, or (`validation`)
+        from the member validated on each row."""
         scores = self.validation(rows) if validation else self.scores[rows]
         return detect(scores, lcfg, None if self.rescorer is None else _maps(data)[rows], self.rescorer)
 

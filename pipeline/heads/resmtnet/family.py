@@ -2,7 +2,8 @@
 splits (every configuration x split as one stack: cross-validation, label efficiency, the refit and sweeps), the
 baselines on the same splits, the one summary of every model, its final head, its sweep metrics ('<task>.<metric>'),
 its train-heads outputs (predictions, confusion matrices, report tables, metrics, plots) and its part of predict.
-The net and its trainer family are pipeline.heads.resmtnet.model.
+The net and its trainer family are pipeline.heads.resmtnet.model, its part of predict apply.py, its plots
+report.py.
 """
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ from pipeline.core.tasks import TaskSpec, metric_direction
 from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, mean_curve, no_progress, run_jobs,
                                  validated_epochs)
 from pipeline.errors import ConfigError
-from pipeline.heads.plugin import Applied, HeadPlugin, TaskPredictions, Validation, register_head
+from pipeline.heads.plugin import HeadPlugin, TaskPredictions, Validation, register_head
+from pipeline.heads.resmtnet import ANSWER, NAME, PREFIX
+from pipeline.heads.resmtnet.apply import PooledApplied
+from pipeline.heads.resmtnet.report import confusion_frames, confusion_plot, efficiency_plots, learning_curves_plot
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
 
-#: This family's name (its model's name in reports) and its answer's name, the prefix of its predict columns.
-NAME, ANSWER = "res-mtnet", "pooled"
-PREFIX = f"{ANSWER}_"
 BASELINES = ("linear", "majority")
 
 
@@ -144,120 +145,6 @@ def task_scores(data, preds: Dict[str, np.ndarray], rows: np.ndarray,
                          None if task.name not in norms else norms[task.name][rows])
         out[task.name] = {k: float(v) for k, v in m.items()}
     return out
-
-
-def confusion_frames(data, oof: OutOfFold, names: Sequence[SplitName]) -> Dict[str, pd.DataFrame]:
-    """Confusion matrices (first seed's out-of-fold predictions) of every classification task."""
-    first = first_seed_mask(oof.split, names)
-    out = {}
-    for task in data.tasks:
-        if not task.impl.confusion:
-            continue
-        classes = task.classes or ("0", "1")
-        y = data.targets[task.name][oof.rows][first]
-        p = oof.preds[task.name][first]
-        pred = p.argmax(axis=1) if p.ndim == 2 else (p > 0.5).astype(int)
-        k = len(classes)
-        cm = np.zeros((k, k), dtype=np.int64)
-        known = task.impl.labelled(y)
-        np.add.at(cm, (y[known].astype(int), pred[known]), 1)
-        out[task.name] = pd.DataFrame(cm, index=[f"true_{c}" for c in classes], columns=[f"pred_{c}" for c in classes])
-    return out
-
-
-def _masked(values, ok: np.ndarray) -> np.ndarray:
-    """A predict column with nothing where an image was unreadable (NaN for numbers, None otherwise); floats as
-    float64, as the CSV has always written them."""
-    v = np.asarray(values)
-    if v.dtype.kind == "f":
-        v = v.astype(np.float64)
-    if ok.all():
-        return v
-    if v.dtype.kind in "fiu":
-        return np.where(ok, v, np.nan)
-    out = v.astype(object)
-    out[~ok] = None
-    return out
-
-
-def _column(task: TaskSpec, key: str) -> str:
-    """predict's column names of the head: the class or value under the task's name (size as size_mm), P(...) as
-    is, all marked as this head's (secondary) answers."""
-    if key == f"{task.name}_pred":
-        key = task.column if task.impl.measures else task.name
-    return PREFIX + key
-
-
-#: predict warns for an image whose typicality percentile is at least this (unlike every training image)
-ATYPICAL = 99.0
-
-
-class PooledApplied(Applied):
-    """The Res-MTNet head in predict: every task from the pooled features, and how typical an image is."""
-
-    leading = ("typicality_percentile",)
-
-    def __init__(self, spec: Dict[str, Any], tensors: Dict[str, Any]):
-        from pipeline.heads.resmtnet.model import load_head
-
-        self.head = load_head(spec, tensors)
-        self.tasks = self.head.layout.tasks
-
-    def columns(self, features: np.ndarray, ok: np.ndarray, grid: Sequence[float]) -> Dict[str, np.ndarray]:
-        preds = self.head.predict(features)
-        names = {t.name for t in self.tasks}
-        out = {"typicality_percentile": np.where(ok, np.round(self.head.typicality(features), 1), np.nan)}
-        for task in self.tasks:
-            out.update({_column(task, k): _masked(v, ok)
-                        for k, v in task.impl.columns(task, None, preds[task.name]).items()})
-        out.update({PREFIX + k: _masked(v, ok) for k, v in preds.items() if k not in names})  # <task>_clipped
-        if {"x", "y"} <= names:
-            out[f"{PREFIX}x_norm"] = out[f"{PREFIX}x"] / grid[0]
-            out[f"{PREFIX}y_norm"] = out[f"{PREFIX}y"] / grid[1]
-        return out
-
-    def finish(self, table: pd.DataFrame, found: Optional[np.ndarray], x_norm: Optional[np.ndarray]) -> None:
-        """Its position in the image's own pixels; where an answer was given, the lobe on the answer's side and its
-        nodule attributes emptied where no nodule is found; a warning per image unlike every training image."""
-        typicality = table["typicality_percentile"].to_numpy(dtype=float)
-        far = typicality >= ATYPICAL
-        for image, value in zip(table["image"].to_numpy()[far], typicality[far]):
-            logger.warning("%s: typicality percentile %g: farther from the training images than %g%% of them are "
-                           "from one another; its answers extrapolate (another kind of image, or of data set?)",
-                           image, value, ATYPICAL)
-        if f"{PREFIX}x_norm" in table:
-            size = {c: table[c].to_numpy(dtype=float) if c in table else np.full(len(table), np.nan)
-                    for c in ("image_width", "image_height")}
-            table[f"{PREFIX}x_image"] = table[f"{PREFIX}x_norm"] * size["image_width"]
-            table[f"{PREFIX}y_image"] = table[f"{PREFIX}y_norm"] * size["image_height"]
-        if found is None:
-            return
-        lobe = next((t for t in self.tasks if t.name == "lobe" and t.kind == "multiclass"), None)
-        if lobe is not None and x_norm is not None:
-            table["nodule_lobe"] = self._lobe_on_side(table, lobe.classes, x_norm)
-        columns = [f"{PREFIX}{c}" for c in ("x", "y", "x_norm", "y_norm", "x_image", "y_image")]
-        columns += [_column(t, f"{t.name}_pred") for t in self.tasks if t.nodule_attribute]
-        for col in columns:
-            if col in table:  # empty in the CSV: NaN for numbers, None for class names
-                numeric = pd.api.types.is_numeric_dtype(table[col])
-                table[col] = (table[col].where(found, np.nan) if numeric
-                              else table[col].astype(object).where(found, None))
-
-    @staticmethod
-    def _lobe_on_side(table: pd.DataFrame, classes: Sequence[str], x_norm: np.ndarray) -> List[Optional[str]]:
-        """The head's most probable lobe among those on the side of the answer's position: in a PA chest X-ray
-        the patient's right lung (classes R*) is on the image's left (x < 1/2), the left lung (L*) on its right;
-        None where there is no position."""
-        probs = table[[f"{PREFIX}lobe_p_{c}" for c in classes]].to_numpy(dtype=float)
-        out: List[Optional[str]] = []
-        for p, x in zip(probs, x_norm):
-            if not np.isfinite(x) or not np.isfinite(p).all():
-                out.append(None)
-                continue
-            side = "L" if x > 0.5 else "R"
-            allowed = [k for k, c in enumerate(classes) if c.upper().startswith(side)] or list(range(len(classes)))
-            out.append(classes[max(allowed, key=lambda k: p[k])])
-        return out
 
 
 class ResMTNetPlugin(HeadPlugin):
@@ -475,83 +362,17 @@ class ResMTNetPlugin(HeadPlugin):
         return {key: mean_curve(outcome.results, key) for key in ("train_loss", "val_loss")}  # [] where absent
 
     def plots(self, folder: Path, data, outcome: ResMTNetOutcome, plt) -> List[str]:
-        written = [_learning_curves(folder, outcome, plt)]
+        written = [learning_curves_plot(folder, outcome, plt)]
         for task, frame in outcome.confusions.items():
-            written.append(_confusion_plot(folder, task, frame, plt))
+            written.append(confusion_plot(folder, task, frame, plt))
         oof, pooled = outcome.oof[NAME], outcome.pooled
         for task in data.tasks:
             curves = task.impl.scores(task, data.targets[task.name][oof.rows[pooled]], oof.preds[task.name][pooled])
             written += roc_pr_plots(folder, task.name, curves, outcome.reports[NAME]["overall"].get(task.name, {}), plt,
                                     NAME)
         if outcome.efficiency:
-            written += _efficiency_plot(folder, data, outcome, plt)
+            written += efficiency_plots(folder, data, outcome, plt)
         return written
-
-
-def _learning_curves(folder: Path, outcome: ResMTNetOutcome, plt) -> str:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style, label in (("train_loss", "-", "training loss"), ("val_loss", ":", "inner validation loss")):
-        mean = mean_curve(outcome.results, key)
-        if mean:
-            ax.plot(np.arange(1, len(mean) + 1), mean, style, label=f"{label} (mean of splits)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("weighted multi-task loss")
-    ax.set_title(f"Res-MTNet head: learning curves ({len(outcome.results)} splits)", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "learning_curves.png", dpi=110)
-    plt.close(fig)
-    return "learning_curves.png"
-
-
-def _confusion_plot(folder: Path, task: str, frame: pd.DataFrame, plt) -> str:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(frame), 1 + 0.6 * len(frame)))
-    ax.imshow(frame.to_numpy(), cmap="Blues")
-    labels = [c.replace("true_", "") for c in frame.index]
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for (i, j), v in np.ndenumerate(frame.to_numpy()):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(task)
-    fig.tight_layout()
-    fig.savefig(folder / f"confusion_{task}.png", dpi=110)
-    plt.close(fig)
-    return f"confusion_{task}.png"
-
-
-def _efficiency_plot(folder: Path, data, outcome: ResMTNetOutcome, plt) -> List[str]:
-    """One panel per task: its first metric against the training patients (first repeat, 95% CI)."""
-    sizes = list(outcome.efficiency.values())
-    patients = [e["patients"] for e in sizes]
-    panels = []
-    for task in data.tasks:
-        metric = next(iter(outcome.reports[NAME]["overall"].get(task.name, {})), None)
-        entries = [e["metrics"].get(task.name, {}).get(metric) or {} for e in sizes]
-        if metric is not None and all("pooled" in e for e in entries):
-            panels.append((task.name, metric, entries))
-    if not panels:
-        return []
-    cols = min(4, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.ravel()[len(panels):]:
-        ax.axis("off")
-    for ax, (task, metric, entries) in zip(axes.ravel(), panels):
-        value = np.array([e["pooled"] for e in entries])
-        low = np.array([e.get("ci95", [v, v])[0] for e, v in zip(entries, value)])
-        high = np.array([e.get("ci95", [v, v])[1] for e, v in zip(entries, value)])
-        ax.errorbar(patients, value, yerr=[value - low, high - value], marker="o", capsize=3)
-        ax.set_xscale("log")
-        ax.set_title(f"{task} {metric}", fontsize=9)
-        ax.set_xlabel("training patients per split", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle("Label efficiency: the same test rows, nested training subsets (95% bootstrap CIs)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(folder / "label_efficiency.png", dpi=110)
-    plt.close(fig)
-    return ["label_efficiency.png"]
 
 
 register_head(ResMTNetPlugin())

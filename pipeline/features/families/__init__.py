@@ -1,0 +1,1 @@
+"""Backbone families, one per file, each registered in pipeline.plugins.BACKBONE_FAMILIES."""
