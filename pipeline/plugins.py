@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import logging
 import sys
 from importlib import metadata
 from typing import Any, Dict, Generic, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
 from pipeline.errors import ConfigError
 
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 GROUP_PREFIX = "resmtnet."

@@ -2,7 +2,6 @@
 stage two's commands are stages/cli_heads.py's."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -13,8 +12,6 @@ from pipeline import __version__
 from pipeline.config import PAPER_BACKBONES, load_config
 from stages import cli_heads
 from stages.clikit import SafeGroup, logging_options, overrides, split_weights
-
-logger = logging.getLogger(__name__)
 
 
 @click.group(cls=SafeGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,7 +2,6 @@
 paper / demo walkthroughs; each parses its options and calls one plain typed function."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -10,8 +9,6 @@ import click
 
 from pipeline.config import choices, load_config
 from stages.clikit import SafeCommand, logging_options, overrides, protocol_list, split_weights
-
-logger = logging.getLogger(__name__)
 
 
 @click.command(cls=SafeCommand, name="train-heads")

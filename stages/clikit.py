@@ -15,8 +15,6 @@ import click
 from pipeline.configio import parse_set_options
 from pipeline.errors import PipelineError
 
-logger = logging.getLogger(__name__)
-
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

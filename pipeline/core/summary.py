@@ -2,7 +2,6 @@
 CI, and mean +- std over folds), and the linear baselines beside every head."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -15,8 +14,6 @@ from pipeline.core.splits import SplitName
 from pipeline.core.tasks import TaskSpec, labelled
 from pipeline.core.train import Split
 from pipeline.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def task_metrics(task: TaskSpec, y: np.ndarray, pred: np.ndarray, norm: Optional[np.ndarray] = None,

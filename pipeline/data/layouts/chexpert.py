@@ -1,7 +1,6 @@
 """CheXpert (Irvin et al. 2019): train.csv and valid.csv with the CheXpert labeller's findings."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,6 @@ from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, find_file, register_layout
 from pipeline.errors import DataError
 
-logger = logging.getLogger(__name__)
 
 CHEXPERT_FILES = {"train.csv": "train", "valid.csv": "validate"}
 CHEXPERT_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")

@@ -1,7 +1,6 @@
 """MIMIC-CXR-JPG (Johnson et al. 2019): the mimic-cxr-2.0.0-metadata, -chexpert and -split tables."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,6 @@ from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, find_file, register_layout
 from pipeline.data.layouts.chexpert import CHEXPERT_FINDINGS
 
-logger = logging.getLogger(__name__)
 
 MIMIC_PREFIX = "mimic-cxr-2.0.0-"
 MIMIC_TABLES = ("metadata", "chexpert", "split")

@@ -1,7 +1,6 @@
 """NIH ChestX-ray14 (Wang et al. 2017): Data_Entry_2017(_v2020).csv, its official split lists and BBox_List_2017.csv."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Dict
 
@@ -14,7 +13,6 @@ from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, file_named, find_file, register_layout
 from pipeline.errors import DataError
 
-logger = logging.getLogger(__name__)
 
 NIH_ENTRY = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",

@@ -1,7 +1,6 @@
 """PadChest (BIMCV, 160,868 images): PADCHEST_chest_x_ray_images_labels_160K*.csv(.gz) and its label lists."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +11,6 @@ from pipeline.data.field import (column_name, finish_field, image_paths, keep_pr
 from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, register_layout
 
-logger = logging.getLogger(__name__)
 
 PADCHEST_COLUMNS = ("ImageID", "ImageDir", "PatientID", "PatientSex_DICOM", "PatientBirth", "StudyDate_DICOM",
                     "Projection", "Labels")

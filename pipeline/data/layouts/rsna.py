@@ -1,7 +1,6 @@
 """The RSNA Pneumonia Detection Challenge (stage 2): its pneumonia boxes are localisation targets."""
 from __future__ import annotations
 
-import logging
 
 import pandas as pd
 
@@ -10,7 +9,6 @@ from pipeline.data.field import (attach_boxes, box_frame, column_name, dicom_fac
 from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, file_named, find_file, register_layout
 
-logger = logging.getLogger(__name__)
 
 RSNA_LABELS = "stage_2_train_labels.csv"
 RSNA_CLASSES = "stage_2_detailed_class_info.csv"

@@ -1,7 +1,6 @@
 """The SIIM-ACR Pneumothorax Segmentation challenge: the bounding boxes of its masks are localisation targets."""
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pandas as pd
@@ -12,7 +11,6 @@ from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, file_named, register_layout
 from pipeline.errors import DataError
 
-logger = logging.getLogger(__name__)
 
 SIIM_RLE = "train-rle.csv"
 #: The challenge's images are 1024 x 1024; its run-length encoding runs down the columns of that grid.

@@ -2,7 +2,6 @@
 Images without labels (the challenge's test folder) are kept without labels and without a split."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +11,6 @@ from pipeline.data.field import column_name, csv_header, dicom_facts, finish_fie
 from pipeline.data.labels import LabelMaps
 from pipeline.data.table import Layout, find_file, register_layout
 
-logger = logging.getLogger(__name__)
 
 VINBIG_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max")
 VINBIG_FINDINGS = ("Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",

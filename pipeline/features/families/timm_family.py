@@ -1,7 +1,6 @@
 """Any timm model as a backbone family (`timm:<model>.<tag>`)."""
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -11,8 +10,6 @@ from pipeline.errors import BackboneError
 from pipeline.features.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneRecord, BackboneSpec, Family,
                                          WeightsLocation, download_error, hub_location, load_into, read_weights_file,
                                          record_facts, register_family, stage_index, torch_cache, valid_names)
-
-logger = logging.getLogger(__name__)
 
 
 @register_family

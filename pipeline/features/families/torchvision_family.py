@@ -1,7 +1,6 @@
 """torchvision's ImageNet models that have a record in TORCHVISION (`torchvision:<model>.<weights>`)."""
 from __future__ import annotations
 
-import logging
 import os
 import re
 
@@ -12,8 +11,6 @@ from pipeline.errors import BackboneError
 from pipeline.features.backbones import (TORCHVISION, BackboneSpec, Family, WeightsLocation, download_error, load_into,
                                          read_weights_file, record_facts, register_family, set_module, stage_index,
                                          torch_cache, valid_names)
-
-logger = logging.getLogger(__name__)
 
 
 @register_family

@@ -1,7 +1,6 @@
 """torchxrayvision's chest X-ray DenseNets (`txv:<weights>`), trained on the field's own data sets."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from torch import nn
 from pipeline.errors import BackboneError
 from pipeline.features.backbones import (BackboneRecord, BackboneSpec, Family, WeightsLocation, download_error,
                                          load_into, read_weights_file, record_facts, register_family, stage_index)
-
-logger = logging.getLogger(__name__)
 
 
 TXV_STAGES = ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5")

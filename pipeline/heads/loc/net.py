@@ -9,7 +9,6 @@ of grouped convolutions, as the pooled heads are stacked in pipeline.core.train.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Dict, List, Sequence
@@ -21,8 +20,6 @@ from torch import nn
 
 from pipeline.config import LocConfig
 from pipeline.core.train import Batch, Split, floor_std
-
-logger = logging.getLogger(__name__)
 
 
 class LocNet(nn.Module):
