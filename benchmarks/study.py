@@ -26,7 +26,7 @@ SWEEP = {"method": "grid", "seed": 0, "rank_by": "state.accuracy", "folds": 3, "
 def worker(cache: Path, sweep: Path, storage: Path, epochs: int, *extra: str) -> float:
     started = time.perf_counter()
     code = "import sys; from stages.cli import main; sys.exit(main())"
-    subprocess.run([sys.executable, "-c", code, "train-heads", "--cache", str(cache), "--sweep", str(sweep),
+    subprocess.run([sys.executable, "-c", code, "sweep", "work", str(sweep), "--cache", str(cache),
                     "--study", str(storage), "--no-progress", "-q", "--set", "train.features=[synthetic:features]",
                     "--set", "train.tasks=[state, presence]", "--set", f"train.epochs={epochs}", "--set",
                     "train.early_stopping=0", "--set", "train.batch_size=128", *extra], check=True)

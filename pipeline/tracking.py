@@ -45,6 +45,23 @@ def flatten(values: Mapping[str, object], prefix: str = "") -> Dict[str, str]:
     return out
 
 
+def metric_values(values: Mapping[str, object], prefix: str = "") -> Dict[str, float]:
+    """The numbers of a nested report as dotted metric names: a summary entry ({'pooled', 'ci95', ...}) gives its
+    pooled estimate and CI bounds (<name>.ci_low / .ci_high), any other number itself; text and lists are left out."""
+    out: Dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and "pooled" in value:
+            out[name] = float(value["pooled"]) if value["pooled"] is not None else float("nan")
+            low, high = value.get("ci95") or (float("nan"), float("nan"))
+            out[f"{name}.ci_low"], out[f"{name}.ci_high"] = float(low), float(high)
+        elif isinstance(value, Mapping):
+            out.update(metric_values(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 class Tracker:
     """Logs runs to one MLflow experiment through MLflow's client (no process-wide MLflow state)."""
 

@@ -210,8 +210,9 @@ main.add_command(extract_features_cmd)
 
 
 extract_features_cmd.resumable = True  # type: ignore[attr-defined]
-for command in (cli_heads.train_heads_cmd, cli_heads.sweep_finish_cmd, cli_heads.benchmark_cmd,
-                cli_heads.reproduce_tables_cmd, cli_heads.predict_cmd, cli_heads.paper_cmd, cli_heads.demo_cmd):
+for command in (cli_heads.train_heads_cmd, cli_heads.sweep_cmd, cli_heads.sweep_finish_alias_cmd,
+                cli_heads.benchmark_cmd, cli_heads.reproduce_tables_cmd, cli_heads.predict_cmd, cli_heads.paper_cmd,
+                cli_heads.demo_cmd):
     main.add_command(command)
 
 extract_features_main = extract_features_cmd

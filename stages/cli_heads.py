@@ -1,4 +1,4 @@
-"""The stage-two commands: train-heads (and its sweeps), sweep-finish, benchmark, reproduce-tables, predict, and the
+"""The stage-two commands: train-heads, sweep run|work|finish, benchmark, reproduce-tables, predict, and the
 paper / demo walkthroughs; each parses its options and calls one plain typed function."""
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Optional, Tuple
 import click
 
 from pipeline.config import choices, load_config
-from stages.clikit import SafeCommand, logging_options, overrides, protocol_list, split_weights
+from stages.clikit import SafeCommand, SafeGroup, logging_options, overrides, protocol_list, split_weights
+
+#: The old spellings of the sweep commands, kept for one version (each says what replaces it).
+DEPRECATED = "warning: {old} is deprecated and will be removed in the next version; use {new}"
 
 
 @click.command(cls=SafeCommand, name="train-heads")
@@ -34,19 +37,14 @@ from stages.clikit import SafeCommand, logging_options, overrides, protocol_list
 @click.option("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Sweep YAML: search over config keys, ranked on validation folds.")
-@click.option("--study", "storage", default=None, metavar="STORAGE",
-              help="With --sweep: work on a study shared by any number of workers (sqlite:///study.db, "
-                   "postgresql://..., or a journal file on a shared file system); finish with resmtnet sweep-finish.")
-@click.option("--study-name", default=None, help="The study's name [default: the sweep file's name].")
-@click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="The most trials this worker runs [default: until the study's queue is done].")
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Trials a worker trains at once, as one stack.")
-@click.option("--grace", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds without a heartbeat after which another worker's running trial is failed and retried.")
+              help="Deprecated: resmtnet sweep run SPEC (or, with --study, sweep work SPEC).")
+@click.option("--study", "storage", default=None, metavar="STORAGE", help="Deprecated: resmtnet sweep work.")
+@click.option("--study-name", default=None, help="Deprecated: resmtnet sweep work --study-name.")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Deprecated: resmtnet sweep work --trials.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, help="Deprecated: resmtnet sweep work --batch.")
+@click.option("--grace", type=click.FloatRange(min=1), default=600.0, help="Deprecated: resmtnet sweep work --grace.")
 @click.option("--track", default=None, metavar="DIR_OR_URI",
-              help="Log the run (each trial, with --study) to MLflow: a folder (local store) or a tracking URI.")
+              help="Log the run to MLflow (every head family's metrics): a folder (local store) or a tracking URI.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
@@ -68,24 +66,14 @@ def train_heads_cmd(caches: Tuple[Path, ...], out: Optional[Path], config_path: 
     if storage is not None:
         if sweep_path is None:
             raise click.UsageError("--study needs --sweep SPEC (the search the workers share)")
-        from stages.study import run_worker
-
-        done = run_worker(cache, cfg, sweep_path, storage, study_name, trials, batch, grace, track,
-                          progress=not no_progress)
-        click.echo(f"worker: {done.trials} trial(s) of study {done.study} in {done.seconds:.1f} s; when every "
-                   f"worker is done: resmtnet sweep-finish --study {storage} --study-name {done.study} --out OUT")
-        return
+        click.echo(DEPRECATED.format(old="train-heads --sweep --study", new="resmtnet sweep work SPEC --study"),
+                   err=True)
+        return work_on_study(cache, cfg, sweep_path, storage, study_name, trials, batch, grace, track, no_progress)
     if out is None:
         raise click.UsageError("Missing option '--out' (the run folder to write).")
     if sweep_path is not None:
-        from stages.sweep import run_sweep
-
-        result = run_sweep(cache, out, cfg, sweep_path, overwrite=overwrite, progress=not no_progress)
-        click.echo(f"sweep of {result.n_configs} configurations in {result.seconds:.1f} s; ranking: "
-                   f"{out / 'ranking.csv'}")
-        click.echo(f"train the winner for predict: train-heads --cache {cache} --config {out / 'winner.yaml'} "
-                   f"--out {out.parent / (out.name + '-winner')}")
-        return
+        click.echo(DEPRECATED.format(old="train-heads --sweep", new="resmtnet sweep run SPEC"), err=True)
+        return run_here(cache, out, cfg, sweep_path, True, track, overwrite, no_progress)
     from stages.train_heads import train_heads
 
     summary = train_heads(list(caches) if len(caches) > 1 else cache, out, cfg, overwrite=overwrite,
@@ -98,32 +86,137 @@ def train_heads_cmd(caches: Tuple[Path, ...], out: Optional[Path], config_path: 
         click.echo(f"tracked in MLflow: run {run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
 
 
-@click.command(cls=SafeCommand, name="sweep-finish")
-@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The workers' cache [default: the one the study was started on].")
-@click.option("--study", "storage", required=True, metavar="STORAGE", help="The study's storage (as the workers').")
-@click.option("--study-name", default=None, help="The study's name [default: the storage's only study].")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
-@click.option("--config", "config_path", default=None,
-              help="YAML config [default: the workers', stored in the study]; another setup is refused.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (of the workers' config); a change to their setup is refused.")
+def run_here(cache: Path, out: Path, cfg, spec: Path, winner: bool, track: Optional[str], overwrite: bool,
+             no_progress: bool) -> None:
+    from stages.sweep import run_sweep
+
+    result = run_sweep(cache, out, cfg, spec, overwrite=overwrite, progress=not no_progress, train_winner_too=winner,
+                       track=track)
+    click.echo(f"sweep of {result.n_configs} configurations in {result.seconds:.1f} s; ranking: "
+               f"{out / 'ranking.csv'}")
+    if result.model is not None:
+        click.echo(f"the winner, trained on every image: predict --model {out} --images ...")
+
+
+def work_on_study(cache: Path, cfg, spec: Path, storage: str, study_name: Optional[str], trials: Optional[int],
+                  batch: int, grace: float, track: Optional[str], no_progress: bool) -> None:
+    from stages.study import run_worker
+
+    done = run_worker(cache, cfg, spec, storage, study_name, trials, batch, grace, track, progress=not no_progress)
+    click.echo(f"worker: {done.trials} trial(s) of study {done.study} in {done.seconds:.1f} s; when every "
+               f"worker is done: resmtnet sweep finish --study {storage} --study-name {done.study} --out OUT")
+
+
+@click.group("sweep", cls=SafeGroup)
+def sweep_cmd() -> None:
+    """Search over head configurations, ranked on validation folds, the winner scored once on held-out rows and
+    trained for predict: run (here, every configuration at once), work (one of any number of workers on a shared
+    study), finish (rank a shared study, train its winner)."""
+
+
+SPEC = click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+CONFIG = click.option("--config", "config_path", default="paper", show_default=True,
+                      help="YAML config (path or name).")
+SETS = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+TRACK = click.option("--track", default=None, metavar="DIR_OR_URI",
+                     help="Log every configuration and the winner's run to MLflow: a folder or a tracking URI.")
+NO_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar.")
+
+
+@sweep_cmd.command("run")
+@SPEC
+@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Feature cache (.h5).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder: ranking.csv, winner.json / .yaml, and winner/ (the trained winner).")
+@CONFIG
+@SETS
 @click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict.")
+@TRACK
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@NO_PROGRESS
 @logging_options
-def sweep_finish_cmd(cache: Optional[Path], storage: str, study_name: Optional[str], out: Path,
-                     config_path: Optional[str], sets: Tuple[str, ...], no_winner: bool, overwrite: bool,
-                     no_progress: bool) -> None:
-    """Rank a shared study's trials, score the winner once on the held-out rows, train it for predict."""
+def sweep_run_cmd(spec: Path, cache: Path, out: Path, config_path: str, sets: Tuple[str, ...], no_winner: bool,
+                  track: Optional[str], overwrite: bool, no_progress: bool) -> None:
+    """Every configuration of SPEC trained at once in this process (one stack), ranked, the winner trained."""
+    run_here(cache, out, load_config(config_path, overrides([], sets)), spec, not no_winner, track, overwrite,
+             no_progress)
+
+
+@sweep_cmd.command("work")
+@SPEC
+@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Feature cache (.h5), the same for every worker.")
+@click.option("--study", "storage", required=True, metavar="STORAGE",
+              help="The study every worker shares: sqlite:///study.db, postgresql://..., or a journal file on a "
+                   "shared file system.")
+@click.option("--study-name", default=None, help="The study's name [default: the sweep file's name].")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="The most trials this worker runs [default: until the study's queue is done].")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Trials a worker trains at once, as one stack.")
+@click.option("--grace", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds without a heartbeat after which another worker's running trial is failed and retried.")
+@CONFIG
+@SETS
+@TRACK
+@NO_PROGRESS
+@logging_options
+def sweep_work_cmd(spec: Path, cache: Path, storage: str, study_name: Optional[str], trials: Optional[int],
+                   batch: int, grace: float, config_path: str, sets: Tuple[str, ...], track: Optional[str],
+                   no_progress: bool) -> None:
+    """One worker of a shared study: takes trials until the study's queue is done (or --trials)."""
+    work_on_study(cache, load_config(config_path, overrides([], sets)), spec, storage, study_name, trials, batch,
+                  grace, track, no_progress)
+
+
+def finish_options(func):
+    """sweep finish's options (also those of the deprecated sweep-finish)."""
+    for option in reversed((
+            click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         help="The workers' cache [default: the one the study was started on]."),
+            click.option("--study", "storage", required=True, metavar="STORAGE",
+                         help="The study's storage (as the workers')."),
+            click.option("--study-name", default=None, help="The study's name [default: the storage's only study]."),
+            click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                         help="Folder to write."),
+            click.option("--config", "config_path", default=None,
+                         help="YAML config [default: the workers', stored in the study]; another setup is refused."),
+            click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                         help="Override a config key (of the workers' config); a change to their setup is refused."),
+            click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict."),
+            TRACK,
+            click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+            NO_PROGRESS, logging_options)):
+        func = option(func)
+    return func
+
+
+def finish(cache: Optional[Path], storage: str, study_name: Optional[str], out: Path, config_path: Optional[str],
+           sets: Tuple[str, ...], no_winner: bool, track: Optional[str], overwrite: bool, no_progress: bool) -> None:
     from stages.study import finish_study
 
     done = finish_study(storage, out, cache=cache, config=config_path, overrides=overrides([], sets),
                         study_name=study_name, overwrite=overwrite, train_winner=not no_winner,
-                        progress=not no_progress)
+                        progress=not no_progress, track=track)
     click.echo(f"{done.completed} configuration(s) ranked: {done.ranking_path}; winner {done.winner}")
     if done.model is not None:
         click.echo(f"the winner, trained on every image: predict --model {out} --images ...")
+
+
+@sweep_cmd.command("finish")
+@finish_options
+def sweep_finish_cmd(**options) -> None:
+    """Rank a shared study's trials, score the winner once on the held-out rows, train it for predict."""
+    finish(**options)
+
+
+@click.command(cls=SafeCommand, name="sweep-finish", hidden=True)
+@finish_options
+def sweep_finish_alias_cmd(**options) -> None:
+    """Deprecated: resmtnet sweep finish."""
+    click.echo(DEPRECATED.format(old="sweep-finish", new="resmtnet sweep finish"), err=True)
+    finish(**options)
 
 
 @click.command(cls=SafeCommand, name="benchmark")

@@ -37,11 +37,10 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import load_train_data
 from pipeline.fsutil import process_running
-from pipeline.heads.artefact import WINNER
 from pipeline.heads.plugin import loaded_heads
 from stages.progress import progress_bars
 from stages.sweep import (SweepSpec, config_variants, configurations, development_split, load_sweep, rank_direction,
-                          sweep_splits, validate_configs)
+                          sweep_splits, track_configs, validate_configs)
 
 logger = logging.getLogger(__name__)
 
@@ -342,12 +341,10 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
     seen = ids_sha256(sorted(ids[dev_rows]))
     every = config_variants(cfg, shared.configs) if shared.configs else [cfg]
     splits = sweep_splits(data, cfg, spec, dev_rows, test_rows, every)
-    tracker = None
     if track:
-        from pipeline.configio import to_dict
-        from pipeline.tracking import Tracker, flatten
+        from pipeline.tracking import Tracker
 
-        tracker = Tracker(track)
+        Tracker(track)  # a tracking target that cannot be opened stops the worker before it trains
     bars = progress_bars(progress)
     done = 0
     while trials is None or done < trials:
@@ -372,11 +369,8 @@ def run_worker(cache: Path, cfg: Config, sweep_path: Path, storage_url: str, stu
                 logger.warning("trial %d was failed by another worker meanwhile (%s); its result is dropped",
                                trial.number, exc)
                 continue
-            if tracker is not None:
-                tracker.log_run(f"{name}-trial-{trial.number}", {**flatten(to_dict(trial_cfg)), "study": name,
-                                                                 "trial": trial.number},
-                                v.metrics, v.curves, tags={"resmtnet.kind": "trial", "resmtnet.study": name,
-                                                           "resmtnet.choice": json.dumps(choice)})
+            if track:
+                track_configs(track, name, [trial_cfg], [choice], [v], first=trial.number)
             done += 1
     return WorkerSummary(done, time.perf_counter() - started, name)
 
@@ -392,7 +386,8 @@ class FinishSummary:
 
 def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, config: Optional[str] = None,
                  overrides: Optional[Dict[str, Any]] = None, study_name: Optional[str] = None,
-                 overwrite: bool = False, train_winner: bool = True, progress: bool = True) -> FinishSummary:
+                 overwrite: bool = False, train_winner: bool = True, progress: bool = True,
+                 track: Optional[str] = None) -> FinishSummary:
     """Rank the study's completed trials (a configuration counted once: its first completed trial), retrain the
     winner on the development rows for its validated epochs and score the held-out rows once; write the sweep's
     outputs (ranking.csv, winner.json, winner.yaml) and, with `train_winner`, the winner trained by train-heads on
@@ -405,6 +400,7 @@ def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, c
     from pipeline.configio import build
     from pipeline.config import config_from, load_config
     from stages.sweep import rank, score_winner, winner_epochs, write_sweep
+    from stages.sweep import train_winner as train_winner_run
 
     optuna = _optuna()
     storage = open_storage(storage_url)
@@ -453,9 +449,5 @@ def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, c
     write_sweep(out, overwrite, ranking, spec, cfg, winner_cfg, choice, test, winner_epochs(data, ranking.iloc[0]),
                 len(dev_rows), len(test_rows),
                 {"study": study_name, "storage": storage_url, "completed_trials": len(rows)})
-    model = None
-    if train_winner:
-        from stages.train_heads import train_heads
-
-        model = train_heads(cache, out / WINNER, winner_cfg, overwrite=True, progress=progress).out
+    model = train_winner_run(cache, out, winner_cfg, progress, track) if train_winner else None
     return FinishSummary(len(rows), out / "ranking.csv", choice, test, model)

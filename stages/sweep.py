@@ -2,7 +2,9 @@
 
 The rows are split once into development rows and held-out test rows (stratified). Every configuration is
 cross-validated on the development rows; the ranking uses those validation folds alone. Only then is the
-winner retrained on all development rows and scored once on the test rows.
+winner retrained on all development rows and scored once on the test rows, and (by default) trained by
+train-heads on every image into OUT/winner, the head predict --model OUT uses. `resmtnet sweep run` runs one
+in this process; `sweep work` / `sweep finish` share one across workers (stages/study.py).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
 from pipeline.core.splits import make_splits, official_split, split_groups, stratified_subset, stratify_labels
 from pipeline.fsutil import atomic_write_text, json_text, staged_dir
+from pipeline.heads.artefact import WINNER
 from pipeline.heads.plugin import Validation, loaded_heads
 from pipeline.core.train import Split
 from stages.progress import progress_bars
@@ -51,6 +54,7 @@ class SweepResult:
     n_configs: int
     seconds: float
     winner_test: Dict[str, Dict[str, float]]
+    model: Optional[Path] = None  # the winner trained on every image (OUT/winner), None with train_winner False
 
 
 def load_sweep(path: Path) -> SweepSpec:
@@ -235,8 +239,31 @@ def write_sweep(out: Path, overwrite: bool, ranking: pd.DataFrame, spec: SweepSp
         atomic_write_text(tmp / "run.json", json.dumps({"complete": True, **run}))
 
 
+def track_configs(track: str, name: str, cfgs: List[Config], configs: List[Dict[str, Any]],
+                  validated: List[Validated], kind: str = "trial", first: int = 0) -> None:
+    """Log each configuration's validation metrics and mean learning curves (every head family's) to MLflow."""
+    from pipeline.configio import to_dict
+    from pipeline.tracking import Tracker, flatten
+
+    tracker = Tracker(track)
+    for c, (cfg, choice, v) in enumerate(zip(cfgs, configs, validated), start=first):
+        tracker.log_run(f"{name}-trial-{c}", {**flatten(to_dict(cfg)), "study": name, "trial": c}, v.metrics,
+                        v.curves, tags={"resmtnet.kind": kind, "resmtnet.study": name,
+                                        "resmtnet.choice": json.dumps(choice)})
+
+
+def train_winner(cache: Path, out: Path, winner_cfg: Config, progress: bool, track: Optional[str]) -> Path:
+    """The winner trained by train-heads on every image into OUT/winner (predict --model OUT reads it)."""
+    from stages.train_heads import train_heads
+
+    return train_heads(cache, out / WINNER, winner_cfg, overwrite=True, progress=progress, track=track).out
+
+
 def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrite: bool = False,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, train_winner_too: bool = True, track: Optional[str] = None) -> SweepResult:
+    """Every configuration of the sweep file cross-validated on the development rows at once, ranked, the winner
+    scored once on the held-out rows, and (train_winner_too) trained on every image; `track`: each configuration
+    and the winner's run logged to MLflow."""
     started = time.perf_counter()
     bars = progress_bars(progress)
     spec = load_sweep(sweep_path)
@@ -257,4 +284,7 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
                 {"seconds": seconds, "configs": len(configs)})
     logger.info("sweep: %d configurations x %d folds in %.1f s; best %s = %.4f", len(configs), len(splits),
                 seconds, spec.rank_by, ranking.iloc[0][f"val_{spec.rank_by}"])
-    return SweepResult(ranking, len(configs), seconds, winner_test)
+    if track:
+        track_configs(track, Path(sweep_path).stem, cfgs, configs, validated)
+    model = train_winner(cache, out, cfgs[winner], progress, track) if train_winner_too else None
+    return SweepResult(ranking, len(configs), seconds, winner_test, model)

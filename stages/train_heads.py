@@ -147,22 +147,19 @@ class TrainSummary:
 
 def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> Tuple[str, str]:
     """Log a finished run to MLflow: the resolved config, the learning curves (mean over splits), every
-    headline metric of every model with its CI bounds, and the run's outputs as artefacts. Returns where it went:
-    (run id, tracking URI)."""
+    headline metric of every model of the declared tasks with its CI bounds and every other head family's metrics
+    ('<family>.<metric>'), and the run's outputs as artefacts. Returns where it went: (run id, tracking URI)."""
     from pipeline.configio import to_dict
-    from pipeline.tracking import Tracker, flatten
+    from pipeline.tracking import Tracker, flatten, metric_values
 
     metrics: Dict[str, float] = {}
     for model, report in cv.reports.items():
-        for task, entries in report.get("overall", {}).items():
-            for metric, entry in entries.items():
-                name = f"{model}.{task}.{metric}"
-                metrics[name] = entry.get("pooled", float("nan"))
-                low, high = entry.get("ci95", (float("nan"), float("nan")))
-                metrics[f"{name}.ci_low"], metrics[f"{name}.ci_high"] = low, high
+        metrics.update(metric_values(report.get("overall", {}), f"{model}."))
     curves: Dict[str, List[float]] = {}
     for plugin, outcome in cv.families():
         curves.update({plugin.qualified(k): v for k, v in plugin.curves(outcome).items()})
+        if not plugin.reference:  # the reference's reports are the models' above
+            metrics.update(metric_values(plugin.metrics(outcome), f"{plugin.name}."))
     tracker = Tracker(target)
     rid = tracker.log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
                           [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],

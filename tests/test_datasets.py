@@ -454,12 +454,14 @@ def test_sweeps_and_studies_hold_out_the_official_test_list(nih_cache, tmp_path)
     sweep.write_text("method: grid\nseed: 0\nrank_by: findings.auc_macro\nfolds: 2\ntest_fraction: 0.2\n"
                      "params:\n  train.hidden: [16, 32]\n")
     official = ["--set", "train.tasks=[findings]", "--set", "eval.protocol=official"]
-    result = _train(nih_cache, tmp_path / "sweep", "--sweep", str(sweep), *official)
+    result = CliRunner().invoke(main, ["sweep", "run", str(sweep), "--cache", str(nih_cache), "--out",
+                                       str(tmp_path / "sweep"), "--no-winner", "--set", f"train.features=[{TINY[1]}]",
+                                       "--set", "train.epochs=3", *official])
     assert result.exit_code == 0, result.output
     winner = json.loads((tmp_path / "sweep" / "winner.json").read_text())
     assert winner["n_test"] == len(test_ids) and winner["n_dev"] == 36 - len(test_ids)
     storage = tmp_path / "study.log"
-    result = CliRunner().invoke(main, ["train-heads", "--cache", str(nih_cache), "--sweep", str(sweep), "--study",
+    result = CliRunner().invoke(main, ["sweep", "work", str(sweep), "--cache", str(nih_cache), "--study",
                                        str(storage), "--no-progress", "--set", f"train.features=[{TINY[1]}]", "--set",
                                        "train.epochs=3", *official])
     assert result.exit_code == 0, result.output

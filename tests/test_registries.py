@@ -525,9 +525,16 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
               "train.tasks=[state, presence]", "--set", "train.epochs=4",
               "--set", "eval.folds=3", "--set", "train.heads.probe.c=0.5", "--no-progress"]
     runner = CliRunner()
-    result = runner.invoke(main, ["train-heads", *common, "--out", str(tmp_path / "run")])
+    result = runner.invoke(main, ["train-heads", *common, "--out", str(tmp_path / "run"),
+                                  "--track", str(tmp_path / "mlruns")])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
+    from tests.helpers import needs
+
+    mlflow = needs("mlflow", "track")  # the tracked run has every family's metrics, the probe's under its name
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
+    assert tracked.data.metrics["probe.n"] == 24 and "res-mtnet.state.accuracy" in tracked.data.metrics
     assert "Linear probe of presence: AUC" in (run / "report.md").read_text()
     assert json.loads((run / "metrics.json").read_text())["probe"]["n"] > 0
     assert "probe_presence_prob" in pd.read_csv(run / "predictions.csv")
@@ -547,8 +554,11 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("method: grid\nrank_by: probe.auc\nfolds: 2\ntest_fraction: 0.25\n"
                      "params:\n  train.heads.probe.c: [0.01, 1.0]\n")
+    # the deprecated spelling still works (and says what replaces it); the winner is trained with the family in it
     swept = runner.invoke(main, ["train-heads", *common, "--sweep", str(sweep), "--out", str(tmp_path / "sweep")])
     assert swept.exit_code == 0, swept.output
+    assert "train-heads --sweep is deprecated" in swept.output and "resmtnet sweep run SPEC" in swept.output
+    assert "probe" in json.loads((tmp_path / "sweep" / "winner" / "model" / "head.json").read_text())
     ranking = pd.read_csv(tmp_path / "sweep" / "ranking.csv")
     assert ranking["val_probe.auc"].is_monotonic_decreasing and "auc" in json.loads(
         (tmp_path / "sweep" / "winner.json").read_text())["test"]["probe"]

@@ -56,7 +56,7 @@ sys.exit(main())
 
 def _worker(cache, sweep, storage, *extra, code="import sys; from stages.cli import main; sys.exit(main())"):
     """A worker process, as a user (or a SLURM array task) starts it."""
-    return subprocess.Popen([sys.executable, "-c", code, "train-heads", "--cache", str(cache), "--sweep", str(sweep),
+    return subprocess.Popen([sys.executable, "-c", code, "sweep", "work", str(sweep), "--cache", str(cache),
                              "--study", str(storage), "--no-progress", *COMMON, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -124,17 +124,23 @@ def test_workers_share_a_study_survive_a_kill_and_rank_as_the_in_process_sweep(s
 
     runner = CliRunner()
     # the command the workers print: the study holds their cache and settings
-    assert f"resmtnet sweep-finish --study {storage} --study-name sweep --out OUT" in workers[1].stdout.read()
+    assert f"resmtnet sweep finish --study {storage} --study-name sweep --out OUT" in workers[1].stdout.read()
     contradicting = runner.invoke(main, ["sweep-finish", "--study", str(storage), "--out", str(tmp_path / "other"),
-                                         "--set", "train.tasks=[state]"])
+                                         "--set", "train.tasks=[state]"])  # the deprecated spelling, still served
+    assert "sweep-finish is deprecated" in contradicting.output
     assert contradicting.exit_code == 1 and not (tmp_path / "other").exists()
     assert "was run with other settings (train.tasks: ['state', 'presence'] there, ['state'] here)" in \
         contradicting.output
-    finish = runner.invoke(main, ["sweep-finish", "--study", str(storage), "--out", str(tmp_path / "finished")])
+    finish = runner.invoke(main, ["sweep", "finish", "--study", str(storage), "--out", str(tmp_path / "finished")])
     assert finish.exit_code == 0, finish.output
-    alone = runner.invoke(main, ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--out",
+    alone = runner.invoke(main, ["sweep", "run", str(sweep), "--cache", str(tiny_cache), "--out",
                                  str(tmp_path / "in-process"), *COMMON])
     assert alone.exit_code == 0, alone.output
+    # both forms train their winner for predict, the same configuration with the same settings
+    for folder in ("finished", "in-process"):
+        assert (tmp_path / folder / "winner" / "model" / "head.json").is_file()
+    assert (tmp_path / "finished" / "winner" / "config.yaml").read_text() == \
+        (tmp_path / "in-process" / "winner" / "config.yaml").read_text()
     shared = pd.read_csv(tmp_path / "finished" / "ranking.csv")
     local = pd.read_csv(tmp_path / "in-process" / "ranking.csv")
     assert shared["config"].tolist() == local["config"].tolist()
@@ -193,7 +199,7 @@ def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, 
     runner = CliRunner()
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = ["--cache", str(tiny_cache), *COMMON, "--set", "train.epochs=5"]
-    result = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage, "--batch", "2",
+    result = runner.invoke(main, ["sweep", "work", str(sweep), *args, "--study", storage, "--batch", "2",
                                   "--track", str(tmp_path / "mlruns")])
     assert result.exit_code == 0, result.output
     assert "worker: 3 trial(s) of study tpe" in result.output
@@ -207,11 +213,11 @@ def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, 
     dropouts = sorted(float(r.data.params["train.dropout"]) for r in runs)  # each trial's resolved config
     assert dropouts == pytest.approx(sorted(t.params["train.dropout"] for t in trials))
     assert all("val_presence.auc" in r.data.metrics for r in runs)
-    finish = runner.invoke(main, ["sweep-finish", "--study", storage, "--study-name", "tpe", "--out",
+    finish = runner.invoke(main, ["sweep", "finish", "--study", storage, "--study-name", "tpe", "--out",
                                   str(tmp_path / "done"), "--no-winner", *args])
     assert finish.exit_code == 0, finish.output
     assert len(pd.read_csv(tmp_path / "done" / "ranking.csv")) == 3
-    again = runner.invoke(main, ["train-heads", *args, "--sweep", str(sweep), "--study", storage])
+    again = runner.invoke(main, ["sweep", "work", str(sweep), *args, "--study", storage])
     assert again.exit_code == 0 and "worker: 0 trial(s)" in again.output  # the budget is spent
 
 
@@ -246,7 +252,7 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_w
     sweep.write_text("method: grid\nseed: 0\nrank_by: state.accuracy\nfolds: 2\ntest_fraction: 0.25\n"
                      "params:\n  train.hidden: [16, 32]\n")
     storage = tmp_path / "study.log"
-    args = ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--study", str(storage),
+    args = ["sweep", "work", str(sweep), "--cache", str(tiny_cache), "--study", str(storage),
             "--no-progress", *COMMON, "--set", "train.epochs=3", "--trials", "1"]
     runner = CliRunner()
     assert runner.invoke(main, args).exit_code == 0  # creates the study, trains configuration 0
@@ -280,7 +286,7 @@ def test_a_storage_that_cannot_be_opened_is_one_line_naming_it(tiny_cache, tmp_p
     (tmp_path / "not-a-db.db").write_text("this is not a database\n" * 100)
     sweep = tmp_path / "s.yaml"
     sweep.write_text(SWEEP)
-    result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--sweep", str(sweep), "--study",
-                                       bad, "--no-progress", *COMMON])
+    result = CliRunner().invoke(main, ["sweep", "work", str(sweep), "--cache", str(tiny_cache), "--study", bad,
+                                       "--no-progress", *COMMON])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"Error: --study {bad}: cannot open the storage (" in result.output
