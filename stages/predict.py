@@ -80,7 +80,7 @@ def _rows_by_hash(cache: FeatureCache) -> Dict[str, int]:
 def _from_cache(cache: Path, head: TrainedHead, hashes: List[str]) -> Dict[int, np.ndarray]:
     """Features of the images that a matching cache already holds (image index -> fused vector)."""
     with FeatureCache(cache) as c:
-        for spec in head.features:
+        for spec in head.run.features:
             if not c.made_as(spec, str(head.backbone(spec).get("provenance_sha256"))):
                 raise CacheError(f"cache {cache} does not hold {spec} features made as the head's (other weights or "
                                  "preprocessing); predict without --cache, or use the cache the head was trained on")
@@ -88,7 +88,7 @@ def _from_cache(cache: Path, head: TrainedHead, hashes: List[str]) -> Dict[int, 
         found = {i: row_of[h] for i, h in enumerate(hashes) if h in row_of}
         if not found:
             return {}
-        feats = c.features(head.features)
+        feats = c.features(head.run.features)
         return {i: feats[r] for i, r in found.items()}
 
 
@@ -110,7 +110,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     weights = dict(weights or {})
     extra = {name: a for name, a in head.parts.items() if a.backbone is not None}  # parts with their own backbone
     if "" in weights:  # a weights file without NAME=: only unambiguous for a head on one backbone
-        specs = sorted(set(head.features) | {a.backbone[0] for a in extra.values()})
+        specs = sorted(set(head.run.features) | {a.backbone[0] for a in extra.values()})
         if len(specs) != 1:
             raise PipelineError(f"--weights {weights['']}: this head uses {len(specs)} backbones "
                                 f"({', '.join(specs)}); name one: --weights NAME=FILE")
@@ -122,7 +122,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     hashes = [sha256_file(p) for p in files]
     cached = _from_cache(cache, head, hashes) if cache is not None else {}
     todo = [i for i in range(len(files)) if i not in cached]
-    features = np.full((len(files), int(head.spec["in_dim"])), np.nan, dtype=np.float32)
+    features = np.full((len(files), int(head.run.in_dim)), np.nan, dtype=np.float32)
     for i, vec in cached.items():
         features[i] = vec
     for applied in head.parts.values():
@@ -132,7 +132,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     backbones: Dict[str, LoadedBackbone] = {}
     pooled: List[str] = []  # the entries whose vectors, side by side, are the head's features
     if todo:
-        for spec in head.features:
+        for spec in head.run.features:
             lb = _rebuild_backbone(head.backbone(spec), spec, weights)
             backbones[lb.key] = lb
             pooled.append(lb.key)
@@ -163,12 +163,12 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     ok = np.isfinite(features).all(axis=1)
     features = np.nan_to_num(features)  # the unreadable images' rows: zeros, their answers masked by `ok`
     table = _image_table(files, ok, errors, [i in cached for i in range(len(files))])
-    grid = head.spec.get("grid", [np.nan, np.nan])
+    grid = head.run.grid
     for applied in head.parts.values():
         for column, values in applied.columns(features, ok, grid).items():
             table[column] = values
-    trained = set(head.spec.get("trained_sha256", []))
-    trained_pixels = set(head.spec.get("trained_pixels_sha256", []))
+    trained = set(head.run.trained_sha256)
+    trained_pixels = set(head.run.trained_pixels_sha256)
     table["in_training_set"] = [h in trained or (p != "" and p in trained_pixels) for h, p in zip(hashes, pixels)]
     _add_answer(head, table)
     # the image's own columns and how far to trust its answers first, then the answer, then the heads' outputs
@@ -206,10 +206,10 @@ NEAR_CHANCE_AUC = 0.6
 
 def _add_answer(head: TrainedHead, table: pd.DataFrame) -> None:
     """One answer per image, from one decision rule: P(nodule) from the head chosen on inner validation rows
-    for presence (head.json 'primary'; the reference head by default); found where P >= PRESENCE_THRESHOLD; only
+    for presence (the manifest's run.primary; the reference head by default); found where P >= PRESENCE_THRESHOLD; only
     then a position (from the head chosen for position); then each head part finishes its columns
     (Applied.finish: the lobe on the answer's side, nodule attributes emptied where none is found)."""
-    primary = head.spec.get("primary", {})
+    primary = head.run.primary
     evidence = primary.get("presence_auc") or {}
     low = (evidence.get("ci95") or [evidence.get("value")])[0]
     if low is not None and low == low and (low <= 0.5 or evidence["value"] < NEAR_CHANCE_AUC):
@@ -226,7 +226,7 @@ def _add_answer(head: TrainedHead, table: pd.DataFrame) -> None:
         table["nodule_prob_from"] = primary.get("presence", head.default)
         x_col, y_col = head.answers.get(primary.get("position", head.default), {}).get("position", ("", ""))
         if x_col in table and y_col in table:
-            grid_w, grid_h = head.spec.get("grid", [np.nan, np.nan])
+            grid_w, grid_h = head.run.grid
             x = np.where(found, table[x_col].to_numpy(dtype=float), np.nan)
             y = np.where(found, table[y_col].to_numpy(dtype=float), np.nan)
             table["nodule_x"], table["nodule_y"] = x, y

@@ -208,7 +208,7 @@ def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, o
         for plugin, outcome in cv.families():
             plugin.files(tmp, data, outcome)
         if head is not None:
-            write_head(tmp / "model", head.tensors, head.spec)
+            write_head(tmp / "model", head.manifest, head.tensors)
             (tmp / "model" / "config.yaml").write_text(dump_config(cfg))
         write_plots(tmp / "plots", data, cv)
         (tmp / "report.md").write_text(report_markdown(data, cfg, cv, seconds, internal))

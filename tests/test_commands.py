@@ -156,15 +156,15 @@ def test_predict_says_when_the_answering_head_was_near_chance(trained, synthetic
     and nothing was printed; predict now says so, with the figure the run measured."""
     auc = json.loads((trained / "metrics.json").read_text())["models"]["res-mtnet"]["overall"]["presence"]["auc"]
     spec = json.loads((trained / "model" / "head.json").read_text())
-    assert spec["primary"]["presence_auc"]["value"] == pytest.approx(auc["pooled"])
+    assert spec["run"]["primary"]["presence_auc"]["value"] == pytest.approx(auc["pooled"])
     image = sorted((synthetic_master / "images").glob("*.png"))[0]
     result = _invoke("predict", "--model", trained, "--images", image, "--out", tmp_path / "p")
     near = auc["ci95"][0] <= 0.5 or auc["pooled"] < 0.6
     assert ("near chance" in result.output) == near
     good = tmp_path / "good"
     shutil.copytree(trained, good)
-    spec["primary"]["presence_auc"] = {"value": 0.9 if near else 0.45, "ci95": [0.85, 0.95] if near else [0.3, 0.6],
-                                       "on": "out-of-fold"}
+    spec["run"]["primary"]["presence_auc"] = {"value": 0.9 if near else 0.45,
+                                              "ci95": [0.85, 0.95] if near else [0.3, 0.6], "on": "out-of-fold"}
     (good / "model" / "head.json").write_text(json.dumps(spec))
     result = _invoke("predict", "--model", good, "--images", image, "--out", tmp_path / "q")
     assert ("near chance" in result.output) != near

@@ -291,8 +291,8 @@ def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, ensemble_run, 
     heat = summary.metrics["localisation"]["heatmap"]
     pooled = summary.metrics["localisation"]["pooled-regression"]
     assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
-    spec, tensors = read_head(run)
-    assert spec["localisation"]["members"] == 3 and tensors["loc_mean"].shape[0] == 3
+    manifest, tensors = read_head(run)
+    assert manifest.families["loc"]["members"] == 3 and tensors["loc"]["loc_mean"].shape[0] == 3
     result = predict(run, [data / "images" / "JPCLN002.png"], tmp_path / "pred")
     assert np.isfinite(result.table["localisation_x"]).all()
 
@@ -376,7 +376,7 @@ def test_the_second_stage_trains_refits_and_predicts(nodule_cache, ensemble_run,
     assert heat["within_radius"]["pooled"] > max(0.15, 3 * pooled["within_radius"]["pooled"])
     assert heat["froc_radius_at_1fp"]["pooled"] > pooled["froc_radius_at_1fp"]["pooled"]
     _, tensors = read_head(run)
-    assert "loc_rescore.coef" in tensors
+    assert "loc_rescore.coef" in tensors["loc"]
     result = predict(run, [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True,
                      cache=cache)
     row = result.table.iloc[0]

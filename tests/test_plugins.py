@@ -165,7 +165,7 @@ def test_an_installed_plugin_adds_a_weighting_a_protocol_and_a_task_kind_to_trai
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["loss_weights"].values()) == {1.0}  # the plugin's weighting: the lambda of 3 had no say
     assert len(metrics["meta"]["splits"]) == 2 and metrics["meta"]["protocol"] == "toy-halves"  # two halves
-    assert [t["kind"] for t in json.loads((out / "model" / "head.json").read_text())["tasks"]
+    assert [t["kind"] for t in json.loads((out / "model" / "head.json").read_text())["families"]["res-mtnet"]["tasks"]
             if t["name"] == "size"] == ["toy-l1"]
 
 

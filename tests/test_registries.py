@@ -358,8 +358,8 @@ def test_a_new_task_kind_is_one_registered_class(tiny_cache, tmp_path):
         assert {"mse", "mae"} <= set(size) and np.isfinite(size["mae"]["pooled"])
         from pipeline.heads.artefact import read_head
 
-        spec, _ = read_head(tmp_path / "run")
-        assert [t["kind"] for t in spec["tasks"] if t["name"] == "size"] == ["l1"]
+        manifest, _ = read_head(tmp_path / "run")
+        assert [t["kind"] for t in manifest.families["res-mtnet"]["tasks"] if t["name"] == "size"] == ["l1"]
     finally:
         KINDS.unregister("l1")
 
@@ -539,8 +539,8 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     assert json.loads((run / "metrics.json").read_text())["probe"]["n"] > 0
     assert "probe_presence_prob" in pd.read_csv(run / "predictions.csv")
     spec = json.loads((run / "model" / "head.json").read_text())
-    assert spec["probe"] == {"c": 0.5} and set(spec["primary"]["validation"]) == {"probe", "pooled"}
-    assert spec["primary"]["presence"] in ("probe", "pooled")
+    assert spec["families"]["probe"] == {"c": 0.5} and set(spec["run"]["primary"]["validation"]) == {"probe", "pooled"}
+    assert spec["run"]["primary"]["presence"] in ("probe", "pooled")
 
     images = sorted(synthetic_master.glob("**/*.png"))[:2]
     predicted = runner.invoke(main, ["predict", "--model", str(run), "--images", str(images[0]), "--images",
@@ -548,7 +548,7 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     assert predicted.exit_code == 0, predicted.output
     table = pd.read_csv(tmp_path / "p.csv")
     assert table["probe_presence_prob"].between(0, 1).all()
-    if spec["primary"]["presence"] == "probe":
+    if spec["run"]["primary"]["presence"] == "probe":
         assert (table["nodule_prob"] == table["probe_presence_prob"]).all()
 
     sweep = tmp_path / "sweep.yaml"
@@ -558,7 +558,7 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     swept = runner.invoke(main, ["train-heads", *common, "--sweep", str(sweep), "--out", str(tmp_path / "sweep")])
     assert swept.exit_code == 0, swept.output
     assert "train-heads --sweep is deprecated" in swept.output and "resmtnet sweep run SPEC" in swept.output
-    assert "probe" in json.loads((tmp_path / "sweep" / "winner" / "model" / "head.json").read_text())
+    assert "probe" in json.loads((tmp_path / "sweep" / "winner" / "model" / "head.json").read_text())["families"]
     ranking = pd.read_csv(tmp_path / "sweep" / "ranking.csv")
     assert ranking["val_probe.auc"].is_monotonic_decreasing and "auc" in json.loads(
         (tmp_path / "sweep" / "winner.json").read_text())["test"]["probe"]

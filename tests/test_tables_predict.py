@@ -163,13 +163,19 @@ def test_the_head_artefact_has_one_owner_and_checks_its_version(trained_run, tmp
 
     from pipeline.heads.artefact import HEAD_VERSION, read_head
 
-    spec, tensors = read_head(trained_run)
-    assert spec["format"] == "resmtnet-head" and spec["version"] == HEAD_VERSION and "head.w_in" in tensors
+    manifest, tensors = read_head(trained_run)
+    raw = json.loads((trained_run / "model" / "head.json").read_text())
+    assert raw["format"] == "resmtnet-head" and raw["version"] == HEAD_VERSION == 3
+    assert list(raw) == ["format", "version", "run", "families"] and list(raw["families"]) == ["res-mtnet"]
+    assert manifest.run.in_dim == raw["run"]["in_dim"] > 0 and manifest.run.features == raw["run"]["features"]
+    # tensors namespaced by the envelope: each family receives its own, under the names it gave them
+    assert "head.w_in" in tensors["res-mtnet"] and set(tensors) <= set(manifest.families)
     old = tmp_path / "old"
     shutil.copytree(trained_run, old)
     description = old / "model" / "head.json"
-    description.write_text(json.dumps({**json.loads(description.read_text()), "version": 1}))
-    with pytest.raises(PipelineError, match="format version 1; this code reads version 2: retrain it"):
+    description.write_text(json.dumps({**json.loads(description.read_text()), "version": 2}))
+    with pytest.raises(PipelineError, match=r"format version 2; this code reads version 3: retrain it with resmtnet "
+                                            r"train-heads --cache \S+ --config \S+config.yaml --out \S+-v3"):
         predict(old, [tmp_path / "x.png"])
 
 

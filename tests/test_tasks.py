@@ -87,7 +87,7 @@ def test_an_extra_label_column_trains_as_a_task_end_to_end(smoker_cache, synthet
     assert row["pooled_smoker"] in ("no", "yes") and 0 <= row["pooled_smoker_p_yes"] <= 1
     assert np.isfinite(row["pooled_age"]) and row["pooled_sex"] in ("female", "male")
     spec = json.loads((run / "model" / "head.json").read_text())
-    assert [t["name"] for t in spec["tasks"]] == ["state", "smoker", "age", "sex"]
+    assert [t["name"] for t in spec["families"]["res-mtnet"]["tasks"]] == ["state", "smoker", "age", "sex"]
 
 
 def test_normalised_errors_divide_by_the_grid_only_for_the_papers_position_and_size():

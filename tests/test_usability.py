@@ -190,12 +190,12 @@ def test_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodule
     table = pd.read_csv(tmp_path / "p.csv")
     assert table["in_training_set"].all()
     spec = json.loads((run_dir / "model" / "head.json").read_text())
-    assert {"position", "presence"} <= set(spec["primary"])
-    assert spec["primary"]["chosen_on"].startswith("inner validation rows")  # never the test folds
+    assert {"position", "presence"} <= set(spec["run"]["primary"])
+    assert spec["run"]["primary"]["chosen_on"].startswith("inner validation rows")  # never the test folds
     assert {"nodule_prob", "nodule_found", "nodule_x", "nodule_y", "nodule_lobe", "localisation_x",
             "pooled_x"} <= set(table.columns)
     source = {"pooled": "pooled_presence_prob",
-              "localisation": "localisation_presence_prob"}[spec["primary"]["presence"]]
+              "localisation": "localisation_presence_prob"}[spec["run"]["primary"]["presence"]]
     np.testing.assert_allclose(table["nodule_prob"], table[source])
     for _, row in table.iterrows():
         if not row["nodule_found"]:  # no nodule: no lobe, diagnosis, position or size

@@ -27,6 +27,7 @@ from pipeline.core.train import Progress, Split, no_progress
 from pipeline.data.labels import load_label_maps
 from pipeline.data.table import blank_meaning, task_groups
 from pipeline.errors import ConfigError
+from pipeline.heads.artefact import HeadManifest, RunFacts
 from pipeline.heads.plugin import TaskPredictions, enabled_heads, head_families
 
 logger = logging.getLogger(__name__)
@@ -279,11 +280,11 @@ def presence_evidence(cv: CVResult) -> Optional[Dict[str, object]]:
 
 @dataclass
 class Refit:
-    """Heads trained on every usable row (what predict uses): the artefact's tensors and its whole description
+    """Heads trained on every usable row (what predict uses): each family's tensors by its name and the manifest
     (pipeline.heads.artefact writes both)."""
 
-    tensors: Dict[str, object]
-    spec: Dict[str, object]
+    tensors: Dict[str, Dict[str, object]]
+    manifest: HeadManifest
 
 
 def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_progress) -> Refit:
@@ -291,25 +292,19 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
     cross-validation validated); the description adds what the features, the training rows and the coordinate
     grid were."""
     split = Split(train=data.rows, test=np.zeros(0, dtype=np.int64), key=cfg.train.seed * 1000 + 999)
-    tensors: Dict[str, object] = {}
-    spec: Dict[str, object] = {"tool_version": __version__}
+    tensors: Dict[str, Dict[str, object]] = {}
+    families: Dict[str, Dict[str, object]] = {}
     for plugin, outcome in cv.families():
-        part_tensors, part = plugin.refit(data, cfg, outcome, split, progress)
-        clash = set(part_tensors) & set(tensors)
-        if clash:
-            raise RuntimeError(f"head family {plugin.name}: tensors {', '.join(sorted(clash))} already written")
-        tensors.update(part_tensors)
-        plugin.place(spec, part)
-    spec.update({
-        "features": data.specs, "trained_rows": int(len(data.rows)),
-        "trained_sha256": [data.hashes[r] for r in data.rows] if data.hashes else [],
+        tensors[plugin.name], families[plugin.name] = plugin.refit(data, cfg, outcome, split, progress)
+    run = RunFacts(
+        features=list(data.specs), in_dim=int(data.features.shape[1]),
+        grid=[float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
+        primary=dict(cv.primary), backbones=dict(data.provenance), trained_rows=int(len(data.rows)),
+        trained_sha256=[data.hashes[r] for r in data.rows] if data.hashes else [],
         # the decoded images too: a DICOM (or re-encoded) copy of a training image is a training image
-        "trained_pixels_sha256": [data.pixel_hashes[r] for r in data.rows] if data.pixel_hashes else [],
-        "primary": cv.primary,
-        # the coordinate grid x and y were learnt in (JSRT: 2048), to express predictions in any image's pixels
-        "grid": [float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
-        "backbones": dict(data.provenance), "cache_image_set_sha256": data.cache_attrs.get("image_set_sha256")})
-    return Refit(tensors, spec)
+        trained_pixels_sha256=[data.pixel_hashes[r] for r in data.rows] if data.pixel_hashes else [],
+        cache_image_set_sha256=data.cache_attrs.get("image_set_sha256"), tool_version=__version__)
+    return Refit(tensors, HeadManifest(run, families))
 
 
 def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], reference: TaskPredictions,

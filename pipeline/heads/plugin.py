@@ -10,9 +10,10 @@ head artefact (`Applied`). None of them names a family: a new one is one file th
 The reference family predicts the run's declared tasks (the built-in one is the paper's Res-MTNet head,
 `pipeline.heads.resmtnet.family`, settings in train): it is trained first, the other families compare with its
 out-of-fold predictions, its answers are predict's default, its task reports are the paper's tables' rows, and
-its parts of the outputs sit at their top level (head.json, metrics.json, unprefixed sweep metrics
-'<task>.<metric>'), as they did before it was a plugin. Another built-in family is the localisation head
-(`pipeline.heads.loc.family`, name 'loc', settings in train.loc). A family registered elsewhere reads its settings
+its parts of the outputs sit at their top level (metrics.json, unprefixed sweep metrics '<task>.<metric>'), as they
+did before it was a plugin; in the head artefact every family, the reference too, has a section of its own.
+Another built-in family is the localisation head (`pipeline.heads.loc.family`, name 'loc', settings in
+train.loc). A family registered elsewhere reads its settings
 from `train.heads.<name>` (a mapping of its own keys). This module imports no torch: the config validates family
 names through it.
 """
@@ -87,7 +88,7 @@ class HeadPlugin:
     an image's position or presence names its predict columns in `answers` and chooses in `choose`."""
 
     name: str = ""  # registry name; its sweep metrics are '<name>.<metric>', its config section train.heads.<name>
-    artefact: str = ""  # its key in head.json and metrics.json, its answer's name, its predict columns' prefix
+    artefact: str = ""  # its key in metrics.json, its answer's name, its predict columns' prefix
     settings: Optional[type] = None  # the dataclass of its train.heads.<name> section (families outside config)
     #: role -> its predict columns: {'position': (x, y), 'presence': (prob,)}; its answer name is `artefact`
     answers: Dict[str, Tuple[str, ...]] = {}
@@ -111,10 +112,6 @@ class HeadPlugin:
         if taken:
             raise RuntimeError(f"head family {self.name}: {', '.join(sorted(taken))} already written by another")
         out.update(entries)
-
-    def part(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """Its part of a head.json (what `refit` wrote), None when the head has none."""
-        return spec if self.reference else spec.get(self.artefact)
 
     def section(self, cfg) -> Optional[Any]:
         """Its config section when the family is enabled in `cfg`, else None."""
@@ -167,11 +164,13 @@ class HeadPlugin:
         return {}
 
     def refit(self, data, cfg, outcome, split, progress) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        """Its final head on `split.train`: (tensors, its part of head.json)."""
+        """Its final head on `split.train`: (its tensors, its section of the artefact's manifest), both under its
+        name (pipeline.heads.artefact)."""
         raise NotImplementedError
 
     def load_head(self, spec: Dict[str, Any], tensors: Dict[str, Any]) -> Applied:
-        """Its part of a trained head (what `part` finds), for predict."""
+        """Its part of a trained head for predict, from its manifest section and its own tensors (what `refit`
+        returned)."""
         raise NotImplementedError
 
     # sweeps

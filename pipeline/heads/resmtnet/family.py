@@ -233,9 +233,6 @@ class ResMTNetPlugin(HeadPlugin):
         spec["loss_weights"] = result.loss_weights
         return tensors, spec
 
-    def part(self, spec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        return spec if "tasks" in spec else None
-
     def load_head(self, spec, tensors) -> PooledApplied:
         return PooledApplied(spec, tensors)
 
