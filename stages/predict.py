@@ -21,6 +21,7 @@ from pipeline.features.backbones import create_backbone, parse_spec
 from pipeline.features.extraction import Extractor, LoadedBackbone
 from pipeline.features.preprocess import Preprocess
 from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.heads.answer import AnswerPolicy
 from pipeline.heads.artefact import TrainedHead, load_trained_head
 from pipeline.heads.plugin import Applied
 from pipeline.runtime import pick_device
@@ -198,42 +199,13 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     return PredictResult(table, csv_path, json_path)
 
 
-#: P(nodule) at or above which an image is reported with a nodule (and its attributes).
-PRESENCE_THRESHOLD = 0.5
-#: below this presence AUC (or with a CI reaching 0.5) predict warns that the answering head is near chance
-NEAR_CHANCE_AUC = 0.6
-
-
 def _add_answer(head: TrainedHead, table: pd.DataFrame) -> None:
-    """One answer per image, from one decision rule: P(nodule) from the head chosen on inner validation rows
-    for presence (the manifest's run.primary; the reference head by default); found where P >= PRESENCE_THRESHOLD; only
-    then a position (from the head chosen for position); then each head part finishes its columns
-    (Applied.finish: the lobe on the answer's side, nodule attributes emptied where none is found)."""
-    primary = head.run.primary
-    evidence = primary.get("presence_auc") or {}
-    low = (evidence.get("ci95") or [evidence.get("value")])[0]
-    if low is not None and low == low and (low <= 0.5 or evidence["value"] < NEAR_CHANCE_AUC):
-        logger.warning("the head answering 'nodule or not' scored presence AUC %.3g%s (%s) in training: near chance, "
-                       "so its nodule_prob is close to a guess", evidence["value"],
-                       f" [{evidence['ci95'][0]:.3g}, {evidence['ci95'][1]:.3g}]" if evidence.get("ci95") else "",
-                       evidence["on"])
-    found = x_norm = None
-    presence = head.answers.get(primary.get("presence", head.default), {}).get("presence")
-    if presence and presence[0] in table:
-        found = (table[presence[0]] >= PRESENCE_THRESHOLD).to_numpy(dtype=bool)
-        table["nodule_prob"] = table[presence[0]]
-        table["nodule_found"] = found
-        table["nodule_prob_from"] = primary.get("presence", head.default)
-        x_col, y_col = head.answers.get(primary.get("position", head.default), {}).get("position", ("", ""))
-        if x_col in table and y_col in table:
-            grid_w, grid_h = head.run.grid
-            x = np.where(found, table[x_col].to_numpy(dtype=float), np.nan)
-            y = np.where(found, table[y_col].to_numpy(dtype=float), np.nan)
-            table["nodule_x"], table["nodule_y"] = x, y
-            table["nodule_x_image"] = x / grid_w * table["image_width"].to_numpy(dtype=float)
-            table["nodule_y_image"] = y / grid_h * table["image_height"].to_numpy(dtype=float)
-            table["nodule_position_from"] = primary.get("position", head.default)
-            x_norm = x / grid_w
+    """One answer per image (pipeline.heads.answer.AnswerPolicy), then each family's part finishes its columns."""
+    policy = AnswerPolicy.of(head)
+    warning = policy.near_chance()
+    if warning:
+        logger.warning("%s", warning)
+    found, x_norm = policy.apply(table)
     for applied in head.parts.values():
         applied.finish(table, found, x_norm)
 

@@ -216,14 +216,14 @@ def test_predict_marks_training_images_gives_one_answer_and_blanks_absent_nodule
 def test_overlay_draws_what_the_row_says(loc_run, synthetic_master, tmp_path, monkeypatch):
     """found => the answer's centre is drawn where the row puts it; not found => no centre at all."""
     import pipeline.core.plots
-    import stages.predict
+    import pipeline.heads.answer
     from stages.predict import predict
 
     _, run_dir = loc_run
     images = sorted((synthetic_master / "images").glob("*.png"))[:12]
     probs = predict(run_dir, images).table["nodule_prob"]
     # a threshold between the images' probabilities: some found, some not, whatever the tiny head learnt
-    monkeypatch.setattr(stages.predict, "PRESENCE_THRESHOLD", float(np.median(probs)))
+    monkeypatch.setattr(pipeline.heads.answer, "PRESENCE_THRESHOLD", float(np.median(probs)))
     drawn = []
     monkeypatch.setattr(pipeline.core.plots, "draw_overlay", lambda ax, image, scores, predicted, *a, **k:
                         drawn.append(predicted))
