@@ -159,14 +159,6 @@ def installed() -> metadata.EntryPoints:
     return _INSTALLED[0]
 
 
-def rescan() -> None:
-    """Forget what was read, so that packages installed since are seen (tests that install a plugin)."""
-    _INSTALLED.clear()
-    for registry in REGISTRIES.values():
-        registry._plugins = None
-        registry._loaded = False
-
-
 def declare(key: str, kind: str, builtin: Dict[str, str]) -> Registry:
     registry: Registry = Registry(key, kind, builtin)
     REGISTRIES[key] = registry
@@ -198,7 +190,8 @@ PROTOCOLS: Registry = declare("protocols", "evaluation protocol", {
     for name in ("kfold", "holdout", "official", "insample", "contaminated", "external", "leave-one-dataset-out")})
 
 
-def load_all() -> None:
-    """Import every registry's entries (the contract tests; `resmtnet plugins`)."""
-    for registry in REGISTRIES.values():
-        registry.load()
+def catalogue() -> Dict[str, List[Tuple[str, str]]]:
+    """Every registry's entries, each imported, as (name, the module that registered it), for `resmtnet plugins`:
+    a broken plugin fails here with its own error."""
+    return {registry.kind: [(name, registry.origin(name)) for name in registry.load()]
+            for registry in REGISTRIES.values()}

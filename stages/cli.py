@@ -69,6 +69,19 @@ def config_cmd(config_path: Optional[str]) -> None:
         click.echo(f"{key} = {shown}" + (f"    # {meaning}" if meaning else ""))
 
 
+@main.command("plugins")
+@logging_options
+def plugins_cmd() -> None:
+    """List every extension point's entries (head families, backbone families, layouts, task kinds, loss
+    weightings, protocols) with the module that registered each: the built-ins and installed plugins."""
+    from pipeline.plugins import catalogue
+
+    for kind, entries in catalogue().items():
+        click.echo(f"{kind}:")
+        for name, origin in entries:
+            click.echo(f"  {name:<24} {origin}")
+
+
 @main.command("fetch-weights")
 @click.option("--config", "config_path", default="paper", show_default=True,
               help="Fetch every backbone this config extracts or tabulates (when no --backbone is given).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -154,6 +155,9 @@ def test_an_installed_plugin_adds_a_weighting_a_protocol_and_a_task_kind_to_trai
                                                                                         tmp_path):
     help_text = _cli(installed_plugin, "train-heads", "--help").stdout
     assert "toy-halves" in help_text and "toy-equal" in help_text  # the CLI's help lists the plugin's names
+    listed = _cli(installed_plugin, "plugins").stdout  # each entry with the module that registered it
+    assert re.search(r"toy-equal +resmtnet_toy\.weighting", listed)
+    assert re.search(r"kfold +pipeline\.core\.splits", listed)
     out = tmp_path / "run"
     done = _cli(installed_plugin, "train-heads", "--cache", str(tiny_cache), "--out", str(out), "--no-progress",
                 "--protocol", "toy-halves", "--loss-weighting", "toy-equal",
