@@ -1,5 +1,5 @@
-"""Sweeps shared by many workers: an Optuna study as the queue and the record (`train-heads --sweep SPEC --study
-STORAGE`), and `resmtnet sweep-finish` to rank it, score the winner once on the held-out rows and train it.
+"""Sweeps shared by many workers: an Optuna study as the queue and the record (`resmtnet sweep work SPEC --study
+STORAGE`), and `resmtnet sweep finish` to rank it, score the winner once on the held-out rows and train it.
 
 * The study is created by the first worker (Optuna makes creation atomic: the others load it and wait for it to be
   ready). Creation fixes the development / held-out split (the sweep's seed and the held-out image ids in the
@@ -107,7 +107,7 @@ def _file_lock(path: Path):
 
 def setup_of(cfg: Config) -> Dict[str, str]:
     """The settings a trial's result depends on (data, train and eval; not the device), flattened: every worker of
-    a study and its sweep-finish must share them."""
+    a study and its sweep finish must share them."""
     from pipeline.configio import to_dict
     from pipeline.tracking import flatten
 
@@ -161,7 +161,7 @@ class Study:
 
 def open_study(storage_url: str, name: str, spec: SweepSpec, direction: int, held_out_ids: List[str],
                wait_s: float = 120.0, cfg: Optional[Config] = None, cache: Optional[Path] = None) -> Study:
-    """Create the study (and fix its split and queue, and store the creator's config and cache for sweep-finish)
+    """Create the study (and fix its split and queue, and store the creator's config and cache for sweep finish)
     or load it; a loaded study's sweep, and the settings its trials depend on, must be this worker's."""
     optuna = _optuna()
     storage = open_storage(storage_url)

@@ -620,7 +620,8 @@ def test_a_new_layout_is_one_registered_entry(synthetic_master, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# the releases people download (pipeline.data.releases) and errors that name the fix
+# the releases people download (pipeline/data/layouts/: vinbigdata, rsna, siim, padchest) and errors that name
+# the fix
 
 
 def _kaggle_rle2mask(rle: str, width: int, height: int) -> np.ndarray:

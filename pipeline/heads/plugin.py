@@ -13,9 +13,9 @@ out-of-fold predictions, its answers are predict's default, its task reports are
 its parts of the outputs sit at their top level (metrics.json, unprefixed sweep metrics '<task>.<metric>'), as they
 did before it was a plugin; in the head artefact every family, the reference too, has a section of its own.
 Another built-in family is the localisation head (`pipeline.heads.loc.family`, name 'loc', settings in
-train.loc). A family registered elsewhere reads its settings
-from `train.heads.<name>` (a mapping of its own keys). This module imports no torch: the config validates family
-names through it.
+train.loc). A family registered elsewhere (pipeline.plugins.HEAD_FAMILIES, or an installed package's
+resmtnet.head_families entry point) reads its settings from `train.heads.<name>` (a mapping of its own keys) and
+checks them through `check_section` when the config is resolved. This module imports no torch.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class TaskPredictions:
     """The reference family's out-of-fold predictions of the declared tasks, what the other families compare
     with: `oof` (pipeline.core.splits.OutOfFold: the splits' test rows) and `per_split[s][task]`, split
     s's predictions of every row (its inner validation rows included). `model`: its name in the task reports;
-    `answer`: its name in head.json's primary."""
+    `answer`: its name in the head manifest's run.primary."""
 
     model: str
     answer: str
