@@ -118,7 +118,7 @@ def rank_direction(data: TrainData, cfg: Config, rank_by: str, where: str) -> in
     """+1 where a higher `rank_by` is better, -1 for errors: a metric of a head family whose inputs were loaded
     (the reference's '<task>.<metric>', from the task's kind; another family's '<family>.<metric>', e.g.
     loc.froc_radius_at_2fp at eval.froc_fps' levels). A family's own name is looked up before the tasks."""
-    families = sorted(loaded_heads(data), key=lambda p: p.reference)
+    families = loaded_heads(data)[::-1]  # the reference (listed first) last: a family's own name before the tasks
     for plugin in families:
         try:
             direction = plugin.rank_direction(data, cfg, rank_by)
@@ -126,7 +126,7 @@ def rank_direction(data: TrainData, cfg: Config, rank_by: str, where: str) -> in
             raise ConfigError(f"{where}: {exc}") from None
         if direction is not None:
             return direction
-    named = [t.name for t in data.tasks] + [p.name for p in families if not p.reference]
+    named = [prefix for plugin in loaded_heads(data) for prefix in plugin.rank_prefixes(data)]
     raise ConfigError(f"{where}: rank_by '{rank_by}' must be <task>.<metric> with a trained task or head family "
                       f"({', '.join(named)})")
 

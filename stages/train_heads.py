@@ -150,16 +150,13 @@ def track_run(target: str, out: Path, cfg: Config, cv: CVResult) -> Tuple[str, s
     headline metric of every model of the declared tasks with its CI bounds and every other head family's metrics
     ('<family>.<metric>'), and the run's outputs as artefacts. Returns where it went: (run id, tracking URI)."""
     from pipeline.configio import to_dict
-    from pipeline.tracking import Tracker, flatten, metric_values
+    from pipeline.tracking import Tracker, flatten
 
     metrics: Dict[str, float] = {}
-    for model, report in cv.reports.items():
-        metrics.update(metric_values(report.get("overall", {}), f"{model}."))
     curves: Dict[str, List[float]] = {}
     for plugin, outcome in cv.families():
         curves.update({plugin.qualified(k): v for k, v in plugin.curves(outcome).items()})
-        if not plugin.reference:  # the reference's reports are the models' above
-            metrics.update(metric_values(plugin.metrics(outcome), f"{plugin.name}."))
+        metrics.update(plugin.tracked_metrics(outcome))
     tracker = Tracker(target)
     rid = tracker.log_run(out.name, flatten(to_dict(cfg)), metrics, curves,
                           [out / "report.md", out / "metrics.json", out / "config.yaml", out / "plots"],
@@ -198,8 +195,7 @@ def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, o
                                       **({"internal": internal} if internal else {})}
         for plugin, outcome in cv.families():
             part = plugin.metrics(outcome)
-            if plugin.reference:
-                meta.update(part.pop("meta", {}))
+            meta.update(part.pop("meta", {}))  # a family's facts about the run (the reference's epochs, ...)
             plugin.place(metrics, part)
         meta["timings"] = {**phases, **meta.get("timings", {})}  # seconds per phase (benchmarks/scale.py)
         (tmp / "config.yaml").write_text(dump_config(cfg))

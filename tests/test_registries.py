@@ -2,6 +2,8 @@
 kind, loss weighting, backbone family or protocol must bring an example here and pass the same checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -412,6 +414,24 @@ def test_the_engine_and_the_stages_name_no_head_family(path):
         if word is not None and word not in NOT_A_FAMILY.get(path, ()) and (word in names or word.startswith(prefixes)):
             found.append(f"{path}:{node.lineno} {word!r}")
     assert not found, found
+
+
+STAGES = sorted((Path(__file__).resolve().parents[1] / "stages").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", ["pipeline/evaluation/engine.py", "pipeline/heads/artefact.py",
+                                  "pipeline/heads/answer.py", *[f"stages/{p.name}" for p in STAGES]])
+def test_only_the_families_and_the_contract_branch_on_the_reference_flag(path):
+    """What the reference family does differently (outputs at the top level, its predictions handed to the
+    others, its tracked metrics) is its own overrides; the engine and the stages read the reference's
+    predictions (cv.reference), never a family's `reference` flag."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / path).read_text())
+    flags = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "reference"
+             and not (isinstance(node.value, ast.Name) and node.value.id == "cv")]
+    assert not flags, f"{path}: lines {flags} read a family's reference flag"
 
 
 def _probe_family():

@@ -253,8 +253,9 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
     for plugin, _ in enabled_heads(cfg):
         outcome = plugin.cross_validate(data, cfg, splits, names, cv.reference, progress)
         cv.heads[plugin.name] = outcome
-        if plugin.reference:  # one registered family is (tests/test_registries.py), listed first
-            cv.reference = plugin.task_predictions(outcome)
+        predictions = plugin.task_predictions(outcome)  # the reference's (one family: tests/test_registries.py)
+        if predictions is not None:
+            cv.reference = predictions
         cv.reports.update(plugin.task_reports(outcome))
         cv.timings.update(getattr(outcome, "timings", {}))
     cv.primary = primary_answers(data, cfg, splits, cv.reference, cv.families())
@@ -313,7 +314,7 @@ def primary_answers(data: TrainData, cfg: Config, splits: Sequence[Split], refer
     family, unless another family (HeadPlugin.choose, given its out-of-fold outcome) does better on the inner
     validation rows of every split (never on test folds); the reference without inner validation rows."""
     out: Dict[str, object] = {"position": reference.answer, "presence": reference.answer}
-    others = [(p, o) for p, o in outcomes if not p.reference]
+    others = [(p, o) for p, o in outcomes if p.artefact != reference.answer]
     n_val = sum(len(s.val) for s in splits)
     if not others or not n_val:
         out["chosen_on"] = "default (no other head)" if not others else "default (no inner validation rows)"

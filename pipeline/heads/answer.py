@@ -1,10 +1,10 @@
 """Predict's answer policy: one object that turns the head families' columns into one answer per image.
 
-P(nodule) comes from the family chosen for presence on inner validation rows (the manifest's `run.primary`; the
-reference family by default), an image is reported with a nodule where P >= the threshold, and only then with a
-position, from the family chosen for position; each family's part then finishes its columns (Applied.finish: the
-lobe on the answer's side, nodule attributes emptied where none is found). The policy reads only the columns the
-families declare for each role (HeadPlugin.answers) and the run's facts; it names no family.
+P(nodule) comes from the family chosen for presence on inner validation rows (the manifest's `run.primary`: the
+reference family unless another did better there), an image is reported with a nodule where P >= the threshold,
+and only then with a position, from the family chosen for position; each family's part then finishes its columns
+(Applied.finish: the lobe on the answer's side, nodule attributes emptied where none is found). The policy reads
+only the columns the families declare for each role (HeadPlugin.answers) and the run's facts; it names no family.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ class AnswerPolicy:
     @classmethod
     def of(cls, head: TrainedHead, threshold: Optional[float] = None) -> "AnswerPolicy":
         primary = head.run.primary
-        presence_from = primary.get("presence", head.default)
-        position_from = primary.get("position", head.default)
+        presence_from = str(primary.get("presence", ""))  # every role is named (engine.primary_answers)
+        position_from = str(primary.get("position", ""))
         presence = head.answers.get(presence_from, {}).get("presence")
         position = head.answers.get(position_from, {}).get("position")
         return cls(presence_from, presence[0] if presence else None, position_from,

@@ -134,7 +134,6 @@ class TrainedHead:
     manifest: HeadManifest
     parts: Dict[str, Any] = field(default_factory=dict)  # answer name (artefact key) -> loaded part, reference first
     answers: Dict[str, Dict[str, tuple]] = field(default_factory=dict)  # answer name -> role -> its columns
-    default: str = ""  # the reference's answer name: who answers where the manifest's primary does not say
 
     @property
     def run(self) -> RunFacts:
@@ -162,6 +161,4 @@ def load_trained_head(run_dir: Path) -> TrainedHead:
         if part is not None:
             head.parts[plugin.artefact] = plugin.load_head(part, tensors.get(plugin.name, {}))
             head.answers[plugin.artefact] = dict(plugin.answers)
-            if plugin.reference:
-                head.default = plugin.artefact
     return head

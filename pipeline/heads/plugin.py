@@ -98,16 +98,20 @@ class HeadPlugin:
     @property
     def epochs_key(self) -> str:
         """Its validated epochs' column in a sweep's ranking."""
-        return "epochs" if self.reference else f"{self.name}_epochs"
+        return f"{self.name}_epochs"
 
     def qualified(self, key: str) -> str:
-        """Its name for one of its metrics or curves in a flat namespace: '<name>.<key>' (the reference's as is)."""
-        return key if self.reference else f"{self.name}.{key}"
+        """Its name for one of its metrics or curves in a flat namespace: '<name>.<key>'."""
+        return f"{self.name}.{key}"
+
+    def entries(self, part: Dict[str, Any], key: str = "") -> Dict[str, Any]:
+        """Its part of an output (metrics.json, a winner's test scores) as entries of that output: under `key`
+        (its `artefact` by default)."""
+        return {key or self.artefact: part}
 
     def place(self, out: Dict[str, Any], part: Dict[str, Any], key: str = "") -> None:
-        """Put its part of an output (head.json, metrics.json, a winner's test scores) into `out`: under `key` (its
-        `artefact` by default), or (the reference) at the top level; a key another family took is a bug."""
-        entries = part if self.reference else {key or self.artefact: part}
+        """Put its part of an output into `out` (as `entries` says); a key another family took is a bug."""
+        entries = self.entries(part, key)
         taken = set(entries) & set(out)
         if taken:
             raise RuntimeError(f"head family {self.name}: {', '.join(sorted(taken))} already written by another")
@@ -149,9 +153,16 @@ class HeadPlugin:
         for the reference itself). An outcome with a `timings` mapping (part -> seconds) has it in metrics.json."""
         raise NotImplementedError
 
-    def task_predictions(self, outcome) -> TaskPredictions:
-        """The reference family's out-of-fold predictions of the declared tasks."""
-        raise NotImplementedError
+    def task_predictions(self, outcome) -> Optional[TaskPredictions]:
+        """Its out-of-fold predictions of the declared tasks, which the other families compare with: the
+        reference's; None for the others."""
+        return None
+
+    def tracked_metrics(self, outcome) -> Dict[str, float]:
+        """Its metrics for a tracked run (MLflow), flat: its metrics.json part under '<name>.'."""
+        from pipeline.tracking import metric_values
+
+        return metric_values(self.metrics(outcome), f"{self.name}.")
 
     def task_reports(self, outcome) -> Dict[str, Dict[str, Any]]:
         """model -> its report of the declared tasks ({'overall': task -> metric -> entry, 'size_bins': ...})."""
@@ -177,6 +188,10 @@ class HeadPlugin:
     def metric_directions(self, cfg) -> Dict[str, int]:
         """metric -> +1 (higher is better) or -1: what a sweep may rank by as '<name>.<metric>'."""
         return {}
+
+    def rank_prefixes(self, data) -> List[str]:
+        """What a sweep's rank_by may start with to name one of its metrics ('<prefix>.<metric>')."""
+        return [self.name]
 
     def rank_direction(self, data, cfg, rank_by: str) -> Optional[int]:
         """+1 or -1 for a sweep's `rank_by` among its metrics, None when it is not one of its own; a ConfigError
@@ -212,7 +227,7 @@ class HeadPlugin:
         return []
 
     def metrics(self, outcome) -> Dict[str, Any]:
-        """Its part of metrics.json (a 'meta' entry of the reference is merged into metrics.json's meta)."""
+        """Its part of metrics.json (a 'meta' entry is merged into metrics.json's meta)."""
         return {}
 
     def curves(self, outcome) -> Dict[str, List[float]]:

@@ -212,8 +212,24 @@ class ResMTNetPlugin(HeadPlugin):
             outcome.efficiency = label_efficiency(data, cfg, splits, names, norms, progress)
         return outcome
 
+    # the reference's parts sit at the top level of the outputs, as they did before it was a plugin
+    epochs_key = "epochs"
+
+    def qualified(self, key: str) -> str:
+        return key
+
+    def entries(self, part: Dict[str, Any], key: str = "") -> Dict[str, Any]:
+        return part
+
     def task_predictions(self, outcome: ResMTNetOutcome) -> TaskPredictions:
         return TaskPredictions(NAME, ANSWER, outcome.oof[NAME], outcome.per_split)
+
+    def tracked_metrics(self, outcome: ResMTNetOutcome) -> Dict[str, float]:
+        """Every model's (the head's and the baselines') headline metrics with CI bounds: '<model>.<task>.<metric>'."""
+        from pipeline.tracking import metric_values
+
+        return {k: v for model, report in outcome.reports.items()
+                for k, v in metric_values(report.get("overall", {}), f"{model}.").items()}
 
     def task_reports(self, outcome: ResMTNetOutcome) -> Dict[str, Dict[str, Any]]:
         return outcome.reports
@@ -235,6 +251,9 @@ class ResMTNetPlugin(HeadPlugin):
 
     def load_head(self, spec, tensors) -> PooledApplied:
         return PooledApplied(spec, tensors)
+
+    def rank_prefixes(self, data) -> List[str]:
+        return [t.name for t in data.tasks]
 
     def rank_direction(self, data, cfg, rank_by: str) -> Optional[int]:
         """A declared task's metric, <task>.<metric> (its direction from the task's kind)."""
