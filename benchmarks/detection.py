@@ -34,6 +34,8 @@ OPTIONS = {
     "rescore_coords": ["train.loc.fold_ensemble=5", "train.loc.rescore=true", "train.loc.coords=true"],
 }
 LEVELS = ("0.25", "0.5", "1", "2", "4")
+#: The first stage's candidate recall columns (the ceiling of any re-scoring of K candidates).
+RECALL = (5, 10, 20, 50)
 
 
 def run(cache: Path, out: Path, name: str, features: str) -> Path:
@@ -51,10 +53,13 @@ def row(label: str, run_dir: Path) -> str:
     heat = json.loads((run_dir / "metrics.json").read_text())["localisation"]["heatmap"]
 
     def cell(metric: str) -> str:
-        m = heat[metric]
+        m = heat.get(metric)
+        if m is None:  # a run from before the metric existed
+            return "n/a"
         return f"{m['pooled']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
 
     cells = [cell(f"froc_radius_at_{level}fp") for level in LEVELS] + [cell("within_100px"), cell("presence_auc")]
+    cells += [cell(f"candidate_recall_at_{k}") for k in RECALL]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
@@ -67,7 +72,8 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="LABEL=RUN_DIR rows from runs made elsewhere")
     args = parser.parse_args()
     lines = ["| option | " + " | ".join(f"FROC at {level} FP/image" for level in LEVELS)
-             + " | within 100 px | presence AUC |", "| --- " * (len(LEVELS) + 3) + "|"]
+             + " | within 100 px | presence AUC | " + " | ".join(f"recall of {k} candidates" for k in RECALL) + " |",
+             "| --- " * (len(LEVELS) + 3 + len(RECALL)) + "|"]
     for name in args.only:
         label = "per-cell head" if not OPTIONS[name] else "`" + " ".join(OPTIONS[name]) + "`"
         lines.append(row(label, run(args.cache, args.out, name, args.features)))

@@ -12,7 +12,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.heads.loc.net import COORD_CHANNELS, LocData, LocNet, _targets, head_input, input_channels
 from pipeline.heads.loc.candidates import candidates
-from pipeline.core.froc import froc
+from pipeline.core.froc import candidate_recall, froc
 
 
 def _table():
@@ -119,6 +119,8 @@ def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_
     assert heat["within_radius"]["pooled"] > max(0.3, 3 * pooled["within_radius"]["pooled"])
     assert heat["froc_100px_at_1fp"]["pooled"] >= max(0.4, 2 * pooled["froc_100px_at_1fp"]["pooled"])
     assert "ci95" in heat["froc_radius_at_1fp"]
+    recall = [heat[f"candidate_recall_at_{k}"]["pooled"] for k in (5, 10, 20, 50)]
+    assert recall == sorted(recall) and recall[-1] >= heat["within_radius"]["pooled"]  # the first stage's ceiling
     assert (tmp_path / "run" / "plots" / "froc.png").exists()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["localisation"]["froc_curves"]) == {"heatmap", "pooled-regression"}
@@ -139,6 +141,21 @@ def _threshold_sweep(table, cx, cy, cs, level, reach_px=100.0):
         if fpi <= level:
             best = max(best, sens)
     return best
+
+
+def test_candidate_recall_counts_lesions_hit_among_the_first_k():
+    """The first stage's ceiling, by hand: image 0's first candidate is 10 px from its 10 mm nodule (radius 28.6 px
+    at 0.175 mm/px: a hit); image 1's first is 60 px from its 20 mm nodule (radius 57.1 px: a miss), its second
+    10 px (a hit); image 2 has no nodule and does not count."""
+    g = 2048.0
+    x = np.array([[1010, 1500], [560, 510], [1000, np.nan]]) / g
+    y = np.array([[1000, 1500], [500, 500], [1000, np.nan]]) / g
+    res = candidate_recall(_table(), np.arange(3), x, y, pixel_mm=0.175, ks=(1, 2))
+    assert (res["candidate_recall_at_1"], res["candidate_recall_at_2"]) == (0.5, 1.0)
+    # bootstrap weights count images again: image 1 twice -> its miss at k=1 weighs 2 of 3 lesions
+    twice = candidate_recall(_table(), np.arange(3), x, y, pixel_mm=0.175, ks=(1,),
+                             weights=np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 1.0]]))
+    np.testing.assert_allclose(twice["candidate_recall_at_1"], [0.5, 1 / 3])
 
 
 def test_froc_with_ties_is_a_threshold_sweep_whatever_the_row_order():

@@ -24,6 +24,9 @@ FROC_FPS = tuple(EvalConfig().froc_fps)
 #: How a candidate hits a lesion: within its radius, within 100 px of the grid, inside its box (box-annotated data).
 FROC_HITS = ("radius", "100px", "box")
 
+#: The first stage's candidate counts whose recall is reported: what bounds any re-scoring of K candidates.
+RECALL_AT = (5, 10, 20, 50)
+
 
 def froc_names(fps=FROC_FPS):
     """Metric names of the FROC sensitivities, one per kind of hit and level (box hits only where the data set has
@@ -31,9 +34,32 @@ def froc_names(fps=FROC_FPS):
     return [f"froc_{hit}_at_{fp:g}fp" for hit in FROC_HITS for fp in fps]
 
 
+def recall_names(ks=RECALL_AT):
+    """Metric names of the first stage's candidate recall at each k."""
+    return [f"candidate_recall_at_{k}" for k in ks]
+
+
 def loc_metric_directions(fps=FROC_FPS) -> Dict[str, int]:
     """Every localisation metric a run reports at these FROC levels, with its direction."""
-    return {**LOC_METRICS, **{name: 1 for name in froc_names(fps)}}
+    return {**LOC_METRICS, **{name: 1 for name in froc_names(fps) + recall_names()}}
+
+
+def candidate_recall(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, pixel_mm: float,
+                     ks=RECALL_AT, weights: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """The share of lesions that one of the first k candidates of their image hits (within the lesion's radius,
+    FROC's rule; candidates (n, K) best first, K >= max(ks)), for each k: the ceiling of any second look at k
+    candidates. Only images whose lesions are all drawn count; `weights` (n,) or (R, n) per row."""
+    image, kinds = lesion_hits(table, rows, cand_x, cand_y, pixel_mm)
+    w = (np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=float)) * lesions_drawn(table, rows)
+    lesion_w = w[..., image]
+    total = lesion_w.sum(axis=-1)
+    hit = kinds["radius"] & np.isfinite(cand_x[image])
+    out = {}
+    for k in ks:
+        found = hit[:, :k].any(axis=1)
+        out[f"candidate_recall_at_{k}"] = np.where(total > 0, (lesion_w * found).sum(axis=-1) /
+                                                   np.where(total > 0, total, 1), np.nan)
+    return out
 
 
 def lesions(table, rows: np.ndarray, pixel_mm: float) -> tuple:

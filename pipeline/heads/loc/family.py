@@ -22,7 +22,8 @@ from pipeline.core.summary import OutOfFold, first_seed_mask, summarise_metrics
 from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, no_progress, run_jobs,
                                  validated_epochs)
 from pipeline.errors import CacheError, PipelineError
-from pipeline.core.froc import FROC_FPS, froc, lesions_drawn, loc_metric_directions, localisation_metrics, nodule_errors
+from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_recall, froc, lesions_drawn, loc_metric_directions,
+                                localisation_metrics, nodule_errors)
 from pipeline.heads.loc.candidates import Detections, candidate_hits, candidates, detect, fit_rescorer
 from pipeline.heads.loc.net import LocFamily, prepare_loc
 from pipeline.heads.loc.head import export_head, load_head
@@ -152,16 +153,21 @@ def final_loc_config(lcfg, epochs: int):
 
 def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
                          presence: Optional[np.ndarray], names: Sequence[SplitName], cfg,
-                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+                         first_stage: Optional[Tuple[np.ndarray, np.ndarray]] = None
                          ) -> Dict[str, Dict[str, object]]:
-    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, and the
-    FROC sensitivities of the candidates (cx, cy, score), each (n, k)."""
+    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, the FROC
+    sensitivities of the candidates (cx, cy, score), each (n, k), and the recall of the first stage's candidates
+    (cx, cy, best first) at RECALL_AT."""
     def metrics_of(sel, weights):
         out = localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
                                    cfg.eval.pixel_mm, weights)
         if cands is not None:
             out.update(froc(table, rows[sel], *(c[sel] for c in cands), cfg.eval.pixel_mm, cfg.eval.froc_fps,
                             weights))
+        if first_stage is not None:
+            out.update(candidate_recall(table, rows[sel], *(c[sel] for c in first_stage), cfg.eval.pixel_mm,
+                                        weights=weights))
         return out
 
     def count(sel, metric):
@@ -246,8 +252,13 @@ class LocPlugin(HeadPlugin):
         oof = OutOfFold.collect(splits, [{"scores": f.scores} for f in fits])
         det = Detections.concat([f.detect(data, lcfg, s.test) for f, s in zip(fits, splits)])
         x, y, presence, cands = det.x, det.y, det.presence, det.cands
+        # the first stage's own candidates, best first, as many as the largest recall level (the ceiling of a
+        # second look); the row order is the out-of-fold one (splits' test rows in turn)
+        peaks = [candidates(f.scores[s.test], max(RECALL_AT), lcfg.nms_cells)[:2] for f, s in zip(fits, splits)]
+        first_stage = (np.concatenate([p[0] for p in peaks]), np.concatenate([p[1] for p in peaks]))
         first = first_seed_mask(oof.split, names)
-        report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands)}
+        report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands,
+                                                  first_stage)}
         curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
                                   cfg.eval.froc_fps, curves=True)}
         pooled = reference.oof  # the reference is trained first (HeadPlugin.reference)
