@@ -30,8 +30,8 @@ class Registry(Mapping[str, T], Generic[T]):
     """Names -> entries of one kind. `builtin` maps each built-in name to the module that registers it (in
     detection / listing order); installed plugins add names through the entry-point group `resmtnet.<key>`.
 
-    Reading it as a mapping (`in`, `[]`, iteration, `items()`) loads every entry; `names()` and `declared()` do not
-    import anything, `find(name)` imports only the module that registers `name`."""
+    Iterating it (`items()`, `values()`, `len`) loads every entry; `in` and `names()` import nothing, `[name]` and
+    `find(name)` import only the module that registers `name`."""
 
     def __init__(self, key: str, kind: str, builtin: Dict[str, str]) -> None:
         self.key, self.kind, self.builtin = key, kind, dict(builtin)
@@ -46,11 +46,11 @@ class Registry(Mapping[str, T], Generic[T]):
         """Register `entry` under `name`; without `entry`, a decorator that registers what it decorates."""
         if entry is None:
             return lambda obj: self.register(name, obj)
+        if not name:
+            raise ValueError(f"a {self.kind} needs a name")
         origin = _registering_module() or getattr(entry, "__module__", "?")
         if name in self._entries and self._entries[name] is not entry:
             raise ValueError(f"{self.kind} '{name}' is registered twice (by {self._origin[name]} and {origin})")
-        if not name:
-            raise ValueError(f"a {self.kind} needs a name")
         self._entries[name] = entry
         self._origin[name] = origin
         return entry
@@ -116,17 +116,14 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         self.load()
-        return iter(sorted(self._entries, key=self._order))
+        order = {name: i for i, name in enumerate(self.names())}  # names() lists every registered name
+        return iter(sorted(self._entries, key=order.__getitem__))
 
     def __len__(self) -> int:
         return len(self.load()._entries)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (name in self.builtin or name in self._entries or name in self.plugins())
-
-    def _order(self, name: str) -> int:
-        order = self.names()
-        return order.index(name) if name in order else len(order)
 
     def unregister(self, name: str) -> None:
         """Remove an entry (tests that register a temporary one)."""

@@ -90,11 +90,15 @@ def run_here(cache: Path, out: Path, cfg, spec: Path, winner: bool, track: Optio
              no_progress: bool) -> None:
     from stages.sweep import run_sweep
 
-    result = run_sweep(cache, out, cfg, spec, overwrite=overwrite, progress=not no_progress, train_winner_too=winner,
+    result = run_sweep(cache, out, cfg, spec, overwrite=overwrite, progress=not no_progress, train_winner=winner,
                        track=track)
     click.echo(f"sweep of {result.n_configs} configurations in {result.seconds:.1f} s; ranking: "
                f"{out / 'ranking.csv'}")
-    if result.model is not None:
+    _say_winner(out, result.model)
+
+
+def _say_winner(out: Path, model: Optional[Path]) -> None:
+    if model is not None:
         click.echo(f"the winner, trained on every image: predict --model {out} --images ...")
 
 
@@ -121,6 +125,8 @@ SETS = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="O
 TRACK = click.option("--track", default=None, metavar="DIR_OR_URI",
                      help="Log every configuration and the winner's run to MLflow: a folder or a tracking URI.")
 NO_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar.")
+NO_WINNER = click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict.")
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 
 
 @sweep_cmd.command("run")
@@ -131,9 +137,9 @@ NO_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar.
               help="Folder: ranking.csv, winner.json / .yaml, and winner/ (the trained winner).")
 @CONFIG
 @SETS
-@click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict.")
+@NO_WINNER
 @TRACK
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@OVERWRITE
 @NO_PROGRESS
 @logging_options
 def sweep_run_cmd(spec: Path, cache: Path, out: Path, config_path: str, sets: Tuple[str, ...], no_winner: bool,
@@ -184,10 +190,7 @@ def finish_options(func):
                          help="YAML config [default: the workers', stored in the study]; another setup is refused."),
             click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                          help="Override a config key (of the workers' config); a change to their setup is refused."),
-            click.option("--no-winner", is_flag=True, help="Rank and score only; do not train the winner for predict."),
-            TRACK,
-            click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
-            NO_PROGRESS, logging_options)):
+            NO_WINNER, TRACK, OVERWRITE, NO_PROGRESS, logging_options)):
         func = option(func)
     return func
 
@@ -200,8 +203,7 @@ def finish(cache: Optional[Path], storage: str, study_name: Optional[str], out: 
                         study_name=study_name, overwrite=overwrite, train_winner=not no_winner,
                         progress=not no_progress, track=track)
     click.echo(f"{done.completed} configuration(s) ranked: {done.ranking_path}; winner {done.winner}")
-    if done.model is not None:
-        click.echo(f"the winner, trained on every image: predict --model {out} --images ...")
+    _say_winner(out, done.model)
 
 
 @sweep_cmd.command("finish")

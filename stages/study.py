@@ -399,8 +399,7 @@ def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, c
 
     from pipeline.configio import build
     from pipeline.config import config_from, load_config
-    from stages.sweep import rank, score_winner, winner_epochs, write_sweep
-    from stages.sweep import train_winner as train_winner_run
+    from stages.sweep import fit_winner, rank, score_winner, winner_epochs, write_sweep
 
     optuna = _optuna()
     storage = open_storage(storage_url)
@@ -449,5 +448,5 @@ def finish_study(storage_url: str, out: Path, *, cache: Optional[Path] = None, c
     write_sweep(out, overwrite, ranking, spec, cfg, winner_cfg, choice, test, winner_epochs(data, ranking.iloc[0]),
                 len(dev_rows), len(test_rows),
                 {"study": study_name, "storage": storage_url, "completed_trials": len(rows)})
-    model = train_winner_run(cache, out, winner_cfg, progress, track) if train_winner else None
+    model = fit_winner(cache, out, winner_cfg, progress, track) if train_winner else None
     return FinishSummary(len(rows), out / "ranking.csv", choice, test, model)

@@ -54,7 +54,7 @@ class SweepResult:
     n_configs: int
     seconds: float
     winner_test: Dict[str, Dict[str, float]]
-    model: Optional[Path] = None  # the winner trained on every image (OUT/winner), None with train_winner False
+    model: Optional[Path] = None  # the winner trained on every image (OUT/winner), None without train_winner
 
 
 def load_sweep(path: Path) -> SweepSpec:
@@ -240,7 +240,7 @@ def write_sweep(out: Path, overwrite: bool, ranking: pd.DataFrame, spec: SweepSp
 
 
 def track_configs(track: str, name: str, cfgs: List[Config], configs: List[Dict[str, Any]],
-                  validated: List[Validated], kind: str = "trial", first: int = 0) -> None:
+                  validated: List[Validated], first: int = 0) -> None:
     """Log each configuration's validation metrics and mean learning curves (every head family's) to MLflow."""
     from pipeline.configio import to_dict
     from pipeline.tracking import Tracker, flatten
@@ -248,11 +248,11 @@ def track_configs(track: str, name: str, cfgs: List[Config], configs: List[Dict[
     tracker = Tracker(track)
     for c, (cfg, choice, v) in enumerate(zip(cfgs, configs, validated), start=first):
         tracker.log_run(f"{name}-trial-{c}", {**flatten(to_dict(cfg)), "study": name, "trial": c}, v.metrics,
-                        v.curves, tags={"resmtnet.kind": kind, "resmtnet.study": name,
+                        v.curves, tags={"resmtnet.kind": "trial", "resmtnet.study": name,
                                         "resmtnet.choice": json.dumps(choice)})
 
 
-def train_winner(cache: Path, out: Path, winner_cfg: Config, progress: bool, track: Optional[str]) -> Path:
+def fit_winner(cache: Path, out: Path, winner_cfg: Config, progress: bool, track: Optional[str]) -> Path:
     """The winner trained by train-heads on every image into OUT/winner (predict --model OUT reads it)."""
     from stages.train_heads import train_heads
 
@@ -260,9 +260,9 @@ def train_winner(cache: Path, out: Path, winner_cfg: Config, progress: bool, tra
 
 
 def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrite: bool = False,
-              progress: bool = True, train_winner_too: bool = True, track: Optional[str] = None) -> SweepResult:
+              progress: bool = True, train_winner: bool = True, track: Optional[str] = None) -> SweepResult:
     """Every configuration of the sweep file cross-validated on the development rows at once, ranked, the winner
-    scored once on the held-out rows, and (train_winner_too) trained on every image; `track`: each configuration
+    scored once on the held-out rows, and (train_winner) trained on every image; `track`: each configuration
     and the winner's run logged to MLflow."""
     started = time.perf_counter()
     bars = progress_bars(progress)
@@ -286,5 +286,5 @@ def run_sweep(cache: Path, out: Path, cfg: Config, sweep_path: Path, *, overwrit
                 seconds, spec.rank_by, ranking.iloc[0][f"val_{spec.rank_by}"])
     if track:
         track_configs(track, Path(sweep_path).stem, cfgs, configs, validated)
-    model = train_winner(cache, out, cfgs[winner], progress, track) if train_winner_too else None
+    model = fit_winner(cache, out, cfgs[winner], progress, track) if train_winner else None
     return SweepResult(ranking, len(configs), seconds, winner_test, model)
