@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.core.adam import FusedAdam
 from pipeline.core.weighting import WEIGHTINGS
 from pipeline.runtime import pick_device
 
@@ -156,7 +157,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     if list(weighting.parameters()):
         groups.append({"params": list(weighting.parameters()), "lr": cfg.weighting_lr, "weight_decay": 0.0})
     # The fused kernel updates every parameter in one pass: about 4x faster than foreach on CPU.
-    optimiser = torch.optim.Adam(groups, fused=True)
+    optimiser = FusedAdam(groups)
     train_rows = [torch.from_numpy(splits[s].train) for s in split_ids]
     val_idx, val_valid = _pad_rows([torch.from_numpy(splits[s].val) for s in split_ids],
                                    max(1, max(len(splits[s].val) for s in split_ids)))
@@ -193,7 +194,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             batch = Batch(idx_k[key_of].to(device), valid_k[key_of].to(device), split_dev, uniform)
             per_task = family.losses(model, cfgs, batch)
             loss = weighting(per_task, family.shared_parameter(model) if weighting.needs_shared else None)
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             loss.sum().backward()  # members are independent: the sum's gradient is each member's own
             optimiser.step()
             weighting.after_step()
