@@ -509,8 +509,8 @@ def _probe_family():
             model = fit(data, split.train, self.section(cfg).c)
             return {"auc": auc(data, split.test, model.predict_proba(data.features[split.test])[:, 1])}
 
-        def oof_columns(self, data, outcome, rows):
-            return {"probe_presence_prob": outcome[0].preds["p"]}
+        def oof_columns(self, data, outcome, rows, part=slice(None)):
+            return {"probe_presence_prob": outcome[0].preds["p"][part]}
 
         def report_lines(self, data, cfg, outcome):
             return ["", f"Linear probe of presence: AUC {auc(data, outcome[0].rows, outcome[0].preds['p']):.3f}"]

@@ -59,7 +59,8 @@ class OutOfFold:
 
     @classmethod
     def collect(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
-        """per_split[s][task]: predictions for every row; keep each split's test rows."""
+        """per_split[s][task]: predictions indexed by row number (an array of every row, or RowValues); keep each
+        split's test rows."""
         return cls.of_test_rows(splits, [{t: v[s.test] for t, v in p.items()} for s, p in zip(splits, per_split)])
 
     @classmethod

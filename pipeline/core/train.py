@@ -4,7 +4,8 @@ A job is one head configuration (a config dataclass: `TrainConfig` or `LocConfig
 Jobs whose shapes and optimiser settings agree are stacked into one module (M members on a leading axis or
 as groups of a grouped convolution) and trained together with batched products and one fused Adam step;
 members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.heads.resmtnet.model,
-pipeline.heads.loc.net): how to build M members, their per-task losses on a batch, their outputs for every row.
+pipeline.heads.loc.net): how to build M members, their per-task losses on a batch, their outputs on the rows they
+are scored on.
 
 Random numbers (batch order, dropout masks) come from one generator per split and initial weights from the
 split's key, so a job trains the same alone or in a stack, and configurations are compared on common random
@@ -53,8 +54,31 @@ class Job:
 
 
 @dataclass
+class RowValues:
+    """Values of some rows, indexed by global row numbers: `self[rows]` for rows among `rows` (sorted). A
+    member's outputs cover the rows its family scores it on (HeadFamily.scored_rows), not every row: at 1M rows
+    x 5 splits, outputs and predictions of every row were the run's largest allocations."""
+
+    rows: np.ndarray
+    values: np.ndarray  # (len(rows), ...)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        pos = np.searchsorted(self.rows, rows).clip(0, max(len(self.rows) - 1, 0))
+        if rows.size and (not len(self.rows) or not np.array_equal(self.rows[pos], rows)):
+            raise IndexError("rows outside the ones these values were computed for")
+        return self.values[pos]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
 class JobResult:
-    outputs: np.ndarray  # the head's raw outputs for every row (pooled: (N, O); maps: (N, H, W))
+    outputs: RowValues  # the head's raw outputs on the rows it is scored on (pooled: (n, O); maps: (n, H, W))
     history: Dict[str, List[float]]  # train_loss, val_loss per epoch
     best_epoch: int  # 0-based epoch of the kept state (the last one without early stopping)
     loss_weights: List[float]  # the final multiplier of each task loss
@@ -90,7 +114,12 @@ class HeadFamily(Protocol):
 
     def row_bytes(self, cfg: Any) -> int: ...
 
-    def outputs(self, model: nn.Module, split_of: torch.Tensor) -> torch.Tensor: ...
+    def scored_rows(self, split: Split) -> np.ndarray:
+        """The sorted rows a trained member's outputs are needed on (its split's test and validation rows; a
+        family that reads every row returns them all)."""
+
+    def outputs(self, model: nn.Module, rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
+        """(M, R, ...) outputs of member m on rows[m] (M, R: padded with row 0 past a member's own)."""
 
     def export(self, model: nn.Module, m: int) -> Dict[str, torch.Tensor]: ...
 
@@ -232,12 +261,15 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
         kept = _weighting_state(weighting)
 
     model.eval()
+    scored = [np.asarray(family.scored_rows(splits[j.split]), dtype=np.int64) for j in jobs]
+    scored_idx, _ = _pad_rows([torch.from_numpy(r) for r in scored], max(len(r) for r in scored))
     with torch.no_grad():
-        outputs = family.outputs(model, split_dev).cpu()
+        outputs = family.outputs(model, scored_idx.to(device), split_dev).cpu()
     results = []
     for m in range(members):
         hist = {k: [row[m] for row in v] for k, v in history.items() if v}
-        results.append(JobResult(outputs=outputs[m].numpy(), history=hist, best_epoch=int(best_epoch[m]),
+        mine = RowValues(scored[m], outputs[m, :len(scored[m])].numpy())
+        results.append(JobResult(outputs=mine, history=hist, best_epoch=int(best_epoch[m]),
                                  loss_weights=[float(w) for w in kept["weights"][m]],
                                  weights_at_bound=[bool(b) for b in kept["at_bound"][m]],
                                  weights_unconverged=[bool(b) for b in kept["unconverged"][m]],

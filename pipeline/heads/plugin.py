@@ -32,7 +32,8 @@ from pipeline.plugins import HEAD_FAMILIES
 class TaskPredictions:
     """The reference family's out-of-fold predictions of the declared tasks, what the other families compare
     with: `oof` (pipeline.core.splits.OutOfFold: the splits' test rows) and `per_split[s][task]`, split
-    s's predictions of every row (its inner validation rows included). `model`: its name in the task reports;
+    s's predictions of its test and inner validation rows (pipeline.core.train.RowValues: indexed by row
+    number). `model`: its name in the task reports;
     `answer`: its name in the head manifest's run.primary."""
 
     model: str
@@ -214,9 +215,9 @@ class HeadPlugin:
         raise NotImplementedError
 
     # train-heads' outputs
-    def oof_columns(self, data, outcome, rows: np.ndarray) -> Dict[str, np.ndarray]:
-        """Its out-of-fold predictions of `rows` (every split's test rows, in the splits' order) for
-        predictions.csv."""
+    def oof_columns(self, data, outcome, rows: np.ndarray, part: slice = slice(None)) -> Dict[str, np.ndarray]:
+        """Its out-of-fold predictions of rows[part] for predictions.csv (`rows`: every split's test rows, in the
+        splits' order; the file is written a block of them at a time)."""
         return {}
 
     def files(self, folder, data, outcome) -> List[str]:

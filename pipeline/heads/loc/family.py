@@ -120,7 +120,9 @@ def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str
     fits = []
     for i in range(len(pairs)):
         mine = [j for j, o in enumerate(owner) if o == i]
-        scores = results[mine[0]].outputs if len(mine) == 1 else np.mean([results[j].outputs for j in mine], axis=0)
+        # every row's scores (LocFamily scores every row): the members' mean for a fold ensemble
+        scores = results[mine[0]].outputs.values if len(mine) == 1 else \
+            np.mean([results[j].outputs.values for j in mine], axis=0)
         val_rows = np.concatenate([splits[j].val for j in mine])
         val_scores = np.concatenate([results[j].outputs[splits[j].val] for j in mine])
         fit = LocFit(scores, val_rows, val_scores, [results[j] for j in mine], [splits[j] for j in mine])
@@ -347,11 +349,13 @@ class LocPlugin(HeadPlugin):
                                   "winner localisation")
         return loc_scores(data.table, split.test, fit.detect(data, cfg.train.loc, split.test), cfg)
 
-    def oof_columns(self, data, outcome: LocOutcome, rows: np.ndarray) -> Dict[str, np.ndarray]:
+    def oof_columns(self, data, outcome: LocOutcome, rows: np.ndarray,
+                    part: slice = slice(None)) -> Dict[str, np.ndarray]:
         assert np.array_equal(outcome.rows, rows)  # the same splits, in the same order
-        return {f"{ANSWER}_x": np.round(outcome.x * data.table["grid_w"].to_numpy(float)[rows], 1),
-                f"{ANSWER}_y": np.round(outcome.y * data.table["grid_h"].to_numpy(float)[rows], 1),
-                f"{ANSWER}_presence_prob": np.round(outcome.presence, 6)}
+        mine = rows[part]
+        return {f"{ANSWER}_x": np.round(outcome.x[part] * data.table["grid_w"].to_numpy(float)[mine], 1),
+                f"{ANSWER}_y": np.round(outcome.y[part] * data.table["grid_h"].to_numpy(float)[mine], 1),
+                f"{ANSWER}_presence_prob": np.round(outcome.presence[part], 6)}
 
     def report_lines(self, data, cfg, outcome: LocOutcome) -> List[str]:
         heads = list(outcome.report)

@@ -251,13 +251,14 @@ class LocFamily:
             losses = (losses + flipped) / 2
         return losses
 
-    def outputs(self, model: "LocNet", split_of: torch.Tensor) -> torch.Tensor:
-        n, m = self.n_rows, len(split_of)
+    def scored_rows(self, split: Split) -> np.ndarray:
+        return np.arange(self.n_rows)  # every row: a fold ensemble's members score each other's training rows
+
+    def outputs(self, model: "LocNet", rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
         out = []
-        for start in range(0, n, 32):
-            rows = torch.arange(start, min(start + 32, n), device=split_of.device).expand(m, -1)
-            out.append(model.scores(_inputs(self.data, rows, split_of, model.mirror, model.coords), model.tta_flip)
-                       .permute(1, 0, 2, 3))
+        for start in range(0, rows.shape[1], 32):
+            out.append(model.scores(_inputs(self.data, rows[:, start:start + 32], split_of, model.mirror, model.coords),
+                                    model.tta_flip).permute(1, 0, 2, 3))
         return torch.cat(out, dim=1)
 
     def export(self, model: "LocNet", m: int) -> Dict[str, torch.Tensor]:

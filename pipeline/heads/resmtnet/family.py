@@ -21,8 +21,8 @@ from pipeline.core.splits import SplitName, patient_groups, split_groups
 from pipeline.core.summary import (OutOfFold, baseline_predictions, first_seed_mask, regression_norms, size_bins,
                                    summarise, task_metrics)
 from pipeline.core.tasks import TaskSpec, metric_direction
-from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, mean_curve, no_progress, run_jobs,
-                                 validated_epochs)
+from pipeline.core.train import (Job, JobResult, Progress, RowValues, Split, fixed_epochs, mean_curve, no_progress,
+                                 run_jobs, validated_epochs)
 from pipeline.errors import ConfigError
 from pipeline.heads.plugin import HeadPlugin, TaskPredictions, Validation, register_head
 from pipeline.heads.resmtnet import ANSWER, NAME, PREFIX
@@ -62,7 +62,7 @@ class ResMTNetOutcome:
     results: List[JobResult]
     tasks: List[TaskSpec]
     oof: Dict[str, OutOfFold]  # model name -> out-of-fold predictions
-    per_split: List[Dict[str, np.ndarray]]  # split s's predictions of every row
+    per_split: List[Dict[str, RowValues]]  # split s's predictions of its test and inner validation rows
     reports: Dict[str, Dict[str, object]] = field(default_factory=dict)
     efficiency: Dict[str, object] = field(default_factory=dict)  # label efficiency: size -> its scores
     confusions: Dict[str, pd.DataFrame] = field(default_factory=dict)  # classification task -> confusion_frames'
@@ -121,7 +121,8 @@ def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitNa
         entry: Dict[str, object] = {"repeats": {}}
         for repeat in range(cfg.eval.train_size_repeats):
             idx = [i for i, w in enumerate(where) if w[0] == size and w[1] == repeat]
-            oof = OutOfFold.collect([jobs[i] for i in idx], [family.prep.decode(results[i].outputs, i) for i in idx])
+            oof = OutOfFold.collect([jobs[i] for i in idx],
+                                    [family.prep.decode_rows(results[i].outputs, i) for i in idx])
             split_names = [names[where[i][2]] for i in idx]
             report = summarise(oof, data.tasks, data.targets, norms, split_names,
                                cfg.eval.bootstrap if repeat == 0 else 0, cfg.train.seed, groups=patients_of,
@@ -169,7 +170,7 @@ class ResMTNetPlugin(HeadPlugin):
                                                  for r, s in zip(results, splits)))}
         clock = time.perf_counter()
         prep = family.prep
-        per_split = [prep.decode(r.outputs, s) for s, r in enumerate(results)]
+        per_split = [prep.decode_rows(r.outputs, s) for s, r in enumerate(results)]
         oof = {NAME: OutOfFold.collect(splits, per_split)}
         if cfg.eval.baselines:
             with progress(len(BASELINES) * len(splits), "baselines", unit="fit") as tick:
@@ -289,22 +290,23 @@ class ResMTNetPlugin(HeadPlugin):
         norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
         return task_scores(data, family.prep.decode(res.outputs[split.test], 0), split.test, norms)
 
-    def oof_columns(self, data, outcome: ResMTNetOutcome, rows: np.ndarray) -> Dict[str, np.ndarray]:
+    def oof_columns(self, data, outcome: ResMTNetOutcome, rows: np.ndarray,
+                    part: slice = slice(None)) -> Dict[str, np.ndarray]:
         """Its predictions beside the targets, its clipping flags, then the baselines' predictions of the same
         rows (to compare models image by image)."""
         oof = outcome.oof[NAME]
         assert np.array_equal(oof.rows, rows)  # the same splits, in the same order
         out: Dict[str, np.ndarray] = {}
         for task in data.tasks:
-            out.update(task.impl.columns(task, data.targets[task.name][rows], oof.preds[task.name]))
+            out.update(task.impl.columns(task, data.targets[task.name][rows[part]], oof.preds[task.name][part]))
         names = {t.name for t in data.tasks}
-        out.update({k: v for k, v in oof.preds.items() if k not in names})  # the kinds' flags: <task>_clipped
+        out.update({k: v[part] for k, v in oof.preds.items() if k not in names})  # the kinds' flags: <task>_clipped
         for model, other in outcome.oof.items():
             if model == NAME:
                 continue
             assert np.array_equal(other.rows, rows)
             for task in data.tasks:
-                columns = task.impl.columns(task, None, other.preds[task.name])
+                columns = task.impl.columns(task, None, other.preds[task.name][part])
                 out.update({f"{model}_{k}": v for k, v in columns.items()})
         return out
 

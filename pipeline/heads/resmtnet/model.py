@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.core.tasks import TaskSpec
-from pipeline.core.train import Batch, Split, floor_std
+from pipeline.core.train import Batch, RowValues, Split, floor_std
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -180,6 +180,10 @@ class Prepared:
     def decode(self, outputs: np.ndarray, s: int) -> Dict[str, np.ndarray]:
         return self.layout.decode(outputs, self.scale(s))
 
+    def decode_rows(self, outputs: RowValues, s: int) -> Dict[str, RowValues]:
+        """A member's outputs decoded per task (and flag), still indexed by global row numbers."""
+        return {k: RowValues(outputs.rows, v) for k, v in self.decode(outputs.values, s).items()}
+
     def standardised(self, s: int, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         """Rows (n, D) standardised with split s's statistics."""
         block = self.features[torch.from_numpy(np.asarray(rows, dtype=np.int64))].numpy()
@@ -266,16 +270,18 @@ class PooledFamily:
         smoothing = torch.tensor([c.label_smoothing for c in cfgs], dtype=torch.float32, device=x.device)
         return task_losses(out, batch, self.targets, self.prep.layout, smoothing, totals)
 
-    def outputs(self, model: ResMTNet, split_of: torch.Tensor) -> torch.Tensor:
-        n, members = self.features.shape[0], len(split_of)
-        out = torch.empty(members, n, self.prep.layout.out_dim, device=split_of.device)
+    def scored_rows(self, split) -> np.ndarray:
+        return np.union1d(split.test, split.val)  # out-of-fold predictions and the other families' choices
+
+    def outputs(self, model: ResMTNet, rows: torch.Tensor, split_of: torch.Tensor) -> torch.Tensor:
+        members, width = rows.shape
+        out = torch.empty(members, width, self.prep.layout.out_dim, device=split_of.device)
         group = min(16, members)
-        step = block_rows(self.prep.dim + model.hidden, group)  # every row of every member, in blocks
+        step = block_rows(self.prep.dim + model.hidden, group)  # the rows of every member, in blocks
         for start in range(0, members, group):
             sel = torch.arange(start, min(start + group, members), device=split_of.device)
-            for r0 in range(0, n, step):
-                rows = torch.arange(r0, min(r0 + step, n), device=split_of.device).expand(len(sel), -1)
-                out[sel, r0:r0 + step] = model(self.inputs(rows, split_of[sel]), members=sel)
+            for r0 in range(0, width, step):
+                out[sel, r0:r0 + step] = model(self.inputs(rows[sel, r0:r0 + step], split_of[sel]), members=sel)
         return out
 
     def export(self, model: ResMTNet, m: int) -> Dict[str, torch.Tensor]:
