@@ -225,7 +225,7 @@ def test_loss_weighting_moves_the_weights_and_changes_the_result(tiny_cache, sch
         assert weights.sum() == pytest.approx(len(weights), rel=1e-4)
     assert np.abs(weights - start).max() > moved  # the weights moved
     assert np.ptp(weights) > moved  # and differ between tasks
-    assert not np.allclose(learnt.results[0].outputs, fixed.results[0].outputs)
+    assert not np.allclose(learnt.oof["res-mtnet"].preds["state"], fixed.oof["res-mtnet"].preds["state"])
     assert learnt.reports["res-mtnet"] != fixed.reports["res-mtnet"]
 
 
@@ -243,7 +243,7 @@ def test_uncertainty_weights_of_small_losses_move_above_one_half(tiny_cache):
     assert (final < 2.0).all()
     weights = learnt.loss_weights()
     assert min(weights.values()) > 0.55, weights
-    assert not np.allclose(learnt.results[0].outputs, fixed.results[0].outputs)
+    assert not np.allclose(learnt.oof["res-mtnet"].preds["size"], fixed.oof["res-mtnet"].preds["size"])
 
 
 def _linear_problem(n=60, d=300, fit=40, seed=0):

@@ -69,6 +69,10 @@ class RowValues:
             raise IndexError("rows outside the ones these values were computed for")
         return self.values[pos]
 
+    def only(self, rows: np.ndarray) -> "RowValues":
+        """The values of `rows` alone (sorted, among these rows): to let the others' memory go."""
+        return RowValues(np.asarray(rows), self[rows])
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self.values if dtype is None else self.values.astype(dtype)
 

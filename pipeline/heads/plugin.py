@@ -31,8 +31,8 @@ from pipeline.plugins import HEAD_FAMILIES
 @dataclass
 class TaskPredictions:
     """The reference family's out-of-fold predictions of the declared tasks, what the other families compare
-    with: `oof` (pipeline.core.splits.OutOfFold: the splits' test rows) and `per_split[s][task]`, split
-    s's predictions of its test and inner validation rows (pipeline.core.train.RowValues: indexed by row
+    with: `oof` (pipeline.core.splits.OutOfFold: the splits' test rows) and `per_split[s][task]`,
+    split s's predictions of its inner validation rows (pipeline.core.train.RowValues: indexed by row
     number). `model`: its name in the task reports;
     `answer`: its name in the head manifest's run.primary."""
 
