@@ -19,7 +19,7 @@ from pipeline.heads.resmtnet.family import pooled_family
 from pipeline.core.splits import make_splits
 from pipeline.heads.resmtnet.model import ResMTNet, prepare, task_losses
 from pipeline.core.tasks import TaskSpec, encode_targets
-from pipeline.core.train import Batch, Job, Split, train_jobs
+from pipeline.core.train import Batch, Job, RowValues, Split, train_jobs
 from pipeline.core.weighting import Uncertainty, Weighting
 from stages.cli import main
 from stages.sweep import development_split, load_sweep, run_sweep
@@ -566,3 +566,15 @@ def test_uncertainty_weights_flag_an_unconverged_weight_and_an_optimum_past_the_
     objective = 0.5 * torch.exp(-s) * 0.3 + torch.nn.functional.softplus(s)
     (grad,) = torch.autograd.grad(objective.sum(), s)
     assert abs(float(grad)) < 1e-5  # the stated optimum is the objective's stationary point
+
+
+def test_row_values_answer_only_their_rows():
+    values = RowValues(np.array([2, 5, 9]), np.array([[20.0], [50.0], [90.0]]))
+    np.testing.assert_array_equal(values[[9, 2]], [[90.0], [20.0]])
+    np.testing.assert_array_equal(np.asarray(values.only(np.array([5]))), [[50.0]])
+    assert values[np.zeros(0, dtype=np.int64)].shape == (0, 1)
+    for outside in ([3], [10], [0]):  # between, after and before the computed rows
+        with pytest.raises(IndexError):
+            values[outside]
+    with pytest.raises(IndexError):
+        RowValues(np.zeros(0, dtype=np.int64), np.zeros((0, 1)))[[1]]

@@ -425,3 +425,17 @@ def test_hugging_face_lines_print_once_and_quietly(monkeypatch):
     # their own handler prints them (no second copy through ours), and only errors unless -v
     assert logging.getLogger("huggingface_hub").propagate is False
     assert os.environ["HF_HUB_VERBOSITY"] == "error" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+
+
+def test_curves_are_thinned_for_drawing_only():
+    """A million-point ROC curve is drawn through at most CURVE_POINTS of its points, its ends kept; short ones
+    whole."""
+    from pipeline.core.plots import CURVE_POINTS, thin_curve
+
+    x = np.linspace(0, 1, 1_000_001)
+    fx, fy = thin_curve(x, x ** 2)
+    assert len(fx) <= CURVE_POINTS and (fx[0], fx[-1]) == (0.0, 1.0)
+    np.testing.assert_allclose(fy, fx ** 2)  # points of the curve, not new ones
+    np.testing.assert_array_equal(np.diff(fx) > 0, True)
+    short = np.arange(10.0)
+    assert thin_curve(short, short)[0] is short
