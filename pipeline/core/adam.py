@@ -22,6 +22,13 @@ class FusedAdam:
         self.betas, self.eps = betas, eps
         self.state: Dict[torch.Tensor, Dict[str, torch.Tensor]] = {}
 
+    def _new_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+        state = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        self.state[p] = state
+        return state
+
     def zero_grad(self) -> None:
         for group in self.groups:
             for p in group["params"]:
@@ -33,10 +40,7 @@ class FusedAdam:
             params: List[torch.Tensor] = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            states = [self.state.setdefault(p, {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}) for p in params]
+            states = [self.state[p] if p in self.state else self._new_state(p) for p in params]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
