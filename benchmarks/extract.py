@@ -20,7 +20,9 @@ stage -2): extraction time and size on disk, same backbone and weights, in one r
 read + hash + decode + resize to 224 per image, exactly the loader's per-image work (ImageFiles), for the
 formats the field ships: JSRT's 1024 px 8-bit PNGs (the real files in --data when there, else synthetic ones),
 NIH-like 1024 px PNGs, CheXpert-small JPEGs (about 390 x 320) and full-size JPEGs (CheXpert / MIMIC-CXR-JPG,
-about 2500 x 3000); then the workers a forward rate of --forward-rate images/s needs.
+about 2500 x 3000); then the workers a forward rate of --forward-rate images/s needs. For the JPEGs, also what
+`extract.decode gpu` leaves to a worker (read + hash + header check) and the device's own decode + resize rate
+(torchvision, batches of 32: nvjpeg on CUDA; here, on one CPU thread, the CPU fallback).
 
     python benchmarks/extract.py --decode --forward-rate 500 2000 5000
 """
@@ -145,11 +147,29 @@ def decode(args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from pipeline.features.extraction import ImageFiles
+    from pipeline.features.extraction import ImageFiles, collate
+    from pipeline.features.jpeg import decode_deferred
 
     torch.set_num_threads(1)  # a DataLoader worker's own setting
     rng = np.random.default_rng(0)
-    out = {"per_worker_images_per_s": {}, "workers_needed": {}}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"per_worker_images_per_s": {}, "workers_needed": {}, "decode_gpu": {"device": str(device)}}
+
+    def rate(paths, work) -> float:
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            work()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return len(paths) / statistics.median(times)
+
+    def worker(files, n):
+        for i in range(n):
+            item = files[i]
+            assert not item.error, item.error
+
     with tempfile.TemporaryDirectory() as tmp:
         def chest(h, w):  # smooth structure plus noise: compresses as radiographs do, unlike flat or random images
             yy, xx = np.mgrid[0:h, 0:w]
@@ -170,19 +190,22 @@ def decode(args) -> dict:
                 chest(h, w).save(path, quality=95) if suffix == ".jpg" else chest(h, w).save(path)
                 paths.append(str(path))
             formats[name] = paths
+        sizes = [(224, "bilinear")]
         for name, paths in formats.items():
-            files = ImageFiles(paths, [(224, "bilinear")])
-            times = []
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                for i in range(len(paths)):
-                    item = files[i]
-                    assert not item.error, item.error
-                times.append(time.perf_counter() - started)
-            rate = len(paths) / statistics.median(times)
-            out["per_worker_images_per_s"][name] = round(rate, 1)
-            out["workers_needed"][name] = {str(f): math.ceil(f / rate) for f in args.forward_rate}
-            print(f"{name}: {rate:.0f} images/s per worker", file=sys.stderr)
+            per_worker = rate(paths, lambda: worker(ImageFiles(paths, sizes), len(paths)))
+            out["per_worker_images_per_s"][name] = round(per_worker, 1)
+            out["workers_needed"][name] = {str(f): math.ceil(f / per_worker) for f in args.forward_rate}
+            print(f"{name}: {per_worker:.0f} images/s per worker", file=sys.stderr)
+            if paths[0].endswith(".jpg"):
+                deferred = ImageFiles(paths, sizes, defer_jpeg=True)
+                items = [deferred[i] for i in range(len(paths))]
+                batches = [items[s:s + 32] for s in range(0, len(items), 32)]
+                left = rate(paths, lambda: worker(deferred, len(paths)))
+                on_device = rate(paths, lambda: [decode_deferred(collate(b), paths, sizes, device) for b in batches])
+                out["decode_gpu"][name] = {"per_worker_images_per_s": round(left, 1),
+                                           "device_images_per_s": round(on_device, 1)}
+                print(f"{name}, extract.decode gpu: {left:.0f} images/s per worker, {on_device:.0f} images/s "
+                      f"decoded on {device}", file=sys.stderr)
     return out
 
 

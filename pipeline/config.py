@@ -55,6 +55,7 @@ class ExtractConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (CPU autocast too) | fp16 (CUDA) | off
     channels_last: bool = True  # CUDA only
+    decode: str = "cpu"  # cpu (PIL in the loader's workers) | gpu (JPEG by torchvision on the extraction device)
     seed: int = 0  # seeds the random init of --weights none, so reruns are identical
     fused: Dict[str, List[str]] = field(  # name -> backbones whose features /fused/<name> concatenates
         default_factory=lambda: {"paper": list(PAPER_BACKBONES)})
@@ -233,6 +234,7 @@ CHOICES: Dict[str, tuple] = {
     "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
     "train.loc.decode": ("argmax", "softargmax"),
     "extract.interpolation": ("bilinear", "bicubic", "nearest"),
+    "extract.decode": ("cpu", "gpu"),
 }
 
 #: Keys whose value names a registry's entry (pipeline.plugins): its names are read without importing the

@@ -151,6 +151,9 @@ def inspect_data_cmd(data: Path, labels: Optional[Path], harmonise: bool) -> Non
 @click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N [default: auto].")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default=None,
               help="Autocast: auto (bf16 on CUDA, fp32 on CPU), bf16 (CPU too), fp16 (CUDA) or off [default: auto].")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="JPEG decoding: cpu (PIL in the workers) or gpu (torchvision on the device; on a CPU device, "
+                   "torchvision there) [default: cpu].")
 @click.option("--spatial", is_flag=True, default=None,
               help="Also cache one feature map per image and backbone (for the localisation head).")
 @click.option("--spatial-size", type=int, default=None, help="Input size for the maps (default 512).")
@@ -167,9 +170,9 @@ def inspect_data_cmd(data: Path, labels: Optional[Path], harmonise: bool) -> Non
 def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Optional[Path],
                          backbones: Tuple[str, ...], weights: Tuple[str, ...], config_path: str,
                          image_size: Optional[int], batch_size: Optional[int], num_workers: Optional[int],
-                         device: Optional[str], amp: Optional[str], spatial: Optional[bool],
-                         spatial_size: Optional[int], spatial_stage: Optional[int], sets: Tuple[str, ...],
-                         rebuild: bool,
+                         device: Optional[str], amp: Optional[str], decode: Optional[str],
+                         spatial: Optional[bool], spatial_size: Optional[int], spatial_stage: Optional[int],
+                         sets: Tuple[str, ...], rebuild: bool,
                          skip_bad: bool, shard_index: Optional[int], num_shards: Optional[int],
                          no_progress: bool) -> None:
     """Stage one: run frozen backbones over every image once, into an HDF5 feature cache.
@@ -188,6 +191,7 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
     pairs = [("extract.backbones", list(backbones) or None), ("extract.weights", default_weights),
              ("extract.image_size", image_size), ("extract.batch_size", batch_size),
              ("extract.num_workers", num_workers), ("extract.device", device), ("extract.amp", amp),
+             ("extract.decode", decode),
              ("extract.spatial.enabled", spatial), ("extract.spatial.image_size", spatial_size),
              ("extract.spatial.stage", spatial_stage)]
     pairs += [(f"extract.weights_for.{name}", value) for name, value in per_backbone.items()]

@@ -237,7 +237,7 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
         if state.pending:
             journal = update.journal(all_ids, batch_size, (shard_index, num_shards))
             extractor = Extractor(state.pending, pick_device(ecfg.device, "extract.device"), ecfg.amp,
-                                  ecfg.channels_last)
+                                  ecfg.channels_last, ecfg.decode)
             sha, pixels, bad, error = _compute(journal, extractor, table["image"].tolist(), position,
                                                {b: all_batches[b] for b in mine}, now, ecfg.num_workers, skip_bad,
                                                progress, summary)

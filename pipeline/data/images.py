@@ -188,6 +188,17 @@ def _check_pixels(width: int, height: int, name: os.PathLike) -> None:
                         f"{MAX_PIXELS // 1_000_000} megapixels; downscale it first")
 
 
+def check_header(data: bytes, name: str) -> Tuple[int, int]:
+    """(width, height) of encoded image bytes from their header, with the pixel limit decode_image applies, without
+    decoding them (a JPEG left for the device's decoder)."""
+    try:
+        img = _open_header(io.BytesIO(data), name)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DataError(f"{name}: cannot decode image ({exc}); replace or remove it") from None
+    _check_pixels(img.width, img.height, name)
+    return img.width, img.height
+
+
 def decode_raw(data: bytes, name: str) -> np.ndarray:
     """JSRT .IMG: headerless big-endian 16-bit words holding 12-bit values.
 
@@ -235,7 +246,9 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     """The content hash of a decoded image (its values at 8 bits, and its shape): equal for the same picture stored
     as PNG, DICOM or another file, where the files' own hashes differ."""
     digest = hashlib.sha256(str(pixels.shape).encode())
-    digest.update(np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8).tobytes())
+    if pixels.dtype != np.uint8:  # 8-bit values as decoded (a JPEG decoded by torchvision) are hashed as they are
+        pixels = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    digest.update(np.ascontiguousarray(pixels).tobytes())
     return digest.hexdigest()
 
 

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from cache import EntryKey
 
 from pipeline.config import SpatialConfig
-from pipeline.data.images import decode_image, pixel_sha256, resize
+from pipeline.data.images import check_header, decode_image, pixel_sha256, resize
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.features.backbones import BackboneInfo, check_offline_weights, create_backbone, spatial_backbone
+from pipeline.features.jpeg import DECODER_TAG, check_decode_gpu, decode_deferred, is_jpeg
 from pipeline.features.preprocess import Preprocess, make_preprocess, normalise, provenance_sha256
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,17 @@ class ImageItem:
     size_bytes: int
     mtime_ns: int
     error: str  # '' when the image was read
+    encoded: Optional[bytes] = None  # a JPEG file left for the device to decode (extract.decode: gpu)
 
 
 class ImageFiles(Dataset):
-    """Reads each file once: stat, content hash and decode come from the same bytes."""
+    """Reads each file once: stat, content hash and decode come from the same bytes; with `defer_jpeg` a JPEG's
+    header is checked and its bytes are passed on undecoded (pipeline.features.jpeg decodes them on the device)."""
 
-    def __init__(self, paths: Sequence[str], sizes: Sequence[Tuple[int, str]]):
+    def __init__(self, paths: Sequence[str], sizes: Sequence[Tuple[int, str]], defer_jpeg: bool = False):
         self.paths = list(paths)
         self.sizes = list(dict.fromkeys(sizes))
+        self.defer_jpeg = defer_jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,6 +63,9 @@ class ImageFiles(Dataset):
             return ImageItem(row, {}, "", "", -1, -1, f"{path}: cannot read image ({exc.strerror or exc})")
         digest = hashlib.sha256(data).hexdigest()
         try:
+            if self.defer_jpeg and is_jpeg(data):
+                check_header(data, path)
+                return ImageItem(row, {}, digest, "", st.st_size, st.st_mtime_ns, "", data)
             pixels = decode_image(data, path)
             images = {(s, interp): resize(pixels, s, interp) for s, interp in self.sizes}
         except PipelineError as exc:
@@ -75,6 +82,7 @@ class ImageBatch:
     mtime_ns: np.ndarray
     errors: List[str]
     images: Dict[Tuple[int, str], torch.Tensor]  # key -> (n_good, 1, S, S) for the readable rows
+    encoded: Dict[int, bytes] = field(default_factory=dict)  # position -> JPEG bytes not decoded yet
 
     @property
     def good(self) -> np.ndarray:
@@ -82,7 +90,8 @@ class ImageBatch:
 
 
 def collate(items: List[ImageItem]) -> ImageBatch:
-    good = [it for it in items if not it.error]
+    """One batch; `images` holds the decoded readable rows (all of them unless some are deferred JPEGs)."""
+    good = [it for it in items if not it.error and it.encoded is None]
     keys = list(good[0].images) if good else []
     return ImageBatch(
         rows=np.array([it.row for it in items], dtype=np.int64),
@@ -92,6 +101,7 @@ def collate(items: List[ImageItem]) -> ImageBatch:
         mtime_ns=np.array([it.mtime_ns for it in items], dtype=np.int64),
         errors=[it.error for it in items],
         images={k: torch.from_numpy(np.stack([it.images[k] for it in good]))[:, None] for k in keys},
+        encoded={i: it.encoded for i, it in enumerate(items) if it.encoded is not None},
     )
 
 
@@ -111,11 +121,10 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(paths: Sequence[str], batches: Sequence[Sequence[int]], sizes: Sequence[Tuple[int, str]],
-                num_workers: Optional[int], pin_memory: bool = False) -> DataLoader:
+                num_workers: Optional[int], pin_memory: bool = False, defer_jpeg: bool = False) -> DataLoader:
     workers = default_workers() if num_workers is None else num_workers
-    return DataLoader(ImageFiles(paths, sizes), batch_sampler=[list(b) for b in batches], num_workers=workers,
-                      worker_init_fn=_worker_init,
-                      collate_fn=collate, pin_memory=pin_memory,
+    return DataLoader(ImageFiles(paths, sizes, defer_jpeg), batch_sampler=[list(b) for b in batches],
+                      num_workers=workers, worker_init_fn=_worker_init, collate_fn=collate, pin_memory=pin_memory,
                       prefetch_factor=4 if workers > 0 else None)
 
 
@@ -193,13 +202,22 @@ def load_backbones(names: Sequence[str], weights: Dict[str, str], image_size: in
 
 
 class Extractor:
-    """Runs loaded backbones on a device; CUDA gets autocast (bf16/fp16) and channels_last."""
+    """Runs loaded backbones on a device; CUDA gets autocast (bf16/fp16) and channels_last; `decode` 'gpu' decodes
+    JPEG files with torchvision on the device (pipeline.features.jpeg; on a CPU device, on the CPU)."""
 
     def __init__(self, backbones: Dict[str, LoadedBackbone], device: torch.device, amp: str = "auto",
-                 channels_last: bool = True):
+                 channels_last: bool = True, decode: str = "cpu"):
         self.backbones = backbones
         self.device = device
         self.cuda = device.type == "cuda"
+        if decode not in ("cpu", "gpu"):
+            raise ConfigError(f"extract.decode '{decode}' must be cpu (PIL in the loader's workers) or gpu "
+                              "(torchvision's JPEG decoder on the device)")
+        self.defer_jpeg = decode == "gpu"
+        if self.defer_jpeg:
+            check_decode_gpu([lb.pre.interpolation for lb in backbones.values()])
+        if self.defer_jpeg and not self.cuda:
+            logger.info("extract.decode gpu on %s: JPEG files are decoded by torchvision on the CPU", device)
         if amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"extract.amp '{amp}' must be auto, bf16, fp16 or off")
         if amp == "fp16" and not self.cuda:
@@ -230,7 +248,10 @@ class Extractor:
         order, for stage one and predict alike; an unreadable image stops with its one-line error unless
         `skip_bad` (then the batch says which images were bad)."""
         sizes = sorted({lb.size_key for lb in self.backbones.values()})
-        for batch in make_loader(paths, batches, sizes, num_workers, pin_memory=self.cuda):
+        for batch in make_loader(paths, batches, sizes, num_workers, pin_memory=self.cuda,
+                                 defer_jpeg=self.defer_jpeg):
+            if batch.encoded:
+                decode_deferred(batch, paths, sizes, self.device)
             read_error(batch, skip_bad)
             yield batch
 
@@ -238,7 +259,7 @@ class Extractor:
     def precision(self) -> str:
         """How the features were computed; batches of different precision are never mixed in one cache."""
         dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return f"{self.device.type}-{dtype}"
+        return f"{self.device.type}-{dtype}" + (f"-{DECODER_TAG}" if self.defer_jpeg else "")
 
     def _autocast(self):
         if self.amp_dtype is None:
