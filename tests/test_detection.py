@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cache.reader import FeatureCache
 from pipeline.errors import ConfigError
 from pipeline.heads.loc.net import COORD_CHANNELS, LocData, LocNet, _targets, head_input, input_channels
 from pipeline.heads.loc.candidates import candidates
@@ -126,6 +127,56 @@ def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_
     assert set(metrics["localisation"]["froc_curves"]) == {"heatmap", "pooled-regression"}
     result = predict(tmp_path / "run", [data / "images" / "JPCLN002.png"], tmp_path / "pred", overlay=True)
     assert (tmp_path / "pred_overlays" / "JPCLN002.png").exists() and np.isfinite(result.table["localisation_x"]).all()
+
+    # candidates.csv: every out-of-fold image's first-stage candidates, best first; the recall the file gives
+    # (nodule images with a hit among their first k) is the metric's
+    cands = pd.read_csv(tmp_path / "run" / "candidates.csv")
+    assert list(cands.columns) == ["id", "seed", "fold", "rank", "x", "y", "score", "hit"]
+    per = cands.groupby(["seed", "id"])
+    assert (per["rank"].max() == per.size()).all() and per.size().max() <= 50
+    assert per["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+    with FeatureCache(cache) as c:
+        labels = c.labels()
+    nodules = set(labels.loc[labels["presence"] == 1, "id"])
+    first = cands[cands["seed"] == cands["seed"].min()]
+    for k in (5, 10, 20, 50):
+        found = set(first.loc[(first["rank"] <= k) & (first["hit"] == 1), "id"])
+        assert len(found & nodules) / len(nodules) == pytest.approx(heat[f"candidate_recall_at_{k}"]["pooled"])
+
+
+@pytest.mark.slow
+def test_no_test_fold_label_reaches_the_candidates(nodule_cache, tmp_path):
+    """Moving every test-fold-0 nodule elsewhere in the labels leaves those images' candidates as they were: the
+    head that made them never read their labels."""
+    import shutil
+
+    import h5py
+
+    from stages.train_heads import train_heads
+    from tests.helpers import tiny_train_config
+
+    _, cache = nodule_cache
+    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 8, "train.loc.batch_size": 8,
+                               "eval.bootstrap": 0, "eval.baselines": False})
+    train_heads(cache, tmp_path / "a", cfg, progress=False)
+    before = pd.read_csv(tmp_path / "a" / "candidates.csv")
+    fold0 = set(before.loc[before["fold"] == 0, "id"])
+    moved = tmp_path / "moved.h5"
+    shutil.copy(cache, moved)
+    with h5py.File(moved, "r+") as f:
+        ids = f["images/id"].asstr()[...]
+        at = np.isin(ids, list(fold0)) & np.isfinite(f["labels/x"][...])
+        for axis in ("x", "y"):
+            values = f[f"labels/{axis}"][...]
+            values[at] = 2048 - values[at]  # the mirror image of where the nodule is
+            f[f"labels/{axis}"][...] = values
+    assert at.sum() >= 3
+    train_heads(moved, tmp_path / "b", cfg, progress=False)
+    after = pd.read_csv(tmp_path / "b" / "candidates.csv")
+    columns = ["id", "fold", "rank", "x", "y", "score"]
+    pd.testing.assert_frame_equal(before.loc[before["fold"] == 0, columns], after.loc[after["fold"] == 0, columns])
+    # the other folds trained on the moved labels: their candidates changed
+    assert not before.loc[before["fold"] > 0, columns].equals(after.loc[after["fold"] > 0, columns])
 
 
 def _threshold_sweep(table, cx, cy, cs, level, reach_px=100.0):

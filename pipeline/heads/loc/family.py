@@ -88,6 +88,10 @@ class LocOutcome:
     fits: List[LocFit]  # one per split
     report: Dict[str, Dict[str, object]]
     froc_curves: Dict[str, Dict[str, list]] = field(default_factory=dict)  # head -> froc_<hit>_curve: [fpi, sens]
+    # the first stage's candidates of every out-of-fold entry, best first: x, y (fractions), score (logit) and
+    # whether each hits a lesion (FROC's rule); each (n, K)
+    first_stage: Tuple[np.ndarray, ...] = ()
+    names: List[SplitName] = field(default_factory=list)  # the splits' seeds and folds
 
 
 def member_splits(data, cfg, lcfg, split: Split) -> List[Split]:
@@ -256,11 +260,12 @@ class LocPlugin(HeadPlugin):
         x, y, presence, cands = det.x, det.y, det.presence, det.cands
         # the first stage's own candidates, best first, as many as the largest recall level (the ceiling of a
         # second look); the row order is the out-of-fold one (splits' test rows in turn)
-        peaks = [candidates(f.scores[s.test], max(RECALL_AT), lcfg.nms_cells)[:2] for f, s in zip(fits, splits)]
-        first_stage = (np.concatenate([p[0] for p in peaks]), np.concatenate([p[1] for p in peaks]))
+        peaks = [candidates(f.scores[s.test], max(RECALL_AT), lcfg.nms_cells) for f, s in zip(fits, splits)]
+        first_stage = tuple(np.concatenate([p[i] for p in peaks]) for i in range(3))
+        first_stage += (candidate_hits(table, oof.rows, first_stage[0], first_stage[1], cfg.eval.pixel_mm),)
         first = first_seed_mask(oof.split, names)
         report = {"heatmap": localisation_summary(table, oof.rows, oof.split, x, y, presence, names, cfg, cands,
-                                                  first_stage)}
+                                                  first_stage[:2])}
         curves = {"heatmap": froc(table, oof.rows[first], *(c[first] for c in cands), cfg.eval.pixel_mm,
                                   cfg.eval.froc_fps, curves=True)}
         pooled = reference.oof  # the reference is trained first (HeadPlugin.reference)
@@ -276,7 +281,8 @@ class LocPlugin(HeadPlugin):
             curves["pooled-regression"] = froc(table, pooled.rows[pfirst], *(c[pfirst] for c in one),
                                                cfg.eval.pixel_mm, cfg.eval.froc_fps, curves=True)
         return LocOutcome(oof.rows, oof.split, x, y, presence, oof.preds["scores"][first], fits, report,
-                          {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()})
+                          {k: {n: v.tolist() for n, v in c.items() if n.endswith("_curve")} for k, c in curves.items()},
+                          first_stage, list(names))
 
     def choose(self, data, cfg, splits, reference, outcome: LocOutcome) -> Dict[str, Any]:
         """The localisation head answers position where it finds more nodules within 100 px, presence where it
@@ -357,6 +363,10 @@ class LocPlugin(HeadPlugin):
                 f"{ANSWER}_y": np.round(outcome.y[part] * data.table["grid_h"].to_numpy(float)[mine], 1),
                 f"{ANSWER}_presence_prob": np.round(outcome.presence[part], 6)}
 
+    def files(self, folder: Path, data, outcome: LocOutcome) -> List[str]:
+        write_candidates(folder / CANDIDATES_FILE, data, outcome)
+        return [CANDIDATES_FILE]
+
     def report_lines(self, data, cfg, outcome: LocOutcome) -> List[str]:
         heads = list(outcome.report)
         lines = ["", f"Localisation ({data.heads[NAME].spec} maps, {cfg.train.loc.decode}; errors in pixels of the "
@@ -377,6 +387,36 @@ class LocPlugin(HeadPlugin):
 
     def plots(self, folder: Path, data, outcome: LocOutcome, plt) -> List[str]:
         return _gallery(folder, data, outcome, plt) + _froc_plot(folder, outcome, plt)
+
+
+#: Every image's first-stage candidates, out of fold (a second look's input: issue 31).
+CANDIDATES_FILE = "candidates.csv"
+#: Images whose candidates are made into one block of the file at a time (50 candidates each).
+CANDIDATE_BLOCK_IMAGES = 20_000
+
+
+def write_candidates(path: Path, data, outcome: LocOutcome) -> None:
+    """candidates.csv: per out-of-fold entry (an image in the test fold of a split: found by the head that never
+    saw it, so the file never carries a label into whatever is trained on it) its first stage's candidates, best
+    first, up to the largest recall level: id, seed, fold, rank, x and y in the data's coordinate grid, score (the
+    map's logit) and hit (the candidate hits a lesion of its image by FROC's rule; 0 for images without lesions)."""
+    cx, cy, score, hits = outcome.first_stage
+    grid_w, grid_h = (data.table[c].to_numpy(float) for c in ("grid_w", "grid_h"))
+    ids = data.table["id"].to_numpy()
+    seeds = np.array([n.seed for n in outcome.names])
+    folds = np.array([n.fold for n in outcome.names])
+    with open(path, "w", newline="") as handle:
+        for start in range(0, max(len(outcome.rows), 1), CANDIDATE_BLOCK_IMAGES):
+            part = slice(start, start + CANDIDATE_BLOCK_IMAGES)
+            rows, split = outcome.rows[part], outcome.split[part]
+            entry, rank = np.nonzero(np.isfinite(score[part]))
+            r = rows[entry]
+            frame = pd.DataFrame({"id": ids[r], "seed": seeds[split[entry]], "fold": folds[split[entry]],
+                                  "rank": rank + 1, "x": np.round(cx[part][entry, rank] * grid_w[r], 1),
+                                  "y": np.round(cy[part][entry, rank] * grid_h[r], 1),
+                                  "score": np.round(score[part][entry, rank], 6),
+                                  "hit": hits[part][entry, rank].astype(np.int8)})
+            frame.to_csv(handle, index=False, header=start == 0)
 
 
 def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
