@@ -3,7 +3,11 @@
 - stage one: the whole extraction loop against the pure forward pass of the paper's pair (bf16 autocast,
   channels_last, batch 64, one decoding worker per core), on the JSRT images;
 - stage two: one 5-fold cross-validation of Res-MTNet on the 4768-value cache it just wrote (on the GPU);
-- the sweep: configs/sweep.yaml's configurations x 5 folds stacked, against one configuration at a time.
+- the sweep: configs/sweep.yaml's configurations x 5 folds stacked, against one configuration at a time;
+- JPEG decoding: benchmarks/extract.py --decode on this machine (a CPU worker's rates per format, and with
+  `extract.decode gpu` the worker's share and the GPU's own decode + resize rate);
+- stage two at scale: benchmarks/scale.py's 1,000,000 x 768 float16 row with the heads on the GPU, in its own
+  process, given whatever is left of the 5 minutes (reported as skipped when that is too little).
 
     python benchmarks/gpu.py --data ../shared/data/jsrt                 # on the GPU (random-init weights)
     python benchmarks/gpu.py --quick                                     # CPU smoke run: tiny models, seconds
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +87,27 @@ def stage_two(cache: Path, cfg, sweep: Path, n_configs, repeats: int) -> dict:
             "sweep": sweep_times(data, cfg, sweep, n_configs)}
 
 
+def jpeg_decode(data: Path, repeats: int) -> dict:
+    """benchmarks/extract.py --decode's table on this machine."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from extract import decode
+
+    return decode(argparse.Namespace(data=data, repeats=repeats, forward_rate=[2000, 5000]))
+
+
+def stage_two_at_scale(rows: int, dim: int, device: str, seconds_left: float) -> dict:
+    """benchmarks/scale.py's row of rows x dim float16 (its peak RSS, phases and ratios), in a fresh process."""
+    command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--rows", str(rows), "--dim", str(dim),
+               "--dtype", "float16", "--device", device]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, seconds_left), check=True)
+    except subprocess.TimeoutExpired:
+        return {"rows": rows, "skipped": f"not finished in the {seconds_left:.0f} s left of the 5 minutes"}
+    result = json.loads(done.stdout)["results"][0]
+    result.pop("log")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "jsrt")
@@ -89,7 +115,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--configs", type=int, default=None, help="sweep: only the first N configurations")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny backbones, synthetic data")
+    parser.add_argument("--scale-rows", type=int, default=None,
+                        help="rows of the stage-two run at scale (default 1,000,000; --quick 2,000); 0 skips it")
     args = parser.parse_args()
+    started = time.perf_counter()
 
     from pipeline import runtime
 
@@ -121,6 +150,13 @@ def main() -> None:
         result["stage_one"] = stage_one(data, cache, cfg, repeats)
         print(f"stage one: {json.dumps(result['stage_one'])}", file=sys.stderr)
         result["stage_two"] = stage_two(cache, cfg, REPO / "configs" / "sweep.yaml", n_configs, repeats)
+    if not args.quick:  # the CPU smoke run leaves the decode table to benchmarks/extract.py (tens of seconds here)
+        result["jpeg_decode"] = jpeg_decode(args.data, repeats)
+    rows = (2000 if args.quick else 1_000_000) if args.scale_rows is None else args.scale_rows
+    if rows:
+        result["stage_two_at_scale"] = stage_two_at_scale(rows, 64 if args.quick else 768,
+                                                          "cpu" if args.quick else "cuda",
+                                                          300 - (time.perf_counter() - started))
     print(json.dumps(result, indent=2))
 
 

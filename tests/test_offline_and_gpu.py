@@ -192,3 +192,5 @@ def test_the_gpu_benchmark_runs_in_quick_mode_on_the_cpu():
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["stage_one"]["precision"] == "cpu-bf16" and result["stage_one"]["loop_vs_forward"] > 0
     assert result["stage_two"]["cv_run_s"] > 0 and result["stage_two"]["sweep"]["configs"] == 2
+    scale = result["stage_two_at_scale"]  # benchmarks/scale.py's row, at 2,000 x 64 here
+    assert scale["rows"] == 2000 and scale["peak_rss_gib"] > 0 and scale["train_s"] > 0
