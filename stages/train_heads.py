@@ -29,6 +29,7 @@ from pipeline.core.splits import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_grou
 from pipeline.fsutil import atomic_write_text, json_text, jsonable, staged_dir
 from pipeline.heads.artefact import write_head
 from pipeline.reporting import format_entry, format_number
+from pipeline.runtime import release_freed_memory
 from stages.progress import progress_bars
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def train_heads(cache: Union[Path, Sequence[Path]], out: Path, cfg: Config, *, o
         clock = time.perf_counter()
         head = refit(data, cfg, cv, bars) if cfg.eval.refit else None
         phases["refit"] = time.perf_counter() - clock
+        release_freed_memory()
         seconds = time.perf_counter() - started
         warning = warning_line(cfg, cv)
         meta = {"cache": str(cache) if isinstance(cache, (str, Path)) else [str(c) for c in cache],

@@ -29,8 +29,13 @@ from pipeline.data.table import blank_meaning, task_groups
 from pipeline.errors import ConfigError
 from pipeline.heads.artefact import HeadManifest, RunFacts
 from pipeline.heads.plugin import TaskPredictions, enabled_heads, head_families
+from pipeline.runtime import release_freed_memory
 
 logger = logging.getLogger(__name__)
+
+
+#: No per-row hashes (a cache written before pixel hashes).
+NO_HASHES = np.zeros(0, dtype="S64")
 
 
 @dataclass
@@ -45,9 +50,10 @@ class TrainData:
     specs: List[str]
     provenance: Dict[str, Dict[str, object]]
     cache_attrs: Dict[str, object]
-    hashes: List[str] = field(default_factory=list)  # content sha256 of each row's image
+    # hex sha256 per row as S64 bytes, not str objects (at 1M rows 64 MiB each, not 121 MiB)
+    hashes: np.ndarray = field(default_factory=lambda: NO_HASHES)  # content sha256 of each row's image
     heads: Dict[str, Any] = field(default_factory=dict)  # enabled head family -> what it read (HeadPlugin.load)
-    pixel_hashes: List[str] = field(default_factory=list)  # each row's decoded-image hash ([]: an older cache)
+    pixel_hashes: np.ndarray = field(default_factory=lambda: NO_HASHES)  # decoded-image hashes (none: an older cache)
 
 
 #: Working memory stage two needs beside the feature matrix (per-split targets and statistics, the stacked
@@ -106,8 +112,8 @@ class _Part:
     specs: List[str]
     provenance: Dict[str, Dict[str, object]]
     attrs: Dict[str, object]
-    hashes: List[str]
-    pixel_hashes: List[str]
+    hashes: np.ndarray
+    pixel_hashes: np.ndarray
     heads: Dict[str, Any]
 
 
@@ -126,8 +132,7 @@ def _read(cache_path: Path, cfg: Config, progress: Progress, into: Optional[np.n
         pixels = cache.pixel_hashes
         part = _Part(features, table, {}, cache.bad, specs, {s: cache.backbones[s].attrs for s in specs},
                      dict(cache.attrs),
-                     [h.decode() if isinstance(h, bytes) else str(h) for h in cache.image_column("sha256")],
-                     [] if pixels is None else [h.decode() for h in pixels],
+                     cache.image_column("sha256").astype("S64"), NO_HASHES if pixels is None else pixels,
                      {plugin.name: plugin.load(cache, cfg, specs) for plugin, _ in enabled_heads(cfg)})
     part.groups = {**task_groups(table.attrs["layout"]), **tcfg.task_groups}
     if cfg.data.harmonise:
@@ -179,10 +184,10 @@ def _read_several(paths: Sequence[Path], cfg: Config, progress: Progress) -> Tup
     attrs = {**first.attrs, "data_layout": table.attrs["layout"],
              "data_root": ", ".join(str(part.attrs.get("data_root", "?")) for part in parts),
              "image_set_sha256": [part.attrs.get("image_set_sha256") for part in parts], "datasets": names}
-    pixels = [h for part in parts for h in part.pixel_hashes] if all(p.pixel_hashes for p in parts) else []
+    pixels = np.concatenate([p.pixel_hashes for p in parts]) if all(len(p.pixel_hashes) for p in parts) else NO_HASHES
     return _Part(features, table, combine.union_groups([part.groups for part in parts]),
                  np.concatenate([part.bad for part in parts]), first.specs, first.provenance, attrs,
-                 [h for part in parts for h in part.hashes], pixels, first.heads), "missing"
+                 np.concatenate([part.hashes for part in parts]), pixels, first.heads), "missing"
 
 
 def load_train_data(cache_path, cfg: Config, progress: Progress = no_progress) -> TrainData:
@@ -208,6 +213,7 @@ def load_train_data(cache_path, cfg: Config, progress: Progress = no_progress) -
         logger.warning("leaving out %d image(s) without features (unreadable when cached)", len(table) - len(rows))
     rows = keep_views(table, rows, cfg.data.views, where)
     features = control_features(features, cfg.eval, cfg.train.seed)
+    release_freed_memory()  # the label table's temporary Python strings
     return TrainData(features, table, rows, tasks, targets, part.specs, part.provenance, part.attrs, part.hashes,
                      part.heads, part.pixel_hashes)
 
@@ -258,6 +264,7 @@ def cross_validate(data: TrainData, cfg: Config, progress: Progress = no_progres
             cv.reference = predictions
         cv.reports.update(plugin.task_reports(outcome))
         cv.timings.update(getattr(outcome, "timings", {}))
+        release_freed_memory()
     cv.primary = primary_answers(data, cfg, splits, cv.reference, cv.families())
     cv.primary["presence_auc"] = presence_evidence(cv)
     return cv
@@ -301,9 +308,9 @@ def refit(data: TrainData, cfg: Config, cv: CVResult, progress: Progress = no_pr
         features=list(data.specs), in_dim=int(data.features.shape[1]),
         grid=[float(np.nanmedian(data.table["grid_w"])), float(np.nanmedian(data.table["grid_h"]))],
         primary=dict(cv.primary), backbones=dict(data.provenance), trained_rows=int(len(data.rows)),
-        trained_sha256=[data.hashes[r] for r in data.rows] if data.hashes else [],
+        trained_sha256=[h.decode() for h in data.hashes[data.rows]] if len(data.hashes) else [],
         # the decoded images too: a DICOM (or re-encoded) copy of a training image is a training image
-        trained_pixels_sha256=[data.pixel_hashes[r] for r in data.rows] if data.pixel_hashes else [],
+        trained_pixels_sha256=[h.decode() for h in data.pixel_hashes[data.rows]] if len(data.pixel_hashes) else [],
         cache_image_set_sha256=data.cache_attrs.get("image_set_sha256"), tool_version=__version__)
     return Refit(tensors, HeadManifest(run, families))
 

@@ -29,6 +29,7 @@ from pipeline.heads.resmtnet import ANSWER, NAME, PREFIX
 from pipeline.heads.resmtnet.apply import PooledApplied
 from pipeline.heads.resmtnet.report import confusion_frames, confusion_plot, efficiency_plots, learning_curves_plot
 from pipeline.reporting import format_entry
+from pipeline.runtime import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class ResMTNetPlugin(HeadPlugin):
         # and the raw outputs of those alone (at 1M rows, 0.25 GiB of copies freed before the baselines)
         per_split = [{k: v.only(split.val) for k, v in p.items()} for p, split in zip(per_split, splits)]
         results = [replace(r, outputs=r.outputs.only(split.val)) for r, split in zip(results, splits)]
+        release_freed_memory()
         if cfg.eval.baselines:
             with progress(len(BASELINES) * len(splits), "baselines", unit="fit") as tick:
                 for which in BASELINES:
@@ -183,6 +185,7 @@ class ResMTNetPlugin(HeadPlugin):
                         prep, splits, data.tasks, data.targets, which, budget=cfg.eval.baseline_rows,
                         seed=cfg.train.seed, tick=tick))
         timings["baselines"] = time.perf_counter() - clock
+        release_freed_memory()
         outcome = ResMTNetOutcome(results, list(data.tasks), oof, per_split, timings=timings,
                                   pooled=first_seed_mask(oof[NAME].split, names))
         bound = outcome.weights_at_bound()
