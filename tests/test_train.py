@@ -321,6 +321,32 @@ def test_the_linear_baseline_fits_on_at_most_its_row_budget(monkeypatch):
     assert len(seen) == 4
 
 
+def test_the_majority_baseline_is_one_row_per_split_and_scores_as_every_row():
+    """The majority baseline's out-of-fold predictions are held as one row per split (at 1M rows they were 190 MiB
+    of repeats) and summarise exactly as the same predictions repeated for every row."""
+    from pipeline.core.splits import SplitName
+    from pipeline.core.summary import OutOfFold, PerSplit, baseline_predictions, summarise
+
+    x, prep, _, _, _ = _linear_problem(400, 30, 300)
+    splits = [Split(train=np.arange(0, 300), test=np.arange(300, 350)),
+              Split(train=np.arange(100, 400), test=np.concatenate([np.arange(0, 60), np.arange(350, 400)]))]
+    rng = np.random.default_rng(1)
+    targets = {"cls": rng.choice([0.0, 1.0, 2.0, np.nan], 400, p=[0.5, 0.2, 0.2, 0.1]),
+               "bin": rng.choice([0.0, 1.0], 400, p=[0.3, 0.7]), "reg": rng.normal(10, 2, 400)}
+    per_split = baseline_predictions(prep, splits, TASKS, targets, "majority")
+    repeated = [{t: np.array(v) for t, v in p.items()} for p in per_split]
+    compact = OutOfFold.of_test_rows(splits, per_split)
+    full = OutOfFold.of_test_rows(splits, repeated)
+    assert all(isinstance(compact.preds[t.name], PerSplit) for t in TASKS)
+    assert not any(isinstance(full.preds[t.name], PerSplit) for t in TASKS)
+    for t in TASKS:
+        np.testing.assert_array_equal(np.asarray(compact.preds[t.name]), full.preds[t.name])
+    names = [SplitName(seed=0, fold=0), SplitName(seed=0, fold=1)]
+    norms = {"reg": np.full(400, 2.0)}
+    assert summarise(compact, TASKS, targets, norms, names, 50, 0) == summarise(full, TASKS, targets, norms, names,
+                                                                                 50, 0)
+
+
 def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path, monkeypatch):
     import stages.train_heads
 

@@ -95,9 +95,9 @@ class Kind:
 
     def baseline(self, which: str, y: np.ndarray, linear, mask: np.ndarray, n: int, task: TaskSpec,
                  c: float, alpha: float) -> np.ndarray:
-        """'majority' (prior / mean) or 'linear' (logistic / ridge, fitted by `linear`, a pipeline.core.linear
-        model, on its fitting rows where `mask`, labels `y`) predictions for the n rows the model scores (a
-        split's test rows)."""
+        """'majority' (prior / mean: the same for every row, so the summariser asks for n = 1) or 'linear'
+        (logistic / ridge, fitted by `linear`, a pipeline.core.linear model, on its fitting rows where `mask`,
+        labels `y`) predictions for the n rows the model scores (a split's test rows)."""
         raise NotImplementedError
 
     def columns(self, task: TaskSpec, y: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, object]:

@@ -49,27 +49,60 @@ def regression_norms(table: pd.DataFrame, tasks: Sequence[TaskSpec], size_norm: 
     return norms
 
 
+class PerSplit:
+    """Predictions that are one row per split (the majority baseline's), expanded only where indexed: at 1M rows the
+    majority baseline's out-of-fold predictions were 190 MiB of repeated rows."""
+
+    def __init__(self, values: np.ndarray, split: np.ndarray):
+        self.values, self.split = values, split  # (splits, ...) and each entry's split
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.values[self.split[index]]
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.split),) + self.values.shape[1:]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.values[self.split], dtype=dtype)
+
+
+def _join(parts: List[np.ndarray], split: np.ndarray):
+    """One task's per-split parts in out-of-fold order: kept as PerSplit where every part is one row broadcast
+    (a stride-0 view: np.broadcast_to), else concatenated."""
+    if parts and all(p.ndim and len(p) and p.strides[0] == 0 for p in parts):
+        return PerSplit(np.stack([p[0] for p in parts]), split)
+    return np.concatenate(parts)
+
+
 @dataclass
 class OutOfFold:
     """Out-of-fold predictions of one model: one entry per (split, test row)."""
 
     rows: np.ndarray
     split: np.ndarray  # index into the splits
-    preds: Dict[str, np.ndarray]
+    preds: Dict[str, np.ndarray]  # or PerSplit
 
     @classmethod
     def collect(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
         """per_split[s][task]: predictions indexed by row number (an array of every row, or RowValues); keep each
-        split's test rows."""
-        return cls.of_test_rows(splits, [{t: v[s.test] for t, v in p.items()} for s, p in zip(splits, per_split)])
+        split's test rows (one task's copies at a time)."""
+        return cls._of(splits, per_split[0].keys(), lambda t: [p[t][s.test] for s, p in zip(splits, per_split)])
 
     @classmethod
     def of_test_rows(cls, splits: Sequence[Split], per_split: Sequence[Dict[str, np.ndarray]]) -> "OutOfFold":
-        """per_split[s][task]: predictions for split s's test rows, in their order."""
+        """per_split[s][task]: predictions for split s's test rows, in their order. Consumes `per_split`: each task's
+        per-split arrays are dropped once joined, so at 1M rows a baseline's predictions are not held twice."""
+        return cls._of(splits, list(per_split[0].keys()), lambda t: [p.pop(t) for p in per_split])
+
+    @classmethod
+    def _of(cls, splits: Sequence[Split], tasks, parts: Callable[[str], List[np.ndarray]]) -> "OutOfFold":
         rows = np.concatenate([s.test for s in splits])
         split = np.concatenate([np.full(len(s.test), i) for i, s in enumerate(splits)])
-        tasks = per_split[0].keys()
-        return cls(rows, split, {t: np.concatenate([p[t] for p in per_split]) for t in tasks})
+        return cls(rows, split, {t: _join(parts(t), split) for t in tasks})
 
 
 def summarise_metrics(metrics_of: Callable[[np.ndarray, Optional[np.ndarray]], Dict[str, np.ndarray]],
@@ -165,7 +198,8 @@ def size_bins(sizes: np.ndarray, edges: Sequence[float]) -> Dict[str, np.ndarray
 def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec], targets: Dict[str, np.ndarray],
                          which: str, c: float = 1.0, alpha: float = 1.0, budget: int = 0, seed: int = 0,
                          tick: Callable[[int], None] = lambda n: None) -> List[Dict[str, np.ndarray]]:
-    """Per split, predictions for its test rows: 'majority' (class prior / mean) or 'linear' (logistic / ridge on
+    """Per split, predictions for its test rows: 'majority' (class prior / mean: one row, broadcast to the test rows
+    as a read-only view, which OutOfFold keeps as one row per split) or 'linear' (logistic / ridge on
     the split's standardised features: pipeline.core.linear), fitted on the split's training rows (inner
     validation rows included); with a `budget` (eval.baseline_rows), the linear fit on a seeded subsample of
     that many of them, so that its cost stops growing with the data. `prep`: the pooled head's model.Prepared
@@ -183,7 +217,11 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
         for task in tasks:
             y = targets[task.name][fit]
             m = labelled(task, y)
-            preds[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
+            if which == "majority":  # the same for every row (Kind.baseline)
+                one = task.impl.baseline(which, y[m], linear, m, 1, task, c, alpha)
+                preds[task.name] = np.broadcast_to(one, (n,) + one.shape[1:])
+            else:
+                preds[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
         results.append(preds)
         tick(1)
     return results
