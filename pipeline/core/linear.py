@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: Working memory of one block of rows in the streamed primal fit.
 PRIMAL_BLOCK_BYTES = 64 << 20
-#: Largest standardised float64 copy of the matrix that a dense fit may make (beyond it: the streamed fit).
+#: Largest standardised float64 copy of the fitting rows that a dense fit may make (beyond it: the streamed fit).
 DENSE_BYTES = 64 << 20
 
 
@@ -227,11 +227,12 @@ class Primal(_Scorer):
 
 def linear_fit(prep, s: int, fit: np.ndarray, scored: Optional[np.ndarray] = None):
     """The row-space fit while the fitting rows are fewer than the features; otherwise the primal fit, on a
-    dense standardised copy while it is small (DENSE_BYTES), else streamed over the matrix. Its predictions are
-    of the `scored` rows (default: every row), in their order."""
+    dense standardised copy of the fitting rows while it is small (DENSE_BYTES: the 2,000 rows of
+    eval.baseline_rows at any D up to 4,000), else streamed over the matrix. Its predictions are of the `scored`
+    rows (default: every row), in their order."""
     if len(fit) < prep.dim:
         model = RowSpace.of(prep, s, fit, scored=scored)
-    elif prep.features.shape[0] * prep.dim * 8 <= DENSE_BYTES:
+    elif len(fit) * prep.dim * 8 <= DENSE_BYTES:
         model = RowSpace.dense(prep, s, fit, scored=scored)
     else:
         model = Primal(prep, s, fit, scored=scored)
