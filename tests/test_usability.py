@@ -353,16 +353,13 @@ def test_the_heartbeat_speaks_after_45_quiet_seconds_and_ends_with_its_command(c
                      "still working after train-heads (45 s since the last line; this step has no progress bar)"]
     monkeypatch.setattr(progress, "HEARTBEAT_POLL_S", 0.01)
     monkeypatch.setattr(progress.sys, "stderr", io.StringIO())  # off a terminal, as a log file
-    before = threading.active_count()
+    before = set(threading.enumerate())
     bars = progress.progress_bars(True)
-    assert threading.active_count() == before + 1
+    (heartbeat,) = set(threading.enumerate()) - before  # one thread of its own (others may come and go)
     del bars
     gc.collect()
-    for _ in range(200):
-        if threading.active_count() == before:
-            break
-        time.sleep(0.01)
-    assert threading.active_count() == before
+    heartbeat.join(timeout=2.0)
+    assert not heartbeat.is_alive()
 
 
 def test_training_ticks_once_per_batch_within_the_epoch_cap(tiny_cache):
