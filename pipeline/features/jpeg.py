@@ -13,7 +13,6 @@ under the decoder that made them (their provenance holds the precision), as with
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -22,8 +21,6 @@ import torch.nn.functional as F
 
 from pipeline.data.images import decode_image, pixel_sha256
 from pipeline.errors import ConfigError, PipelineError
-
-logger = logging.getLogger(__name__)
 
 #: The first bytes of every JPEG file (SOI marker, then the next marker's 0xFF).
 JPEG_MAGIC = b"\xff\xd8\xff"
