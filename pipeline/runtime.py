@@ -8,6 +8,7 @@ need, which made two concurrent runs on two cores 11x slower than one; with pass
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -118,6 +119,15 @@ def configure(threads: Optional[int] = None) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    """The C library, found once (find_library asks ldconfig) for the allocator settings and trims."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def _keep_freed_memory() -> None:
     """Ask glibc to serve large blocks from its heap instead of fresh mmap pages (Linux only; no-op elsewhere).
 
@@ -130,9 +140,8 @@ def _keep_freed_memory() -> None:
     """
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap
         libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: return freed heap above 128 MiB (bounded RSS)
@@ -146,10 +155,7 @@ def release_freed_memory() -> None:
     heap's top, so the phases' freed temporaries in its middle stayed resident (at 1M rows the baselines' and the
     summaries' arrays raised the peak above the memory bound)."""
     try:
-        import ctypes
-        import ctypes.util
-
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
