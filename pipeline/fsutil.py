@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -103,6 +103,14 @@ def atomic_output(path: PathLike, durable: bool = True) -> Iterator[Path]:
 def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv_blocks(path: PathLike, n: int, block: int, frame_of: Callable[[slice], object]) -> None:
+    """One CSV of `n` entries made a block at a time: frame_of(slice) gives the pandas DataFrame of those entries
+    (the header comes with the first), so a million rows' columns are never all formatted at once."""
+    with open(path, "w", newline="") as handle:
+        for start in range(0, max(n, 1), block):
+            frame_of(slice(start, start + block)).to_csv(handle, index=False, header=start == 0)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import pandas as pd
 
 from pipeline import __version__
@@ -25,8 +24,8 @@ from pipeline.config import Config
 from pipeline.data.combine import DATASET_COLUMN
 from pipeline.evaluation.engine import CVResult, TrainData, cross_validate, load_train_data, refit
 from pipeline.core.splits import (INSAMPLE_WARNING, PATIENT_COLUMN, patient_groups, patient_summary,
-                                  scores_training_rows, seen_share)
-from pipeline.fsutil import atomic_write_text, json_text, jsonable, staged_dir
+                                  scores_training_rows, seed_fold_columns, seen_share)
+from pipeline.fsutil import atomic_write_text, json_text, jsonable, staged_dir, write_csv_blocks
 from pipeline.heads.artefact import write_head
 from pipeline.reporting import format_entry, format_number
 from pipeline.runtime import release_freed_memory
@@ -53,17 +52,16 @@ def write_predictions(path: Path, data: TrainData, cv: CVResult) -> None:
     """predictions.csv: every split's test rows (id, data set where several, patient, seed, fold) and each head
     family's out-of-fold predictions of them, made and written a block of rows at a time."""
     where = cv.test_rows()
-    seeds, folds = np.array([n.seed for n in cv.names]), np.array([n.fold for n in cv.names])
     known = {c: data.table[c].to_numpy() for c in ("id", DATASET_COLUMN, PATIENT_COLUMN) if c in data.table}
-    with open(path, "w", newline="") as handle:
-        for start in range(0, max(len(where.rows), 1), CSV_BLOCK_ROWS):
-            part = slice(start, start + CSV_BLOCK_ROWS)
-            rows, split = where.rows[part], where.split[part]
-            frame: Dict[str, object] = {**{c: v[rows] for c, v in known.items()}, "seed": seeds[split],
-                                        "fold": folds[split]}
-            for plugin, outcome in cv.families():
-                frame.update(plugin.oof_columns(data, outcome, where.rows, part))
-            pd.DataFrame(frame).to_csv(handle, index=False, header=start == 0)
+
+    def frame_of(part: slice) -> pd.DataFrame:
+        frame: Dict[str, object] = {**{c: v[where.rows[part]] for c, v in known.items()},
+                                    **seed_fold_columns(cv.names, where.split[part])}
+        for plugin, outcome in cv.families():
+            frame.update(plugin.oof_columns(data, outcome, where.rows, part))
+        return pd.DataFrame(frame)
+
+    write_csv_blocks(path, len(where.rows), CSV_BLOCK_ROWS, frame_of)
 
 
 def internal_scores(data: TrainData, cfg: Config, bars) -> Optional[Dict[str, object]]:

@@ -343,8 +343,8 @@ def test_the_majority_baseline_is_one_row_per_split_and_scores_as_every_row():
         np.testing.assert_array_equal(np.asarray(compact.preds[t.name]), full.preds[t.name])
     names = [SplitName(seed=0, fold=0), SplitName(seed=0, fold=1)]
     norms = {"reg": np.full(400, 2.0)}
-    assert summarise(compact, TASKS, targets, norms, names, 50, 0) == summarise(full, TASKS, targets, norms, names,
-                                                                                 50, 0)
+    assert summarise(compact, TASKS, targets, norms, names, 50, 0) == summarise(full, TASKS, targets, norms,
+                                                                                names, 50, 0)
 
 
 def test_train_heads_writes_every_output_and_is_deterministic(tiny_cache, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 class SplitName:
     seed: int
     fold: int
+
+
+def seed_fold_columns(names: Sequence[SplitName], split: np.ndarray) -> Dict[str, np.ndarray]:
+    """The `seed` and `fold` columns of entries by their split index (predictions.csv, candidates.csv)."""
+    return {"seed": np.array([n.seed for n in names])[split], "fold": np.array([n.fold for n in names])[split]}
 
 
 def stratify_labels(table: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:

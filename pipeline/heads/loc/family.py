@@ -17,11 +17,12 @@ import pandas as pd
 
 from cache import GROUPS
 
-from pipeline.core.splits import SplitName, make_splits, patient_groups
+from pipeline.core.splits import SplitName, make_splits, patient_groups, seed_fold_columns
 from pipeline.core.summary import OutOfFold, first_seed_mask, summarise_metrics
 from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, no_progress, run_jobs,
                                  validated_epochs)
 from pipeline.errors import CacheError, PipelineError
+from pipeline.fsutil import write_csv_blocks
 from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_recall, froc, lesions_drawn, loc_metric_directions,
                                 localisation_metrics, nodule_errors)
 from pipeline.heads.loc.candidates import Detections, candidate_hits, candidates, detect, fit_rescorer
@@ -403,20 +404,17 @@ def write_candidates(path: Path, data, outcome: LocOutcome) -> None:
     cx, cy, score, hits = outcome.first_stage
     grid_w, grid_h = (data.table[c].to_numpy(float) for c in ("grid_w", "grid_h"))
     ids = data.table["id"].to_numpy()
-    seeds = np.array([n.seed for n in outcome.names])
-    folds = np.array([n.fold for n in outcome.names])
-    with open(path, "w", newline="") as handle:
-        for start in range(0, max(len(outcome.rows), 1), CANDIDATE_BLOCK_IMAGES):
-            part = slice(start, start + CANDIDATE_BLOCK_IMAGES)
-            rows, split = outcome.rows[part], outcome.split[part]
-            entry, rank = np.nonzero(np.isfinite(score[part]))
-            r = rows[entry]
-            frame = pd.DataFrame({"id": ids[r], "seed": seeds[split[entry]], "fold": folds[split[entry]],
-                                  "rank": rank + 1, "x": np.round(cx[part][entry, rank] * grid_w[r], 1),
-                                  "y": np.round(cy[part][entry, rank] * grid_h[r], 1),
-                                  "score": np.round(score[part][entry, rank], 6),
-                                  "hit": hits[part][entry, rank].astype(np.int8)})
-            frame.to_csv(handle, index=False, header=start == 0)
+
+    def frame_of(part: slice) -> pd.DataFrame:
+        entry, rank = np.nonzero(np.isfinite(score[part]))
+        r = outcome.rows[part][entry]
+        return pd.DataFrame({"id": ids[r], **seed_fold_columns(outcome.names, outcome.split[part][entry]),
+                             "rank": rank + 1, "x": np.round(cx[part][entry, rank] * grid_w[r], 1),
+                             "y": np.round(cy[part][entry, rank] * grid_h[r], 1),
+                             "score": np.round(score[part][entry, rank], 6),
+                             "hit": hits[part][entry, rank].astype(np.int8)})
+
+    write_csv_blocks(path, len(outcome.rows), CANDIDATE_BLOCK_IMAGES, frame_of)
 
 
 def _froc_plot(folder: Path, loc: LocOutcome, plt) -> List[str]:
