@@ -188,15 +188,15 @@ def _check_pixels(width: int, height: int, name: os.PathLike) -> None:
                         f"{MAX_PIXELS // 1_000_000} megapixels; downscale it first")
 
 
-def check_header(data: bytes, name: str) -> Tuple[int, int]:
-    """(width, height) of encoded image bytes from their header, with the pixel limit decode_image applies, without
-    decoding them (a JPEG left for the device's decoder)."""
+def check_header(data: bytes, name: str) -> Image.Image:
+    """Encoded image bytes opened from their header, within the pixel limit, not decoded yet: decode_image's first
+    step, and all the loader's workers do for a JPEG left for the device's decoder."""
     try:
         img = _open_header(io.BytesIO(data), name)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc}); replace or remove it") from None
     _check_pixels(img.width, img.height, name)
-    return img.width, img.height
+    return img
 
 
 def decode_raw(data: bytes, name: str) -> np.ndarray:
@@ -218,12 +218,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         return decode_raw(data, name)
     if is_dicom(name):
         return decode_dicom(data, name)
+    img = check_header(data, name)
     try:
-        img = _open_header(io.BytesIO(data), name)
-        _check_pixels(img.width, img.height, name)
         img.load()
-    except DataError:
-        raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc}); replace or remove it") from None
     mode = img.mode
