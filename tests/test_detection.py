@@ -366,7 +366,7 @@ def test_a_fold_ensemble_trains_refits_and_predicts(nodule_cache, ensemble_run, 
 
 
 def test_candidate_hits_count_as_froc_does():
-    from pipeline.heads.loc.candidates import candidate_hits
+    from pipeline.core.froc import candidate_hits
 
     cx, cy, _ = _cands()
     hits = candidate_hits(_table(), np.arange(3), cx, cy, pixel_mm=0.175)

@@ -3,12 +3,15 @@ distances of one answer per image to the nodule, over the table's lesions (JSRT'
 the field's data sets)."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import pandas as pd
 
 from pipeline.config import EvalConfig
 from pipeline.core.metrics import roc_auc
+from pipeline.core.splits import SplitName, patient_groups
+from pipeline.core.summary import first_seed_mask, summarise_metrics
 
 
 #: Localisation metrics and their direction (+1: higher is better), for sweeps ranking on `loc.<metric>`; the
@@ -129,6 +132,15 @@ def lesion_hits(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray,
     return image, kinds
 
 
+def candidate_hits(table, rows: np.ndarray, cx: np.ndarray, cy: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """(n, k): whether each candidate of rows[i] hits a lesion of its image, as FROC counts a hit (lesion_hits):
+    inside the lesion's box where the table has boxes, else within its radius."""
+    image, kinds = lesion_hits(table, rows, cx, cy, pixel_mm)
+    hits = np.zeros(cx.shape, dtype=bool)
+    np.logical_or.at(hits, image, kinds["box"] if "box" in kinds else kinds["radius"])
+    return hits
+
+
 def froc(table, rows: np.ndarray, cand_x: np.ndarray, cand_y: np.ndarray, cand_score: np.ndarray,
          pixel_mm: float, fps=FROC_FPS, weights: Optional[np.ndarray] = None,
          curves: bool = False, lesion_list: Optional[tuple] = None) -> Dict[str, np.ndarray]:
@@ -226,3 +238,31 @@ def localisation_metrics(table, rows: np.ndarray, x_frac: np.ndarray, y_frac: np
         res["presence_auc"] = roc_auc(pres[known], presence_score[known],
                                       None if weights is None else weights[..., known])
     return res
+
+
+def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
+                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg,
+                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+                         first_stage: Optional[Tuple[np.ndarray, np.ndarray]] = None
+                         ) -> Dict[str, Dict[str, object]]:
+    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, the FROC
+    sensitivities of the candidates (cx, cy, score), each (n, k), and the recall of the first stage's candidates
+    (cx, cy, best first) at RECALL_AT."""
+    def metrics_of(sel, weights):
+        out = localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
+                                   cfg.eval.pixel_mm, weights)
+        if cands is not None:
+            out.update(froc(table, rows[sel], *(c[sel] for c in cands), cfg.eval.pixel_mm, cfg.eval.froc_fps,
+                            weights))
+        if first_stage is not None:
+            out.update(candidate_recall(table, rows[sel], *(c[sel] for c in first_stage), cfg.eval.pixel_mm,
+                                        weights=weights))
+        return out
+
+    def count(sel, metric):
+        return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
+
+    patients = patient_groups(table, cfg.eval)
+    return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
+                             cfg.train.seed, count, None if patients is None else patients[rows],
+                             cfg.eval.bootstrap_exact_rows)

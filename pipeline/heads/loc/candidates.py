@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from pipeline.config import LocConfig
-from pipeline.core.froc import lesion_hits
 from pipeline.core.train import floor_std
 
 logger = logging.getLogger(__name__)
@@ -103,15 +102,6 @@ def candidate_features(maps: np.ndarray, cands: tuple, mean: np.ndarray, std: np
     cj = np.clip((np.nan_to_num(cx, nan=0.5) * w).astype(int), 0, w - 1)
     vec = (maps[np.arange(n)[:, None], :, ci, cj].astype(np.float64) - mean) / std  # (n, k, C)
     return np.concatenate([base, vec], axis=-1)
-
-
-def candidate_hits(table, rows: np.ndarray, cx: np.ndarray, cy: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """(n, k): whether each candidate of rows[i] hits a lesion of its image, as FROC counts a hit (lesion_hits):
-    inside the lesion's box where the table has boxes, else within its radius."""
-    image, kinds = lesion_hits(table, rows, cx, cy, pixel_mm)
-    hits = np.zeros(cx.shape, dtype=bool)
-    np.logical_or.at(hits, image, kinds["box"] if "box" in kinds else kinds["radius"])
-    return hits
 
 
 @dataclass

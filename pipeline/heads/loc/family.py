@@ -17,15 +17,15 @@ import pandas as pd
 
 from cache import GROUPS
 
-from pipeline.core.splits import SplitName, make_splits, patient_groups, seed_fold_columns
-from pipeline.core.summary import OutOfFold, first_seed_mask, summarise_metrics
+from pipeline.core.splits import SplitName, make_splits, seed_fold_columns
+from pipeline.core.summary import OutOfFold, first_seed_mask
 from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, no_progress, run_jobs,
                                  validated_epochs)
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fsutil import write_csv_blocks
-from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_recall, froc, lesions_drawn, loc_metric_directions,
-                                localisation_metrics, nodule_errors)
-from pipeline.heads.loc.candidates import Detections, candidate_hits, candidates, detect, fit_rescorer
+from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_hits, froc, lesions_drawn, loc_metric_directions,
+                                localisation_metrics, localisation_summary)
+from pipeline.heads.loc.candidates import Detections, candidates, detect, fit_rescorer
 from pipeline.heads.loc.net import LocFamily, prepare_loc
 from pipeline.heads.loc.head import export_head, load_head
 from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
@@ -156,34 +156,6 @@ def final_loc_config(lcfg, epochs: int):
     """The train.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
     for a fold ensemble, whose members early-stop on their own folds."""
     return lcfg if lcfg.fold_ensemble >= 2 else fixed_epochs(lcfg, epochs)
-
-
-def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarray, x: np.ndarray, y: np.ndarray,
-                         presence: Optional[np.ndarray], names: Sequence[SplitName], cfg,
-                         cands: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
-                         first_stage: Optional[Tuple[np.ndarray, np.ndarray]] = None
-                         ) -> Dict[str, Dict[str, object]]:
-    """Localisation metrics of out-of-fold centres (summarise_metrics): errors in pixels of the grid, the FROC
-    sensitivities of the candidates (cx, cy, score), each (n, k), and the recall of the first stage's candidates
-    (cx, cy, best first) at RECALL_AT."""
-    def metrics_of(sel, weights):
-        out = localisation_metrics(table, rows[sel], x[sel], y[sel], None if presence is None else presence[sel],
-                                   cfg.eval.pixel_mm, weights)
-        if cands is not None:
-            out.update(froc(table, rows[sel], *(c[sel] for c in cands), cfg.eval.pixel_mm, cfg.eval.froc_fps,
-                            weights))
-        if first_stage is not None:
-            out.update(candidate_recall(table, rows[sel], *(c[sel] for c in first_stage), cfg.eval.pixel_mm,
-                                        weights=weights))
-        return out
-
-    def count(sel, metric):
-        return int(nodule_errors(table, rows[sel], x[sel], y[sel], cfg.eval.pixel_mm)[0].sum())
-
-    patients = patient_groups(table, cfg.eval)
-    return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
-                             cfg.train.seed, count, None if patients is None else patients[rows],
-                             cfg.eval.bootstrap_exact_rows)
 
 
 def loc_scores(table, rows: np.ndarray, det: Detections, cfg) -> Dict[str, float]:
