@@ -5,6 +5,7 @@
 - writing, for stage one: `CacheUpdate(path)` holds the cache's lock, keeps the journal of finished batches
   (`journal()`, then `BatchRecord`s written and read per batch) and writes the whole file at `commit()`
   (`ImageTable`, `NewArray`, root attributes and hashes made here), replacing it atomically;
+- patch sets (/patches/<set>): `add_patch_set(path, NewPatchSet)`, read with FeatureCache.patch_sets();
 - shards: `shard_path`, `find_shards`, `merge_shards`; the config file beside a cache: `sidecar_config_path`;
 - forked workers: `close_inherited_locks`.
 
@@ -22,13 +23,15 @@ from pipeline.fsutil import atomic_write_text, remove_dead_temporaries
 from .journal import BatchRecord, Journal, JournalPlan, discard
 from .lock import cache_lock, close_inherited_locks
 from .merge import find_shards, merge_shards
-from .reader import CachedFeatures, FeatureCache, match_spec
-from .schema import GROUPS, EntryKey, ids_sha256, image_set_sha256, labels_sha256
+from .patches import NewPatchSet, add_patch_set
+from .reader import CachedFeatures, FeatureCache, PatchSet, match_spec
+from .schema import GROUPS, PATCH_POINTS, EntryKey, ids_sha256, image_set_sha256, labels_sha256
 from .writer import CacheContent, ImageTable, NewArray, write_cache
 
-__all__ = ["BatchRecord", "CachedFeatures", "CacheUpdate", "EntryKey", "FeatureCache", "GROUPS", "ImageTable",
-           "Journal", "NewArray", "close_inherited_locks", "find_shards", "labels_match", "match_spec", "merge_shards",
-           "shard_path", "sidecar_config_path", "ids_sha256", "labels_sha256"]
+__all__ = ["add_patch_set", "BatchRecord", "CachedFeatures", "CacheUpdate", "close_inherited_locks", "EntryKey",
+           "FeatureCache", "find_shards", "GROUPS", "ids_sha256", "ImageTable", "Journal", "labels_match",
+           "labels_sha256", "match_spec", "merge_shards", "NewArray", "NewPatchSet", "PATCH_POINTS", "PatchSet",
+           "shard_path", "sidecar_config_path"]
 
 
 def shard_path(cache: Path, index: int, count: int) -> Path:
@@ -70,6 +73,18 @@ class CacheUpdate:
     def journal(self, all_ids: Sequence[str], batch_size: int, shard: Tuple[int, int] = (0, 1)) -> Journal:
         """The progress of this extraction: batches are fixed by the image ids, their count and the batch size."""
         return Journal(self.path, JournalPlan(ids_sha256(list(all_ids)), len(all_ids), batch_size, *shard))
+
+    def _patch_progress(self, patch_set: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.patches-{patch_set}")
+
+    def patch_journal(self, patch_set: str, points_sha256: str, n_patches: int, batch_images: int) -> Journal:
+        """The progress of one patch set's extraction (its own journal beside the cache's: batches of images)."""
+        return Journal(self._patch_progress(patch_set), JournalPlan(points_sha256, n_patches, batch_images))
+
+    def commit_patches(self, patch: NewPatchSet) -> None:
+        """Write a patch set into the cache (the file replaced whole) and drop its progress."""
+        add_patch_set(self.path, patch)
+        discard(self._patch_progress(patch.name))
 
     def commit(self, *, facts: Dict[str, object], all_ids: Sequence[str], images: ImageTable,
                labels: Dict[str, np.ndarray], new: List[NewArray], keep: Dict[str, List[str]],

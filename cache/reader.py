@@ -13,8 +13,8 @@ import pandas as pd
 from pipeline.errors import CacheError
 from pipeline.registry import registered_spec
 
-from .schema import (FEATURE_JSON_KEYS, FORMAT, GROUPS, ROOT_JSON_KEYS, SCHEMA_VERSION, entry_name, entry_spec,
-                     read_attrs)
+from .schema import (FEATURE_JSON_KEYS, FORMAT, GROUPS, PATCH_POINTS, ROOT_JSON_KEYS, SCHEMA_VERSION, entry_name,
+                     entry_spec, read_attrs)
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +242,36 @@ class FeatureCache:
             raise CacheError(f"cache {self.path} has no fused array '{name}'")
         return g[name][...]
 
+    def patch_sets(self) -> Dict[str, PatchSet]:
+        """Every patch set of the cache (extract-features --patches), by name."""
+        out = {}
+        for name, g in (self._f.get(GROUPS.patches) or {}).items():
+            points = {k: g[k][...] for k in PATCH_POINTS}
+            entries = {entry_spec(k): CachedBackbone(entry_spec(k), GROUPS.patches, g[k].shape,
+                                                     read_attrs(g[k], FEATURE_JSON_KEYS))
+                       for k in g if k not in PATCH_POINTS}
+            out[name] = PatchSet(name, read_attrs(g), points, entries)
+        return out
+
+    def patch_features(self, patch_set: str, spec: str) -> np.ndarray:
+        """(P, D) float32 embeddings of one backbone's patches of a set."""
+        return self._f[GROUPS.patches][patch_set][entry_name(spec)][...]
+
     def spatial(self, name: str, rows: Optional[np.ndarray] = None) -> np.ndarray:
         spec = self.resolve(name, GROUPS.spatial)
         ds = self._f[GROUPS.spatial][entry_name(spec)]
         return ds[...] if rows is None else ds[np.sort(rows)]
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """A patch set's points (name -> (P,) array: image_row, x, y, size, score, rank), its attributes (source,
+    points_sha256, crop) and its backbones' entries (spec -> CachedBackbone of shape (P, D))."""
+
+    name: str
+    attrs: Dict[str, object]
+    points: Dict[str, np.ndarray]
+    entries: Dict[str, CachedBackbone]
 
 
 class CachedFeatures:

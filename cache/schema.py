@@ -16,6 +16,11 @@
                              precision, complete
     /spatial/<spec>          (N, C, H, W) float16 feature maps (extract-features --spatial); attrs as above
     /fused/<name>            (N, sum D) float32 virtual dataset concatenating /features members; attr members
+    /patches/<set>           a patch set (extract-features --patches): attrs source, points_sha256, crop, n_patches
+    /patches/<set>/{image_row,x,y,size,score,rank}  (P,) per patch: the image's row, the point in the data's
+                             coordinate grid, the crop's side in image pixels, the first stage's score and rank
+                             (NaN / 0 for points without), rows grouped by image
+    /patches/<set>/<spec>    (P, D) float32 embeddings of the patches; attrs as /features plus backbone_provenance
 
 <spec> is the backbone's spec with '/' and '%' percent-encoded (entry_name: a Hugging Face id holds '/'); every
 other spec is its own name. Nothing is pickled: every attribute is a number, a string, or a JSON string.
@@ -45,6 +50,7 @@ class Groups:
     features: str = "features"
     spatial: str = "spatial"
     fused: str = "fused"
+    patches: str = "patches"
 
 
 GROUPS = Groups()
@@ -99,6 +105,8 @@ def read_attrs(obj: h5py.HLObject, json_keys: Iterable[str] = ()) -> Dict[str, o
     return out
 
 
+#: The per-patch arrays of a patch set, beside its backbones' embeddings.
+PATCH_POINTS = ("image_row", "x", "y", "size", "score", "rank")
 FEATURE_JSON_KEYS = ("mean", "std", "preprocess", "members", "stage")
 ROOT_JSON_KEYS = ("packages",)
 

@@ -100,7 +100,7 @@ def _write_labels(f: h5py.File, labels: Dict[str, np.ndarray]) -> None:
             ds.attrs["kind"] = "text"
 
 
-def _add_fused(f: h5py.File, fused: Dict[str, Sequence[str]], n_rows: int) -> None:
+def add_fused(f: h5py.File, fused: Dict[str, Sequence[str]], n_rows: int) -> None:
     feats = f.get(GROUPS.features)
     for name, members in fused.items():
         if feats is None or not members or not all(entry_name(m) in feats for m in members):
@@ -117,39 +117,16 @@ def _add_fused(f: h5py.File, fused: Dict[str, Sequence[str]], n_rows: int) -> No
         write_attrs(ds, {"members": list(members), "dims": list(dims)})
 
 
-def write_cache(path: Path, content: CacheContent) -> None:
-    """Write a complete cache to a temporary file next to `path`, then rename it over `path`."""
+def replace_file(path: Path, build: Callable[[h5py.File], None]) -> None:
+    """Write a complete new file with `build(f)` to a temporary file next to `path`, then rename it over `path`
+    (build sets the root's `complete` last)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(path)  # a killed writer's file, as large as the cache
     tmp = temp_sibling(path)
-    n_rows = len(content.images)
     try:
-        created = utc_now()
-        if content.keep_from is not None:
-            with h5py.File(content.keep_from, "r") as old:
-                created = str(old.attrs.get("created_utc", created))
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            write_attrs(f, {"format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False,
-                            "created_utc": created, **content.root_attrs})
-            _write_images(f, content.images)
-            _write_labels(f, content.labels)
-            if content.keep_from is not None and any(content.keep.values()):
-                with h5py.File(content.keep_from, "r") as old:
-                    for group, specs in content.keep.items():
-                        for spec in specs:
-                            old.copy(old[group][entry_name(spec)], f.require_group(group), name=entry_name(spec))
-            for item in content.new:
-                chunks = (min(n_rows, chunk_rows(int(np.prod(item.shape[1:])), np.dtype(item.dtype).itemsize)),
-                          *item.shape[1:])
-                ds = f.require_group(item.group).create_dataset(
-                    entry_name(item.spec), shape=item.shape, dtype=item.dtype, chunks=chunks if n_rows else None,
-                    fillvalue=np.nan)
-                item.fill(ds)
-                write_attrs(ds, {**item.attrs, "complete": True, "written_utc": utc_now()})
-            _add_fused(f, content.fused, n_rows)
-            f.attrs["updated_utc"] = utc_now()
-            f.attrs["complete"] = True  # last: a file without it was never finished
+            build(f)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -157,4 +134,40 @@ def write_cache(path: Path, content: CacheContent) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_cache(path: Path, content: CacheContent) -> None:
+    """Write a complete cache to a temporary file next to `path`, then rename it over `path`; the patch sets of
+    the file it keeps arrays from are kept too (they are made from the same images)."""
+    n_rows = len(content.images)
+    created = utc_now()
+    if content.keep_from is not None:
+        with h5py.File(content.keep_from, "r") as old:
+            created = str(old.attrs.get("created_utc", created))
+
+    def build(f: h5py.File) -> None:
+        write_attrs(f, {"format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False,
+                        "created_utc": created, **content.root_attrs})
+        _write_images(f, content.images)
+        _write_labels(f, content.labels)
+        if content.keep_from is not None and any(content.keep.values()):
+            with h5py.File(content.keep_from, "r") as old:
+                for group, specs in content.keep.items():
+                    for spec in specs:
+                        old.copy(old[group][entry_name(spec)], f.require_group(group), name=entry_name(spec))
+                if GROUPS.patches in old:
+                    old.copy(old[GROUPS.patches], f, name=GROUPS.patches)
+        for item in content.new:
+            chunks = (min(n_rows, chunk_rows(int(np.prod(item.shape[1:])), np.dtype(item.dtype).itemsize)),
+                      *item.shape[1:])
+            ds = f.require_group(item.group).create_dataset(
+                entry_name(item.spec), shape=item.shape, dtype=item.dtype, chunks=chunks if n_rows else None,
+                fillvalue=np.nan)
+            item.fill(ds)
+            write_attrs(ds, {**item.attrs, "complete": True, "written_utc": utc_now()})
+        add_fused(f, content.fused, n_rows)
+        f.attrs["updated_utc"] = utc_now()
+        f.attrs["complete"] = True  # last: a file without it was never finished
+
+    replace_file(path, build)
     logger.debug("wrote cache %s (%d rows)", path, n_rows)

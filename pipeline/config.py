@@ -60,6 +60,8 @@ class ExtractConfig:
     fused: Dict[str, List[str]] = field(  # name -> backbones whose features /fused/<name> concatenates
         default_factory=lambda: {"paper": list(PAPER_BACKBONES)})
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
+    patch_sizes: List[int] = field(default_factory=lambda: [64, 128])  # --patches: crop sides in image pixels
+    patch_image_size: Optional[int] = None  # --patches: the backbone's input size for a crop (None: image_size)
 
 
 PAPER_TASKS = ["subtlety", "state", "presence", "lobe", "diagnosis", "x", "y", "size"]

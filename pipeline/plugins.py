@@ -162,9 +162,10 @@ def declare(key: str, kind: str, builtin: Dict[str, str]) -> Registry:
     return registry
 
 
-_RESMTNET, _LOC = "pipeline.heads.resmtnet.family", "pipeline.heads.loc.family"
+_RESMTNET, _LOC, _PATCH = "pipeline.heads.resmtnet.family", "pipeline.heads.loc.family", "pipeline.heads.patch.family"
 #: Stage two's head families (pipeline.heads.plugin.HeadPlugin); the reference family first.
-HEAD_FAMILIES: Registry = declare("head_families", "head family", {"res-mtnet": _RESMTNET, "loc": _LOC})
+HEAD_FAMILIES: Registry = declare("head_families", "head family", {"res-mtnet": _RESMTNET, "loc": _LOC,
+                                                                   "patch": _PATCH})
 #: Backbone libraries (pipeline.features.backbones.Family), the part of a spec before the colon.
 BACKBONE_FAMILIES: Registry = declare("backbone_families", "backbone family", {
     name: f"pipeline.features.families.{name}_family" for name in ("timm", "torchvision", "hf", "txv")})

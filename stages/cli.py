@@ -11,7 +11,7 @@ import click
 from pipeline import __version__
 from pipeline.config import PAPER_BACKBONES, load_config
 from stages import cli_heads
-from stages.clikit import SafeGroup, logging_options, overrides, split_weights
+from stages.clikit import SafeGroup, int_list, logging_options, overrides, split_weights
 
 
 @click.group(cls=SafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,6 +158,14 @@ def inspect_data_cmd(data: Path, labels: Optional[Path], harmonise: bool) -> Non
               help="Also cache one feature map per image and backbone (for the localisation head).")
 @click.option("--spatial-size", type=int, default=None, help="Input size for the maps (default 512).")
 @click.option("--spatial-stage", type=int, default=None, help="Backbone stage of the maps, from the end (-2).")
+@click.option("--patches", default=None, metavar="CSV|grid:STRIDE",
+              help="Also embed patches: each point of a CSV (id, x, y in the data's grid: a run's candidates.csv) or "
+                   "of a grid at STRIDE image pixels, cropped at full resolution at every --patch-sizes.")
+@click.option("--patch-sizes", default=None, metavar="S[,S...]",
+              help="Crop sides in pixels of the stored image [default: 64,128].")
+@click.option("--patch-image-size", type=int, default=None,
+              help="The backbone's input size for a crop [default: --image-size].")
+@click.option("--patch-set", default=None, help="Name of the patch set (default: the CSV's stem, or grid-STRIDE).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--rebuild", is_flag=True, help="Ignore an existing cache and its progress; recompute.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the cache instead of failing.")
@@ -172,6 +180,8 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
                          image_size: Optional[int], batch_size: Optional[int], num_workers: Optional[int],
                          device: Optional[str], amp: Optional[str], decode: Optional[str],
                          spatial: Optional[bool], spatial_size: Optional[int], spatial_stage: Optional[int],
+                         patches: Optional[str], patch_sizes: Optional[str], patch_image_size: Optional[int],
+                         patch_set: Optional[str],
                          sets: Tuple[str, ...], rebuild: bool,
                          skip_bad: bool, shard_index: Optional[int], num_shards: Optional[int],
                          no_progress: bool) -> None:
@@ -193,7 +203,8 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
              ("extract.num_workers", num_workers), ("extract.device", device), ("extract.amp", amp),
              ("extract.decode", decode),
              ("extract.spatial.enabled", spatial), ("extract.spatial.image_size", spatial_size),
-             ("extract.spatial.stage", spatial_stage)]
+             ("extract.spatial.stage", spatial_stage), ("extract.patch_sizes", int_list(patch_sizes, "--patch-sizes")),
+             ("extract.patch_image_size", patch_image_size)]
     pairs += [(f"extract.weights_for.{name}", value) for name, value in per_backbone.items()]
     cfg = load_config(config_path, overrides(pairs, sets))
     if (shard_index is None) != (num_shards is None):
@@ -201,6 +212,9 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
     from stages.extract import extract_features, shard_from_env
 
     shard = (shard_index, num_shards) if num_shards is not None else shard_from_env()
+    if patches and shard is not None:
+        raise click.UsageError("--patches runs in one process: extract and merge the shards first, then add the "
+                               "patches to the merged cache")
     summary = extract_features(data, cache, cfg, rebuild=rebuild, skip_bad=skip_bad, shard=shard,
                                progress=not no_progress)
     if summary.computed:
@@ -209,6 +223,15 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
                    + (f"; {summary.n_bad} unreadable" if summary.n_bad else ""))
     else:
         click.echo(f"{summary.cache}: up to date ({', '.join(summary.up_to_date)})")
+    if patches:
+        from stages.patches import extract_patches
+
+        done = extract_patches(data, cache, cfg, patches, name=patch_set, rebuild=rebuild, progress=not no_progress)
+        if done.computed:
+            click.echo(f"{cache}: patch set {done.name}: computed {', '.join(done.computed)} for {done.n_patches} "
+                       f"patches in {done.seconds:.1f} s ({done.patches_per_s:.1f} patches/s)")
+        else:
+            click.echo(f"{cache}: patch set {done.name} up to date ({', '.join(done.up_to_date)})")
 
 
 @extract_features_cmd.command("merge")

@@ -118,6 +118,17 @@ def protocol_list(value: Optional[str]) -> Optional[list]:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
+def int_list(value: Optional[str], option: str) -> Optional[list]:
+    """A comma-separated list of whole numbers (--patch-sizes 64,128), or None when not given."""
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of whole numbers, e.g. 64,128",
+                                 param_hint=option) from None
+
+
 def split_weights(values: Sequence[str]) -> Tuple[Optional[str], Dict[str, str]]:
     """--weights X applies to every backbone; --weights NAME=X to one."""
     default, per = None, {}

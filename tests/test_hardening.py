@@ -62,7 +62,7 @@ def test_full_disk_is_a_clear_error_and_the_old_cache_survives(synthetic_master,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(cache.writer, "_add_fused", full)
+    monkeypatch.setattr(cache.writer, "add_fused", full)
     result = _cli("extract-features", "--data", synthetic_master, "--cache", path, "--backbone", "timm:test_convnext",
                   *TINY_ARGS[4:])
     assert result.exit_code == 1 and "Traceback" not in result.output

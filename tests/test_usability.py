@@ -97,12 +97,12 @@ HOLDER = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from cache.lock import cache_lock
-from pipeline.features.extraction import _worker_init
+from pipeline.features.extraction import worker_init
 with cache_lock({cache!r}):
     child = os.fork()
     if child == 0:  # a DataLoader worker: forked while the lock is held
         if {close}:
-            _worker_init(0)
+            worker_init(0)
         time.sleep(30)
         os._exit(0)
     print(child, flush=True)

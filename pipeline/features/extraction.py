@@ -113,7 +113,7 @@ def default_workers() -> int:
     return max(1, min(16, available_cores() - 1))
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
     """A decoding worker must not keep the parent's cache lock alive after the parent dies."""
     from cache import close_inherited_locks
 
@@ -124,7 +124,7 @@ def make_loader(paths: Sequence[str], batches: Sequence[Sequence[int]], sizes: S
                 num_workers: Optional[int], pin_memory: bool = False, defer_jpeg: bool = False) -> DataLoader:
     workers = default_workers() if num_workers is None else num_workers
     return DataLoader(ImageFiles(paths, sizes, defer_jpeg), batch_sampler=[list(b) for b in batches],
-                      num_workers=workers, worker_init_fn=_worker_init, collate_fn=collate, pin_memory=pin_memory,
+                      num_workers=workers, worker_init_fn=worker_init, collate_fn=collate, pin_memory=pin_memory,
                       prefetch_factor=4 if workers > 0 else None)
 
 
