@@ -7,7 +7,9 @@ with its 95% bootstrap CI, one row per option.
 Each option is `train-heads --cache CACHE --features lite0 --set train.loc.enabled=true --set
 'train.tasks=[presence]'` with the BASE keys and then its own `--set`s (5-fold CV, out-of-fold predictions
 pooled), run as a fresh process into OUT/<option>; a finished run (its run.json) is reused. The options of other
-caches (1024 px maps, several stages) are rows of `--extra LABEL=RUN_DIR`. Prints the markdown table.
+caches (1024 px maps, several stages) are rows of `--extra LABEL=RUN_DIR`; the patch re-scorer's runs
+(train.heads.patch on a cache with a patch set) are rows of `--patch LABEL=RUN_DIR`: the re-scored candidates,
+and for a candidates set the same candidates by the first stage's scores. Prints the markdown table.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def run(cache: Path, out: Path, name: str, features: str) -> Path:
     return target
 
 
-def row(label: str, run_dir: Path) -> str:
-    heat = json.loads((run_dir / "metrics.json").read_text())["localisation"]["heatmap"]
+def row(label: str, run_dir: Path, family: str = "localisation", head: str = "heatmap") -> str:
+    heat = json.loads((run_dir / "metrics.json").read_text())[family][head]
 
     def cell(metric: str) -> str:
         m = heat.get(metric)
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--features", default="lite0")
     parser.add_argument("--only", nargs="*", choices=list(OPTIONS), default=list(OPTIONS))
     parser.add_argument("--extra", nargs="*", default=[], help="LABEL=RUN_DIR rows from runs made elsewhere")
+    parser.add_argument("--patch", nargs="*", default=[], help="LABEL=RUN_DIR rows of patch re-scorer runs")
     args = parser.parse_args()
     lines = ["| option | " + " | ".join(f"FROC at {level} FP/image" for level in LEVELS)
              + " | within 100 px | presence AUC | " + " | ".join(f"recall of {k} candidates" for k in RECALL) + " |",
@@ -80,6 +83,12 @@ def main() -> None:
     for item in args.extra:
         label, _, path = item.rpartition("=")  # a label may hold "=" (a --set), a path does not
         lines.append(row(label, Path(path)))
+    for item in args.patch:
+        label, _, path = item.rpartition("=")
+        heads = json.loads((Path(path) / "metrics.json").read_text())["patch"]
+        if "first-stage" in heads:
+            lines.append(row(f"{label}: the first stage's scores", Path(path), "patch", "first-stage"))
+        lines.append(row(f"{label}: re-scored", Path(path), "patch", "patch"))
     print("\n".join(lines))
 
 
