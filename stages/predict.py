@@ -23,7 +23,7 @@ from pipeline.features.preprocess import Preprocess
 from pipeline.fsutil import atomic_write_text, sha256_file
 from pipeline.heads.answer import AnswerPolicy
 from pipeline.heads.artefact import TrainedHead, load_trained_head
-from pipeline.heads.plugin import Applied
+from pipeline.heads.plugin import Applied, SecondLook
 from pipeline.runtime import pick_device
 from stages.progress import progress as progress_bar
 
@@ -91,6 +91,25 @@ def _from_cache(cache: Path, head: TrainedHead, hashes: List[str]) -> Dict[int, 
             return {}
         feats = c.features(head.run.features)
         return {i: feats[r] for i, r in found.items()}
+
+
+def _embedder(weights: Dict[str, str], device: str, batch_size: int):
+    """embed(spec, facts, crops) for a second look (SecondLook.embed): each backbone rebuilt once, as trained."""
+    import torch
+
+    extractors: Dict[str, Extractor] = {}
+
+    def embed(spec: str, facts: Dict[str, object], crops: np.ndarray) -> np.ndarray:
+        key = str(facts.get("provenance_sha256"))
+        if key not in extractors:
+            lb = _rebuild_backbone(facts, spec, weights)
+            extractors[key] = Extractor({lb.key: lb}, pick_device(device, "--device"))
+        extractor = extractors[key]
+        (entry,) = extractor.backbones
+        parts = [extractor.run(entry, torch.from_numpy(crops[s:s + batch_size])[:, None])
+                 for s in range(0, len(crops), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return embed
 
 
 @dataclass
@@ -168,6 +187,12 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
     for applied in head.parts.values():
         for column, values in applied.columns(features, ok, grid).items():
             table[column] = values
+    looking = [a for a in head.parts.values() if type(a).look_again is not Applied.look_again]
+    for applied in looking:
+        with progress_bar(int(ok.sum()), "second look", progress, unit="image") as tick:
+            look = SecondLook(files, ok, grid, head.parts, _embedder(weights, device, batch_size), tick)
+            for column, values in applied.look_again(look).items():
+                table[column] = values
     trained = set(head.run.trained_sha256)
     trained_pixels = set(head.run.trained_pixels_sha256)
     table["in_training_set"] = [h in trained or (p != "" and p in trained_pixels) for h, p in zip(hashes, pixels)]

@@ -315,3 +315,40 @@ def test_train_heads_rescores_a_candidates_patch_set_end_to_end(synthetic_master
                                "--backbone", ONE, "--weights", "none", "--image-size", "64", "--num-workers", "0",
                                "--patches", str(tmp_path / "none.csv"), "--no-progress"])
     assert res.exit_code != 0 and "no such file" in res.output and "Traceback" not in res.output
+
+
+def test_predict_crops_and_rescores_each_new_image_as_train_heads_did(synthetic_master, pooled, tmp_path):
+    """Predict's second look at training images equals the re-scorer applied to the cache's own embeddings of the
+    same points: the same crops, the same backbone, the same suppression."""
+    from click.testing import CliRunner
+
+    from pipeline.heads.artefact import load_trained_head
+    from pipeline.heads.patch.rescorer import suppress
+    from stages.cli import main
+    from stages.predict import predict
+
+    extract_patches(synthetic_master, pooled, patch_config(**{"extract.patch_sizes": [16, 24]}), "grid:8",
+                    progress=False)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train-heads", "--cache", str(pooled), "--features", ONE, "--out", str(out),
+                                    "--no-progress", "--set", "train.heads.patch.enabled=true",
+                                    "--set", "train.heads.patch.c=1.0", "--set", "eval.pixel_mm=0.03",
+                                    "--set", "train.epochs=2", "--set", "eval.folds=3", "--set", "eval.bootstrap=20"])
+    assert res.exit_code == 0, res.output
+    table = load_dataset(synthetic_master)
+    rows = [0, 5, 20]
+    frame = predict(out, [Path(table["image"][r]) for r in rows]).table
+    part = load_trained_head(out).parts["patch"]
+    assert part.model is not None and part.spec["sizes"] == [16, 24]
+    with FeatureCache(pooled) as c:
+        ps = c.patch_sets()["grid-8"]
+        emb = c.patch_features("grid-8", next(iter(ps.entries)))
+    p = ps.points
+    for i, r in enumerate(rows):
+        at = [np.flatnonzero((p["image_row"] == r) & (p["size"] == s)) for s in (16, 24)]
+        x, y = p["x"][at[0]], p["y"][at[0]]
+        logits = part.model(np.concatenate([emb[a] for a in at], axis=1).astype(np.float64), None)
+        kept = suppress(x[None], y[None], logits[None], part.spec["nms_px"])[0]
+        best = int(np.nanargmax(kept))
+        assert frame["patch_x"][i] == round(x[best], 1) and frame["patch_y"][i] == round(y[best], 1)
+        assert abs(frame["patch_presence_prob"][i] - 1 / (1 + np.exp(-kept[best]))) < 1e-4

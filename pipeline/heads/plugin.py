@@ -52,6 +52,21 @@ class Validation(NamedTuple):
     curves: Callable[[int], Dict[str, List[float]]] = lambda c: {}
 
 
+@dataclass
+class SecondLook:
+    """What predict offers a part that looks at the images again (Applied.look_again): the image files and which
+    were read, the head's coordinate grid, every loaded part (for the first stage's candidates), and
+    embed(spec, facts, crops (m, S, S) in [0, 1]) -> (m, D): the backbone of those facts (a cache entry's
+    attributes, as the part's manifest keeps them) rebuilt as trained, run on the crops; tick(n) after n images."""
+
+    files: List[Any]
+    ok: np.ndarray
+    grid: Sequence[float]
+    parts: Dict[str, "Applied"]
+    embed: Callable[[str, Dict[str, Any], np.ndarray], np.ndarray]
+    tick: Callable[[int], None] = lambda n: None  # n more images looked at (predict's progress)
+
+
 class Applied:
     """A family's part of a trained head, loaded for predict: what it runs on and what it adds to each row."""
 
@@ -76,6 +91,15 @@ class Applied:
         """After the answer is chosen (`found`: a nodule is reported; `x_norm`: the answer's x as a fraction of the
         grid, None without a position): it may add answer columns and empty its columns that describe a nodule
         where none is found. `table`: predict's frame, the image sizes included."""
+
+    def first_stage(self, k: int) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Its first-stage candidates of every image as train-heads' candidates.csv lists them: x, y (fractions of
+        the grid) and score (logit), each (n, k), best first; None: it finds none."""
+        return None
+
+    def look_again(self, look: SecondLook) -> Dict[str, np.ndarray]:
+        """Its predict columns from a second look at the images (after every part's `columns`); {}: none."""
+        return {}
 
     def overlay(self, i: int) -> Optional[Tuple[np.ndarray, list]]:
         """(score map, candidates to draw [(x, y, p)]) of image i for predict --overlay; None: nothing to draw."""

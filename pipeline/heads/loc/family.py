@@ -189,6 +189,10 @@ class LocApplied(Applied):
                 f"{ANSWER}_x_norm": np.where(valid, x, np.nan), f"{ANSWER}_y_norm": np.where(valid, y, np.nan),
                 f"{ANSWER}_presence_prob": np.where(valid, np.round(self.found.presence, 6), np.nan)}
 
+    def first_stage(self, k: int):
+        """The score maps' own peaks (candidates.csv's: before any re-scoring), k per image."""
+        return candidates(self.scores, k, self.head.cfg.nms_cells)
+
     def overlay(self, i: int):
         if not np.isfinite(self.scores[i]).all():
             return None

@@ -6,7 +6,7 @@ rule from those images' lesions only, and re-scores the points of the split's te
 and presence AUC are measured out of fold with CIs exactly as the localisation head's, beside the first stage's own
 scores of the same candidates (a candidates set) so the second look's gain is read on the same images.
 
-Predict does not crop patches yet: a head trained with this family predicts without it (one warning).
+Predict crops each new image's points the same way (apply.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from pipeline.core.summary import first_seed_mask
 from pipeline.errors import CacheError, ConfigError
 from pipeline.heads.patch.rescorer import (COMBINE, PatchPoints, PatchRescorer, as_candidates, fit_patch_rescorer,
                                            suppress)
-from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
+from pipeline.heads.patch.apply import PatchApplied
+from pipeline.heads.plugin import HeadPlugin, Validation, register_head
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
@@ -187,18 +188,6 @@ def scores(data, cfg, s: PatchSettings, train_rows: np.ndarray, rows: np.ndarray
     return out
 
 
-class PatchApplied(Applied):
-    """Predict's part: none yet (it would crop every new image's candidates); the run's other answers stand."""
-
-    def __init__(self, spec: Dict[str, Any]):
-        self.spec = spec
-
-    def columns(self, features: np.ndarray, ok: np.ndarray, grid: Sequence[float]) -> Dict[str, np.ndarray]:
-        logger.warning("this head's patch re-scorer (train.heads.patch, set %s) is not applied by predict: it does "
-                       "not crop patches yet; the other heads' answers stand", self.spec.get("set"))
-        return {}
-
-
 class PatchFamily(HeadPlugin):
     """The patch re-scorer (see the module's docstring)."""
 
@@ -254,13 +243,15 @@ class PatchFamily(HeadPlugin):
         s = settings_of(cfg)
         model = fit(data, cfg, s, split.train)
         tensors = model.tensors() if model is not None else {}
+        pts = inputs.points
+        k = s.max_rank or (int(pts.rank.max()) if pts.has_first_stage else 0)
         return tensors, {"set": inputs.set, "backbone": inputs.spec, "source": inputs.source,
-                         "sizes": s.sizes or inputs.points.sizes, "first_stage": s.first_stage,
-                         "combine": model.combine if model is not None else None,
+                         "sizes": s.sizes or pts.sizes, "first_stage": s.first_stage, "k": k,
+                         "nms_px": _nms_radius(data, s), "combine": model.combine if model is not None else None,
                          "provenance": inputs.provenance}
 
     def load_head(self, spec, tensors) -> PatchApplied:
-        return PatchApplied(spec)
+        return PatchApplied(spec, tensors)
 
     def metric_directions(self, cfg) -> Dict[str, int]:
         own = loc_metric_directions(cfg.eval.froc_fps if cfg is not None else FROC_FPS)
