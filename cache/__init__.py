@@ -5,7 +5,8 @@
 - writing, for stage one: `CacheUpdate(path)` holds the cache's lock, keeps the journal of finished batches
   (`journal()`, then `BatchRecord`s written and read per batch) and writes the whole file at `commit()`
   (`ImageTable`, `NewArray`, root attributes and hashes made here), replacing it atomically;
-- patch sets (/patches/<set>): `add_patch_set(path, NewPatchSet)`, read with FeatureCache.patch_sets();
+- patch sets (/patches/<set>): `patch_journal` (their progress, shared by shards), `CacheUpdate.commit_patches`,
+  read with FeatureCache.patch_sets();
 - shards: `shard_path`, `find_shards`, `merge_shards`; the config file beside a cache: `sidecar_config_path`;
 - forked workers: `close_inherited_locks`.
 
@@ -31,7 +32,7 @@ from .writer import CacheContent, ImageTable, NewArray, write_cache
 __all__ = ["add_patch_set", "BatchRecord", "CachedFeatures", "CacheUpdate", "close_inherited_locks", "EntryKey",
            "FeatureCache", "find_shards", "GROUPS", "ids_sha256", "ImageTable", "Journal", "labels_match",
            "labels_sha256", "match_spec", "merge_shards", "NewArray", "NewPatchSet", "PATCH_POINTS", "PatchSet",
-           "shard_path", "sidecar_config_path"]
+           "patch_journal", "shard_path", "sidecar_config_path"]
 
 
 def shard_path(cache: Path, index: int, count: int) -> Path:
@@ -74,17 +75,10 @@ class CacheUpdate:
         """The progress of this extraction: batches are fixed by the image ids, their count and the batch size."""
         return Journal(self.path, JournalPlan(ids_sha256(list(all_ids)), len(all_ids), batch_size, *shard))
 
-    def _patch_progress(self, patch_set: str) -> Path:
-        return self.path.with_name(f"{self.path.name}.patches-{patch_set}")
-
-    def patch_journal(self, patch_set: str, points_sha256: str, n_patches: int, batch_images: int) -> Journal:
-        """The progress of one patch set's extraction (its own journal beside the cache's: batches of images)."""
-        return Journal(self._patch_progress(patch_set), JournalPlan(points_sha256, n_patches, batch_images))
-
     def commit_patches(self, patch: NewPatchSet) -> None:
         """Write a patch set into the cache (the file replaced whole) and drop its progress."""
         add_patch_set(self.path, patch)
-        discard(self._patch_progress(patch.name))
+        discard(_patch_progress(self.path, patch.name))
 
     def commit(self, *, facts: Dict[str, object], all_ids: Sequence[str], images: ImageTable,
                labels: Dict[str, np.ndarray], new: List[NewArray], keep: Dict[str, List[str]],
@@ -101,3 +95,15 @@ class CacheUpdate:
                                             keep_from=keep_from, keep=keep if keep_from else {}, fused=fused))
         atomic_write_text(sidecar_config_path(self.path), config_yaml)
         discard(self.path)  # the batches are in the file now
+
+
+def _patch_progress(cache: Path, patch_set: str) -> Path:
+    return cache.with_name(f"{cache.name}.patches-{patch_set}")
+
+
+def patch_journal(cache: Path, patch_set: str, points_sha256: str, n_patches: int, batch_size: int,
+                  writer: Tuple[int, int] = (0, 1)) -> Journal:
+    """The progress of one patch set's extraction: its own journal beside the cache, batches of images, the same
+    for every shard (writer = (index, count): one of several processes filling it at once without the cache's
+    lock; the run that commits finds their batches)."""
+    return Journal(_patch_progress(Path(cache), patch_set), JournalPlan(points_sha256, n_patches, batch_size), writer)

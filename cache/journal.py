@@ -70,9 +70,12 @@ def discard(cache: Path) -> None:
 
 
 class Journal:
-    def __init__(self, cache: Path, plan: JournalPlan):
+    def __init__(self, cache: Path, plan: JournalPlan, writer: Tuple[int, int] = (0, 1)):
         self.dir = journal_dir(Path(cache))
         self.plan = plan
+        # one of several processes writing the batches b % count == index into this journal at once: it packs only
+        # its own batch files and leaves the others' temporaries alone (they may live on other machines)
+        self.writer = writer
         self._index: Optional[Dict[int, Path]] = None  # batch -> segment file, read once
 
     def open(self) -> int:
@@ -90,15 +93,18 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not plan_file.exists():
             atomic_write_text(plan_file, json.dumps(asdict(self.plan)))
-        for stale in self.dir.glob(".*"):  # temporaries of a killed writer
-            stale.unlink()
+        if self.writer[1] == 1:
+            for stale in self.dir.glob(".*"):  # temporaries of a killed writer
+                stale.unlink(missing_ok=True)
         return len(self.batch_indices())
 
     def _path(self, index: int) -> Path:
         return self.dir / f"batch-{index:06d}.npz"
 
     def _loose(self) -> List[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("batch-*.npz"))
+        index, count = self.writer
+        found = (int(p.stem.split("-")[1]) for p in self.dir.glob("batch-*.npz"))
+        return sorted(b for b in found if b % count == index)
 
     def _segments(self) -> Dict[int, Path]:
         """Batch index -> the segment file that holds it (read from each segment's index, not its arrays)."""

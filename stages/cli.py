@@ -212,9 +212,9 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
     from stages.extract import extract_features, shard_from_env
 
     shard = (shard_index, num_shards) if num_shards is not None else shard_from_env()
-    if patches and shard is not None:
-        raise click.UsageError("--patches runs in one process: extract and merge the shards first, then add the "
-                               "patches to the merged cache")
+    if patches and shard is not None:  # patches are added to a merged cache: its features are there already
+        _patches(data, cache, cfg, patches, patch_set, rebuild, not no_progress, shard)
+        return
     summary = extract_features(data, cache, cfg, rebuild=rebuild, skip_bad=skip_bad, shard=shard,
                                progress=not no_progress)
     if summary.computed:
@@ -224,14 +224,25 @@ def extract_features_cmd(ctx: click.Context, data: Optional[Path], cache: Option
     else:
         click.echo(f"{summary.cache}: up to date ({', '.join(summary.up_to_date)})")
     if patches:
-        from stages.patches import extract_patches
+        _patches(data, cache, cfg, patches, patch_set, rebuild, not no_progress, None)
 
-        done = extract_patches(data, cache, cfg, patches, name=patch_set, rebuild=rebuild, progress=not no_progress)
-        if done.computed:
-            click.echo(f"{cache}: patch set {done.name}: computed {', '.join(done.computed)} for {done.n_patches} "
-                       f"patches in {done.seconds:.1f} s ({done.patches_per_s:.1f} patches/s)")
-        else:
-            click.echo(f"{cache}: patch set {done.name} up to date ({', '.join(done.up_to_date)})")
+
+def _patches(data: Path, cache: Path, cfg, patches: str, patch_set: Optional[str], rebuild: bool, progress: bool,
+             shard: Optional[Tuple[int, int]]) -> None:
+    from stages.patches import extract_patches
+
+    done = extract_patches(data, cache, cfg, patches, name=patch_set, rebuild=rebuild, progress=progress,
+                           shard=shard)
+    what = f"{cache}: patch set {done.name}"
+    if done.shard[1] > 1:
+        click.echo(f"{what}: shard {done.shard[0]} of {done.shard[1]} embedded {done.n_computed} patches in "
+                   f"{done.seconds:.1f} s; once every shard is done, the same command without --shard-index / "
+                   "--num-shards writes the patch set")
+    elif done.computed:
+        click.echo(f"{what}: computed {', '.join(done.computed)} for {done.n_patches} patches ({done.n_computed} "
+                   f"embedded now) in {done.seconds:.1f} s ({done.patches_per_s:.1f} patches/s)")
+    else:
+        click.echo(f"{what} up to date ({', '.join(done.up_to_date)})")
 
 
 @extract_features_cmd.command("merge")

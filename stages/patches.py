@@ -7,15 +7,16 @@ resumes from its last finished batch of images and ends with the same patch set,
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cache import BatchRecord, CacheUpdate, FeatureCache, Journal, NewArray, NewPatchSet
+from cache import BatchRecord, CacheUpdate, FeatureCache, Journal, NewArray, NewPatchSet, patch_journal
 from pipeline.config import Config
 from pipeline.data.table import load_dataset
 from pipeline.errors import CacheError, DataError
@@ -40,10 +41,12 @@ class PatchSummary:
     computed: List[str] = field(default_factory=list)
     up_to_date: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    n_computed: int = 0  # patches embedded by this process (resumed batches and other shards' not counted)
+    shard: Tuple[int, int] = (0, 1)
 
     @property
     def patches_per_s(self) -> float:
-        return self.n_patches / self.seconds if self.seconds > 0 and self.computed else 0.0
+        return self.n_computed / self.seconds if self.seconds > 0 else 0.0
 
 
 def image_batches(points: PatchPoints) -> List[np.ndarray]:
@@ -63,19 +66,27 @@ def image_batches(points: PatchPoints) -> List[np.ndarray]:
 
 
 def extract_patches(data: Path, cache: Path, cfg: Config, patches: str, *, name: Optional[str] = None,
-                    rebuild: bool = False, progress: bool = True) -> PatchSummary:
+                    rebuild: bool = False, progress: bool = True,
+                    shard: Optional[Tuple[int, int]] = None) -> PatchSummary:
     """Embed the patches of `patches` (a points CSV or grid:STRIDE) with the config's backbones into the patch
-    set `name` of an existing cache of the same images (see the module's docstring)."""
+    set `name` of an existing cache of the same images (see the module's docstring). With `shard` (index, count)
+    this process embeds the batches b % count == index into the set's journal and writes nothing else; the same
+    command without a shard, once every shard is done, finds them all and writes the patch set (the batches are
+    the single-process run's, so the file is too)."""
     ecfg = cfg.extract
     cache = Path(cache)
     name = name or set_name(patches)
     if not name or "/" in name:
         raise DataError(f"patch set name '{name}' must be a plain name; pass --patch-set NAME")
+    writer = shard or (0, 1)
+    if writer[1] > 1 and rebuild:
+        raise DataError("--rebuild replaces a patch set in one process: run it without --shard-index/--num-shards")
     table = load_dataset(data, labels=cfg.data.labels)
     points = make_points(patches, table, ecfg.patch_sizes)
     points_sha = points.sha256()
-    summary = PatchSummary(cache, name, len(points))
-    with CacheUpdate(cache) as update:
+    summary = PatchSummary(cache, name, len(points), shard=writer)
+    # shards only add batch files of their own to the journal: the cache's lock is the committing run's
+    with CacheUpdate(cache) if writer[1] == 1 else contextlib.nullcontext() as update:
         with FeatureCache(cache) as old:
             if old.ids != table["id"].astype(str).tolist():
                 raise CacheError(f"cache {cache} was built from other images than {data}; patches are added to the "
@@ -104,15 +115,18 @@ def extract_patches(data: Path, cache: Path, cfg: Config, patches: str, *, name:
         summary.up_to_date = keep
         if not pending:
             return summary
+        journal = patch_journal(cache, name, points_sha, len(points), PATCHES_PER_BATCH, writer)
         if rebuild:
-            update.patch_journal(name, points_sha, len(points), PATCHES_PER_BATCH).clear()
-        journal = update.patch_journal(name, points_sha, len(points), PATCHES_PER_BATCH)
+            journal.clear()
         extractor = Extractor(pending, pick_device(ecfg.device, "extract.device"), ecfg.amp, ecfg.channels_last)
         batches = image_batches(points)
         started = time.perf_counter()
-        _embed(journal, extractor, table["image"].tolist(), points, batches, hashes, bad, provenance,
-               patch_scale(table), ecfg, progress)
+        summary.n_computed = _embed(journal, extractor, table["image"].tolist(), points, batches, hashes, bad,
+                                    provenance, patch_scale(table), ecfg, progress)
         summary.seconds = time.perf_counter() - started
+        if writer[1] > 1:
+            summary.computed = [lb.info.spec for lb in pending.values()]
+            return summary
         index = points.per_image()
         new = [NewArray("patches", lb.info.spec, (len(points), lb.info.feature_dim), "f4",
                         {**lb.attrs(extractor.precision), "provenance_sha256": provenance[key],
@@ -128,8 +142,9 @@ def extract_patches(data: Path, cache: Path, cfg: Config, patches: str, *, name:
 
 def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: PatchPoints, batches: List[np.ndarray],
            hashes: np.ndarray, bad: np.ndarray, provenance: Dict[str, str], scale: np.ndarray, ecfg,
-           progress: bool) -> None:
-    """Every batch of images the journal lacks: read, checked against the cache's hashes, cropped, embedded."""
+           progress: bool) -> int:
+    """Every batch of images the journal lacks (of this writer's share): read, checked against the cache's hashes,
+    cropped, embedded; returns the patches embedded."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -137,12 +152,16 @@ def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: Pat
     pending = extractor.backbones
     index = points.per_image()
     todo = []
+    index_of, count = journal.writer
     for b, rows in enumerate(batches):
+        if b % count != index_of:
+            continue
         record = journal.load(b, with_features=False) if found else None
         if record is None or any(not record.valid_for(k, provenance[k]) for k in pending):
             todo.append(b)
-    if len(todo) < len(batches):
-        logger.info("resuming: %d of %d batches of patches were already done", len(batches) - len(todo), len(batches))
+    share = len(range(index_of, len(batches), count))
+    if len(todo) < share:
+        logger.info("resuming: %d of %d batches of patches were already done", share - len(todo), share)
     first = next(iter(pending.values()))
     dataset = ImagePatches(paths, points, np.concatenate(batches) if batches else [], scale, first.pre.image_size,
                            first.pre.interpolation)
@@ -178,6 +197,7 @@ def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: Pat
                 record.features[key] = (provenance[key], out)
             journal.write(b, record)
             tick(len(rows))
+    return n_todo
 
 
 def _filler(journal: Journal, batches: List[np.ndarray], index: Dict[int, np.ndarray], key: str):

@@ -352,3 +352,28 @@ def test_predict_crops_and_rescores_each_new_image_as_train_heads_did(synthetic_
         best = int(np.nanargmax(kept))
         assert frame["patch_x"][i] == round(x[best], 1) and frame["patch_y"][i] == round(y[best], 1)
         assert abs(frame["patch_presence_prob"][i] - 1 / (1 + np.exp(-kept[best]))) < 1e-4
+
+
+def test_shards_fill_one_journal_and_the_committing_run_equals_a_single_process(
+        synthetic_master, pooled, tmp_path, monkeypatch, caplog):
+    """Two shard processes (here one after the other) embed their batches of the patch set without writing the
+    cache; the same command without a shard then embeds nothing and writes a file equal to a one-process run's."""
+    import shutil
+
+    import stages.patches
+
+    monkeypatch.setattr(stages.patches, "PATCHES_PER_BATCH", 64)
+    whole = tmp_path / "whole.h5"
+    shutil.copy(pooled, whole)
+    extract_patches(synthetic_master, whole, patch_config(), "grid:16", progress=False)
+    before = pooled.read_bytes()
+    done = [extract_patches(synthetic_master, pooled, patch_config(), "grid:16", progress=False, shard=(i, 2))
+            for i in range(2)]
+    assert [d.n_computed for d in done] == [6 * 64, 6 * 64] and pooled.read_bytes() == before
+    with caplog.at_level("INFO"):
+        final = extract_patches(synthetic_master, pooled, patch_config(), "grid:16", progress=False)
+    assert final.n_computed == 0 and "12 of 12 batches of patches were already done" in caplog.text
+    assert_same_cache(pooled, whole)
+    with pytest.raises(DataError, match="one process"):
+        extract_patches(synthetic_master, pooled, patch_config(), "grid:16", progress=False, rebuild=True,
+                        shard=(0, 2))
