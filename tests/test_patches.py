@@ -377,3 +377,18 @@ def test_shards_fill_one_journal_and_the_committing_run_equals_a_single_process(
     with pytest.raises(DataError, match="one process"):
         extract_patches(synthetic_master, pooled, patch_config(), "grid:16", progress=False, rebuild=True,
                         shard=(0, 2))
+
+
+def test_a_patch_set_too_large_for_memory_is_one_line_before_it_is_read(
+        synthetic_master, pooled, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import pipeline.heads.patch.family as family
+    from stages.cli import main
+
+    extract_patches(synthetic_master, pooled, patch_config(), "grid:16", progress=False)
+    monkeypatch.setattr(family, "BYTES_PER_VALUE", 10 ** 9)  # as if each value took a GB: more than any machine
+    res = CliRunner().invoke(main, ["train-heads", "--cache", str(pooled), "--features", ONE, "--out",
+                                    str(tmp_path / "run"), "--no-progress", "--set", "train.heads.patch.enabled=true"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "patch set 'grid-16' (768 patches x 256 features) needs about" in res.output
