@@ -60,6 +60,14 @@ def main() -> None:
             return model.fit(z[tr], y[tr]).predict_proba(z[te])[:, 1]
         return fit_score
 
+    def mlp(tr, te):
+        from sklearn.neural_network import MLPClassifier
+
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+        z = np.c_[(x - mu) / sd, (score - score[tr].mean()) / score[tr].std(), rank / rank.max()]
+        model = MLPClassifier((64,), alpha=1.0, early_stopping=True, max_iter=200, random_state=0)
+        return model.fit(z[tr], y[tr]).predict_proba(z[te])[:, 1]
+
     def first_only(tr, te):
         z = np.c_[score, rank]
         return HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(z[tr], y[tr]).predict_proba(z[te])[:, 1]
@@ -69,6 +77,7 @@ def main() -> None:
     cv("boosted trees on 32 principal components of the patches", boosted(False))
     cv("boosted trees on those and the first stage's score and rank", boosted(True))
     cv("boosted trees on the first stage's score and rank", first_only)
+    cv("a one-layer MLP (64 units) on the patches and the first stage's score and rank", mlp)
 
 
 if __name__ == "__main__":
