@@ -167,3 +167,43 @@ def test_data_views_keep_only_those_views(wide_cache):
     assert set(views[frontal.rows]) == {"PA", "AP"} and len(frontal.rows) == int((views != "LL").sum())
     with pytest.raises(ConfigError, match="no image of .* has one of these views"):
         load_train_data(wide_cache, _config(**{"data.views": ["LATERAL"]}))
+
+
+def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_path, monkeypatch):
+    """csv_text (predictions.csv's writer) against pandas' own to_csv, the oracle: float64 across magnitudes and
+    the special values, ints, bools, text that needs quotes, missing values, mixed object columns; a kind it does not
+    take (float32, nullable ints) is left to pandas, and the block writer's file equals one to_csv of the frame."""
+    import pandas as pd
+
+    import pipeline.fsutil
+    from pipeline.fsutil import csv_text, write_csv_blocks
+
+    monkeypatch.setattr(pipeline.fsutil, "CSV_TEXT_ROWS", 300)  # blocks of 700 rows made into text 300 at a time
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    floats = rng.normal(size=n) * 10.0 ** rng.integers(-12, 20, n)
+    floats[:8] = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e16, 1e-05, 0.0001]
+    frame = pd.DataFrame({
+        "id": [f"img,{i}" if i % 97 == 0 else f'q"{i}' if i % 89 == 0 else f"JPC{i:04d}" for i in range(n)],
+        "x": floats, "p": np.round(rng.random(n), 6), "k": rng.integers(-5, 5, n), "ok": rng.random(n) < 0.5,
+        "label": np.array([None if i % 7 == 0 else "line\nbreak" if i % 101 == 0 else "benign" for i in range(n)],
+                          dtype=object),
+        "mixed": np.array([1.5 if i % 3 == 0 else np.nan if i % 3 == 1 else 2 for i in range(n)], dtype=object),
+        "with space, comma": np.round(rng.random(n) * 1e-7, 12)})
+    expected = frame.to_csv(index=False)
+    assert csv_text(frame) == expected
+    assert csv_text(frame.iloc[100:200], header=False) == frame.iloc[100:200].to_csv(index=False, header=False)
+    assert csv_text(frame.assign(x=frame["x"].astype(np.float32))) is None
+    assert csv_text(frame.assign(k=pd.array(frame["k"], dtype="Int64"))) is None
+    path = tmp_path / "p.csv"
+    write_csv_blocks(path, n, 700, lambda part: frame.iloc[part])
+    assert path.read_text() == expected
+    # a block of a kind it does not take is written by pandas, in its place
+    mixed = frame.assign(x=frame["x"].astype(np.float32))
+
+    def block(part):
+        return mixed.iloc[part] if part.start == 1400 else frame.iloc[part]
+    write_csv_blocks(path, n, 700, block)
+    assert path.read_text() == "".join(block(slice(s, s + 700)).to_csv(index=False, header=s == 0)
+                                       for s in range(0, n, 700))
