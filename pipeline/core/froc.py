@@ -266,3 +266,13 @@ def localisation_summary(table: pd.DataFrame, rows: np.ndarray, split: np.ndarra
     return summarise_metrics(metrics_of, split, len(names), first_seed_mask(split, names), cfg.eval.bootstrap,
                              cfg.train.seed, count, None if patients is None else patients[rows],
                              cfg.eval.bootstrap_exact_rows)
+
+
+def detection_scores(table, rows: np.ndarray, x: np.ndarray, y: np.ndarray, presence: Optional[np.ndarray],
+                     cands: Tuple[np.ndarray, np.ndarray, np.ndarray], cfg) -> Dict[str, float]:
+    """metric -> value of a detector's word on `rows` (a sweep's validation metrics, a winner's test scores): one
+    answer per image (x, y fractions of the grid, presence) and its candidates (cx, cy, score; each (n, k)):
+    errors, presence AUC, FROC."""
+    res = localisation_metrics(table, rows, x, y, presence, cfg.eval.pixel_mm)
+    res.update(froc(table, rows, *cands, cfg.eval.pixel_mm, cfg.eval.froc_fps))
+    return {k: float(v) for k, v in res.items()}

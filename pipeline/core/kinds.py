@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from pipeline.core.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc
+from pipeline.core.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc, sigmoid
 from pipeline.core.tasks import MISSING, MULTILABEL_SEPARATOR, NONE_CLASS, TaskSpec, class_name, is_missing
 from pipeline.errors import ConfigError
 from pipeline.plugins import TASK_KINDS
@@ -206,7 +206,7 @@ class Binary(Kind):
                                                   reduction="none"), mask
 
     def decode(self, z, *scale):
-        return 1.0 / (1.0 + np.exp(-np.clip(z[:, 0], -60, 60)))
+        return sigmoid(z[:, 0])
 
     def evaluate(self, task, y, pred, norm, weights):
         truth, hard = y.astype(np.int64), (pred > 0.5).astype(np.int64)
@@ -374,7 +374,7 @@ class Multilabel(Kind):
         return (bce * known).sum(dim=-1) / count.clamp_min(1), count > 0
 
     def decode(self, z, *scale):
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+        return sigmoid(z)
 
     def metric_rows(self, task, target):
         known = ~np.isnan(target)

@@ -19,6 +19,11 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 
 
+def sigmoid(z):
+    """The logistic function of logits z (an array or a number), clipped to +-60 so that no logit overflows exp."""
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
 class BlockCounts:
     """R bootstrap resamples of blocks of rows: `counts` (R, B) of each block, `block` (n,) each row's block.
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.config import LocConfig
+from pipeline.core.metrics import sigmoid
 from pipeline.core.train import floor_std
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def decode_maps(scores: np.ndarray, method: str = "argmax") -> tuple:
     """Score maps (n, H, W) -> (x, y) as fractions of the image, and the presence probability."""
     n, h, w = scores.shape
     flat = scores.reshape(n, -1)
-    presence = 1.0 / (1.0 + np.exp(-np.clip(flat.max(axis=1), -60, 60)))  # clipped: no overflow warning
+    presence = sigmoid(flat.max(axis=1))
     if method == "softargmax":
         p = np.exp(flat - flat.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
@@ -165,5 +166,5 @@ def detect(scores: np.ndarray, cfg: LocConfig, maps: Optional[np.ndarray] = None
     cs = rescorer(maps, (cx, cy, cs))
     order = np.argsort(-cs, axis=1, kind="stable")
     cx, cy, cs = (np.take_along_axis(a, order, axis=1) for a in (cx, cy, cs))
-    presence = 1.0 / (1.0 + np.exp(-np.clip(cs[:, 0], -60, 60)))
+    presence = sigmoid(cs[:, 0])
     return Detections(cx[:, 0], cy[:, 0], presence, cx, cy, cs)

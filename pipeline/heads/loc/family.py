@@ -23,8 +23,8 @@ from pipeline.core.train import (Job, JobResult, Progress, Split, fixed_epochs, 
                                  validated_epochs)
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fsutil import write_csv_blocks
-from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_hits, froc, lesions_drawn, loc_metric_directions,
-                                localisation_metrics, localisation_summary)
+from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_hits, detection_scores, froc, lesions_drawn,
+                                loc_metric_directions, localisation_metrics, localisation_summary)
 from pipeline.heads.loc.candidates import Detections, candidates, detect, fit_rescorer
 from pipeline.heads.loc.net import LocFamily, prepare_loc
 from pipeline.heads.loc.head import export_head, load_head
@@ -156,13 +156,6 @@ def final_loc_config(lcfg, epochs: int):
     """The train.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
     for a fold ensemble, whose members early-stop on their own folds."""
     return lcfg if lcfg.fold_ensemble >= 2 else fixed_epochs(lcfg, epochs)
-
-
-def loc_scores(table, rows: np.ndarray, det: Detections, cfg) -> Dict[str, float]:
-    """metric -> value of a localisation head's detections of `rows`: errors, presence, FROC."""
-    res = localisation_metrics(table, rows, det.x, det.y, det.presence, cfg.eval.pixel_mm)
-    res.update(froc(table, rows, *det.cands, cfg.eval.pixel_mm, cfg.eval.froc_fps))
-    return {k: float(v) for k, v in res.items()}
 
 
 class LocApplied(Applied):
@@ -319,7 +312,7 @@ class LocPlugin(HeadPlugin):
 
         def metrics(c: int, s: int) -> Dict[str, float]:
             det = fits[c * len(splits) + s].detect(data, cfgs[c].train.loc, splits[s].test)
-            return loc_scores(data.table, splits[s].test, det, cfgs[c])
+            return detection_scores(data.table, splits[s].test, det.x, det.y, det.presence, det.cands, cfgs[c])
 
         def epochs(c: int) -> int:
             return validated_epochs([m for f in fits[c * len(splits):(c + 1) * len(splits)] for m in f.members],
@@ -330,7 +323,8 @@ class LocPlugin(HeadPlugin):
         """Retrained on the development rows (for its validated epochs, or a fold ensemble on their folds)."""
         (fit,) = fit_localisation(data, cfg, [(final_loc_config(cfg.train.loc, epochs), split)],
                                   "winner localisation")
-        return loc_scores(data.table, split.test, fit.detect(data, cfg.train.loc, split.test), cfg)
+        det = fit.detect(data, cfg.train.loc, split.test)
+        return detection_scores(data.table, split.test, det.x, det.y, det.presence, det.cands, cfg)
 
     def oof_columns(self, data, outcome: LocOutcome, rows: np.ndarray,
                     part: slice = slice(None)) -> Dict[str, np.ndarray]:

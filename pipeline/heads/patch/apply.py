@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from pipeline.core.metrics import sigmoid
 from pipeline.data.images import read_image
 from pipeline.errors import PipelineError
 from pipeline.features.patches import GRID_PREFIX, crops
@@ -80,5 +81,5 @@ class PatchApplied(Applied):
             kept = suppress(x[None], y[None], logits[None], float(self.spec.get("nms_px") or 0.0))[0]
             best = int(np.nanargmax(kept))
             out["patch_x"][i], out["patch_y"][i] = round(float(x[best]), 1), round(float(y[best]), 1)
-            out["patch_presence_prob"][i] = round(float(1 / (1 + np.exp(-np.clip(kept[best], -60, 60)))), 6)
+            out["patch_presence_prob"][i] = round(float(sigmoid(kept[best])), 6)
         return out

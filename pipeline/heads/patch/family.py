@@ -18,8 +18,9 @@ import numpy as np
 
 from cache import match_spec
 from pipeline.configio import build
-from pipeline.core.froc import (FROC_FPS, candidate_hits, froc, loc_metric_directions, localisation_metrics,
+from pipeline.core.froc import (FROC_FPS, candidate_hits, detection_scores, froc, loc_metric_directions,
                                 localisation_summary)
+from pipeline.core.metrics import sigmoid
 from pipeline.core.summary import first_seed_mask
 from pipeline.errors import CacheError, ConfigError
 from pipeline.heads.patch.rescorer import (COMBINE, PatchPoints, PatchRescorer, as_candidates, fit_patch_rescorer,
@@ -84,7 +85,7 @@ class Found:
 
     @property
     def presence(self) -> np.ndarray:
-        return np.where(np.isfinite(self.cs[:, 0]), 1 / (1 + np.exp(-np.clip(self.cs[:, 0], -60, 60))), np.nan)
+        return np.where(np.isfinite(self.cs[:, 0]), sigmoid(self.cs[:, 0]), np.nan)
 
     @classmethod
     def concat(cls, parts: Sequence["Found"]) -> "Found":
@@ -180,11 +181,9 @@ def scores(data, cfg, s: PatchSettings, train_rows: np.ndarray, rows: np.ndarray
     if data.heads[NAME].points.has_first_stage:
         heads[FIRST] = first_stage(data, s, rows)
     out = {}
-    for prefix, found in heads.items():
-        res = localisation_metrics(data.table, found.rows, found.cx[:, 0], found.cy[:, 0], found.presence,
-                                   cfg.eval.pixel_mm)
-        res.update(froc(data.table, found.rows, *found.cands, cfg.eval.pixel_mm, cfg.eval.froc_fps))
-        out.update({prefix + k: float(v) for k, v in res.items()})
+    for prefix, f in heads.items():
+        res = detection_scores(data.table, f.rows, f.cx[:, 0], f.cy[:, 0], f.presence, f.cands, cfg)
+        out.update({prefix + k: v for k, v in res.items()})
     return out
 
 
