@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -86,16 +86,30 @@ def make_points(spec: str, table: pd.DataFrame, sizes: Sequence[int]) -> PatchPo
     """The points of `--patches SPEC` for the images of `table` (the data set's rows, in the cache's order):
     grid:STRIDE or a CSV file of points."""
     sizes = check_sizes(sizes)
-    if spec.startswith(GRID_PREFIX):
-        try:
-            stride = int(spec[len(GRID_PREFIX):])
-        except ValueError:
-            stride = 0
-        if stride < 1:
-            raise ConfigError(f"--patches {spec}: the grid's stride must be a whole number of image pixels, "
-                              "e.g. grid:64")
+    stride = grid_stride(spec)
+    if stride is not None:
         return grid_points(table, stride, sizes)
     return points_from_csv(Path(spec), table, sizes)
+
+
+def grid_stride(source: str) -> Optional[int]:
+    """The stride of a grid:STRIDE patch source (image pixels); None for a points file."""
+    if not source.startswith(GRID_PREFIX):
+        return None
+    try:
+        stride = int(source[len(GRID_PREFIX):])
+    except ValueError:
+        stride = 0
+    if stride < 1:
+        raise ConfigError(f"--patches {source}: the grid's stride must be a whole number of image pixels, "
+                          "e.g. grid:64")
+    return stride
+
+
+def grid_centres(width: float, height: float, stride: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Image-pixel centres of the stride x stride cells of an image (stage one's grid and predict's)."""
+    px, py = np.meshgrid(np.arange(stride / 2, width, stride), np.arange(stride / 2, height, stride))
+    return px.ravel(), py.ravel()
 
 
 def _grid_scale(table: pd.DataFrame) -> Tuple[np.ndarray, np.ndarray]:
@@ -113,10 +127,10 @@ def grid_points(table: pd.DataFrame, stride: int, sizes: Sequence[int]) -> Patch
     for row, (w, h) in enumerate(zip(table["width"].to_numpy(float), table["height"].to_numpy(float))):
         if not (w > 0 and h > 0):
             continue
-        px, py = np.meshgrid(np.arange(stride / 2, w, stride), np.arange(stride / 2, h, stride))
+        px, py = grid_centres(w, h, stride)
         n = px.size
         for size in sizes:
-            parts.append((np.full(n, row), px.ravel() / sx[row], py.ravel() / sy[row], np.full(n, size)))
+            parts.append((np.full(n, row), px / sx[row], py / sy[row], np.full(n, size)))
     if not parts:
         raise DataError("--patches grid: no image has a known size to lay a grid on")
     row, x, y, size = (np.concatenate(c) for c in zip(*parts))

@@ -11,17 +11,11 @@ import numpy as np
 from pipeline.core.metrics import sigmoid
 from pipeline.data.images import read_image
 from pipeline.errors import PipelineError
-from pipeline.features.patches import GRID_PREFIX, crops
-from pipeline.heads.patch.rescorer import PatchRescorer, suppress
+from pipeline.features.patches import crops, grid_centres, grid_stride
+from pipeline.heads.patch.rescorer import PatchRescorer, first_stage_inputs, suppress
 from pipeline.heads.plugin import Applied, SecondLook
 
 logger = logging.getLogger(__name__)
-
-
-def grid_centres(width: int, height: int, stride: int) -> tuple:
-    """Image-pixel centres of a grid's cells (extract-features --patches grid:STRIDE lays the same)."""
-    px, py = np.meshgrid(np.arange(stride / 2, width, stride), np.arange(stride / 2, height, stride))
-    return px.ravel(), py.ravel()
 
 
 class PatchApplied(Applied):
@@ -41,8 +35,7 @@ class PatchApplied(Applied):
         keep = np.isfinite(cs)
         if not keep.any():
             return None
-        score = cs[keep]
-        first = np.stack([score, score - score.max(), np.arange(1, keep.sum() + 1)], axis=1)
+        first = first_stage_inputs(cs[keep], np.arange(1, keep.sum() + 1), np.zeros(keep.sum(), dtype=np.int64))
         return cx[keep] * look.grid[0], cy[keep] * look.grid[1], first
 
     def look_again(self, look: SecondLook) -> Dict[str, np.ndarray]:
@@ -50,11 +43,12 @@ class PatchApplied(Applied):
         out = {name: np.full(n, np.nan) for name in ("patch_x", "patch_y", "patch_presence_prob")}
         if self.model is None:
             return out
-        source, facts = str(self.spec["source"]), dict(self.spec["provenance"])
+        facts = dict(self.spec["provenance"])
         pre = facts["preprocess"]
         k = int(self.spec.get("k") or 0)
+        stride = grid_stride(str(self.spec["source"]))
         cands = None
-        if not source.startswith(GRID_PREFIX):
+        if stride is None:
             cands = next((c for c in (p.first_stage(k) for p in look.parts.values()) if c is not None), None)
             if cands is None:
                 raise PipelineError("this head's patch re-scorer looks again at the first stage's candidates, but "
@@ -65,7 +59,7 @@ class PatchApplied(Applied):
             h, w = pixels.shape
             scale = (w / look.grid[0], h / look.grid[1])
             if cands is None:
-                px, py = grid_centres(w, h, int(source[len(GRID_PREFIX):]))
+                px, py = grid_centres(w, h, stride)
                 x, y, first = px / scale[0], py / scale[1], None
             else:
                 found = self._candidates(look, i, cands)

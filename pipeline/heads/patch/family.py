@@ -23,6 +23,7 @@ from pipeline.core.froc import (FROC_FPS, candidate_hits, detection_scores, froc
 from pipeline.core.metrics import sigmoid
 from pipeline.core.summary import first_seed_mask
 from pipeline.errors import CacheError, ConfigError
+from pipeline.features.patches import grid_stride
 from pipeline.heads.patch.rescorer import (COMBINE, PatchPoints, PatchRescorer, as_candidates, fit_patch_rescorer,
                                            suppress)
 from pipeline.heads.patch.apply import PatchApplied
@@ -114,12 +115,12 @@ def settings_of(cfg) -> PatchSettings:
 def _nms_radius(data, s: PatchSettings) -> float:
     if s.nms_px >= 0:
         return s.nms_px
-    source = data.heads[NAME].source
-    if not source.startswith("grid:"):
+    stride = grid_stride(data.heads[NAME].source)
+    if stride is None:
         return 0.0
     table = data.table
     per_pixel = float(np.nanmedian(table["grid_w"].to_numpy(float) / table["width"].to_numpy(float)))
-    return 1.5 * float(source[len("grid:"):]) * per_pixel
+    return 1.5 * float(stride) * per_pixel
 
 
 def _fractions(data, image: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple:

@@ -67,11 +67,17 @@ class PatchPoints:
         return np.concatenate(blocks, axis=1).astype(np.float64)
 
     def first_stage(self, at: np.ndarray) -> np.ndarray:
-        """(len(at), 3): the first stage's score, that score minus the best of its image, and the rank."""
-        score = np.nan_to_num(self.score[at], nan=0.0)
-        best = np.full(int(self.image.max()) + 1 if len(self.image) else 0, -np.inf)
-        np.maximum.at(best, self.image[at], score)
-        return np.stack([score, score - best[self.image[at]], self.rank[at]], axis=1)
+        """(len(at), 3): first_stage_inputs of the points `at`."""
+        return first_stage_inputs(self.score[at], self.rank[at], self.image[at])
+
+
+def first_stage_inputs(score: np.ndarray, rank: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """(m, 3): what the re-scorer reads of the first stage for each point, in train-heads and predict alike: its
+    score (NaN: 0), that score minus the best of its image, and its rank."""
+    score = np.nan_to_num(score, nan=0.0)
+    best = np.full(int(image.max()) + 1 if len(image) else 0, -np.inf)
+    np.maximum.at(best, image, score)
+    return np.stack([score, score - best[image], rank], axis=1)
 
 
 def as_candidates(image: np.ndarray, values: Dict[str, np.ndarray], rows: np.ndarray) -> Dict[str, np.ndarray]:
