@@ -145,7 +145,6 @@ def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: Pat
            progress: bool) -> int:
     """Every batch of images the journal lacks (of this writer's share): read, checked against the cache's hashes,
     cropped, embedded; returns the patches embedded."""
-    import torch
     from torch.utils.data import DataLoader
 
     found = journal.open()
@@ -189,11 +188,7 @@ def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: Pat
                                  bad=~ok, error=np.array([""] * len(rows), dtype=str))
             for key, lb in pending.items():
                 out = np.full((len(rows), lb.info.feature_dim), np.nan, dtype=np.float32)
-                done = 0
-                for start in range(0, len(crops), ecfg.batch_size):
-                    chunk = torch.from_numpy(crops[start:start + ecfg.batch_size])[:, None]
-                    out[np.flatnonzero(ok)[done:done + len(chunk)]] = extractor.run(key, chunk)
-                    done += len(chunk)
+                out[ok] = extractor.run_batched(key, crops, ecfg.batch_size)
                 record.features[key] = (provenance[key], out)
             journal.write(b, record)
             tick(len(rows))

@@ -95,8 +95,6 @@ def _from_cache(cache: Path, head: TrainedHead, hashes: List[str]) -> Dict[int, 
 
 def _embedder(weights: Dict[str, str], device: str, batch_size: int):
     """embed(spec, facts, crops) for a second look (SecondLook.embed): each backbone rebuilt once, as trained."""
-    import torch
-
     extractors: Dict[str, Extractor] = {}
 
     def embed(spec: str, facts: Dict[str, object], crops: np.ndarray) -> np.ndarray:
@@ -106,9 +104,7 @@ def _embedder(weights: Dict[str, str], device: str, batch_size: int):
             extractors[key] = Extractor({lb.key: lb}, pick_device(device, "--device"))
         extractor = extractors[key]
         (entry,) = extractor.backbones
-        parts = [extractor.run(entry, torch.from_numpy(crops[s:s + batch_size])[:, None])
-                 for s in range(0, len(crops), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return extractor.run_batched(entry, crops, batch_size)
     return embed
 
 

@@ -278,6 +278,12 @@ class Extractor:
             y = lb.module(x)
         return y.float().cpu().numpy().astype(lb.dtype, copy=False)
 
+    def run_batched(self, key: str, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """(n, S, S) in [0, 1] -> (n, ...): run() on `batch_size` images at a time (a second look's crops)."""
+        parts = [self.run(key, torch.from_numpy(images[s:s + batch_size])[:, None])
+                 for s in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.output_shape(key)), dtype=np.float32)
+
 
 def read_error(batch: ImageBatch, skip_bad: bool) -> None:
     """Raise the first unreadable image of a batch unless --skip-bad records them."""
