@@ -11,8 +11,8 @@ from typing import Dict, List
 import h5py
 import numpy as np
 
-from .schema import GROUPS, chunk_rows, entry_name, write_attrs
-from .writer import NewArray, add_fused, replace_file, utc_now
+from .schema import GROUPS, entry_name, write_attrs
+from .writer import NewArray, add_fused, replace_file, write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def add_patch_set(path: Path, patch: NewPatchSet) -> None:
 
         def build(f: h5py.File) -> None:
             for key, value in old.attrs.items():
-                f.attrs[key] = value
-            f.attrs["complete"] = False
+                if key not in ("complete", "updated_utc"):  # replace_file's
+                    f.attrs[key] = value
             for name in old:
                 if name not in (GROUPS.fused, GROUPS.patches):
                     old.copy(old[name], f, name=name)
@@ -54,15 +54,9 @@ def add_patch_set(path: Path, patch: NewPatchSet) -> None:
                 g.create_dataset(name, data=values)
             for spec in patch.keep:
                 old.copy(old[GROUPS.patches][patch.name][entry_name(spec)], g, name=entry_name(spec))
-            n = len(patch.points["image_row"])
             for item in patch.new:
-                ds = g.create_dataset(entry_name(item.spec), shape=item.shape, dtype=item.dtype, fillvalue=np.nan,
-                                      chunks=(min(n, chunk_rows(item.shape[1])), item.shape[1]) if n else None)
-                item.fill(ds)
-                write_attrs(ds, {**item.attrs, "complete": True, "written_utc": utc_now()})
+                write_entry(g, item, len(patch.points["image_row"]))
             add_fused(f, fused, n_rows)
-            f.attrs["updated_utc"] = utc_now()
-            f.attrs["complete"] = True
 
         replace_file(path, build)
     logger.debug("wrote patch set %s of %s", patch.name, path)

@@ -117,16 +117,29 @@ def add_fused(f: h5py.File, fused: Dict[str, Sequence[str]], n_rows: int) -> Non
         write_attrs(ds, {"members": list(members), "dims": list(dims)})
 
 
+def write_entry(group: h5py.Group, item: NewArray, n_rows: int) -> None:
+    """One new array streamed into `group` under its spec's name: chunks of about CHUNK_BYTES, NaN until filled,
+    marked complete once item.fill has written it."""
+    chunks = (min(n_rows, chunk_rows(int(np.prod(item.shape[1:])), np.dtype(item.dtype).itemsize)), *item.shape[1:])
+    ds = group.create_dataset(entry_name(item.spec), shape=item.shape, dtype=item.dtype,
+                              chunks=chunks if n_rows else None, fillvalue=np.nan)
+    item.fill(ds)
+    write_attrs(ds, {**item.attrs, "complete": True, "written_utc": utc_now()})
+
+
 def replace_file(path: Path, build: Callable[[h5py.File], None]) -> None:
-    """Write a complete new file with `build(f)` to a temporary file next to `path`, then rename it over `path`
-    (build sets the root's `complete` last)."""
+    """Write a complete new file with `build(f)` to a temporary file next to `path`, then rename it over `path`;
+    the root's `complete` is false while build runs and true last (with `updated_utc`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(path)  # a killed writer's file, as large as the cache
     tmp = temp_sibling(path)
     try:
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs["complete"] = False
             build(f)
+            f.attrs["updated_utc"] = utc_now()
+            f.attrs["complete"] = True  # last: a file without it was never finished
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -146,8 +159,8 @@ def write_cache(path: Path, content: CacheContent) -> None:
             created = str(old.attrs.get("created_utc", created))
 
     def build(f: h5py.File) -> None:
-        write_attrs(f, {"format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False,
-                        "created_utc": created, **content.root_attrs})
+        write_attrs(f, {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created_utc": created,
+                        **content.root_attrs})
         _write_images(f, content.images)
         _write_labels(f, content.labels)
         if content.keep_from is not None and any(content.keep.values()):
@@ -158,16 +171,8 @@ def write_cache(path: Path, content: CacheContent) -> None:
                 if GROUPS.patches in old:
                     old.copy(old[GROUPS.patches], f, name=GROUPS.patches)
         for item in content.new:
-            chunks = (min(n_rows, chunk_rows(int(np.prod(item.shape[1:])), np.dtype(item.dtype).itemsize)),
-                      *item.shape[1:])
-            ds = f.require_group(item.group).create_dataset(
-                entry_name(item.spec), shape=item.shape, dtype=item.dtype, chunks=chunks if n_rows else None,
-                fillvalue=np.nan)
-            item.fill(ds)
-            write_attrs(ds, {**item.attrs, "complete": True, "written_utc": utc_now()})
+            write_entry(f.require_group(item.group), item, n_rows)
         add_fused(f, content.fused, n_rows)
-        f.attrs["updated_utc"] = utc_now()
-        f.attrs["complete"] = True  # last: a file without it was never finished
 
     replace_file(path, build)
     logger.debug("wrote cache %s (%d rows)", path, n_rows)

@@ -243,10 +243,11 @@ def extract_features(data: Path, cache: Path, cfg: Config, *, rebuild: bool = Fa
                                                progress, summary)
             if state.hashes is not None and not np.array_equal(state.hashes[~bad], sha[~bad]):
                 raise CacheError(f"images changed while {out_path} was being extended; rerun with --rebuild")
+            spans = [(b, int(position[all_batches[b][0]]), int(position[all_batches[b][-1]]) + 1) for b in mine]
             for key, lb in state.pending.items():
                 new_arrays.append(NewArray(lb.group, lb.info.spec, (len(rows), *extractor.output_shape(key)),
                                            lb.dtype, lb.attrs(extractor.precision),
-                                           _filler(journal, mine, all_batches, position, key)))
+                                           journal_filler(journal, spans, key)))
         else:
             logger.info("updating the labels and fused arrays of %s (features unchanged)", out_path)
             sha, pixels, bad, error = state.hashes, state.pixels, state.bad, state.error
@@ -344,14 +345,14 @@ def _resolve_all(members: Sequence[str]) -> List[str]:
     return [parse_spec(m).spec for m in members]
 
 
-def _filler(journal: Journal, mine: Sequence[int], batches: Sequence[np.ndarray], position: np.ndarray, key: str):
-    """Stream one entry's arrays from the journal into its dataset, a batch at a time (flat memory)."""
+def journal_filler(journal: Journal, spans: Sequence[Tuple[int, int, int]], key: str):
+    """Stream one entry's arrays from the journal into its dataset, a batch at a time (flat memory): each span
+    (batch, start, stop) is where that batch's rows go."""
     def fill(ds) -> None:
-        for b in mine:
+        for b, start, stop in spans:
             rec = journal.load(b)
             if rec is None or key not in rec.features:
                 raise CacheError(f"progress of batch {b} vanished from {journal.dir} while the cache was written; "
                                  "rerun the same command")
-            at = position[batches[b]]
-            ds[at[0]:at[-1] + 1] = rec.features[key][1]
+            ds[start:stop] = rec.features[key][1]
     return fill

@@ -24,7 +24,7 @@ from pipeline.features.extraction import Extractor, default_workers, load_backbo
 from pipeline.features.patches import (CROP_METHOD, ImagePatches, PatchPoints, describe, make_points,
                                        patch_provenance, patch_scale, set_name)
 from pipeline.runtime import pick_device
-from stages.extract import weights_by_name
+from stages.extract import journal_filler, weights_by_name
 from stages.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -127,11 +127,12 @@ def extract_patches(data: Path, cache: Path, cfg: Config, patches: str, *, name:
         if writer[1] > 1:
             summary.computed = [lb.info.spec for lb in pending.values()]
             return summary
-        index = points.per_image()
+        index = points.per_image()  # a batch's patches are those of its images, one run of rows
+        spans = [(b, int(index[int(rows[0])][0]), int(index[int(rows[-1])][-1]) + 1) for b, rows in enumerate(batches)]
         new = [NewArray("patches", lb.info.spec, (len(points), lb.info.feature_dim), "f4",
                         {**lb.attrs(extractor.precision), "provenance_sha256": provenance[key],
                          "backbone_provenance": lb.provenance},
-                        _filler(journal, batches, index, key)) for key, lb in pending.items()]
+                        journal_filler(journal, spans, key)) for key, lb in pending.items()]
         update.commit_patches(NewPatchSet(name, {"source": patches, "points_sha256": points_sha, "crop": CROP_METHOD,
                                                  "sizes": sorted(int(s) for s in np.unique(points.size))},
                                           points.arrays(), keep, new))
@@ -193,15 +194,3 @@ def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: Pat
             journal.write(b, record)
             tick(len(rows))
     return n_todo
-
-
-def _filler(journal: Journal, batches: List[np.ndarray], index: Dict[int, np.ndarray], key: str):
-    def fill(ds) -> None:
-        for b, rows in enumerate(batches):
-            rec = journal.load(b)
-            if rec is None or key not in rec.features:
-                raise CacheError(f"progress of batch {b} vanished from {journal.dir} while the cache was written; "
-                                 "rerun the same command")
-            at = np.concatenate([index[int(r)] for r in rows])
-            ds[at[0]:at[-1] + 1] = rec.features[key][1]
-    return fill
