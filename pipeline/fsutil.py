@@ -153,8 +153,8 @@ def _column_text(values) -> Optional[List[str]]:
             out.append("")
         elif isinstance(v, str):
             out.append(_cell(v))
-        elif isinstance(v, (bool, int, float)):
-            out.append(repr(v) if isinstance(v, float) else str(v))
+        elif isinstance(v, (bool, int, float)):  # str, as the csv module: numpy's float64 too (its repr names it)
+            out.append(str(v))
         else:
             return None
     return out

@@ -190,6 +190,7 @@ def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_pa
         "label": np.array([None if i % 7 == 0 else "line\nbreak" if i % 101 == 0 else "benign" for i in range(n)],
                           dtype=object),
         "mixed": np.array([1.5 if i % 3 == 0 else np.nan if i % 3 == 1 else 2 for i in range(n)], dtype=object),
+        "numpy_in_object": np.array([np.float64(i / 7) if i % 2 else None for i in range(n)], dtype=object),
         "with space, comma": np.round(rng.random(n) * 1e-7, 12)})
     expected = frame.to_csv(index=False)
     assert csv_text(frame) == expected
