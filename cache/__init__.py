@@ -29,7 +29,7 @@ from .reader import CachedFeatures, FeatureCache, PatchSet, match_spec
 from .schema import GROUPS, PATCH_POINTS, EntryKey, ids_sha256, image_set_sha256, labels_sha256
 from .writer import CacheContent, ImageTable, NewArray, write_cache
 
-__all__ = ["add_patch_set", "BatchRecord", "CachedFeatures", "CacheUpdate", "close_inherited_locks", "EntryKey",
+__all__ = ["BatchRecord", "CachedFeatures", "CacheUpdate", "close_inherited_locks", "EntryKey",
            "FeatureCache", "find_shards", "GROUPS", "ids_sha256", "ImageTable", "Journal", "labels_match",
            "labels_sha256", "match_spec", "merge_shards", "NewArray", "NewPatchSet", "PATCH_POINTS", "PatchSet",
            "patch_journal", "shard_path", "sidecar_config_path"]

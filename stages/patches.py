@@ -49,10 +49,10 @@ class PatchSummary:
         return self.n_computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def image_batches(points: PatchPoints) -> List[np.ndarray]:
-    """Consecutive images whose patches make about PATCHES_PER_BATCH (at least one image): fixed by the points
-    alone, so a resumed run embeds every patch in the same company as an uninterrupted one."""
-    per_image = points.per_image()
+def image_batches(per_image: Dict[int, np.ndarray]) -> List[np.ndarray]:
+    """Consecutive images whose patches (per_image: PatchPoints.per_image) make about PATCHES_PER_BATCH (at least
+    one image): fixed by the points alone, so a resumed run embeds every patch in the same company as an
+    uninterrupted one."""
     out, current, count = [], [], 0
     for row, at in per_image.items():
         if current and count + len(at) > PATCHES_PER_BATCH:
@@ -119,15 +119,15 @@ def extract_patches(data: Path, cache: Path, cfg: Config, patches: str, *, name:
         if rebuild:
             journal.clear()
         extractor = Extractor(pending, pick_device(ecfg.device, "extract.device"), ecfg.amp, ecfg.channels_last)
-        batches = image_batches(points)
+        index = points.per_image()  # image row -> its patches: a batch's patches are one run of rows
+        batches = image_batches(index)
         started = time.perf_counter()
-        summary.n_computed = _embed(journal, extractor, table["image"].tolist(), points, batches, hashes, bad,
+        summary.n_computed = _embed(journal, extractor, table["image"].tolist(), points, index, batches, hashes, bad,
                                     provenance, patch_scale(table), ecfg, progress)
         summary.seconds = time.perf_counter() - started
         if writer[1] > 1:
             summary.computed = [lb.info.spec for lb in pending.values()]
             return summary
-        index = points.per_image()  # a batch's patches are those of its images, one run of rows
         spans = [(b, int(index[int(rows[0])][0]), int(index[int(rows[-1])][-1]) + 1) for b, rows in enumerate(batches)]
         new = [NewArray("patches", lb.info.spec, (len(points), lb.info.feature_dim), "f4",
                         {**lb.attrs(extractor.precision), "provenance_sha256": provenance[key],
@@ -141,16 +141,15 @@ def extract_patches(data: Path, cache: Path, cfg: Config, patches: str, *, name:
     return summary
 
 
-def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: PatchPoints, batches: List[np.ndarray],
-           hashes: np.ndarray, bad: np.ndarray, provenance: Dict[str, str], scale: np.ndarray, ecfg,
-           progress: bool) -> int:
+def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: PatchPoints,
+           index: Dict[int, np.ndarray], batches: List[np.ndarray], hashes: np.ndarray, bad: np.ndarray,
+           provenance: Dict[str, str], scale: np.ndarray, ecfg, progress: bool) -> int:
     """Every batch of images the journal lacks (of this writer's share): read, checked against the cache's hashes,
     cropped, embedded; returns the patches embedded."""
     from torch.utils.data import DataLoader
 
     found = journal.open()
     pending = extractor.backbones
-    index = points.per_image()
     todo = []
     index_of, count = journal.writer
     for b, rows in enumerate(batches):
@@ -163,8 +162,8 @@ def _embed(journal: Journal, extractor: Extractor, paths: List[str], points: Pat
     if len(todo) < share:
         logger.info("resuming: %d of %d batches of patches were already done", share - len(todo), share)
     first = next(iter(pending.values()))
-    dataset = ImagePatches(paths, points, np.concatenate(batches) if batches else [], scale, first.pre.image_size,
-                           first.pre.interpolation)
+    dataset = ImagePatches(paths, points, index, np.concatenate(batches) if batches else [], scale,
+                           first.pre.image_size, first.pre.interpolation)
     offsets = np.cumsum([0] + [len(batches[b]) for b in range(len(batches))])
     workers = default_workers() if ecfg.num_workers is None else ecfg.num_workers
     loader = DataLoader(dataset, batch_sampler=[list(range(offsets[b], offsets[b + 1])) for b in todo],

@@ -209,10 +209,9 @@ class ImagePatches:
     """A map-style dataset for the loader's workers: image i of `rows` read once, hashed, decoded, and cropped at
     each of its points."""
 
-    def __init__(self, paths: Sequence[str], points: PatchPoints, rows: Sequence[int], scale: np.ndarray,
-                 input_size: int, interpolation: str):
-        self.paths, self.points, self.rows = list(paths), points, list(rows)
-        self.index = points.per_image()
+    def __init__(self, paths: Sequence[str], points: PatchPoints, index: Dict[int, np.ndarray], rows: Sequence[int],
+                 scale: np.ndarray, input_size: int, interpolation: str):
+        self.paths, self.points, self.index, self.rows = list(paths), points, index, list(rows)
         self.scale, self.input_size, self.interpolation = scale, input_size, interpolation
 
     def __len__(self) -> int:
