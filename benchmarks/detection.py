@@ -4,11 +4,11 @@ with its 95% bootstrap CI, one row per option.
     python benchmarks/detection.py --cache lite0.h5 --out runs/detection            # every option (~25 min, 2 cores)
     python benchmarks/detection.py --cache lite0.h5 --out runs/detection --only per_cell coords
 
-Each option is `train-heads --cache CACHE --features lite0 --set train.loc.enabled=true --set
+Each option is `train-heads --cache CACHE --features lite0 --set heads.loc.enabled=true --set
 'train.tasks=[presence]'` with the BASE keys and then its own `--set`s (5-fold CV, out-of-fold predictions
 pooled), run as a fresh process into OUT/<option>; a finished run (its run.json) is reused. The options of other
 caches (1024 px maps, several stages) are rows of `--extra LABEL=RUN_DIR`; the patch re-scorer's runs
-(train.heads.patch on a cache with a patch set) are rows of `--patch LABEL=RUN_DIR`: the re-scored candidates,
+(heads.patch on a cache with a patch set) are rows of `--patch LABEL=RUN_DIR`: the re-scored candidates,
 and for a candidates set the same candidates by the first stage's scores. Prints the markdown table.
 """
 from __future__ import annotations
@@ -23,17 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The per-cell head without the options below (the default before the second stage was chosen): every option
 #: is this plus its own keys, so the rows do not move when the defaults do.
-BASE = ["train.loc.coords=false", "train.loc.fold_ensemble=0", "train.loc.rescore=false"]
+BASE = ["heads.loc.coords=false", "heads.loc.fold_ensemble=0", "heads.loc.rescore=false"]
 OPTIONS = {
     "per_cell": [],
-    "mirror": ["train.loc.mirror=true"],
-    "flip": ["train.loc.flip=true"],
-    "context": ["train.loc.context=1"],
-    "context_tta": ["train.loc.context=1", "train.loc.tta_flip=true"],
-    "coords": ["train.loc.coords=true"],
-    "fold_ensemble": ["train.loc.fold_ensemble=5"],
-    "rescore": ["train.loc.fold_ensemble=5", "train.loc.rescore=true"],
-    "rescore_coords": ["train.loc.fold_ensemble=5", "train.loc.rescore=true", "train.loc.coords=true"],
+    "mirror": ["heads.loc.mirror=true"],
+    "flip": ["heads.loc.flip=true"],
+    "context": ["heads.loc.context=1"],
+    "context_tta": ["heads.loc.context=1", "heads.loc.tta_flip=true"],
+    "coords": ["heads.loc.coords=true"],
+    "fold_ensemble": ["heads.loc.fold_ensemble=5"],
+    "rescore": ["heads.loc.fold_ensemble=5", "heads.loc.rescore=true"],
+    "rescore_coords": ["heads.loc.fold_ensemble=5", "heads.loc.rescore=true", "heads.loc.coords=true"],
 }
 LEVELS = ("0.25", "0.5", "1", "2", "4")
 #: The first stage's candidate recall columns (the ceiling of any re-scoring of K candidates).
@@ -44,7 +44,7 @@ def run(cache: Path, out: Path, name: str, features: str) -> Path:
     target = out / name
     if (target / "run.json").exists():
         return target
-    sets = ["train.loc.enabled=true", "train.tasks=[presence]", *BASE, *OPTIONS[name]]  # later keys win
+    sets = ["heads.loc.enabled=true", "train.tasks=[presence]", *BASE, *OPTIONS[name]]  # later keys win
     cmd = [str(Path(sys.executable).parent / "train-heads"), "--cache", str(cache), "--features", features,
            "--out", str(target), "--overwrite", "--no-progress"] + [a for s in sets for a in ("--set", s)]
     subprocess.run(cmd, check=True, cwd=REPO)

@@ -137,7 +137,8 @@ def main() -> None:
             tiny = ["timm:test_efficientnet", "timm:test_resnet"]
             overrides = {"extract.backbones": tiny, "extract.fused": {"paper": tiny}, "extract.image_size": 64,
                          "extract.amp": "bf16", "extract.batch_size": 8, "extract.num_workers": 0,
-                         "train.features": tiny, "train.hidden": 16, "train.epochs": 3, "eval.folds": 3,
+                         "train.features": tiny, "heads.res-mtnet.hidden": 16, "heads.res-mtnet.epochs": 3,
+                         "eval.folds": 3,
                          "eval.bootstrap": 10, "train.device": "cpu", "extract.device": "cpu"}
             n_configs, repeats = args.configs or 2, 1
         else:

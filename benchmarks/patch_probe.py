@@ -4,7 +4,7 @@ images, for the first stage's score alone and for linear and non-linear models o
 
     python benchmarks/patch_probe.py --cache lite0.h5 --candidates runs/loc/candidates.csv
 
-A probe, not the product's re-scorer (train.heads.patch): it reads the hit column the file was written with, so it
+A probe, not the product's re-scorer (heads.patch): it reads the hit column the file was written with, so it
 only ranks candidates, never chooses a setting that is then reported.
 """
 from __future__ import annotations

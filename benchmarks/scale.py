@@ -74,8 +74,9 @@ def main() -> None:
         out = folder / f"run-{n}"
         command = [sys.executable, "-c", "from stages.cli import train_heads_main; train_heads_main()",
                    "--cache", str(cache), "--features", "synthetic:features", "--config", "large",
-                   "--out", str(out), "--overwrite", "--device", args.device, "--set", f"train.epochs={args.epochs}",
-                   "--set", "train.early_stopping=0", "--set", f"train.feature_dtype={args.dtype}"]
+                   "--out", str(out), "--overwrite", "--device", args.device,
+                   "--set", f"heads.res-mtnet.epochs={args.epochs}",
+                   "--set", "heads.res-mtnet.early_stopping=0", "--set", f"train.feature_dtype={args.dtype}"]
         for item in args.sets:
             command += ["--set", item]
         seconds, rss, lines = run_command(command, env)

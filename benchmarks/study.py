@@ -20,7 +20,8 @@ import yaml
 
 #: The 8-configuration grid of the benchmark (the keys of configs/sweep.yaml that change the stack's work).
 SWEEP = {"method": "grid", "seed": 0, "rank_by": "state.accuracy", "folds": 3, "test_fraction": 0.2,
-         "params": {"train.hidden": [256, 512], "train.dropout": [0.3, 0.5], "train.lr": [1.0e-4, 3.0e-4]}}
+         "params": {"heads.res-mtnet.hidden": [256, 512], "heads.res-mtnet.dropout": [0.3, 0.5],
+                    "heads.res-mtnet.lr": [1.0e-4, 3.0e-4]}}
 
 
 def worker(cache: Path, sweep: Path, storage: Path, epochs: int, *extra: str) -> float:
@@ -28,8 +29,8 @@ def worker(cache: Path, sweep: Path, storage: Path, epochs: int, *extra: str) ->
     code = "import sys; from stages.cli import main; sys.exit(main())"
     subprocess.run([sys.executable, "-c", code, "sweep", "work", str(sweep), "--cache", str(cache),
                     "--study", str(storage), "--no-progress", "-q", "--set", "train.features=[synthetic:features]",
-                    "--set", "train.tasks=[state, presence]", "--set", f"train.epochs={epochs}", "--set",
-                    "train.early_stopping=0", "--set", "train.batch_size=128", *extra], check=True)
+                    "--set", "train.tasks=[state, presence]", "--set", f"heads.res-mtnet.epochs={epochs}", "--set",
+                    "heads.res-mtnet.early_stopping=0", "--set", "heads.res-mtnet.batch_size=128", *extra], check=True)
     return time.perf_counter() - started
 
 

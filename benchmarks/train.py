@@ -180,13 +180,13 @@ def main() -> None:
 
 def sweep_times(data, cfg, sweep: Path, n_configs) -> dict:
     """Configurations x 5 folds stacked, against one configuration at a time (its folds stacked)."""
-    from pipeline.heads.resmtnet.family import pooled_family
+    from pipeline.heads.resmtnet.family import pooled_family, settings_of
     from pipeline.core.splits import make_splits
     from pipeline.core.train import Job, train_jobs
     from stages.sweep import config_variants, configurations, load_sweep
 
     choices = configurations(load_sweep(sweep))[:n_configs]
-    cfgs = [c.train for c in config_variants(cfg, choices)]
+    cfgs = [settings_of(c) for c in config_variants(cfg, choices)]
     splits, _ = make_splits(data.table, data.rows, cfg.eval, cfg.train.val_fraction)
     family = pooled_family(data, splits)
     out = {"configs": len(choices)}

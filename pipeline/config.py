@@ -6,14 +6,18 @@ pipeline.configio's.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 
 from pipeline.configio import build, get_dotted, load_yaml, resolve_config_path, set_dotted
 from pipeline.errors import ConfigError
-from pipeline.plugins import HEAD_FAMILIES, PROTOCOLS, TASK_KINDS, WEIGHTINGS, Registry
+from pipeline.plugins import HEAD_FAMILIES, HEAD_SETTINGS, PROTOCOLS, TASK_KINDS, WEIGHTINGS, Registry
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,7 +73,8 @@ PAPER_TASKS = ["subtlety", "state", "presence", "lobe", "diagnosis", "x", "y", "
 
 @dataclass
 class OptimConfig:
-    """What the stacked trainer reads from a head's section (train, and train.loc for the localisation head)."""
+    """What the stacked trainer reads from a head family's section (heads.res-mtnet, heads.loc): Adam, epochs and
+    the loss weighting. Its `choices` (and a subclass's) are checked when the config is resolved."""
 
     lr: float = 1e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay (L2)
@@ -83,8 +88,11 @@ class OptimConfig:
     uncertainty_regulariser: str = "kendall"  # uncertainty: kendall (0.5 s) | log1p (log(1 + exp s), Liebel 2018)
     gradnorm_alpha: float = 1.5  # gradnorm: strength of the pull towards equal training rates
 
+    #: key -> the names it accepts (a tuple, or a registry whose names are read without importing its entries)
+    choices: ClassVar[Dict[str, Any]] = {"loss_weighting": WEIGHTINGS, "uncertainty_regulariser": ("kendall", "log1p")}
+
     def check(self, where: str) -> None:
-        """The trainer's settings of this section (`where`: its key, train or train.loc), with the key to fix."""
+        """The trainer's settings of this section (`where`: its key, e.g. heads.loc), with the key to fix."""
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{where}.epochs and {where}.batch_size must be positive")
         if self.lr <= 0 or self.weighting_lr <= 0:
@@ -96,80 +104,19 @@ class OptimConfig:
 
 
 @dataclass
-class LocConfig(OptimConfig):
-    """The localisation head: a per-cell nodule score over a cached feature map (extract-features --spatial)."""
+class TrainConfig:
+    """Stage two's run: which features and tasks, how the matrix is held, the inner validation split, the seed and
+    the device. Each head family's own settings are its section heads.<name>."""
 
-    enabled: bool = False  # train the localisation head (needs extract-features --spatial)
-    backbone: str = ""  # whose maps; '' = the first of train.features with maps in the cache
-    hidden: int = 64  # channels of the per-cell layer
-    context: int = 0  # 3x3 convolutions after the per-cell layer (spatial context); 0 = per cell only
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 1e-4  # Adam weight decay (L2)
-    epochs: int = 60
-    batch_size: int = 16  # maps per step
-    sigma: float = 1.0  # width of the Gaussian target around the nodule, in cells
-    presence_weight: float = 1.0  # weight of the presence loss (BCE on the map's maximum)
-    decode: str = "argmax"  # argmax (refined within the 3x3 cells around it) | softargmax
-    mirror: bool = False  # add left-right difference channels: each cell minus its mirror cell (other lung)
-    flip: bool = False  # train on horizontally flipped maps too (mirrored targets)
-    tta_flip: bool = False  # score maps: the mean of the maps' and the flipped maps' scores (flipped back)
-    coords: bool = True  # add each cell's position (x, |x|, y) as input channels: a position prior it learns
-    # coords, fold_ensemble 5 and rescore: chosen by configs/loc_second_stage.yaml on JSRT's development folds
-    fold_ensemble: int = 5  # K >= 2: K members per split, each without one of K folds of its training rows; 0: one
-    rescore: bool = True  # second stage: re-score candidates by logistic regression (needs fold_ensemble >= 2)
-    rescore_c: float = 0.01  # the second stage's inverse L2 strength
-    candidates: int = 10  # nodule candidates per image (non-maximum suppression): FROC, predict --overlay
-    nms_cells: int = 2  # a candidate suppresses the cells within this many cells of it
-
-    def check(self, where: str = "train.loc") -> None:
-        super().check(where)
-        if self.hidden < 1 or self.context < 0 or self.sigma <= 0 or self.presence_weight < 0:
-            raise ConfigError(f"{where}: hidden and sigma must be positive, context and presence_weight >= 0")
-        if self.candidates < 1 or self.nms_cells < 0:
-            raise ConfigError(f"{where}.candidates ({self.candidates}) must be positive and {where}.nms_cells "
-                              f"({self.nms_cells}) >= 0")
-        if self.fold_ensemble == 1 or self.fold_ensemble < 0:
-            raise ConfigError(f"{where}.fold_ensemble {self.fold_ensemble}: 0 (one head per split) or the number "
-                              "of folds K >= 2 (K members per split)")
-        if self.rescore and self.fold_ensemble < 2:
-            raise ConfigError(f"{where}.rescore needs {where}.fold_ensemble K >= 2: the second stage trains on "
-                              "candidates scored by members that never saw those images (one head per split: "
-                              f"{where}.fold_ensemble=0 {where}.rescore=false)")
-        if self.rescore_c <= 0:
-            raise ConfigError(f"{where}.rescore_c {self.rescore_c} must be positive")
-
-
-@dataclass
-class TrainConfig(OptimConfig):
     features: List[str] = field(default_factory=lambda: list(PAPER_BACKBONES))  # concatenated
     tasks: List[str] = field(default_factory=lambda: list(PAPER_TASKS))  # built-in tasks or any label column
     task_kinds: Dict[str, str] = field(default_factory=dict)  # task -> multiclass | binary | regression | multilabel
     task_groups: Dict[str, List[str]] = field(default_factory=dict)  # task -> finding columns: one multilabel task
-    lambdas: Dict[str, float] = field(default_factory=dict)  # task -> weight; a task not named weighs 1
     non_nodule: str = "mask"  # images without a nodule in subtlety/lobe/diagnosis: mask | class ('none')
-    hidden: int = 512  # width of the shared FC layer and the residual blocks
-    blocks: int = 1  # residual blocks y = F(y) + y
-    dropout: float = 0.5  # dropout after the shared layer and inside each block
-    label_smoothing: float = 0.1  # of the classification losses
     val_fraction: float = 0.15  # the inner validation split of each training fold (early stopping)
     feature_dtype: str = "float32"  # float32 | float16: how the feature matrix is held (float16 halves it)
     seed: int = 0  # seeds the heads' initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    loc: LocConfig = field(default_factory=LocConfig)
-    heads: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # head families beyond train.loc: name -> settings
-
-    def check(self, where: str = "train") -> None:
-        super().check(where)
-        if self.hidden < 1 or self.blocks < 0:
-            raise ConfigError(f"{where}.hidden ({self.hidden}) must be positive and {where}.blocks ({self.blocks}) "
-                              ">= 0")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{where}.dropout {self.dropout} must be in [0, 1)")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"{where}.label_smoothing {self.label_smoothing} must be in [0, 1)")
-        if any(w < 0 for w in self.lambdas.values()):
-            raise ConfigError(f"{where}.lambdas must be non-negative")
-        self.loc.check(f"{where}.loc")
 
 
 @dataclass
@@ -215,6 +162,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
+    #: head family name -> its settings (a dataclass of pipeline.plugins.HEAD_SETTINGS, or the family's `settings`):
+    #: every built-in family's section is there (each but the reference off by default); another's when named
+    heads: Dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,32 +182,118 @@ CHOICES: Dict[str, tuple] = {
     "tables.f1": ("f1_weighted", "f1_macro"),
     "train.non_nodule": ("mask", "class"),
     "train.feature_dtype": ("float32", "float16"),
-    "train.uncertainty_regulariser": ("kendall", "log1p"),
-    "train.loc.uncertainty_regulariser": ("kendall", "log1p"),
-    "train.loc.decode": ("argmax", "softargmax"),
     "extract.interpolation": ("bilinear", "bicubic", "nearest"),
     "extract.decode": ("cpu", "gpu"),
 }
 
 #: Keys whose value names a registry's entry (pipeline.plugins): its names are read without importing the
-#: entries, so a built-in or an installed plugin's name is checked before torch loads.
-REGISTRY_KEYS: Dict[str, Registry] = {
-    "eval.protocol": PROTOCOLS,
-    "train.loss_weighting": WEIGHTINGS,
-    "train.loc.loss_weighting": WEIGHTINGS,
-}
+#: entries, so a built-in or an installed plugin's name is checked before torch loads. A head family's section
+#: declares its own (its settings' `choices`).
+REGISTRY_KEYS: Dict[str, Registry] = {"eval.protocol": PROTOCOLS}
+
+#: The head family whose settings the run's --epochs and --loss-weighting flags set, and the old train.<key>
+#: names of its settings (read for one version): the paper's head (pipeline.heads.resmtnet).
+REFERENCE_HEAD = "res-mtnet"
 
 
 def choices(key: str) -> tuple:
-    """The names a key accepts (CHOICES, or its registry's names: REGISTRY_KEYS)."""
-    return REGISTRY_KEYS[key].names() if key in REGISTRY_KEYS else CHOICES[key]
+    """The names a key accepts (CHOICES, a registry's names: REGISTRY_KEYS, or a head family's settings' choices:
+    heads.<name>.<key>)."""
+    if key.startswith("heads."):
+        _, name, field_name = key.split(".", 2)
+        valid = getattr(settings_class(name), "choices", {})[field_name]
+    else:
+        valid = REGISTRY_KEYS[key] if key in REGISTRY_KEYS else CHOICES[key]
+    return valid.names() if isinstance(valid, Registry) else tuple(valid)
+
+
+# --------------------------------------------------------------------------------------------------
+# head families' sections
+
+
+def settings_class(name: str) -> type:
+    """The settings dataclass of head family `name` (its heads.<name> section): a built-in's from its light settings
+    module, another's from the family itself; an unknown family is one line naming the valid ones."""
+    if name in HEAD_SETTINGS:
+        return HEAD_SETTINGS.find(name)
+    settings = HEAD_FAMILIES.find(name, f"heads.{name}").settings
+    if settings is None:
+        raise ConfigError(f"heads.{name}: the head family '{name}' takes no settings")
+    return settings
+
+
+def type_heads(cfg: Config, where: str = "config") -> Config:
+    """Every heads.<name> section as its family's settings dataclass: the built-ins' defaults where not given, a
+    mapping (a YAML file's, or --set on a family not named before) built and checked key by key."""
+    for name in HEAD_SETTINGS.builtin:
+        cfg.heads.setdefault(name, {})
+    for name, section in list(cfg.heads.items()):
+        cls = settings_class(name)
+        if isinstance(section, dict):
+            cfg.heads[name] = build(cls, section, f"{where}: heads.{name}" if where != "config" else f"heads.{name}")
+        elif not isinstance(section, cls):
+            raise ConfigError(f"{where}: heads.{name} must be a mapping of its settings, got {section!r}")
+    return cfg
+
+
+#: Where the settings that moved into heads.<name> were (read with a warning for one version): train.loc ->
+#: heads.loc, train.heads.<name> -> heads.<name>, and the reference's train.<key> -> heads.res-mtnet.<key>.
+_MOVED_SECTIONS = {"loc": "loc", "heads": ""}
+_warned: set = set()
+
+
+def _moved_key(key: str) -> str:
+    """`key` as it is named now (the same key when it did not move)."""
+    parts = key.split(".")
+    if parts[0] != "train" or len(parts) < 2:
+        return key
+    if parts[1] in _MOVED_SECTIONS:
+        return ".".join(["heads", *filter(None, [_MOVED_SECTIONS[parts[1]]]), *parts[2:]])
+    if parts[1] in {f.name for f in dataclasses.fields(settings_class(REFERENCE_HEAD))}:
+        return ".".join(["heads", REFERENCE_HEAD, *parts[1:]])
+    return key
+
+
+def _warn_moved(keys: Sequence[str], where: str) -> None:
+    """One warning for the moved keys given in `where` (once per process)."""
+    moved = [f"{key} -> {_moved_key(key)}" for key in keys if _moved_key(key) != key]
+    if moved and (where, *moved) not in _warned:
+        _warned.add((where, *moved))
+        logger.warning("%s: these keys are now under heads.<family> (the old names are read until the next "
+                       "version): %s", where, ", ".join(moved))
+
+
+def _moved_sections(data: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """A config mapping with the keys that moved into heads.<name> put there (one warning); a key given in both
+    places is the new one's."""
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return data
+    _warn_moved([f"train.{key}" for key in train], where)
+    old: Dict[str, Dict[str, Any]] = {}
+    kept = {}
+    for key, value in train.items():
+        new = _moved_key(f"train.{key}").split(".")
+        if new[0] == "train":
+            kept[key] = value
+        elif len(new) == 1:  # train.heads: every family's section
+            for name, section in (value or {}).items():
+                old.setdefault(name, {}).update(section or {})
+        elif len(new) == 2:  # train.loc: a section
+            old.setdefault(new[1], {}).update(value or {})
+        else:
+            old.setdefault(new[1], {})[new[2]] = value
+    heads = dict(data.get("heads") or {})
+    for name, section in old.items():
+        heads[name] = {**section, **dict(heads.get(name) or {})}
+    return {**data, "train": kept, "heads": heads}
 
 
 def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = ()) -> Config:
-    """A resolved config, checked once before anything runs: every CHOICES key holds one of its names (the error
-    suggests the closest valid name; tables.protocols only protocols), and every section's values are in range
-    (TrainConfig.check, LocConfig.check: each error names the key). `where` names the file; a key in `given` came
-    from the command line (a flag or --set), and its error says so."""
+    """A resolved config, checked once before anything runs: every CHOICES key and every head family's `choices`
+    hold one of their names (the error suggests the closest valid name; tables.protocols only protocols), and every
+    section's values are in range (each head family's settings' `check`: each error names the key). `where` names
+    the file; a key in `given` came from the command line (a flag or --set), and its error says so."""
     def check(key: str, value: Any, valid: Any) -> None:
         if value not in valid:
             valid = tuple(valid.names()) if isinstance(valid, Registry) else valid
@@ -266,8 +302,12 @@ def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = (
             origin = ("", " (given on the command line)") if key in given else (f"{where}: ", "")
             raise ConfigError(f"{origin[0]}{key} '{value}' must be one of {', '.join(valid)}{hint}{origin[1]}")
 
+    type_heads(cfg, where)
     for key, valid in (*CHOICES.items(), *REGISTRY_KEYS.items()):
         check(key, get_dotted(cfg, key), valid)
+    for name, section in cfg.heads.items():
+        for key, valid in getattr(section, "choices", {}).items():
+            check(f"heads.{name}.{key}", getattr(section, key), valid)
     for protocol in cfg.tables.protocols:
         check("tables.protocols", protocol, PROTOCOLS)
     for task, kind in cfg.train.task_kinds.items():
@@ -283,9 +323,9 @@ def validate_config(cfg: Config, where: str = "config", given: Sequence[str] = (
         raise ConfigError(f"{where}: eval.froc_fps {cfg.eval.froc_fps} must list positive rates of false positives "
                           "per image (e.g. [0.25, 0.5, 1, 2, 4])")
     try:
-        cfg.train.check()
-        for name in cfg.train.heads:  # families beyond the built-in: each checks its own section
-            HEAD_FAMILIES.find(name, f"train.heads.{name}").check_section(cfg)
+        for name, section in cfg.heads.items():
+            if hasattr(section, "check"):
+                section.check(f"heads.{name}")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cfg
@@ -328,9 +368,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
 
 
 def config_from(data: Dict[str, Any], where: str, overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """A validated Config from a mapping (a YAML file's, or the config stored with a study) and dotted overrides."""
-    cfg = build(Config, data, where)
+    """A validated Config from a mapping (a YAML file's, or the config stored with a study) and dotted overrides
+    (set_key: a key that moved is read under its old name too)."""
+    cfg = type_heads(build(Config, _moved_sections(data, where), where), where)
     given = [key for key, value in (overrides or {}).items() if value is not None]
+    _warn_moved(given, "the command line")
     for key in given:
-        set_dotted(cfg, key, overrides[key])
-    return validate_config(cfg, where, given)
+        set_dotted(cfg, _moved_key(key), overrides[key])
+    return validate_config(cfg, where, [_moved_key(key) for key in given])
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "a sweep") -> None:
+    """Set dotted `key` on a built config (a sweep's choice), type-checked; a key that moved into heads.<name> is
+    read under its old name with a warning."""
+    _warn_moved([key], where)
+    set_dotted(cfg, _moved_key(key), value)

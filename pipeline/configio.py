@@ -118,10 +118,10 @@ def to_dict(obj: Any) -> Dict[str, Any]:
 
 
 def get_dotted(cfg: Any, key: str) -> Any:
-    """The value of `section.key` on a built config."""
+    """The value of `section.key` (or `section.mapping.key`) on a built config."""
     node = cfg
     for part in key.split("."):
-        node = getattr(node, part)
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
     return node
 
 
@@ -179,16 +179,19 @@ def _field_comments(cls: type) -> Dict[str, str]:
     return out
 
 
-def config_reference(cls: type, prefix: str = "") -> List[tuple]:
-    """Every key of the config dataclass `cls` as (dotted key, default, meaning), in the order of the dataclasses."""
-    comments = _field_comments(cls)
-    default = cls()
+def config_reference(cfg: Any, prefix: str = "") -> List[tuple]:
+    """Every key of the config `cfg` (a dataclass instance) as (dotted key, value, meaning), in the order of the
+    dataclasses; a mapping of sections (heads) lists each section's keys under its name."""
+    comments = _field_comments(type(cfg))
     rows: List[tuple] = []
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cfg):
         key = f"{prefix}{f.name}"
-        value = getattr(default, f.name)
+        value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            rows += config_reference(type(value), key + ".")
+            rows += config_reference(value, key + ".")
+        elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for name, section in value.items():
+                rows += config_reference(section, f"{key}.{name}.")
         else:
             rows.append((key, value, comments.get(f.name, "")))
     return rows

@@ -166,6 +166,10 @@ _RESMTNET, _LOC, _PATCH = "pipeline.heads.resmtnet.family", "pipeline.heads.loc.
 #: Stage two's head families (pipeline.heads.plugin.HeadPlugin); the reference family first.
 HEAD_FAMILIES: Registry = declare("head_families", "head family", {"res-mtnet": _RESMTNET, "loc": _LOC,
                                                                    "patch": _PATCH})
+#: Each head family's settings dataclass, its config section heads.<name>: registered by a module that imports
+#: no torch, so a config is built and checked before any family loads (a family not listed here: its `settings`).
+HEAD_SETTINGS: Registry = declare("head_settings", "head family settings", {
+    name: f"{module.rsplit('.', 1)[0]}.settings" for name, module in HEAD_FAMILIES.builtin.items()})
 #: Backbone libraries (pipeline.features.backbones.Family), the part of a spec before the colon.
 BACKBONE_FAMILIES: Registry = declare("backbone_families", "backbone family", {
     name: f"pipeline.features.families.{name}_family" for name in ("timm", "torchvision", "hf", "txv")})

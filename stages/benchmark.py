@@ -9,7 +9,7 @@ The YAML (paths relative to its own folder):
                                                    # by heads trained on the others (two or more data sets)
     tasks: [findings]                              # train.tasks (optional: the config's)
     config: paper                                  # the base config (optional), then `set` (optional)
-    set: {train.epochs: 20}
+    set: {heads.res-mtnet.epochs: 20}
 
 Each cell (protocol, data set, feature set) is one `train-heads` run in OUT/runs/<protocol>-<data set>-<feature
 set>, through the same engine as every run (its folder holds its config, metrics and predictions); a finished

@@ -54,16 +54,9 @@ def config_cmd(config_path: Optional[str]) -> None:
     """List every config key with its default and meaning (set any of them with --set KEY=VALUE)."""
     import yaml
 
-    from pipeline.config import Config
     from pipeline.configio import config_reference
 
-    cfg = load_config(config_path) if config_path else None
-    for key, default, meaning in config_reference(Config):
-        if cfg is not None:
-            node = cfg
-            for part in key.split("."):
-                node = getattr(node, part)
-            default = node
+    for key, default, meaning in config_reference(load_config(config_path)):
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
         shown = shown[:-4].strip() if shown.endswith("...") else shown
         click.echo(f"{key} = {shown}" + (f"    # {meaning}" if meaning else ""))

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import click
 
-from pipeline.config import choices, load_config
+from pipeline.config import REFERENCE_HEAD, choices, load_config
 from stages.clikit import SafeCommand, SafeGroup, logging_options, overrides, protocol_list, split_weights
 
 #: The old spellings of the sweep commands, kept for one version (each says what replaces it).
@@ -25,7 +25,8 @@ DEPRECATED = "warning: {old} is deprecated and will be removed in the next versi
 @click.option("--features", "--backbones", "features", multiple=True,
               help="Backbones whose cached features are concatenated (default: the config's).")
 @click.option("--epochs", type=int, default=None,
-              help="Most epochs (train.epochs; the count is chosen on inner validation rows) [default: 100].")
+              help=f"Most epochs (heads.{REFERENCE_HEAD}.epochs; the count is chosen on inner validation rows) "
+                   "[default: 100].")
 @click.option("--folds", type=int, default=None, help="Cross-validation folds (eval.folds) [default: 5].")
 @click.option("--seed", "seeds", type=int, multiple=True, help="CV seed (repeat for repeated CV).")
 @click.option("--protocol", default=None,
@@ -33,7 +34,8 @@ DEPRECATED = "warning: {old} is deprecated and will be removed in the next versi
                    "set's own test list; insample: training-set scores; external: several caches, score "
                    "eval.test_on).")
 @click.option("--loss-weighting", default=None,
-              help=f"{', '.join(choices('train.loss_weighting'))} (train.loss_weighting; fixed by default).")
+              help=f"{', '.join(choices(f'heads.{REFERENCE_HEAD}.loss_weighting'))} "
+                   f"(heads.{REFERENCE_HEAD}.loss_weighting; fixed by default).")
 @click.option("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--sweep", "sweep_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -55,9 +57,10 @@ def train_heads_cmd(caches: Tuple[Path, ...], out: Optional[Path], config_path: 
                     trials: Optional[int], batch: int, grace: float, track: Optional[str], overwrite: bool,
                     no_progress: bool) -> None:
     """Stage two: train Res-MTNet heads on cached features, cross-validated beside baselines."""
-    pairs = [("train.features", list(features) or None), ("train.epochs", epochs), ("eval.folds", folds),
+    head = f"heads.{REFERENCE_HEAD}"  # --epochs and --loss-weighting set the reference head family's settings
+    pairs = [("train.features", list(features) or None), (f"{head}.epochs", epochs), ("eval.folds", folds),
              ("eval.seeds", list(seeds) or None), ("eval.protocol", protocol),
-             ("train.loss_weighting", loss_weighting), ("train.device", device)]
+             (f"{head}.loss_weighting", loss_weighting), ("train.device", device)]
     cfg = load_config(config_path, overrides(pairs, sets))
     cache = caches[0]
     if len(caches) > 1 and (storage is not None or sweep_path is not None):
@@ -281,7 +284,7 @@ def reproduce_tables_cmd(cache: Path, out: Path, config_path: str, protocols: Op
               help="NAME=FILE (or FILE for a head with one backbone): where the head's backbone weights are here.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--skip-bad", is_flag=True, help="Report unreadable images in the output instead of failing.")
-@click.option("--overlay", is_flag=True, help="Write OUT_overlays/<image>.png: heat map and nodule (needs train.loc).")
+@click.option("--overlay", is_flag=True, help="Write OUT_overlays/<image>.png: heat map and nodule (needs heads.loc).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @logging_options
 def predict_cmd(run_dir: Path, images: Tuple[Path, ...], more_images: Tuple[Path, ...], out: Path,

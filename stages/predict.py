@@ -133,7 +133,7 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         weights[specs[0]] = weights.pop("")
     if overlay and not extra:
         raise PipelineError(f"--overlay needs a head with a part that scores maps (train-heads --set "
-                            f"train.loc.enabled=true); {run_dir} has none")
+                            f"heads.loc.enabled=true); {run_dir} has none")
     files = list_images(images)
     hashes = [sha256_file(p) for p in files]
     cached = _from_cache(cache, head, hashes) if cache is not None else {}

@@ -106,12 +106,12 @@ def _file_lock(path: Path):
 
 
 def setup_of(cfg: Config) -> Dict[str, str]:
-    """The settings a trial's result depends on (data, train and eval; not the device), flattened: every worker of
-    a study and its sweep finish must share them."""
+    """The settings a trial's result depends on (data, train, heads and eval; not the device), flattened: every
+    worker of a study and its sweep finish must share them."""
     from pipeline.configio import to_dict
     from pipeline.tracking import flatten
 
-    flat = flatten({k: v for k, v in to_dict(cfg).items() if k in ("data", "train", "eval")})
+    flat = flatten({k: v for k, v in to_dict(cfg).items() if k in ("data", "train", "heads", "eval")})
     flat.pop("train.device", None)
     return flat
 

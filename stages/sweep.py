@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.configio import build, dump_config, load_yaml, set_dotted
-from pipeline.config import Config, validate_config
+from pipeline.configio import build, dump_config, load_yaml
+from pipeline.config import Config, set_key, validate_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation.engine import TrainData, inner_val_fraction, load_train_data
 from pipeline.core.splits import make_splits, official_split, split_groups, stratified_subset, stratify_labels
@@ -109,7 +109,7 @@ def config_variants(cfg: Config, choices: List[Dict[str, Any]]) -> List[Config]:
     for choice in choices:
         c = copy.deepcopy(cfg)
         for key, value in choice.items():
-            set_dotted(c, key, value)
+            set_key(c, key, value)
         out.append(validate_config(c, "sweep"))
     return out
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cache import FeatureCache
 from pipeline.configio import dump_config, load_yaml, resolve_config_path
-from pipeline.config import Config
+from pipeline.config import REFERENCE_HEAD, Config
 from pipeline.errors import CacheError
 from pipeline.evaluation.engine import cross_validate, load_train_data
 from pipeline.core.splits import scores_training_rows
@@ -210,6 +210,7 @@ def tables_markdown(tables: Dict[str, pd.DataFrame], provenance: Dict[str, Dict]
                     seconds: float, protocols: Sequence[str] = ("kfold",)) -> str:
     weights = sorted({str(p.get("weights")) for rows in provenance.values() for p in rows.values()})
     random = any(p.get("weights") == "none" for rows in provenance.values() for p in rows.values())
+    head = cfg.heads[REFERENCE_HEAD]  # the paper's head, whose rows the tables are
     seen = [protocol_label(p, cfg) for p in protocols
             if scores_training_rows(dataclasses.replace(cfg.eval, protocol=p))]
     lines = [f"**WARNING: {', '.join(seen)}: training-set scores (the head was scored on rows it was trained "
@@ -224,9 +225,9 @@ def tables_markdown(tables: Dict[str, pd.DataFrame], provenance: Dict[str, Dict]
                  if len(protocols) > 1 else ""),
               f"Backbone weights: {', '.join(weights)}."
               + (" **Random-init backbones: these numbers say nothing about ImageNet features.**" if random else ""),
-              f"Head: hidden {cfg.train.hidden}, {cfg.train.blocks} residual block(s), at most {cfg.train.epochs} "
-              f"epochs (early stopping on inner validation rows, patience {cfg.train.early_stopping}; in-sample: "
-              f"{cfg.train.epochs} epochs); F1 = {cfg.tables.f1}; non-nodule images: {cfg.train.non_nodule}; size "
+              f"Head: hidden {head.hidden}, {head.blocks} residual block(s), at most {head.epochs} "
+              f"epochs (early stopping on inner validation rows, patience {head.early_stopping}; in-sample: "
+              f"{head.epochs} epochs); F1 = {cfg.tables.f1}; non-nodule images: {cfg.train.non_nodule}; size "
               f"normalised by {cfg.eval.size_norm}. {seconds:.0f} s."
               + (f" Row {NOISE}: the same head on seeded Gaussian noise of the fused features' shape (no "
                  "information about the images)." if cfg.tables.noise_control else ""), ""]

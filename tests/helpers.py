@@ -65,8 +65,9 @@ def tiny_train_config(**overrides) -> Config:
     """Stage-two settings that train in a second on the tiny cache."""
     # one per-cell localisation head per split (the default fold ensemble and second stage train 5 x as long;
     # tests/test_detection.py trains them)
-    base = {"train.features": TINY, "train.hidden": 32, "train.epochs": 6, "train.batch_size": 8,
-            "eval.folds": 3, "eval.bootstrap": 50, "train.loc.coords": False, "train.loc.fold_ensemble": 0,
-            "train.loc.rescore": False}
+    base = {"train.features": TINY, "heads.res-mtnet.hidden": 32, "heads.res-mtnet.epochs": 6,
+            "heads.res-mtnet.batch_size": 8,
+            "eval.folds": 3, "eval.bootstrap": 50, "heads.loc.coords": False, "heads.loc.fold_ensemble": 0,
+            "heads.loc.rescore": False}
     base.update(overrides)
     return load_config(None, base)

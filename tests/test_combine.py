@@ -17,7 +17,8 @@ from stages.cli import main
 from tests.helpers import TINY
 
 SPEC = "synthetic:features"
-FAST = ["--features", SPEC, "--set", "train.hidden=16", "--set", "train.epochs=3", "--set", "train.batch_size=16",
+FAST = ["--features", SPEC, "--set", "heads.res-mtnet.hidden=16", "--set", "heads.res-mtnet.epochs=3", "--set",
+        "heads.res-mtnet.batch_size=16",
         "--set", "eval.bootstrap=50", "--set", "eval.folds=3", "--no-progress", "-q"]
 
 
@@ -133,7 +134,8 @@ def test_several_caches_refuse_what_cannot_be_combined(two_caches, tmp_path):
 def _bench(folder, caches, **extra):
     spec = {"datasets": {c.stem: str(c) for c in caches}, "features": {"syn": [SPEC]},
             "heads": ["res-mtnet", "probe"], "protocols": ["kfold", "external"], "tasks": ["state", "size"],
-            "set": {"train.hidden": 16, "train.epochs": 3, "train.batch_size": 16, "eval.bootstrap": 50,
+            "set": {"heads.res-mtnet.hidden": 16, "heads.res-mtnet.epochs": 3, "heads.res-mtnet.batch_size": 16,
+                    "eval.bootstrap": 50,
                     "eval.folds": 3}, **extra}
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -144,7 +146,8 @@ def test_the_benchmark_fills_every_cell_once_and_ranks_them(two_caches, tmp_path
     """2 protocols x 2 data sets x 1 feature set = 4 runs, 2 heads each; each score is the run's own
     metrics.json entry; ranks per data set and protocol; a second invocation trains nothing; shards split the
     cells."""
-    bench = _bench(tmp_path, two_caches, set={"train.hidden": 16, "train.epochs": 2, "train.batch_size": 16,
+    bench = _bench(tmp_path, two_caches, set={"heads.res-mtnet.hidden": 16, "heads.res-mtnet.epochs": 2,
+                                              "heads.res-mtnet.batch_size": 16,
                                               "eval.bootstrap": 20, "eval.folds": 2, "eval.baselines": True})
     out = tmp_path / "bench"
     result = CliRunner().invoke(main, ["benchmark", str(bench), "--out", str(out), "--no-progress", "-q"])
@@ -233,7 +236,7 @@ def test_nih_and_chexpert_harmonised_share_one_column_and_external_never_trains_
     result = CliRunner().invoke(main, ["train-heads", *[a for c in nih_and_chexpert for a in ("--cache", str(c))],
                                        "--out", str(tmp_path / "ext"), "--features", TINY[1], "--protocol",
                                        "external", "--set", "eval.test_on=chexpert", "--set", "train.tasks=[findings]",
-                                       "--set", "data.harmonise=true", "--set", "train.epochs=3", "--set",
+                                       "--set", "data.harmonise=true", "--set", "heads.res-mtnet.epochs=3", "--set",
                                        "eval.bootstrap=20", "--set", "eval.folds=2", "--no-progress", "-q"])
     assert result.exit_code == 0, result.output
     predictions = pd.read_csv(tmp_path / "ext" / "predictions.csv")
@@ -253,7 +256,8 @@ def test_two_backbones_on_nih_and_chexpert_benchmark_resumes_to_the_same_table(n
     spec = {"datasets": {"nih": str(nih_and_chexpert[0]), "chexpert": str(nih_and_chexpert[1])},
             "features": {"eff": [TINY[0]], "res": [TINY[1]]}, "heads": ["res-mtnet", "probe"],
             "protocols": ["kfold", "external"], "tasks": ["findings"],
-            "set": {"data.harmonise": True, "train.epochs": 2, "train.hidden": 16, "eval.bootstrap": 20,
+            "set": {"data.harmonise": True, "heads.res-mtnet.epochs": 2, "heads.res-mtnet.hidden": 16,
+                    "eval.bootstrap": 20,
                     "eval.folds": 2, "eval.train_sizes": [4, "all"]}}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"

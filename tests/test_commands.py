@@ -34,7 +34,7 @@ def test_demo_runs_every_stage_from_the_cli(tmp_path, monkeypatch):
     import stages.demo
 
     settings = {"extract.backbones": TINY, "extract.image_size": 64, "extract.num_workers": 0,
-                "extract.fused": {"tiny": TINY}, "train.features": TINY, "train.epochs": 3, "eval.folds": 3,
+                "extract.fused": {"tiny": TINY}, "train.features": TINY, "heads.res-mtnet.epochs": 3, "eval.folds": 3,
                 "tables.resmtnet": TINY}
     monkeypatch.setattr(stages.demo, "SETTINGS", {**stages.demo.SETTINGS, **settings, "eval.bootstrap": 20})
     monkeypatch.setattr(stages.demo, "IMAGE_SIZE", 64)
@@ -85,7 +85,7 @@ def trained(tiny_cache, tmp_path_factory):
     from tests.helpers import tiny_train_config
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    train_heads(tiny_cache, out, tiny_train_config(**{"train.epochs": 3}), progress=False)
+    train_heads(tiny_cache, out, tiny_train_config(**{"heads.res-mtnet.epochs": 3}), progress=False)
     return out
 
 

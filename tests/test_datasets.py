@@ -357,7 +357,7 @@ def _tiny_flags():
 
 def _train(cache, out, *extra):
     return CliRunner().invoke(main, ["train-heads", "--cache", str(cache), "--out", str(out), "--set",
-                                     f"train.features=[{TINY[1]}]", "--set", "train.epochs=3", "--set",
+                                     f"train.features=[{TINY[1]}]", "--set", "heads.res-mtnet.epochs=3", "--set",
                                      "eval.folds=3", "--set", "eval.bootstrap=20", *extra])
 
 
@@ -452,18 +452,18 @@ def test_sweeps_and_studies_hold_out_the_official_test_list(nih_cache, tmp_path)
     test_ids = {Path(line).stem for line in (nih_cache.parent / "data" / "test_list.txt").read_text().split()}
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("method: grid\nseed: 0\nrank_by: findings.auc_macro\nfolds: 2\ntest_fraction: 0.2\n"
-                     "params:\n  train.hidden: [16, 32]\n")
+                     "params:\n  heads.res-mtnet.hidden: [16, 32]\n")
     official = ["--set", "train.tasks=[findings]", "--set", "eval.protocol=official"]
     result = CliRunner().invoke(main, ["sweep", "run", str(sweep), "--cache", str(nih_cache), "--out",
                                        str(tmp_path / "sweep"), "--no-winner", "--set", f"train.features=[{TINY[1]}]",
-                                       "--set", "train.epochs=3", *official])
+                                       "--set", "heads.res-mtnet.epochs=3", *official])
     assert result.exit_code == 0, result.output
     winner = json.loads((tmp_path / "sweep" / "winner.json").read_text())
     assert winner["n_test"] == len(test_ids) and winner["n_dev"] == 36 - len(test_ids)
     storage = tmp_path / "study.log"
     result = CliRunner().invoke(main, ["sweep", "work", str(sweep), "--cache", str(nih_cache), "--study",
                                        str(storage), "--no-progress", "--set", f"train.features=[{TINY[1]}]", "--set",
-                                       "train.epochs=3", *official])
+                                       "heads.res-mtnet.epochs=3", *official])
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="sweep", storage=open_storage(str(storage)))
     assert set(study.user_attrs["held_out_ids"]) == test_ids
@@ -568,7 +568,7 @@ def test_the_localisation_head_trains_and_is_scored_on_box_annotations(tmp_path)
                                   "extract.spatial.stage=-3"])
     assert result.exit_code == 0, result.output
     result = _train(tmp_path / "c.h5", tmp_path / "run", "--set", "train.tasks=[presence, x, y]", "--set",
-                    "train.loc.enabled=true", "--set", "train.loc.epochs=30", "--set", "train.loc.batch_size=8")
+                    "heads.loc.enabled=true", "--set", "heads.loc.epochs=30", "--set", "heads.loc.batch_size=8")
     # (30 epochs: box FROC at 4 FPs 0.133 against the pooled head's 0.0, as at 60, in half the time)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["localisation"]

@@ -110,9 +110,9 @@ def test_the_synthetic_nodules_are_found_with_mirror_and_flip(nodule_cache, tmp_
     from tests.helpers import tiny_train_config
 
     data, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
-                               "train.loc.context": 1, "train.loc.mirror": True, "train.loc.flip": True,
-                               "train.loc.tta_flip": True, "eval.bootstrap": 50})
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 60, "heads.loc.batch_size": 8,
+                               "heads.loc.context": 1, "heads.loc.mirror": True, "heads.loc.flip": True,
+                               "heads.loc.tta_flip": True, "eval.bootstrap": 50})
     summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
     heat = summary.metrics["localisation"]["heatmap"]
     pooled = summary.metrics["localisation"]["pooled-regression"]
@@ -156,7 +156,7 @@ def test_no_test_fold_label_reaches_the_candidates(nodule_cache, tmp_path):
     from tests.helpers import tiny_train_config
 
     _, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 8, "train.loc.batch_size": 8,
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 8, "heads.loc.batch_size": 8,
                                "eval.bootstrap": 0, "eval.baselines": False})
     train_heads(cache, tmp_path / "a", cfg, progress=False)
     before = pd.read_csv(tmp_path / "a" / "candidates.csv")
@@ -281,8 +281,8 @@ def test_position_channels_train_refit_and_predict(nodule_cache, tmp_path):
     from tests.helpers import tiny_train_config
 
     data, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
-                               "train.loc.coords": True, "train.loc.context": 1, "eval.bootstrap": 50})
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 60, "heads.loc.batch_size": 8,
+                               "heads.loc.coords": True, "heads.loc.context": 1, "eval.bootstrap": 50})
     summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
     heat = summary.metrics["localisation"]["heatmap"]
     pooled = summary.metrics["localisation"]["pooled-regression"]
@@ -301,9 +301,9 @@ def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows()
     n = 30  # 15 patients with two images each: a patient's images stay in one fold
     table = pd.DataFrame({"state": ["benign", "malignant", "non-nodule"] * 10,
                           "patient_id": [f"p{i // 2}" for i in range(n)]})
-    cfg = tiny_train_config(**{"train.loc.fold_ensemble": 3})
+    cfg = tiny_train_config(**{"heads.loc.fold_ensemble": 3})
     split = Split(train=np.arange(0, 18), val=np.arange(18, 22), test=np.arange(22, 30), key=4)
-    members = member_splits(SimpleNamespace(table=table), cfg, cfg.train.loc, split)
+    members = member_splits(SimpleNamespace(table=table), cfg, cfg.heads["loc"], split)
     assert len(members) == 3
     vals = np.concatenate([m.val for m in members])
     assert np.array_equal(np.sort(vals), np.arange(0, 22))  # every training row validates exactly one member
@@ -313,15 +313,15 @@ def test_a_fold_ensembles_members_never_train_on_their_validation_or_test_rows()
         assert not set(m.train) & set(m.val) and not set(m.train) & set(split.test)
         assert not set(patient[m.train]) & set(patient[m.val])
         assert np.array_equal(np.sort(np.concatenate([m.train, m.val])), np.arange(0, 22))
-    assert member_splits(SimpleNamespace(table=table), tiny_train_config(), tiny_train_config().train.loc,
+    assert member_splits(SimpleNamespace(table=table), tiny_train_config(), tiny_train_config().heads["loc"],
                          split) == [split]
 
 
 def test_stacked_members_score_as_the_mean_of_each_alone():
-    from pipeline.config import LocConfig
+    from pipeline.heads.loc.settings import LocSettings
     from pipeline.heads.loc.net import build_net, member_scores
 
-    cfg = LocConfig(hidden=4, context=1, coords=True, tta_flip=True)
+    cfg = LocSettings(hidden=4, context=1, coords=True, tta_flip=True)
     stacked = build_net(3, cfg, seeds=[1, 2, 3])
     maps = torch.randn(2, 3, 5, 6)
     mean, std = torch.rand(3, 3), torch.rand(3, 3) + 0.5
@@ -342,8 +342,8 @@ def ensemble_run(nodule_cache, tmp_path_factory):
 
     _, cache = nodule_cache
     # 35 epochs: within-radius 0.354 against the pooled head's 0.021 (60 epochs: 0.375, at twice the time)
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 35, "train.loc.batch_size": 8,
-                               "train.loc.context": 1, "train.loc.fold_ensemble": 3, "train.loc.rescore": True,
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 35, "heads.loc.batch_size": 8,
+                               "heads.loc.context": 1, "heads.loc.fold_ensemble": 3, "heads.loc.rescore": True,
                                "eval.bootstrap": 50})
     out = tmp_path_factory.mktemp("ensemble") / "run"
     return train_heads(cache, out, cfg, progress=False), out
@@ -382,8 +382,8 @@ def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, mon
     from tests.helpers import tiny_train_config
 
     _, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 20, "train.loc.batch_size": 8,
-                               "train.loc.fold_ensemble": 3, "train.loc.rescore": True, "train.loc.context": 1,
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 20, "heads.loc.batch_size": 8,
+                               "heads.loc.fold_ensemble": 3, "heads.loc.rescore": True, "heads.loc.context": 1,
                                "train.tasks": ["presence"]})
     data = load_train_data(cache, cfg)
     split = Split(train=np.arange(0, 36), val=np.arange(36, 44), test=np.arange(44, 60), key=3)
@@ -393,8 +393,8 @@ def test_the_second_stage_never_sees_test_or_validation_labels(nodule_cache, mon
                         second_stage(d, c, lc, f, rows))
 
     def run():
-        (fit,) = fit_localisation(data, cfg, [(cfg.train.loc, split)], "test")
-        return fit, fit.detect(data, cfg.train.loc, split.test)
+        (fit,) = fit_localisation(data, cfg, [(cfg.heads["loc"], split)], "test")
+        return fit, fit.detect(data, cfg.heads["loc"], split.test)
 
     fit, det = run()
     assert fit.rescorer is not None and np.isfinite(fit.rescorer.coef).all()
@@ -419,17 +419,17 @@ def test_rescoring_needs_a_fold_ensemble_and_says_so_before_anything_runs(tmp_pa
     from tests.helpers import tiny_train_config
 
     with pytest.raises(ConfigError, match="fold_ensemble K >= 2"):
-        tiny_train_config(**{"train.loc.rescore": True})
+        tiny_train_config(**{"heads.loc.rescore": True})
     # the CLI: one line, before the cache (here an empty file) is opened; a sweep's bad variant before any training
     (tmp_path / "none.h5").touch()
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(tmp_path / "none.h5"), "--out",
-                                       str(tmp_path / "run"), "--set", "train.loc.fold_ensemble=1"])
+                                       str(tmp_path / "run"), "--set", "heads.loc.fold_ensemble=1"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "train.loc.fold_ensemble 1: 0 (one head per split) or the number of folds" in result.output
+    assert "heads.loc.fold_ensemble 1: 0 (one head per split) or the number of folds" in result.output
     from stages.sweep import config_variants
 
-    with pytest.raises(ConfigError, match="sweep: train.loc.rescore needs"):
-        config_variants(tiny_train_config(), [{"train.loc.rescore": True}])
+    with pytest.raises(ConfigError, match="sweep: heads.loc.rescore needs"):
+        config_variants(tiny_train_config(), [{"heads.loc.rescore": True}])
 
 
 @pytest.mark.slow
@@ -541,10 +541,10 @@ def test_a_localisation_member_trains_the_same_alone_or_stacked(nodule_cache):
     from tests.helpers import tiny_train_config
 
     _, cache = nodule_cache
-    cfg = tiny_train_config(**{"train.loc.enabled": True})
+    cfg = tiny_train_config(**{"heads.loc.enabled": True})
     data = load_train_data(cache, cfg)
     splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
-    one = dataclasses.replace(cfg.train.loc, epochs=8, early_stopping=3, batch_size=8, hidden=8)
+    one = dataclasses.replace(cfg.heads["loc"], epochs=8, early_stopping=3, batch_size=8, hidden=8)
     other = dataclasses.replace(one, hidden=8, lr=3e-3, presence_weight=0.5, early_stopping=6)
     family = LocFamily(prepare_loc(_maps(data), data.table, splits))
     stacked = train_jobs(family, [Job(one, 0), Job(other, 1), Job(one, 2), Job(other, 2)])

@@ -51,7 +51,7 @@ def test_a_new_family_runs_end_to_end(tiny_dinov2, synthetic_master, tmp_path):
     with FeatureCache(cache) as c:
         assert c.features([spec]).shape == (24, 32) and c.spatial(spec).shape == (24, 32, 8, 8)
     summary = train_heads(cache, tmp_path / "run", tiny_train_config(**{
-        "train.features": [spec], "train.loc.enabled": True, "train.loc.epochs": 3}), progress=False)
+        "train.features": [spec], "heads.loc.enabled": True, "heads.loc.epochs": 3}), progress=False)
     assert summary.metrics["meta"]["features"] == [spec]
     result = predict(tmp_path / "run", [synthetic_master / "images" / "JPCLN001.png"], tmp_path / "pred",
                      overlay=True)

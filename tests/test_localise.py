@@ -59,8 +59,8 @@ def test_the_head_finds_synthetic_nodules(nodule_cache, tmp_path):
     # obvious nodules (subtlety 4-5): subtle ones hide in the noise of random tiny-backbone features
     data, cache = nodule_cache
     # random tiny-backbone maps need the 3x3 context layer; real ImageNet maps do well without (README)
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 60, "train.loc.batch_size": 8,
-                               "train.loc.context": 1, "eval.bootstrap": 100})
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 60, "heads.loc.batch_size": 8,
+                               "heads.loc.context": 1, "eval.bootstrap": 100})
     summary = train_heads(cache, tmp_path / "run", cfg, progress=False)
     loc = summary.metrics["localisation"]
     cell = 2048 / 16  # one cell of the 16 x 16 map, in pixels of the 2048 grid
@@ -85,8 +85,8 @@ def test_the_localisation_head_is_sweepable(synthetic_master, tmp_path):
     extract_features(synthetic_master, cache, tiny_config(**SPATIAL), progress=False)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("rank_by: loc.within_200px\nfolds: 3\ntest_fraction: 0.25\n"
-                     "params:\n  train.loc.hidden: [8, 16]\n  train.loc.sigma: [0.5, 1.5]\n")
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 3, "train.epochs": 2})
+                     "params:\n  heads.loc.hidden: [8, 16]\n  heads.loc.sigma: [0.5, 1.5]\n")
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 3, "heads.res-mtnet.epochs": 2})
     result = run_sweep(cache, tmp_path / "s", cfg, sweep, progress=False)
     ranking = result.ranking
     assert result.n_configs == 4 and "val_loc.median_px" in ranking and "val_loc.presence_auc" in ranking
@@ -129,7 +129,7 @@ def test_maps_of_several_stages_share_one_grid_and_feed_the_head_end_to_end(synt
     assert maps.shape == (24, 32 + 24 + 48, 8, 8) and np.isfinite(maps).all()
     again = extract_features(synthetic_master, path, tiny_config(**several), progress=False)
     assert again.computed == []  # the list is part of the provenance, read back as a list
-    run = train_heads(path, tmp_path / "run", tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 3}),
+    run = train_heads(path, tmp_path / "run", tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 3}),
                       progress=False)
     assert "heatmap" in run.metrics["localisation"]
     result = predict(tmp_path / "run", [synthetic_master / "images" / "JPCLN001.png"], tmp_path / "pred")

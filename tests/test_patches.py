@@ -1,4 +1,4 @@
-"""The patch cache (extract-features --patches) and the patch re-scorer family (train.heads.patch): crops at the
+"""The patch cache (extract-features --patches) and the patch re-scorer family (heads.patch): crops at the
 border against PIL's own crop, resume after a kill, refusals, and no test-fold label reaching the re-scorer."""
 from __future__ import annotations
 
@@ -302,7 +302,8 @@ def test_train_heads_rescores_a_candidates_patch_set_end_to_end(synthetic_master
     assert "patch set candidates: computed" in res.output
     out = tmp_path / "run"
     res = runner.invoke(main, ["train-heads", "--cache", str(pooled), "--features", ONE, "--out", str(out),
-                               "--no-progress", "--set", "train.heads.patch.enabled=true", "--set", "train.epochs=2",
+                               "--no-progress", "--set", "heads.patch.enabled=true",
+                               "--set", "heads.res-mtnet.epochs=2",
                                "--set", "eval.folds=3", "--set", "eval.bootstrap=20"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -331,9 +332,10 @@ def test_predict_crops_and_rescores_each_new_image_as_train_heads_did(synthetic_
                     progress=False)
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["train-heads", "--cache", str(pooled), "--features", ONE, "--out", str(out),
-                                    "--no-progress", "--set", "train.heads.patch.enabled=true",
-                                    "--set", "train.heads.patch.c=1.0", "--set", "eval.pixel_mm=0.03",
-                                    "--set", "train.epochs=2", "--set", "eval.folds=3", "--set", "eval.bootstrap=20"])
+                                    "--no-progress", "--set", "heads.patch.enabled=true",
+                                    "--set", "heads.patch.c=1.0", "--set", "eval.pixel_mm=0.03",
+                                    "--set", "heads.res-mtnet.epochs=2", "--set", "eval.folds=3",
+                                    "--set", "eval.bootstrap=20"])
     assert res.exit_code == 0, res.output
     table = load_dataset(synthetic_master)
     rows = [0, 5, 20]
@@ -389,6 +391,6 @@ def test_a_patch_set_too_large_for_memory_is_one_line_before_it_is_read(
     extract_patches(synthetic_master, pooled, patch_config(), "grid:16", progress=False)
     monkeypatch.setattr(family, "BYTES_PER_VALUE", 10 ** 9)  # as if each value took a GB: more than any machine
     res = CliRunner().invoke(main, ["train-heads", "--cache", str(pooled), "--features", ONE, "--out",
-                                    str(tmp_path / "run"), "--no-progress", "--set", "train.heads.patch.enabled=true"])
+                                    str(tmp_path / "run"), "--no-progress", "--set", "heads.patch.enabled=true"])
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert "patch set 'grid-16' (768 patches x 256 features) needs about" in res.output

@@ -48,7 +48,7 @@ PLUGIN_FILES = {
 
         @WEIGHTINGS.register("toy-equal")
         class ToyEqual(Weighting):
-            \"\"\"Equal task weights whatever train.lambdas says.\"\"\"
+            \"\"\"Equal task weights whatever heads.res-mtnet.lambdas says.\"\"\"
 
             def __init__(self, lambdas, cfg=None):
                 super().__init__(torch.ones_like(lambdas), cfg)
@@ -124,7 +124,8 @@ def test_a_registry_refuses_a_second_entry_of_a_name_and_names_the_valid_ones(ke
 def test_names_are_known_without_importing_the_entries():
     code = ("import sys; from pipeline.plugins import REGISTRIES; "
             "names = {k: r.names() for k, r in REGISTRIES.items()}; "
-            "from pipeline.config import load_config; load_config(None, {'train.loss_weighting': 'gradnorm'}); "
+            "from pipeline.config import load_config; "
+            "load_config(None, {'heads.res-mtnet.loss_weighting': 'gradnorm', 'train.dropout': 0.1}); "
             "print(sorted(m for m in ('torch', 'timm', 'pipeline.core.weighting') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -162,9 +163,9 @@ def test_an_installed_plugin_adds_a_weighting_a_protocol_and_a_task_kind_to_trai
     done = _cli(installed_plugin, "train-heads", "--cache", str(tiny_cache), "--out", str(out), "--no-progress",
                 "--protocol", "toy-halves", "--loss-weighting", "toy-equal",
                 "--set", f"train.features={json.dumps(TINY)}", "--set", "train.tasks=[state,size]",
-                "--set", "train.task_kinds={size: toy-l1}", "--set", "train.lambdas={state: 3.0}",
-                "--set", "train.hidden=16", "--set", "train.epochs=3", "--set", "eval.bootstrap=20",
-                "--set", "train.loc.enabled=false")
+                "--set", "train.task_kinds={size: toy-l1}", "--set", "heads.res-mtnet.lambdas={state: 3.0}",
+                "--set", "heads.res-mtnet.hidden=16", "--set", "heads.res-mtnet.epochs=3", "--set", "eval.bootstrap=20",
+                "--set", "heads.loc.enabled=false")
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["loss_weights"].values()) == {1.0}  # the plugin's weighting: the lambda of 3 had no say

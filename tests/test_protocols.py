@@ -13,7 +13,8 @@ from stages.tables import reproduce_tables
 from stages.train_heads import train_heads
 from tests.helpers import TINY, tiny_train_config
 
-MEMORISE = {"train.lr": 1e-2, "train.dropout": 0.0, "train.label_smoothing": 0.0, "train.epochs": 60,
+MEMORISE = {"heads.res-mtnet.lr": 1e-2, "heads.res-mtnet.dropout": 0.0, "heads.res-mtnet.label_smoothing": 0.0,
+            "heads.res-mtnet.epochs": 60,
             "eval.bootstrap": 0, "eval.baselines": False}
 
 
@@ -61,7 +62,7 @@ def test_every_insample_output_carries_the_warning(tiny_cache, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--out", str(run), "--no-progress",
                                        "--features", TINY[0], "--features", TINY[1], "--protocol", "insample",
-                                       "--set", "train.epochs=3", "--set", "train.hidden=16"])
+                                       "--set", "heads.res-mtnet.epochs=3", "--set", "heads.res-mtnet.hidden=16"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("WARNING: training-set scores")
     assert (run / "report.md").read_text().startswith("**WARNING: training-set scores")
@@ -74,7 +75,7 @@ def test_every_insample_output_carries_the_warning(tiny_cache, tmp_path):
 
 
 def test_tables_put_protocols_side_by_side_beside_the_paper(tiny_cache, tmp_path):
-    cfg = tiny_train_config(**{"tables.backbones": TINY, "tables.resmtnet": TINY, "train.epochs": 3,
+    cfg = tiny_train_config(**{"tables.backbones": TINY, "tables.resmtnet": TINY, "heads.res-mtnet.epochs": 3,
                                "tables.protocols": ["kfold", "insample", "contaminated"]})
     result = reproduce_tables(tiny_cache, tmp_path / "t", cfg, progress=False)
     t1 = result.tables["table1"]
@@ -124,7 +125,7 @@ def test_label_efficiency_trains_nested_subsets_and_scores_the_same_test_rows(ti
     from tests.helpers import tiny_train_config
 
     cfg = tiny_train_config(**{"eval.train_sizes": ["4", "0.5", "all"], "eval.bootstrap": 20,
-                               "train.tasks": ["state", "presence"], "train.epochs": 3})
+                               "train.tasks": ["state", "presence"], "heads.res-mtnet.epochs": 3})
     train_heads(tiny_cache, tmp_path / "run", cfg, progress=False)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     eff = metrics["label_efficiency"]

@@ -80,9 +80,9 @@ def test_kind_contract(name):
 
 def test_the_config_checks_weightings_by_the_registry_names():
     # every registered weighting is valid in both keys; a typo names the closest
-    assert set(choices("train.loss_weighting")) == set(choices("train.loc.loss_weighting")) == set(WEIGHTINGS)
+    assert set(choices("heads.res-mtnet.loss_weighting")) == set(choices("heads.loc.loss_weighting")) == set(WEIGHTINGS)
     with pytest.raises(ConfigError, match="loss_weighting 'uncertanty' must be one of .*did you mean 'uncertainty'"):
-        load_config(None, {"train.loss_weighting": "uncertanty"})
+        load_config(None, {"heads.res-mtnet.loss_weighting": "uncertanty"})
 
 
 def test_a_new_loss_weighting_is_one_registered_class(tiny_cache, tmp_path):
@@ -100,7 +100,8 @@ def test_a_new_loss_weighting_is_one_registered_class(tiny_cache, tmp_path):
 
     WEIGHTINGS.register("equal", Equal)
     try:
-        cfg = tiny_train_config(**{"train.loss_weighting": "equal", "train.lambdas": {"state": 3.0}})
+        cfg = tiny_train_config(**{"heads.res-mtnet.loss_weighting": "equal",
+                                   "heads.res-mtnet.lambdas": {"state": 3.0}})
         summary = train_heads(tiny_cache, tmp_path / "run", cfg, progress=False)
         assert set(summary.metrics["loss_weights"].values()) == {1.0}  # the lambda of 3 had no say
     finally:
@@ -140,10 +141,10 @@ def test_configurations_differing_in_a_weightings_setting_train_apart(tiny_cache
             scaled[:, 0] *= cfg.toy_scale  # the first task only: Adam does not see a common scale
             super().__init__(scaled, cfg)
 
-    cfg = tiny_train_config(**{"train.epochs": 2, "train.early_stopping": 0, "eval.bootstrap": 0})
+    cfg = tiny_train_config(**{"heads.res-mtnet.epochs": 2, "heads.res-mtnet.early_stopping": 0, "eval.bootstrap": 0})
     data = load_train_data(tiny_cache, cfg)
     splits, _ = make_splits(data.table, data.rows, cfg.eval)
-    one = dataclasses.replace(cfg.train, loss_weighting="scaled")
+    one = dataclasses.replace(cfg.heads["res-mtnet"], loss_weighting="scaled")
     one.toy_scale = 1.0
     other = dataclasses.replace(one)
     other.toy_scale = 3.0
@@ -165,7 +166,7 @@ def test_weighting_contract(name):
     # every key it reads is declared (the trainer stacks only configurations equal in them), and exists
     declared = set(WEIGHTINGS[name].settings)
     assert reads.read <= declared and declared <= set(vars(cfg)), (reads.read, declared)
-    if list(weighting.parameters()):  # the trainer gives its parameters train.weighting_lr
+    if list(weighting.parameters()):  # the trainer gives its parameters heads.res-mtnet.weighting_lr
         assert "weighting_lr" in declared
     shared = torch.nn.Parameter(torch.randn(2, 4))
     per_task = (shared.sum(dim=1, keepdim=True) ** 2) * torch.tensor([1.0, 2.0, 0.5])
@@ -330,7 +331,7 @@ def test_a_new_backbone_family_is_one_registered_class(synthetic_master, tmp_pat
             "extract.backbones": ["toy:conv8"], "extract.fused": {}, "extract.spatial.enabled": True,
             "extract.spatial.image_size": 64, "extract.spatial.stage": -1}), progress=False)
         summary = train_heads(cache, tmp_path / "run", tiny_train_config(**{
-            "train.features": ["toy:conv8"], "train.loc.enabled": True, "train.loc.epochs": 3}), progress=False)
+            "train.features": ["toy:conv8"], "heads.loc.enabled": True, "heads.loc.epochs": 3}), progress=False)
         assert summary.metrics["meta"]["features"] == ["toy:conv8"]
         result = predict(tmp_path / "run", [synthetic_master / "images" / "JPCLN001.png"], tmp_path / "pred")
         assert np.isfinite(result.table["nodule_prob"]).all() and np.isfinite(result.table["localisation_x"]).all()
@@ -396,7 +397,7 @@ NOT_A_FAMILY = {"stages/tables.py": {"res-mtnet"}}
 @pytest.mark.parametrize("path", FAMILY_BLIND)
 def test_the_engine_and_the_stages_name_no_head_family(path):
     """No identifier or string of the engine and the stages is a registered family's name, a family's section
-    (cfg.train.loc), its sweep metric ('loc.x') or its predict column ('pooled_x', 'localisation_x'); comments,
+    (cfg.heads["loc"]), its sweep metric ('loc.x') or its predict column ('pooled_x', 'localisation_x'); comments,
     docstrings and words inside messages aside."""
     import ast
     from pathlib import Path
@@ -542,8 +543,8 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     from tests.helpers import TINY
 
     common = ["--cache", str(tiny_cache), "--set", f"train.features=[{TINY[1]}]", "--set",
-              "train.tasks=[state, presence]", "--set", "train.epochs=4",
-              "--set", "eval.folds=3", "--set", "train.heads.probe.c=0.5", "--no-progress"]
+              "train.tasks=[state, presence]", "--set", "heads.res-mtnet.epochs=4",
+              "--set", "eval.folds=3", "--set", "heads.probe.c=0.5", "--no-progress"]
     runner = CliRunner()
     result = runner.invoke(main, ["train-heads", *common, "--out", str(tmp_path / "run"),
                                   "--track", str(tmp_path / "mlruns")])
@@ -573,7 +574,7 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("method: grid\nrank_by: probe.auc\nfolds: 2\ntest_fraction: 0.25\n"
-                     "params:\n  train.heads.probe.c: [0.01, 1.0]\n")
+                     "params:\n  heads.probe.c: [0.01, 1.0]\n")
     # the deprecated spelling still works (and says what replaces it); the winner is trained with the family in it
     swept = runner.invoke(main, ["train-heads", *common, "--sweep", str(sweep), "--out", str(tmp_path / "sweep")])
     assert swept.exit_code == 0, swept.output
@@ -583,7 +584,7 @@ def test_a_new_head_family_is_one_registered_plugin(tiny_cache, synthetic_master
     assert ranking["val_probe.auc"].is_monotonic_decreasing and "auc" in json.loads(
         (tmp_path / "sweep" / "winner.json").read_text())["test"]["probe"]
 
-    bad = runner.invoke(main, ["train-heads", *common, "--set", "train.heads.probe.c=-1", "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "train.heads.probe.c -1" in bad.output and "Traceback" not in bad.output
-    typo = runner.invoke(main, ["train-heads", *common, "--set", "train.heads.prob.c=1", "--out", str(tmp_path / "y")])
+    bad = runner.invoke(main, ["train-heads", *common, "--set", "heads.probe.c=-1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "heads.probe.c -1" in bad.output and "Traceback" not in bad.output
+    typo = runner.invoke(main, ["train-heads", *common, "--set", "heads.prob.c=1", "--out", str(tmp_path / "y")])
     assert typo.exit_code != 0 and "did you mean 'probe'" in typo.output

@@ -22,7 +22,8 @@ def wide_cache(tmp_path_factory):
 
 
 def _config(**overrides):
-    base = {"train.features": [SPEC], "train.hidden": 32, "train.epochs": 1, "train.batch_size": 256,
+    base = {"train.features": [SPEC], "heads.res-mtnet.hidden": 32, "heads.res-mtnet.epochs": 1,
+            "heads.res-mtnet.batch_size": 256,
             "eval.bootstrap": 50}
     base.update(overrides)
     return load_config("large", base)
@@ -86,7 +87,8 @@ def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path):
 
     n, d, allowance = 30000, 1536, 1 << 20
     cache = write_feature_cache(tmp_path / "w.h5", n, d, seed=2, spec=SPEC)
-    overrides = {"train.features": [SPEC], "train.hidden": 32, "train.epochs": 1, "train.batch_size": 256,
+    overrides = {"train.features": [SPEC], "heads.res-mtnet.hidden": 32, "heads.res-mtnet.epochs": 1,
+                 "heads.res-mtnet.batch_size": 256,
                  "eval.bootstrap": 50, "train.tasks": ["state", "presence", "x"]}  # one task of each kind
     script = tmp_path / "measure.py"
     script.write_text(MEASURE.format(repo=str(Path(__file__).resolve().parents[1]), allowance=allowance))
@@ -147,7 +149,7 @@ def test_a_cache_whose_labels_lack_their_columns_is_one_line(wide_cache, tmp_pat
 def test_large_config_trains_end_to_end(wide_cache, tmp_path):
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(wide_cache), "--features", SPEC,
                                        "--config", "large", "--out", str(tmp_path / "run"), "--no-progress",
-                                       "--set", "train.epochs=1", "--set", "train.hidden=32",
+                                       "--set", "heads.res-mtnet.epochs=1", "--set", "heads.res-mtnet.hidden=32",
                                        "--set", "eval.bootstrap=20"])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "run" / "config.yaml").read_text()

@@ -31,12 +31,12 @@ rank_by: state.accuracy
 folds: 3
 test_fraction: 0.25
 params:
-  train.hidden: [16, 32]
-  train.dropout: [0.0, 0.3]
-  train.lr: [1.0e-3, 3.0e-3]
+  heads.res-mtnet.hidden: [16, 32]
+  heads.res-mtnet.dropout: [0.0, 0.3]
+  heads.res-mtnet.lr: [1.0e-3, 3.0e-3]
 """
 COMMON = ["--set", f"train.features=[{TINY[1]}]", "--set", "train.tasks=[state, presence]", "--set",
-          "train.epochs=60", "--set", "train.early_stopping=0"]
+          "heads.res-mtnet.epochs=60", "--set", "heads.res-mtnet.early_stopping=0"]
 
 
 #: A worker that kills itself (SIGKILL) once it has taken and named its first batch of trials, before training
@@ -177,14 +177,15 @@ def _open(storage):
 def test_a_run_is_tracked_in_a_local_mlflow_store_and_read_back(tiny_cache, tmp_path):
     mlflow = needs("mlflow", "track")
     result = CliRunner().invoke(main, ["train-heads", "--cache", str(tiny_cache), "--out", str(tmp_path / "run"),
-                                       "--track", str(tmp_path / "mlruns"), *COMMON, "--set", "train.epochs=4",
-                                       "--set", "train.early_stopping=5", "--set", "eval.folds=2"])
+                                       "--track", str(tmp_path / "mlruns"), *COMMON,
+                                       "--set", "heads.res-mtnet.epochs=4",
+                                       "--set", "heads.res-mtnet.early_stopping=5", "--set", "eval.folds=2"])
     assert result.exit_code == 0, result.output
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     assert f"tracked in MLflow: run {run.info.run_id} in {uri} (mlflow ui --backend-store-uri {uri})" in result.output
-    assert run.data.params["train.epochs"] == "4" and run.data.params["eval.folds"] == "2"
+    assert run.data.params["heads.res-mtnet.epochs"] == "4" and run.data.params["eval.folds"] == "2"
     assert run.data.tags["resmtnet.kind"] == "train-heads"
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 4
     assert "res-mtnet.state.accuracy.ci_low" in run.data.metrics
@@ -195,23 +196,23 @@ def test_a_run_is_tracked_in_a_local_mlflow_store_and_read_back(tiny_cache, tmp_
 def test_an_adaptive_sampler_proposes_until_the_budget_and_finishes(tiny_cache, tmp_path):
     sweep = tmp_path / "tpe.yaml"
     sweep.write_text("method: tpe\ntrials: 3\nseed: 1\nrank_by: presence.auc\nfolds: 2\ntest_fraction: 0.25\n"
-                     "params:\n  train.dropout: {min: 0.0, max: 0.5}\n  train.hidden: [16, 32]\n")
+                     "params:\n  heads.res-mtnet.dropout: {min: 0.0, max: 0.5}\n  heads.res-mtnet.hidden: [16, 32]\n")
     runner = CliRunner()
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = ["--cache", str(tiny_cache), *COMMON, "--set", "train.epochs=5"]
+    args = ["--cache", str(tiny_cache), *COMMON, "--set", "heads.res-mtnet.epochs=5"]
     result = runner.invoke(main, ["sweep", "work", str(sweep), *args, "--study", storage, "--batch", "2",
                                   "--track", str(tmp_path / "mlruns")])
     assert result.exit_code == 0, result.output
     assert "worker: 3 trial(s) of study tpe" in result.output
     trials = _trials(storage, "tpe")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
-    assert all(0 <= t.params["train.dropout"] <= 0.5 for t in trials)
+    assert all(0 <= t.params["heads.res-mtnet.dropout"] <= 0.5 for t in trials)
     mlflow = needs("mlflow", "track")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("resmtnet").experiment_id])
     assert len(runs) == 3 and {r.data.tags["resmtnet.kind"] for r in runs} == {"trial"}
-    dropouts = sorted(float(r.data.params["train.dropout"]) for r in runs)  # each trial's resolved config
-    assert dropouts == pytest.approx(sorted(t.params["train.dropout"] for t in trials))
+    dropouts = sorted(float(r.data.params["heads.res-mtnet.dropout"]) for r in runs)  # each trial's resolved config
+    assert dropouts == pytest.approx(sorted(t.params["heads.res-mtnet.dropout"] for t in trials))
     assert all("val_presence.auc" in r.data.metrics for r in runs)
     finish = runner.invoke(main, ["sweep", "finish", "--study", storage, "--study-name", "tpe", "--out",
                                   str(tmp_path / "done"), "--no-winner", *args])
@@ -250,10 +251,10 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_w
     monkeypatch.setattr(stages.study, "UNCLAIMED_S", 1.0)
     sweep = tmp_path / "orphan.yaml"
     sweep.write_text("method: grid\nseed: 0\nrank_by: state.accuracy\nfolds: 2\ntest_fraction: 0.25\n"
-                     "params:\n  train.hidden: [16, 32]\n")
+                     "params:\n  heads.res-mtnet.hidden: [16, 32]\n")
     storage = tmp_path / "study.log"
     args = ["sweep", "work", str(sweep), "--cache", str(tiny_cache), "--study", str(storage),
-            "--no-progress", *COMMON, "--set", "train.epochs=3", "--trials", "1"]
+            "--no-progress", *COMMON, "--set", "heads.res-mtnet.epochs=3", "--trials", "1"]
     runner = CliRunner()
     assert runner.invoke(main, args).exit_code == 0  # creates the study, trains configuration 0
     import optuna
@@ -272,10 +273,11 @@ def test_four_workers_started_together_on_a_fresh_sqlite_file_all_finish(tiny_ca
     ('table studies already exists'); the storage is now opened under a lock, with a busy timeout."""
     sweep = tmp_path / "four.yaml"
     sweep.write_text("method: grid\nseed: 0\nrank_by: state.accuracy\nfolds: 2\ntest_fraction: 0.25\n"
-                     "params:\n  train.hidden: [8, 16, 24, 32]\n")
+                     "params:\n  heads.res-mtnet.hidden: [8, 16, 24, 32]\n")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     with _reaped() as workers:
-        workers += [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set", "train.epochs=1") for _ in range(4)]
+        workers += [_worker(tiny_cache, sweep, storage, "--batch", "1", "--set",
+                            "heads.res-mtnet.epochs=1") for _ in range(4)]
         for worker in workers:
             assert worker.wait(timeout=240) == 0, worker.stdout.read()
     assert sorted(t.params["config"] for t in _trials(storage, "four") if t.state.name == "COMPLETE") == [0, 1, 2, 3]

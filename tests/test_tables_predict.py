@@ -22,7 +22,7 @@ CELL = re.compile(rf"^(n/a|{NUM}( \[{NUM}, {NUM}\])?(; folds {NUM} ± {NUM})?)( 
 
 
 def tables_config(**overrides):
-    base = {"tables.backbones": TINY, "tables.resmtnet": TINY, "train.epochs": 3}
+    base = {"tables.backbones": TINY, "tables.resmtnet": TINY, "heads.res-mtnet.epochs": 3}
     base.update(overrides)
     return tiny_train_config(**base)
 
@@ -98,7 +98,7 @@ def test_missing_backbone_names_the_command_that_adds_it(tiny_cache, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    train_heads(tiny_cache, out, tiny_train_config(**{"train.epochs": 4}), progress=False)
+    train_heads(tiny_cache, out, tiny_train_config(**{"heads.res-mtnet.epochs": 4}), progress=False)
     return out
 
 

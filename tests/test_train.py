@@ -138,11 +138,11 @@ def test_residual_model_shapes_and_member_independence():
 
 
 def test_a_member_trains_the_same_alone_or_stacked(tiny_cache):
-    cfg = tiny_train_config(**{"train.early_stopping": 2, "train.epochs": 12})
+    cfg = tiny_train_config(**{"heads.res-mtnet.early_stopping": 2, "heads.res-mtnet.epochs": 12})
     data = load_train_data(tiny_cache, cfg)
     splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
     family = pooled_family(data, splits)
-    one = dataclasses.replace(cfg.train, hidden=16, batch_size=8)
+    one = dataclasses.replace(cfg.heads["res-mtnet"], hidden=16, batch_size=8)
     other = dataclasses.replace(one, dropout=0.2, lambdas={"state": 2.0}, early_stopping=5)
     stacked = train_jobs(family, [Job(one, 0), Job(other, 1), Job(one, 2), Job(other, 2)])
     alone = train_jobs(family, [Job(one, 2)])
@@ -171,10 +171,10 @@ def test_fold_statistics_never_see_test_rows(tiny_cache):
 
 def test_epochs_are_never_read_from_test_rows(tiny_cache):
     """Early stopping watches the inner validation rows: the test rows' labels cannot move the chosen epoch."""
-    cfg = tiny_train_config(**{"train.early_stopping": 2, "train.epochs": 30})
+    cfg = tiny_train_config(**{"heads.res-mtnet.early_stopping": 2, "heads.res-mtnet.epochs": 30})
     data = load_train_data(tiny_cache, cfg)
     splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
-    job = [Job(cfg.train, 0)]
+    job = [Job(cfg.heads["res-mtnet"], 0)]
     clean = train_jobs(pooled_family(data, splits), job)[0]
     test = splits[0].test
     poisoned = {k: v.copy() for k, v in data.targets.items()}
@@ -192,16 +192,17 @@ def test_epochs_are_never_read_from_test_rows(tiny_cache):
 
 
 def test_early_stopping_keeps_the_state_of_the_best_validation_epoch(tiny_cache):
-    cfg = tiny_train_config(**{"train.early_stopping": 3, "train.epochs": 60, "train.lr": 3e-3})
+    cfg = tiny_train_config(**{"heads.res-mtnet.early_stopping": 3, "heads.res-mtnet.epochs": 60,
+                               "heads.res-mtnet.lr": 3e-3})
     data = load_train_data(tiny_cache, cfg)
     splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
     family = pooled_family(data, splits)
-    stopped = train_jobs(family, [Job(cfg.train, 0)])[0]
+    stopped = train_jobs(family, [Job(cfg.heads["res-mtnet"], 0)])[0]
     run = len(stopped.history["train_loss"])
     assert stopped.best_epoch < run - 1 < 59  # it stopped early, and later epochs were worse
     assert stopped.history["val_loss"][stopped.best_epoch] == min(stopped.history["val_loss"])
     # The kept state is the one after best_epoch + 1 epochs: training exactly that long gives the same outputs.
-    exact = dataclasses.replace(cfg.train, epochs=stopped.best_epoch + 1, early_stopping=0)
+    exact = dataclasses.replace(cfg.heads["res-mtnet"], epochs=stopped.best_epoch + 1, early_stopping=0)
     plain = train_jobs(family, [Job(exact, 0)])[0]
     np.testing.assert_allclose(stopped.outputs, plain.outputs, rtol=1e-5, atol=1e-6)
     longer = train_jobs(family, [Job(dataclasses.replace(exact, epochs=run), 0)])[0]
@@ -210,10 +211,10 @@ def test_early_stopping_keeps_the_state_of_the_best_validation_epoch(tiny_cache)
 
 @pytest.mark.parametrize("scheme", ["uncertainty", "dwa", "gradnorm"])
 def test_loss_weighting_moves_the_weights_and_changes_the_result(tiny_cache, scheme):
-    fixed_cfg = tiny_train_config(**{"train.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False})
+    fixed_cfg = tiny_train_config(**{"heads.res-mtnet.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False})
     fixed = cross_validate(load_train_data(tiny_cache, fixed_cfg), fixed_cfg).heads["res-mtnet"]
-    cfg = tiny_train_config(**{"train.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False,
-                               "train.loss_weighting": scheme})
+    cfg = tiny_train_config(**{"heads.res-mtnet.epochs": 15, "eval.bootstrap": 0, "eval.baselines": False,
+                               "heads.res-mtnet.loss_weighting": scheme})
     data = load_train_data(tiny_cache, cfg)
     learnt = cross_validate(data, cfg).heads["res-mtnet"]
     assert fixed.loss_weights() == {t.name: 1.0 for t in data.tasks}
@@ -232,12 +233,13 @@ def test_loss_weighting_moves_the_weights_and_changes_the_result(tiny_cache, sch
 def test_uncertainty_weights_of_small_losses_move_above_one_half(tiny_cache):
     """Two tasks whose losses fall below 1: the weights rise above 0.5 and the head differs from fixed weights
     (under the old s >= 0 projection both sat at 0.5, and every output equalled fixed weighting's)."""
-    base = {"train.epochs": 30, "eval.bootstrap": 0, "eval.baselines": False, "train.tasks": ["presence", "size"],
-            "train.early_stopping": 0, "train.weighting_lr": 0.05, "train.lr": 1e-3}
+    base = {"heads.res-mtnet.epochs": 30, "eval.bootstrap": 0, "eval.baselines": False, "train.tasks": ["presence",
+                                                                                                        "size"],
+            "heads.res-mtnet.early_stopping": 0, "heads.res-mtnet.weighting_lr": 0.05, "heads.res-mtnet.lr": 1e-3}
     fixed_cfg = tiny_train_config(**base)
     data = load_train_data(tiny_cache, fixed_cfg)
     fixed = cross_validate(data, fixed_cfg).heads["res-mtnet"]
-    cfg = tiny_train_config(**base, **{"train.loss_weighting": "uncertainty"})
+    cfg = tiny_train_config(**base, **{"heads.res-mtnet.loss_weighting": "uncertainty"})
     learnt = cross_validate(data, cfg).heads["res-mtnet"]
     final = np.array([r.history["train_loss"][-1] for r in fixed.results])
     assert (final < 2.0).all()
@@ -402,7 +404,7 @@ def test_missing_backbone_or_label_is_a_clear_error(tiny_cache, tmp_path):
         train_heads(tiny_cache, tmp_path / "r",
                     tiny_train_config(**{"train.tasks": ["state", "malignancy", "smoker"]}))
     with pytest.raises(ConfigError, match="lambdas names task"):
-        train_heads(tiny_cache, tmp_path / "r", tiny_train_config(**{"train.lambdas": {"sizee": 2.0}}))
+        train_heads(tiny_cache, tmp_path / "r", tiny_train_config(**{"heads.res-mtnet.lambdas": {"sizee": 2.0}}))
     assert not (tmp_path / "r").exists()
 
 
@@ -412,8 +414,8 @@ rank_by: state.accuracy
 folds: 3
 test_fraction: 0.25
 params:
-  train.dropout: [0.1, 0.5]
-  train.lambdas.state: [0.5, 2.0]
+  heads.res-mtnet.dropout: [0.1, 0.5]
+  heads.res-mtnet.lambdas.state: [0.5, 2.0]
 """
 
 
@@ -449,10 +451,10 @@ def test_sweep_ranks_on_validation_folds_only(tiny_cache, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("method: grid\nparams:\n  train.hidden: {min: 1, max: 4}\n", "needs min and max and method: random"),
+    ("method: grid\nparams:\n  heads.res-mtnet.hidden: {min: 1, max: 4}\n", "needs min and max and method: random"),
     ("methd: grid\n", "did you mean 'method'"),
-    ("method: list\nparams:\n  train.hidden: [1, 2]\n", "method list needs 'configs'"),
-    ("method: grid\nconfigs:\n  - {train.hidden: 4}\n", "'configs' is for method: list"),
+    ("method: list\nparams:\n  heads.res-mtnet.hidden: [1, 2]\n", "method list needs 'configs'"),
+    ("method: grid\nconfigs:\n  - {heads.res-mtnet.hidden: 4}\n", "'configs' is for method: list"),
 ])
 def test_sweep_file_errors(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
@@ -465,20 +467,20 @@ def test_a_list_sweep_names_its_configurations(tmp_path):
     from stages.sweep import configurations
 
     path = tmp_path / "list.yaml"
-    path.write_text("method: list\nconfigs:\n  - {}\n  - {train.hidden: 8, train.dropout: 0.1}\n")
-    assert configurations(load_sweep(path)) == [{}, {"train.hidden": 8, "train.dropout": 0.1}]
+    path.write_text("method: list\nconfigs:\n  - {}\n  - {heads.res-mtnet.hidden: 8, heads.res-mtnet.dropout: 0.1}\n")
+    assert configurations(load_sweep(path)) == [{}, {"heads.res-mtnet.hidden": 8, "heads.res-mtnet.dropout": 0.1}]
 
 
 def test_train_heads_cli(tiny_cache, tmp_path):
     args = ["train-heads", "--cache", str(tiny_cache), "--out", str(tmp_path / "run"), "--no-progress",
-            "--features", "timm:test_efficientnet", "--epochs", "3", "--folds", "3", "--set", "train.hidden=16",
-            "--set", "eval.bootstrap=20"]
+            "--features", "timm:test_efficientnet", "--epochs", "3", "--folds", "3", "--set",
+            "heads.res-mtnet.hidden=16", "--set", "eval.bootstrap=20"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "report:" in result.output and (tmp_path / "run" / "report.md").exists()
-    result = CliRunner().invoke(main, args[:6] + ["--set", "train.hiden=3"])
+    result = CliRunner().invoke(main, args[:6] + ["--set", "heads.res-mtnet.hiden=3"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "unknown config key 'train.hiden'" in result.output and "did you mean 'hidden'" in result.output
+    assert "unknown config key 'heads.res-mtnet.hiden'" in result.output and "did you mean 'hidden'" in result.output
 
 
 def test_a_feature_seen_in_one_training_row_cannot_blow_up_another_rows_input():
@@ -534,12 +536,12 @@ def test_a_small_split_trains_the_same_alone_or_stacked_with_larger_ones(tiny_ca
     Adam steps on batches without rows (it did: best epoch 5 alone vs 2 stacked, outputs 0.145 apart)."""
     from pipeline.core.train import Split
 
-    cfg = tiny_train_config(**{"train.early_stopping": 3, "train.epochs": 15})
+    cfg = tiny_train_config(**{"heads.res-mtnet.early_stopping": 3, "heads.res-mtnet.epochs": 15})
     data = load_train_data(tiny_cache, cfg)
     splits, _ = make_splits(data.table, data.rows, cfg.eval, val_fraction=0.25)
     small = Split(train=splits[0].train[:4], test=splits[0].test, val=splits[0].val, key=splits[0].key)
     family = pooled_family(data, [*splits, small])
-    one = dataclasses.replace(cfg.train, hidden=16, batch_size=2, dropout=0.0)
+    one = dataclasses.replace(cfg.heads["res-mtnet"], hidden=16, batch_size=2, dropout=0.0)
     stacked = train_jobs(family, [Job(one, 0), Job(one, len(splits)), Job(one, 1)])
     alone = train_jobs(family, [Job(one, len(splits))])
     np.testing.assert_allclose(stacked[1].outputs, alone[0].outputs, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ from tests.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--features", TINY[0], "--features", TINY[1], "--epochs", "4", "--folds", "3", "--no-progress",
-         "--set", "train.hidden=16", "--set", "eval.bootstrap=10"]
+         "--set", "heads.res-mtnet.hidden=16", "--set", "eval.bootstrap=10"]
 
 
 def run(*args):
@@ -156,7 +156,7 @@ def test_printed_commands_carry_the_weights_file_and_messages_are_whole_words(sy
                  "--weights", weights, "--image-size", "64", "--num-workers", "0", "--no-progress")
     assert result.exit_code == 0, result.output
     result = run("train-heads", "--cache", tmp_path / "c.h5", "--out", tmp_path / "run", "--features", TINY[0],
-                 "--set", "train.loc.enabled=true")
+                 "--set", "heads.loc.enabled=true")
     one_error_line(result, f"--backbone timm:test_efficientnet.r160_in1k --weights "
                            f"timm:test_efficientnet.r160_in1k={weights} --spatial")
     message = str(download_error("timm:x", OSError("word " * 60 + "Please check your connection and try again")))
@@ -175,7 +175,7 @@ def loc_run(tmp_path_factory, synthetic_master):
     extract_features(synthetic_master, cache, tiny_config(**{
         "extract.spatial.enabled": True, "extract.spatial.image_size": 64, "extract.spatial.stage": -3,
         "extract.spatial.backbones": [TINY[0]]}), progress=False)
-    cfg = tiny_train_config(**{"train.loc.enabled": True, "train.loc.epochs": 3, "eval.bootstrap": 10})
+    cfg = tiny_train_config(**{"heads.loc.enabled": True, "heads.loc.epochs": 3, "eval.bootstrap": 10})
     train_heads(cache, folder / "run", cfg, progress=False)
     return cache, folder / "run"
 
@@ -266,9 +266,9 @@ def test_help_everywhere_and_every_config_key_listed():
     text = CliRunner().invoke(cli.extract_features_main, ["--help"]).output
     assert "[required]" in text and "Images per forward pass [default: 32]" in text
     listing = run("config").output
-    assert "train.loss_weighting = fixed    # fixed (lambdas) | uncertainty" in listing
+    assert "heads.res-mtnet.loss_weighting = fixed    # fixed (lambdas) | uncertainty" in listing
     keys = [line.split(" = ")[0] for line in listing.splitlines()]
-    assert {"train.early_stopping", "eval.protocol", "train.loc.sigma", "tables.protocols"} <= set(keys)
+    assert {"heads.res-mtnet.early_stopping", "eval.protocol", "heads.loc.sigma", "tables.protocols"} <= set(keys)
     assert all("#" in line for line in listing.splitlines() if not line.startswith("tables.backbones"))
 
 
@@ -366,7 +366,8 @@ def test_training_ticks_once_per_batch_within_the_epoch_cap(tiny_cache):
     from pipeline.evaluation.engine import cross_validate, load_train_data
     from tests.helpers import tiny_train_config
 
-    cfg = tiny_train_config(**{"train.epochs": 3, "train.batch_size": 4, "train.early_stopping": 0,
+    cfg = tiny_train_config(**{"heads.res-mtnet.epochs": 3, "heads.res-mtnet.batch_size": 4,
+                               "heads.res-mtnet.early_stopping": 0,
                                "eval.bootstrap": 0})
     seen = {}
 

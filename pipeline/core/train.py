@@ -1,6 +1,6 @@
 """The stacked trainer: every head (Res-MTNet on pooled vectors, the localisation head on maps) trains here.
 
-A job is one head configuration (a config dataclass: `TrainConfig` or `LocConfig`) trained on one split.
+A job is one head configuration (a head family's settings: `ResMTNetSettings`, `LocSettings`) trained on one split.
 Jobs whose shapes and optimiser settings agree are stacked into one module (M members on a leading axis or
 as groups of a grouped convolution) and trained together with batched products and one fused Adam step;
 members never mix. What differs between kinds of head lives in a `HeadFamily` (pipeline.heads.resmtnet.model,
@@ -49,7 +49,7 @@ class Split:
 
 @dataclass(frozen=True)
 class Job:
-    cfg: Any  # the head's config section (TrainConfig, LocConfig): what the trainer and the family read
+    cfg: Any  # the head family's settings (heads.<name>): what the trainer and the family read
     split: int  # index into the family's splits
 
 

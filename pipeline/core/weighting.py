@@ -4,7 +4,7 @@ Each scheme is one class registered in `WEIGHTINGS` (pipeline.plugins), built fr
 weights and the head's config section (it reads its own keys). The trainer calls `forward` every step (with the
 family's last shared parameter where `needs_shared`), `after_step` after each optimiser step, and `end_epoch` with
 the epoch's mean task losses. Parameters of a scheme get their own optimiser group: their own learning rate
-(`train.weighting_lr`), no weight decay. Everything is stacked over M members, like the heads: tensors are
+(the section's `weighting_lr`), no weight decay. Everything is stacked over M members, like the heads: tensors are
 (M, T), members never mix. To add a scheme, write one class (here, or in a plugin's module) registered with
 `@WEIGHTINGS.register(name)`, with the config keys it reads in `settings`: the trainer stacks together only
 configurations equal in them.
@@ -22,7 +22,7 @@ from pipeline.plugins import WEIGHTINGS
 
 @WEIGHTINGS.register("fixed")
 class Weighting(nn.Module):
-    """Base: fixed weights. lambdas (M, T) are the configured per-task weights (train.lambdas)."""
+    """Base: fixed weights. lambdas (M, T) are the configured per-task weights (the section's lambdas)."""
 
     name = "fixed"
     needs_shared = False  # forward wants the head's last shared parameter (GradNorm)
@@ -63,12 +63,12 @@ class Uncertainty(Weighting):
 
     r is Kendall's 0.5 s_k ('kendall') or Liebel and Koerner's (2018) log(1 + exp(s_k)) ('log1p', always
     positive). The optimum weight 0.5 exp(-s_k) is 0.5 / L_k for 'kendall' (2.5 for a loss of 0.2): tasks can be
-    up-weighted as well as down-weighted. s_k is kept >= train.uncertainty_min_log_var (projected after each
+    up-weighted as well as down-weighted. s_k is kept >= the section's uncertainty_min_log_var (projected after each
     step) so that a task being memorised (L_k -> 0) cannot drive its weight, and with 'kendall' the total loss,
     without bound; a weight is therefore at most lambda_k * 0.5 exp(-min_log_var), and tasks held there, or whose
     optimum at the last epoch's loss lies beyond it, are reported (`at_bound`). s_k moves by about
-    train.weighting_lr per step, so early stopping can end training before it reaches its optimum: `unconverged`
-    says so.
+    the section's weighting_lr per step, so early stopping can end training before it reaches its optimum:
+    `unconverged` says so.
     """
 
     name = "uncertainty"

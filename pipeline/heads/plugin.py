@@ -8,14 +8,17 @@ head artefact (`Applied`). None of them names a family: a new one is one file th
 `register_head`.
 
 The reference family predicts the run's declared tasks (the built-in one is the paper's Res-MTNet head,
-`pipeline.heads.resmtnet.family`, settings in train): it is trained first, the other families compare with its
-out-of-fold predictions, its answers are predict's default, its task reports are the paper's tables' rows, and
-its parts of the outputs sit at their top level (metrics.json, unprefixed sweep metrics '<task>.<metric>'), as they
-did before it was a plugin; in the head artefact every family, the reference too, has a section of its own.
-Another built-in family is the localisation head (`pipeline.heads.loc.family`, name 'loc', settings in
-train.loc). A family registered elsewhere (pipeline.plugins.HEAD_FAMILIES, or an installed package's
-resmtnet.head_families entry point) reads its settings from `train.heads.<name>` (a mapping of its own keys) and
-checks them through `check_section` when the config is resolved. This module imports no torch.
+`pipeline.heads.resmtnet.family`): it is trained first, the other families compare with its out-of-fold
+predictions, its answers are predict's default, its task reports are the paper's tables' rows, and its parts of
+the outputs sit at their top level (metrics.json, unprefixed sweep metrics '<task>.<metric>'), as they did before
+it was a plugin; in the head artefact every family, the reference too, has a section of its own. Another built-in
+family is the localisation head (`pipeline.heads.loc.family`, name 'loc').
+
+Every family's settings are its config section `heads.<name>`, a dataclass: a built-in's is registered in
+pipeline.plugins.HEAD_SETTINGS by a module that imports no torch (its package's settings.py); a family registered
+elsewhere (pipeline.plugins.HEAD_FAMILIES, or an installed package's resmtnet.head_families entry point) names it as
+its `settings`. The config builds and checks each section (its `choices`, its `check(where)`) when it is resolved.
+This module imports no torch.
 """
 from __future__ import annotations
 
@@ -112,9 +115,9 @@ class HeadPlugin:
     `data` is the engine's TrainData: `data.heads[self.name]` holds what `load` returned. A family that answers
     an image's position or presence names its predict columns in `answers` and chooses in `choose`."""
 
-    name: str = ""  # registry name; its sweep metrics are '<name>.<metric>', its config section train.heads.<name>
+    name: str = ""  # registry name; its sweep metrics are '<name>.<metric>', its config section heads.<name>
     artefact: str = ""  # its key in metrics.json, its answer's name, its predict columns' prefix
-    settings: Optional[type] = None  # the dataclass of its train.heads.<name> section (families outside config)
+    settings: Optional[type] = None  # its heads.<name> dataclass (a built-in's: pipeline.plugins.HEAD_SETTINGS)
     #: role -> its predict columns: {'position': (x, y), 'presence': (prob,)}; its answer name is `artefact`
     answers: Dict[str, Tuple[str, ...]] = {}
     #: the family that predicts the declared tasks (one: Res-MTNet): trained first, compared with, at the top level
@@ -143,31 +146,10 @@ class HeadPlugin:
         out.update(entries)
 
     def section(self, cfg) -> Optional[Any]:
-        """Its config section when the family is enabled in `cfg`, else None."""
-        from pipeline.configio import build
-
-        raw = cfg.train.heads.get(self.name)
-        if raw is None:
-            return None
-        section = build(self.settings, dict(raw), f"train.heads.{self.name}")
-        return section if getattr(section, "enabled", True) else None
-
-    def check(self, section: Any, where: str) -> None:
-        """Its section's values (called when the config is resolved)."""
-        check = getattr(section, "check", None)
-        if check is not None:
-            check(where)
-
-    def check_section(self, cfg) -> Optional[Any]:
-        """Its train.heads.<name> section of `cfg`, checked (None when it is not enabled); a family without such a
-        section (the built-ins: their own sections) is one line."""
-        if self.settings is None:
-            raise ConfigError(f"train.heads.{self.name}: the head family '{self.name}' has no settings there (its "
-                              "settings have their own section, e.g. train.loc)")
-        section = self.section(cfg)
-        if section is not None:
-            self.check(section, f"train.heads.{self.name}")
-        return section
+        """Its settings (cfg.heads[name], typed when the config was resolved) when the family is enabled in `cfg`
+        (a section without an `enabled` flag: always), else None."""
+        section = cfg.heads.get(self.name)
+        return section if section is not None and getattr(section, "enabled", True) else None
 
     def load(self, cache, cfg, specs: Sequence[str]) -> Any:
         """What it trains on, read from the open FeatureCache (`specs`: the pooled features' backbones)."""
@@ -283,8 +265,8 @@ def loaded_heads(data) -> List[HeadPlugin]:
 
 
 def enabled_heads(cfg) -> List[Tuple[HeadPlugin, Any]]:
-    """(family, its section) of every family enabled in `cfg`, in registry order (the reference's section is
-    the run's train section; a name under train.heads that no family has is one line naming the valid ones)."""
-    for name in cfg.train.heads:
-        HEAD_FAMILIES.find(name, f"train.heads.{name}")
+    """(family, its section) of every family enabled in `cfg`, in registry order (a name under heads that no family
+    has is one line naming the valid ones)."""
+    for name in cfg.heads:
+        HEAD_FAMILIES.find(name, f"heads.{name}")
     return [(p, s) for p in head_families().values() for s in [p.section(cfg)] if s is not None]

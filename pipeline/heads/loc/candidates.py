@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import LocConfig
+from pipeline.heads.loc.settings import LocSettings
 from pipeline.core.metrics import sigmoid
 from pipeline.core.train import floor_std
 
@@ -146,15 +146,15 @@ def fit_rescorer(maps: np.ndarray, cands: tuple, hits: np.ndarray, c: float) -> 
     x, y = f[keep], hits[keep].astype(int)
     center, scale = x.mean(axis=0), floor_std(x.std(axis=0))
     if len(np.unique(y)) < 2:
-        logger.warning("train.loc.rescore: the second stage's %d training candidates are all %s, so it cannot "
-                       "learn; the first stage's scores stand (more nodules or train.loc.candidates would help)",
+        logger.warning("heads.loc.rescore: the second stage's %d training candidates are all %s, so it cannot "
+                       "learn; the first stage's scores stand (more nodules or heads.loc.candidates would help)",
                        len(y), "hits" if y.all() else "misses")
         return None
     clf = LogisticRegression(C=c, max_iter=5000).fit((x - center) / scale, y)
     return Rescorer(mean, std, center, scale, clf.coef_[0].astype(np.float64), float(clf.intercept_[0]))
 
 
-def detect(scores: np.ndarray, cfg: LocConfig, maps: Optional[np.ndarray] = None,
+def detect(scores: np.ndarray, cfg: LocSettings, maps: Optional[np.ndarray] = None,
            rescorer: Optional[Rescorer] = None) -> Detections:
     """Score maps (n, H, W) -> Detections: candidates by non-maximum suppression; the answer at the map's peak
     (cfg.decode) with P(nodule) from its maximum, or, with a second stage (rescorer, on the maps (n, C, H, W)),

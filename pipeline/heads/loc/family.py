@@ -28,13 +28,13 @@ from pipeline.core.froc import (FROC_FPS, RECALL_AT, candidate_hits, detection_s
 from pipeline.heads.loc.candidates import Detections, candidates, detect, fit_rescorer
 from pipeline.heads.loc.net import LocFamily, prepare_loc
 from pipeline.heads.loc.head import export_head, load_head
+from pipeline.heads.loc.settings import ANSWER, NAME, LocSettings
 from pipeline.heads.plugin import Applied, HeadPlugin, Validation, register_head
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
 
 #: This family's name in the registry, in sweeps' metrics ('loc.<metric>') and its answer's name.
-NAME, ANSWER = "loc", "localisation"
 
 
 @dataclass
@@ -54,7 +54,7 @@ def _maps(data) -> np.ndarray:
 class LocFit:
     """One configuration's localisation head on one split: the mean score maps (logits) of its members, and the
     scores of the rows a member was validated on and never trained on. One member, or with
-    train.loc.fold_ensemble K, K members, each trained without one of K folds of the split's training rows
+    heads.loc.fold_ensemble K, K members, each trained without one of K folds of the split's training rows
     (patients kept together) and early-stopped on it: the ensemble of the fold models."""
 
     scores: np.ndarray  # (N, H, W): every row
@@ -62,7 +62,7 @@ class LocFit:
     val_scores: np.ndarray  # (len(val_rows), H, W)
     members: List[JobResult]
     member_splits: List[Split]
-    rescorer: Optional[object] = None  # pipeline.heads.loc.candidates.Rescorer (train.loc.rescore)
+    rescorer: Optional[object] = None  # pipeline.heads.loc.candidates.Rescorer (heads.loc.rescore)
 
     def validation(self, rows: np.ndarray) -> np.ndarray:
         """The score maps of `rows` (each among val_rows) from the member validated on them."""
@@ -111,7 +111,7 @@ def member_splits(data, cfg, lcfg, split: Split) -> List[Split]:
 
 def fit_localisation(data, cfg, pairs: Sequence[Tuple[object, Split]], desc: str, progress: Progress = no_progress,
                      keep_state: bool = False) -> List[LocFit]:
-    """Train the localisation head of every (train.loc section, split) pair, all members stacked in one run."""
+    """Train the localisation head of every (heads.loc section, split) pair, all members stacked in one run."""
     splits: List[Split] = []
     jobs: List[Job] = []
     owner: List[int] = []
@@ -153,7 +153,7 @@ def fit_second_stage(data, cfg, lcfg, fit: LocFit, rows: np.ndarray):
 
 
 def final_loc_config(lcfg, epochs: int):
-    """The train.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
+    """The heads.loc section a head is retrained with on more rows: for its validated `epochs`, or unchanged
     for a fold ensemble, whose members early-stop on their own folds."""
     return lcfg if lcfg.fold_ensemble >= 2 else fixed_epochs(lcfg, epochs)
 
@@ -195,25 +195,22 @@ class LocApplied(Applied):
 
 
 class LocPlugin(HeadPlugin):
-    """The localisation head (train.loc): a per-cell nodule score over a cached feature map."""
+    """The localisation head (heads.loc): a per-cell nodule score over a cached feature map."""
 
-    name, artefact = NAME, ANSWER
+    name, artefact, settings = NAME, ANSWER, LocSettings
     answers = {"position": (f"{ANSWER}_x", f"{ANSWER}_y"), "presence": (f"{ANSWER}_presence_prob",)}
 
-    def section(self, cfg):
-        return cfg.train.loc if cfg.train.loc.enabled else None
-
     def load(self, cache, cfg, specs: Sequence[str]) -> LocInputs:
-        """The maps of train.loc.backbone, or of the first feature backbone that has maps (eval.control noise:
+        """The maps of heads.loc.backbone, or of the first feature backbone that has maps (eval.control noise:
         Gaussian noise of their shape)."""
         present = cache.entries(GROUPS.spatial)
-        wanted = cfg.train.loc.backbone
+        wanted = cfg.heads[NAME].backbone
         if wanted:
             spec = cache.resolve(wanted, GROUPS.spatial)
         else:
             spec = next((s for s in specs if s in present), None) or next(iter(present), None)
             if spec is None:
-                raise CacheError(f"train.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
+                raise CacheError(f"heads.loc is enabled but cache {cache.path} holds no spatial maps; add them with: "
                                  + cache.add_command([specs[0]], spatial=True))
         maps = cache.spatial(spec).astype(np.float16, copy=False)
         if cfg.eval.control == "noise":
@@ -222,7 +219,7 @@ class LocPlugin(HeadPlugin):
 
     def cross_validate(self, data, cfg, splits, names, reference, progress) -> LocOutcome:
         """The localisation head on the engine's splits, and compared with the reference's regressed position."""
-        lcfg = cfg.train.loc
+        lcfg = cfg.heads[NAME]
         fits = fit_localisation(data, cfg, [(lcfg, s) for s in splits], "localisation head", progress)
         table = data.table
         oof = OutOfFold.collect(splits, [{"scores": f.scores} for f in fits])
@@ -262,7 +259,7 @@ class LocPlugin(HeadPlugin):
         val = [s.val for s in splits]
         rows = np.concatenate(val)
         grid_w, grid_h = (data.table[c].to_numpy(float)[rows] for c in ("grid_w", "grid_h"))
-        decoded = Detections.concat([f.detect(data, cfg.train.loc, v, validation=True)
+        decoded = Detections.concat([f.detect(data, cfg.heads[NAME], v, validation=True)
                                      for f, v in zip(outcome.fits, val)])
         pooled, theirs = reference.per_split, reference.answer
         have = {k for k in ("x", "y", "presence") if k in pooled[0]}
@@ -293,8 +290,8 @@ class LocPlugin(HeadPlugin):
 
     def refit(self, data, cfg, outcome: LocOutcome, split: Split, progress):
         inputs = data.heads[NAME]
-        lcfg = final_loc_config(cfg.train.loc, validated_epochs([m for f in outcome.fits for m in f.members],
-                                                                cfg.train.loc))
+        members = [m for f in outcome.fits for m in f.members]
+        lcfg = final_loc_config(cfg.heads[NAME], validated_epochs(members, cfg.heads[NAME]))
         (fit,) = fit_localisation(data, cfg, [(lcfg, split)], "refit localisation", progress, keep_state=True)
         tensors, spec = export_head([m.state for m in fit.members], [s.train for s in fit.member_splits],
                                     inputs.maps, lcfg, fit.rescorer)
@@ -307,23 +304,23 @@ class LocPlugin(HeadPlugin):
         return loc_metric_directions(cfg.eval.froc_fps if cfg is not None else FROC_FPS)
 
     def validate(self, data, cfgs, splits, progress):
-        fits = fit_localisation(data, cfgs[0], [(c.train.loc, s) for c in cfgs for s in splits],
+        fits = fit_localisation(data, cfgs[0], [(c.heads[NAME], s) for c in cfgs for s in splits],
                                 "sweep localisation", progress)
 
         def metrics(c: int, s: int) -> Dict[str, float]:
-            det = fits[c * len(splits) + s].detect(data, cfgs[c].train.loc, splits[s].test)
+            det = fits[c * len(splits) + s].detect(data, cfgs[c].heads[NAME], splits[s].test)
             return detection_scores(data.table, splits[s].test, det.x, det.y, det.presence, det.cands, cfgs[c])
 
         def epochs(c: int) -> int:
             return validated_epochs([m for f in fits[c * len(splits):(c + 1) * len(splits)] for m in f.members],
-                                    cfgs[c].train.loc)
+                                    cfgs[c].heads[NAME])
         return Validation(metrics, epochs)
 
     def score_winner(self, data, cfg, epochs: int, split: Split) -> Dict[str, float]:
         """Retrained on the development rows (for its validated epochs, or a fold ensemble on their folds)."""
-        (fit,) = fit_localisation(data, cfg, [(final_loc_config(cfg.train.loc, epochs), split)],
+        (fit,) = fit_localisation(data, cfg, [(final_loc_config(cfg.heads[NAME], epochs), split)],
                                   "winner localisation")
-        det = fit.detect(data, cfg.train.loc, split.test)
+        det = fit.detect(data, cfg.heads[NAME], split.test)
         return detection_scores(data.table, split.test, det.x, det.y, det.presence, det.cands, cfg)
 
     def oof_columns(self, data, outcome: LocOutcome, rows: np.ndarray,
@@ -340,7 +337,7 @@ class LocPlugin(HeadPlugin):
 
     def report_lines(self, data, cfg, outcome: LocOutcome) -> List[str]:
         heads = list(outcome.report)
-        lines = ["", f"Localisation ({data.heads[NAME].spec} maps, {cfg.train.loc.decode}; errors in pixels of the "
+        lines = ["", f"Localisation ({data.heads[NAME].spec} maps, {cfg.heads[NAME].decode}; errors in pixels of the "
                  "coordinate grid, nodule images only):", "",
                  "| metric | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
         for metric in outcome.report["heatmap"]:

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import LocConfig
+from pipeline.heads.loc.settings import LocSettings
 from pipeline.heads.loc.candidates import Rescorer, detect
 from pipeline.heads.loc.net import LocNet, build_net, config_of, member_scores, split_statistics
 
@@ -22,7 +22,7 @@ class LocHead:
     """A trained localisation head as predict applies it: the stacked members, each member's standardisation,
     the second stage; written into and read from the head artefact by export_head / load_head alone."""
 
-    cfg: LocConfig
+    cfg: LocSettings
     net: LocNet
     mean: torch.Tensor  # (M, C)
     std: torch.Tensor
@@ -37,7 +37,7 @@ class LocHead:
 
 
 def export_head(states: Sequence[Dict[str, torch.Tensor]], train_rows: Sequence[np.ndarray], maps: np.ndarray,
-                cfg: LocConfig, rescorer: Optional[Rescorer]) -> tuple:
+                cfg: LocSettings, rescorer: Optional[Rescorer]) -> tuple:
     """(tensors, description) of a trained localisation head for the head artefact: the members' states (M = 1
     each) stacked as LocNet holds them, each member's standardisation from its training rows of `maps`."""
     tensors = {NET_PREFIX + name: torch.cat([st[name] for st in states]).contiguous().cpu() for name in states[0]}

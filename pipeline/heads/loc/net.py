@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import LocConfig
+from pipeline.heads.loc.settings import LocSettings
 from pipeline.core.train import Batch, Split, floor_std
 
 
@@ -29,7 +29,7 @@ class LocNet(nn.Module):
         super().__init__()
         m = len(seeds)
         self.members, self.channels, self.hidden = m, channels, hidden
-        # how the input is built and scored (LocConfig), set by build_net
+        # how the input is built and scored (LocSettings), set by build_net
         self.mirror = self.coords = self.tta_flip = False
         self.inp = nn.Conv2d(m * channels, m * hidden, 1, groups=m)
         self.ctx = nn.ModuleList(nn.Conv2d(m * hidden, m * hidden, 3, padding=1, groups=m) for _ in range(context))
@@ -71,7 +71,7 @@ class LocNet(nn.Module):
         return out
 
 
-def build_net(channels: int, cfg: LocConfig, seeds: Sequence[int]) -> LocNet:
+def build_net(channels: int, cfg: LocSettings, seeds: Sequence[int]) -> LocNet:
     """Stacked heads (one member per seed) for maps of `channels` channels, their input and scores as cfg says."""
     net = LocNet(input_channels(channels, cfg.mirror, cfg.coords), cfg.hidden, cfg.context, seeds)
     net.mirror, net.coords, net.tta_flip = cfg.mirror, cfg.coords, cfg.tta_flip
@@ -84,11 +84,11 @@ OPTIONS_BEFORE_RECORDED = {"mirror": False, "flip": False, "tta_flip": False, "c
                            "rescore": False}
 
 
-def config_of(hparams: Dict[str, object]) -> LocConfig:
-    """The train.loc section a head artefact recorded (its `hparams`; keys of other versions ignored, options it
+def config_of(hparams: Dict[str, object]) -> LocSettings:
+    """The heads.loc section a head artefact recorded (its `hparams`; keys of other versions ignored, options it
     does not record off)."""
-    known = {f.name for f in fields(LocConfig)}
-    return LocConfig(**{**OPTIONS_BEFORE_RECORDED, **{k: v for k, v in hparams.items() if k in known}})
+    known = {f.name for f in fields(LocSettings)}
+    return LocSettings(**{**OPTIONS_BEFORE_RECORDED, **{k: v for k, v in hparams.items() if k in known}})
 
 
 @dataclass
@@ -214,23 +214,23 @@ class LocFamily:
         self.splits = data.splits
         self.n_rows = data.maps.shape[0]
 
-    def stack_key(self, cfg: LocConfig) -> tuple:
+    def stack_key(self, cfg: LocSettings) -> tuple:
         return ("loc", cfg.hidden, cfg.context, cfg.mirror, cfg.flip, cfg.tta_flip, cfg.coords)
 
-    def channels(self, cfg: LocConfig) -> int:
+    def channels(self, cfg: LocSettings) -> int:
         return input_channels(self.data.maps.shape[1], cfg.mirror, cfg.coords)
 
-    def row_bytes(self, cfg: LocConfig) -> int:
+    def row_bytes(self, cfg: LocSettings) -> int:
         """Working memory of one map of one member in a forward pass (input and activations)."""
         return (self.channels(cfg) + cfg.hidden * (1 + cfg.context)) * int(np.prod(self.data.grid)) * 4 * 2
 
-    def member_bytes(self, cfg: LocConfig) -> int:
+    def member_bytes(self, cfg: LocSettings) -> int:
         c, h = self.channels(cfg), cfg.hidden
         params = c * h + cfg.context * 9 * h * h + h
         # parameters x 5 (grads, Adam, best) and the activations of a batch, which dominate
         return params * 4 * 5 + cfg.batch_size * h * (1 + cfg.context) * int(np.prod(self.data.grid)) * 4 * 3
 
-    def lambdas(self, cfg: LocConfig) -> List[float]:
+    def lambdas(self, cfg: LocSettings) -> List[float]:
         return [1.0, float(cfg.presence_weight)]
 
     def build(self, cfgs, seeds) -> "LocNet":

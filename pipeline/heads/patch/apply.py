@@ -52,7 +52,7 @@ class PatchApplied(Applied):
             cands = next((c for c in (p.first_stage(k) for p in look.parts.values()) if c is not None), None)
             if cands is None:
                 raise PipelineError("this head's patch re-scorer looks again at the first stage's candidates, but "
-                                    "none of its parts finds candidates (a head trained with train.loc.enabled)")
+                                    "none of its parts finds candidates (a head trained with heads.loc.enabled)")
         for i in np.flatnonzero(look.ok):
             look.tick(1)
             pixels = read_image(look.files[i])

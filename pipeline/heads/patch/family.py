@@ -1,4 +1,4 @@
-"""The patch re-scorer as a head family ('patch', settings under train.heads.patch): stage one's second look.
+"""The patch re-scorer as a head family ('patch', settings under heads.patch: settings.py): stage one's second look.
 
 It reads a patch set of the cache (extract-features --patches: a trained head's out-of-fold candidates.csv, or a
 grid), fits its re-scorer (rescorer.py) on the points of each split's training images, labelled hit / miss by FROC's
@@ -11,52 +11,26 @@ Predict crops each new image's points the same way (apply.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from cache import match_spec
-from pipeline.configio import build
 from pipeline.core.froc import (FROC_FPS, candidate_hits, detection_scores, froc, loc_metric_directions,
                                 localisation_summary)
 from pipeline.core.metrics import sigmoid
 from pipeline.core.summary import first_seed_mask
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features.patches import grid_stride
-from pipeline.heads.patch.rescorer import (COMBINE, PatchPoints, PatchRescorer, as_candidates, fit_patch_rescorer,
+from pipeline.heads.patch.rescorer import (PatchPoints, PatchRescorer, as_candidates, fit_patch_rescorer,
                                            suppress)
 from pipeline.heads.patch.apply import PatchApplied
+from pipeline.heads.patch.settings import NAME, PatchSettings
 from pipeline.heads.plugin import HeadPlugin, Validation, register_head
 from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
-
-NAME = "patch"
-
-
-@dataclass
-class PatchSettings:
-    """train.heads.patch: which patch set and backbone, and the re-scorer's settings."""
-
-    enabled: bool = True
-    set: str = ""  # the cache's patch set (default: its only one)
-    backbone: str = ""  # whose embeddings (default: the run's first feature backbone the set holds, else its first)
-    sizes: List[int] = field(default_factory=list)  # crop sides used (default: every size of the set)
-    max_rank: int = 0  # candidates of first-stage rank <= this (0: all): K without new crops
-    c: float = 0.001  # the patch regression's inverse regularisation (configs/patch_sweep.yaml chose it on JSRT)
-    first_stage: bool = True  # the candidates' first-stage score and rank as inputs (where the set has them)
-    combine: str = "stack"  # how they join the patches' (rescorer.COMBINE): stack | joint | none
-    nms_px: float = -1.0  # a point within this many grid pixels of a better one is dropped; -1: 1.5 strides of a
-    # grid set, 0 for candidates (the first stage suppressed its own neighbours)
-
-    def check(self, where: str) -> None:
-        if self.c <= 0 or self.max_rank < 0:
-            raise ConfigError(f"{where}: c ({self.c}) must be positive and max_rank ({self.max_rank}) >= 0")
-        if self.combine not in COMBINE:
-            raise ConfigError(f"{where}.combine '{self.combine}': use one of {', '.join(COMBINE)}")
-        if any(int(s) < 1 for s in self.sizes):
-            raise ConfigError(f"{where}.sizes {self.sizes}: crop sides are positive pixel counts")
 
 
 @dataclass
@@ -109,7 +83,7 @@ class PatchOutcome:
 
 def settings_of(cfg) -> PatchSettings:
     """The family's settings in `cfg` (a sweep's configuration trains it whatever its enabled flag says)."""
-    return build(PatchSettings, dict(cfg.train.heads.get(NAME) or {}), f"train.heads.{NAME}")
+    return cfg.heads[NAME]
 
 
 def _nms_radius(data, s: PatchSettings) -> float:
@@ -197,14 +171,14 @@ class PatchFamily(HeadPlugin):
         s = settings_of(cfg)
         sets = cache.patch_sets()
         if not sets:
-            raise CacheError(f"train.heads.patch is enabled but cache {cache.path} holds no patch set; add one with "
+            raise CacheError(f"heads.patch is enabled but cache {cache.path} holds no patch set; add one with "
                              f"extract-features --data DIR --cache {cache.path} --patches CANDIDATES.csv|grid:STRIDE")
         if not s.set and len(sets) > 1:
             raise ConfigError(f"cache {cache.path} holds patch sets {', '.join(sets)}; choose one with --set "
-                              "train.heads.patch.set=NAME")
+                              "heads.patch.set=NAME")
         name = s.set or next(iter(sets))
         if name not in sets:
-            raise ConfigError(f"train.heads.patch.set '{name}': cache {cache.path} has {', '.join(sets)}")
+            raise ConfigError(f"heads.patch.set '{name}': cache {cache.path} has {', '.join(sets)}")
         patch_set = sets[name]
         present = list(patch_set.entries)
         spec = (cache_match(s.backbone, present, name) if s.backbone else
@@ -215,7 +189,7 @@ class PatchFamily(HeadPlugin):
         points = PatchPoints.of(patch_set.points, cache.patch_features(name, spec), f"patch set '{name}'")
         unknown = sorted(set(s.sizes) - set(points.sizes))
         if unknown:
-            raise ConfigError(f"train.heads.patch.sizes: patch set '{name}' has no {unknown[0]} px crops (it has "
+            raise ConfigError(f"heads.patch.sizes: patch set '{name}' has no {unknown[0]} px crops (it has "
                               f"{', '.join(map(str, points.sizes))})")
         return PatchInputs(points, name, spec, str(patch_set.attrs.get("source", "")),
                            dict(patch_set.entries[spec].attrs))
@@ -304,7 +278,7 @@ def _check_memory(patch_set: str, n: int, dim: int) -> None:
     need, free = n * dim * BYTES_PER_VALUE, available_memory()
     if free is not None and need > free:
         gib = 1 << 30
-        raise ConfigError(f"train.heads.patch: re-scoring patch set '{patch_set}' ({n} patches x {dim} features) needs "
+        raise ConfigError(f"heads.patch: re-scoring patch set '{patch_set}' ({n} patches x {dim} features) needs "
                           f"about {need / gib:.1f} GiB but this process may use {free / gib:.1f} GiB; extract fewer "
                           "points (fewer candidates, a coarser grid, fewer --patch-sizes) or use a machine with more "
                           "memory")
@@ -314,7 +288,7 @@ def cache_match(name: str, present: Sequence[str], patch_set: str) -> str:
     """The stored spec of a patch set's backbone that `name` names."""
     spec = match_spec(name, present)
     if spec is None:
-        raise ConfigError(f"train.heads.patch.backbone '{name}': patch set '{patch_set}' holds "
+        raise ConfigError(f"heads.patch.backbone '{name}': patch set '{patch_set}' holds "
                           f"{', '.join(present) or 'no embeddings'}")
     return spec
 

@@ -145,10 +145,6 @@ class Logistic:
         return cls(center, scale, clf.coef_[0].astype(np.float64), float(clf.intercept_[0]))
 
 
-#: How the first stage's scores join the patches': 'stack' (a second regression on the first stage's score, rank and
-#: the patch regression's out-of-fold logit), 'joint' (one regression on the embeddings and the scores together),
-#: 'none' (the patches alone; a grid set has no first stage).
-COMBINE = ("stack", "joint", "none")
 #: Inner folds of the training images for the stacked regression's out-of-fold patch logits.
 STACK_FOLDS = 3
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.heads.plugin import HeadPlugin, TaskPredictions, Validation, register_head
 from pipeline.heads.resmtnet import ANSWER, NAME, PREFIX
 from pipeline.heads.resmtnet.apply import PooledApplied
+from pipeline.heads.resmtnet.settings import ResMTNetSettings
 from pipeline.heads.resmtnet.report import confusion_frames, confusion_plot, efficiency_plots, learning_curves_plot
 from pipeline.reporting import format_entry
 from pipeline.runtime import release_freed_memory
@@ -34,6 +35,11 @@ from pipeline.runtime import release_freed_memory
 logger = logging.getLogger(__name__)
 
 BASELINES = ("linear", "majority")
+
+
+def settings_of(cfg) -> ResMTNetSettings:
+    """The head's settings in `cfg` (its section heads.res-mtnet)."""
+    return cfg.heads[NAME]
 
 
 def pooled_family(data, splits: Sequence[Split]):
@@ -116,7 +122,8 @@ def label_efficiency(data, cfg, splits: Sequence[Split], names: Sequence[SplitNa
                 rows = split.train[np.array([p in chosen for p in g.tolist()], dtype=bool)]
                 jobs.append(Split(train=rows, test=split.test, val=split.val, key=split.key))
                 where.append((str(size), repeat, s, len(chosen)))
-    family, results = fit_pooled(data, [cfg.train], jobs, "label efficiency", progress, device=cfg.train.device)
+    family, results = fit_pooled(data, [settings_of(cfg)], jobs, "label efficiency", progress,
+                                 device=cfg.train.device)
     out: Dict[str, object] = {}
     for size in dict.fromkeys(str(x) for x in cfg.eval.train_sizes):
         entry: Dict[str, object] = {"repeats": {}}
@@ -152,20 +159,18 @@ def task_scores(data, preds: Dict[str, np.ndarray], rows: np.ndarray,
 class ResMTNetPlugin(HeadPlugin):
     """The paper's head (train): shared FC, residual blocks, one output per declared task, on the pooled vector."""
 
-    name, artefact, reference = NAME, ANSWER, True
+    name, artefact, reference, settings = NAME, ANSWER, True, ResMTNetSettings
     answers = {"position": (f"{PREFIX}x", f"{PREFIX}y"), "presence": (f"{PREFIX}presence_prob",)}
 
-    def section(self, cfg):
-        return cfg.train  # always trained: it is the run's reference
-
-    def check(self, section, where: str) -> None:
-        """Nothing beyond the config's own check of `train` (pipeline.config.validate_config)."""
+    def section(self, cfg) -> ResMTNetSettings:
+        return settings_of(cfg)  # always trained: it is the run's reference
 
     def cross_validate(self, data, cfg, splits, names, reference, progress) -> ResMTNetOutcome:
         """The head on every split, the baselines on the same splits, and every model summarised by the one
         summariser (overall and per nodule-size bin); label efficiency with eval.train_sizes."""
         clock = time.perf_counter()
-        family, results = fit_pooled(data, [cfg.train], splits, "train-heads", progress, device=cfg.train.device)
+        s = settings_of(cfg)
+        family, results = fit_pooled(data, [s], splits, "train-heads", progress, device=cfg.train.device)
         timings = {"train": time.perf_counter() - clock,
                    "train_row_epochs": float(sum(len(r.history["train_loss"]) * len(s.train)
                                                  for r, s in zip(results, splits)))}
@@ -191,14 +196,14 @@ class ResMTNetPlugin(HeadPlugin):
         bound = outcome.weights_at_bound()
         if bound:
             logger.warning("%s weighting: the weight of %s sat at (or its optimum beyond) its bound in some split "
-                           "(a weight of at most lambda * %.3g); lower train.uncertainty_min_log_var to let it rise "
-                           "further", cfg.train.loss_weighting, ", ".join(bound),
-                           0.5 * np.exp(-cfg.train.uncertainty_min_log_var))
+                           "(a weight of at most lambda * %.3g); lower heads.%s.uncertainty_min_log_var to let it "
+                           "rise further", s.loss_weighting, ", ".join(bound), 0.5 * np.exp(-s.uncertainty_min_log_var),
+                           NAME)
         far = outcome.weights_unconverged()
         if far:
             logger.warning("%s weighting: the weight of %s was still over 1.5x from its optimum when training "
-                           "stopped (the weights are unconverged); raise train.weighting_lr or the patience",
-                           cfg.train.loss_weighting, ", ".join(far))
+                           "stopped (the weights are unconverged); raise heads.%s.weighting_lr or the patience",
+                           s.loss_weighting, ", ".join(far), NAME)
         clock = time.perf_counter()
         norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
         bins = size_bins(data.table["size_mm"].to_numpy(dtype=float), cfg.eval.size_bins) \
@@ -247,13 +252,12 @@ class ResMTNetPlugin(HeadPlugin):
         splits; the configured count without early stopping)."""
         from pipeline.heads.resmtnet.model import export_head
 
-        tcfg = fixed_epochs(cfg.train, validated_epochs(outcome.results, cfg.train))
+        tcfg = fixed_epochs(settings_of(cfg), validated_epochs(outcome.results, settings_of(cfg)))
         family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,
                                        device=cfg.train.device)
         outcome.refit_epochs = tcfg.epochs
         tensors, spec = export_head(result.state, family.prep, split.train, tcfg.hidden, tcfg.blocks, cfg.train.seed)
-        # its own settings: the other families' sections (train.loc, train.heads) are in their parts
-        spec["train"] = {k: v for k, v in asdict(tcfg).items() if k != "heads" and not is_dataclass(getattr(tcfg, k))}
+        spec["settings"] = asdict(tcfg)
         spec["loss_weights"] = result.loss_weights
         return tensors, spec
 
@@ -275,8 +279,8 @@ class ResMTNetPlugin(HeadPlugin):
             raise ConfigError(f"rank_by '{rank_by}': {exc}") from None
 
     def validate(self, data, cfgs, splits, progress) -> Validation:
-        family, results = fit_pooled(data, [c.train for c in cfgs], splits, f"sweep {len(cfgs)} configs", progress,
-                                     device=cfgs[0].train.device)
+        family, results = fit_pooled(data, [settings_of(c) for c in cfgs], splits, f"sweep {len(cfgs)} configs",
+                                     progress, device=cfgs[0].train.device)
         norms = regression_norms(data.table, data.tasks, cfgs[0].eval.size_norm)
         n = len(splits)
 
@@ -288,11 +292,11 @@ class ResMTNetPlugin(HeadPlugin):
         def mine(c: int) -> List[JobResult]:
             return results[c * n:(c + 1) * n]
 
-        return Validation(metrics, lambda c: validated_epochs(mine(c), cfgs[c].train),
+        return Validation(metrics, lambda c: validated_epochs(mine(c), settings_of(cfgs[c])),
                           lambda c: {k: mean_curve(mine(c), k) for k in ("train_loss", "val_loss")})
 
     def score_winner(self, data, cfg, epochs: int, split: Split) -> Dict[str, Dict[str, float]]:
-        family, (res,) = fit_pooled(data, [fixed_epochs(cfg.train, epochs)], [split], "winner",
+        family, (res,) = fit_pooled(data, [fixed_epochs(settings_of(cfg), epochs)], [split], "winner",
                                     device=cfg.train.device)
         norms = regression_norms(data.table, data.tasks, cfg.eval.size_norm)
         return task_scores(data, family.prep.decode(res.outputs[split.test], 0), split.test, norms)
@@ -326,10 +330,10 @@ class ResMTNetPlugin(HeadPlugin):
         return written
 
     def report_lines(self, data, cfg, outcome: ResMTNetOutcome) -> List[str]:
-        t = cfg.train
+        t = settings_of(cfg)
         epochs = outcome.best_epochs
-        stopping = (f"epochs chosen on inner validation rows ({t.val_fraction:.0%} of each training fold, patience "
-                    f"{t.early_stopping}, at most {t.epochs}): best epochs {epochs}"
+        stopping = (f"epochs chosen on inner validation rows ({cfg.train.val_fraction:.0%} of each training fold, "
+                    f"patience {t.early_stopping}, at most {t.epochs}): best epochs {epochs}"
                     if t.early_stopping and cfg.eval.protocol != "insample" else f"{t.epochs} epochs")
         weights = outcome.loss_weights()
         bound, far = outcome.weights_at_bound(), outcome.weights_unconverged()

@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.core.tasks import TaskSpec
 from pipeline.core.train import Batch, RowValues, Split, floor_std
+from pipeline.heads.resmtnet import NAME
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], fan_in: int) -> torch.Tensor:
@@ -220,10 +221,10 @@ class PooledFamily:
         self.task_names = [t.name for t in prep.layout.tasks]
 
     def check(self, cfg) -> None:
-        """What only the data can say (the values were checked when the config was resolved: TrainConfig.check)."""
+        """What only the data can say (the values were checked when the config was resolved: ResMTNetSettings.check)."""
         unknown = sorted(set(cfg.lambdas) - set(self.task_names))
         if unknown:
-            raise ConfigError(f"train.lambdas names task(s) {', '.join(unknown)} that are not trained "
+            raise ConfigError(f"heads.{NAME}.lambdas names task(s) {', '.join(unknown)} that are not trained "
                               f"({', '.join(self.task_names)})")
 
     def stack_key(self, cfg) -> tuple:
