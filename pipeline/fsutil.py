@@ -135,14 +135,17 @@ def _cell(value: str) -> str:
 
 
 def _column_text(values) -> Optional[List[str]]:
-    """Each value of one column as pandas.to_csv writes it (float64 by repr, NaN and None empty, text quoted where
-    needed), or None for a column kind this does not know (the caller lets pandas write the block)."""
+    """Each value of one column as pandas.to_csv writes it (float64 by repr, float32 by numpy's shortest text, NaN
+    and None empty, text quoted where needed), or None for a column kind this does not know (the caller lets pandas
+    write the block)."""
     import numpy as np
 
     kind = values.dtype.kind
     items = values.tolist()
     if kind == "f" and values.dtype == np.float64:  # pandas formats float64 as numpy's str: Python's repr
         return ["" if v != v else repr(v) for v in items]
+    if kind == "f" and values.dtype == np.float32:  # numpy's shortest float32 text, as pandas writes it
+        return ["" if t == "nan" else t for t in values.astype(str).tolist()]
     if kind in "iub":
         return list(map(str, items))
     if kind != "O":

@@ -172,9 +172,10 @@ def test_data_views_keep_only_those_views(wide_cache):
 
 
 def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_path, monkeypatch):
-    """csv_text (predictions.csv's writer) against pandas' own to_csv, the oracle: float64 across magnitudes and
-    the special values, ints, bools, text that needs quotes, missing values, mixed object columns; a kind it does not
-    take (float32, nullable ints) is left to pandas, and the block writer's file equals one to_csv of the frame."""
+    """csv_text (predictions.csv's writer) against pandas' own to_csv, the oracle: float64 and float32 across
+    magnitudes and the special values, ints, bools, text that needs quotes, missing values, mixed object columns; a
+    kind it does not take (float16, nullable ints) is left to pandas, and the block writer's file equals one to_csv
+    of the frame."""
     import pandas as pd
 
     import pipeline.fsutil
@@ -188,7 +189,8 @@ def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_pa
     floats[:8] = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e16, 1e-05, 0.0001]
     frame = pd.DataFrame({
         "id": [f"img,{i}" if i % 97 == 0 else f'q"{i}' if i % 89 == 0 else f"JPC{i:04d}" for i in range(n)],
-        "x": floats, "p": np.round(rng.random(n), 6), "k": rng.integers(-5, 5, n), "ok": rng.random(n) < 0.5,
+        "x": floats, "x32": floats.astype(np.float32), "p32": rng.random(n).astype(np.float32),
+        "p": np.round(rng.random(n), 6), "k": rng.integers(-5, 5, n), "ok": rng.random(n) < 0.5,
         "label": np.array([None if i % 7 == 0 else "line\nbreak" if i % 101 == 0 else "benign" for i in range(n)],
                           dtype=object),
         "mixed": np.array([1.5 if i % 3 == 0 else np.nan if i % 3 == 1 else 2 for i in range(n)], dtype=object),
@@ -197,13 +199,13 @@ def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_pa
     expected = frame.to_csv(index=False)
     assert csv_text(frame) == expected
     assert csv_text(frame.iloc[100:200], header=False) == frame.iloc[100:200].to_csv(index=False, header=False)
-    assert csv_text(frame.assign(x=frame["x"].astype(np.float32))) is None
+    assert csv_text(frame.assign(p=frame["p"].astype(np.float16))) is None
     assert csv_text(frame.assign(k=pd.array(frame["k"], dtype="Int64"))) is None
     path = tmp_path / "p.csv"
     write_csv_blocks(path, n, 700, lambda part: frame.iloc[part])
     assert path.read_text() == expected
     # a block of a kind it does not take is written by pandas, in its place
-    mixed = frame.assign(x=frame["x"].astype(np.float32))
+    mixed = frame.assign(p=frame["p"].astype(np.float16))
 
     def block(part):
         return mixed.iloc[part] if part.start == 1400 else frame.iloc[part]
