@@ -254,6 +254,17 @@ def _moved_key(key: str) -> str:
     return key
 
 
+def _moved_hint(key: str) -> str:
+    """For an unknown train.<key> close to a setting of the paper's head: where that setting is now."""
+    parts = key.split(".")
+    if parts[0] != "train" or len(parts) < 2:
+        return ""
+    close = difflib.get_close_matches(parts[1], [f.name for f in dataclasses.fields(settings_class(REFERENCE_HEAD))],
+                                      n=1)
+    return f" (the paper's head's settings are under heads.{REFERENCE_HEAD}: did you mean " \
+           f"'heads.{REFERENCE_HEAD}.{close[0]}'?)" if close else ""
+
+
 def _warn_moved(keys: Sequence[str], where: str) -> None:
     """One warning for the moved keys given in `where` (once per process)."""
     moved = [f"{key} -> {_moved_key(key)}" for key in keys if _moved_key(key) != key]
@@ -275,6 +286,9 @@ def _moved_sections(data: Dict[str, Any], where: str) -> Dict[str, Any]:
     for key, value in train.items():
         new = _moved_key(f"train.{key}").split(".")
         if new[0] == "train":
+            hint = "" if key in {f.name for f in dataclasses.fields(TrainConfig)} else _moved_hint(f"train.{key}")
+            if hint:
+                raise ConfigError(f"{where}: train: unknown key '{key}'{hint}")
             kept[key] = value
         elif len(new) == 1:  # train.heads: every family's section
             for name, section in (value or {}).items():
@@ -374,7 +388,10 @@ def config_from(data: Dict[str, Any], where: str, overrides: Optional[Dict[str, 
     given = [key for key, value in (overrides or {}).items() if value is not None]
     _warn_moved(given, "the command line")
     for key in given:
-        set_dotted(cfg, _moved_key(key), overrides[key])
+        try:
+            set_dotted(cfg, _moved_key(key), overrides[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{_moved_hint(key)}") from None
     return validate_config(cfg, where, [_moved_key(key) for key in given])
 
 

@@ -148,3 +148,8 @@ def test_the_old_keys_of_the_head_settings_are_read_with_one_warning(tmp_path, c
 
     (variant,) = config_variants(cfg, [{"train.dropout": 0.25}])  # a sweep's old key too
     assert variant.heads["res-mtnet"].dropout == 0.25
+    old.write_text("train:\n  hiden: 64\n")  # a typo in an old key: where the setting is now
+    with pytest.raises(ConfigError, match=r"unknown key 'hiden'.*did you mean 'heads.res-mtnet.hidden'"):
+        load_config(str(old))
+    with pytest.raises(ConfigError, match=r"'train.epoch'.*did you mean 'heads.res-mtnet.epochs'"):
+        load_config(None, {"train.epoch": 3})
