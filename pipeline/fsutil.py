@@ -105,25 +105,53 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_csv_blocks(path: PathLike, n: int, block: int, frame_of: Callable[[slice], object]) -> None:
+def write_csv_blocks(path: PathLike, n: int, block: int, frame_of: Callable[[slice], object],
+                     workers: Optional[int] = None) -> None:
     """One CSV of `n` entries made a block at a time: frame_of(slice) gives the pandas DataFrame of those entries
-    (the header comes with the first), so a million rows' columns are never all formatted at once."""
-    with open(path, "w", newline="") as handle:
+    (the header comes with the first), so a million rows' columns are never all formatted at once. From
+    PARALLEL_ROWS entries the text is made by `workers` processes (default: the threads the command may use) while
+    this one makes the next blocks and writes them in order: the same bytes."""
+    from pipeline.runtime import resolve_threads
+
+    def parts():
         for start in range(0, max(n, 1), block):
             frame = frame_of(slice(start, start + block))
             for at in range(0, max(len(frame), 1), CSV_TEXT_ROWS):  # text a few thousand rows at a time
-                part = frame.iloc[at:at + CSV_TEXT_ROWS]
-                header = start == 0 and at == 0
-                text = csv_text(part, header=header)
-                if text is None:
-                    part.to_csv(handle, index=False, header=header)
-                else:
-                    handle.write(text)
+                yield frame.iloc[at:at + CSV_TEXT_ROWS], start == 0 and at == 0
+
+    workers = resolve_threads() if workers is None else workers
+    with open(path, "w", newline="") as handle:
+        if workers < 2 or n < PARALLEL_ROWS:
+            for part, header in parts():
+                handle.write(block_text(part, header))
+            return
+        import multiprocessing
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: the workers start from a fresh interpreter, not a fork of this threaded one (torch's pools)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            pending: deque = deque()
+            for part, header in parts():
+                pending.append(pool.submit(block_text, part, header))
+                if len(pending) >= 2 * workers:  # a few blocks in flight: memory stays a few blocks' text
+                    handle.write(pending.popleft().result())
+            while pending:
+                handle.write(pending.popleft().result())
+
+
+def block_text(part, header: bool) -> str:
+    """A block's CSV text: csv_text's, or pandas' for a kind csv_text does not take."""
+    text = csv_text(part, header=header)
+    return part.to_csv(index=False, header=header) if text is None else text
 
 
 #: Rows made into text at once: their cells are Python strings (about 60 bytes each), so 5,000 rows of 100
 #: columns hold about 30 MB, where pandas' own writer holds about as much.
 CSV_TEXT_ROWS = 5_000
+#: Entries from which write_csv_blocks formats in worker processes: below, starting them (each imports pandas,
+#: about 0.5 s) costs more than it saves.
+PARALLEL_ROWS = 100_000
 
 
 _NEEDS_QUOTES = frozenset(',"\r\n')

@@ -175,7 +175,7 @@ def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_pa
     """csv_text (predictions.csv's writer) against pandas' own to_csv, the oracle: float64 and float32 across
     magnitudes and the special values, ints, bools, text that needs quotes, missing values, mixed object columns; a
     kind it does not take (float16, nullable ints) is left to pandas, and the block writer's file equals one to_csv
-    of the frame."""
+    of the frame, made in this process or by worker processes."""
     import pandas as pd
 
     import pipeline.fsutil
@@ -210,5 +210,9 @@ def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_pa
     def block(part):
         return mixed.iloc[part] if part.start == 1400 else frame.iloc[part]
     write_csv_blocks(path, n, 700, block)
-    assert path.read_text() == "".join(block(slice(s, s + 700)).to_csv(index=False, header=s == 0)
-                                       for s in range(0, n, 700))
+    written = "".join(block(slice(s, s + 700)).to_csv(index=False, header=s == 0) for s in range(0, n, 700))
+    assert path.read_text() == written
+    # from PARALLEL_ROWS rows, worker processes make the text: the same bytes, in order
+    monkeypatch.setattr(pipeline.fsutil, "PARALLEL_ROWS", 1000)
+    write_csv_blocks(path, n, 700, block, workers=2)
+    assert path.read_text() == written
