@@ -5,6 +5,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
@@ -121,23 +124,33 @@ def write_csv_blocks(path: PathLike, n: int, block: int, frame_of: Callable[[sli
 
     workers = resolve_threads() if workers is None else workers
     with open(path, "w", newline="") as handle:
-        if workers < 2 or n < PARALLEL_ROWS:
-            for part, header in parts():
-                handle.write(block_text(part, header))
-            return
-        import multiprocessing
-        from collections import deque
-        from concurrent.futures import ProcessPoolExecutor
+        if workers >= 2 and n >= PARALLEL_ROWS:
+            from concurrent.futures.process import BrokenProcessPool
 
-        # forkserver: the workers start from a fresh interpreter, not a fork of this threaded one (torch's pools)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-            pending: deque = deque()
-            for part, header in parts():
-                pending.append(pool.submit(block_text, part, header))
-                if len(pending) >= 2 * workers:  # a few blocks in flight: memory stays a few blocks' text
-                    handle.write(pending.popleft().result())
-            while pending:
+            try:
+                return _write_with_workers(handle, parts(), workers)
+            except (OSError, BrokenProcessPool) as exc:  # no processes here (a sandbox), or a worker was killed
+                logger.warning("writing %s in one process: its worker processes failed (%s)", path, exc)
+                handle.seek(0)
+                handle.truncate()
+        for part, header in parts():
+            handle.write(block_text(part, header))
+
+
+def _write_with_workers(handle, parts, workers: int) -> None:
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # forkserver: the workers start from a fresh interpreter, not a fork of this threaded one (torch's pools)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        pending: deque = deque()
+        for part, header in parts:
+            pending.append(pool.submit(block_text, part, header))
+            if len(pending) >= 2 * workers:  # a few blocks in flight: memory stays a few blocks' text
                 handle.write(pending.popleft().result())
+        while pending:
+            handle.write(pending.popleft().result())
 
 
 def block_text(part, header: bool) -> str:

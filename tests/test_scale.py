@@ -1,6 +1,7 @@
 """Stage two at scale (issue 22): bounded memory, baselines that scale, one-line stops, large-data config."""
 from __future__ import annotations
 
+import logging
 
 import h5py
 import numpy as np
@@ -171,7 +172,7 @@ def test_data_views_keep_only_those_views(wide_cache):
         load_train_data(wide_cache, _config(**{"data.views": ["LATERAL"]}))
 
 
-def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_path, monkeypatch):
+def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_path, monkeypatch, caplog):
     """csv_text (predictions.csv's writer) against pandas' own to_csv, the oracle: float64 and float32 across
     magnitudes and the special values, ints, bools, text that needs quotes, missing values, mixed object columns; a
     kind it does not take (float16, nullable ints) is left to pandas, and the block writer's file equals one to_csv
@@ -216,3 +217,12 @@ def test_the_block_csv_writer_writes_pandas_bytes_for_every_kind_it_takes(tmp_pa
     monkeypatch.setattr(pipeline.fsutil, "PARALLEL_ROWS", 1000)
     write_csv_blocks(path, n, 700, block, workers=2)
     assert path.read_text() == written
+    # where no worker process can start, one process writes the same file (and says so)
+    import concurrent.futures
+
+    def refused(*args, **kwargs):
+        raise OSError("no semaphores here")
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", refused)
+    with caplog.at_level(logging.WARNING, logger="pipeline.fsutil"):
+        write_csv_blocks(path, n, 700, block, workers=2)
+    assert path.read_text() == written and "worker processes failed (no semaphores here)" in caplog.text
