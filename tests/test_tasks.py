@@ -103,3 +103,43 @@ def test_normalised_errors_divide_by_the_grid_only_for_the_papers_position_and_s
     assert grid["x"].tolist() == [2048.0, 2048.0] and grid["size"].tolist() == [2048.0, 2048.0]
     assert grid["age"].tolist() == [50.0, 50.0]  # age by its own range, not by 2048 pixels
     assert regression_norms(table, tasks, "range")["size"].tolist() == [20.0, 20.0]
+
+
+def _codes_row_by_row(task, values, missing, presence):
+    """The rule itself, one row at a time (the oracle of the vectorised encoder)."""
+    from pipeline.core.tasks import NONE_CLASS, class_name, is_missing
+
+    index = {c: float(i) for i, c in enumerate(task.classes)}
+    codes = np.full(len(values), missing)
+    for row, value in enumerate(values):
+        if is_missing(value):
+            if NONE_CLASS in index and presence is not None and presence[row] == 0:
+                codes[row] = index[NONE_CLASS]
+            continue
+        codes[row] = index[class_name(value)]
+    return codes
+
+
+def test_class_codes_equal_the_rule_row_by_row():
+    """Labels encoded once per distinct value equal the per-row rule on every kind of cell a table holds: text,
+    numbers as ints, floats and numpy scalars (3, 3.0, np.int64(3) are class '3'), None, NaN, '' (missing: the
+    'none' class where the image has no nodule), and the first unknown label in row order is the one named."""
+    from pipeline.core.kinds import _class_codes
+    from pipeline.core.tasks import MISSING, TaskSpec
+
+    rng = np.random.default_rng(0)
+    task = TaskSpec("lobe", "multiclass", "lobe", classes=("RUL", "3", "LLL", "none"))
+    cells = np.array(["RUL", 3, 3.0, np.int64(3), "LLL", None, np.nan, "", np.float32(3.0)], dtype=object)
+    values = pd.Series(cells[rng.integers(0, len(cells), 5000)], dtype=object)
+    presence = rng.integers(0, 2, 5000).astype(float)
+    presence[:10] = np.nan
+    for missing, given in ((MISSING, presence), (np.nan, None)):
+        np.testing.assert_array_equal(_class_codes(task, values, missing, given),
+                                      _codes_row_by_row(task, values, missing, given))
+    numbers = pd.Series(rng.choice([1.0, 2.0, np.nan], 1000))  # a float column (subtlety 1-5)
+    graded = TaskSpec("subtlety", "multiclass", "subtlety", classes=("1", "2"))
+    np.testing.assert_array_equal(_class_codes(graded, numbers, MISSING, None),
+                                  _codes_row_by_row(graded, numbers, MISSING, None))
+    bad = pd.Series(["RUL", "XYZ", "ABC", "XYZ"], dtype=object)
+    with pytest.raises(ConfigError, match="label 'XYZ' is not one of its classes"):
+        _class_codes(task, bad, MISSING, None)

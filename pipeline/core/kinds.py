@@ -109,16 +109,21 @@ def _class_codes(task: TaskSpec, values: pd.Series, missing: float, presence: Op
     """Class index of each value (`missing` where there is none; the 'none' class for non-nodule images when
     the task has it); a value outside the task's classes is an error."""
     index = {c: float(i) for i, c in enumerate(task.classes)}
-    codes = np.full(len(values), missing)
-    for row, value in enumerate(values):
+    # each distinct value is named once (a million rows hold a handful), in the order the rows first show them
+    seen, distinct = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+    lookup = np.full(len(distinct) + 1, np.nan)  # the last entry: the sentinel -1 (None, NaN)
+    for i, value in enumerate(distinct):
         if is_missing(value):
-            if NONE_CLASS in index and presence is not None and presence[row] == 0:
-                codes[row] = index[NONE_CLASS]
             continue
         key = class_name(value)
         if key not in index:
             raise ConfigError(f"task '{task.name}': label '{key}' is not one of its classes {', '.join(task.classes)}")
-        codes[row] = index[key]
+        lookup[i] = index[key]
+    codes = lookup[seen]
+    absent = np.isnan(codes)
+    codes[absent] = missing
+    if NONE_CLASS in index and presence is not None:
+        codes[absent & (np.asarray(presence) == 0)] = index[NONE_CLASS]
     return codes
 
 
