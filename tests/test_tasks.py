@@ -143,3 +143,18 @@ def test_class_codes_equal_the_rule_row_by_row():
     bad = pd.Series(["RUL", "XYZ", "ABC", "XYZ"], dtype=object)
     with pytest.raises(ConfigError, match="label 'XYZ' is not one of its classes"):
         _class_codes(task, bad, MISSING, None)
+
+
+def test_the_missing_mask_is_the_rule_value_by_value():
+    """missing_mask (each distinct value judged once, NaN of a float column) equals is_missing on every cell of
+    text, mixed, float, int and bool columns."""
+    from pipeline.core.tasks import is_missing, missing_mask
+
+    rng = np.random.default_rng(1)
+    cells = np.array(["benign", "", None, np.nan, 3, 3.0, "3", np.float64("nan")], dtype=object)
+    columns = [pd.Series(cells[rng.integers(0, len(cells), 2000)], dtype=object),
+               pd.Series(rng.choice(["a", "b", ""], 500)),
+               pd.Series(np.where(rng.random(500) < 0.3, np.nan, rng.random(500))),
+               pd.Series(rng.integers(0, 5, 300)), pd.Series(rng.random(300) < 0.5)]
+    for column in columns:
+        np.testing.assert_array_equal(missing_mask(column), np.array([is_missing(v) for v in column], dtype=bool))

@@ -120,8 +120,20 @@ def builtin_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSp
     return {t.name: t for t in specs}
 
 
+def missing_mask(values: pd.Series) -> np.ndarray:
+    """is_missing of every value: NaN of a float column, and for text or mixed columns each distinct value
+    judged once (a million rows hold a handful)."""
+    array = values.to_numpy()
+    if array.dtype.kind == "f":
+        return np.isnan(array)
+    if array.dtype.kind in "iub":
+        return np.zeros(len(array), dtype=bool)
+    codes, distinct = pd.factorize(pd.Series(array, dtype=object), use_na_sentinel=False)
+    return np.array([is_missing(v) for v in distinct], dtype=bool)[codes]
+
+
 def _known(values: pd.Series) -> pd.Series:
-    return values[[not is_missing(v) for v in values]]
+    return values[~missing_mask(values)]
 
 
 def infer_kind(values: pd.Series) -> Tuple[str, Tuple[str, ...]]:
