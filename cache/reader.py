@@ -55,6 +55,8 @@ def match_spec(name: str, specs) -> Optional[str]:
 
 #: Rows of a feature matrix read at once (a progress tick each; the read goes straight into the result).
 READ_BLOCK_BYTES = 256 << 20
+#: The buffer of rows read as stored when the result holds another type (float16), converted by numpy.
+CONVERT_BLOCK_BYTES = 64 << 20
 
 
 def _text_column(ds: h5py.Dataset) -> pd.Series:
@@ -227,10 +229,18 @@ class FeatureCache:
         col = 0
         for ds in sets:
             width = int(ds.shape[1])
-            step = max(1, READ_BLOCK_BYTES // (4 * width))
+            # another type (float16 held): read as stored into a small buffer and let numpy convert (HDF5's own
+            # conversion to half floats is element by element: 1M x 768 in 5.9 s against 2.9 s)
+            rows = max(1, CONVERT_BLOCK_BYTES // (4 * width))
+            buffer = None if ds.dtype == out.dtype else np.empty((rows, width), dtype=ds.dtype)
+            step = max(1, READ_BLOCK_BYTES // (4 * width)) if buffer is None else len(buffer)
             for start in range(0, n, step):
                 stop = min(n, start + step)
-                ds.read_direct(out, np.s_[start:stop, :], np.s_[start:stop, col:col + width])
+                if buffer is None:
+                    ds.read_direct(out, np.s_[start:stop, :], np.s_[start:stop, col:col + width])
+                else:
+                    ds.read_direct(buffer, np.s_[start:stop, :], np.s_[:stop - start, :])
+                    out[start:stop, col:col + width] = buffer[:stop - start]
                 if progress is not None:
                     progress(stop - start)
             col += width

@@ -104,11 +104,13 @@ def test_stage_two_data_path_stays_within_the_memory_bound(tmp_path):
                                     f"({got['matrix'] / 2**20:.0f} MiB matrix)")
 
 
-def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache):
+def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache, monkeypatch):
+    import cache.reader
     from pipeline.evaluation.engine import load_train_data
     from pipeline.heads.resmtnet.family import pooled_family
     from pipeline.core.splits import make_splits
 
+    monkeypatch.setattr(cache.reader, "CONVERT_BLOCK_BYTES", 7 * 4 * 512)  # float16 read 7 rows at a time
     cfg = _config(**{"train.feature_dtype": "float16"})
     data = load_train_data(wide_cache, cfg)
     assert data.features.dtype == np.float16 and data.features.nbytes == 3000 * 512 * 2
@@ -116,6 +118,7 @@ def test_the_matrix_is_held_once_and_float16_halves_it(wide_cache):
     family = pooled_family(data, splits)
     assert np.shares_memory(family.prep.features.numpy(), data.features)  # no per-split copies
     full = load_train_data(wide_cache, _config())
+    np.testing.assert_array_equal(data.features, full.features.astype(np.float16))  # the cast, block by block
     z16 = family.prep.standardised(0, np.arange(50))
     z32 = pooled_family(full, splits).prep.standardised(0, np.arange(50))
     np.testing.assert_allclose(z16, z32, atol=0.02)  # half precision: the same inputs to 1e-2
