@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
 
@@ -125,11 +126,9 @@ def write_csv_blocks(path: PathLike, n: int, block: int, frame_of: Callable[[sli
     workers = resolve_threads() if workers is None else workers
     with open(path, "w", newline="") as handle:
         if workers >= 2 and n >= PARALLEL_ROWS:
-            from concurrent.futures.process import BrokenProcessPool
-
             try:
                 return _write_with_workers(handle, parts(), workers)
-            except (OSError, BrokenProcessPool) as exc:  # no processes here (a sandbox), or a worker was killed
+            except Exception as exc:  # no processes here (a sandbox), a worker killed: one process writes it all
                 logger.warning("writing %s in one process: its worker processes failed (%s)", path, exc)
                 handle.seek(0)
                 handle.truncate()
@@ -142,8 +141,11 @@ def _write_with_workers(handle, parts, workers: int) -> None:
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    # forkserver: the workers start from a fresh interpreter, not a fork of this threaded one (torch's pools)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    # Linux: forked, as torch's DataLoader workers are. A worker only formats text (no logging, no OpenMP), and a
+    # fork neither imports the caller's script again (forkserver and spawn run an unguarded script's top level,
+    # its training included, in every worker) nor needs the caller's sys.path; elsewhere the platform's default.
+    method = "fork" if sys.platform.startswith("linux") else None
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         pending: deque = deque()
         for part, header in parts:
             pending.append(pool.submit(block_text, part, header))
