@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc, sigmoid
-from pipeline.core.tasks import MISSING, MULTILABEL_SEPARATOR, NONE_CLASS, TaskSpec, class_name, is_missing
+from pipeline.core.tasks import (MISSING, MULTILABEL_SEPARATOR, NONE_CLASS, TaskSpec, class_name, is_missing,
+                                 per_distinct)
 from pipeline.errors import ConfigError
 from pipeline.plugins import TASK_KINDS
 
@@ -109,17 +110,16 @@ def _class_codes(task: TaskSpec, values: pd.Series, missing: float, presence: Op
     """Class index of each value (`missing` where there is none; the 'none' class for non-nodule images when
     the task has it); a value outside the task's classes is an error."""
     index = {c: float(i) for i, c in enumerate(task.classes)}
-    # each distinct value is named once (a million rows hold a handful), in the order the rows first show them
-    seen, distinct = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
-    lookup = np.full(len(distinct) + 1, np.nan)  # the last entry: the sentinel -1 (None, NaN)
-    for i, value in enumerate(distinct):
+
+    def code(value) -> float:
         if is_missing(value):
-            continue
+            return np.nan
         key = class_name(value)
         if key not in index:
             raise ConfigError(f"task '{task.name}': label '{key}' is not one of its classes {', '.join(task.classes)}")
-        lookup[i] = index[key]
-    codes = lookup[seen]
+        return index[key]
+
+    codes = per_distinct(values, code, float)
     absent = np.isnan(codes)
     codes[absent] = missing
     if NONE_CLASS in index and presence is not None:

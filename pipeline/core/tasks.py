@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -120,16 +120,22 @@ def builtin_tasks(maps: LabelMaps, non_nodule: str = "mask") -> Dict[str, TaskSp
     return {t.name: t for t in specs}
 
 
+def per_distinct(values, fn: Callable[[object], object], dtype) -> np.ndarray:
+    """fn of every value, called once per distinct value (a million label cells hold a handful), in the order the
+    values first appear (so an error names the first offending one); None and NaN are values too."""
+    codes, distinct = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=False)
+    return np.array([fn(v) for v in distinct], dtype=dtype)[codes]
+
+
 def missing_mask(values: pd.Series) -> np.ndarray:
     """is_missing of every value: NaN of a float column, and for text or mixed columns each distinct value
-    judged once (a million rows hold a handful)."""
+    judged once."""
     array = values.to_numpy()
     if array.dtype.kind == "f":
         return np.isnan(array)
     if array.dtype.kind in "iub":
         return np.zeros(len(array), dtype=bool)
-    codes, distinct = pd.factorize(pd.Series(array, dtype=object), use_na_sentinel=False)
-    return np.array([is_missing(v) for v in distinct], dtype=bool)[codes]
+    return per_distinct(array, is_missing, bool)
 
 
 def _known(values: pd.Series) -> pd.Series:
