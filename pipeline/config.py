@@ -242,6 +242,11 @@ _MOVED_SECTIONS = {"loc": "loc", "heads": ""}
 _warned: set = set()
 
 
+def _reference_keys() -> List[str]:
+    """The keys of the reference head family's settings (once train.<key>)."""
+    return [f.name for f in dataclasses.fields(settings_class(REFERENCE_HEAD))]
+
+
 def _moved_key(key: str) -> str:
     """`key` as it is named now (the same key when it did not move)."""
     parts = key.split(".")
@@ -249,7 +254,7 @@ def _moved_key(key: str) -> str:
         return key
     if parts[1] in _MOVED_SECTIONS:
         return ".".join(["heads", *filter(None, [_MOVED_SECTIONS[parts[1]]]), *parts[2:]])
-    if parts[1] in {f.name for f in dataclasses.fields(settings_class(REFERENCE_HEAD))}:
+    if parts[1] in _reference_keys():
         return ".".join(["heads", REFERENCE_HEAD, *parts[1:]])
     return key
 
@@ -259,8 +264,7 @@ def _moved_hint(key: str) -> str:
     parts = key.split(".")
     if parts[0] != "train" or len(parts) < 2:
         return ""
-    close = difflib.get_close_matches(parts[1], [f.name for f in dataclasses.fields(settings_class(REFERENCE_HEAD))],
-                                      n=1)
+    close = difflib.get_close_matches(parts[1], _reference_keys(), n=1)
     return f" (the paper's head's settings are under heads.{REFERENCE_HEAD}: did you mean " \
            f"'heads.{REFERENCE_HEAD}.{close[0]}'?)" if close else ""
 

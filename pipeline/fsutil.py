@@ -164,8 +164,8 @@ def block_text(part, header: bool) -> str:
 #: Rows made into text at once: their cells are Python strings (about 60 bytes each), so 5,000 rows of 100
 #: columns hold about 30 MB, where pandas' own writer holds about as much.
 CSV_TEXT_ROWS = 5_000
-#: Entries from which write_csv_blocks formats in worker processes: below, starting them (each imports pandas,
-#: about 0.5 s) costs more than it saves.
+#: Entries from which write_csv_blocks formats in worker processes: below, the file takes a few seconds at most,
+#: and handing blocks to workers (pickled both ways) saves less than a second.
 PARALLEL_ROWS = 100_000
 
 

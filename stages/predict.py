@@ -184,9 +184,10 @@ def predict(run_dir: Path, images: Sequence[Path], out: Optional[Path] = None, *
         for column, values in applied.columns(features, ok, grid).items():
             table[column] = values
     looking = [a for a in head.parts.values() if type(a).look_again is not Applied.look_again]
+    embed = _embedder(weights, device, batch_size)  # shared: parts that look with one backbone build it once
     for applied in looking:
         with progress_bar(int(ok.sum()), "second look", progress, unit="image") as tick:
-            look = SecondLook(files, ok, grid, head.parts, _embedder(weights, device, batch_size), tick)
+            look = SecondLook(files, ok, grid, head.parts, embed, tick)
             for column, values in applied.look_again(look).items():
                 table[column] = values
     trained = set(head.run.trained_sha256)

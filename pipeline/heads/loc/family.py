@@ -34,8 +34,6 @@ from pipeline.reporting import format_entry
 
 logger = logging.getLogger(__name__)
 
-#: This family's name in the registry, in sweeps' metrics ('loc.<metric>') and its answer's name.
-
 
 @dataclass
 class LocInputs:

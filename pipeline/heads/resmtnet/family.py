@@ -162,9 +162,6 @@ class ResMTNetPlugin(HeadPlugin):
     name, artefact, reference, settings = NAME, ANSWER, True, ResMTNetSettings
     answers = {"position": (f"{PREFIX}x", f"{PREFIX}y"), "presence": (f"{PREFIX}presence_prob",)}
 
-    def section(self, cfg) -> ResMTNetSettings:
-        return settings_of(cfg)  # always trained: it is the run's reference
-
     def cross_validate(self, data, cfg, splits, names, reference, progress) -> ResMTNetOutcome:
         """The head on every split, the baselines on the same splits, and every model summarised by the one
         summariser (overall and per nodule-size bin); label efficiency with eval.train_sizes."""
@@ -252,7 +249,8 @@ class ResMTNetPlugin(HeadPlugin):
         splits; the configured count without early stopping)."""
         from pipeline.heads.resmtnet.model import export_head
 
-        tcfg = fixed_epochs(settings_of(cfg), validated_epochs(outcome.results, settings_of(cfg)))
+        s = settings_of(cfg)
+        tcfg = fixed_epochs(s, validated_epochs(outcome.results, s))
         family, (result,) = fit_pooled(data, [tcfg], [split], "refit", progress, keep_state=True,
                                        device=cfg.train.device)
         outcome.refit_epochs = tcfg.epochs
