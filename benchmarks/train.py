@@ -4,6 +4,7 @@
     python benchmarks/train.py --cache CACHE.h5 --compare ../base            # ... beside another checkout
     python benchmarks/train.py --cache CACHE.h5 --sweep configs/sweep.yaml --configs 8
     python benchmarks/train.py --step                                      # where one training step goes
+    python benchmarks/train.py --stack --rows 100000 --device cuda [--compare ../base]  # steps: 1 vs 5 members
     python benchmarks/train.py --answers [--compare ../base]               # how fast errors and inspect-data answer
 
 "command": `train-heads` from start to exit (a fresh process: imports, reading the cache, 5-fold CV with
@@ -115,6 +116,44 @@ def step_times(repeats: int = 50) -> dict:
     return out
 
 
+def stack_times(rows: int, dim: int, device: str) -> dict:
+    """Milliseconds per optimiser step of the real trainer on a synthetic rows x dim float16 cache with
+    configs/large.yaml's head (one epoch, no early stopping): one member (the refit's shape) against the five folds
+    stacked (cross-validation's), on `device`; the median gap between progress ticks over the epoch's middle
+    half, so neither the start nor the final scoring counts."""
+    from pipeline import runtime
+
+    runtime.configure(None)
+    from pipeline.config import load_config
+    from pipeline.core.splits import make_splits
+    from pipeline.core.train import Job, train_jobs
+    from pipeline.data.synthetic import write_feature_cache
+    from pipeline.evaluation.engine import load_train_data
+    from pipeline.heads.resmtnet.family import pooled_family, settings_of
+
+    cfg = load_config("large", {"train.features": ["synthetic:features"], "train.feature_dtype": "float16",
+                                "train.device": device, "heads.res-mtnet.epochs": 1,
+                                "heads.res-mtnet.early_stopping": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "stack.h5"
+        write_feature_cache(cache, rows, dim, seed=0)
+        data = load_train_data(cache, cfg)
+    splits, _ = make_splits(data.table, data.rows, cfg.eval, cfg.train.val_fraction)
+    family, head = pooled_family(data, splits), settings_of(cfg)
+    out = {"rows": rows, "dim": dim, "device": device, "batch_size": head.batch_size, "hidden": head.hidden}
+    for name, jobs in {"one_member": [Job(head, 0)], "five_stacked": [Job(head, s) for s in range(5)]}.items():
+        ticks: list = []
+        started = time.perf_counter()
+        train_jobs(family, jobs, device=device, progress=lambda n: ticks.append(time.perf_counter()))
+        gaps = [b - a for a, b in zip(ticks[len(ticks) // 4:], ticks[len(ticks) // 4 + 1:3 * len(ticks) // 4])]
+        step = statistics.median(gaps) * 1000
+        out[name] = {"steps": len(ticks), "ms_per_step": step, "ms_per_member_step": step / len(jobs),
+                     "train_jobs_s": time.perf_counter() - started}
+    out["one_member_over_stacked_per_member"] = (out["one_member"]["ms_per_member_step"]
+                                                 / out["five_stacked"]["ms_per_member_step"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", action="store_true", help="only time one training step and its parts")
@@ -125,7 +164,24 @@ def main() -> None:
     parser.add_argument("--sweep", type=Path, default=None, help="also time a sweep (e.g. configs/sweep.yaml)")
     parser.add_argument("--configs", type=int, default=None, help="sweep: only the first N configurations")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run")
+    parser.add_argument("--stack", action="store_true", help="only time the trainer's steps: one member against "
+                        "five stacked, on a synthetic --rows x --dim cache (with --compare: DIR's trainer too)")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--code", type=Path, default=None, help=argparse.SUPPRESS)  # --compare's child process
     args = parser.parse_args()
+    if args.code:
+        sys.path.insert(0, str(args.code.resolve()))
+    if args.stack:
+        result = {"this": stack_times(args.rows, args.dim, args.device)}
+        if args.compare:
+            child = [sys.executable, __file__, "--stack", "--rows", str(args.rows), "--dim", str(args.dim),
+                     "--device", args.device, "--code", str(args.compare)]
+            result["compare"] = json.loads(subprocess.run(child, capture_output=True, text=True,
+                                                          check=True).stdout)["this"]
+        print(json.dumps(result, indent=2))
+        return
     if args.step:
         print(json.dumps(step_times(), indent=2))
         return

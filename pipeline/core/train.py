@@ -182,9 +182,14 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     split_ids = sorted({j.split for j in jobs})
     key_of = torch.tensor([split_ids.index(j.split) for j in jobs])
     split_of = torch.tensor([j.split for j in jobs])
-    generators = [torch.Generator().manual_seed(10_007 * splits[s].key + 17) for s in split_ids]
+    seeds = [10_007 * splits[s].key + 17 for s in split_ids]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    # Dropout's uniforms: on a CPU drawn from the split's generator (as its row orders are); on a GPU from a
+    # generator of the device seeded alike, so that no step waits for random numbers copied from the host.
+    noise = generators if device.type == "cpu" else [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    key_dev = key_of.to(device)
     model = family.build(cfgs, [splits[j.split].key for j in jobs]).to(device)
-    lambdas = torch.tensor([family.lambdas(c) for c in cfgs], dtype=torch.float32)
+    lambdas = torch.tensor([family.lambdas(c) for c in cfgs], dtype=torch.float32).to(device)
     weighting = WEIGHTINGS[cfg.loss_weighting](lambdas, cfg).to(device)
     groups = [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if list(weighting.parameters()):
@@ -214,17 +219,17 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
     for epoch in range(cfg.epochs):
         model.train()
         orders = [rows[torch.randperm(len(rows), generator=g)] for rows, g in zip(train_rows, generators)]
+        # the epoch's batches go to the device at once: a copy per step would make every step wait for the last
+        epoch_idx, epoch_valid = (t[key_of].to(device) for t in _pad_rows(orders, n_steps * cfg.batch_size))
         epoch_loss = torch.zeros(members, device=device)
         epoch_tasks = 0.0
         for step in range(n_steps):
-            idx_k, valid_k = _pad_rows([o[step * cfg.batch_size:(step + 1) * cfg.batch_size] for o in orders],
-                                       cfg.batch_size)
-
             def uniform(width: int) -> torch.Tensor:
-                return torch.stack([torch.rand(cfg.batch_size, width, generator=g)
-                                    for g in generators])[key_of].to(device)
+                return torch.stack([torch.rand(cfg.batch_size, width, generator=g, device=g.device)
+                                    for g in noise])[key_dev]
 
-            batch = Batch(idx_k[key_of].to(device), valid_k[key_of].to(device), split_dev, uniform)
+            in_step = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            batch = Batch(epoch_idx[:, in_step], epoch_valid[:, in_step], split_dev, uniform)
             per_task = family.losses(model, cfgs, batch)
             loss = weighting(per_task, family.shared_parameter(model) if weighting.needs_shared else None)
             optimiser.zero_grad()
@@ -233,7 +238,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
             weighting.after_step()
             # the curve's training loss is the quantity the validation loss is: the configured lambdas' weighted
             # sum of the task losses (a learnt weighting's own objective, which can go negative, is not)
-            epoch_loss += (lambdas.to(device) * per_task.detach()).sum(dim=1) / n_steps
+            epoch_loss += (lambdas * per_task.detach()).sum(dim=1) / n_steps
             epoch_tasks = epoch_tasks + per_task.detach() / n_steps
             if progress is not None:
                 progress(members)
@@ -245,7 +250,7 @@ def _train_stack(family: HeadFamily, jobs: List[Job], keep_state: bool,
                 # selection loss: the configured lambdas' weighted sum, whatever the training weighting
                 totals = [family.losses(model, cfgs, b, totals=True) for b in val_batches]
                 per_task = sum(t[0] for t in totals) / sum(t[1] for t in totals).clamp_min(1)
-                v_loss = (lambdas.to(device) * per_task).sum(dim=1)
+                v_loss = (lambdas * per_task).sum(dim=1)
             history["val_loss"].append(v_loss.tolist())
             active = since_best < cfg.early_stopping  # a member out of patience keeps its best state
             improved = (v_loss < best_loss) & active

@@ -219,6 +219,7 @@ class PooledFamily:
         self.prep = prep
         self.splits = prep.splits
         self.task_names = [t.name for t in prep.layout.tasks]
+        self._per_member: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check(self, cfg) -> None:
         """What only the data can say (the values were checked when the config was resolved: ResMTNetSettings.check)."""
@@ -263,13 +264,20 @@ class PooledFamily:
         contributes exactly 0 (never NaN).
         """
         x = self.inputs(batch.rows, batch.split_of)
+        dropout, smoothing = self._member_settings(cfgs, x.device)
         if batch.uniform is not None:
-            dropout = torch.tensor([c.dropout for c in cfgs], dtype=torch.float32, device=x.device)
             out = model(x, dropout, [batch.uniform(model.hidden) for _ in range(1 + model.blocks)])
         else:
             out = model(x)
-        smoothing = torch.tensor([c.label_smoothing for c in cfgs], dtype=torch.float32, device=x.device)
         return task_losses(out, batch, self.targets, self.prep.layout, smoothing, totals)
+
+    def _member_settings(self, cfgs, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The members' (M,) dropout and label smoothing, made once per stack and device: on a GPU a tensor made
+        from Python numbers is a copy from the host that each step would wait for."""
+        key = (device, tuple(c.dropout for c in cfgs), tuple(c.label_smoothing for c in cfgs))
+        if key not in self._per_member:
+            self._per_member[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in key[1:])
+        return self._per_member[key]
 
     def scored_rows(self, split) -> np.ndarray:
         return np.union1d(split.test, split.val)  # out-of-fold predictions and the other families' choices
