@@ -192,5 +192,9 @@ def test_the_gpu_benchmark_runs_in_quick_mode_on_the_cpu():
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["stage_one"]["precision"] == "cpu-bf16" and result["stage_one"]["loop_vs_forward"] > 0
     assert result["stage_two"]["cv_run_s"] > 0 and result["stage_two"]["sweep"]["configs"] == 2
+    assert set(result["stage_two"]["pooled_device_vs_cpu"]) >= {"state.accuracy", "x.mse"}
+    decoded = result["decode_on_device"]  # the device decoder's CPU fallback here: the 1e-3 holds
+    assert decoded["images"] == 6 and decoded["device_fp32_vs_pil_fp32"]["max_abs_over_scale"] <= 1e-3
+    assert decoded["precision"]["device_bf16"] == "cpu-bf16-tvjpeg" and decoded["pixel_hashes_equal"] == 1.0
     scale = result["stage_two_at_scale"]  # benchmarks/scale.py's row, at 2,000 x 64 here
     assert scale["rows"] == 2000 and scale["peak_rss_gib"] > 0 and scale["train_s"] > 0
