@@ -302,7 +302,7 @@ def test_the_majority_baseline_is_a_constant_scorer_auroc_one_half_when_folds_ar
     pooled = np.zeros_like(y)
     for f in range(4):
         train = folds != f
-        pooled[folds == f] = task.impl.baseline("majority", y[train], None, train, 10, task, 1.0, 1.0)
+        pooled[folds == f] = task.impl.baseline("majority", y[train], None, train, 10, task, 1.0, 1.0).finish([])
     for k in range(2):
         assert roc_auc(y[:, k], pooled[:, k]) == 0.5
         prevalence = np.concatenate([np.full(10, y[folds != f, k].mean()) for f in range(4)])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import OptimConfig, choices, load_config
+from pipeline.core.linear import Fitted
 from pipeline.errors import ConfigError
 from pipeline.core.splits import make_splits, scores_training_rows
 from pipeline.features.backbones import create_backbone, spatial_backbone
@@ -30,19 +31,21 @@ KIND_EXAMPLES = {
 
 
 class _Linear:
-    """A stand-in for pipeline.core.linear's fits: probabilities and values that follow the row index."""
+    """A stand-in for pipeline.core.linear's fits: scores that follow the row index."""
 
     def __init__(self, n: int):
         self.n = n
 
     def logistic(self, mask, labels, c):
         classes = np.unique(labels)
-        p = np.linspace(0.1, 0.9, self.n)[:, None]
-        proba = np.hstack([1 - p, p]) if len(classes) == 2 else np.full((self.n, len(classes)), 1 / len(classes))
-        return classes, proba
+        k = 1 if len(classes) == 2 else len(classes)  # binomial: one column of scores, as scikit-learn's
+        return classes, Fitted(np.zeros((1, k)), np.zeros(k))
 
     def ridge(self, mask, target, alpha):
-        return np.linspace(-1, 1, self.n)
+        return Fitted(np.zeros((1, 1)), np.zeros(1))
+
+    def scores(self, fits):
+        return [np.linspace(-2, 2, self.n)[:, None] * np.arange(1, f.w.shape[1] + 1) for f in fits]
 
 
 def test_every_kind_has_an_example():
@@ -71,7 +74,9 @@ def test_kind_contract(name):
     resampled = kind.evaluate(task, target[known], pred[known], None, np.ones((3, int(known.sum()))))
     assert all(np.shape(v) == (3,) for v in resampled.values())  # bootstrap resamples at once
     for which in ("majority", "linear"):
-        base = kind.baseline(which, target[known], _Linear(8), known, 8, task, 1.0, 1.0)
+        linear = _Linear(8)
+        answer = kind.baseline(which, target[known], linear, known, 8, task, 1.0, 1.0)
+        base = answer.finish(linear.scores(answer.fits))
         assert len(base) == 8 and np.isfinite(base).all()
     columns = kind.columns(task, target, pred)
     assert columns and all(len(v) == 8 for v in columns.values())

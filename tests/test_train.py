@@ -263,7 +263,7 @@ def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
     the row-space fit give the same predictions; both equal scikit-learn on the standardised matrix."""
     from sklearn.linear_model import Ridge
 
-    from pipeline.core.linear import Primal, RowSpace
+    from pipeline.core.linear import Primal, RowSpace, probabilities
 
     x, prep, rows, y3, reg = _linear_problem(n, d, fit)
     primal, row_space = Primal(prep, 0, rows, tol=1e-12, max_iter=20000), RowSpace.of(prep, 0, rows, tol=1e-12)
@@ -272,15 +272,20 @@ def test_primal_and_row_space_baselines_are_the_same_model(n, d, fit):
     z = prep.standardised(0, np.arange(n), np.float64)
     target = (reg[rows] - reg[rows].mean()) / reg[rows].std()
     full = Ridge(alpha=1.0).fit(z[rows], target).predict(z)
-    np.testing.assert_allclose(primal.ridge(every, target, 1.0), full, atol=1e-6)
-    np.testing.assert_allclose(row_space.ridge(every, target, 1.0), full, atol=1e-6)
-    np.testing.assert_allclose(dense.ridge(every, target, 1.0), full, atol=1e-6)
+    for model in (primal, row_space, dense):
+        ridge = model.ridge(every, target, 1.0)
+        np.testing.assert_allclose(model.scores([ridge])[0][:, 0], full, atol=1e-6)
     for labels in (y3[rows], (y3[rows] > 0).astype(int)):  # multinomial and binomial
         sk = LogisticRegression(C=1.0, solver="newton-cg", tol=1e-12, max_iter=5000).fit(z[rows], labels)
         for model in (primal, row_space, dense):
-            classes, proba = model.logistic(every, labels, 1.0)
+            classes, fit = model.logistic(every, labels, 1.0)
             assert list(classes) == list(sk.classes_)
-            np.testing.assert_allclose(proba, sk.predict_proba(z), atol=1e-6)
+            np.testing.assert_allclose(probabilities(model.scores([fit])[0]), sk.predict_proba(z), atol=1e-6)
+            # scored together with another fit in one pass: the same scores as alone
+            ridge = model.ridge(every, target, 1.0)
+            together = model.scores([ridge, fit])
+            np.testing.assert_array_equal(together[1], model.scores([fit])[0])
+            np.testing.assert_array_equal(together[0], model.scores([ridge])[0])
 
 
 def test_baselines_choose_row_space_below_d_rows_and_primal_above(monkeypatch):

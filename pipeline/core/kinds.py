@@ -6,11 +6,12 @@ package with a resmtnet.task_kinds entry point).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from pipeline.core.linear import probabilities
 from pipeline.core.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc, sigmoid
 from pipeline.core.tasks import (MISSING, MULTILABEL_SEPARATOR, NONE_CLASS, TaskSpec, class_name, is_missing,
                                  per_distinct)
@@ -19,6 +20,19 @@ from pipeline.plugins import TASK_KINDS
 
 if TYPE_CHECKING:  # torch is imported by the methods that train, not by code that only reads labels
     import torch
+
+
+class Baseline(NamedTuple):
+    """A task's baseline on one split: the linear fits it needs scored (pipeline.core.linear.Fitted; none for a
+    constant) and how their scores, in that order, become its predictions. The summariser scores every task's
+    fits of a split in one pass over the rows (`linear.scores`)."""
+
+    fits: Sequence
+    finish: Callable[[List[np.ndarray]], np.ndarray]
+
+    @classmethod
+    def constant(cls, values: np.ndarray) -> "Baseline":
+        return cls([], lambda scores: values)
 
 
 class Kind:
@@ -95,10 +109,10 @@ class Kind:
         raise NotImplementedError
 
     def baseline(self, which: str, y: np.ndarray, linear, mask: np.ndarray, n: int, task: TaskSpec,
-                 c: float, alpha: float) -> np.ndarray:
+                 c: float, alpha: float) -> Baseline:
         """'majority' (prior / mean: the same for every row, so the summariser asks for n = 1) or 'linear'
         (logistic / ridge, fitted by `linear`, a pipeline.core.linear model, on its fitting rows where `mask`,
-        labels `y`) predictions for the n rows the model scores (a split's test rows)."""
+        labels `y`): predictions for the n rows the model scores (a split's test rows), as a Baseline."""
         raise NotImplementedError
 
     def columns(self, task: TaskSpec, y: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, object]:
@@ -172,11 +186,14 @@ class Multiclass(Kind):
         if which == "majority" or (counts > 0).sum() < 2:
             p = np.zeros(k)
             p[np.argmax(counts)] = 1.0
-            return np.tile(p if which == "majority" else counts / max(counts.sum(), 1), (n, 1))
-        classes, fitted = linear.logistic(mask, y.astype(np.int64), c)
-        proba = np.zeros((n, k))
-        proba[:, classes] = fitted
-        return proba
+            return Baseline.constant(np.tile(p if which == "majority" else counts / max(counts.sum(), 1), (n, 1)))
+        classes, fit = linear.logistic(mask, y.astype(np.int64), c)
+
+        def finish(scores):
+            proba = np.zeros((n, k))
+            proba[:, classes] = probabilities(scores[0])
+            return proba
+        return Baseline([fit], finish)
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}
@@ -224,8 +241,8 @@ class Binary(Kind):
 
     def baseline(self, which, y, linear, mask, n, task, c, alpha):
         if which == "majority" or len(np.unique(y)) < 2:
-            return np.full(n, float(y.mean() > 0.5) if which == "majority" else y.mean())
-        return linear.logistic(mask, y.astype(int), c)[1][:, 1]
+            return Baseline.constant(np.full(n, float(y.mean() > 0.5) if which == "majority" else y.mean()))
+        return Baseline([linear.logistic(mask, y.astype(int), c)[1]], lambda scores: probabilities(scores[0])[:, 1])
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}
@@ -290,9 +307,9 @@ class Regression(Kind):
 
     def baseline(self, which, y, linear, mask, n, task, c, alpha):
         if which == "majority" or len(y) < 2:
-            return np.full(n, y.mean() if len(y) else 0.0)
+            return Baseline.constant(np.full(n, y.mean() if len(y) else 0.0))
         mean, std = self.scale(y, np.arange(len(y)))[:2]
-        return linear.ridge(mask, (y - mean) / std, alpha) * std + mean
+        return Baseline([linear.ridge(mask, (y - mean) / std, alpha)], lambda scores: scores[0][:, 0] * std + mean)
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}
@@ -419,6 +436,7 @@ class Multilabel(Kind):
 
     def baseline(self, which, y, linear, mask, n, task, c, alpha):
         out = np.full((n, len(task.classes)), 0.5)
+        fitted: Dict[int, object] = {}  # finding -> its logistic fit, scored with the other tasks' fits
         for k in range(len(task.classes)):
             known = ~np.isnan(y[:, k])
             labels = y[known, k]
@@ -436,8 +454,13 @@ class Multilabel(Kind):
                 continue
             fit = mask.copy()
             fit[mask] = known
-            out[:, k] = linear.logistic(fit, labels.astype(int), c)[1][:, 1]
-        return out
+            fitted[k] = linear.logistic(fit, labels.astype(int), c)[1]
+
+        def finish(scores):
+            for k, z in zip(fitted, scores):
+                out[:, k] = probabilities(z)[:, 1]
+            return out
+        return Baseline(list(fitted.values()), finish)
 
     def columns(self, task, y, pred):
         out: Dict[str, object] = {}

@@ -11,7 +11,8 @@ Ridge is solved exactly from the D x D Gram matrix (one pass, O(n D^2)); logisti
 100 iterations, tolerance 1e-4: scikit-learn's defaults). The objectives are scikit-learn's: Ridge
 ||y - Xw - b||^2 + alpha ||w||^2; LogisticRegression
 C sum(log-loss) + 1/2 ||W||^2 (binomial for two classes present, multinomial otherwise), intercepts unpenalised.
-Every fit predicts every row from its raw features through weights mapped back to feature space.
+Every fit returns its weights mapped back to feature space (`Fitted`); `scores` scores the rows for any number
+of fits in one pass over them, so that every task of a split shares one read of its test rows.
 
 The row-space fit costs about 10 n^3 (the eigenproblem) and the primal one a pass over the fitting rows per
 iteration, so both grow with the data; evaluate.baseline_predictions fits on a seeded subsample of at most
@@ -21,7 +22,7 @@ baselines a bounded cost at any size (the README says what that reference is wor
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +32,23 @@ logger = logging.getLogger(__name__)
 PRIMAL_BLOCK_BYTES = 64 << 20
 #: Largest standardised float64 copy of the fitting rows that a dense fit may make (beyond it: the streamed fit).
 DENSE_BYTES = 64 << 20
+
+
+class Fitted(NamedTuple):
+    """A fitted linear model: weights in standardised feature units (D, k) and intercepts (k,)."""
+
+    w: np.ndarray
+    b: np.ndarray
+
+
+def probabilities(z: np.ndarray) -> np.ndarray:
+    """Class probabilities from (n, 1) binomial or (n, K) multinomial scores, as scikit-learn's
+    LogisticRegression.predict_proba."""
+    if z.shape[1] == 1:
+        p1 = 1.0 / (1.0 + np.exp(-np.clip(z[:, 0], -500, 500)))
+        return np.stack([1 - p1, p1], axis=1)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
 
 
 class _Scorer:
@@ -46,34 +64,35 @@ class _Scorer:
         self.dtype = np.float64 if self.features.size * 8 <= 4 * PRIMAL_BLOCK_BYTES else np.float32
         self.step = max(1, PRIMAL_BLOCK_BYTES // (np.dtype(self.dtype).itemsize * d))
 
-    def _scores(self, rows: np.ndarray, w: np.ndarray, b: np.ndarray):
-        """Blocks of (rows, scores) of x . w_raw + b_raw for the given rows, w in standardised units."""
-        w_raw = w / self.std[:, None]
-        b_raw = b - self.mean @ w_raw
+    def _blocks(self, rows: np.ndarray):
+        """(rows, their features in the product's type) a block at a time."""
         for start in range(0, len(rows), self.step):
             part = rows[start:start + self.step]
-            x = self.features[part].astype(self.dtype, copy=False)
-            yield part, x, (x @ w_raw.astype(self.dtype)).astype(np.float64) + b_raw
+            yield part, self.features[part].astype(self.dtype, copy=False)
 
-    def _predict(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """The scored rows' scores, in their order."""
-        out = np.empty((len(self.scored), w.shape[1]))
+    def _raw(self, w: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Weights in standardised units -> (w_raw in the product's type, b_raw) on the raw features."""
+        w_raw = w / self.std[:, None]
+        return w_raw.astype(self.dtype), b - self.mean @ w_raw
+
+    def _scores(self, rows: np.ndarray, w: np.ndarray, b: np.ndarray):
+        """Blocks of (rows, features, scores) of x . w_raw + b_raw for the given rows, w in standardised units."""
+        w_raw, b_raw = self._raw(w, b)
+        for part, x in self._blocks(rows):
+            yield part, x, (x @ w_raw).astype(np.float64) + b_raw
+
+    def scores(self, fits: Sequence[Fitted]) -> List[np.ndarray]:
+        """Each fit's (n, k) scores of the scored rows, in their order, from one pass over those rows: reading
+        and converting them is most of the cost, not the products (at 1M rows, 8 tasks took 8 passes). Each fit
+        has its own product, so its scores are those it would have alone, bit for bit."""
+        raw = [self._raw(f.w, f.b) for f in fits]
+        out = [np.empty((len(self.scored), f.w.shape[1])) for f in fits]
         at = 0
-        for part, _, scores in self._scores(self.scored, w, b):
-            out[at:at + len(part)] = scores
+        for part, x in self._blocks(self.scored):
+            for scores, (w_raw, b_raw) in zip(out, raw):
+                scores[at:at + len(part)] = (x @ w_raw).astype(np.float64) + b_raw
             at += len(part)
         return out
-
-    def _probabilities(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """The scored rows' class probabilities from (D, 1) binomial or (D, K) multinomial weights, as
-        scikit-learn's LogisticRegression.predict_proba."""
-        z = self._predict(w, b)
-        if z.shape[1] == 1:
-            p1 = 1.0 / (1.0 + np.exp(-np.clip(z[:, 0], -500, 500)))
-            return np.stack([1 - p1, p1], axis=1)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
 
 
 class RowSpace(_Scorer):
@@ -111,18 +130,18 @@ class RowSpace(_Scorer):
         """(D, k) weights in standardised feature units from (r, k) coefficients of the coordinates."""
         return coef if self.basis is None else self.basis @ coef
 
-    def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
+    def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> Fitted:
         from sklearn.linear_model import Ridge
 
         model = Ridge(alpha=alpha).fit(self.z_fit[mask], target)
-        return self._predict(self._to_features(model.coef_[:, None]), np.array([model.intercept_]))[:, 0]
+        return Fitted(self._to_features(model.coef_[:, None]), np.array([model.intercept_]))
 
-    def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, np.ndarray]:
+    def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, Fitted]:
         from sklearn.linear_model import LogisticRegression
 
         # Newton-CG converges in few exact steps on the <= n row-space coordinates (~4x faster than lbfgs)
         model = LogisticRegression(C=c, solver="newton-cg", tol=self.tol, max_iter=2000).fit(self.z_fit[mask], labels)
-        return model.classes_, self._probabilities(self._to_features(model.coef_.T), model.intercept_)
+        return model.classes_, Fitted(self._to_features(model.coef_.T), model.intercept_)
 
 
 class Primal(_Scorer):
@@ -187,7 +206,7 @@ class Primal(_Scorer):
             self._grams = {key: (cho_factor(gram, overwrite_a=True, check_finite=False), total)}
         return self._grams[key]
 
-    def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
+    def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> Fitted:
         """Exact, from the D x D Gram matrix: w = (Zc^T Zc + alpha I)^-1 Zc^T (t - tbar), b = tbar - zbar . w."""
         from scipy.linalg import cho_solve
 
@@ -201,9 +220,9 @@ class Primal(_Scorer):
             xt += (x.T @ t[start:start + self.step].astype(self.dtype)).astype(np.float64)
         w = cho_solve(factor, inv * (xt - total * t.mean()), check_finite=False)
         b = t.mean() - ((total / n - self.mean) * inv) @ w
-        return self._predict(w[:, None], np.array([b]))[:, 0]
+        return Fitted(w[:, None], np.array([b]))
 
-    def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, np.ndarray]:
+    def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, Fitted]:
         rows = self.fit_rows[mask]
         classes = np.unique(labels)
         code = np.full(self.features.shape[0], -1, dtype=np.int64)
@@ -214,7 +233,7 @@ class Primal(_Scorer):
                 margin = sign * scores[:, 0]
                 return c * float(np.logaddexp(0.0, -margin).sum()), (-c * sign / (1 + np.exp(margin)))[:, None]
 
-            return classes, self._probabilities(*self._minimise(rows, 1, loss, 0.5))
+            return classes, Fitted(*self._minimise(rows, 1, loss, 0.5))
 
         def loss(scores, part):
             z = scores - scores.max(axis=1, keepdims=True)
@@ -222,13 +241,13 @@ class Primal(_Scorer):
             onehot = np.eye(len(classes))[code[part]]
             return -c * float((onehot * log_p).sum()), c * (np.exp(log_p) - onehot)
 
-        return classes, self._probabilities(*self._minimise(rows, len(classes), loss, 0.5))
+        return classes, Fitted(*self._minimise(rows, len(classes), loss, 0.5))
 
 
 def linear_fit(prep, s: int, fit: np.ndarray, scored: Optional[np.ndarray] = None):
     """The row-space fit while the fitting rows are fewer than the features; otherwise the primal fit, on a
     dense standardised copy of the fitting rows while it is small (DENSE_BYTES: the 2,000 rows of
-    eval.baseline_rows at any D up to 4,000), else streamed over the matrix. Its predictions are of the `scored`
+    eval.baseline_rows at any D up to 4,000), else streamed over the matrix. Its `scores` are of the `scored`
     rows (default: every row), in their order."""
     if len(fit) < prep.dim:
         model = RowSpace.of(prep, s, fit, scored=scored)

@@ -214,14 +214,18 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
         linear = linear_fit(prep, s, fit, split.test) if which == "linear" else None
         n = len(split.test)
         preds: Dict[str, np.ndarray] = {}
+        answers = {}
         for task in tasks:
             y = targets[task.name][fit]
             m = labelled(task, y)
             if which == "majority":  # the same for every row (Kind.baseline)
-                one = task.impl.baseline(which, y[m], linear, m, 1, task, c, alpha)
+                one = task.impl.baseline(which, y[m], linear, m, 1, task, c, alpha).finish([])
                 preds[task.name] = np.broadcast_to(one, (n,) + one.shape[1:])
             else:
-                preds[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
+                answers[task.name] = task.impl.baseline(which, y[m], linear, m, n, task, c, alpha)
+        if answers:  # every task's fits scored in one pass over the split's test rows
+            scores = iter(linear.scores([f for answer in answers.values() for f in answer.fits]))
+            preds.update({name: answer.finish([next(scores) for _ in answer.fits]) for name, answer in answers.items()})
         results.append(preds)
         tick(1)
     return results
