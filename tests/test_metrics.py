@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline.core.metrics import (BlockCounts, accuracy, ap_influence, auc_influence, average_precision,
-                                   block_bootstrap, bootstrap_counts, confusion, f1_scores, mae, mse, roc_auc)
+from pipeline.core.metrics import (BlockCounts, ap_influence, auc_influence, average_precision,
+                                   block_bootstrap, bootstrap_counts, classification_metrics, confusion, mae, mse,
+                                   roc_auc)
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -22,8 +23,8 @@ def data(request):
 def test_classification_metrics_match_sklearn(data):
     y, pred, c, w, _ = data
     for weights in (None, w):
-        assert accuracy(y, pred, c, weights) == pytest.approx(skm.accuracy_score(y, pred, sample_weight=weights))
-        f1 = f1_scores(y, pred, c, weights)
+        f1 = classification_metrics(y, pred, c, weights)
+        assert f1["accuracy"] == pytest.approx(skm.accuracy_score(y, pred, sample_weight=weights))
         for avg in ("weighted", "macro"):
             expected = skm.f1_score(y, pred, average=avg, sample_weight=weights, zero_division=0)
             assert f1[f"f1_{avg}"] == pytest.approx(expected)
@@ -33,7 +34,7 @@ def test_classification_metrics_match_sklearn(data):
 
 def test_f1_ignores_classes_absent_from_truth_and_predictions():
     y, pred = np.array([0, 0, 2, 2]), np.array([0, 2, 2, 2])
-    assert f1_scores(y, pred, 5)["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert classification_metrics(y, pred, 5)["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
 
 
 def test_auc_and_regression_match_sklearn(data):
@@ -68,8 +69,8 @@ def test_vectorised_bootstrap_equals_one_by_one(data):
     # blocks of any size are the same resamples: memory is bounded at any n without changing a CI
     blocks = list(bootstrap_counts(len(y), 7, seed=3, max_bytes=8 * len(y) * 2))
     assert [len(b) for b in blocks] == [2, 2, 2, 1] and np.array_equal(np.concatenate(blocks), counts)
-    together = f1_scores(y, pred, c, counts)["f1_weighted"]
-    one_by_one = [f1_scores(y, pred, c, row)["f1_weighted"] for row in counts]
+    together = classification_metrics(y, pred, c, counts)["f1_weighted"]
+    one_by_one = [classification_metrics(y, pred, c, row)["f1_weighted"] for row in counts]
     np.testing.assert_allclose(together, one_by_one)
     score = rng.random(len(y))
     np.testing.assert_allclose(roc_auc(y > 1, score, counts), [roc_auc(y > 1, score, r) for r in counts])
@@ -154,9 +155,8 @@ def test_block_counts_score_ratio_metrics_exactly_as_their_expansion(data):
     blocks = BlockCounts(rng.integers(0, 3, (6, 9)).astype(float), rng.integers(0, 9, len(y)))
     expanded = np.asarray(blocks)
     assert expanded.shape == (6, len(y)) == blocks.shape
-    np.testing.assert_allclose(accuracy(y, pred, c, blocks), accuracy(y, pred, c, expanded))
-    for name, value in f1_scores(y, pred, c, blocks).items():
-        np.testing.assert_allclose(value, f1_scores(y, pred, c, expanded)[name])
+    for name, value in classification_metrics(y, pred, c, blocks).items():
+        np.testing.assert_allclose(value, classification_metrics(y, pred, c, expanded)[name])
     np.testing.assert_allclose(mse(target, guess, blocks), mse(target, guess, expanded))
     some = y > 0
     np.testing.assert_allclose(mae(target[some], guess[some], blocks[..., some]),
@@ -176,8 +176,9 @@ def test_block_bootstrap_intervals_agree_with_the_row_bootstrap():
     guess = target + rng.normal(size=n)
 
     def scores(w):
-        return np.c_[roc_auc(y, score, w), average_precision(y, score, w), accuracy(cls, pred, 3, w),
-                     f1_scores(cls, pred, 3, w)["f1_macro"], mse(target, guess, w), mae(target, guess, w)]
+        labels = classification_metrics(cls, pred, 3, w)
+        return np.c_[roc_auc(y, score, w), average_precision(y, score, w), labels["accuracy"], labels["f1_macro"],
+                     mse(target, guess, w), mae(target, guess, w)]
 
     rows = np.concatenate([scores(c) for c in bootstrap_counts(n, 1000, 0)])
     blocks = list(block_bootstrap(np.arange(n), 1000, 0))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.linear import probabilities
-from pipeline.core.metrics import accuracy, average_precision, f1_scores, mae, mse, roc_auc, sigmoid
+from pipeline.core.metrics import average_precision, classification_metrics, mae, mse, roc_auc, sigmoid
 from pipeline.core.tasks import (MISSING, MULTILABEL_SEPARATOR, NONE_CLASS, TaskSpec, class_name, is_missing,
                                  per_distinct)
 from pipeline.errors import ConfigError
@@ -171,7 +171,7 @@ class Multiclass(Kind):
     def evaluate(self, task, y, pred, norm, weights):
         c = len(task.classes)
         truth, hard = y.astype(np.int64), pred.argmax(axis=1)
-        res = {"accuracy": accuracy(truth, hard, c, weights), **f1_scores(truth, hard, c, weights)}
+        res = classification_metrics(truth, hard, c, weights)
         if task.pair_auc and set(task.pair_auc[1:]) <= set(task.classes):
             pos, neg = task.classes.index(task.pair_auc[1]), task.classes.index(task.pair_auc[2])
             pair = np.isin(truth, [pos, neg])
@@ -232,7 +232,7 @@ class Binary(Kind):
 
     def evaluate(self, task, y, pred, norm, weights):
         truth, hard = y.astype(np.int64), (pred > 0.5).astype(np.int64)
-        return {"accuracy": accuracy(truth, hard, 2, weights), **f1_scores(truth, hard, 2, weights),
+        return {**classification_metrics(truth, hard, 2, weights),
                 "auc": roc_auc(y, pred, weights)}
 
     def scores(self, task, y, pred):

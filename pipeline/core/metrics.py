@@ -135,25 +135,32 @@ def ap_influence(y: np.ndarray, score: np.ndarray) -> tuple:
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int, weights: Optional[np.ndarray] = None) -> np.ndarray:
-    """(C, C) or (R, C, C) confusion matrices: rows true class, columns predicted."""
-    w = _weights(len(y), weights)
+    """(C, C) or (R, C, C) confusion matrices: rows true class, columns predicted. Unweighted and block-resampled
+    matrices are counted by bincount (a one-hot n x C^2 matrix times the weights was most of the summaries' time
+    at a million rows); (R, n) weights still multiply the one-hot matrix (they exist up to a few thousand rows)."""
+    cells = n_classes * n_classes
     cell = y.astype(np.int64) * n_classes + pred.astype(np.int64)
-    onehot = np.zeros((len(y), n_classes * n_classes))
-    onehot[np.arange(len(y)), cell] = 1.0
-    return (w @ onehot).reshape(*w.shape[:-1], n_classes, n_classes)
+    if weights is None:
+        flat = np.bincount(cell, minlength=cells).astype(np.float64)
+    elif isinstance(weights, BlockCounts):
+        blocks = weights.counts.shape[1]
+        per_block = np.bincount(weights.block * cells + cell, minlength=blocks * cells).astype(np.float64)
+        flat = weights.counts @ per_block.reshape(blocks, cells)
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        onehot = np.zeros((len(y), cells))
+        onehot[np.arange(len(y)), cell] = 1.0
+        flat = w @ onehot
+    return flat.reshape(*flat.shape[:-1], n_classes, n_classes)
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
 
 
-def accuracy(y, pred, n_classes, weights=None):
-    cm = confusion(y, pred, n_classes, weights)
-    return _safe_div(np.trace(cm, axis1=-2, axis2=-1), cm.sum(axis=(-2, -1)))
-
-
-def f1_scores(y, pred, n_classes, weights=None) -> Dict[str, np.ndarray]:
-    """Weighted (by support) and macro F1 over the classes present in the truth or the predictions."""
+def classification_metrics(y, pred, n_classes, weights=None) -> Dict[str, np.ndarray]:
+    """Accuracy, and weighted (by support) and macro F1 over the classes present in the truth or the
+    predictions, from one confusion matrix."""
     cm = confusion(y, pred, n_classes, weights)
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
     support = cm.sum(axis=-1)
@@ -162,7 +169,8 @@ def f1_scores(y, pred, n_classes, weights=None) -> Dict[str, np.ndarray]:
     present = (support + predicted) > 0
     weighted = _safe_div((f1 * support).sum(axis=-1), support.sum(axis=-1))
     macro = _safe_div((f1 * present).sum(axis=-1), present.sum(axis=-1).astype(np.float64))
-    return {"f1_weighted": weighted, "f1_macro": macro}
+    return {"accuracy": _safe_div(np.trace(cm, axis1=-2, axis2=-1), cm.sum(axis=(-2, -1))),
+            "f1_weighted": weighted, "f1_macro": macro}
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray, weights=None) -> np.ndarray:
