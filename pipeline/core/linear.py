@@ -102,21 +102,26 @@ class RowSpace(_Scorer):
 
     name = "row-space"
 
-    def __init__(self, prep, s: int, z_fit: np.ndarray, basis: Optional[np.ndarray], tol: float = 1e-4,
-                 scored: Optional[np.ndarray] = None):
+    def __init__(self, prep, s: int, z_fit: np.ndarray, lift: Optional[Tuple[np.ndarray, np.ndarray]],
+                 tol: float = 1e-4, scored: Optional[np.ndarray] = None):
         super().__init__(prep, s, scored)
-        self.z_fit, self.basis, self.tol = z_fit, basis, tol
+        self.z_fit, self.lift, self.tol = z_fit, lift, tol
 
     @classmethod
     def of(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
            ) -> "RowSpace":
-        """The orthonormal basis V = X^T U S^-1 from the n x n Gram matrix X X^T = U S^2 U^T (an eigenproblem of
-        size n instead of an SVD of the n x D matrix) and the fitting rows' coordinates V^T x."""
+        """The row space's orthonormal basis V = X^T U S^-1 from the n x n Gram matrix X X^T = U S^2 U^T (an
+        eigenproblem of size n instead of an SVD of the n x D matrix): the fitting rows' coordinates are
+        X V = U S, and V is kept as its two factors (X, U S^-1), never formed (two n x D x n products fewer)."""
+        from scipy.linalg.blas import dsyrk
+
         x_fit = prep.standardised(s, fit, np.float64)
-        eigval, eigvec = np.linalg.eigh(x_fit @ x_fit.T)
+        # X X^T's lower triangle, the half eigh reads: half a full product (x_fit.T is a Fortran view, no copy)
+        gram = dsyrk(1.0, x_fit.T, trans=1, lower=1)
+        eigval, eigvec = np.linalg.eigh(gram, UPLO="L")
         keep = eigval > eigval.max() * 1e-10  # drop the null space (standardised columns make rank <= n - 1)
-        basis = x_fit.T @ (eigvec[:, keep] / np.sqrt(eigval[keep]))
-        return cls(prep, s, x_fit @ basis, basis, tol, scored)
+        root = np.sqrt(eigval[keep])
+        return cls(prep, s, eigvec[:, keep] * root, (x_fit, eigvec[:, keep] / root), tol, scored)
 
     @classmethod
     def dense(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
@@ -127,8 +132,8 @@ class RowSpace(_Scorer):
         return model
 
     def _to_features(self, coef: np.ndarray) -> np.ndarray:
-        """(D, k) weights in standardised feature units from (r, k) coefficients of the coordinates."""
-        return coef if self.basis is None else self.basis @ coef
+        """(D, k) weights in standardised feature units from (r, k) coefficients of the coordinates: V coef."""
+        return coef if self.lift is None else self.lift[0].T @ (self.lift[1] @ coef)
 
     def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> Fitted:
         from sklearn.linear_model import Ridge
