@@ -1,29 +1,30 @@
-"""One prepared run for a GPU machine (about 5 minutes on one GPU), printing one JSON (and writing it, section by
-section, to --out so a run cut short keeps what it measured):
+"""One prepared run for a GPU machine, printing one JSON (and writing it, section by section, to --out so a run cut
+short keeps what it measured). The default sections (*) fit in 5 minutes of one GPU: on an H200 they took 19, 45, 36
+and 170 s (the last with the 1M-row cache written first); `--only all` adds the others (about 2 minutes more):
 
-- stage one: the whole extraction loop against the pure forward pass of the paper's pair (bf16 autocast,
+- (*) stage one: the whole extraction loop against the pure forward pass of the paper's pair (bf16 autocast,
   channels_last, batch 64, one decoding worker per core), on the images of --data;
 - stage one, steady: the same on those images listed 16 times (a few batches only measure the loader's start);
-- stage two: 5-fold cross-validation of Res-MTNet on the 4768-value cache it just wrote, on the GPU, against the
+- (*) stage two: 5-fold cross-validation of Res-MTNet on the 4768-value cache it just wrote, on the GPU, against the
   same run on the CPU (its metrics side by side: the two devices' arithmetic differs, so they are close, not equal);
-- the sweep: configs/sweep.yaml's configurations x 5 folds stacked, against one configuration at a time;
+- (*, in stage two) the sweep: configs/sweep.yaml's configurations x 5 folds stacked, against one at a time;
 - the trainer's steps: benchmarks/train.py --stack at 200,000 x 768 on the GPU (one member against five stacked;
   with --compare, another checkout's trainer too);
-- JPEG decoding on the device (`extract.decode gpu`) against the workers' PIL decode on full-size synthetic
+- (*) JPEG decoding on the device (`extract.decode gpu`) against the workers' PIL decode on full-size synthetic
   CheXpert JPEGs: features at fp32 (only the decoder differs), pixel hashes, bf16 against fp32 features, and the
   whole command's images/s either way;
 - JPEG decoding: benchmarks/extract.py --decode on this machine (a CPU worker's rates per format, and with
   `extract.decode gpu` the worker's share and the GPU's own decode + resize rate);
 - CUDA's own host memory: a fresh process's resident memory before and after cuBLAS and cuDNN start;
-- stage two at scale: benchmarks/scale.py's 1,000,000 x 768 float16 row with the heads on the GPU, in its own
+- (*) stage two at scale: benchmarks/scale.py's 1,000,000 x 768 float16 row with the heads on the GPU, in its own
   process, given whatever is left of --budget seconds (reported as skipped when that is too little).
 
     python benchmarks/gpu.py --data ../shared/data/jsrt --out /tmp/gpu   # on the GPU (random-init weights)
     python benchmarks/gpu.py --quick                                     # CPU smoke run: tiny models, seconds
 
---quick runs the same code on a CPU with tiny random backbones and small synthetic data, so the script is known to
-work before GPU time is spent on it (tests/test_offline_and_gpu.py runs it); there a failing section fails the
-run, while on the GPU a failing section records its error and the run goes on to the next.
+--quick runs every section's code on a CPU with tiny random backbones and small synthetic data, so the script is
+known to work before GPU time is spent on it (tests/test_offline_and_gpu.py runs it); there a failing section fails
+the run, while on the GPU a failing section records its error and the run goes on to the next.
 """
 from __future__ import annotations
 
@@ -243,6 +244,11 @@ class Report:
         return time.perf_counter() - self.started
 
 
+#: What a plain run measures: the issue's three (stage one against its bound, the stacked sweep, the 1M-row stage
+#: two) and the GPU's JPEG decoding; the rest with --only.
+DEFAULT_SECTIONS = ("stage_one", "stage_two", "decode_on_device", "stage_two_at_scale")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "jsrt")
@@ -255,8 +261,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run (the scale row "
                         "gets what is left)")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu.json, rewritten after each section")
-    parser.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated sections to run "
-                        "(default: all; stage_two needs stage_one's cache)")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated sections to run, "
+                        f"or 'all' (default: {','.join(DEFAULT_SECTIONS)}; --quick: all; stage_two needs stage_one)")
     parser.add_argument("--compare", type=Path, default=None, help="another checkout whose trainer stage_two_steps "
                         "times too (e.g. `git archive` of an earlier commit)")
     args = parser.parse_args()
@@ -310,11 +316,12 @@ def main() -> None:
                 rows, 64 if args.quick else 768, device, args.budget - report.elapsed()) if rows else
             {"skipped": "--scale-rows 0"}}
         rows = (2000 if args.quick else 1_000_000) if args.scale_rows is None else args.scale_rows
-        unknown = set(args.only or ()) - set(sections)
+        chosen = list(sections) if args.quick or args.only == ["all"] else args.only or DEFAULT_SECTIONS
+        unknown = set(chosen) - set(sections)
         if unknown:
             parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
         for name, work in sections.items():
-            if args.only is None or name in args.only:
+            if name in chosen:
                 report.section(name, work)
     print(json.dumps(report.result, indent=2))
 
