@@ -83,6 +83,11 @@ def resolve_threads(threads: Optional[int] = None) -> int:
     return available_cores()
 
 
+def threads() -> int:
+    """The threads this process's command was configured with (configure), else what it would get."""
+    return _CONFIGURED if _CONFIGURED is not None else resolve_threads()
+
+
 def configure(threads: Optional[int] = None) -> int:
     """Set threads (torch and BLAS), passive waiting, the plot backend and the allocator; returns the threads.
 

@@ -328,6 +328,30 @@ def test_the_linear_baseline_fits_on_at_most_its_row_budget(monkeypatch):
     assert len(seen) == 4
 
 
+def test_the_splits_linear_baselines_fitted_on_threads_are_the_sequential_ones(monkeypatch):
+    """The splits' linear fits run on one thread each (up to the command's threads): in split order, one tick per
+    split, and the same predictions as one split after another (to the solvers' tolerance: the BLAS's threads per
+    fit differ, so their rounding may)."""
+    from pipeline import runtime
+    from pipeline.core.summary import baseline_predictions
+
+    x, _, _, _, _ = _linear_problem(300, 40, 200)
+    targets = {"cls": np.digitize(x[:, 0], [-1.0, 1.0]).astype(float), "reg": x[:, 1] * 2.0}
+    folds = np.arange(300) % 3
+    splits = [Split(train=np.flatnonzero(folds != f), test=np.flatnonzero(folds == f)) for f in range(3)]
+    prep = prepare(x, targets, [TASKS[0], TASKS[2]], splits)
+    runs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(runtime, "threads", lambda: threads)
+        ticks = []
+        runs[threads] = baseline_predictions(prep, splits, [TASKS[0], TASKS[2]], targets, "linear", tick=ticks.append)
+        assert ticks == [1, 1, 1]
+    for alone, threaded, split in zip(runs[1], runs[3], splits):
+        assert alone["cls"].shape == (len(split.test), 3)
+        np.testing.assert_allclose(threaded["cls"], alone["cls"], atol=1e-4)
+        np.testing.assert_allclose(threaded["reg"], alone["reg"], rtol=1e-9)
+
+
 def test_the_majority_baseline_is_one_row_per_split_and_scores_as_every_row():
     """The majority baseline's out-of-fold predictions are held as one row per split (at 1M rows they were 190 MiB
     of repeats) and summarise exactly as the same predictions repeated for every row."""

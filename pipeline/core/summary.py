@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline import runtime
 from pipeline.config import EvalConfig
 from pipeline.core.metrics import block_bootstrap, bootstrap_counts
 from pipeline.core.splits import SplitName
@@ -206,8 +207,7 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
     (features held once, per-split statistics); `tick(1)` after each split (progress)."""
     from pipeline.core.linear import linear_fit
 
-    results = []
-    for s, split in enumerate(splits):
+    def one(s: int, split: Split) -> Dict[str, np.ndarray]:
         fit = np.concatenate([split.train, split.val])
         if which == "linear" and 0 < budget < len(fit):
             fit = np.sort(np.random.default_rng([seed, s]).choice(fit, budget, replace=False))
@@ -226,6 +226,25 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
         if answers:  # every task's fits scored in one pass over the split's test rows
             scores = iter(linear.scores([f for answer in answers.values() for f in answer.fits]))
             preds.update({name: answer.finish([next(scores) for _ in answer.fits]) for name, answer in answers.items()})
-        results.append(preds)
-        tick(1)
+        return preds
+
+    workers = min(len(splits), runtime.threads()) if which == "linear" else 1
+    if workers < 2:
+        results = []
+        for s, split in enumerate(splits):
+            results.append(one(s, split))
+            tick(1)
+        return results
+    # The splits' fits are independent: one thread each, with the BLAS's threads shared out among them (much of a
+    # fit is single-threaded: the eigenproblem's reduction, scikit-learn's Newton-CG steps, scoring's gathers).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(max(1, runtime.threads() // workers)), ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(one, s, split) for s, split in enumerate(splits)]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            tick(1)
     return results
