@@ -13,7 +13,7 @@ training, baselines, summaries, the final head; "other" is the rest: imports, ou
 command to read + training, the training's seconds per epoch per 1,000 rows, and when the first progress line
 came and the longest gap between two (progress is on, as a log off a terminal; `log`: each line and when it
 came). JSON at the end. --device cuda runs the
-same on a GPU (unmeasured here: no GPU on this machine).
+same on a GPU (benchmarks/gpu.py runs the 1M row so; README: "Measured on a GPU").
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ the loader's workers only read and hash a JPEG file and check its header; the ma
 JPEGs with `torchvision.io.decode_jpeg` on the extractor's device (nvjpeg on CUDA, libjpeg-turbo on a CPU: the
 fallback where there is no GPU) and resizes them there with torch's antialiased filters. Other formats (PNG, DICOM,
 JSRT's raw files) are decoded by the workers as before. The decoded 8-bit values equal PIL's for baseline JPEGs on
-the CPU (both libjpeg-turbo) and may differ by a level on nvjpeg; torch's antialiased resize approximates PIL's, so
+the CPU (both libjpeg-turbo) and may differ by a level on nvjpeg (on an H200 they were equal for 48 synthetic
+JPEGs of 2500 px, benchmarks/gpu.py); torch's antialiased resize approximates PIL's, so
 features agree with the PIL path to 1e-3 of their scale (tests/test_jpeg_decode.py; 1e-6 measured there), not
 bit for bit: the entry's precision records the decoder (`cpu-fp32-tvjpeg`), and a killed run's batches resume only
 under the decoder that made them (their provenance holds the precision), as with --amp.
