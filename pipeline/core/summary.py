@@ -159,24 +159,39 @@ def summarise(oof: OutOfFold, tasks: Sequence[TaskSpec], targets: Dict[str, np.n
               exact_rows: int = EvalConfig.bootstrap_exact_rows) -> Dict[str, Dict[str, Dict[str, object]]]:
     """task -> metric -> entry (summarise_metrics) of one model's out-of-fold predictions; `subset` keeps
     only some rows (a size bin); `groups` (one per table row, patient_groups) resamples patients."""
-    keep = np.ones(len(oof.rows), dtype=bool) if subset is None else np.isin(oof.rows, subset)
+    rows, split, pooled, keep = oof.rows, oof.split, first_seed_mask(oof.split, names), None
+    if subset is not None:  # a size bin: its entries, taken once
+        keep = np.isin(rows, subset)
+        rows, split, pooled = rows[keep], split[keep], pooled[keep]
     out: Dict[str, Dict[str, Dict[str, object]]] = {}
     for task in tasks:
-        y_all, p_all = targets[task.name][oof.rows], oof.preds[task.name]
+        # (a PerSplit stays one row per split until indexed)
+        y_all, p_all = targets[task.name][rows], oof.preds[task.name] if keep is None else oof.preds[task.name][keep]
         norm = norms.get(task.name)
-        norm_all = None if norm is None else norm[oof.rows]
+        norm_all = None if norm is None else norm[rows]
 
         metrics = summarise_metrics(
             lambda sel, w, task=task, y_all=y_all, p_all=p_all, norm_all=norm_all:
-                task_metrics(task, y_all[sel & keep], p_all[sel & keep],
-                             None if norm_all is None else norm_all[sel & keep], w),
-            oof.split, len(names), first_seed_mask(oof.split, names) & keep, bootstrap, seed,
-            lambda sel, metric, task=task, y_all=y_all: int(
-                task.impl.metric_rows(task, y_all[sel]).get(metric, labelled(task, y_all[sel])).sum()),
-            None if groups is None else groups[oof.rows], exact_rows)
+                task_metrics(task, y_all[sel], p_all[sel], None if norm_all is None else norm_all[sel], w),
+            split, len(names), pooled, bootstrap, seed, _label_counts(task, y_all),
+            None if groups is None else groups[rows], exact_rows)
         if metrics:
             out[task.name] = metrics
     return out
+
+
+def _label_counts(task: TaskSpec, y: np.ndarray) -> Callable[[np.ndarray, str], int]:
+    """summarise_metrics' count(selection, metric) of a task: its label masks made once per selection, not once
+    per metric (at a million rows each was a pass over the labels)."""
+    last: Dict[str, object] = {}
+
+    def count(sel: np.ndarray, metric: str) -> int:
+        if last.get("sel") is not sel:
+            ys = y[sel]
+            last.update(sel=sel, rows=task.impl.metric_rows(task, ys), labelled=int(labelled(task, ys).sum()))
+        rows: Dict[str, np.ndarray] = last["rows"]  # type: ignore[assignment]
+        return int(rows[metric].sum()) if metric in rows else int(last["labelled"])  # type: ignore[arg-type]
+    return count
 
 
 def size_bin_labels(edges: Sequence[float]) -> List[str]:
