@@ -106,6 +106,7 @@ class RowSpace(_Scorer):
                  tol: float = 1e-4, scored: Optional[np.ndarray] = None):
         super().__init__(prep, s, scored)
         self.z_fit, self.lift, self.tol = z_fit, lift, tol
+        self._ridge: dict = {}  # the last row set's centred coordinates and Cholesky factor
 
     @classmethod
     def of(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
@@ -136,10 +137,25 @@ class RowSpace(_Scorer):
         return coef if self.lift is None else self.lift[0].T @ (self.lift[1] @ coef)
 
     def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> Fitted:
-        from sklearn.linear_model import Ridge
+        """scikit-learn's Ridge (intercept, Cholesky solver: the dual form when the coordinates outnumber the rows)
+        on the coordinates, with the centred coordinates' Cholesky factor kept per row set, so that tasks labelled
+        on the same rows (x, y, size) share one factorisation."""
+        from scipy.linalg import cho_factor, cho_solve
 
-        model = Ridge(alpha=alpha).fit(self.z_fit[mask], target)
-        return Fitted(self._to_features(model.coef_[:, None]), np.array([model.intercept_]))
+        key = (mask.tobytes(), alpha)
+        if key not in self._ridge:
+            z = self.z_fit[mask]
+            offset = z.mean(axis=0)
+            z = z - offset
+            dual = z.shape[1] > z.shape[0]
+            gram = z @ z.T if dual else z.T @ z
+            gram.flat[::len(gram) + 1] += alpha
+            self._ridge = {key: (z, offset, dual, cho_factor(gram, overwrite_a=True, check_finite=False))}
+        z, offset, dual, factor = self._ridge[key]
+        t = np.asarray(target, dtype=np.float64)
+        centred = t - t.mean()
+        coef = z.T @ cho_solve(factor, centred) if dual else cho_solve(factor, z.T @ centred)
+        return Fitted(self._to_features(coef[:, None]), np.array([t.mean() - offset @ coef]))
 
     def logistic(self, mask: np.ndarray, labels: np.ndarray, c: float) -> Tuple[np.ndarray, Fitted]:
         from sklearn.linear_model import LogisticRegression
