@@ -328,6 +328,24 @@ def test_the_linear_baseline_fits_on_at_most_its_row_budget(monkeypatch):
     assert len(seen) == 4
 
 
+def test_split_statistics_read_non_finite_features_as_nan_to_num_does_and_leave_the_matrix_alone():
+    """A NaN feature (a broken backbone output) counts as nan_to_num's 0, as before the check that skips
+    nan_to_num on finite blocks; a float64 matrix (read through views) is not changed."""
+    from pipeline.heads.resmtnet.model import split_statistics
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 6))
+    features[3, 1], features[7, 2] = np.nan, np.nan  # (inf becomes nan_to_num's 1.8e308: a mean of inf, as before)
+    before = features.copy()
+    splits = [Split(train=np.arange(0, 40), test=np.arange(40, 50)), Split(train=np.arange(10, 50), test=np.arange(10))]
+    mean, std = split_statistics(features, splits)
+    np.testing.assert_array_equal(features, before)
+    clean = np.nan_to_num(features)
+    for s, split in enumerate(splits):
+        np.testing.assert_allclose(mean[s], clean[split.train].mean(axis=0), rtol=1e-6)
+        assert np.isfinite(std[s]).all()
+
+
 def test_the_splits_linear_baselines_fitted_on_threads_are_the_sequential_ones(monkeypatch):
     """The splits' linear fits run on one thread each (up to the command's threads): in split order, one tick per
     split, and the same predictions as one split after another (to the solvers' tolerance: the BLAS's threads per
