@@ -2,6 +2,7 @@
 CI, and mean +- std over folds), and the linear baselines beside every head."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -243,13 +244,20 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
             preds.update({name: answer.finish([next(scores) for _ in answer.fits]) for name, answer in answers.items()})
         return preds
 
-    workers = min(len(splits), runtime.threads()) if which == "linear" else 1
-    if workers < 2:
-        results = []
-        for s, split in enumerate(splits):
-            results.append(one(s, split))
+    # The splits' fits are independent: one thread each, with the BLAS's threads shared out among them (much of a
+    # fit is single-threaded: the eigenproblem's reduction, scikit-learn's Newton-CG steps, scoring's gathers).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    workers = max(1, min(len(splits), runtime.threads())) if which == "linear" else 1
+    share = contextlib.nullcontext() if workers == 1 else threadpool_limits(max(1, runtime.threads() // workers))
+    results = []
+    with share, ThreadPoolExecutor(workers) as pool:
+        for preds in pool.map(one, range(len(splits)), splits):  # in split order
+            results.append(preds)
             tick(1)
-        return results
+    return results
     # The splits' fits are independent: one thread each, with the BLAS's threads shared out among them (much of a
     # fit is single-threaded: the eigenproblem's reduction, scikit-learn's Newton-CG steps, scoring's gathers).
     from concurrent.futures import ThreadPoolExecutor
