@@ -302,10 +302,10 @@ def main() -> None:
         cfg = load_config("paper", {"extract.weights": args.weights, **overrides})
         device = "cpu" if args.quick else "cuda"
         cache = Path(tmp) / "features.h5"
-        steady = repeated_images(data, 2 if args.quick else 16, Path(tmp) / "repeated")
         sections = {
             "stage_one": lambda: stage_one(data, cache, cfg, repeats),
-            "stage_one_steady": lambda: stage_one(steady, Path(tmp) / "steady.h5", cfg, repeats),
+            "stage_one_steady": lambda: stage_one(repeated_images(data, 2 if args.quick else 16, Path(tmp) / "rep"),
+                                                  Path(tmp) / "steady.h5", cfg, repeats),
             "stage_two": lambda: stage_two(cache, cfg, REPO / "configs" / "sweep.yaml", n_configs, repeats),
             "stage_two_steps": lambda: step_times(2000 if args.quick else 200_000, device, args.compare),
             "decode_on_device": lambda: decode_on_device(Path(tmp), cfg, **jpeg),
