@@ -346,28 +346,34 @@ def test_split_statistics_read_non_finite_features_as_nan_to_num_does_and_leave_
         assert np.isfinite(std[s]).all()
 
 
-def test_the_splits_linear_baselines_fitted_on_threads_are_the_sequential_ones(monkeypatch):
-    """The splits' linear fits run on one thread each (up to the command's threads): in split order, one tick per
-    split, and the same predictions as one split after another (to the solvers' tolerance: the BLAS's threads per
-    fit differ, so their rounding may)."""
+@pytest.mark.parametrize("d", [40, 400])  # dense fits (rows >= D) and row-space fits (rows < D)
+def test_the_splits_linear_baselines_fitted_on_threads_are_the_sequential_ones(monkeypatch, d):
+    """The baselines' fits run as jobs on threads (a split's model, then each task's fits on it, up to the command's
+    threads): in split order, one tick per split, and the same predictions as one fit after another (to the
+    solvers' tolerance: the BLAS's threads per fit differ, so their rounding may). Regression tasks labelled on the
+    same rows share one factorisation, those on other rows their own, whichever thread fits them first."""
     from pipeline import runtime
     from pipeline.core.summary import baseline_predictions
 
-    x, _, _, _, _ = _linear_problem(300, 40, 200)
-    targets = {"cls": np.digitize(x[:, 0], [-1.0, 1.0]).astype(float), "reg": x[:, 1] * 2.0}
+    x, _, _, _, _ = _linear_problem(300, d, 200)
+    some = np.where(np.arange(300) % 4 == 0, np.nan, 1.0)  # labelled on other rows than "reg"
+    targets = {"cls": np.digitize(x[:, 0], [-1.0, 1.0]).astype(float), "reg": x[:, 1] * 2.0,
+               "reg2": x[:, 2] - x[:, 3], "part": (x[:, 4] + 1.0) * some}
+    tasks = [TASKS[0], TASKS[2], TaskSpec("reg2", "regression", "r2"), TaskSpec("part", "regression", "p")]
     folds = np.arange(300) % 3
     splits = [Split(train=np.flatnonzero(folds != f), test=np.flatnonzero(folds == f)) for f in range(3)]
-    prep = prepare(x, targets, [TASKS[0], TASKS[2]], splits)
+    prep = prepare(x, targets, tasks, splits)
     runs = {}
     for threads in (1, 3):
         monkeypatch.setattr(runtime, "threads", lambda: threads)
         ticks = []
-        runs[threads] = baseline_predictions(prep, splits, [TASKS[0], TASKS[2]], targets, "linear", tick=ticks.append)
+        runs[threads] = baseline_predictions(prep, splits, tasks, targets, "linear", tick=ticks.append)
         assert ticks == [1, 1, 1]
     for alone, threaded, split in zip(runs[1], runs[3], splits):
         assert alone["cls"].shape == (len(split.test), 3)
         np.testing.assert_allclose(threaded["cls"], alone["cls"], atol=1e-4)
-        np.testing.assert_allclose(threaded["reg"], alone["reg"], rtol=1e-9)
+        for name in ("reg", "reg2", "part"):
+            np.testing.assert_allclose(threaded[name], alone[name], rtol=1e-9)
 
 
 def test_the_majority_baseline_is_one_row_per_split_and_scores_as_every_row():

@@ -14,10 +14,11 @@ C sum(log-loss) + 1/2 ||W||^2 (binomial for two classes present, multinomial oth
 Every fit returns its weights mapped back to feature space (`Fitted`); `scores` scores the rows for any number
 of fits in one pass over them, so that every task of a split shares one read of its test rows.
 
-The row-space fit costs about 10 n^3 (the eigenproblem) and the primal one a pass over the fitting rows per
-iteration, so both grow with the data; evaluate.baseline_predictions fits on a seeded subsample of at most
-eval.baseline_rows rows per split (2,000 by default: under a second per split at D = 4768), which keeps the
-baselines a bounded cost at any size (the README says what that reference is worth).
+The row-space fit costs n^2 D (the Gram matrix) and n^3 / 3 (its pivoted Cholesky factor) and the primal one
+a pass over the fitting rows per iteration, so both grow with the data; summary.baseline_predictions fits on a
+seeded subsample of at most eval.baseline_rows rows per split (2,000 by default: about 0.7 s of one core for the
+coordinates and 1.8 s for the paper's eight tasks' fits per split at D = 4768), which keeps the baselines a
+bounded cost at any size (the README says what that reference is worth).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ class RowSpace(_Scorer):
 
     name = "row-space"
 
-    def __init__(self, prep, s: int, z_fit: np.ndarray, lift: Optional[Tuple[np.ndarray, np.ndarray]],
+    def __init__(self, prep, s: int, z_fit: np.ndarray, lift: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]],
                  tol: float = 1e-4, scored: Optional[np.ndarray] = None):
         super().__init__(prep, s, scored)
         self.z_fit, self.lift, self.tol = z_fit, lift, tol
@@ -111,18 +112,25 @@ class RowSpace(_Scorer):
     @classmethod
     def of(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
            ) -> "RowSpace":
-        """The row space's orthonormal basis V = X^T U S^-1 from the n x n Gram matrix X X^T = U S^2 U^T (an
-        eigenproblem of size n instead of an SVD of the n x D matrix): the fitting rows' coordinates are
-        X V = U S, and V is kept as its two factors (X, U S^-1), never formed (two n x D x n products fewer)."""
+        """Coordinates of the fitting rows in an orthonormal basis of their row space, from the pivoted Cholesky
+        factor of the n x n Gram matrix X X^T = P L L^T P^T (n^3 / 3 operations, a tenth of an eigenproblem's):
+        the rows' coordinates are Z = P L (Z Z^T = X X^T), the basis V = X_p^T L_p^-T of the r pivot rows
+        (X V = Z, V^T V = I), kept as its factors and never formed. Any such basis gives the same penalised
+        optimum (||w|| = ||coef||); a rank below n (standardised columns make rank <= n - 1) is where the
+        remaining pivots fall under 1e-10 of the largest diagonal entry."""
         from scipy.linalg.blas import dsyrk
+        from scipy.linalg.lapack import dpstrf
 
         x_fit = prep.standardised(s, fit, np.float64)
-        # X X^T's lower triangle, the half eigh reads: half a full product (x_fit.T is a Fortran view, no copy)
+        # X X^T's lower triangle, the half dpstrf reads: half a full product (x_fit.T is a Fortran view, no copy)
         gram = dsyrk(1.0, x_fit.T, trans=1, lower=1)
-        eigval, eigvec = np.linalg.eigh(gram, UPLO="L")
-        keep = eigval > eigval.max() * 1e-10  # drop the null space (standardised columns make rank <= n - 1)
-        root = np.sqrt(eigval[keep])
-        return cls(prep, s, eigvec[:, keep] * root, (x_fit, eigvec[:, keep] / root), tol, scored)
+        factor, pivots, rank, _ = dpstrf(gram, tol=1e-10 * max(float(np.diag(gram).max()), 1e-300), lower=1,
+                                         overwrite_a=1)
+        pivots = pivots - 1  # LAPACK counts from 1
+        factor = np.tril(factor[:, :rank])  # (P^T X X^T P's L: its first `rank` columns hold every row's entries)
+        coords = np.empty_like(factor)
+        coords[pivots] = factor
+        return cls(prep, s, coords, (x_fit, pivots[:rank], factor[:rank]), tol, scored)
 
     @classmethod
     def dense(cls, prep, s: int, fit: np.ndarray, tol: float = 1e-4, scored: Optional[np.ndarray] = None
@@ -133,8 +141,16 @@ class RowSpace(_Scorer):
         return model
 
     def _to_features(self, coef: np.ndarray) -> np.ndarray:
-        """(D, k) weights in standardised feature units from (r, k) coefficients of the coordinates: V coef."""
-        return coef if self.lift is None else self.lift[0].T @ (self.lift[1] @ coef)
+        """(D, k) weights in standardised feature units from (r, k) coefficients of the coordinates: V coef =
+        X_p^T (L_p^-T coef), the pivot rows' share scattered over the fitting rows (X_p is never copied)."""
+        if self.lift is None:
+            return coef
+        from scipy.linalg import solve_triangular
+
+        x_fit, pivots, lower = self.lift
+        share = np.zeros((len(x_fit), coef.shape[1]))
+        share[pivots] = solve_triangular(lower, coef, lower=True, trans="T", check_finite=False)
+        return x_fit.T @ share
 
     def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> Fitted:
         """scikit-learn's Ridge (intercept, Cholesky solver: the dual form when the coordinates outnumber the rows)
@@ -143,15 +159,17 @@ class RowSpace(_Scorer):
         from scipy.linalg import cho_factor, cho_solve
 
         key = (mask.tobytes(), alpha)
-        if key not in self._ridge:
+        entry = self._ridge.get(key)  # a local: tasks of a split may fit on several threads (one entry kept)
+        if entry is None:
             z = self.z_fit[mask]
             offset = z.mean(axis=0)
             z = z - offset
             dual = z.shape[1] > z.shape[0]
             gram = z @ z.T if dual else z.T @ z
             gram.flat[::len(gram) + 1] += alpha
-            self._ridge = {key: (z, offset, dual, cho_factor(gram, overwrite_a=True, check_finite=False))}
-        z, offset, dual, factor = self._ridge[key]
+            entry = (z, offset, dual, cho_factor(gram, overwrite_a=True, check_finite=False))
+            self._ridge = {key: entry}
+        z, offset, dual, factor = entry
         t = np.asarray(target, dtype=np.float64)
         centred = t - t.mean()
         coef = z.T @ cho_solve(factor, centred) if dual else cho_solve(factor, z.T @ centred)
@@ -209,7 +227,8 @@ class Primal(_Scorer):
         from scipy.linalg.blas import dger, dsyrk
 
         key = (rows.tobytes(), alpha)
-        if key not in self._grams:
+        entry = self._grams.get(key)  # a local: tasks of a split may fit on several threads (one entry kept)
+        if entry is None:
             d, n = self.features.shape[1], len(rows)
             gram, total = np.zeros((d, d), order="F"), np.zeros(d)
             step = max(1, self.step // 2)  # float64 blocks
@@ -224,8 +243,9 @@ class Primal(_Scorer):
             gram *= inv[:, None]
             gram *= inv[None, :]
             gram.flat[::d + 1] += alpha
-            self._grams = {key: (cho_factor(gram, overwrite_a=True, check_finite=False), total)}
-        return self._grams[key]
+            entry = (cho_factor(gram, overwrite_a=True, check_finite=False), total)
+            self._grams = {key: entry}
+        return entry
 
     def ridge(self, mask: np.ndarray, target: np.ndarray, alpha: float) -> Fitted:
         """Exact, from the D x D Gram matrix: w = (Zc^T Zc + alpha I)^-1 Zc^T (t - tbar), b = tbar - zbar . w."""
