@@ -338,12 +338,35 @@ def test_split_statistics_read_non_finite_features_as_nan_to_num_does_and_leave_
     features[3, 1], features[7, 2] = np.nan, np.nan  # (inf becomes nan_to_num's 1.8e308: a mean of inf, as before)
     before = features.copy()
     splits = [Split(train=np.arange(0, 40), test=np.arange(40, 50)), Split(train=np.arange(10, 50), test=np.arange(10))]
-    mean, std = split_statistics(features, splits)
+    mean, std = split_statistics(features, [split.train for split in splits])
     np.testing.assert_array_equal(features, before)
     clean = np.nan_to_num(features)
     for s, split in enumerate(splits):
         np.testing.assert_allclose(mean[s], clean[split.train].mean(axis=0), rtol=1e-6)
         assert np.isfinite(std[s]).all()
+
+
+def test_the_refit_takes_its_statistics_from_the_cross_validations_pass(tiny_cache, monkeypatch):
+    """The refit's standardisation (every usable row) is made in the cross-validation's one pass over the matrix,
+    not a second one, and its head is the one a fresh computation of those statistics gives."""
+    import pipeline.heads.resmtnet.model as model
+    from pipeline.evaluation.engine import refit
+
+    cfg = tiny_train_config(**{"heads.res-mtnet.epochs": 2, "eval.bootstrap": 0})
+    data = load_train_data(tiny_cache, cfg)
+    passes = []
+    real = model.split_statistics
+    monkeypatch.setattr(model, "split_statistics", lambda f, sets: passes.append(len(sets)) or real(f, sets))
+    cv = cross_validate(data, cfg)
+    assert passes == [cfg.eval.folds + 1]  # the folds' training rows and every usable row, one pass
+    head = refit(data, cfg, cv).tensors["res-mtnet"]
+    assert passes == [cfg.eval.folds + 1]
+    data.statistics.clear()
+    again = refit(data, cfg, cv).tensors["res-mtnet"]
+    assert passes == [cfg.eval.folds + 1, 1]
+    assert head.keys() == again.keys()
+    for key in head:
+        np.testing.assert_array_equal(np.asarray(head[key]), np.asarray(again[key]), err_msg=key)
 
 
 @pytest.mark.parametrize("d", [40, 400])  # dense fits (rows >= D) and row-space fits (rows < D)

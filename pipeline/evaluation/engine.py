@@ -54,6 +54,9 @@ class TrainData:
     hashes: np.ndarray = field(default_factory=lambda: NO_HASHES)  # content sha256 of each row's image
     heads: Dict[str, Any] = field(default_factory=dict)  # enabled head family -> what it read (HeadPlugin.load)
     pixel_hashes: np.ndarray = field(default_factory=lambda: NO_HASHES)  # decoded-image hashes (none: an older cache)
+    # standardisation statistics of row sets of this matrix already computed (model.prepare: rows_key -> mean, std):
+    # the refit's, made in the cross-validation's pass over the matrix, cost no second pass
+    statistics: Dict[str, Any] = field(default_factory=dict)
 
 
 #: Working memory stage two needs beside the feature matrix (per-split targets and statistics, the stacked

@@ -42,18 +42,19 @@ def settings_of(cfg) -> ResMTNetSettings:
     return cfg.heads[NAME]
 
 
-def pooled_family(data, splits: Sequence[Split]):
-    """The Res-MTNet trainer family on these splits (features standardised per split on its training rows)."""
+def pooled_family(data, splits: Sequence[Split], also: Sequence[np.ndarray] = ()):
+    """The Res-MTNet trainer family on these splits (features standardised per split on its training rows; the
+    statistics of the row sets `also` made in the same pass, for a later family on them)."""
     from pipeline.heads.resmtnet.model import PooledFamily, prepare
 
-    return PooledFamily(prepare(data.features, data.targets, data.tasks, splits))
+    return PooledFamily(prepare(data.features, data.targets, data.tasks, splits, data.statistics, also))
 
 
 def fit_pooled(data, sections: Sequence, splits: Sequence[Split], desc: str, progress: Progress = no_progress,
-               keep_state: bool = False, device: str = "auto"):
+               keep_state: bool = False, device: str = "auto", also: Sequence[np.ndarray] = ()):
     """Every train section (one configuration's `train`) trained on every split as one stack: (the family, its
     results config-major: sections[c] on splits[s] at c * len(splits) + s)."""
-    family = pooled_family(data, splits)
+    family = pooled_family(data, splits, also)
     for section in sections:
         family.check(section)
     jobs = [Job(section, s) for section in sections for s in range(len(splits))]
@@ -167,7 +168,9 @@ class ResMTNetPlugin(HeadPlugin):
         summariser (overall and per nodule-size bin); label efficiency with eval.train_sizes."""
         clock = time.perf_counter()
         s = settings_of(cfg)
-        family, results = fit_pooled(data, [s], splits, "train-heads", progress, device=cfg.train.device)
+        # the refit trains on every usable row (engine.refit): their statistics come from this pass over the matrix
+        family, results = fit_pooled(data, [s], splits, "train-heads", progress, device=cfg.train.device,
+                                     also=[data.rows] if cfg.eval.refit else [])
         timings = {"train": time.perf_counter() - clock,
                    "train_row_epochs": float(sum(len(r.history["train_loss"]) * len(s.train)
                                                  for r, s in zip(results, splits)))}

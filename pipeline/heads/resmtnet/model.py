@@ -9,6 +9,7 @@ model is the M = 1 case, so training, sweeps and `predict` share one implementat
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -136,15 +137,15 @@ def block_rows(width: int, members: int = 1) -> int:
     return max(1, BLOCK_BYTES // max(1, 8 * width * members))
 
 
-def split_statistics(features: np.ndarray, splits: Sequence[Split]) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean and (floored) std of each split's training rows, (S, D) float32: one pass over the matrix in blocks,
-    all splits at once (a membership matrix times each block), no copy of the matrix."""
+def split_statistics(features: np.ndarray, row_sets: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and (floored) std of each set of rows (a split's training rows), (S, D) float32: one pass over the
+    matrix in blocks, all sets at once (a membership matrix times each block), no copy of the matrix."""
     n, d = features.shape
-    member = np.zeros((len(splits), n), dtype=np.float64)
-    for s, split in enumerate(splits):
-        member[s, split.train] = 1.0
+    member = np.zeros((len(row_sets), n), dtype=np.float64)
+    for s, rows in enumerate(row_sets):
+        member[s, rows] = 1.0
     count = member.sum(axis=1, keepdims=True)
-    total, squares = np.zeros((len(splits), d)), np.zeros((len(splits), d))
+    total, squares = np.zeros((len(row_sets), d)), np.zeros((len(row_sets), d))
     step = block_rows(d, 2)
     for start in range(0, n, step):
         block = np.asarray(features[start:start + step], dtype=np.float64)
@@ -193,18 +194,39 @@ class Prepared:
         return ((block.astype(np.float32) - self.x_mean[s]) / self.x_std[s]).astype(dtype, copy=False)
 
 
+def rows_key(rows: np.ndarray) -> str:
+    """A set of rows as a short key (their count and a digest of their indices)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    return f"{len(rows)}:{hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest()}"
+
+
 def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequence[TaskSpec],
-            splits: Sequence[Split]) -> Prepared:
+            splits: Sequence[Split], statistics: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
+            also: Sequence[np.ndarray] = ()) -> Prepared:
     """Per-split standardisation statistics (and scaled regression targets) from each split's training rows
     alone; the matrix itself is not copied (float16 stays float16). Rows of unreadable images (NaN) are set
-    to 0 in place: they never train or score, but must not poison products."""
+    to 0 in place: they never train or score, but must not poison products. `statistics` (rows_key -> mean,
+    std of those rows): the ones computed before on this matrix, reused, and filled with the new ones and those of
+    the row sets `also` (a later refit's), made in the same pass."""
     if features.dtype not in (np.float32, np.float16):
         features = features.astype(np.float32)
     step = block_rows(features.shape[1])
     for start in range(0, len(features), step):
         block = features[start:start + step]
         block[~np.isfinite(block)] = 0.0
-    mean, std = split_statistics(features, splits)
+    known = {} if statistics is None else statistics
+    keys = [rows_key(split.train) for split in splits]
+    wanted = dict.fromkeys(k for k in keys if k not in known)
+    sets = {k: split.train for k, split in zip(keys, splits)}
+    for rows in also:
+        key = rows_key(rows)
+        if key not in known and key not in wanted:
+            wanted[key], sets[key] = None, rows
+    if wanted:
+        mean, std = split_statistics(features, [sets[k] for k in wanted])
+        known.update({k: (mean[i], std[i]) for i, k in enumerate(wanted)})
+    mean, std = (np.array([known[k][i] for k in keys], dtype=np.float32).reshape(len(keys), features.shape[1])
+                 for i in (0, 1))
     scaled, scales = {}, {}
     for t in tasks:
         target = targets[t.name]
