@@ -76,6 +76,25 @@ def test_vectorised_bootstrap_equals_one_by_one(data):
     np.testing.assert_allclose(roc_auc(y > 1, score, counts), [roc_auc(y > 1, score, r) for r in counts])
 
 
+@pytest.mark.parametrize("groups", [None, np.repeat(np.arange(20), 4)])
+def test_kept_bootstrap_counts_are_the_drawn_ones_drawn_once(monkeypatch, groups):
+    """Small sets of counts are drawn once per (n, R, seed, groups) and kept read-only: the same resamples as the
+    stream drawn block by block (what larger sets still do), and a second ask draws nothing."""
+    import pipeline.core.metrics as metrics
+
+    kept = list(bootstrap_counts(80, 11, seed=5, max_bytes=8 * 80 * 3, groups=groups))
+    assert [len(b) for b in kept] == [3, 3, 3, 2] and not kept[0].flags.writeable
+    draws = []
+    real = metrics._draw_counts
+    monkeypatch.setattr(metrics, "_draw_counts", lambda *a: draws.append(a) or real(*a))
+    again = list(bootstrap_counts(80, 11, seed=5, max_bytes=8 * 80 * 3, groups=groups))
+    assert draws == [] and all(a.base is b.base for a, b in zip(again, kept))
+    monkeypatch.setattr(metrics, "BOOTSTRAP_KEEP_BYTES", 0)  # as a set too large to keep: streamed
+    streamed = list(bootstrap_counts(80, 11, seed=5, max_bytes=8 * 80 * 3, groups=groups))
+    assert len(draws) == 1 and streamed[0].flags.writeable
+    np.testing.assert_array_equal(np.concatenate(streamed), np.concatenate(kept))
+
+
 def test_grouped_bootstrap_with_one_row_per_group_is_the_plain_bootstrap():
     plain = np.concatenate(list(bootstrap_counts(30, 9, seed=4)))
     grouped = np.concatenate(list(bootstrap_counts(30, 9, seed=4, groups=np.arange(30))))

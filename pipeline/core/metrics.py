@@ -230,21 +230,47 @@ def mae(y, pred, weights=None):
 BOOTSTRAP_BYTES = 8 << 20
 
 
+#: Largest set of bootstrap counts drawn once and kept for the run (2,000 rows x 1,000 resamples: 16 MB; six
+#: sets at most): every task and model scored on the same entries resamples them the same way, and drawing them
+#: (numpy's multinomial, one binomial per row and resample) cost more than scoring them.
+BOOTSTRAP_KEEP_BYTES = 16 << 20
+
+
 def bootstrap_counts(n: int, resamples: int, seed: int, max_bytes: int = BOOTSTRAP_BYTES,
                      groups: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
     """Blocks (r, n) of the counts of each row in R resamples with replacement, at most `max_bytes` each; the
-    blocks of one seed, stacked, are the same R resamples whatever the block size (one random stream).
+    blocks of one seed, stacked, are the same R resamples whatever the block size (one random stream). Up to
+    BOOTSTRAP_KEEP_BYTES they are drawn once per (n, R, seed, groups) and kept (read-only).
 
     `groups` (n,) integer codes 0..G-1 (the patient of each row) resample whole groups: G draws of a group with
     replacement, every row of a group counted as often as its group was drawn (the cluster bootstrap), so rows
     that are not independent (several images of one patient) do not narrow the interval. With one row per group,
     in order, these are the plain resamples."""
-    rng = np.random.default_rng(seed)
     per = max(1, max_bytes // (8 * max(n, 1)))
+    if resamples * n * 8 <= BOOTSTRAP_KEEP_BYTES:
+        kept = _kept_counts(n, resamples, seed, None if groups is None else np.asarray(groups, np.int64).tobytes())
+        for start in range(0, resamples, per):
+            yield kept[start:start + per]
+        return
+    yield from _draw_counts(n, resamples, seed, per, groups)
+
+
+def _draw_counts(n: int, resamples: int, seed: int, per: int, groups: Optional[np.ndarray]) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(seed)
     units = n if groups is None else int(groups.max()) + 1 if len(groups) else 0
     for start in range(0, resamples, per):
         counts = rng.multinomial(units, np.full(units, 1.0 / max(units, 1)), size=min(per, resamples - start))
         yield (counts if groups is None else counts[:, groups]).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=6)
+def _kept_counts(n: int, resamples: int, seed: int, groups: Optional[bytes]) -> np.ndarray:
+    """The (R, n) counts of bootstrap_counts' stream, drawn once per run and read-only (the block bootstrap's R x
+    B block counts too: at most 16 MB for 1,000 x 2,000)."""
+    codes = None if groups is None else np.frombuffer(groups, dtype=np.int64)
+    counts = np.concatenate(list(_draw_counts(n, resamples, seed, max(1, resamples), codes)))
+    counts.flags.writeable = False
+    return counts
 
 
 #: Blocks the bootstrap deals its units into at scale (block_bootstrap): the variance of a sum is estimated
@@ -260,13 +286,4 @@ def block_bootstrap(units: np.ndarray, resamples: int, seed: int, blocks: int = 
     n_units = int(units.max()) + 1 if len(units) else 0
     count = max(1, min(n_units, blocks))
     deal = np.random.default_rng([seed, 1]).permutation(n_units) % count
-    yield BlockCounts(_block_counts(count, resamples, seed), deal[units])
-
-
-@functools.lru_cache(maxsize=4)
-def _block_counts(count: int, resamples: int, seed: int) -> np.ndarray:
-    """The (R, B) counts of R resamples of B blocks (bootstrap_counts' stream), drawn once per run: every
-    model, task and size bin of a run resamples the same blocks (at most 16 MB for 1,000 x 2,000)."""
-    counts = np.concatenate(list(bootstrap_counts(count, resamples, seed)))
-    counts.flags.writeable = False
-    return counts
+    yield BlockCounts(_kept_counts(count, resamples, seed, None), deal[units])  # every model, task and bin: the same
