@@ -251,7 +251,7 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
     # them (much of a fit is single-threaded: the factorisation's pivoting, scikit-learn's Newton-CG steps, the
     # scoring's gathers), tasks rather than splits so that the last split does not run on one thread alone. A job
     # waits only for jobs queued before it (the queue is first in, first out: they have started), so none
-    # deadlocks; each split's model is queued a split ahead, so a thread never waits for the model it needs.
+    # deadlocks; each split's model is queued a split ahead, so that the threads seldom wait for one.
     workers = max(1, min(len(splits) * len(tasks), runtime.threads()))
     fits = [fitting_rows(s, split) for s, split in enumerate(splits)]
     with threadpool_limits(max(1, runtime.threads() // workers)), ThreadPoolExecutor(workers) as pool:
