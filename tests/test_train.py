@@ -387,16 +387,17 @@ def test_the_splits_linear_baselines_fitted_on_threads_are_the_sequential_ones(m
     splits = [Split(train=np.flatnonzero(folds != f), test=np.flatnonzero(folds == f)) for f in range(3)]
     prep = prepare(x, targets, tasks, splits)
     runs = {}
-    for threads in (1, 3):
+    for threads in (1, 3, 8):  # one split's model queued early; two; every split's at once
         monkeypatch.setattr(runtime, "threads", lambda: threads)
         ticks = []
         runs[threads] = baseline_predictions(prep, splits, tasks, targets, "linear", tick=ticks.append)
         assert ticks == [1, 1, 1]
-    for alone, threaded, split in zip(runs[1], runs[3], splits):
-        assert alone["cls"].shape == (len(split.test), 3)
-        np.testing.assert_allclose(threaded["cls"], alone["cls"], atol=1e-4)
-        for name in ("reg", "reg2", "part"):
-            np.testing.assert_allclose(threaded[name], alone[name], rtol=1e-9)
+    for threads in (3, 8):
+        for alone, threaded, split in zip(runs[1], runs[threads], splits):
+            assert alone["cls"].shape == (len(split.test), 3)
+            np.testing.assert_allclose(threaded["cls"], alone["cls"], atol=1e-4)
+            for name in ("reg", "reg2", "part"):
+                np.testing.assert_allclose(threaded[name], alone[name], rtol=1e-9)
 
 
 def test_the_majority_baseline_is_one_row_per_split_and_scores_as_every_row():

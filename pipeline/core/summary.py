@@ -251,15 +251,21 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
     # them (much of a fit is single-threaded: the factorisation's pivoting, scikit-learn's Newton-CG steps, the
     # scoring's gathers), tasks rather than splits so that the last split does not run on one thread alone. A job
     # waits only for jobs queued before it (the queue is first in, first out: they have started), so none
-    # deadlocks; each split's model is queued a split ahead, so that the threads seldom wait for one.
+    # deadlocks; the splits' models are queued `ahead` splits early, so that the threads seldom wait for one: one
+    # split early on two threads, every split's model at once on many (about one model held per thread).
     workers = max(1, min(len(splits) * len(tasks), runtime.threads()))
+    ahead = max(1, workers - 1)
     fits = [fitting_rows(s, split) for s, split in enumerate(splits)]
+
+    def model(s: int):
+        return pool.submit(linear_fit, prep, s, fits[s], splits[s].test)
+
     with threadpool_limits(max(1, runtime.threads() // workers)), ThreadPoolExecutor(workers) as pool:
-        models = [pool.submit(linear_fit, prep, 0, fits[0], splits[0].test)] if splits else []
+        models = [model(s) for s in range(min(ahead, len(splits)))]
         finished = []
         for s, split in enumerate(splits):
-            if s + 1 < len(splits):
-                models.append(pool.submit(linear_fit, prep, s + 1, fits[s + 1], splits[s + 1].test))
+            if s + ahead < len(splits):
+                models.append(model(s + ahead))
             answers = [pool.submit(lambda t=task, s=s: answer(t, fits[s], models[s].result(), len(splits[s].test)))
                        for task in tasks]
             finished.append(pool.submit(_score_answers, tasks, answers, models[s]))
