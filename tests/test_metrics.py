@@ -93,6 +93,8 @@ def test_kept_bootstrap_counts_are_the_drawn_ones_drawn_once(monkeypatch, groups
     streamed = list(bootstrap_counts(80, 11, seed=5, max_bytes=8 * 80 * 3, groups=groups))
     assert len(draws) == 1 and streamed[0].flags.writeable
     np.testing.assert_array_equal(np.concatenate(streamed), np.concatenate(kept))
+    monkeypatch.undo()
+    assert list(bootstrap_counts(80, 0, seed=5, groups=groups)) == []  # no resamples: no blocks, kept or not
 
 
 def test_grouped_bootstrap_with_one_row_per_group_is_the_plain_bootstrap():

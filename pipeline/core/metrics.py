@@ -247,7 +247,7 @@ def bootstrap_counts(n: int, resamples: int, seed: int, max_bytes: int = BOOTSTR
     that are not independent (several images of one patient) do not narrow the interval. With one row per group,
     in order, these are the plain resamples."""
     per = max(1, max_bytes // (8 * max(n, 1)))
-    if resamples * n * 8 <= BOOTSTRAP_KEEP_BYTES:
+    if 0 < resamples and resamples * n * 8 <= BOOTSTRAP_KEEP_BYTES:  # (no resamples: nothing to keep or yield)
         kept = _kept_counts(n, resamples, seed, None if groups is None else np.asarray(groups, np.int64).tobytes())
         for start in range(0, resamples, per):
             yield kept[start:start + per]
