@@ -14,7 +14,7 @@ import pandas as pd
 from pipeline.core.linear import probabilities
 from pipeline.core.metrics import average_precision, classification_metrics, mae, mse, roc_auc, sigmoid
 from pipeline.core.tasks import (MISSING, MULTILABEL_SEPARATOR, NONE_CLASS, TaskSpec, class_name, is_missing,
-                                 per_distinct)
+                                 missing_mask, per_distinct)
 from pipeline.errors import ConfigError
 from pipeline.plugins import TASK_KINDS
 
@@ -368,13 +368,13 @@ class Multilabel(Kind):
             return out
         out = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64, copy=True)
         blank = np.isnan(out)  # nothing said (a bad cell is caught below)
-        cells = values.to_numpy()
-        text = np.isnan(out) & ~np.array([[is_missing(v) for v in row] for row in cells], dtype=bool).reshape(out.shape)
-        bad = text | (~np.isnan(out) & ~np.isin(out, [0.0, 1.0, UNCERTAIN_VALUE]))
+        # a cell judged missing once per distinct value of its column, not once per cell (3 s for CheXpert's 224k x 14)
+        said = ~np.array([missing_mask(values[c]) for c in values.columns], dtype=bool).reshape(out.shape[::-1]).T
+        bad = (blank & said) | (~blank & ~np.isin(out, [0.0, 1.0, UNCERTAIN_VALUE]))
         if bad.any():
             row, col = np.argwhere(bad)[0]
-            raise ConfigError(f"task '{task.name}': finding column '{task.classes[col]}' holds '{cells[row, col]}'; "
-                              "it must hold 1, 0, -1 (uncertain) or nothing")
+            raise ConfigError(f"task '{task.name}': finding column '{task.classes[col]}' holds "
+                              f"'{values.iat[row, col]}'; it must hold 1, 0, -1 (uncertain) or nothing")
         if task.uncertain not in UNCERTAIN:
             raise ConfigError(f"task '{task.name}': uncertain policy '{task.uncertain}' must be one of "
                               f"{', '.join(UNCERTAIN)}")
