@@ -240,9 +240,11 @@ def baseline_predictions(prep, splits: Sequence[Split], tasks: Sequence[TaskSpec
     if which == "majority":  # the same for every row (Kind.baseline): one row, broadcast
         results = []
         for s, split in enumerate(splits):
-            fit = fitting_rows(s, split)
-            results.append({task.name: np.broadcast_to(one, (len(split.test),) + one.shape[1:])
-                            for task in tasks for one in [answer(task, fit, None, 1).finish([])]})
+            fit, preds = fitting_rows(s, split), {}
+            for task in tasks:
+                one = answer(task, fit, None, 1).finish([])
+                preds[task.name] = np.broadcast_to(one, (len(split.test),) + one.shape[1:])
+            results.append(preds)
             tick(1)
         return results
 

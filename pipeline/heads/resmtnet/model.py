@@ -216,12 +216,9 @@ def prepare(features: np.ndarray, targets: Dict[str, np.ndarray], tasks: Sequenc
         block[~np.isfinite(block)] = 0.0
     known = {} if statistics is None else statistics
     keys = [rows_key(split.train) for split in splits]
-    wanted = dict.fromkeys(k for k in keys if k not in known)
-    sets = {k: split.train for k, split in zip(keys, splits)}
-    for rows in also:
-        key = rows_key(rows)
-        if key not in known and key not in wanted:
-            wanted[key], sets[key] = None, rows
+    sets = dict(zip(keys, (split.train for split in splits)))
+    sets.update((rows_key(rows), rows) for rows in also)
+    wanted = [k for k in sets if k not in known]
     if wanted:
         mean, std = split_statistics(features, [sets[k] for k in wanted])
         known.update({k: (mean[i], std[i]) for i, k in enumerate(wanted)})
