@@ -235,10 +235,10 @@ class Report:
         print(f"{name} ({time.perf_counter() - self.started:.0f} s): {json.dumps(self.result[name])[:2000]}",
               file=sys.stderr)
         if self.out:
+            from pipeline.fsutil import atomic_write_text
+
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / "gpu.json.tmp"
-            tmp.write_text(json.dumps(self.result, indent=1))
-            tmp.replace(self.out / "gpu.json")
+            atomic_write_text(self.out / "gpu.json", json.dumps(self.result, indent=1))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

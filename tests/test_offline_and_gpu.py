@@ -185,11 +185,12 @@ def test_bf16_autocast_runs_on_the_cpu_and_stays_close_to_fp32(synthetic_master,
 
 
 @pytest.mark.slow
-def test_the_gpu_benchmark_runs_in_quick_mode_on_the_cpu():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--quick"], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+def test_the_gpu_benchmark_runs_in_quick_mode_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert json.loads((tmp_path / "gpu.json").read_text()) == result  # --out: the last section's write is all
     assert result["stage_one"]["precision"] == "cpu-bf16" and result["stage_one"]["loop_vs_forward"] > 0
     assert result["stage_two"]["cv_run_s"] > 0 and result["stage_two"]["sweep"]["configs"] == 2
     assert set(result["stage_two"]["pooled_device_vs_cpu"]) >= {"state.accuracy", "x.mse"}
